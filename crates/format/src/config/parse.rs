@@ -1,0 +1,384 @@
+//! Parser for the text metadata grammar. Never panics: every failure is a
+//! `ParseError` with the byte offset, line and column.
+
+use super::{Item, Section, Value};
+use thiserror::Error;
+
+/// Sections may nest this deep (LVM2 metadata uses four levels).
+const MAX_DEPTH: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("line {line}, column {column} (text byte {offset}): {reason}")]
+pub struct ParseError {
+    pub offset: usize,
+    pub line: usize,
+    pub column: usize,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Ident(String),
+    Str(String),
+    Int(i64),
+    Float(String),
+    Eq,
+    LBrace,
+    RBrace,
+    LBracket,
+    RBracket,
+    Comma,
+    Eof,
+}
+
+struct Lexer<'a> {
+    s: &'a [u8],
+    pos: usize,
+}
+
+fn is_delim(c: u8) -> bool {
+    c.is_ascii_whitespace()
+        || matches!(
+            c,
+            b'#' | b'=' | b'{' | b'}' | b'[' | b']' | b',' | b'"' | b'\'' | 0
+        )
+}
+
+impl<'a> Lexer<'a> {
+    fn skip_blank(&mut self) {
+        while self.pos < self.s.len() {
+            match self.s[self.pos] {
+                b'#' => {
+                    while self.pos < self.s.len() && self.s[self.pos] != b'\n' {
+                        self.pos += 1;
+                    }
+                }
+                c if c.is_ascii_whitespace() => self.pos += 1,
+                _ => break,
+            }
+        }
+    }
+
+    fn err(&self, at: usize, reason: impl Into<String>) -> ParseError {
+        error_at(self.s, at, reason.into())
+    }
+
+    /// Next token and its start offset.
+    fn next(&mut self) -> Result<(Tok, usize), ParseError> {
+        self.skip_blank();
+        let start = self.pos;
+        let Some(&c) = self.s.get(self.pos) else {
+            return Ok((Tok::Eof, start));
+        };
+        // LVM2 terminates the on-disk text with a NUL.
+        if c == 0 {
+            if self.s[self.pos..].iter().all(|&b| b == 0) {
+                self.pos = self.s.len();
+                return Ok((Tok::Eof, start));
+            }
+            return Err(self.err(start, "NUL byte inside the text"));
+        }
+        self.pos += 1;
+        let t = match c {
+            b'=' => Tok::Eq,
+            b'{' => Tok::LBrace,
+            b'}' => Tok::RBrace,
+            b'[' => Tok::LBracket,
+            b']' => Tok::RBracket,
+            b',' => Tok::Comma,
+            b'"' | b'\'' => Tok::Str(self.string(c, start)?),
+            _ => {
+                while self.pos < self.s.len() && !is_delim(self.s[self.pos]) {
+                    self.pos += 1;
+                }
+                let word = std::str::from_utf8(&self.s[start..self.pos])
+                    .map_err(|_| self.err(start, "invalid UTF-8"))?;
+                classify_word(word)
+            }
+        };
+        Ok((t, start))
+    }
+
+    fn string(&mut self, quote: u8, start: usize) -> Result<String, ParseError> {
+        let mut out = Vec::new();
+        loop {
+            let Some(&c) = self.s.get(self.pos) else {
+                return Err(self.err(start, "unterminated string"));
+            };
+            self.pos += 1;
+            match c {
+                b'\\' if quote == b'"' => {
+                    let Some(&e) = self.s.get(self.pos) else {
+                        return Err(self.err(start, "unterminated string"));
+                    };
+                    out.push(e);
+                    self.pos += 1;
+                }
+                0 => return Err(self.err(self.pos - 1, "NUL byte inside a string")),
+                c if c == quote => break,
+                c => out.push(c),
+            }
+        }
+        String::from_utf8(out).map_err(|_| self.err(start, "string is not valid UTF-8"))
+    }
+}
+
+fn classify_word(w: &str) -> Tok {
+    let digits = w.strip_prefix('-').unwrap_or(w);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(v) = w.parse::<i64>() {
+            return Tok::Int(v);
+        }
+    }
+    if !digits.is_empty()
+        && digits.as_bytes()[0].is_ascii_digit()
+        && digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && digits.bytes().filter(|&b| b == b'.').count() == 1
+    {
+        return Tok::Float(w.to_string());
+    }
+    Tok::Ident(w.to_string())
+}
+
+fn error_at(s: &[u8], at: usize, reason: String) -> ParseError {
+    let at = at.min(s.len());
+    let before = &s[..at];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = at
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map(|p| p + 1)
+            .unwrap_or(0)
+        + 1;
+    ParseError {
+        offset: at,
+        line,
+        column,
+        reason,
+    }
+}
+
+struct Parser<'a> {
+    lx: Lexer<'a>,
+    peeked: Option<(Tok, usize)>,
+}
+
+impl<'a> Parser<'a> {
+    fn peek(&mut self) -> Result<&(Tok, usize), ParseError> {
+        if self.peeked.is_none() {
+            self.peeked = Some(self.lx.next()?);
+        }
+        // Just filled above.
+        Ok(self.peeked.as_ref().expect("peeked token"))
+    }
+    fn bump(&mut self) -> Result<(Tok, usize), ParseError> {
+        match self.peeked.take() {
+            Some(t) => Ok(t),
+            None => self.lx.next(),
+        }
+    }
+
+    fn items(&mut self, depth: usize, top: bool) -> Result<Section, ParseError> {
+        let mut sec = Section::default();
+        loop {
+            let (tok, at) = self.bump()?;
+            let key = match tok {
+                Tok::Eof if top => return Ok(sec),
+                Tok::Eof => return Err(self.lx.err(at, "missing '}' at end of text")),
+                Tok::RBrace if !top => return Ok(sec),
+                Tok::Ident(k) => k,
+                // Numbers are valid section names too (e.g. an LV called "1").
+                Tok::Int(i) => i.to_string(),
+                Tok::Float(f) => f,
+                other => {
+                    return Err(self
+                        .lx
+                        .err(at, format!("expected a name, found {}", describe(&other))));
+                }
+            };
+            let (tok, at) = self.bump()?;
+            match tok {
+                Tok::Eq => {
+                    let v = self.value(at)?;
+                    sec.items.push(Item::Assign(key, v));
+                }
+                Tok::LBrace => {
+                    if depth >= MAX_DEPTH {
+                        return Err(self.lx.err(at, "sections nested too deeply"));
+                    }
+                    let s = self.items(depth + 1, false)?;
+                    sec.items.push(Item::Section(key, s));
+                }
+                other => {
+                    return Err(self.lx.err(
+                        at,
+                        format!(
+                            "expected '=' or '{{' after '{key}', found {}",
+                            describe(&other)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn scalar(tok: Tok) -> Option<Value> {
+        match tok {
+            Tok::Int(i) => Some(Value::Int(i)),
+            Tok::Float(f) => Some(Value::Float(f)),
+            Tok::Str(s) => Some(Value::Str(s)),
+            _ => None,
+        }
+    }
+
+    fn value(&mut self, eq_at: usize) -> Result<Value, ParseError> {
+        let (tok, at) = self.bump()?;
+        if tok == Tok::LBracket {
+            let mut arr = Vec::new();
+            loop {
+                let (tok, at) = self.bump()?;
+                match tok {
+                    Tok::RBracket => return Ok(Value::Array(arr)),
+                    Tok::Comma if !arr.is_empty() => {
+                        let (tok, at) = self.bump()?;
+                        match Self::scalar(tok.clone()) {
+                            Some(v) => arr.push(v),
+                            None if tok == Tok::RBracket => return Ok(Value::Array(arr)),
+                            None => {
+                                return Err(self.lx.err(
+                                    at,
+                                    format!("expected an array element, found {}", describe(&tok)),
+                                ));
+                            }
+                        }
+                    }
+                    t if arr.is_empty() => match Self::scalar(t.clone()) {
+                        Some(v) => arr.push(v),
+                        None => {
+                            return Err(self.lx.err(
+                                at,
+                                format!("expected an array element, found {}", describe(&t)),
+                            ));
+                        }
+                    },
+                    t => {
+                        return Err(self
+                            .lx
+                            .err(at, format!("expected ',' or ']', found {}", describe(&t))));
+                    }
+                }
+            }
+        }
+        match Self::scalar(tok.clone()) {
+            Some(v) => Ok(v),
+            None if tok == Tok::Eof => Err(self.lx.err(eq_at, "missing value after '='")),
+            None => Err(self
+                .lx
+                .err(at, format!("expected a value, found {}", describe(&tok)))),
+        }
+    }
+}
+
+fn describe(t: &Tok) -> String {
+    match t {
+        Tok::Ident(s) => format!("'{}'", s.chars().take(40).collect::<String>()),
+        Tok::Str(_) => "a string".into(),
+        Tok::Int(i) => format!("number {i}"),
+        Tok::Float(f) => format!("number {f}"),
+        Tok::Eq => "'='".into(),
+        Tok::LBrace => "'{'".into(),
+        Tok::RBrace => "'}'".into(),
+        Tok::LBracket => "'['".into(),
+        Tok::RBracket => "']'".into(),
+        Tok::Comma => "','".into(),
+        Tok::Eof => "end of text".into(),
+    }
+}
+
+/// Parse a whole metadata text (a trailing NUL, as LVM2 writes, is accepted).
+pub fn parse(text: &[u8]) -> Result<Section, ParseError> {
+    let mut p = Parser {
+        lx: Lexer { s: text, pos: 0 },
+        peeked: None,
+    };
+    let s = p.items(0, true)?;
+    let _ = p.peek()?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_all_value_kinds() {
+        let t = br#"
+# comment
+a = 1   # trailing comment
+b = -42
+c = "x \"quoted\" \\ back"
+d = [ "p", 1, 2.5 ]
+e = []
+f = 'single'
+g = 0.75
+vg { sub { k = "v" } }
+"#;
+        let s = parse(t).unwrap();
+        assert_eq!(s.get("a"), Some(&Value::Int(1)));
+        assert_eq!(s.get("b"), Some(&Value::Int(-42)));
+        assert_eq!(s.get("c"), Some(&Value::Str("x \"quoted\" \\ back".into())));
+        assert_eq!(
+            s.get("d"),
+            Some(&Value::Array(vec![
+                Value::Str("p".into()),
+                Value::Int(1),
+                Value::Float("2.5".into())
+            ]))
+        );
+        assert_eq!(s.get("e"), Some(&Value::Array(vec![])));
+        assert_eq!(s.get("f"), Some(&Value::Str("single".into())));
+        assert_eq!(s.get("g"), Some(&Value::Float("0.75".into())));
+        assert_eq!(
+            s.section("vg").unwrap().section("sub").unwrap().get("k"),
+            Some(&Value::Str("v".into()))
+        );
+    }
+
+    #[test]
+    fn accepts_lvm2_trailing_nul() {
+        let s = parse(b"a = 1\n\0").unwrap();
+        assert_eq!(s.items.len(), 1);
+    }
+
+    #[test]
+    fn errors_carry_positions() {
+        for (t, line, what) in [
+            (&b"a = 1\nb = \"open"[..], 2, "unterminated"),
+            (b"a {\n b = 1\n", 3, "missing '}'"),
+            (b"a = = 1", 1, "expected a value"),
+            (b"a = [1 2]", 1, "expected ',' or ']'"),
+            (b"}", 1, "expected a name"),
+            (b"a = 1\0b = 2", 1, "NUL"),
+            (b"a = ", 1, "missing value"),
+        ] {
+            let e = parse(t).unwrap_err();
+            assert_eq!(e.line, line, "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let mut t = String::new();
+        for _ in 0..10_000 {
+            t.push_str("a {");
+        }
+        assert!(
+            parse(t.as_bytes())
+                .unwrap_err()
+                .reason
+                .contains("too deeply")
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! # devpool-format
+//!
+//! The LVM2 on-disk format, and nothing else: bytes in, bytes out, no I/O.
+//!
+//! - [`label`]: the `LABELONE` label and PV header (data/metadata area lists, v2 extension)
+//! - [`mda`]: the metadata area header, its `raw_locn` slots, and the circular text buffer
+//! - [`crc`]: LVM2's CRC-32 variant
+//! - [`config`]: the text metadata grammar (parser and printer)
+//! - [`metadata`]: the VG model (PVs, LVs, segments) over the grammar, keeping what it does not understand
+//! - [`units`], [`names`], [`uuid`]: checked size units, LVM2's naming rules, LVM2 identifiers
+//! - [`signature`]: recognising what else a device may hold (filesystems, partition tables…)
+//!
+//! This crate is where fuzzing and property tests concentrate: every parser
+//! returns an error for bad input, never panics.
+
+pub mod config;
+pub mod crc;
+pub mod error;
+pub mod label;
+pub mod mda;
+pub mod metadata;
+pub mod names;
+pub mod signature;
+pub mod units;
+pub mod uuid;
+
+pub use error::FormatError;
