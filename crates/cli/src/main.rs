@@ -1,1 +1,233 @@
-fn main() {}
+//! # devpool
+//!
+//! The command-line front end: parses arguments, turns them into engine
+//! operations, runs the plan → verify → confirm → execute flow, and prints
+//! tables or JSON.
+
+mod args;
+mod output;
+
+use anyhow::{Context, Result, anyhow, bail};
+use args::{Cli, Command, Global, LvCmd, PvArgs, PvCmd, VgCmd};
+use clap::Parser;
+use devpool_engine::EngineError;
+use devpool_engine::engine::{DeviceSource, Engine, Operation, PvOptions};
+use devpool_format::units::{Amount, Bytes, SizeArg};
+use std::io::{BufRead, IsTerminal, Write};
+
+fn main() {
+    // Exit quietly when a reader such as `head` closes the pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("devpool: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn engine(g: &Global) -> Engine {
+    let src = match &g.devices {
+        Some(list) if !list.is_empty() => DeviceSource::List(list.clone()),
+        _ => DeviceSource::System,
+    };
+    Engine::new(src, g.state_dir.clone())
+}
+
+fn parse_bytes(what: &str, s: &str) -> Result<Bytes> {
+    match SizeArg::parse(s).map_err(|e| anyhow!("{what}: {e}"))? {
+        SizeArg {
+            sign: None,
+            amount: Amount::Bytes(b),
+        } => Ok(b),
+        _ => bail!("{what}: '{s}' must be a plain size such as 4M"),
+    }
+}
+
+fn pv_options(p: &PvArgs) -> Result<PvOptions> {
+    Ok(PvOptions {
+        metadata_size: p
+            .metadata_size
+            .as_deref()
+            .map(|s| parse_bytes("--metadata-size", s))
+            .transpose()?,
+        metadata_copies: p.metadata_copies,
+        image_size: p
+            .image_size
+            .as_deref()
+            .map(|s| parse_bytes("--image-size", s))
+            .transpose()?,
+    })
+}
+
+/// `VG/LV` into its parts.
+fn split_lv(s: &str) -> Result<(String, String)> {
+    let s = s.strip_prefix("/dev/").unwrap_or(s);
+    match s.split_once('/') {
+        Some((vg, lv)) if !vg.is_empty() && !lv.is_empty() && !lv.contains('/') => {
+            Ok((vg.to_string(), lv.to_string()))
+        }
+        _ => bail!("'{s}' is not VG/LV"),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let g = cli.global;
+    let eng = engine(&g);
+    let ops: Vec<Operation> = match cli.command {
+        Command::Journal { last } => return output::journal(&g, last),
+        Command::Pv(PvCmd::List) => {
+            let scan = eng.scan();
+            return output::pvs(&g, &scan);
+        }
+        Command::Vg(VgCmd::List { name }) => {
+            let scan = eng.scan();
+            return output::vgs(&g, &scan, name.as_deref());
+        }
+        Command::Lv(LvCmd::List { vg, segments }) => {
+            let scan = eng.scan();
+            if let Some(v) = &vg {
+                scan.vg(v)?;
+            }
+            return output::lvs(&g, &scan, vg.as_deref(), segments);
+        }
+        Command::Pv(PvCmd::Create { paths, pv }) => {
+            let options = pv_options(&pv)?;
+            paths
+                .into_iter()
+                .map(|path| Operation::PvCreate { path, options })
+                .collect()
+        }
+        Command::Pv(PvCmd::Remove { paths }) => paths
+            .into_iter()
+            .map(|path| Operation::PvRemove { path })
+            .collect(),
+        Command::Vg(VgCmd::Create {
+            name,
+            pvs,
+            extent_size,
+            pv,
+        }) => vec![Operation::VgCreate {
+            name,
+            pvs,
+            extent_size: parse_bytes("--extent-size", &extent_size)?,
+            pv_options: pv_options(&pv)?,
+        }],
+        Command::Vg(VgCmd::Remove { name }) => vec![Operation::VgRemove { name }],
+        Command::Vg(VgCmd::Extend { name, pvs, pv }) => vec![Operation::VgExtend {
+            name,
+            pvs,
+            pv_options: pv_options(&pv)?,
+        }],
+        Command::Vg(VgCmd::Reduce { name, pvs }) => vec![Operation::VgReduce { name, pvs }],
+        Command::Vg(VgCmd::Rename { old, new }) => vec![Operation::VgRename { old, new }],
+        Command::Lv(LvCmd::Create {
+            lv,
+            size,
+            stripes,
+            stripe_size,
+            tags,
+            no_wipe,
+        }) => {
+            let (vg, name) = split_lv(&lv)?;
+            let size = SizeArg::parse(&size).map_err(|e| anyhow!("--size: {e}"))?;
+            if size.sign.is_some() {
+                bail!("--size: a new LV takes an absolute size, not a +/- change");
+            }
+            if stripes == 0 {
+                bail!("--stripes must be at least 1");
+            }
+            let stripe_size = parse_bytes("--stripe-size", &stripe_size)?;
+            vec![Operation::LvCreate {
+                vg,
+                name,
+                size,
+                stripes,
+                stripe_size,
+                tags,
+                wipe: !no_wipe,
+            }]
+        }
+        Command::Lv(LvCmd::Remove { lvs }) => {
+            let mut by_vg: Vec<(String, Vec<String>)> = Vec::new();
+            for l in lvs {
+                let (vg, name) = split_lv(&l)?;
+                match by_vg.iter_mut().find(|(v, _)| *v == vg) {
+                    Some((_, names)) => names.push(name),
+                    None => by_vg.push((vg, vec![name])),
+                }
+            }
+            by_vg
+                .into_iter()
+                .map(|(vg, names)| Operation::LvRemove { vg, names })
+                .collect()
+        }
+        Command::Lv(LvCmd::Rename { lv, new }) => {
+            let (vg, old) = split_lv(&lv)?;
+            let new = match new.split_once('/') {
+                Some((v, n)) if v == vg => n.to_string(),
+                Some(_) => bail!("an LV cannot move to another VG by renaming"),
+                None => new,
+            };
+            vec![Operation::LvRename { vg, old, new }]
+        }
+        Command::Lv(LvCmd::Resize { lv, size }) => {
+            let (vg, name) = split_lv(&lv)?;
+            let size = SizeArg::parse(&size).map_err(|e| anyhow!("--size: {e}"))?;
+            vec![Operation::LvResize { vg, name, size }]
+        }
+        Command::Lv(LvCmd::Tag { lv, add, remove }) => {
+            let (vg, name) = split_lv(&lv)?;
+            if add.is_empty() && remove.is_empty() {
+                bail!("give --add TAG and/or --remove TAG");
+            }
+            vec![Operation::LvTags {
+                vg,
+                name,
+                add,
+                remove,
+            }]
+        }
+    };
+    for op in ops {
+        perform(&g, &eng, &op)?;
+    }
+    Ok(())
+}
+
+/// Plan → (dry run) → confirm → execute.
+fn perform(g: &Global, eng: &Engine, op: &Operation) -> Result<()> {
+    if g.dry_run {
+        let plan = eng.plan(op)?;
+        return output::plan(g, &plan, true);
+    }
+    let (plan, done) = match eng.apply(op, g.yes) {
+        Ok(r) => r,
+        Err(EngineError::NeedsConfirmation(plan)) => {
+            output::plan(g, &plan, false)?;
+            if !std::io::stdin().is_terminal() {
+                bail!(
+                    "{} needs confirmation ({}); rerun with --yes",
+                    plan.operation,
+                    plan.confirm.join("; ")
+                );
+            }
+            eprint!("Type YES to go ahead: ");
+            std::io::stderr().flush().ok();
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("reading the confirmation")?;
+            if line.trim() != "YES" {
+                bail!("not confirmed; nothing was changed");
+            }
+            let done = eng.execute(&plan)?;
+            (*plan, done)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    output::executed(g, &plan, &done)
+}

@@ -1,1 +1,32 @@
-//! placeholder
+//! # devpool-engine
+//!
+//! Owns volume groups on disk. It scans PVs (block devices or image files),
+//! picks the newest valid metadata copy of each VG and reports PVs that
+//! disagree or are missing; it turns an [`Operation`] into a [`Plan`] (the
+//! metadata diff and every write, as data), verifies the plan against the
+//! disks under LVM2's own locks, executes it with LVM2's write → precommit →
+//! commit protocol, and journals it.
+//!
+//! - [`engine`]: device sources, operations, planning and execution
+//! - [`ops`] and [`alloc`]: pure volume operations and extent allocation
+//! - [`scan`], [`vg`]: reading PVs and assembling VGs
+//! - [`commit`], [`device`], [`lock`], [`journal`]: the write path
+//! - [`report`]: PV/VG/LV/segment rows for tables and JSON
+
+pub mod alloc;
+pub mod commit;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod journal;
+pub mod lock;
+pub mod ops;
+pub mod plan;
+pub mod pvlayout;
+pub mod report;
+pub mod scan;
+pub mod vg;
+
+pub use engine::{DeviceSource, Engine, Executed, Operation, PvOptions};
+pub use error::{EngineError, Result};
+pub use plan::{Plan, Step};

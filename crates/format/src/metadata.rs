@@ -936,6 +936,10 @@ creation_time = 1795240893
         let vg = VgMetadata::parse(LVM2_TEXT.as_bytes()).unwrap();
         let text = vg.to_disk_text();
         assert_eq!(*text.last().unwrap(), 0);
+        assert!(
+            text.starts_with(b"vgt {"),
+            "LVM2 reads the VG name from byte 0"
+        );
         let back = VgMetadata::parse(&text).unwrap();
         assert_eq!(back, vg);
         let s = String::from_utf8(text).unwrap();

@@ -15,9 +15,10 @@ pub struct UuidError(pub String);
 pub struct LvmUuid([u8; 32]);
 
 impl LvmUuid {
-    /// Build from 32 random bytes (the caller supplies randomness: this crate does no I/O).
+    /// Build from 32 random bytes (the caller supplies randomness: this crate
+    /// does no I/O). Like LVM2, only the 62 alphanumerics are generated.
     pub fn from_random(bytes: [u8; 32]) -> LvmUuid {
-        LvmUuid(bytes.map(|b| ALPHABET[(b & 63) as usize]))
+        LvmUuid(bytes.map(|b| ALPHABET[(b % 62) as usize]))
     }
 
     /// Accept the dashed (text metadata) or raw (PV header) form.

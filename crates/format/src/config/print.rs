@@ -42,7 +42,10 @@ fn push_items(out: &mut String, s: &Section) {
                 out.push('\n');
             }
             Item::Section(k, sub) => {
-                out.push('\n');
+                // LVM2 reads the VG name from the first byte of the text.
+                if !out.is_empty() {
+                    out.push('\n');
+                }
                 out.push_str(k);
                 out.push_str(" {\n");
                 push_items(out, sub);

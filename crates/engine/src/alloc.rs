@@ -1,0 +1,164 @@
+//! Deterministic extent allocation over a VG's free space (pure: no I/O).
+//!
+//! Linear: one contiguous run when one fits (best fit: the smallest free area
+//! that holds the request, earliest PV and extent on ties); otherwise the
+//! fewest runs (largest areas first). Striped: each stripe on a different PV.
+
+use devpool_format::metadata::VgMetadata;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreeArea {
+    /// Index of the PV in `vg.pvs`.
+    pub pv: usize,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// A run of extents on one PV.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub pv: usize,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// Free areas of allocatable PVs, ordered by PV then start extent.
+pub fn free_areas(vg: &VgMetadata) -> Vec<FreeArea> {
+    let used = vg.used_areas();
+    let mut out = Vec::new();
+    for (i, pv) in vg.pvs.iter().enumerate() {
+        if !pv.is_allocatable() {
+            continue;
+        }
+        let mut mine: Vec<(u64, u64)> = used
+            .iter()
+            .filter(|u| u.0 == pv.key)
+            .map(|u| (u.1, u.2))
+            .collect();
+        mine.sort();
+        let mut cursor = 0u64;
+        for (s, l) in mine {
+            if s > cursor {
+                out.push(FreeArea {
+                    pv: i,
+                    start: cursor,
+                    len: s.min(pv.pe_count) - cursor,
+                });
+            }
+            cursor = cursor.max(s.saturating_add(l));
+        }
+        if cursor < pv.pe_count {
+            out.push(FreeArea {
+                pv: i,
+                start: cursor,
+                len: pv.pe_count - cursor,
+            });
+        }
+    }
+    out.retain(|a| a.len > 0);
+    out
+}
+
+pub fn total_free(free: &[FreeArea]) -> u64 {
+    free.iter().map(|a| a.len).sum()
+}
+
+/// Runs for `need` extents of a linear LV, or `None` when they do not fit.
+pub fn pick_linear(free: &[FreeArea], need: u64) -> Option<Vec<Run>> {
+    if need == 0 {
+        return Some(vec![]);
+    }
+    if let Some(best) = free
+        .iter()
+        .filter(|a| a.len >= need)
+        .min_by_key(|a| (a.len, a.pv, a.start))
+    {
+        return Some(vec![Run {
+            pv: best.pv,
+            start: best.start,
+            len: need,
+        }]);
+    }
+    if total_free(free) < need {
+        return None;
+    }
+    // Fewest runs: the largest areas first.
+    let mut by_size: Vec<&FreeArea> = free.iter().collect();
+    by_size.sort_by_key(|a| (std::cmp::Reverse(a.len), a.pv, a.start));
+    let mut chosen = Vec::new();
+    let mut got = 0;
+    for a in by_size {
+        if got >= need {
+            break;
+        }
+        chosen.push(a);
+        got += a.len;
+    }
+    chosen.sort_by_key(|a| (a.pv, a.start));
+    let mut left = need;
+    let mut runs = Vec::new();
+    for a in chosen {
+        let take = a.len.min(left);
+        runs.push(Run {
+            pv: a.pv,
+            start: a.start,
+            len: take,
+        });
+        left -= take;
+    }
+    Some(runs)
+}
+
+/// Striped allocation: segments of `stripes` runs of equal length, each run
+/// on a different PV, totalling `per_stripe` extents per stripe.
+pub fn pick_striped(free: &[FreeArea], stripes: usize, per_stripe: u64) -> Option<Vec<Vec<Run>>> {
+    let mut free = free.to_vec();
+    let mut left = per_stripe;
+    let mut segs = Vec::new();
+    while left > 0 {
+        // The best area of each PV: the smallest holding `left`, else the largest.
+        let mut best_per_pv: Vec<FreeArea> = Vec::new();
+        let mut pvs: Vec<usize> = free.iter().map(|a| a.pv).collect();
+        pvs.dedup();
+        for pv in pvs {
+            let mine = free.iter().filter(|a| a.pv == pv);
+            let fit = mine
+                .clone()
+                .filter(|a| a.len >= left)
+                .min_by_key(|a| (a.len, a.start));
+            let pick = fit.or_else(|| mine.max_by_key(|a| (a.len, std::cmp::Reverse(a.start))));
+            if let Some(a) = pick {
+                best_per_pv.push(a.clone());
+            }
+        }
+        if best_per_pv.len() < stripes {
+            return None;
+        }
+        // Prefer PVs that hold the whole rest; among them the earliest PVs.
+        best_per_pv.sort_by_key(|a| (a.len < left, std::cmp::Reverse(a.len.min(left)), a.pv));
+        let mut pick: Vec<FreeArea> = best_per_pv.into_iter().take(stripes).collect();
+        pick.sort_by_key(|a| a.pv);
+        let len = pick.iter().map(|a| a.len).min().unwrap_or(0).min(left);
+        if len == 0 {
+            return None;
+        }
+        let runs: Vec<Run> = pick
+            .iter()
+            .map(|a| Run {
+                pv: a.pv,
+                start: a.start,
+                len,
+            })
+            .collect();
+        for r in &runs {
+            if let Some(a) = free.iter_mut().find(|a| a.pv == r.pv && a.start == r.start) {
+                a.start += len;
+                a.len -= len;
+            }
+        }
+        free.retain(|a| a.len > 0);
+        segs.push(runs);
+        left -= len;
+    }
+    Some(segs)
+}

@@ -1,0 +1,1232 @@
+//! The engine: which devices to scan, operations turned into plans under
+//! LVM2's locks, plans verified against the disks and executed.
+
+use crate::commit::{self, AreaTarget};
+use crate::device::{Device, WriteGate};
+use crate::error::{EngineError, Result};
+use crate::journal;
+use crate::lock::{self, LockGuard};
+use crate::ops::{self, Layout, NewLv};
+use crate::plan::{Locks, Plan, Step, new_transaction_id};
+use crate::pvlayout::PvLayout;
+use crate::scan::{self, ParseCache, ScannedPv};
+use crate::vg::{Assembly, LoadedVg, assemble};
+use devpool_format::crc::lvm_crc;
+use devpool_format::label::{DiskLocn, PV_EXT_USED, PV_EXT_VERSION, PvHeaderExt, PvLabel};
+use devpool_format::mda::MdaHeader;
+use devpool_format::metadata::{Trailer, VgMetadata};
+use devpool_format::names;
+use devpool_format::signature;
+use devpool_format::units::{Bytes, ExtentSize, Extents, Sectors, SizeArg};
+use devpool_format::uuid::LvmUuid;
+use std::path::{Path, PathBuf};
+
+/// Where the engine looks for PVs.
+#[derive(Debug, Clone)]
+pub enum DeviceSource {
+    /// Exactly these block devices and image files.
+    List(Vec<PathBuf>),
+    /// Every block device in /proc/partitions, plus the image files devpool
+    /// registered in its state directory.
+    System,
+}
+
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub devices: DeviceSource,
+    pub lock_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub gate: WriteGate,
+}
+
+/// A scan of all devices.
+#[derive(Debug)]
+pub struct Scan {
+    pub assembly: Assembly,
+    /// Devices that could not be opened or read, with why.
+    pub unreadable: Vec<String>,
+}
+
+impl Scan {
+    pub fn vg(&self, name: &str) -> Result<&LoadedVg> {
+        self.assembly
+            .vgs
+            .iter()
+            .find(|v| v.meta.name == name)
+            .ok_or_else(|| EngineError::VgNotFound(name.into()))
+    }
+    pub fn pv_at(&self, path: &Path) -> Option<(&ScannedPv, Option<&LoadedVg>)> {
+        for vg in &self.assembly.vgs {
+            for d in vg.devices.iter().flatten() {
+                if same_file(&d.path, path) {
+                    return Some((d, Some(vg)));
+                }
+            }
+        }
+        self.assembly
+            .orphans
+            .iter()
+            .find(|o| same_file(&o.path, path))
+            .map(|o| (o, None))
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino(), x.rdev()) == (y.dev(), y.ino(), y.rdev()),
+        _ => a == b,
+    }
+}
+
+/// Options for new PVs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PvOptions {
+    /// Metadata area size; default: 128 MiB on devices of 8 GiB and more
+    /// (room for 65,536 volumes), LVM2's 1020 KiB on smaller ones.
+    pub metadata_size: Option<Bytes>,
+    /// 1 (start of device) or 2 (start and end).
+    pub metadata_copies: u8,
+    /// Size of a new image file, when the path does not exist yet.
+    pub image_size: Option<Bytes>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Operation {
+    PvCreate {
+        path: PathBuf,
+        options: PvOptions,
+    },
+    PvRemove {
+        path: PathBuf,
+    },
+    VgCreate {
+        name: String,
+        pvs: Vec<PathBuf>,
+        extent_size: Bytes,
+        pv_options: PvOptions,
+    },
+    VgRemove {
+        name: String,
+    },
+    VgExtend {
+        name: String,
+        pvs: Vec<PathBuf>,
+        pv_options: PvOptions,
+    },
+    VgReduce {
+        name: String,
+        pvs: Vec<PathBuf>,
+    },
+    VgRename {
+        old: String,
+        new: String,
+    },
+    LvCreate {
+        vg: String,
+        name: String,
+        size: SizeArg,
+        stripes: u32,
+        stripe_size: Bytes,
+        tags: Vec<String>,
+        wipe: bool,
+    },
+    LvRemove {
+        vg: String,
+        names: Vec<String>,
+    },
+    LvRename {
+        vg: String,
+        old: String,
+        new: String,
+    },
+    LvResize {
+        vg: String,
+        name: String,
+        size: SizeArg,
+    },
+    LvTags {
+        vg: String,
+        name: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
+}
+
+impl Operation {
+    pub fn describe(&self) -> String {
+        let paths = |v: &[PathBuf]| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        match self {
+            Operation::PvCreate { path, .. } => format!("pv create {}", path.display()),
+            Operation::PvRemove { path } => format!("pv remove {}", path.display()),
+            Operation::VgCreate { name, pvs, .. } => format!("vg create {name} {}", paths(pvs)),
+            Operation::VgRemove { name } => format!("vg remove {name}"),
+            Operation::VgExtend { name, pvs, .. } => format!("vg extend {name} {}", paths(pvs)),
+            Operation::VgReduce { name, pvs } => format!("vg reduce {name} {}", paths(pvs)),
+            Operation::VgRename { old, new } => format!("vg rename {old} {new}"),
+            Operation::LvCreate { vg, name, .. } => format!("lv create {vg}/{name}"),
+            Operation::LvRemove { vg, names } => format!(
+                "lv remove {}",
+                names
+                    .iter()
+                    .map(|n| format!("{vg}/{n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            Operation::LvRename { vg, old, new } => format!("lv rename {vg}/{old} {new}"),
+            Operation::LvResize { vg, name, .. } => format!("lv resize {vg}/{name}"),
+            Operation::LvTags { vg, name, .. } => format!("lv tag {vg}/{name}"),
+        }
+    }
+
+    fn locks(&self) -> Locks {
+        let mut l = Locks::default();
+        match self {
+            Operation::PvCreate { .. } | Operation::PvRemove { .. } => l.global = true,
+            Operation::VgCreate { name, .. } | Operation::VgRemove { name } => {
+                l.global = true;
+                l.vgs.push(name.clone());
+            }
+            Operation::VgExtend { name, .. } | Operation::VgReduce { name, .. } => {
+                l.global = true;
+                l.vgs.push(name.clone());
+            }
+            Operation::VgRename { old, new } => {
+                l.global = true;
+                l.vgs.push(old.clone());
+                l.vgs.push(new.clone());
+            }
+            Operation::LvCreate { vg, .. }
+            | Operation::LvRemove { vg, .. }
+            | Operation::LvRename { vg, .. }
+            | Operation::LvResize { vg, .. }
+            | Operation::LvTags { vg, .. } => l.vgs.push(vg.clone()),
+        }
+        l.vgs.sort();
+        l.vgs.dedup();
+        l
+    }
+}
+
+/// What an executed plan did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Executed {
+    pub transaction: String,
+    pub operation: String,
+    pub vg: Option<String>,
+    pub seqno_after: Option<u64>,
+    pub steps: usize,
+}
+
+/// Held locks, released on drop (global last, as LVM2 orders them).
+pub struct Held(#[allow(dead_code)] Vec<LockGuard>);
+
+pub fn random_uuid() -> LvmUuid {
+    let mut b = [0u8; 32];
+    if getrandom::fill(&mut b).is_err() {
+        // No OS randomness: derive from time and pid (still unique enough per host).
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = ((t >> (i % 16 * 8)) as u8) ^ (std::process::id() as u8).wrapping_mul(i as u8);
+        }
+    }
+    LvmUuid::from_random(b)
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+const SIGNATURE_SCAN_BYTES: u64 = 68 * 1024;
+
+impl Engine {
+    pub fn new(devices: DeviceSource, state_dir: PathBuf) -> Engine {
+        Engine {
+            devices,
+            lock_dir: PathBuf::from("/run/lock/lvm"),
+            state_dir,
+            gate: WriteGate::from_env(),
+        }
+    }
+
+    fn registry(&self) -> PathBuf {
+        self.state_dir.join("devices")
+    }
+
+    /// Image files devpool made PVs on.
+    pub fn registered_images(&self) -> Vec<PathBuf> {
+        std::fs::read_to_string(self.registry())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(PathBuf::from)
+            .collect()
+    }
+
+    fn register_image(&self, path: &Path, add: bool) -> Result<()> {
+        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let mut list = self.registered_images();
+        list.retain(|p| p != &abs);
+        if add {
+            list.push(abs);
+        }
+        std::fs::create_dir_all(&self.state_dir)
+            .map_err(|e| EngineError::io(&self.state_dir, "create state directory", e))?;
+        let text: String = list.iter().map(|p| format!("{}\n", p.display())).collect();
+        let tmp = self.registry().with_extension("tmp");
+        std::fs::write(&tmp, text).map_err(|e| EngineError::io(&tmp, "write", e))?;
+        std::fs::rename(&tmp, self.registry())
+            .map_err(|e| EngineError::io(self.registry(), "rename", e))
+    }
+
+    pub fn device_paths(&self) -> Vec<PathBuf> {
+        match &self.devices {
+            DeviceSource::List(v) => v.clone(),
+            DeviceSource::System => {
+                let mut v: Vec<PathBuf> = std::fs::read_to_string("/proc/partitions")
+                    .unwrap_or_default()
+                    .lines()
+                    .skip(2)
+                    .filter_map(|l| {
+                        let f: Vec<&str> = l.split_whitespace().collect();
+                        (f.len() == 4 && f[2] != "0")
+                            .then(|| PathBuf::from(format!("/dev/{}", f[3])))
+                    })
+                    .collect();
+                v.extend(self.registered_images().into_iter().filter(|p| p.exists()));
+                v
+            }
+        }
+    }
+
+    /// Read every device: labels, metadata areas, VGs.
+    pub fn scan(&self) -> Scan {
+        let mut cache = ParseCache::default();
+        let mut pvs = Vec::new();
+        let mut unreadable = Vec::new();
+        let explicit = matches!(self.devices, DeviceSource::List(_));
+        for path in self.device_paths() {
+            match scan::scan_path(&path, &mut cache) {
+                Ok(Some(pv)) => {
+                    if let Some(dup) = pvs
+                        .iter()
+                        .find(|p: &&ScannedPv| p.label.uuid == pv.label.uuid)
+                    {
+                        unreadable.push(format!(
+                            "{}: same PV id {} as {} (a copy or another path to it); ignored",
+                            path.display(),
+                            pv.label.uuid,
+                            dup.path.display()
+                        ));
+                        continue;
+                    }
+                    pvs.push(pv)
+                }
+                Ok(None) => {}
+                // On a system-wide scan, devices we cannot open are not our business.
+                Err(e) if explicit => unreadable.push(e),
+                Err(_) => {}
+            }
+        }
+        Scan {
+            assembly: assemble(pvs),
+            unreadable,
+        }
+    }
+
+    fn take_locks(&self, l: &Locks, exclusive: bool) -> Result<Held> {
+        let mut held = Vec::new();
+        if l.global {
+            held.push(lock::lock_global(&self.lock_dir, exclusive)?);
+        }
+        for vg in &l.vgs {
+            held.push(lock::lock_vg(&self.lock_dir, vg, exclusive)?);
+        }
+        Ok(Held(held))
+    }
+
+    /// Read-only access to one VG under its shared lock.
+    pub fn read_vg(&self, name: &str) -> Result<(LoadedVg, Scan)> {
+        let _l = self.take_locks(
+            &Locks {
+                global: false,
+                vgs: vec![name.to_string()],
+            },
+            false,
+        )?;
+        let scan = self.scan();
+        let vg = scan.vg(name)?.clone();
+        Ok((vg, scan))
+    }
+
+    /// Plan under shared locks (for showing, or before an interactive YES).
+    pub fn plan(&self, op: &Operation) -> Result<Plan> {
+        let _l = self.take_locks(&op.locks(), false)?;
+        let scan = self.scan();
+        self.build(op, &scan)
+    }
+
+    /// Verify a plan against the disks under exclusive locks, then execute it.
+    pub fn execute(&self, plan: &Plan) -> Result<Executed> {
+        let _l = self.take_locks(&plan.locks, true)?;
+        self.verify(plan)?;
+        self.run(plan)
+    }
+
+    /// Plan and execute under one exclusive lock. Plans that need confirmation
+    /// run only with `confirmed`.
+    pub fn apply(&self, op: &Operation, confirmed: bool) -> Result<(Plan, Executed)> {
+        let _l = self.take_locks(&op.locks(), true)?;
+        let scan = self.scan();
+        let plan = self.build(op, &scan)?;
+        if !plan.confirm.is_empty() && !confirmed {
+            return Err(EngineError::NeedsConfirmation(Box::new(plan)));
+        }
+        let done = self.run(&plan)?;
+        Ok((plan, done))
+    }
+
+    fn verify(&self, plan: &Plan) -> Result<()> {
+        for (path, state) in &plan.fingerprint {
+            let now = device_state(path);
+            if &now != state {
+                if let (Some(vg), Some(planned)) = (&plan.vg, plan.seqno_before) {
+                    let now_seqno = self.scan().vg(vg).map(|v| v.meta.seqno).unwrap_or(0);
+                    return Err(EngineError::Changed {
+                        vg: vg.clone(),
+                        planned,
+                        now: now_seqno,
+                    });
+                }
+                return Err(EngineError::Refused(format!(
+                    "{} changed since the plan was built ({state} -> {now}); build the plan again",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, plan: &Plan) -> Result<Executed> {
+        let started = journal::now_rfc3339();
+        let mut result = Ok(());
+        for step in &plan.steps {
+            result = self.run_step(plan, step);
+            if result.is_err() {
+                break;
+            }
+        }
+        let touched_labels = plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::WriteLabel { .. } | Step::WipeLabel { .. }));
+        if touched_labels {
+            invalidate_lvm_hints();
+        }
+        let outcome = match &result {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("failed: {e}"),
+        };
+        let entry = journal::JournalEntry {
+            transaction: &plan.transaction,
+            started,
+            finished: journal::now_rfc3339(),
+            operation: &plan.operation,
+            vg: plan.vg.as_deref(),
+            seqno_before: plan.seqno_before,
+            seqno_after: plan.seqno_after,
+            steps: &plan.steps,
+            outcome,
+            pid: std::process::id(),
+        };
+        // An injected crash stops like a real one: nothing more is written.
+        if !matches!(result, Err(EngineError::InjectedCrash(_))) {
+            journal::append(&self.state_dir, &entry)?;
+        }
+        result?;
+        Ok(Executed {
+            transaction: plan.transaction.clone(),
+            operation: plan.operation.clone(),
+            vg: plan.vg.clone(),
+            seqno_after: plan.seqno_after,
+            steps: plan.steps.len(),
+        })
+    }
+
+    fn run_step(&self, plan: &Plan, step: &Step) -> Result<()> {
+        let gate = &self.gate;
+        match step {
+            Step::CreateImage { path, size } => {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(|e| EngineError::io(path, "create image file", e))?;
+                f.set_len(*size)
+                    .map_err(|e| EngineError::io(path, "set image size", e))?;
+                self.register_image(path, true)
+            }
+            Step::ZeroRange {
+                device,
+                offset,
+                len,
+                ..
+            } => {
+                let dev = Device::open(device, true)?;
+                let chunk = vec![0u8; (*len).min(1 << 20) as usize];
+                let mut done = 0;
+                while done < *len {
+                    let n = (len - done).min(chunk.len() as u64);
+                    dev.write_at(gate, offset + done, &chunk[..n as usize])?;
+                    done += n;
+                }
+                dev.sync()
+            }
+            Step::InitMetadataArea {
+                device,
+                offset,
+                size,
+            } => {
+                let dev = Device::open(device, true)?;
+                dev.write_at(gate, *offset, &MdaHeader::new(*offset, *size).to_bytes())?;
+                dev.sync()
+            }
+            Step::WriteLabel {
+                device,
+                pv_uuid,
+                device_size,
+                pe_start,
+                metadata_areas,
+                in_vg,
+            } => {
+                let dev = Device::open(device, true)?;
+                let uuid =
+                    LvmUuid::parse(pv_uuid).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                let label = PvLabel {
+                    sector: 1,
+                    uuid,
+                    device_size: *device_size,
+                    data_areas: vec![DiskLocn {
+                        offset: *pe_start,
+                        size: 0,
+                    }],
+                    metadata_areas: metadata_areas
+                        .iter()
+                        .map(|a| DiskLocn {
+                            offset: a[0],
+                            size: a[1],
+                        })
+                        .collect(),
+                    ext: Some(PvHeaderExt {
+                        version: PV_EXT_VERSION,
+                        flags: if *in_vg { PV_EXT_USED } else { 0 },
+                        bootloader_areas: vec![],
+                    }),
+                };
+                let sector = label.to_sector().map_err(|e| EngineError::Format {
+                    path: device.clone(),
+                    source: e,
+                })?;
+                dev.write_at(gate, 512, &sector)?;
+                dev.sync()?;
+                if !dev.is_block {
+                    self.register_image(device, true)?;
+                }
+                Ok(())
+            }
+            Step::CommitMetadata { devices, .. } => {
+                let text = plan
+                    .new_text
+                    .as_deref()
+                    .ok_or_else(|| EngineError::Invalid("plan has no metadata text".into()))?;
+                let mut opened = Vec::new();
+                for p in devices {
+                    let dev = Device::open(p, true)?;
+                    let label = scan::read_label(&dev)?.ok_or_else(|| {
+                        EngineError::Refused(format!("{}: the PV label is gone", p.display()))
+                    })?;
+                    let mut headers = Vec::new();
+                    for a in &label.metadata_areas {
+                        let buf = dev.read_at(a.offset, 512)?;
+                        let h =
+                            MdaHeader::parse(&buf, a.offset).map_err(|e| EngineError::Format {
+                                path: p.clone(),
+                                source: e,
+                            })?;
+                        if !h.committed.is_ignored() {
+                            headers.push(h);
+                        }
+                    }
+                    opened.push((dev, headers));
+                }
+                let mut targets: Vec<AreaTarget<'_>> = Vec::new();
+                for (dev, headers) in &opened {
+                    for h in headers {
+                        targets.push(AreaTarget {
+                            dev,
+                            header: h.clone(),
+                        });
+                    }
+                }
+                if targets.is_empty() {
+                    return Err(EngineError::Refused(
+                        "no PV of this VG has a metadata area".into(),
+                    ));
+                }
+                commit::commit_text(gate, &mut targets, text)
+            }
+            Step::ClearMetadata { device } => {
+                let dev = Device::open(device, true)?;
+                if let Some(label) = scan::read_label(&dev)? {
+                    for a in &label.metadata_areas {
+                        let buf = dev.read_at(a.offset, 512)?;
+                        let h = MdaHeader::parse(&buf, a.offset)
+                            .unwrap_or_else(|_| MdaHeader::new(a.offset, a.size));
+                        commit::clear_slots(gate, &dev, &h)?;
+                    }
+                }
+                Ok(())
+            }
+            Step::WipeLabel { device } => {
+                let dev = Device::open(device, true)?;
+                dev.write_at(gate, 0, &[0u8; 2048][..dev.size.min(2048) as usize])?;
+                dev.sync()?;
+                if !dev.is_block {
+                    self.register_image(device, false)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    // ---------------- planning ----------------
+
+    fn build(&self, op: &Operation, scan: &Scan) -> Result<Plan> {
+        let mut plan = Plan {
+            transaction: new_transaction_id(),
+            operation: op.describe(),
+            vg: None,
+            seqno_before: None,
+            seqno_after: None,
+            steps: vec![],
+            confirm: vec![],
+            notes: vec![],
+            fingerprint: vec![],
+            old_text: String::new(),
+            new_text: None,
+            locks: op.locks(),
+        };
+        match op {
+            Operation::PvCreate { path, options } => {
+                self.plan_pv_create(&mut plan, scan, path, options)?;
+            }
+            Operation::PvRemove { path } => {
+                let (pv, vg) = scan.pv_at(path).ok_or_else(|| {
+                    EngineError::Invalid(format!("{} is not a PV", path.display()))
+                })?;
+                if let Some(vg) = vg {
+                    return Err(EngineError::Refused(format!(
+                        "{} belongs to VG {}: remove it with 'vg reduce' or remove the VG first",
+                        path.display(),
+                        vg.meta.name
+                    )));
+                }
+                plan.steps.push(Step::ClearMetadata {
+                    device: pv.path.clone(),
+                });
+                plan.steps.push(Step::WipeLabel {
+                    device: pv.path.clone(),
+                });
+                plan.fingerprint
+                    .push((pv.path.clone(), device_state(&pv.path)));
+            }
+            Operation::VgCreate {
+                name,
+                pvs,
+                extent_size,
+                pv_options,
+            } => {
+                names::validate_vg_name(name).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                if scan.vg(name).is_ok() {
+                    return Err(EngineError::Invalid(format!("VG {name} already exists")));
+                }
+                let es = ExtentSize::new_for_vg(*extent_size)
+                    .map_err(|e| EngineError::Invalid(format!("--extent-size: {e}")))?;
+                if pvs.is_empty() {
+                    return Err(EngineError::Invalid("a VG needs at least one PV".into()));
+                }
+                let mut vg = VgMetadata {
+                    name: name.clone(),
+                    id: random_uuid(),
+                    seqno: 0,
+                    format: Some("lvm2".into()),
+                    status: vec!["RESIZEABLE".into(), "READ".into(), "WRITE".into()],
+                    flags: vec![],
+                    tags: vec![],
+                    extent_size: es,
+                    max_lv: 0,
+                    max_pv: 0,
+                    metadata_copies: 0,
+                    extra: vec![],
+                    pvs: vec![],
+                    lvs: vec![],
+                    trailer: Trailer::default(),
+                };
+                let new_pvs = self.plan_add_pvs(&mut plan, scan, &mut vg, pvs, pv_options)?;
+                plan.vg = Some(name.clone());
+                plan.seqno_before = Some(0);
+                self.finish_commit(&mut plan, vg, &new_pvs)?;
+                self.push_label_flags(&mut plan, &new_pvs, true);
+            }
+            Operation::VgRemove { name } => {
+                let vg = scan.vg(name)?;
+                self.require_complete(vg)?;
+                let visible = vg.meta.lvs.len();
+                if visible > 0 {
+                    plan.confirm.push(format!(
+                        "VG {name} still holds {visible} LVs; their data is lost"
+                    ));
+                }
+                self.base_on(&mut plan, vg);
+                for d in vg.devices.iter().flatten() {
+                    plan.steps.push(Step::ClearMetadata {
+                        device: d.path.clone(),
+                    });
+                }
+                let devs: Vec<NewPv> = vg
+                    .devices
+                    .iter()
+                    .flatten()
+                    .map(NewPv::from_scanned)
+                    .collect();
+                self.push_label_flags(&mut plan, &devs, false);
+                plan.seqno_after = None;
+            }
+            Operation::VgExtend {
+                name,
+                pvs,
+                pv_options,
+            } => {
+                let vg = scan.vg(name)?;
+                self.require_complete(vg)?;
+                self.base_on(&mut plan, vg);
+                let mut meta = (*vg.meta).clone();
+                let new_pvs = self.plan_add_pvs(&mut plan, scan, &mut meta, pvs, pv_options)?;
+                let mut all = self.vg_devices(vg);
+                all.extend(new_pvs.iter().cloned());
+                self.finish_commit(&mut plan, meta, &all)?;
+                self.push_label_flags(&mut plan, &new_pvs, true);
+            }
+            Operation::VgReduce { name, pvs } => {
+                let vg = scan.vg(name)?;
+                self.require_complete(vg)?;
+                self.base_on(&mut plan, vg);
+                let mut meta = (*vg.meta).clone();
+                let mut removed = Vec::new();
+                for p in pvs {
+                    let dev = vg
+                        .devices
+                        .iter()
+                        .flatten()
+                        .find(|d| same_file(&d.path, p))
+                        .ok_or_else(|| {
+                            EngineError::Invalid(format!(
+                                "{} is not a PV of VG {name}",
+                                p.display()
+                            ))
+                        })?;
+                    ops::remove_pv(&mut meta, dev.label.uuid, &p.display().to_string())?;
+                    removed.push(NewPv::from_scanned(dev));
+                }
+                let keep: Vec<NewPv> = self
+                    .vg_devices(vg)
+                    .into_iter()
+                    .filter(|d| !removed.iter().any(|r| r.path == d.path))
+                    .collect();
+                self.finish_commit(&mut plan, meta, &keep)?;
+                for r in &removed {
+                    plan.steps.push(Step::ClearMetadata {
+                        device: r.path.clone(),
+                    });
+                }
+                self.push_label_flags(&mut plan, &removed, false);
+            }
+            Operation::VgRename { old, new } => {
+                names::validate_vg_name(new).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                if scan.vg(new).is_ok() {
+                    return Err(EngineError::Invalid(format!("VG {new} already exists")));
+                }
+                let vg = scan.vg(old)?;
+                self.require_complete(vg)?;
+                self.base_on(&mut plan, vg);
+                let mut meta = (*vg.meta).clone();
+                meta.name = new.clone();
+                let devs = self.vg_devices(vg);
+                self.finish_commit(&mut plan, meta, &devs)?;
+            }
+            Operation::LvCreate {
+                vg,
+                name,
+                size,
+                stripes,
+                stripe_size,
+                tags,
+                wipe,
+            } => {
+                let loaded = scan.vg(vg)?;
+                self.require_complete(loaded)?;
+                self.base_on(&mut plan, loaded);
+                let mut meta = (*loaded.meta).clone();
+                let n = (*stripes).max(1);
+                let (extents, note) = ops::resolve_size(&meta, size, None, n as u64)?;
+                plan.notes.extend(note);
+                let layout = if n == 1 {
+                    Layout::Linear
+                } else {
+                    Layout::Striped {
+                        stripes: n,
+                        stripe_size: Sectors(stripe_size.0 / 512),
+                    }
+                };
+                ops::create_lv(
+                    &mut meta,
+                    NewLv {
+                        name: name.clone(),
+                        extents: Extents(extents),
+                        layout,
+                        tags: tags.clone(),
+                        id: random_uuid(),
+                        creation_time: unix_now(),
+                        creation_host: hostname(),
+                    },
+                )?;
+                if *wipe {
+                    let (dev, off, len) = lv_start(loaded, &meta, name)?;
+                    plan.steps.push(Step::ZeroRange {
+                        device: dev,
+                        offset: off,
+                        len,
+                        reason: format!("wipe the start of new LV {vg}/{name}"),
+                    });
+                }
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+            }
+            Operation::LvRemove { vg, names } => {
+                let loaded = scan.vg(vg)?;
+                self.require_complete(loaded)?;
+                self.base_on(&mut plan, loaded);
+                let mut meta = (*loaded.meta).clone();
+                for n in names {
+                    if meta.lv(n).is_none() {
+                        return Err(EngineError::LvNotFound {
+                            vg: vg.clone(),
+                            lv: n.clone(),
+                        });
+                    }
+                    ops::remove_lv(&mut meta, n)?;
+                }
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+            }
+            Operation::LvRename { vg, old, new } => {
+                let loaded = scan.vg(vg)?;
+                self.require_complete(loaded)?;
+                self.base_on(&mut plan, loaded);
+                let mut meta = (*loaded.meta).clone();
+                if meta.lv(old).is_none() {
+                    return Err(EngineError::LvNotFound {
+                        vg: vg.clone(),
+                        lv: old.clone(),
+                    });
+                }
+                ops::rename_lv(&mut meta, old, new)?;
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+            }
+            Operation::LvResize { vg, name, size } => {
+                let loaded = scan.vg(vg)?;
+                self.require_complete(loaded)?;
+                self.base_on(&mut plan, loaded);
+                let mut meta = (*loaded.meta).clone();
+                let lv = meta.lv(name).ok_or_else(|| EngineError::LvNotFound {
+                    vg: vg.clone(),
+                    lv: name.clone(),
+                })?;
+                let current = lv.extent_count();
+                let stripes = match lv.segments.last().map(|s| &s.kind) {
+                    Some(devpool_format::metadata::SegmentKind::Striped { stripes, .. }) => {
+                        stripes.len() as u64
+                    }
+                    _ => 1,
+                };
+                let (target, note) = ops::resolve_size(&meta, size, Some(current), 1)?;
+                let target = if target > current {
+                    current + (target - current).div_ceil(stripes) * stripes
+                } else {
+                    target
+                };
+                plan.notes.extend(note);
+                ops::resize_lv(&mut meta, name, target)?;
+                let after = meta.lv(name).map(|l| l.extent_count()).unwrap_or(target);
+                if after < current {
+                    plan.confirm.push(format!(
+                        "shrinking {vg}/{name} from {current} to {after} extents discards the data in the last {} extents",
+                        current - after
+                    ));
+                }
+                plan.notes
+                    .push(format!("{vg}/{name}: {current} -> {after} extents"));
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+            }
+            Operation::LvTags {
+                vg,
+                name,
+                add,
+                remove,
+            } => {
+                let loaded = scan.vg(vg)?;
+                self.require_complete(loaded)?;
+                self.base_on(&mut plan, loaded);
+                let mut meta = (*loaded.meta).clone();
+                if meta.lv(name).is_none() {
+                    return Err(EngineError::LvNotFound {
+                        vg: vg.clone(),
+                        lv: name.clone(),
+                    });
+                }
+                ops::change_tags(&mut meta, name, add, remove)?;
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+            }
+        }
+        Ok(plan)
+    }
+
+    fn require_complete(&self, vg: &LoadedVg) -> Result<()> {
+        if vg.is_complete() {
+            return Ok(());
+        }
+        Err(EngineError::Refused(format!(
+            "VG {} is missing PVs: {}; name every device with --devices",
+            vg.meta.name,
+            vg.health.missing_pvs.join(", ")
+        )))
+    }
+
+    /// Record what the plan is based on: seqno, and every PV's on-disk state.
+    fn base_on(&self, plan: &mut Plan, vg: &LoadedVg) {
+        plan.vg = Some(vg.meta.name.clone());
+        plan.seqno_before = Some(vg.meta.seqno);
+        plan.old_text = String::from_utf8_lossy(&vg.meta.to_disk_text())
+            .trim_end_matches('\0')
+            .to_string();
+        for d in vg.devices.iter().flatten() {
+            plan.fingerprint
+                .push((d.path.clone(), device_state(&d.path)));
+        }
+    }
+
+    fn vg_devices(&self, vg: &LoadedVg) -> Vec<NewPv> {
+        vg.devices
+            .iter()
+            .flatten()
+            .map(NewPv::from_scanned)
+            .collect()
+    }
+
+    /// The new metadata: seqno + 1, trailer, checks, commit step.
+    fn finish_commit(&self, plan: &mut Plan, mut meta: VgMetadata, devs: &[NewPv]) -> Result<()> {
+        meta.seqno += 1;
+        meta.trailer.description = format!(
+            "Written by devpool {}: {}",
+            env!("CARGO_PKG_VERSION"),
+            plan.operation
+        );
+        meta.trailer.creation_host = hostname();
+        meta.trailer.creation_time = unix_now();
+        meta.check().map_err(|e| {
+            EngineError::Invalid(format!(
+                "internal check of the planned metadata failed: {e}"
+            ))
+        })?;
+        let text = meta.to_disk_text();
+        plan.seqno_after = Some(meta.seqno);
+        plan.vg = Some(meta.name.clone());
+        plan.steps.push(Step::CommitMetadata {
+            vg: meta.name.clone(),
+            seqno: meta.seqno,
+            devices: devs.iter().map(|d| d.path.clone()).collect(),
+            bytes: text.len() as u64,
+        });
+        plan.new_text = Some(text);
+        Ok(())
+    }
+
+    fn push_label_flags(&self, plan: &mut Plan, devs: &[NewPv], in_vg: bool) {
+        for d in devs {
+            plan.steps.push(Step::WriteLabel {
+                device: d.path.clone(),
+                pv_uuid: d.uuid.raw_str().to_string(),
+                device_size: d.device_size,
+                pe_start: d.pe_start,
+                metadata_areas: d.mdas.clone(),
+                in_vg,
+            });
+        }
+    }
+
+    /// Add devices to `vg` (creating PVs on those that are not PVs yet).
+    fn plan_add_pvs(
+        &self,
+        plan: &mut Plan,
+        scan: &Scan,
+        vg: &mut VgMetadata,
+        paths: &[PathBuf],
+        opts: &PvOptions,
+    ) -> Result<Vec<NewPv>> {
+        let mut out = Vec::new();
+        for p in paths {
+            let pv = match scan.pv_at(p) {
+                Some((_, Some(other))) => {
+                    return Err(EngineError::Refused(format!(
+                        "{} already belongs to VG {}",
+                        p.display(),
+                        other.meta.name
+                    )));
+                }
+                Some((pv, None)) => {
+                    plan.fingerprint
+                        .push((pv.path.clone(), device_state(&pv.path)));
+                    NewPv::from_scanned(pv)
+                }
+                None => self.plan_pv_create(plan, scan, p, opts)?,
+            };
+            let tail = pv.mdas.get(1).map(|m| pv.device_size - m[0]).unwrap_or(0);
+            ops::add_pv(
+                vg,
+                pv.uuid,
+                &pv.path.display().to_string(),
+                Bytes(pv.device_size),
+                Bytes(pv.pe_start),
+                Bytes(tail),
+            )?;
+            out.push(pv);
+        }
+        Ok(out)
+    }
+
+    fn plan_pv_create(
+        &self,
+        plan: &mut Plan,
+        scan: &Scan,
+        path: &Path,
+        opts: &PvOptions,
+    ) -> Result<NewPv> {
+        let exists = path.exists();
+        let size = if exists {
+            if let Some((pv, vg)) = scan.pv_at(path) {
+                return Err(match vg {
+                    Some(vg) => EngineError::Refused(format!(
+                        "{} is already a PV of VG {}",
+                        path.display(),
+                        vg.meta.name
+                    )),
+                    None => EngineError::Refused(format!(
+                        "{} is already a PV (id {}); remove it first with 'devpool pv remove'",
+                        path.display(),
+                        pv.label.uuid
+                    )),
+                });
+            }
+            let dev = Device::open(path, false)?;
+            if let Some(want) = opts.image_size
+                && !dev.is_block
+                && want.0 != dev.size
+            {
+                return Err(EngineError::Invalid(format!(
+                    "{} exists with {} bytes; --image-size {} only applies to new image files",
+                    path.display(),
+                    dev.size,
+                    want.0
+                )));
+            }
+            let head = dev.read_at(0, dev.size.min(SIGNATURE_SCAN_BYTES) as usize)?;
+            for s in signature::detect(&head) {
+                plan.confirm.push(format!(
+                    "{} holds a {} signature at byte {}; it will be wiped",
+                    path.display(),
+                    s.name,
+                    s.offset
+                ));
+            }
+            plan.fingerprint
+                .push((path.to_path_buf(), device_state(path)));
+            dev.size
+        } else {
+            let size = opts.image_size.ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "{} does not exist; pass --image-size to create a sparse image file there",
+                    path.display()
+                ))
+            })?;
+            plan.steps.push(Step::CreateImage {
+                path: path.to_path_buf(),
+                size: size.0,
+            });
+            plan.fingerprint
+                .push((path.to_path_buf(), device_state(path)));
+            size.0
+        };
+        let layout =
+            PvLayout::compute(Bytes(size), opts.metadata_size, opts.metadata_copies.max(1))
+                .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?;
+        let uuid = random_uuid();
+        plan.steps.push(Step::ZeroRange {
+            device: path.to_path_buf(),
+            offset: 0,
+            len: layout.wipe_len(),
+            reason: "wipe old signatures and labels".into(),
+        });
+        for m in &layout.mdas {
+            plan.steps.push(Step::InitMetadataArea {
+                device: path.to_path_buf(),
+                offset: m[0],
+                size: m[1],
+            });
+        }
+        plan.steps.push(Step::WriteLabel {
+            device: path.to_path_buf(),
+            pv_uuid: uuid.raw_str().to_string(),
+            device_size: size,
+            pe_start: layout.pe_start,
+            metadata_areas: layout.mdas.clone(),
+            in_vg: false,
+        });
+        if layout.small_device_default {
+            plan.notes.push(format!(
+                "{} is smaller than 8 GiB: using LVM2's default metadata area of 1020 KiB (about 1,800 volumes)",
+                path.display()
+            ));
+        }
+        Ok(NewPv {
+            path: path.to_path_buf(),
+            uuid,
+            device_size: size,
+            pe_start: layout.pe_start,
+            mdas: layout.mdas,
+        })
+    }
+}
+
+/// A PV as a plan sees it (existing or about to be created).
+#[derive(Debug, Clone)]
+struct NewPv {
+    path: PathBuf,
+    uuid: LvmUuid,
+    device_size: u64,
+    pe_start: u64,
+    mdas: Vec<[u64; 2]>,
+}
+
+impl NewPv {
+    fn from_scanned(pv: &ScannedPv) -> NewPv {
+        NewPv {
+            path: pv.path.clone(),
+            uuid: pv.label.uuid,
+            device_size: pv.label.device_size,
+            pe_start: pv.label.pe_start().unwrap_or(0),
+            mdas: pv
+                .label
+                .metadata_areas
+                .iter()
+                .map(|a| [a.offset, a.size])
+                .collect(),
+        }
+    }
+}
+
+/// Device, byte offset and length of an LV's first 4 KiB.
+fn lv_start(vg: &LoadedVg, meta: &VgMetadata, lv: &str) -> Result<(PathBuf, u64, u64)> {
+    let l = meta
+        .lv(lv)
+        .ok_or_else(|| EngineError::Invalid("new LV missing".into()))?;
+    let seg = l
+        .segments
+        .first()
+        .ok_or_else(|| EngineError::Invalid("new LV has no segments".into()))?;
+    let devpool_format::metadata::SegmentKind::Striped { stripes, .. } = &seg.kind else {
+        return Err(EngineError::Invalid("new LV is not striped".into()));
+    };
+    let st = &stripes[0];
+    let pv = meta
+        .pv(&st.pv)
+        .ok_or_else(|| EngineError::Invalid("unknown PV".into()))?;
+    let dev = vg
+        .device_of(&st.pv)
+        .ok_or_else(|| EngineError::Invalid(format!("PV {} missing", st.pv)))?;
+    let es = meta.extent_size.bytes().0;
+    let off = pv.pe_start.0 * 512 + st.start * es;
+    let len = 4096u64.min(l.extent_count() * es);
+    Ok((dev.path.clone(), off, len))
+}
+
+/// A short description of what a device holds now, for plan verification:
+/// PV id and every metadata slot, or a checksum of the first bytes.
+pub fn device_state(path: &Path) -> String {
+    let Ok(dev) = Device::open(path, false) else {
+        return "absent".into();
+    };
+    match scan::read_label(&dev) {
+        Ok(Some(label)) => {
+            let mut s = format!("pv {} size {}", label.uuid, dev.size);
+            for a in &label.metadata_areas {
+                match dev
+                    .read_at(a.offset, 512)
+                    .ok()
+                    .and_then(|b| MdaHeader::parse(&b, a.offset).ok())
+                {
+                    Some(h) => {
+                        s += &format!(
+                            " mda@{}:{}/{}/{:08x}",
+                            a.offset, h.committed.offset, h.committed.size, h.committed.checksum
+                        )
+                    }
+                    None => s += &format!(" mda@{}:unreadable", a.offset),
+                }
+            }
+            s
+        }
+        Ok(None) => match dev.read_at(0, dev.size.min(SIGNATURE_SCAN_BYTES) as usize) {
+            Ok(head) => format!("raw size {} head {:08x}", dev.size, lvm_crc(&head)),
+            Err(_) => "unreadable".into(),
+        },
+        Err(e) => format!("bad label: {e}"),
+    }
+}
+
+/// Tell LVM2 to rescan instead of trusting its device hints.
+fn invalidate_lvm_hints() {
+    let dir = Path::new("/run/lvm");
+    if dir.is_dir() {
+        let _ = std::fs::write(dir.join("newhints"), b"");
+    }
+}

@@ -1,0 +1,201 @@
+use super::*;
+use devpool_format::metadata::Trailer;
+use devpool_format::units::ExtentSize;
+use proptest::prelude::*;
+
+fn uuid(n: u64) -> LvmUuid {
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(&n.to_le_bytes());
+    LvmUuid::from_random(b)
+}
+
+fn vg_with(pv_counts: &[u64]) -> VgMetadata {
+    let mut vg = VgMetadata {
+        name: "vg".into(),
+        id: uuid(0),
+        seqno: 1,
+        format: Some("lvm2".into()),
+        status: vec!["RESIZEABLE".into(), "READ".into(), "WRITE".into()],
+        flags: vec![],
+        tags: vec![],
+        extent_size: ExtentSize::DEFAULT,
+        max_lv: 0,
+        max_pv: 0,
+        metadata_copies: 0,
+        extra: vec![],
+        pvs: vec![],
+        lvs: vec![],
+        trailer: Trailer::default(),
+    };
+    for (i, &c) in pv_counts.iter().enumerate() {
+        let es = 4u64 << 20;
+        add_pv(
+            &mut vg,
+            uuid(1000 + i as u64),
+            "/dev/x",
+            Bytes((1 << 20) + c * es),
+            Bytes(1 << 20),
+            Bytes(0),
+        )
+        .unwrap();
+    }
+    vg
+}
+
+fn new_lv(name: &str, extents: u64, layout: Layout) -> NewLv {
+    NewLv {
+        name: name.into(),
+        extents: Extents(extents),
+        layout,
+        tags: vec![],
+        id: uuid(name.len() as u64 * 7919 + extents),
+        creation_time: 0,
+        creation_host: "h".into(),
+    }
+}
+
+#[test]
+fn contiguous_when_it_fits_best_fit_first() {
+    let mut vg = vg_with(&[100]);
+    create_lv(&mut vg, new_lv("a", 10, Layout::Linear)).unwrap();
+    create_lv(&mut vg, new_lv("b", 30, Layout::Linear)).unwrap();
+    create_lv(&mut vg, new_lv("c", 10, Layout::Linear)).unwrap();
+    remove_lv(&mut vg, "a").unwrap(); // hole 0..10, tail 50..100
+    create_lv(&mut vg, new_lv("d", 8, Layout::Linear)).unwrap();
+    let d = vg.lv("d").unwrap();
+    assert_eq!(d.segments.len(), 1);
+    match &d.segments[0].kind {
+        SegmentKind::Striped { stripes, .. } => {
+            assert_eq!(stripes[0].start, 0, "best fit is the 10-extent hole")
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn fewest_segments_when_fragmented() {
+    let mut vg = vg_with(&[100]);
+    for (i, n) in [5u64, 1, 20, 1, 10, 1].iter().enumerate() {
+        create_lv(&mut vg, new_lv(&format!("l{i}"), *n, Layout::Linear)).unwrap();
+    }
+    for i in [0, 2, 4] {
+        remove_lv(&mut vg, &format!("l{i}")).unwrap();
+    }
+    // holes: 5, 20, 10, and a 62-extent tail -> 80 extents need the tail plus the 20.
+    create_lv(&mut vg, new_lv("big", 80, Layout::Linear)).unwrap();
+    assert_eq!(vg.lv("big").unwrap().segments.len(), 2);
+}
+
+#[test]
+fn grows_in_place_and_reports_no_space_with_numbers() {
+    let mut vg = vg_with(&[100]);
+    create_lv(&mut vg, new_lv("a", 10, Layout::Linear)).unwrap();
+    resize_lv(&mut vg, "a", 50).unwrap();
+    assert_eq!(vg.lv("a").unwrap().segments.len(), 1);
+    let e = create_lv(&mut vg, new_lv("b", 51, Layout::Linear))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("51 extents") && e.contains("50 free"), "{e}");
+}
+
+#[test]
+fn striped_needs_distinct_pvs() {
+    let mut vg = vg_with(&[50, 50, 50]);
+    let ss = Sectors(128);
+    create_lv(
+        &mut vg,
+        new_lv(
+            "s",
+            30,
+            Layout::Striped {
+                stripes: 3,
+                stripe_size: ss,
+            },
+        ),
+    )
+    .unwrap();
+    let seg = &vg.lv("s").unwrap().segments[0];
+    match &seg.kind {
+        SegmentKind::Striped { stripes, .. } => {
+            let pvs: std::collections::BTreeSet<_> = stripes.iter().map(|s| &s.pv).collect();
+            assert_eq!(pvs.len(), 3);
+        }
+        _ => unreachable!(),
+    }
+    let e = create_lv(
+        &mut vg,
+        new_lv(
+            "t",
+            8,
+            Layout::Striped {
+                stripes: 4,
+                stripe_size: ss,
+            },
+        ),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("4 PVs"), "{e}");
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create { extents: u64, stripes: u32 },
+    Resize { which: usize, extents: u64 },
+    Remove { which: usize },
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (1u64..60, prop_oneof![Just(1u32), Just(1), Just(2), Just(3)])
+            .prop_map(|(extents, stripes)| Op::Create { extents, stripes }),
+        (0usize..16, 1u64..80).prop_map(|(which, extents)| Op::Resize { which, extents }),
+        (0usize..16).prop_map(|which| Op::Remove { which }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    /// After any sequence of create/resize/remove: no extent is used twice,
+    /// nothing lies past a PV's pe_count, segments are contiguous, sizes are as
+    /// asked, and used + free = total.
+    #[test]
+    fn allocation_map_stays_consistent(pvs in proptest::collection::vec(10u64..120, 1..5), ops in proptest::collection::vec(arb_op(), 1..40)) {
+        let mut vg = vg_with(&pvs);
+        let total: u64 = pvs.iter().sum();
+        let mut next = 0;
+        for op in ops {
+            let before = vg.clone();
+            let result = match op {
+                Op::Create { extents, stripes } => {
+                    next += 1;
+                    let layout = if stripes == 1 { Layout::Linear } else { Layout::Striped { stripes, stripe_size: Sectors(128) } };
+                    let extents = extents.div_ceil(stripes as u64) * stripes as u64;
+                    let r = create_lv(&mut vg, new_lv(&format!("lv{next}"), extents, layout));
+                    if r.is_ok() { prop_assert_eq!(vg.lv(&format!("lv{next}")).unwrap().extent_count(), extents); }
+                    r
+                }
+                Op::Resize { which, extents } => {
+                    if vg.lvs.is_empty() { continue; }
+                    let name = vg.lvs[which % vg.lvs.len()].name.clone();
+                    let r = resize_lv(&mut vg, &name, extents);
+                    if r.is_ok() {
+                        let got = vg.lv(&name).unwrap().extent_count();
+                        prop_assert!(got >= extents && got < extents + 3, "asked {} got {}", extents, got);
+                    }
+                    r
+                }
+                Op::Remove { which } => {
+                    if vg.lvs.is_empty() { continue; }
+                    let name = vg.lvs[which % vg.lvs.len()].name.clone();
+                    remove_lv(&mut vg, &name)
+                }
+            };
+            if result.is_err() {
+                prop_assert_eq!(&vg, &before, "a failed operation must not change the VG");
+            }
+            vg.check().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let used: u64 = vg.used_areas().iter().map(|u| u.2).sum();
+            prop_assert_eq!(used + vg_free_extents(&vg), total);
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Plans as data: what an operation will write, shown before it runs.
+
+use serde::Serialize;
+use std::path::PathBuf;
+
+/// One write a plan performs, in execution order.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    /// Create a sparse image file to serve as a PV.
+    CreateImage { path: PathBuf, size: u64 },
+    /// Zero a byte range (old signatures at the start of a new PV, or the first
+    /// 4 KiB of a new LV).
+    ZeroRange {
+        device: PathBuf,
+        offset: u64,
+        len: u64,
+        reason: String,
+    },
+    /// Write an empty metadata area header.
+    InitMetadataArea {
+        device: PathBuf,
+        offset: u64,
+        size: u64,
+    },
+    /// Write the label and PV header (sector 1).
+    WriteLabel {
+        device: PathBuf,
+        pv_uuid: String,
+        device_size: u64,
+        pe_start: u64,
+        metadata_areas: Vec<[u64; 2]>,
+        in_vg: bool,
+    },
+    /// The atomic metadata commit on every metadata area of the listed PVs.
+    CommitMetadata {
+        vg: String,
+        seqno: u64,
+        devices: Vec<PathBuf>,
+        bytes: u64,
+    },
+    /// Clear the committed and precommitted slots of every metadata area.
+    ClearMetadata { device: PathBuf },
+    /// Zero the label sectors.
+    WipeLabel { device: PathBuf },
+}
+
+impl Step {
+    pub fn describe(&self) -> String {
+        match self {
+            Step::CreateImage { path, size } => {
+                format!("create sparse image {} of {size} bytes", path.display())
+            }
+            Step::ZeroRange {
+                device,
+                offset,
+                len,
+                reason,
+            } => {
+                format!(
+                    "zero {len} bytes of {} at byte {offset} ({reason})",
+                    device.display()
+                )
+            }
+            Step::InitMetadataArea {
+                device,
+                offset,
+                size,
+            } => {
+                format!(
+                    "write empty metadata area header on {} at byte {offset} (area of {size} bytes)",
+                    device.display()
+                )
+            }
+            Step::WriteLabel {
+                device,
+                pv_uuid,
+                in_vg,
+                ..
+            } => format!(
+                "write PV label on {} (uuid {pv_uuid}, {})",
+                device.display(),
+                if *in_vg { "in a VG" } else { "not in a VG" }
+            ),
+            Step::CommitMetadata {
+                vg,
+                seqno,
+                devices,
+                bytes,
+            } => format!(
+                "commit VG {vg} metadata seqno {seqno} ({bytes} bytes) to {}: text, precommit, commit",
+                devices
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Step::ClearMetadata { device } => {
+                format!("clear the metadata slots on {}", device.display())
+            }
+            Step::WipeLabel { device } => format!("wipe the PV label on {}", device.display()),
+        }
+    }
+}
+
+/// A change, ready to verify and execute.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub transaction: String,
+    pub operation: String,
+    pub vg: Option<String>,
+    pub seqno_before: Option<u64>,
+    pub seqno_after: Option<u64>,
+    pub steps: Vec<Step>,
+    /// Why this plan needs an explicit YES (destroys data or signatures).
+    pub confirm: Vec<String>,
+    pub notes: Vec<String>,
+    #[serde(skip)]
+    pub(crate) fingerprint: Vec<(PathBuf, String)>,
+    #[serde(skip)]
+    pub(crate) old_text: String,
+    #[serde(skip)]
+    pub(crate) new_text: Option<Vec<u8>>,
+    #[serde(skip)]
+    pub(crate) locks: Locks,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Locks {
+    pub global: bool,
+    pub vgs: Vec<String>,
+}
+
+impl Plan {
+    /// Unified diff of the VG metadata text, old to new.
+    pub fn metadata_diff(&self) -> String {
+        let new = self
+            .new_text
+            .as_deref()
+            .map(|t| String::from_utf8_lossy(t.strip_suffix(&[0]).unwrap_or(t)).into_owned());
+        let new = new.unwrap_or_default();
+        similar::TextDiff::from_lines(&self.old_text, &new)
+            .unified_diff()
+            .context_radius(3)
+            .header("metadata (on disk)", "metadata (planned)")
+            .to_string()
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = format!("Plan {} — {}\n", self.transaction, self.operation);
+        if let (Some(vg), Some(b), Some(a)) = (&self.vg, self.seqno_before, self.seqno_after) {
+            s += &format!("  VG {vg}: seqno {b} -> {a}\n");
+        }
+        for (i, st) in self.steps.iter().enumerate() {
+            s += &format!("  {}. {}\n", i + 1, st.describe());
+        }
+        for n in &self.notes {
+            s += &format!("  note: {n}\n");
+        }
+        for c in &self.confirm {
+            s += &format!("  DESTRUCTIVE: {c}\n");
+        }
+        let diff = self.metadata_diff();
+        if !diff.is_empty() {
+            s += "\n";
+            s += &diff;
+        }
+        s
+    }
+}
+
+/// A random transaction id.
+pub fn new_transaction_id() -> String {
+    let mut b = [0u8; 8];
+    // Falls back to time and pid only if the OS has no randomness.
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = ((t as u64) ^ ((std::process::id() as u64) << 32)).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

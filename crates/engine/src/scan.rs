@@ -1,0 +1,181 @@
+//! Reading a PV's on-disk state: label, PV header, metadata area headers and
+//! the committed text copy of each area (checksum verified, parsed once per
+//! distinct checksum).
+
+use crate::device::Device;
+use crate::error::{EngineError, Result};
+use devpool_format::crc::lvm_crc;
+use devpool_format::label::{PvLabel, find_label};
+use devpool_format::mda::{MdaHeader, RingSpan};
+use devpool_format::metadata::VgMetadata;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The committed text copy of one metadata area.
+#[derive(Debug, Clone)]
+pub struct MdaText {
+    pub meta: Arc<VgMetadata>,
+    pub checksum: u32,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MdaState {
+    pub header: MdaHeader,
+    /// `None`: the area holds no VG (an orphan PV). `Some(Err)`: unreadable copy.
+    pub text: Option<std::result::Result<MdaText, String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScannedPv {
+    pub path: PathBuf,
+    pub size: u64,
+    pub label: PvLabel,
+    /// Metadata areas in PV header order; `Err` for an unreadable header.
+    pub mdas: Vec<std::result::Result<MdaState, String>>,
+}
+
+impl ScannedPv {
+    /// The newest valid VG copy on this PV.
+    pub fn newest(&self) -> Option<&MdaText> {
+        self.mdas
+            .iter()
+            .filter_map(|m| m.as_ref().ok()?.text.as_ref()?.as_ref().ok())
+            .max_by_key(|t| t.meta.seqno)
+    }
+    pub fn headers(&self) -> Vec<MdaHeader> {
+        self.mdas
+            .iter()
+            .filter_map(|m| m.as_ref().ok().map(|m| m.header.clone()))
+            .collect()
+    }
+}
+
+/// Parsed texts by checksum, so a VG stored on many areas is parsed once.
+#[derive(Default)]
+pub struct ParseCache(HashMap<(u32, u64), Arc<VgMetadata>>);
+
+/// Read the label of a device. `Ok(None)`: not a PV.
+pub fn read_label(dev: &Device) -> Result<Option<PvLabel>> {
+    let head = dev.read_at(0, dev.size.min(2048) as usize)?;
+    find_label(&head).map_err(|e| EngineError::Format {
+        path: dev.path.clone(),
+        source: e,
+    })
+}
+
+pub fn scan_device(dev: &Device, cache: &mut ParseCache) -> Result<Option<ScannedPv>> {
+    let Some(label) = read_label(dev)? else {
+        return Ok(None);
+    };
+    let mut mdas = Vec::new();
+    for area in &label.metadata_areas {
+        mdas.push(read_area(dev, area.offset, area.size, cache).map_err(|e| e.to_string()));
+    }
+    Ok(Some(ScannedPv {
+        path: dev.path.clone(),
+        size: dev.size,
+        label,
+        mdas,
+    }))
+}
+
+fn read_area(dev: &Device, start: u64, size: u64, cache: &mut ParseCache) -> Result<MdaState> {
+    let fmt = |reason: String| EngineError::Format {
+        path: dev.path.clone(),
+        source: devpool_format::FormatError::new("metadata area", start, reason),
+    };
+    if start.checked_add(size).is_none_or(|end| end > dev.size) {
+        return Err(fmt(format!(
+            "area of {size} bytes runs past the device end ({} bytes)",
+            dev.size
+        )));
+    }
+    let hbuf = dev.read_at(start, 512)?;
+    let header = MdaHeader::parse(&hbuf, start).map_err(|e| EngineError::Format {
+        path: dev.path.clone(),
+        source: e,
+    })?;
+    if header.size != size {
+        return Err(fmt(format!(
+            "header says {} bytes, PV header says {size}",
+            header.size
+        )));
+    }
+    let slot = header.committed;
+    if slot.is_empty() || slot.is_ignored() {
+        return Ok(MdaState { header, text: None });
+    }
+    let text = read_text(dev, &header).map_err(|e| e.to_string());
+    let text = match text {
+        Ok((bytes, abs)) => {
+            let key = (slot.checksum, slot.size);
+            match cache.0.get(&key) {
+                Some(meta) => Ok(MdaText {
+                    meta: meta.clone(),
+                    checksum: slot.checksum,
+                    size: slot.size,
+                }),
+                None => match VgMetadata::parse(&bytes) {
+                    Ok(meta) => {
+                        let meta = Arc::new(meta);
+                        cache.0.insert(key, meta.clone());
+                        Ok(MdaText {
+                            meta,
+                            checksum: slot.checksum,
+                            size: slot.size,
+                        })
+                    }
+                    Err(e) => Err(EngineError::Metadata {
+                        path: dev.path.clone(),
+                        offset: abs,
+                        source: e,
+                    }
+                    .to_string()),
+                },
+            }
+        }
+        Err(e) => Err(e),
+    };
+    Ok(MdaState {
+        header,
+        text: Some(text),
+    })
+}
+
+/// The committed text of an area, checksum verified; returns the bytes and
+/// their absolute offset.
+pub fn read_text(dev: &Device, header: &MdaHeader) -> Result<(Vec<u8>, u64)> {
+    let slot = header.committed;
+    let span = RingSpan::of(header.size, slot.offset, slot.size);
+    let mut bytes = Vec::with_capacity(slot.size as usize);
+    for (off, len) in span.pieces() {
+        bytes.extend(dev.read_at(header.start + off, len as usize)?);
+    }
+    let abs = header.start + slot.offset;
+    let calc = lvm_crc(&bytes);
+    if calc != slot.checksum {
+        return Err(EngineError::Format {
+            path: dev.path.clone(),
+            source: devpool_format::FormatError::new(
+                "metadata text",
+                abs,
+                format!(
+                    "checksum 0x{calc:08x} does not match 0x{:08x} in the area header",
+                    slot.checksum
+                ),
+            ),
+        });
+    }
+    Ok((bytes, abs))
+}
+
+/// Open and scan, turning "not a PV" into `None` and errors into a message.
+pub fn scan_path(
+    path: &Path,
+    cache: &mut ParseCache,
+) -> std::result::Result<Option<ScannedPv>, String> {
+    let dev = Device::open(path, false).map_err(|e| e.to_string())?;
+    scan_device(&dev, cache).map_err(|e| e.to_string())
+}
