@@ -234,8 +234,9 @@ fn overlaps(old: &RingSpan, new: &RingSpan) -> bool {
     let (os, ol, ns, nl) = (old.offset, old.last(), new.offset, new.last());
     match (old.wrap > 0, new.wrap > 0) {
         (true, true) => true,
-        (false, false) => !((ns > ol && nl > ns) || (ns < os && nl < os)),
-        (true, false) => !(ol < ns && ns < nl && nl < os),
+        // LVM2 writes `nl > ns`, wrong only for a 1-byte copy; `>=` is exact.
+        (false, false) => !((ns > ol && nl >= ns) || (ns < os && nl < os)),
+        (true, false) => !(ol < ns && ns <= nl && nl < os),
         (false, true) => !(nl < os && os < ol && ol < ns),
     }
 }
