@@ -75,6 +75,13 @@ pub struct LvRow {
     pub segments: Vec<SegRow>,
 }
 
+/// Tags as LVM2 reports them: sorted.
+fn sorted(tags: &[String]) -> Vec<String> {
+    let mut t = tags.to_vec();
+    t.sort();
+    t
+}
+
 fn pv_name(vg: &LoadedVg, key: &str) -> String {
     match vg.device_of(key) {
         Some(d) => d.path.display().to_string(),
@@ -152,7 +159,7 @@ pub fn vg_row(vg: &LoadedVg) -> VgRow {
         lv_count: m.lvs.iter().filter(|l| l.is_visible()).count() as u64,
         pv_count: m.pvs.len() as u64,
         vg_seqno: m.seqno,
-        vg_tags: m.tags.clone(),
+        vg_tags: sorted(&m.tags),
         metadata_bytes: vg
             .devices
             .iter()
@@ -174,7 +181,7 @@ pub fn lv_rows(vg: &LoadedVg) -> Vec<LvRow> {
             lv_name: lv.name.clone(),
             lv_uuid: lv.id.dashed(),
             lv_size: lv.extent_count() * es,
-            lv_tags: lv.tags.clone(),
+            lv_tags: sorted(&lv.tags),
             hidden: !lv.is_visible(),
             managed_by_lvm2_only: m.lv_modification_refusal(&lv.name),
             segments: lv
