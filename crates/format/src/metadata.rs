@@ -350,6 +350,32 @@ impl VgMetadata {
         self.pvs.iter().map(|p| p.pe_count).sum()
     }
 
+    /// LVM2's visibility: a `snapshotN` LV is never visible; a snapshot's COW
+    /// store is visible when its origin is; otherwise the VISIBLE flag.
+    pub fn lv_is_visible(&self, name: &str) -> bool {
+        let Some(lv) = self.lv(name) else {
+            return false;
+        };
+        if lv.segments.iter().any(|s| s.segtype() == "snapshot") {
+            return false;
+        }
+        for other in &self.lvs {
+            for seg in other.segments.iter().filter(|s| s.segtype() == "snapshot") {
+                let field = |k: &str| {
+                    seg.extra.iter().find_map(|i| match i {
+                        Item::Assign(key, Value::Str(v)) if key == k => Some(v.as_str()),
+                        _ => None,
+                    })
+                };
+                if field("cow_store") == Some(name) {
+                    return field("origin")
+                        .is_some_and(|o| o != name && self.lv(o).is_some_and(|l| l.is_visible()));
+                }
+            }
+        }
+        lv.is_visible()
+    }
+
     /// Every PV extent that some segment uses: `(pv key, start, len, lv name)`.
     /// Unknown segment types that name a PV in an array (pvmove's mirrors) are
     /// counted conservatively as using `extent_count` extents there.

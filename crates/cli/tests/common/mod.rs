@@ -246,3 +246,152 @@ pub fn num(v: &Value) -> u64 {
 pub fn vg_name(base: &str) -> String {
     format!("dpt{}_{base}", std::process::id())
 }
+
+/// Compare devpool's and LVM2's view of every PV, the VG and every segment.
+pub fn assert_reports_agree(lab: &Lab, devs: &[&Path], vg: &str) {
+    let (ok, out) = vgck(devs, vg);
+    assert!(ok, "vgck rejected VG {vg}:\n{out}");
+    for d in devs {
+        let o = lvm(devs, &["pvck", &d.display().to_string()]);
+        assert!(
+            o.status.success(),
+            "pvck {}: {}",
+            d.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    let dp_vgs = lab.dp_json(devs, &["vg", "list", vg]);
+    let dv = &dp_vgs["vgs"][0];
+    let lv_vgs = lvm_report(
+        devs,
+        "vgs",
+        "vg_name,vg_uuid,vg_size,vg_free,vg_extent_size,vg_extent_count,vg_free_count,lv_count,pv_count,vg_seqno",
+    );
+    let lvg = lv_vgs
+        .iter()
+        .find(|r| r["vg_name"] == vg)
+        .expect("LVM2 sees the VG");
+    for f in [
+        "vg_size",
+        "vg_free",
+        "vg_extent_size",
+        "vg_extent_count",
+        "vg_free_count",
+        "lv_count",
+        "pv_count",
+        "vg_seqno",
+    ] {
+        assert_eq!(num(&dv[f]), num(&lvg[f]), "VG field {f}");
+    }
+    assert_eq!(dv["vg_uuid"], lvg["vg_uuid"]);
+
+    let dp_pvs = lab.dp_json(devs, &["pv", "list"]);
+    let lv_pvs = lvm_report(
+        devs,
+        "pvs",
+        "pv_name,pv_uuid,pv_size,pv_free,pe_start,pv_pe_count,pv_pe_alloc_count,pv_mda_count,pv_mda_size,vg_name",
+    );
+    for lp in &lv_pvs {
+        let dp = dp_pvs["pvs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pv_uuid"] == lp["pv_uuid"])
+            .expect("devpool sees the PV");
+        assert_eq!(dp["pv_name"], lp["pv_name"]);
+        for f in [
+            "pv_size",
+            "pv_free",
+            "pe_start",
+            "pv_pe_count",
+            "pv_pe_alloc_count",
+            "pv_mda_count",
+            "pv_mda_size",
+        ] {
+            assert_eq!(num(&dp[f]), num(&lp[f]), "PV {} field {f}", lp["pv_name"]);
+        }
+    }
+
+    let dp_lvs = lab.dp_json(devs, &["lv", "list", vg]);
+    let fields = "vg_name,lv_name,lv_uuid,lv_size,lv_tags,segtype,seg_start_pe,seg_size_pe,stripes,stripe_size,devices";
+    let lv_segs = lvm_report(devs, "lvs", fields);
+    let mut compared = 0;
+    for ls in lv_segs.iter().filter(|r| r["vg_name"] == vg) {
+        let name = ls["lv_name"].as_str().unwrap().trim_matches(['[', ']']);
+        let dl = dp_lvs["lvs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["lv_name"] == name)
+            .unwrap_or_else(|| panic!("devpool lacks LV {name}"));
+        assert_eq!(dl["lv_uuid"], ls["lv_uuid"]);
+        assert_eq!(num(&dl["lv_size"]), num(&ls["lv_size"]), "{name} size");
+        let tags: Vec<&str> = dl["lv_tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            tags.join(","),
+            ls["lv_tags"].as_str().unwrap(),
+            "{name} tags"
+        );
+        let seg = dl["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| num(&s["seg_start_pe"]) == num(&ls["seg_start_pe"]))
+            .unwrap_or_else(|| panic!("{name}: no devpool segment at {}", ls["seg_start_pe"]));
+        assert_eq!(seg["segtype"], ls["segtype"], "{name} segtype");
+        assert_eq!(
+            num(&seg["seg_size_pe"]),
+            num(&ls["seg_size_pe"]),
+            "{name} segment size"
+        );
+        compared += 1;
+        if !matches!(ls["segtype"].as_str(), Some("linear" | "striped")) {
+            continue; // kept verbatim; LVM2 reports its sub-LVs as devices
+        }
+        assert_eq!(num(&seg["stripes"]), num(&ls["stripes"]), "{name} stripes");
+        assert_eq!(
+            num(&seg["stripe_size"]),
+            num(&ls["stripe_size"]),
+            "{name} stripe size"
+        );
+        let devices: Vec<String> = seg["areas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}({})",
+                    a["pv_name"].as_str().unwrap(),
+                    num(&a["pv_start_pe"])
+                )
+            })
+            .collect();
+        assert_eq!(
+            devices.join(","),
+            ls["devices"].as_str().unwrap(),
+            "{name} devices"
+        );
+    }
+    // LVM2 never lists the hidden snapshotN LVs of old-style snapshots.
+    let dp_seg_count: usize = dp_lvs["lvs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["segments"].as_array().unwrap())
+        .filter(|s| s["segtype"] != "snapshot")
+        .count();
+    let rows: Vec<String> = lv_segs
+        .iter()
+        .map(|r| format!("{}:{}:{}", r["lv_name"], r["segtype"], r["seg_start_pe"]))
+        .collect();
+    assert_eq!(
+        compared, dp_seg_count,
+        "LVM2 and devpool list the same segments: {rows:?}"
+    );
+}

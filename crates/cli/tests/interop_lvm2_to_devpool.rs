@@ -1,0 +1,244 @@
+//! VGs made by LVM2 are read by devpool, changed by devpool, and read back by
+//! LVM2 with every LV devpool did not touch unchanged.
+
+mod common;
+use common::*;
+use devpool_format::label::find_label;
+use devpool_format::mda::MdaHeader;
+use devpool_format::metadata::VgMetadata;
+use std::path::Path;
+
+fn uuid(seed: u64) -> String {
+    let mut b = [0u8; 32];
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add((i as u64).wrapping_mul(1442695040888963407))
+            >> 33) as u8;
+    }
+    devpool_format::uuid::LvmUuid::from_random(b).dashed()
+}
+
+fn lv_section(name: &str, visible: bool, seg: &str, seed: u64) -> String {
+    let status = if visible {
+        r#""READ", "WRITE", "VISIBLE""#
+    } else {
+        r#""READ", "WRITE""#
+    };
+    format!(
+        "{name} {{\nid = \"{}\"\nstatus = [{status}]\nflags = []\nsegment_count = 1\nsegment1 {{\nstart_extent = 0\n{seg}\n}}\n}}\n",
+        uuid(seed)
+    )
+}
+
+/// Add a thin pool (with tdata, tmeta, pmspare), a thin LV and an old-style
+/// snapshot of `origin` to a vgcfgbackup file, using extents from `pe` on pv0.
+fn add_thin_and_snapshot(backup: &str, origin: &str, pe: u64) -> String {
+    let striped = |n: &str, vis: bool, start: u64, count: u64, seed: u64| {
+        lv_section(
+            n,
+            vis,
+            &format!(
+                "extent_count = {count}\ntype = \"striped\"\nstripe_count = 1\nstripes = [\"pv0\", {start}]"
+            ),
+            seed,
+        )
+    };
+    let extra = [
+        lv_section("pool", true, "extent_count = 4\ntype = \"thin-pool\"\nmetadata = \"pool_tmeta\"\npool = \"pool_tdata\"\ntransaction_id = 1\nchunk_size = 128\ndiscards = \"passdown\"\nzero_new_blocks = 1", 1),
+        lv_section("thin1", true, "extent_count = 8\ntype = \"thin\"\nthin_pool = \"pool\"\ntransaction_id = 0\ndevice_id = 1", 2),
+        striped("pool_tdata", false, pe, 4, 3),
+        striped("pool_tmeta", false, pe + 4, 1, 4),
+        striped("lvol0_pmspare", false, pe + 5, 1, 5),
+        striped("snap", true, pe + 6, 1, 6),
+        lv_section("snapshot0", false, &format!("extent_count = 2\ntype = \"snapshot\"\nchunk_size = 8\norigin = \"{origin}\"\ncow_store = \"snap\""), 7),
+    ]
+    .concat();
+    let at =
+        backup.find("logical_volumes {").expect("backup has LVs") + "logical_volumes {\n".len();
+    format!("{}{extra}{}", &backup[..at], &backup[at..])
+}
+
+fn backup(devs: &[&Path], vg: &str, file: &Path) -> VgMetadata {
+    lvm_ok(
+        devs,
+        &["vgcfgbackup", "-f", &file.display().to_string(), vg],
+    );
+    VgMetadata::parse(&std::fs::read(file).unwrap()).expect("devpool parses LVM2's backup file")
+}
+
+/// Whether the committed copy in the last metadata area of this PV image
+/// wraps around the end of the ring (read from the backing file: a loop
+/// device's page cache would be stale after LVM2's direct writes).
+fn ring_wrapped(image: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(image).unwrap();
+    let mut head = vec![0u8; 2048];
+    f.read_exact_at(&mut head, 0).unwrap();
+    let label = find_label(&head).unwrap().unwrap();
+    let a = *label.metadata_areas.last().unwrap();
+    let mut hb = vec![0u8; 512];
+    f.read_exact_at(&mut hb, a.offset).unwrap();
+    let h = MdaHeader::parse(&hb, a.offset).unwrap();
+    h.committed.offset + h.committed.size > h.size
+}
+
+#[test]
+fn lvm2_vg_is_read_changed_and_read_back_with_untouched_lvs_unchanged() {
+    if skip_unless_real("lvm2_vg_is_read_changed_and_read_back_with_untouched_lvs_unchanged") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let a = lab.loop_dev("a.img", 200);
+    let b = lab.loop_dev("b.img", 200);
+    let devs = [a.as_path(), b.as_path()];
+    let (a_s, b_s) = (a.display().to_string(), b.display().to_string());
+    let vg = vg_name("l2d");
+    // A: two metadata areas.
+    lvm_ok(&devs, &["pvcreate", "--pvmetadatacopies", "2", &a_s]);
+    lvm_ok(&devs, &["pvcreate", &b_s]);
+    lvm_ok(&devs, &["vgcreate", &vg, &a_s, &b_s]);
+    let create = |args: &[&str], pv: Option<&str>| {
+        let mut v = vec!["lvcreate", "-an", "-Zn"];
+        v.extend_from_slice(args);
+        v.push(&vg);
+        v.extend(pv);
+        lvm_ok(&devs, &v);
+    };
+    create(&["-L", "12M", "-n", "base"], Some(&a_s));
+    create(&["-L", "20M", "-n", "lin"], Some(&a_s));
+    create(&["-L", "32M", "-i", "2", "-I", "64k", "-n", "str"], None);
+    create(&["-L", "8M", "-n", "multi"], Some(&a_s));
+    create(&["-L", "4M", "-n", "spacer"], Some(&a_s));
+    lvm_ok(
+        &devs,
+        &["lvextend", "-L", "+16M", &format!("{vg}/multi"), &b_s],
+    );
+    let a_img = lab.path("a.img");
+    let mut n = 0;
+    while !ring_wrapped(&a_img) {
+        // Long tags make each copy large, so the 1 MiB ring wraps within ~45 commits.
+        let tag = format!("t{n}-{}", "x".repeat(1000));
+        lvm_ok(
+            &devs,
+            &["lvchange", "--addtag", &tag, &format!("{vg}/spacer")],
+        );
+        n += 1;
+        assert!(n < 80, "LVM2's metadata ring never wrapped");
+    }
+
+    // Thin and snapshot segments, written with vgcfgrestore.
+    let file = lab.path("backup.vg");
+    let before = backup(&devs, &vg, &file);
+    let used_on_pv0: u64 = before
+        .used_areas()
+        .iter()
+        .filter(|u| u.0 == "pv0")
+        .map(|u| u.1 + u.2)
+        .max()
+        .unwrap();
+    let text = add_thin_and_snapshot(
+        &std::fs::read_to_string(&file).unwrap(),
+        "base",
+        used_on_pv0,
+    );
+    std::fs::write(&file, text).unwrap();
+    lvm_ok(
+        &devs,
+        &[
+            "vgcfgrestore",
+            "--force",
+            "-f",
+            &file.display().to_string(),
+            &vg,
+        ],
+    );
+    let (ok, out) = vgck(&devs, &vg);
+    assert!(ok, "{out}");
+
+    // devpool reads all of it exactly as LVM2 does.
+    assert_reports_agree(&lab, &devs, &vg);
+    let original = backup(&devs, &vg, &file);
+
+    // devpool changes some LVs...
+    let lv = |n: &str| format!("{vg}/{n}");
+    lab.dp(&devs, &["lv", "create", &lv("new"), "--size", "24M"]);
+    lab.dp(&devs, &["lv", "remove", &lv("lin")]);
+    lab.dp(&devs, &["lv", "resize", &lv("multi"), "--size", "+8M"]);
+    lab.dp(&devs, &["lv", "rename", &lv("str"), "striped2"]);
+    lab.dp(
+        &devs,
+        &["lv", "tag", &lv("spacer"), "--add", "devpool-was-here"],
+    );
+    // ...and refuses the ones it does not understand, writing nothing.
+    let seqno = original.seqno + 5;
+    for (args, why) in [
+        (vec!["lv", "remove", &lv("pool") as &str], "thin-pool"),
+        (
+            vec!["lv", "resize", &lv("pool_tdata"), "--size", "+4M"],
+            "used by another LV",
+        ),
+        (
+            vec!["lv", "rename", &lv("snap"), "s2"],
+            "used by another LV",
+        ),
+        (vec!["lv", "remove", &lv("snapshot0")], "snapshot"),
+        (
+            vec!["lv", "tag", &lv("thin1"), "--add", "x"],
+            "'thin' segment",
+        ),
+    ] {
+        let err = lab.dp_err(&devs, &args);
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+
+    // LVM2 reads the result; everything devpool did not touch is unchanged.
+    let (ok, out) = vgck(&devs, &vg);
+    assert!(ok, "{out}");
+    assert_reports_agree(&lab, &devs, &vg);
+    let after = backup(&devs, &vg, &file);
+    assert_eq!(
+        after.seqno, seqno,
+        "five commits, and none for the refused changes"
+    );
+    for untouched in [
+        "base",
+        "pool",
+        "thin1",
+        "pool_tdata",
+        "pool_tmeta",
+        "lvol0_pmspare",
+        "snap",
+        "snapshot0",
+    ] {
+        assert_eq!(
+            after.lv(untouched),
+            original.lv(untouched),
+            "LV {untouched} changed"
+        );
+    }
+    assert!(after.lv("lin").is_none());
+    assert_eq!(
+        after.lv("striped2").map(|l| &l.segments),
+        original.lv("str").map(|l| &l.segments)
+    );
+    assert_eq!(
+        after.lv("multi").unwrap().extent_count(),
+        original.lv("multi").unwrap().extent_count() + 2
+    );
+    assert!(
+        after
+            .lv("spacer")
+            .unwrap()
+            .tags
+            .contains(&"devpool-was-here".to_string())
+    );
+    // LVM2 can still work on it.
+    lvm_ok(
+        &devs,
+        &["lvcreate", "-an", "-Zn", "-L", "4M", "-n", "after", &vg],
+    );
+    lvm_ok(&devs, &["lvremove", "-f", &lv("new")]);
+    let (ok, out) = vgck(&devs, &vg);
+    assert!(ok, "{out}");
+}
