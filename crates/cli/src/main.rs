@@ -83,14 +83,17 @@ fn run(cli: Cli) -> Result<()> {
             return output::pvs(&g, &scan);
         }
         Command::Vg(VgCmd::List { name }) => {
-            let scan = eng.scan();
+            let scan = match &name {
+                Some(n) => eng.read_vg(n)?.1,
+                None => eng.scan(),
+            };
             return output::vgs(&g, &scan, name.as_deref());
         }
         Command::Lv(LvCmd::List { vg, segments }) => {
-            let scan = eng.scan();
-            if let Some(v) = &vg {
-                scan.vg(v)?;
-            }
+            let scan = match &vg {
+                Some(n) => eng.read_vg(n)?.1,
+                None => eng.scan(),
+            };
             return output::lvs(&g, &scan, vg.as_deref(), segments);
         }
         Command::Pv(PvCmd::Create { paths, pv }) => {

@@ -4,7 +4,7 @@
 
 use crate::error::{EngineError, Result};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Held until dropped.
@@ -14,24 +14,38 @@ pub struct LockGuard {
     pub path: PathBuf,
 }
 
+/// LVM2 unlinks a lock file when it releases it, so a waiter may be granted
+/// the lock on a file that no longer has a name while a newcomer locks a
+/// fresh file of the same name. Like LVM2, retry until the locked file is
+/// still the one the path names.
 fn take(dir: &Path, name: &str, exclusive: bool) -> Result<LockGuard> {
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, "create lock directory", e))?;
     let path = dir.join(name);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| EngineError::io(&path, "open lock file", e))?;
-    let r = if exclusive {
-        file.lock()
-    } else {
-        file.lock_shared()
-    };
-    r.map_err(|e| EngineError::io(&path, "flock", e))?;
-    Ok(LockGuard { _file: file, path })
+    loop {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| EngineError::io(&path, "open lock file", e))?;
+        let r = if exclusive {
+            file.lock()
+        } else {
+            file.lock_shared()
+        };
+        r.map_err(|e| EngineError::io(&path, "flock", e))?;
+        let held = file
+            .metadata()
+            .map_err(|e| EngineError::io(&path, "fstat lock file", e))?;
+        match std::fs::metadata(&path) {
+            Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
+                return Ok(LockGuard { _file: file, path });
+            }
+            _ => continue, // unlinked or replaced while we waited: lock the new file
+        }
+    }
 }
 
 pub fn lock_vg(dir: &Path, vg: &str, exclusive: bool) -> Result<LockGuard> {
