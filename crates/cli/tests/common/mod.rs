@@ -1,7 +1,7 @@
 //! Test harness for tests that use real loop devices, real LVM2 and the real
 //! `devpool` binary. Without root, `losetup` or `lvm`, such tests print
-//! `SKIPPED: <why>` — unless `DEVPOOL_REQUIRE_REAL_TESTS=1` (set by `.ci/run`),
-//! which turns a missing capability into a failure.
+//! `SKIPPED: <why>` — unless `DEVPOOL_REQUIRE_REAL_TESTS=1` or `CI=true` (as on
+//! CI), which turns a missing capability into a failure.
 #![allow(dead_code)]
 
 use serde_json::Value;
@@ -41,7 +41,8 @@ pub fn skip_unless_real(test: &str) -> bool {
     match missing_capability() {
         None => false,
         Some(why) => {
-            if std::env::var("DEVPOOL_REQUIRE_REAL_TESTS").as_deref() == Ok("1") {
+            // CI must run them: there a missing capability is a failure.
+            if std::env::var("DEVPOOL_REQUIRE_REAL_TESTS").as_deref() == Ok("1") || std::env::var("CI").as_deref() == Ok("true") {
                 panic!("{test}: required real-device test cannot run: {why}");
             }
             eprintln!("SKIPPED: {test}: {why}");
