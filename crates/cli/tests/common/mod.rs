@@ -42,7 +42,9 @@ pub fn skip_unless_real(test: &str) -> bool {
         None => false,
         Some(why) => {
             // CI must run them: there a missing capability is a failure.
-            if std::env::var("DEVPOOL_REQUIRE_REAL_TESTS").as_deref() == Ok("1") || std::env::var("CI").as_deref() == Ok("true") {
+            if std::env::var("DEVPOOL_REQUIRE_REAL_TESTS").as_deref() == Ok("1")
+                || std::env::var("CI").as_deref() == Ok("true")
+            {
                 panic!("{test}: required real-device test cannot run: {why}");
             }
             eprintln!("SKIPPED: {test}: {why}");
