@@ -58,7 +58,7 @@ unit!(Extents, "extents");
 impl Bytes {
     /// Whole sectors, refusing a byte count that is not sector aligned.
     pub fn to_sectors_exact(self) -> Result<Sectors, UnitError> {
-        if self.0 % SECTOR_SIZE != 0 {
+        if !self.0.is_multiple_of(SECTOR_SIZE) {
             return Err(UnitError::Parse {
                 input: self.0.to_string(),
                 reason: "not a multiple of 512 bytes".into(),

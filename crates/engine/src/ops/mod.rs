@@ -165,7 +165,7 @@ pub fn create_lv(vg: &mut VgMetadata, new: NewLv) -> Result<()> {
                     "a striped LV needs at least 2 stripes".into(),
                 ));
             }
-            if need % n != 0 {
+            if !need.is_multiple_of(n) {
                 return Err(EngineError::Invalid(format!(
                     "{need} extents is not a multiple of {n} stripes"
                 )));
@@ -302,7 +302,7 @@ pub fn resize_lv(vg: &mut VgMetadata, name: &str, target: u64) -> Result<()> {
         )));
     };
     let n = stripes.len() as u64;
-    if grow % n != 0 {
+    if !grow.is_multiple_of(n) {
         return Err(EngineError::Invalid(format!(
             "growth of {grow} extents is not a multiple of {n} stripes"
         )));

@@ -125,10 +125,11 @@ impl<'a> Lexer<'a> {
 
 fn classify_word(w: &str) -> Tok {
     let digits = w.strip_prefix('-').unwrap_or(w);
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(v) = w.parse::<i64>() {
-            return Tok::Int(v);
-        }
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(v) = w.parse::<i64>()
+    {
+        return Tok::Int(v);
     }
     if !digits.is_empty()
         && digits.as_bytes()[0].is_ascii_digit()
