@@ -153,6 +153,9 @@ pub enum LvCmd {
         /// Do not zero the first 4 KiB of the new LV.
         #[arg(long)]
         no_wipe: bool,
+        /// Create COUNT LVs named NAME-0 … NAME-<COUNT-1> in one commit.
+        #[arg(long)]
+        count: Option<u32>,
     },
     /// Remove LVs (VG/NAME...).
     Remove {

@@ -133,6 +133,7 @@ fn run(cli: Cli) -> Result<()> {
             stripe_size,
             tags,
             no_wipe,
+            count,
         }) => {
             let (vg, name) = split_lv(&lv)?;
             let size = SizeArg::parse(&size).map_err(|e| anyhow!("--size: {e}"))?;
@@ -151,6 +152,7 @@ fn run(cli: Cli) -> Result<()> {
                 stripe_size,
                 tags,
                 wipe: !no_wipe,
+                count,
             }]
         }
         Command::Lv(LvCmd::Remove { lvs }) => {

@@ -59,6 +59,17 @@ pub fn free_areas(vg: &VgMetadata) -> Vec<FreeArea> {
     out
 }
 
+/// Remove allocated runs (which always start at a free area's start) from `free`.
+pub fn consume(free: &mut Vec<FreeArea>, runs: &[Run]) {
+    for r in runs {
+        if let Some(a) = free.iter_mut().find(|a| a.pv == r.pv && a.start == r.start) {
+            a.start += r.len;
+            a.len -= r.len.min(a.len);
+        }
+    }
+    free.retain(|a| a.len > 0);
+}
+
 pub fn total_free(free: &[FreeArea]) -> u64 {
     free.iter().map(|a| a.len).sum()
 }

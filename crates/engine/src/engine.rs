@@ -130,6 +130,8 @@ pub enum Operation {
         stripe_size: Bytes,
         tags: Vec<String>,
         wipe: bool,
+        /// Create `NAME-0` … `NAME-(count-1)` in one commit.
+        count: Option<u32>,
     },
     LvRemove {
         vg: String,
@@ -169,7 +171,20 @@ impl Operation {
             Operation::VgExtend { name, pvs, .. } => format!("vg extend {name} {}", paths(pvs)),
             Operation::VgReduce { name, pvs } => format!("vg reduce {name} {}", paths(pvs)),
             Operation::VgRename { old, new } => format!("vg rename {old} {new}"),
-            Operation::LvCreate { vg, name, .. } => format!("lv create {vg}/{name}"),
+            Operation::LvCreate {
+                vg,
+                name,
+                count: None,
+                ..
+            } => format!("lv create {vg}/{name}"),
+            Operation::LvCreate {
+                vg,
+                name,
+                count: Some(c),
+                ..
+            } => {
+                format!("lv create {vg}/{name}-0..{}", c.saturating_sub(1))
+            }
             Operation::LvRemove { vg, names } => format!(
                 "lv remove {}",
                 names
@@ -629,7 +644,7 @@ impl Engine {
             confirm: vec![],
             notes: vec![],
             fingerprint: vec![],
-            old_text: String::new(),
+            old_meta: None,
             new_text: None,
             locks: op.locks(),
         };
@@ -789,6 +804,7 @@ impl Engine {
                 stripe_size,
                 tags,
                 wipe,
+                count,
             } => {
                 let loaded = scan.vg(vg)?;
                 self.require_complete(loaded)?;
@@ -805,26 +821,35 @@ impl Engine {
                         stripe_size: Sectors(stripe_size.0 / 512),
                     }
                 };
-                ops::create_lv(
-                    &mut meta,
-                    NewLv {
-                        name: name.clone(),
-                        extents: Extents(extents),
-                        layout,
-                        tags: tags.clone(),
-                        id: random_uuid(),
-                        creation_time: unix_now(),
-                        creation_host: hostname(),
-                    },
-                )?;
+                let names: Vec<String> = match count {
+                    None => vec![name.clone()],
+                    Some(0) => {
+                        return Err(EngineError::Invalid("--count must be at least 1".into()));
+                    }
+                    Some(c) => (0..*c).map(|i| format!("{name}-{i}")).collect(),
+                };
+                let (now, host) = (unix_now(), hostname());
+                let news = names.iter().map(|lv| NewLv {
+                    name: lv.clone(),
+                    extents: Extents(extents),
+                    layout,
+                    tags: tags.clone(),
+                    id: random_uuid(),
+                    creation_time: now,
+                    creation_host: host.clone(),
+                });
+                ops::create_lvs(&mut meta, news.collect())?;
                 if *wipe {
-                    let (dev, off, len) = lv_start(loaded, &meta, name)?;
-                    plan.steps.push(Step::ZeroRange {
-                        device: dev,
-                        offset: off,
-                        len,
-                        reason: format!("wipe the start of new LV {vg}/{name}"),
-                    });
+                    for lv in &names {
+                        let (dev, off, len) = lv_start(loaded, &meta, lv)?;
+                        let reason = format!("wipe the start of new LV {vg}/{lv}");
+                        plan.steps.push(Step::ZeroRange {
+                            device: dev,
+                            offset: off,
+                            len,
+                            reason,
+                        });
+                    }
                 }
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
@@ -936,9 +961,7 @@ impl Engine {
     fn base_on(&self, plan: &mut Plan, vg: &LoadedVg) {
         plan.vg = Some(vg.meta.name.clone());
         plan.seqno_before = Some(vg.meta.seqno);
-        plan.old_text = String::from_utf8_lossy(&vg.meta.to_disk_text())
-            .trim_end_matches('\0')
-            .to_string();
+        plan.old_meta = Some(vg.meta.clone());
         for d in vg.devices.iter().flatten() {
             plan.fingerprint
                 .push((d.path.clone(), device_state(&d.path)));

@@ -117,8 +117,9 @@ pub struct Plan {
     pub notes: Vec<String>,
     #[serde(skip)]
     pub(crate) fingerprint: Vec<(PathBuf, String)>,
+    /// The metadata the plan was built from (rendered only for a diff).
     #[serde(skip)]
-    pub(crate) old_text: String,
+    pub(crate) old_meta: Option<std::sync::Arc<devpool_format::metadata::VgMetadata>>,
     #[serde(skip)]
     pub(crate) new_text: Option<Vec<u8>>,
     #[serde(skip)]
@@ -139,7 +140,13 @@ impl Plan {
             .as_deref()
             .map(|t| String::from_utf8_lossy(t.strip_suffix(&[0]).unwrap_or(t)).into_owned());
         let new = new.unwrap_or_default();
-        similar::TextDiff::from_lines(&self.old_text, &new)
+        let old = match &self.old_meta {
+            Some(m) => String::from_utf8_lossy(&m.to_disk_text())
+                .trim_end_matches('\0')
+                .to_string(),
+            None => String::new(),
+        };
+        similar::TextDiff::from_lines(&old, &new)
             .unified_diff()
             .context_radius(3)
             .header("metadata (on disk)", "metadata (planned)")

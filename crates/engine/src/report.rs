@@ -156,7 +156,10 @@ pub fn vg_row(vg: &LoadedVg) -> VgRow {
         vg_extent_size: es,
         vg_extent_count: m.extent_count(),
         vg_free_count: free,
-        lv_count: m.lvs.iter().filter(|l| m.lv_is_visible(&l.name)).count() as u64,
+        lv_count: {
+            let rel = m.relations();
+            m.lvs.iter().filter(|l| m.lv_is_visible_in(&rel, l)).count() as u64
+        },
         pv_count: m.pvs.len() as u64,
         vg_seqno: m.seqno,
         vg_tags: sorted(&m.tags),
@@ -174,6 +177,7 @@ pub fn vg_row(vg: &LoadedVg) -> VgRow {
 pub fn lv_rows(vg: &LoadedVg) -> Vec<LvRow> {
     let m: &VgMetadata = &vg.meta;
     let es = m.extent_size.bytes().0;
+    let rel = m.relations();
     m.lvs
         .iter()
         .map(|lv| LvRow {
@@ -182,8 +186,8 @@ pub fn lv_rows(vg: &LoadedVg) -> Vec<LvRow> {
             lv_uuid: lv.id.dashed(),
             lv_size: lv.extent_count() * es,
             lv_tags: sorted(&lv.tags),
-            hidden: !m.lv_is_visible(&lv.name),
-            managed_by_lvm2_only: m.lv_modification_refusal(&lv.name),
+            hidden: !m.lv_is_visible_in(&rel, lv),
+            managed_by_lvm2_only: m.lv_refusal_in(&rel, lv),
             segments: lv
                 .segments
                 .iter()

@@ -55,6 +55,15 @@ pub struct Trailer {
     pub extra: Vec<Item>,
 }
 
+/// See [`VgMetadata::relations`].
+#[derive(Debug, Clone, Default)]
+pub struct LvRelations {
+    /// LVs that other LVs' segments name.
+    pub referenced: BTreeSet<String>,
+    /// Snapshot COW stores, with whether their origin is visible.
+    pub cow_origin_visible: std::collections::HashMap<String, bool>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PvMeta {
     /// Section name inside the VG (`pv0`), used by segments to refer to it.
@@ -353,27 +362,74 @@ impl VgMetadata {
     /// LVM2's visibility: a `snapshotN` LV is never visible; a snapshot's COW
     /// store is visible when its origin is; otherwise the VISIBLE flag.
     pub fn lv_is_visible(&self, name: &str) -> bool {
-        let Some(lv) = self.lv(name) else {
-            return false;
-        };
+        self.lv(name)
+            .is_some_and(|lv| self.lv_is_visible_in(&self.relations(), lv))
+    }
+
+    pub fn lv_is_visible_in(&self, rel: &LvRelations, lv: &LvMeta) -> bool {
         if lv.segments.iter().any(|s| s.segtype() == "snapshot") {
             return false;
         }
-        for other in &self.lvs {
-            for seg in other.segments.iter().filter(|s| s.segtype() == "snapshot") {
+        match rel.cow_origin_visible.get(&lv.name) {
+            Some(origin_visible) => *origin_visible,
+            None => lv.is_visible(),
+        }
+    }
+
+    /// Relations between LVs that need a pass over all of them, computed once
+    /// (reports over 65,536 LVs must not be quadratic).
+    pub fn relations(&self) -> LvRelations {
+        fn walk(v: &Value, out: &mut BTreeSet<String>) {
+            match v {
+                Value::Str(s) => {
+                    out.insert(s.clone());
+                }
+                Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+                _ => {}
+            }
+        }
+        let mut rel = LvRelations::default();
+        let mut strings = BTreeSet::new();
+        let mut cows = Vec::new();
+        for lv in &self.lvs {
+            for seg in lv
+                .segments
+                .iter()
+                .filter(|s| matches!(s.kind, SegmentKind::Other { .. }))
+            {
                 let field = |k: &str| {
                     seg.extra.iter().find_map(|i| match i {
-                        Item::Assign(key, Value::Str(v)) if key == k => Some(v.as_str()),
+                        Item::Assign(key, Value::Str(v)) if key == k => Some(v.clone()),
                         _ => None,
                     })
                 };
-                if field("cow_store") == Some(name) {
-                    return field("origin")
-                        .is_some_and(|o| o != name && self.lv(o).is_some_and(|l| l.is_visible()));
+                if seg.segtype() == "snapshot"
+                    && let (Some(cow), Some(origin)) = (field("cow_store"), field("origin"))
+                {
+                    cows.push((cow, origin));
+                }
+                for item in &seg.extra {
+                    if let Item::Assign(_, v) = item {
+                        walk(v, &mut strings);
+                    }
                 }
             }
         }
-        lv.is_visible()
+        if strings.is_empty() {
+            return rel;
+        }
+        let by_name: std::collections::HashMap<&str, &LvMeta> =
+            self.lvs.iter().map(|l| (l.name.as_str(), l)).collect();
+        rel.referenced = strings
+            .into_iter()
+            .filter(|s| by_name.contains_key(s.as_str()))
+            .collect();
+        for (cow, origin) in cows {
+            let visible =
+                origin != cow && by_name.get(origin.as_str()).is_some_and(|l| l.is_visible());
+            rel.cow_origin_visible.insert(cow, visible);
+        }
+        rel
     }
 
     /// Every PV extent that some segment uses: `(pv key, start, len, lv name)`.
@@ -417,36 +473,18 @@ impl VgMetadata {
     /// Names of LVs that other LVs' segments refer to (thin pools' data and
     /// metadata, snapshot COW stores, raid images, origins…).
     pub fn referenced_lv_names(&self) -> BTreeSet<String> {
-        fn walk(v: &Value, out: &mut BTreeSet<String>) {
-            match v {
-                Value::Str(s) => {
-                    out.insert(s.clone());
-                }
-                Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
-                _ => {}
-            }
-        }
-        let mut strings = BTreeSet::new();
-        for lv in &self.lvs {
-            for seg in &lv.segments {
-                if let SegmentKind::Other { .. } = seg.kind {
-                    for item in &seg.extra {
-                        if let Item::Assign(_, v) = item {
-                            walk(v, &mut strings);
-                        }
-                    }
-                }
-            }
-        }
-        strings
-            .into_iter()
-            .filter(|s| self.lv(s).is_some())
-            .collect()
+        self.relations().referenced
     }
 
     /// Why the engine may not modify this LV, if it may not.
     pub fn lv_modification_refusal(&self, name: &str) -> Option<String> {
         let lv = self.lv(name)?;
+        self.lv_refusal_in(&self.relations(), lv)
+    }
+
+    /// As [`Self::lv_modification_refusal`], with relations computed once.
+    pub fn lv_refusal_in(&self, rel: &LvRelations, lv: &LvMeta) -> Option<String> {
+        let name = lv.name.as_str();
         if let Some(seg) = lv
             .segments
             .iter()
@@ -459,13 +497,13 @@ impl VgMetadata {
                 seg.segtype()
             ));
         }
-        if self.referenced_lv_names().contains(name) {
+        if rel.referenced.contains(name) {
             return Some(format!(
                 "LV {}/{} is used by another LV (thin pool, snapshot, raid or cache); use LVM2 for it",
                 self.name, name
             ));
         }
-        if !lv.is_visible() {
+        if !self.lv_is_visible_in(rel, lv) {
             return Some(format!(
                 "LV {}/{} is an internal (hidden) LV; use LVM2 for it",
                 self.name, name

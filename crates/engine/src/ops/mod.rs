@@ -121,11 +121,32 @@ fn striped_segment(
 }
 
 pub fn create_lv(vg: &mut VgMetadata, new: NewLv) -> Result<()> {
+    create_lvs(vg, vec![new])
+}
+
+/// Create several LVs; free space and names are tracked incrementally, so a
+/// batch of N costs O(N), not O(N²).
+pub fn create_lvs(vg: &mut VgMetadata, news: Vec<NewLv>) -> Result<()> {
+    let mut free = alloc::free_areas(vg);
+    let mut names: std::collections::HashSet<String> =
+        vg.lvs.iter().map(|l| l.name.clone()).collect();
+    for new in news {
+        create_one(vg, &mut free, &mut names, new)?;
+    }
+    Ok(())
+}
+
+fn create_one(
+    vg: &mut VgMetadata,
+    free: &mut Vec<alloc::FreeArea>,
+    names: &mut std::collections::HashSet<String>,
+    new: NewLv,
+) -> Result<()> {
     names::validate_lv_name(&new.name).map_err(|e| EngineError::Invalid(e.to_string()))?;
     for t in &new.tags {
         names::validate_tag(t).map_err(|e| EngineError::Invalid(e.to_string()))?;
     }
-    if vg.lv(&new.name).is_some() {
+    if names.contains(&new.name) {
         return Err(EngineError::Invalid(format!(
             "LV {}/{} already exists",
             vg.name, new.name
@@ -143,10 +164,10 @@ pub fn create_lv(vg: &mut VgMetadata, new: NewLv) -> Result<()> {
             "an LV needs at least one extent".into(),
         ));
     }
-    let free = alloc::free_areas(vg);
     let segments = match new.layout {
         Layout::Linear => {
-            let runs = alloc::pick_linear(&free, need).ok_or_else(|| no_space(vg, need))?;
+            let runs = alloc::pick_linear(free, need).ok_or_else(|| no_space(vg, need))?;
+            alloc::consume(free, &runs);
             let mut segs = Vec::new();
             let mut at = 0;
             for r in runs {
@@ -179,7 +200,7 @@ pub fn create_lv(vg: &mut VgMetadata, new: NewLv) -> Result<()> {
                     stripe_size.0 * 512
                 )));
             }
-            let plan = alloc::pick_striped(&free, stripes as usize, need / n).ok_or_else(|| {
+            let plan = alloc::pick_striped(free, stripes as usize, need / n).ok_or_else(|| {
                 let pvs_with_space = free.iter().map(|a| a.pv).collect::<std::collections::BTreeSet<_>>().len();
                 if pvs_with_space < stripes as usize {
                     EngineError::Refused(format!(
@@ -190,6 +211,9 @@ pub fn create_lv(vg: &mut VgMetadata, new: NewLv) -> Result<()> {
                     no_space(vg, need)
                 }
             })?;
+            for runs in &plan {
+                alloc::consume(free, runs);
+            }
             let mut segs = Vec::new();
             let mut at = 0;
             for runs in plan {
@@ -200,6 +224,7 @@ pub fn create_lv(vg: &mut VgMetadata, new: NewLv) -> Result<()> {
             segs
         }
     };
+    names.insert(new.name.clone());
     vg.lvs.push(LvMeta {
         name: new.name,
         id: new.id,
