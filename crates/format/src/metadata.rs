@@ -223,6 +223,15 @@ fn extras(s: &Section, known: &[&str], keep_sections: bool) -> Vec<Item> {
         .collect()
 }
 
+/// Unknown VG items in the order they are written back: fields (before
+/// `physical_volumes`), then sections (after `logical_volumes`), so that a
+/// read VG is a fixed point of write-then-read.
+fn vg_extras(vgs: &Section) -> Vec<Item> {
+    let mut e = extras(vgs, VG_KNOWN, true);
+    e.sort_by_key(|i| matches!(i, Item::Section(..)));
+    e
+}
+
 const VG_KNOWN: &[&str] = &[
     "id",
     "seqno",
@@ -326,7 +335,7 @@ impl VgMetadata {
             max_lv: take_u64(vgs, "max_lv", p).unwrap_or(0),
             max_pv: take_u64(vgs, "max_pv", p).unwrap_or(0),
             metadata_copies: take_u64(vgs, "metadata_copies", p).unwrap_or(0),
-            extra: extras(vgs, VG_KNOWN, true),
+            extra: vg_extras(vgs),
             pvs,
             lvs,
             trailer: Trailer {
@@ -1009,6 +1018,19 @@ creation_time = 1795240893
         let s = String::from_utf8(text).unwrap();
         assert!(s.contains("future_field = \"kept\""));
         assert!(s.contains("discards = \"passdown\""));
+    }
+
+    /// Found by the text_metadata fuzz target: an unknown section before an
+    /// unknown field inside the VG.
+    #[test]
+    fn unknown_vg_sections_and_fields_round_trip_in_any_order() {
+        let text = LVM2_TEXT.replace(
+            "future_field = \"kept\"",
+            "odd { x = 1 }\nfuture_field = \"kept\"",
+        );
+        let vg = VgMetadata::parse(text.as_bytes()).unwrap();
+        let back = VgMetadata::parse(&vg.to_disk_text()).unwrap();
+        assert_eq!(back, vg);
     }
 
     #[test]

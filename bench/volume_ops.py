@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Create and remove one volume per command, devpool vs LVM2.
+
+Measures `devpool lv create` / `lv remove` against `lvcreate -an -Zn` /
+`lvremove` (metadata-only mode: no device-mapper here) on the same kind of
+loop device, with 10 and 1,000 existing volumes, and devpool alone with 65,536
+(LVM2's default metadata area cannot hold that many). Existing volumes are
+made by devpool in one commit (`lv create --count N`); LVM2 reads that VG like
+its own. Neither side zeroes new volumes (`--no-wipe` vs `-Zn`).
+
+Prints one JSON object. Ratios compare medians measured in the same run.
+Usage (root): cargo build --release && bench/volume_ops.py [--ops 20]
+"""
+import argparse, json, os, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVPOOL = os.environ.get("DEVPOOL", os.path.join(ROOT, "target/release/devpool"))
+LVM_CONFIG = ("global{activation=0} backup{backup=0 archive=0} "
+              "devices{obtain_device_list_from_udev=0 use_devicesfile=0}")
+
+
+def sh(args, env=None):
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(args)}\n{r.stderr}")
+    return r.stdout
+
+
+class Pool:
+    """A sparse image on a loop device holding a VG prefilled with N volumes."""
+
+    def __init__(self, tmp, name, size_gib, existing):
+        self.img = os.path.join(tmp, f"{name}.img")
+        with open(self.img, "wb") as f:
+            f.truncate(size_gib << 30)
+        self.dev = sh(["losetup", "--find", "--show", self.img]).strip()
+        self.vg = f"bench{os.getpid()}{name}"
+        self.env = dict(os.environ, DEVPOOL_STATE_DIR=os.path.join(tmp, "state"), LVM_SUPPRESS_FD_WARNINGS="1")
+        self.dp(["vg", "create", self.vg, self.dev, "--extent-size", "1M"])
+        if existing:
+            self.dp(["lv", "create", f"{self.vg}/pre", "--size", "1M", "--count", str(existing), "--no-wipe"])
+
+    def dp(self, args):
+        return sh([DEVPOOL, "--devices", self.dev] + args, self.env)
+
+    def lvm(self, args):
+        return sh(["lvm"] + args + ["--devices", self.dev, "--config", LVM_CONFIG], self.env)
+
+    def close(self):
+        subprocess.run(["losetup", "-d", self.dev])
+        os.unlink(self.img)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000.0
+
+
+def measure(pool, tool, ops):
+    create, remove = [], []
+    for i in range(ops):
+        name = f"b{i}"
+        if tool == "devpool":
+            create.append(timed(lambda: pool.dp(["lv", "create", f"{pool.vg}/{name}", "--size", "1M", "--no-wipe"])))
+            remove.append(timed(lambda: pool.dp(["lv", "remove", f"{pool.vg}/{name}"])))
+        else:
+            create.append(timed(lambda: pool.lvm(["lvcreate", "-an", "-Zn", "-L", "1M", "-n", name, pool.vg])))
+            remove.append(timed(lambda: pool.lvm(["lvremove", "-f", f"{pool.vg}/{name}"])))
+    stats = lambda xs: {"p50_ms": round(statistics.median(xs), 3), "mean_ms": round(statistics.mean(xs), 3),
+                        "max_ms": round(max(xs), 3)}
+    return {"create": stats(create), "remove": stats(remove), "ops": ops}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ops", type=int, default=20, help="create+remove pairs per case")
+    ap.add_argument("--skip-65536", action="store_true")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: loop devices and LVM2 need it")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="devpool-bench-", dir="/var/tmp") as tmp:
+        cases = [(10, True), (1000, True)] + ([] if a.skip_65536 else [(65536, False)])
+        for existing, with_lvm in cases:
+            size = 128 if existing > 2000 else 4
+            row = {"existing_volumes": existing}
+            p = Pool(tmp, f"d{existing}", size, existing)
+            try:
+                row["devpool"] = measure(p, "devpool", a.ops if existing < 65536 else max(3, a.ops // 4))
+                row["metadata_bytes"] = json.loads(p.dp(["vg", "list", p.vg, "--json"]))["vgs"][0]["metadata_bytes"]
+            finally:
+                p.close()
+            if with_lvm:
+                q = Pool(tmp, f"l{existing}", size, existing)
+                try:
+                    row["lvm2"] = measure(q, "lvm2", a.ops)
+                finally:
+                    q.close()
+                row["speedup_create_p50"] = round(row["lvm2"]["create"]["p50_ms"] / row["devpool"]["create"]["p50_ms"], 2)
+                row["speedup_remove_p50"] = round(row["lvm2"]["remove"]["p50_ms"] / row["devpool"]["remove"]["p50_ms"], 2)
+            results.append(row)
+    lvm_version = subprocess.run(["lvm", "version"], capture_output=True, text=True).stdout.split("\n")[0].strip()
+    print(json.dumps({"benchmark": "volume create/remove, one command each", "lvm2": lvm_version,
+                      "targets": {"speedup_vs_lvm2": 100, "devpool_ms_at_65536": 10}, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
