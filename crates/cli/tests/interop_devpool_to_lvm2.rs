@@ -151,3 +151,57 @@ fn devpool_vg_on_an_image_file_is_read_by_lvm2_through_a_loop_device() {
     );
     assert!(lvs.iter().all(|r| num(&r["lv_size"]) == 64 << 20));
 }
+
+#[test]
+fn vg_reduce_rename_remove_and_pv_remove_are_seen_by_lvm2() {
+    if skip_unless_real("vg_reduce_rename_remove_and_pv_remove_are_seen_by_lvm2") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let a = lab.loop_dev("a.img", 100);
+    let b = lab.loop_dev("b.img", 100);
+    let devs = [a.as_path(), b.as_path()];
+    let (a_s, b_s) = (a.display().to_string(), b.display().to_string());
+    let vg = vg_name("vgops");
+    let renamed = vg_name("renamed");
+    lab.dp(&devs, &["vg", "create", &vg, &a_s, &b_s]);
+    lab.dp(
+        &devs,
+        &["lv", "create", &format!("{vg}/on_a"), "--size", "40M"],
+    );
+    // b is unused: reduce it out; a is used: refused with the LV named.
+    let e = lab.dp_err(&devs, &["vg", "reduce", &vg, &a_s]);
+    assert!(e.contains("still used by LV") && e.contains("on_a"), "{e}");
+    lab.dp(&devs, &["vg", "reduce", &vg, &b_s]);
+    let pvs = lvm_report(&devs, "pvs", "pv_name,vg_name");
+    let vg_of = |d: &str| {
+        pvs.iter()
+            .find(|r| r["pv_name"] == d)
+            .map(|r| r["vg_name"].as_str().unwrap().to_string())
+    };
+    assert_eq!(vg_of(&a_s).as_deref(), Some(vg.as_str()));
+    assert_eq!(
+        vg_of(&b_s).as_deref(),
+        Some(""),
+        "b is an orphan PV for LVM2"
+    );
+
+    lab.dp(&devs, &["vg", "rename", &vg, &renamed]);
+    let (ok, out) = vgck(&devs, &renamed);
+    assert!(ok, "{out}");
+    let vgs = lvm_report(&devs, "vgs", "vg_name");
+    assert!(
+        vgs.iter().any(|r| r["vg_name"] == renamed.as_str())
+            && !vgs.iter().any(|r| r["vg_name"] == vg.as_str())
+    );
+
+    let e = lab.dp_err(&devs, &["vg", "remove", &renamed]);
+    assert!(
+        e.contains("needs confirmation") && e.contains("1 LVs"),
+        "{e}"
+    );
+    lab.dp(&devs, &["--yes", "vg", "remove", &renamed]);
+    lab.dp(&devs, &["pv", "remove", &a_s, &b_s]);
+    let pvs = lvm_report(&devs, "pvs", "pv_name");
+    assert!(pvs.is_empty(), "LVM2 sees no PV left: {pvs:?}");
+}
