@@ -14,7 +14,7 @@ use crate::vg::{Assembly, LoadedVg, assemble};
 use devpool_format::crc::lvm_crc;
 use devpool_format::label::{DiskLocn, PV_EXT_USED, PV_EXT_VERSION, PvHeaderExt, PvLabel};
 use devpool_format::mda::MdaHeader;
-use devpool_format::metadata::{Trailer, VgMetadata};
+use devpool_format::metadata::VgMetadata;
 use devpool_format::names;
 use devpool_format::signature;
 use devpool_format::units::{Bytes, ExtentSize, Extents, Sectors, SizeArg};
@@ -242,18 +242,7 @@ pub struct Executed {
 pub struct Held(#[allow(dead_code)] Vec<LockGuard>);
 
 pub fn random_uuid() -> LvmUuid {
-    let mut b = [0u8; 32];
-    if getrandom::fill(&mut b).is_err() {
-        // No OS randomness: derive from time and pid (still unique enough per host).
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = ((t >> (i % 16 * 8)) as u8) ^ (std::process::id() as u8).wrapping_mul(i as u8);
-        }
-    }
-    LvmUuid::from_random(b)
+    LvmUuid::from_random(crate::plan::random_bytes::<32>())
 }
 
 pub fn hostname() -> String {
@@ -687,23 +676,7 @@ impl Engine {
                 if pvs.is_empty() {
                     return Err(EngineError::Invalid("a VG needs at least one PV".into()));
                 }
-                let mut vg = VgMetadata {
-                    name: name.clone(),
-                    id: random_uuid(),
-                    seqno: 0,
-                    format: Some("lvm2".into()),
-                    status: vec!["RESIZEABLE".into(), "READ".into(), "WRITE".into()],
-                    flags: vec![],
-                    tags: vec![],
-                    extent_size: es,
-                    max_lv: 0,
-                    max_pv: 0,
-                    metadata_copies: 0,
-                    extra: vec![],
-                    pvs: vec![],
-                    lvs: vec![],
-                    trailer: Trailer::default(),
-                };
+                let mut vg = VgMetadata::new_empty(name, random_uuid(), es);
                 let new_pvs = self.plan_add_pvs(&mut plan, scan, &mut vg, pvs, pv_options)?;
                 plan.vg = Some(name.clone());
                 plan.seqno_before = Some(0);

@@ -176,16 +176,27 @@ impl Plan {
     }
 }
 
-/// A random transaction id.
-pub fn new_transaction_id() -> String {
-    let mut b = [0u8; 8];
-    // Falls back to time and pid only if the OS has no randomness.
+/// Random bytes from the OS; without OS randomness, time and pid (unique
+/// enough on one host for ids, never used for secrets).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
     if getrandom::fill(&mut b).is_err() {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        b = ((t as u64) ^ ((std::process::id() as u64) << 32)).to_le_bytes();
+        let pid = std::process::id() as u128;
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = ((t ^ (pid << 64)) >> (i % 16 * 8)) as u8 ^ (i as u8).wrapping_mul(151);
+        }
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    b
+}
+
+/// A random transaction id.
+pub fn new_transaction_id() -> String {
+    random_bytes::<8>()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }

@@ -269,6 +269,28 @@ const TRAILER_KNOWN: &[&str] = &[
 ];
 
 impl VgMetadata {
+    /// A new VG with no PVs and no LVs, as `vgcreate` starts it (seqno 0:
+    /// the first commit writes seqno 1).
+    pub fn new_empty(name: &str, id: LvmUuid, extent_size: ExtentSize) -> VgMetadata {
+        VgMetadata {
+            name: name.to_string(),
+            id,
+            seqno: 0,
+            format: Some("lvm2".into()),
+            status: vec!["RESIZEABLE".into(), "READ".into(), "WRITE".into()],
+            flags: vec![],
+            tags: vec![],
+            extent_size,
+            max_lv: 0,
+            max_pv: 0,
+            metadata_copies: 0,
+            extra: vec![],
+            pvs: vec![],
+            lvs: vec![],
+            trailer: Trailer::default(),
+        }
+    }
+
     /// Parse on-disk metadata text (a trailing NUL is accepted).
     pub fn parse(text: &[u8]) -> Result<VgMetadata, MetadataError> {
         let root = config::parse(text).map_err(|e| merr("text", e.to_string()))?;

@@ -1,5 +1,4 @@
 use super::*;
-use devpool_format::metadata::Trailer;
 use devpool_format::units::ExtentSize;
 use proptest::prelude::*;
 
@@ -10,23 +9,8 @@ fn uuid(n: u64) -> LvmUuid {
 }
 
 fn vg_with(pv_counts: &[u64]) -> VgMetadata {
-    let mut vg = VgMetadata {
-        name: "vg".into(),
-        id: uuid(0),
-        seqno: 1,
-        format: Some("lvm2".into()),
-        status: vec!["RESIZEABLE".into(), "READ".into(), "WRITE".into()],
-        flags: vec![],
-        tags: vec![],
-        extent_size: ExtentSize::DEFAULT,
-        max_lv: 0,
-        max_pv: 0,
-        metadata_copies: 0,
-        extra: vec![],
-        pvs: vec![],
-        lvs: vec![],
-        trailer: Trailer::default(),
-    };
+    let mut vg = VgMetadata::new_empty("vg", uuid(0), ExtentSize::DEFAULT);
+    vg.seqno = 1;
     for (i, &c) in pv_counts.iter().enumerate() {
         let es = 4u64 << 20;
         add_pv(
