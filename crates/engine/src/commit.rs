@@ -3,8 +3,9 @@
 //! 2. point the precommit slot (1) at it;
 //! 3. point the commit slot (0) at it and clear slot 1.
 //!
-//! Each phase is made durable before the next starts, so a crash leaves every
-//! area with either the old or the new committed copy.
+//! The text is made durable before any header points at it, and the commit
+//! before this returns, so a crash leaves every area with either the old or
+//! the new committed copy.
 
 use crate::device::{Device, WriteGate};
 use crate::error::{EngineError, Result};
@@ -59,7 +60,9 @@ pub fn commit_text(gate: &WriteGate, areas: &mut [AreaTarget<'_>], text: &[u8]) 
         a.header.precommitted = new(span);
         a.dev.write_at(gate, a.header.start, &a.header.to_bytes())?;
     }
-    sync_all(&devs)?;
+    // No flush here: precommit and commit rewrite the same header sector with
+    // synchronous writes, so their order needs no barrier. The barrier that
+    // matters (text durable before any header names it) is the one above.
     for (a, span) in areas.iter_mut().zip(&spans) {
         a.header.committed = new(span);
         a.header.precommitted = RawLocn::default();
