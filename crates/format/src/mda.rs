@@ -161,7 +161,7 @@ impl RingSpan {
         v
     }
     /// Last byte used (inclusive), as LVM2 computes it.
-    fn last(&self) -> u64 {
+    pub fn last(&self) -> u64 {
         if self.wrap > 0 {
             self.wrap + MDA_HEADER_SIZE - 1
         } else {
@@ -184,7 +184,27 @@ pub enum RingError {
     Empty,
 }
 
+/// Where LVM2 starts the next copy: 512-aligned strictly after the committed
+/// copy, or back at the ring start when fewer than 512 bytes remain.
+pub fn next_offset(header: &MdaHeader) -> u64 {
+    let old = header.committed;
+    if old.is_ignored() || old.is_empty() {
+        return MDA_HEADER_SIZE;
+    }
+    let area = header.size;
+    let old_last = RingSpan::of(area, old.offset, old.size).last();
+    if area - old_last < ALIGN {
+        return MDA_HEADER_SIZE;
+    }
+    // LVM2 always adds a full alignment step when already aligned.
+    let next = old_last + 1;
+    let s = next + (ALIGN - next % ALIGN);
+    if s > area - ALIGN { MDA_HEADER_SIZE } else { s }
+}
+
 /// Where the next copy of `new_size` bytes goes, given the committed copy.
+/// Like LVM2, a copy under the size cap can still be refused when the
+/// alignment rules would make it overlap the committed copy.
 pub fn place_next_copy(header: &MdaHeader, new_size: u64) -> Result<RingSpan, RingError> {
     let area = header.size;
     if new_size == 0 {
@@ -199,28 +219,9 @@ pub fn place_next_copy(header: &MdaHeader, new_size: u64) -> Result<RingSpan, Ri
         });
     }
     let old = header.committed;
-    let old_span = if old.is_ignored() || old.is_empty() {
-        None
-    } else {
-        Some(RingSpan::of(area, old.offset, old.size))
-    };
-    let start = match old_span {
-        None => MDA_HEADER_SIZE,
-        Some(o) => {
-            let old_last = o.last();
-            if area - old_last < ALIGN {
-                MDA_HEADER_SIZE
-            } else {
-                // LVM2 always adds a full alignment step when already aligned.
-                let next = old_last + 1;
-                let s = next + (ALIGN - next % ALIGN);
-                if s > area - ALIGN { MDA_HEADER_SIZE } else { s }
-            }
-        }
-    };
-    let new = RingSpan::of(area, start, new_size);
-    if let Some(o) = old_span
-        && overlaps(&o, &new)
+    let new = RingSpan::of(area, next_offset(header), new_size);
+    if !(old.is_ignored() || old.is_empty())
+        && overlaps(&RingSpan::of(area, old.offset, old.size), &new)
     {
         return Err(RingError::Overlap {
             size: new_size,
@@ -230,15 +231,12 @@ pub fn place_next_copy(header: &MdaHeader, new_size: u64) -> Result<RingSpan, Ri
     Ok(new)
 }
 
+/// Whether two copies share a byte (exact: LVM2's case analysis refuses
+/// some placements that do not overlap).
 fn overlaps(old: &RingSpan, new: &RingSpan) -> bool {
-    let (os, ol, ns, nl) = (old.offset, old.last(), new.offset, new.last());
-    match (old.wrap > 0, new.wrap > 0) {
-        (true, true) => true,
-        // LVM2 writes `nl > ns`, wrong only for a 1-byte copy; `>=` is exact.
-        (false, false) => !((ns > ol && nl >= ns) || (ns < os && nl < os)),
-        (true, false) => !(ol < ns && ns <= nl && nl < os),
-        (false, true) => !(nl < os && os < ol && ol < ns),
-    }
+    old.pieces()
+        .iter()
+        .any(|&(o, ol)| new.pieces().iter().any(|&(n, nl)| o < n + nl && n < o + ol))
 }
 
 #[cfg(test)]
@@ -312,6 +310,13 @@ mod tests {
                         h.committed = RawLocn { offset: span.offset, size: s, ..Default::default() };
                     }
                     Err(RingError::TooLarge { .. }) => prop_assert!(s > h.max_text_size()),
+                    Err(RingError::Overlap { .. }) => {
+                        // A refusal must be genuine: the copy would really overlap.
+                        let would = RingSpan::of(area, next_offset(&h), s);
+                        let old = RingSpan::of(area, h.committed.offset, h.committed.size);
+                        let bytes = |sp: &RingSpan| sp.pieces().into_iter().flat_map(|(o, l)| o..o + l).collect::<std::collections::HashSet<u64>>();
+                        prop_assert!(!bytes(&would).is_disjoint(&bytes(&old)), "spurious overlap refusal");
+                    }
                     Err(e) => return Err(TestCaseError::fail(format!("{e}"))),
                 }
             }
