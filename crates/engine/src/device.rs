@@ -42,9 +42,6 @@ impl WriteGate {
             None => WriteGate::unlimited(),
         }
     }
-    pub fn writes_done(&self) -> usize {
-        self.done.load(Ordering::SeqCst)
-    }
     fn admit(&self) -> Result<()> {
         let n = self.done.load(Ordering::SeqCst);
         if let Some(limit) = self.limit

@@ -658,8 +658,7 @@ impl Engine {
                 plan.steps.push(Step::WipeLabel {
                     device: pv.path.clone(),
                 });
-                plan.fingerprint
-                    .push((pv.path.clone(), device_state(&pv.path)));
+                plan.fingerprint.push((pv.path.clone(), scanned_state(pv)));
             }
             Operation::VgCreate {
                 name,
@@ -936,8 +935,7 @@ impl Engine {
         plan.seqno_before = Some(vg.meta.seqno);
         plan.old_meta = Some(vg.meta.clone());
         for d in vg.devices.iter().flatten() {
-            plan.fingerprint
-                .push((d.path.clone(), device_state(&d.path)));
+            plan.fingerprint.push((d.path.clone(), scanned_state(d)));
         }
     }
 
@@ -1010,8 +1008,7 @@ impl Engine {
                     )));
                 }
                 Some((pv, None)) => {
-                    plan.fingerprint
-                        .push((pv.path.clone(), device_state(&pv.path)));
+                    plan.fingerprint.push((pv.path.clone(), scanned_state(pv)));
                     NewPv::from_scanned(pv)
                 }
                 None => self.plan_pv_create(plan, scan, p, opts)?,
@@ -1185,32 +1182,34 @@ fn lv_start(vg: &LoadedVg, meta: &VgMetadata, lv: &str) -> Result<(PathBuf, u64,
     Ok((dev.path.clone(), off, len))
 }
 
-/// A short description of what a device holds now, for plan verification:
-/// PV id and every metadata slot, or a checksum of the first bytes.
+/// What a scanned PV holds, for plan verification: its id, size and every
+/// metadata area's committed slot. Plans record it from the scan they were
+/// built on, so building a plan costs no extra I/O.
+fn scanned_state(pv: &ScannedPv) -> String {
+    let mut s = format!("pv {} size {}", pv.label.uuid, pv.size);
+    for (area, m) in pv.label.metadata_areas.iter().zip(&pv.mdas) {
+        match m {
+            Ok(st) => {
+                let c = st.header.committed;
+                s += &format!(
+                    " mda@{}:{}/{}/{:08x}",
+                    area.offset, c.offset, c.size, c.checksum
+                );
+            }
+            Err(_) => s += &format!(" mda@{}:unreadable", area.offset),
+        }
+    }
+    s
+}
+
+/// What a device holds now (read afresh, for verification): as
+/// [`scanned_state`] for a PV, else a checksum of its first bytes.
 pub fn device_state(path: &Path) -> String {
     let Ok(dev) = Device::open(path, false) else {
         return "absent".into();
     };
-    match scan::read_label(&dev) {
-        Ok(Some(label)) => {
-            let mut s = format!("pv {} size {}", label.uuid, dev.size);
-            for a in &label.metadata_areas {
-                match dev
-                    .read_at(a.offset, 512)
-                    .ok()
-                    .and_then(|b| MdaHeader::parse(&b, a.offset).ok())
-                {
-                    Some(h) => {
-                        s += &format!(
-                            " mda@{}:{}/{}/{:08x}",
-                            a.offset, h.committed.offset, h.committed.size, h.committed.checksum
-                        )
-                    }
-                    None => s += &format!(" mda@{}:unreadable", a.offset),
-                }
-            }
-            s
-        }
+    match scan::scan_device(&dev, &mut ParseCache::default()) {
+        Ok(Some(pv)) => scanned_state(&pv),
         Ok(None) => match dev.read_at(0, dev.size.min(SIGNATURE_SCAN_BYTES) as usize) {
             Ok(head) => format!("raw size {} head {:08x}", dev.size, lvm_crc(&head)),
             Err(_) => "unreadable".into(),

@@ -44,12 +44,6 @@ impl ScannedPv {
             .filter_map(|m| m.as_ref().ok()?.text.as_ref()?.as_ref().ok())
             .max_by_key(|t| t.meta.seqno)
     }
-    pub fn headers(&self) -> Vec<MdaHeader> {
-        self.mdas
-            .iter()
-            .filter_map(|m| m.as_ref().ok().map(|m| m.header.clone()))
-            .collect()
-    }
 }
 
 /// Parsed texts by checksum, so a VG stored on many areas is parsed once.
