@@ -15,6 +15,11 @@ use devpool_engine::engine::{DeviceSource, Engine, Operation, PvOptions};
 use devpool_format::units::{Amount, Bytes, SizeArg};
 use std::io::{BufRead, IsTerminal, Write};
 
+// Reading a VG with tens of thousands of LVs allocates millions of small
+// objects; mimalloc makes that (and freeing them) several times cheaper.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     // Exit quietly when a reader such as `head` closes the pipe.
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.

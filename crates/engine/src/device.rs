@@ -162,8 +162,18 @@ impl Device {
         let a_off = off / DIRECT_ALIGN * DIRECT_ALIGN;
         let a_end = end.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
         let mut buf = Aligned::new((a_end - a_off) as usize);
-        if a_off != off || a_end != end {
-            self.file.read_exact_at(buf.as_mut(), a_off).map_err(io)?;
+        // Only the partial blocks at either end need their old contents.
+        let block = DIRECT_ALIGN as usize;
+        let total = buf.as_ref().len();
+        if a_off != off {
+            self.file
+                .read_exact_at(&mut buf.as_mut()[..block], a_off)
+                .map_err(io)?;
+        }
+        if a_end != end && (a_end - a_off > DIRECT_ALIGN || a_off == off) {
+            self.file
+                .read_exact_at(&mut buf.as_mut()[total - block..], a_end - DIRECT_ALIGN)
+                .map_err(io)?;
         }
         let s = (off - a_off) as usize;
         buf.as_mut()[s..s + data.len()].copy_from_slice(data);

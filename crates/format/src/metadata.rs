@@ -2,7 +2,7 @@
 //! understands are typed; everything else (unknown fields, thin-pool, snapshot,
 //! raid, cache… segments) is kept as config items and written back unchanged.
 
-use crate::config::{self, Item, Section, Value};
+use crate::config::{self, Item, Section, Value, Writer};
 use crate::names;
 use crate::units::{ExtentSize, Sectors};
 use crate::uuid::LvmUuid;
@@ -177,13 +177,6 @@ fn opt_i64(s: &Section, key: &str, path: &str) -> Result<Option<i64>, MetadataEr
     }
 }
 
-fn take_str(s: &Section, key: &str, path: &str) -> Result<String, MetadataError> {
-    match opt_str(s, key, path)? {
-        Some(v) => Ok(v),
-        None => Err(merr(path, format!("missing field '{key}'"))),
-    }
-}
-
 fn opt_str(s: &Section, key: &str, path: &str) -> Result<Option<String>, MetadataError> {
     match s.get(key) {
         Some(Value::Str(v)) => Ok(Some(v.clone())),
@@ -210,8 +203,13 @@ fn str_list(s: &Section, key: &str, path: &str) -> Result<Vec<String>, MetadataE
 }
 
 fn take_uuid(s: &Section, path: &str) -> Result<LvmUuid, MetadataError> {
-    let id = take_str(s, "id", path)?;
-    LvmUuid::parse(&id).map_err(|e| merr(&format!("{path}/id"), e.to_string()))
+    match s.get("id") {
+        Some(Value::Str(id)) => {
+            LvmUuid::parse(id).map_err(|e| merr(&format!("{path}/id"), e.to_string()))
+        }
+        Some(_) => Err(merr(&format!("{path}/id"), "must be a string")),
+        None => Err(merr(path, "missing field 'id'")),
+    }
 }
 
 /// Items of `s` whose keys are not in `known`.
@@ -466,14 +464,14 @@ impl VgMetadata {
     /// Every PV extent that some segment uses: `(pv key, start, len, lv name)`.
     /// Unknown segment types that name a PV in an array (pvmove's mirrors) are
     /// counted conservatively as using `extent_count` extents there.
-    pub fn used_areas(&self) -> Vec<(String, u64, u64, String)> {
+    pub fn used_areas(&self) -> Vec<(&str, u64, u64, &str)> {
         let mut out = Vec::new();
         for lv in &self.lvs {
             for seg in &lv.segments {
                 match &seg.kind {
                     SegmentKind::Striped { stripes, .. } => {
                         for st in stripes {
-                            out.push((st.pv.clone(), st.start, seg.area_len(), lv.name.clone()));
+                            out.push((st.pv.as_str(), st.start, seg.area_len(), lv.name.as_str()));
                         }
                     }
                     SegmentKind::Other { .. } => {
@@ -485,10 +483,10 @@ impl VgMetadata {
                                         && *start >= 0
                                     {
                                         out.push((
-                                            pv.clone(),
+                                            pv.as_str(),
                                             *start as u64,
                                             seg.extent_count,
-                                            lv.name.clone(),
+                                            lv.name.as_str(),
                                         ));
                                     }
                                 }
@@ -565,18 +563,19 @@ impl VgMetadata {
                 ));
             }
         }
-        let mut names = BTreeSet::new();
+        let mut names = std::collections::HashSet::with_capacity(self.lvs.len());
         for lv in &self.lvs {
-            let lp = format!("{p}/logical_volumes/{}", lv.name);
-            if !names.insert(lv.name.clone()) {
-                return Err(merr(&lp, "duplicate LV name"));
+            // Paths are formatted only for an error (this runs over every LV).
+            let lp = || format!("{p}/logical_volumes/{}", lv.name);
+            if !names.insert(lv.name.as_str()) {
+                return Err(merr(&lp(), "duplicate LV name"));
             }
             let mut next = 0u64;
             for (i, seg) in lv.segments.iter().enumerate() {
-                let sp = format!("{lp}/segment{}", i + 1);
+                let sp = || format!("{}/segment{}", lp(), i + 1);
                 if seg.start_extent != next {
                     return Err(merr(
-                        &sp,
+                        &sp(),
                         format!(
                             "starts at extent {} but the previous segment ends at {next}",
                             seg.start_extent
@@ -584,23 +583,23 @@ impl VgMetadata {
                     ));
                 }
                 if seg.extent_count == 0 {
-                    return Err(merr(&sp, "extent_count is 0"));
+                    return Err(merr(&sp(), "extent_count is 0"));
                 }
                 next = seg
                     .start_extent
                     .checked_add(seg.extent_count)
-                    .ok_or_else(|| merr(&sp, "extent range overflows"))?;
+                    .ok_or_else(|| merr(&sp(), "extent range overflows"))?;
                 if let SegmentKind::Striped {
                     stripes,
                     stripe_size,
                 } = &seg.kind
                 {
                     if stripes.is_empty() {
-                        return Err(merr(&sp, "striped segment without stripes"));
+                        return Err(merr(&sp(), "striped segment without stripes"));
                     }
                     if seg.extent_count % stripes.len() as u64 != 0 {
                         return Err(merr(
-                            &sp,
+                            &sp(),
                             format!(
                                 "extent_count {} is not a multiple of stripe_count {}",
                                 seg.extent_count,
@@ -609,19 +608,19 @@ impl VgMetadata {
                         ));
                     }
                     if stripes.len() > 1 && stripe_size.is_none() {
-                        return Err(merr(&sp, "striped segment without stripe_size"));
+                        return Err(merr(&sp(), "striped segment without stripe_size"));
                     }
                     for st in stripes {
                         let Some(pv) = self.pv(&st.pv) else {
-                            return Err(merr(&sp, format!("refers to unknown PV '{}'", st.pv)));
+                            return Err(merr(&sp(), format!("refers to unknown PV '{}'", st.pv)));
                         };
                         let end = st
                             .start
                             .checked_add(seg.area_len())
-                            .ok_or_else(|| merr(&sp, "extent range overflows"))?;
+                            .ok_or_else(|| merr(&sp(), "extent range overflows"))?;
                         if end > pv.pe_count {
                             return Err(merr(
-                                &sp,
+                                &sp(),
                                 format!(
                                     "uses extents {}..{} of {} which has only {} extents",
                                     st.start, end, st.pv, pv.pe_count
@@ -713,10 +712,61 @@ impl VgMetadata {
     }
 
     /// The text as written to a metadata area (LVM2 adds a terminating NUL).
+    /// Streams the model straight into text, byte for byte what printing
+    /// [`to_config`](Self::to_config) gives (a test holds them equal).
     pub fn to_disk_text(&self) -> Vec<u8> {
-        let mut t = config::print(&self.to_config()).into_bytes();
+        // About 300 bytes per LV as LVM2 lays them out; one allocation.
+        let estimate = 4096 + 320 * (self.lvs.len() + self.pvs.len());
+        let mut w = Writer::with_capacity(estimate);
+        self.write_text(&mut w);
+        let mut t = w.finish().into_bytes();
         t.push(0);
         t
+    }
+
+    fn write_text(&self, w: &mut Writer) {
+        w.open(&self.name);
+        w.str("id", &self.id.dashed());
+        w.int("seqno", self.seqno as i64);
+        if let Some(f) = &self.format {
+            w.str("format", f);
+        }
+        w.strs("status", &self.status);
+        w.strs("flags", &self.flags);
+        if !self.tags.is_empty() {
+            w.strs("tags", &self.tags);
+        }
+        w.int("extent_size", self.extent_size.sectors().0 as i64);
+        w.int("max_lv", self.max_lv as i64);
+        w.int("max_pv", self.max_pv as i64);
+        w.int("metadata_copies", self.metadata_copies as i64);
+        for i in self.extra.iter().filter(|i| matches!(i, Item::Assign(..))) {
+            w.item(i);
+        }
+        w.open("physical_volumes");
+        for pv in &self.pvs {
+            pv.write_text(w);
+        }
+        w.close();
+        if !self.lvs.is_empty() {
+            w.open("logical_volumes");
+            for lv in &self.lvs {
+                lv.write_text(w);
+            }
+            w.close();
+        }
+        for i in self.extra.iter().filter(|i| matches!(i, Item::Section(..))) {
+            w.item(i);
+        }
+        w.close();
+        w.str("contents", CONTENTS);
+        w.int("version", 1);
+        w.str("description", &self.trailer.description);
+        w.str("creation_host", &self.trailer.creation_host);
+        w.int("creation_time", self.trailer.creation_time);
+        for i in &self.trailer.extra {
+            w.item(i);
+        }
     }
 }
 
@@ -734,6 +784,25 @@ impl PvMeta {
             pe_count: take_u64(s, "pe_count", p)?,
             extra: extras(s, PV_KNOWN, true),
         })
+    }
+    fn write_text(&self, w: &mut Writer) {
+        w.open(&self.key);
+        w.str("id", &self.id.dashed());
+        if let Some(d) = &self.device {
+            w.str("device", d);
+        }
+        w.strs("status", &self.status);
+        w.strs("flags", &self.flags);
+        if !self.tags.is_empty() {
+            w.strs("tags", &self.tags);
+        }
+        w.int("dev_size", self.dev_size.0 as i64);
+        w.int("pe_start", self.pe_start.0 as i64);
+        w.int("pe_count", self.pe_count as i64);
+        for i in &self.extra {
+            w.item(i);
+        }
+        w.close();
     }
     fn to_config(&self) -> Section {
         let mut s = Section::default();
@@ -786,6 +855,31 @@ impl LvMeta {
             segments,
         })
     }
+    fn write_text(&self, w: &mut Writer) {
+        w.open(&self.name);
+        w.str("id", &self.id.dashed());
+        w.strs("status", &self.status);
+        w.strs("flags", &self.flags);
+        if !self.tags.is_empty() {
+            w.strs("tags", &self.tags);
+        }
+        if let Some(t) = self.creation_time {
+            w.int("creation_time", t);
+        }
+        if let Some(h) = &self.creation_host {
+            w.str("creation_host", h);
+        }
+        for i in &self.extra {
+            w.item(i);
+        }
+        w.int("segment_count", self.segments.len() as i64);
+        for (i, seg) in self.segments.iter().enumerate() {
+            w.open(&format!("segment{}", i + 1));
+            seg.write_text(w);
+            w.close();
+        }
+        w.close();
+    }
     fn to_config(&self) -> Section {
         let mut s = Section::default();
         s.push("id", Value::Str(self.id.dashed()));
@@ -813,12 +907,18 @@ impl Segment {
     fn from_config(s: &Section, p: &str) -> Result<Segment, MetadataError> {
         let start_extent = take_u64(s, "start_extent", p)?;
         let extent_count = take_u64(s, "extent_count", p)?;
-        let segtype = take_str(s, "type", p)?;
+        let segtype = match s.get("type") {
+            Some(Value::Str(t)) => t,
+            Some(_) => return Err(merr(&format!("{p}/type"), "must be a string")),
+            None => return Err(merr(p, "missing field 'type'")),
+        };
         if segtype != "striped" {
             return Ok(Segment {
                 start_extent,
                 extent_count,
-                kind: SegmentKind::Other { segtype },
+                kind: SegmentKind::Other {
+                    segtype: segtype.clone(),
+                },
                 extra: extras(s, SEG_KNOWN, true),
             });
         }
@@ -879,6 +979,27 @@ impl Segment {
             },
             extra: extras(s, &known, true),
         })
+    }
+    fn write_text(&self, w: &mut Writer) {
+        w.int("start_extent", self.start_extent as i64);
+        w.int("extent_count", self.extent_count as i64);
+        w.str("type", self.segtype());
+        if let SegmentKind::Striped {
+            stripe_size,
+            stripes,
+        } = &self.kind
+        {
+            w.int("stripe_count", stripes.len() as i64);
+            if let Some(ss) = stripe_size {
+                w.int("stripe_size", ss.0 as i64);
+            }
+            let pairs: Vec<(&str, u64)> =
+                stripes.iter().map(|s| (s.pv.as_str(), s.start)).collect();
+            w.pairs("stripes", &pairs);
+        }
+        for i in &self.extra {
+            w.item(i);
+        }
     }
     fn to_config(&self) -> Section {
         let mut s = Section::default();
@@ -1003,6 +1124,32 @@ description = ""
 creation_host = "vm"
 creation_time = 1795240893
 "#;
+
+    #[test]
+    fn streamed_text_equals_printed_tree() {
+        let mut vg = VgMetadata::parse(LVM2_TEXT.as_bytes()).unwrap();
+        vg.tags = vec!["a \"quoted\" tag".into()];
+        vg.lvs[0].tags = vec!["t1".into(), "t2".into()];
+        vg.lvs[0].segments[0].kind = SegmentKind::Striped {
+            stripe_size: Some(Sectors(128)),
+            stripes: vec![
+                StripeArea {
+                    pv: "pv0".into(),
+                    start: 0,
+                },
+                StripeArea {
+                    pv: "pv1".into(),
+                    start: 7,
+                },
+            ],
+        };
+        let mut printed = config::print(&vg.to_config()).into_bytes();
+        printed.push(0);
+        assert_eq!(
+            String::from_utf8_lossy(&vg.to_disk_text()),
+            String::from_utf8_lossy(&printed)
+        );
+    }
 
     #[test]
     fn reads_lvm2_metadata() {

@@ -10,6 +10,10 @@ const GROUPS: [usize; 7] = [6, 4, 4, 4, 4, 4, 6];
 #[error("invalid LVM2 UUID '{0}'")]
 pub struct UuidError(pub String);
 
+fn in_alphabet(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'!' || b == b'#'
+}
+
 /// A 32-character LVM2 UUID, stored without dashes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LvmUuid([u8; 32]);
@@ -23,17 +27,24 @@ impl LvmUuid {
 
     /// Accept the dashed (text metadata) or raw (PV header) form.
     pub fn parse(s: &str) -> Result<LvmUuid, UuidError> {
-        let raw: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
-        if raw.len() != 32 || raw.iter().any(|b| !ALPHABET.contains(b)) {
-            return Err(UuidError(s.chars().take(64).collect()));
-        }
+        let bad = || UuidError(s.chars().take(64).collect());
         let mut out = [0u8; 32];
-        out.copy_from_slice(&raw);
+        let mut n = 0;
+        for b in s.bytes().filter(|&b| b != b'-') {
+            if n == 32 || !in_alphabet(b) {
+                return Err(bad());
+            }
+            out[n] = b;
+            n += 1;
+        }
+        if n != 32 {
+            return Err(bad());
+        }
         Ok(LvmUuid(out))
     }
 
     pub fn from_raw_bytes(b: &[u8; 32]) -> Result<LvmUuid, UuidError> {
-        if b.iter().any(|c| !ALPHABET.contains(c)) {
+        if b.iter().any(|&c| !in_alphabet(c)) {
             return Err(UuidError(String::from_utf8_lossy(b).into_owned()));
         }
         Ok(LvmUuid(*b))
@@ -70,6 +81,13 @@ impl std::fmt::Display for LvmUuid {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn alphabet_check_matches_the_alphabet() {
+        for b in 0..=255u8 {
+            assert_eq!(in_alphabet(b), ALPHABET.contains(&b), "byte {b}");
+        }
+    }
+
     use super::*;
 
     #[test]

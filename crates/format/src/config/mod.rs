@@ -7,7 +7,7 @@ mod parse;
 mod print;
 
 pub use parse::{ParseError, parse};
-pub use print::print;
+pub use print::{Writer, print};
 
 /// A scalar or array value.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,6 +2,7 @@
 //! (no indentation, one item per line, a blank line before subsections).
 
 use super::{Item, Section, Value};
+use std::fmt::Write;
 
 fn push_str_escaped(out: &mut String, s: &str) {
     out.push('"');
@@ -16,7 +17,10 @@ fn push_str_escaped(out: &mut String, s: &str) {
 
 fn push_value(out: &mut String, v: &Value) {
     match v {
-        Value::Int(i) => out.push_str(&i.to_string()),
+        Value::Int(i) => {
+            // Formatting into the buffer avoids one allocation per number.
+            let _ = write!(out, "{i}");
+        }
         Value::Float(f) => out.push_str(f),
         Value::Str(s) => push_str_escaped(out, s),
         Value::Array(a) => {
@@ -32,8 +36,8 @@ fn push_value(out: &mut String, v: &Value) {
     }
 }
 
-fn push_items(out: &mut String, s: &Section) {
-    for item in &s.items {
+fn push_items(out: &mut String, items: &[Item]) {
+    for item in items {
         match item {
             Item::Assign(k, v) => {
                 out.push_str(k);
@@ -48,7 +52,7 @@ fn push_items(out: &mut String, s: &Section) {
                 }
                 out.push_str(k);
                 out.push_str(" {\n");
-                push_items(out, sub);
+                push_items(out, &sub.items);
                 out.push_str("}\n");
             }
         }
@@ -58,8 +62,73 @@ fn push_items(out: &mut String, s: &Section) {
 /// Print a section's items as text that `parse` reads back to the same tree.
 pub fn print(s: &Section) -> String {
     let mut out = String::new();
-    push_items(&mut out, s);
+    push_items(&mut out, &s.items);
     out
+}
+
+/// Writes text in exactly [`print`]'s layout without building a tree first:
+/// the VG model streams itself through this (metadata reaches megabytes).
+pub struct Writer {
+    out: String,
+}
+
+impl Writer {
+    pub fn with_capacity(capacity: usize) -> Writer {
+        Writer {
+            out: String::with_capacity(capacity),
+        }
+    }
+    pub fn int(&mut self, key: &str, v: i64) {
+        self.out.push_str(key);
+        let _ = writeln!(self.out, " = {v}");
+    }
+    pub fn str(&mut self, key: &str, v: &str) {
+        self.out.push_str(key);
+        self.out.push_str(" = ");
+        push_str_escaped(&mut self.out, v);
+        self.out.push('\n');
+    }
+    pub fn strs<S: AsRef<str>>(&mut self, key: &str, v: &[S]) {
+        self.out.push_str(key);
+        self.out.push_str(" = [");
+        for (i, e) in v.iter().enumerate() {
+            if i > 0 {
+                self.out.push_str(", ");
+            }
+            push_str_escaped(&mut self.out, e.as_ref());
+        }
+        self.out.push_str("]\n");
+    }
+    /// `key = [ "name", number, ... ]` (a striped segment's `stripes`).
+    pub fn pairs<S: AsRef<str>>(&mut self, key: &str, v: &[(S, u64)]) {
+        self.out.push_str(key);
+        self.out.push_str(" = [");
+        for (i, (name, n)) in v.iter().enumerate() {
+            if i > 0 {
+                self.out.push_str(", ");
+            }
+            push_str_escaped(&mut self.out, name.as_ref());
+            let _ = write!(self.out, ", {n}");
+        }
+        self.out.push_str("]\n");
+    }
+    pub fn open(&mut self, key: &str) {
+        // LVM2 reads the VG name from the first byte of the text.
+        if !self.out.is_empty() {
+            self.out.push('\n');
+        }
+        self.out.push_str(key);
+        self.out.push_str(" {\n");
+    }
+    pub fn close(&mut self) {
+        self.out.push_str("}\n");
+    }
+    pub fn item(&mut self, item: &Item) {
+        push_items(&mut self.out, std::slice::from_ref(item));
+    }
+    pub fn finish(self) -> String {
+        self.out
+    }
 }
 
 #[cfg(test)]
