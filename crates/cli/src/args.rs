@@ -45,6 +45,74 @@ pub struct Global {
     /// Confirm destructive steps without asking.
     #[arg(long, short = 'y', global = true)]
     pub yes: bool,
+    /// The pool to use (else $DEVPOOL_POOL, else $KERNELDEV_DEVICE_POOL, else `default`).
+    #[arg(long, global = true, env = "DEVPOOL_POOL")]
+    pub pool: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Want {
+    /// Volumes as ROLE:SIZE,… (roles test, scratch, pool1.., logwrites set the fstests variables).
+    #[arg(long, conflicts_with = "profile", required_unless_present = "profile")]
+    pub volumes: Option<String>,
+    /// A named set of volumes: `fstests` (test, pool1..pool5, logwrites).
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Size of every volume of the profile (default 8G).
+    #[arg(long, requires = "profile")]
+    pub size: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    /// Turn a dedicated disk, partition or image file into a pool (VG devpool-NAME).
+    #[command(
+        after_help = "Checks first: not mounted (nor a partition or holder), not in fstab, not \
+backing / /boot or swap through any stacking, not an md member, LUKS container or other \
+LVM PV, not open exclusively by anyone; file systems and partition tables need YES.\n\n\
+Example:\n  devpool pool setup /dev/sdb --name fast\n  devpool pool setup /var/tmp/pool.img --name img --image-size 200G"
+    )]
+    Setup {
+        device: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Create the image file with this size when it does not exist (sparse).
+        #[arg(long)]
+        image_size: Option<String>,
+    },
+    /// Every pool found on this machine.
+    List,
+    /// Devices, size, free space, leases with owners, health.
+    Status { name: Option<String> },
+    /// Remove a pool: reap orphans, refuse while live leases exist, remove VG and PV label.
+    Teardown {
+        name: String,
+        /// Discard the device afterwards (or zero it where discard is unsupported).
+        #[arg(long)]
+        wipe: bool,
+        /// Remove live and kept leases too.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LeaseCmd {
+    /// Create the volumes of a lease in one commit and attach loop devices.
+    Acquire {
+        #[command(flatten)]
+        want: Want,
+        /// Never reap this lease automatically.
+        #[arg(long)]
+        keep: bool,
+        /// The process that owns the lease (default: devpool's parent, e.g. your shell or script).
+        #[arg(long)]
+        owner_pid: Option<u32>,
+    },
+    /// Detach and remove a lease's volumes in one commit.
+    Release { session: String },
+    /// Leases of the pool with their owners and whether each is alive.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -58,6 +126,49 @@ pub enum Command {
     /// Logical volumes: carve, resize, rename, tag and remove volumes.
     #[command(subcommand)]
     Lv(LvCmd),
+    /// Pools: set up a dedicated device (or image file), list, status, teardown.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Leases: volumes for one test run, owned by a process, given back after.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+    /// Remove leases whose owner is dead (PID gone, reused, or rebooted since).
+    Cleanup {
+        /// Also remove kept leases whose owner is dead.
+        #[arg(long)]
+        kept: bool,
+    },
+    /// Resize a leased volume: +20G, -5G or 30G (shrinking asks first).
+    Resize {
+        /// The volume's LV name (as `lease list` shows it).
+        volume: String,
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
+    /// Lease volumes, run a command with TEST_DEV/SCRATCH_DEV… set, release.
+    #[command(
+        after_help = "Example:\n  devpool run --volumes test:1G,scratch:1G -- sh -c 'mkfs.ext4 -q $TEST_DEV'\n  devpool run --profile fstests --size 4G -- ./check -g quick\n\nThe command's exit status is devpool's. The volumes are released when the command ends, on Ctrl-C and on SIGTERM (unless --keep)."
+    )]
+    Run {
+        #[command(flatten)]
+        want: Want,
+        /// Keep the volumes after the command (never reaped; `cleanup --kept` removes them).
+        #[arg(long)]
+        keep: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Write an fstests local.config for a lease.
+    FstestsConfig {
+        session: String,
+        /// Where the file systems get mounted.
+        #[arg(long, default_value = "/mnt/devpool")]
+        mounts: String,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Show the transaction journal.
     Journal {
         /// Only the last N transactions.

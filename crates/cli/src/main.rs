@@ -6,6 +6,7 @@
 
 mod args;
 mod output;
+mod pool_cmds;
 
 use anyhow::{Context, Result, anyhow, bail};
 use args::{Cli, Command, Global, LvCmd, PvArgs, PvCmd, VgCmd};
@@ -82,6 +83,23 @@ fn run(cli: Cli) -> Result<()> {
     let g = cli.global;
     let eng = engine(&g);
     let ops: Vec<Operation> = match cli.command {
+        Command::Pool(cmd) => return pool_cmds::pool(&g, cmd),
+        Command::Lease(cmd) => return pool_cmds::lease(&g, cmd),
+        Command::Cleanup { kept } => return pool_cmds::cleanup(&g, kept),
+        Command::Resize { volume, size } => return pool_cmds::resize(&g, &volume, &size),
+        Command::FstestsConfig {
+            session,
+            mounts,
+            output,
+        } => return pool_cmds::fstests_config(&g, &session, &mounts, output.as_deref()),
+        Command::Run {
+            want,
+            keep,
+            command,
+        } => {
+            let code = pool_cmds::run(&g, &want, keep, &command)?;
+            std::process::exit(code);
+        }
         Command::Journal { last } => return output::journal(&g, last),
         Command::Pv(PvCmd::List) => {
             let scan = eng.scan();

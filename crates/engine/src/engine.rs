@@ -133,6 +133,12 @@ pub enum Operation {
         /// Create `NAME-0` … `NAME-(count-1)` in one commit.
         count: Option<u32>,
     },
+    /// Several LVs of their own sizes and tags, in one commit (a lease).
+    LvCreateBatch {
+        vg: String,
+        volumes: Vec<NewVolume>,
+        wipe: bool,
+    },
     LvRemove {
         vg: String,
         names: Vec<String>,
@@ -185,6 +191,14 @@ impl Operation {
             } => {
                 format!("lv create {vg}/{name}-0..{}", c.saturating_sub(1))
             }
+            Operation::LvCreateBatch { vg, volumes, .. } => format!(
+                "lv create {}",
+                volumes
+                    .iter()
+                    .map(|v| format!("{vg}/{}", v.name))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
             Operation::LvRemove { vg, names } => format!(
                 "lv remove {}",
                 names
@@ -217,6 +231,7 @@ impl Operation {
                 l.vgs.push(new.clone());
             }
             Operation::LvCreate { vg, .. }
+            | Operation::LvCreateBatch { vg, .. }
             | Operation::LvRemove { vg, .. }
             | Operation::LvRename { vg, .. }
             | Operation::LvResize { vg, .. }
@@ -240,6 +255,14 @@ pub struct Executed {
 
 /// Held locks, released on drop (global last, as LVM2 orders them).
 pub struct Held(#[allow(dead_code)] Vec<LockGuard>);
+
+/// One LV of an [`Operation::LvCreateBatch`] (linear).
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    pub name: String,
+    pub size: SizeArg,
+    pub tags: Vec<String>,
+}
 
 pub fn random_uuid() -> LvmUuid {
     LvmUuid::from_random(crate::plan::random_bytes::<32>())
@@ -635,6 +658,8 @@ impl Engine {
             fingerprint: vec![],
             old_meta: None,
             new_text: None,
+            new_meta: None,
+            pv_paths: Default::default(),
             locks: op.locks(),
         };
         match op {
@@ -826,6 +851,42 @@ impl Engine {
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
             }
+            Operation::LvCreateBatch { vg, volumes, wipe } => {
+                let loaded = scan.vg(vg)?;
+                self.require_complete(loaded)?;
+                self.base_on(&mut plan, loaded);
+                let mut meta = (*loaded.meta).clone();
+                let (now, host) = (unix_now(), hostname());
+                let mut news = Vec::with_capacity(volumes.len());
+                for v in volumes {
+                    let (extents, note) = ops::resolve_size(&meta, &v.size, None, 1)?;
+                    plan.notes.extend(note);
+                    news.push(NewLv {
+                        name: v.name.clone(),
+                        extents: Extents(extents),
+                        layout: Layout::Linear,
+                        tags: v.tags.clone(),
+                        id: random_uuid(),
+                        creation_time: now,
+                        creation_host: host.clone(),
+                    });
+                }
+                ops::create_lvs(&mut meta, news)?;
+                if *wipe {
+                    for v in volumes {
+                        let (dev, off, len) = lv_start(loaded, &meta, &v.name)?;
+                        let reason = format!("wipe the start of new LV {vg}/{}", v.name);
+                        plan.steps.push(Step::ZeroRange {
+                            device: dev,
+                            offset: off,
+                            len,
+                            reason,
+                        });
+                    }
+                }
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+            }
             Operation::LvRemove { vg, names } => {
                 let loaded = scan.vg(vg)?;
                 self.require_complete(loaded)?;
@@ -972,6 +1033,15 @@ impl Engine {
             bytes: text.len() as u64,
         });
         plan.new_text = Some(text);
+        plan.pv_paths = meta
+            .pvs
+            .iter()
+            .filter_map(|pv| {
+                let d = devs.iter().find(|d| d.uuid == pv.id)?;
+                Some((pv.key.clone(), d.path.clone()))
+            })
+            .collect();
+        plan.new_meta = Some(std::sync::Arc::new(meta));
         Ok(())
     }
 

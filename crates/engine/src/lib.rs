@@ -27,6 +27,6 @@ pub mod report;
 pub mod scan;
 pub mod vg;
 
-pub use engine::{DeviceSource, Engine, Executed, Operation, PvOptions};
+pub use engine::{DeviceSource, Engine, Executed, NewVolume, Operation, PvOptions};
 pub use error::{EngineError, Result};
 pub use plan::{Plan, Step};

@@ -122,6 +122,11 @@ pub struct Plan {
     pub(crate) old_meta: Option<std::sync::Arc<devpool_format::metadata::VgMetadata>>,
     #[serde(skip)]
     pub(crate) new_text: Option<Vec<u8>>,
+    /// The metadata this plan commits, and the device of each of its PVs.
+    #[serde(skip)]
+    pub(crate) new_meta: Option<std::sync::Arc<devpool_format::metadata::VgMetadata>>,
+    #[serde(skip)]
+    pub(crate) pv_paths: std::collections::BTreeMap<String, PathBuf>,
     #[serde(skip)]
     pub(crate) locks: Locks,
 }
@@ -133,6 +138,16 @@ pub(crate) struct Locks {
 }
 
 impl Plan {
+    /// The VG as this plan leaves it (for VG changes).
+    pub fn new_metadata(&self) -> Option<&devpool_format::metadata::VgMetadata> {
+        self.new_meta.as_deref()
+    }
+
+    /// The device that carries PV `key` (`pv0`) of the new metadata.
+    pub fn pv_path(&self, key: &str) -> Option<&std::path::Path> {
+        self.pv_paths.get(key).map(|p| p.as_path())
+    }
+
     /// Unified diff of the VG metadata text, old to new.
     pub fn metadata_diff(&self) -> String {
         let new = self

@@ -1,0 +1,408 @@
+//! Pool, lease, cleanup, resize, run and fstests-config commands.
+
+use crate::args::{Global, LeaseCmd, PoolCmd, Want};
+use anyhow::{Context, Result, anyhow, bail};
+use devpool_format::units::{Bytes, SizeArg};
+use devpool_pool::owner::{Liveness, Owner};
+use devpool_pool::pool::{Acquired, Pools, absolute_bytes};
+use devpool_pool::{PoolError, spec};
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+pub fn pools(g: &Global) -> Result<Pools> {
+    let default_size = match std::env::var("DEVPOOL_DEFAULT_POOL_SIZE") {
+        Ok(s) => absolute_bytes(&s).context("DEVPOOL_DEFAULT_POOL_SIZE")?,
+        Err(_) => Bytes(64 << 30),
+    };
+    Ok(Pools {
+        state_dir: g.state_dir.clone(),
+        fstab: std::env::var_os("DEVPOOL_FSTAB")
+            .map(Into::into)
+            .unwrap_or_else(|| "/etc/fstab".into()),
+        default_size,
+        prefix: std::env::var("DEVPOOL_PREFIX").unwrap_or_else(|_| "devpool".into()),
+    })
+}
+
+/// `--pool`, else `$DEVPOOL_POOL` (clap reads it), else
+/// `$KERNELDEV_DEVICE_POOL`, else `default`.
+pub fn pool_name(g: &Global) -> String {
+    g.pool
+        .clone()
+        .or_else(|| std::env::var("KERNELDEV_DEVICE_POOL").ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Run `f(confirmed)`; on a confirmation request, show it and ask for YES.
+fn confirmed<T>(g: &Global, f: impl Fn(bool) -> devpool_pool::Result<T>) -> Result<T> {
+    match f(g.yes) {
+        Err(PoolError::NeedsConfirmation { what, reasons }) => {
+            eprintln!("{what}:");
+            for r in &reasons {
+                eprintln!("  - {r}");
+            }
+            if g.dry_run {
+                bail!("dry run: nothing was changed");
+            }
+            if !std::io::stdin().is_terminal() {
+                bail!("{what} needs confirmation; rerun with --yes");
+            }
+            eprint!("Type YES to go ahead: ");
+            std::io::stderr().flush().ok();
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("reading the confirmation")?;
+            if line.trim() != "YES" {
+                bail!("not confirmed; nothing was changed");
+            }
+            Ok(f(true)?)
+        }
+        r => Ok(r?),
+    }
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1}G", b as f64 / (1u64 << 30) as f64)
+}
+
+pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
+    let p = pools(g)?;
+    match cmd {
+        PoolCmd::Setup {
+            device,
+            name,
+            image_size,
+        } => {
+            let size = image_size
+                .as_deref()
+                .map(absolute_bytes)
+                .transpose()
+                .context("--image-size")?;
+            let out = confirmed(g, |ok| p.setup(&device, &name, size, ok && !g.dry_run))?;
+            if g.json {
+                return json(&out);
+            }
+            if out.already {
+                println!(
+                    "pool '{}' is already set up on {}",
+                    out.pool,
+                    out.device.display()
+                );
+            } else {
+                println!(
+                    "pool '{}' set up on {} ({}, VG {})",
+                    out.pool,
+                    out.device.display(),
+                    gib(out.size_bytes),
+                    out.vg
+                );
+            }
+        }
+        PoolCmd::List => {
+            let list = p.list()?;
+            if g.json {
+                return json(&list);
+            }
+            println!(
+                "{:<16} {:>9} {:>9} {:>7} {:>7}  DEVICES",
+                "POOL", "SIZE", "FREE", "LEASES", "VOLUMES"
+            );
+            for s in list {
+                let devs: Vec<String> = s.devices.iter().map(|d| d.display().to_string()).collect();
+                println!(
+                    "{:<16} {:>9} {:>9} {:>7} {:>7}  {}",
+                    s.pool,
+                    gib(s.size_bytes),
+                    gib(s.free_bytes),
+                    s.leases,
+                    s.volumes,
+                    devs.join(",")
+                );
+            }
+        }
+        PoolCmd::Status { name } => {
+            let name = name.unwrap_or_else(|| pool_name(g));
+            let st = p.status(&name)?;
+            if g.json {
+                return json(&st);
+            }
+            let s = &st.summary;
+            println!("pool {} (VG {})", s.pool, s.vg);
+            for d in &s.devices {
+                println!("  device   {}", d.display());
+            }
+            println!("  size     {} ({} bytes)", gib(s.size_bytes), s.size_bytes);
+            println!("  free     {} ({} bytes)", gib(s.free_bytes), s.free_bytes);
+            println!(
+                "  health   {}",
+                if st.health.is_empty() {
+                    "ok".to_string()
+                } else {
+                    st.health.join("; ")
+                }
+            );
+            for l in &st.leases {
+                print_lease(&l.lease);
+                for d in &l.devices {
+                    println!("      {} -> {}", d.role, d.device.display());
+                }
+            }
+            for o in &st.other_volumes {
+                println!("  volume {o} (not leased)");
+            }
+        }
+        PoolCmd::Teardown { name, wipe, force } => {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "wiping {bar:40} {bytes}/{total_bytes} ({eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let progress = |done: u64, total: u64| {
+                bar.set_length(total);
+                bar.set_position(done);
+            };
+            let report = confirmed(g, |ok| {
+                p.teardown(&name, force, wipe, ok && !g.dry_run, &progress)
+            })?;
+            bar.finish_and_clear();
+            if g.json {
+                return json(&report);
+            }
+            for l in &report.removed {
+                println!("reaped orphan lease {}", l.session);
+            }
+            println!("pool '{name}' torn down");
+        }
+    }
+    Ok(())
+}
+
+fn print_lease(l: &devpool_pool::lease::Lease) {
+    let owner = match &l.owner {
+        Some(o) => format!("pid {} on {}", o.pid, o.host),
+        None => "unknown owner".into(),
+    };
+    let state = match &l.liveness {
+        Liveness::Alive => "alive".to_string(),
+        Liveness::Dead(why) => format!("dead: {why}"),
+        Liveness::OtherHost(why) => format!("unknown: {why}"),
+    };
+    println!(
+        "  lease {}  {owner}  {state}{}",
+        l.session,
+        if l.kept { "  kept" } else { "" }
+    );
+    for v in &l.volumes {
+        println!("    {:<10} {:>8}  {}", v.role, gib(v.size_bytes), v.lv);
+    }
+}
+
+pub fn want(w: &Want) -> Result<Vec<spec::VolumeSpec>> {
+    Ok(match (&w.volumes, &w.profile) {
+        (Some(v), _) => spec::parse_volumes(v)?,
+        (None, Some(p)) => spec::profile(p, w.size.as_deref())?,
+        (None, None) => bail!("give --volumes ROLE:SIZE,… or --profile NAME"),
+    })
+}
+
+fn print_acquired(g: &Global, a: &Acquired) -> Result<()> {
+    if g.json {
+        return json(a);
+    }
+    println!("session {}", a.session);
+    for d in &a.devices {
+        println!("{} {} {}", d.role, d.device.display(), d.lv);
+    }
+    Ok(())
+}
+
+pub fn lease(g: &Global, cmd: LeaseCmd) -> Result<()> {
+    let p = pools(g)?;
+    let name = pool_name(g);
+    match cmd {
+        LeaseCmd::Acquire {
+            want: w,
+            keep,
+            owner_pid,
+        } => {
+            let specs = want(&w)?;
+            // SAFETY: getppid cannot fail.
+            let pid = owner_pid.unwrap_or_else(|| unsafe { libc::getppid() } as u32);
+            let owner =
+                Owner::of_pid(pid).ok_or_else(|| anyhow!("--owner-pid {pid}: no such process"))?;
+            let a = p.acquire(&name, &specs, &owner, keep)?;
+            print_acquired(g, &a)
+        }
+        LeaseCmd::Release { session } => {
+            let lvs = p.release(&name, &session)?;
+            if g.json {
+                return json(
+                    &serde_json::json!({"pool": name, "session": session, "removed": lvs}),
+                );
+            }
+            println!("released {session} ({} volumes)", lvs.len());
+            Ok(())
+        }
+        LeaseCmd::List => {
+            let leases = p.leases(&name)?;
+            if g.json {
+                return json(&leases);
+            }
+            for l in &leases {
+                print_lease(l);
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn cleanup(g: &Global, kept: bool) -> Result<()> {
+    let name = pool_name(g);
+    let r = pools(g)?.cleanup(&name, kept)?;
+    if g.json {
+        return json(&r);
+    }
+    for l in &r.removed {
+        let why = match &l.liveness {
+            Liveness::Dead(w) => w.as_str(),
+            _ => "",
+        };
+        println!(
+            "removed lease {} ({} volumes): {why}",
+            l.session,
+            l.volumes.len()
+        );
+    }
+    for (s, why) in &r.kept {
+        println!("kept lease {s}: {why}");
+    }
+    if r.removed.is_empty() {
+        println!("nothing to clean up in pool '{name}'");
+    }
+    Ok(())
+}
+
+pub fn resize(g: &Global, volume: &str, size: &str) -> Result<()> {
+    let name = pool_name(g);
+    let size = SizeArg::parse(size).map_err(|e| anyhow!("size: {e}"))?;
+    let lv = volume.rsplit('/').next().unwrap_or(volume);
+    let p = pools(g)?;
+    let bytes = confirmed(g, |ok| p.resize(&name, lv, size, ok))?;
+    if g.json {
+        return json(&serde_json::json!({"pool": name, "volume": lv, "size_bytes": bytes}));
+    }
+    println!("{lv}: now {} ({bytes} bytes)", gib(bytes));
+    Ok(())
+}
+
+pub fn fstests_config(
+    g: &Global,
+    session: &str,
+    mounts: &str,
+    output: Option<&std::path::Path>,
+) -> Result<()> {
+    let name = pool_name(g);
+    let st = pools(g)?.status(&name)?;
+    let l = st
+        .leases
+        .iter()
+        .find(|l| l.lease.session == session)
+        .ok_or_else(|| anyhow!("no lease '{session}' in pool '{name}'"))?;
+    let devs: Vec<(String, String)> = l
+        .devices
+        .iter()
+        .map(|d| (d.role.clone(), d.device.display().to_string()))
+        .collect();
+    let text = spec::fstests_config(&devs, mounts);
+    match output {
+        Some(p) => std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?,
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    SIGNALLED.store(sig, Ordering::SeqCst);
+    let child = CHILD.load(Ordering::SeqCst);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe {
+            libc::kill(child, sig);
+        }
+    }
+}
+
+/// `devpool run`: acquire (owned by this process), run, release.
+pub fn run(g: &Global, w: &Want, keep: bool, command: &[String]) -> Result<i32> {
+    let p = pools(g)?;
+    let name = pool_name(g);
+    let specs = want(w)?;
+    let owner =
+        Owner::of_pid(std::process::id()).ok_or_else(|| anyhow!("cannot read /proc/self/stat"))?;
+    // Signals are forwarded to the command; the release happens after it ends.
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing a handler that only touches atomics and calls kill.
+        unsafe {
+            libc::signal(sig, forward as *const () as libc::sighandler_t);
+        }
+    }
+    let a = p.acquire(&name, &specs, &owner, keep)?;
+    let devs: Vec<(String, String)> = a
+        .devices
+        .iter()
+        .map(|d| (d.role.clone(), d.device.display().to_string()))
+        .collect();
+    eprintln!(
+        "devpool: lease {} in pool '{name}': {}",
+        a.session,
+        devs.iter()
+            .map(|(r, d)| format!("{r}={d}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let status = if SIGNALLED.load(Ordering::SeqCst) != 0 {
+        Err(anyhow!("interrupted before the command started"))
+    } else {
+        let mut cmd = std::process::Command::new(&command[0]);
+        cmd.args(&command[1..])
+            .envs(spec::environment(&devs))
+            .env("DEVPOOL_SESSION", &a.session)
+            .env("DEVPOOL_POOL", &name);
+        match cmd.spawn() {
+            Ok(mut child) => {
+                CHILD.store(child.id() as i32, Ordering::SeqCst);
+                let st = child.wait();
+                CHILD.store(0, Ordering::SeqCst);
+                st.map_err(|e| anyhow!("waiting for {}: {e}", command[0]))
+            }
+            Err(e) => Err(anyhow!("cannot run {}: {e}", command[0])),
+        }
+    };
+    if keep {
+        eprintln!(
+            "devpool: kept lease {} (release it with 'devpool lease release {}')",
+            a.session, a.session
+        );
+    } else if let Err(e) = p.release(&name, &a.session) {
+        eprintln!(
+            "devpool: releasing {} failed: {e}; 'devpool cleanup' will reap it",
+            a.session
+        );
+    }
+    let st = status?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
+}

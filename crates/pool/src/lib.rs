@@ -1,0 +1,25 @@
+//! # devpool-pool
+//!
+//! Policy on top of the engine: which VG is a pool (`devpool-<NAME>`), who
+//! holds which volumes, what is an orphan, which checks a device must pass
+//! before it becomes a pool.
+//!
+//! - [`pool`]: pools (setup, list, status, teardown, the embedded default)
+//! - [`lease`]: leases recorded in LV tags in the commit that creates them
+//! - [`owner`]: owner identity (PID, its start time, boot id, host) and liveness
+//! - [`spec`]: volume lists and profiles (`test:10G,scratch:10G`, `fstests`)
+//! - [`safety`] and [`sysblk`]: the checks before setup and the block-device
+//!   topology they walk (sysfs holders/slaves, mountinfo, swaps, fstab)
+//! - [`loopdev`]: loop devices over a volume's extents
+
+pub mod error;
+pub mod lease;
+pub mod loopdev;
+pub mod owner;
+pub mod pool;
+pub mod safety;
+pub mod spec;
+pub mod sysblk;
+pub mod wipe;
+
+pub use error::{PoolError, Result};

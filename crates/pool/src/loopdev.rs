@@ -1,0 +1,249 @@
+//! Loop devices over a volume's extents (`offset` + `sizelimit` on the PV,
+//! direct I/O where the backing file allows it). Each device devpool attaches
+//! carries `devpool:<LV uuid>` as its loop file name, so release and cleanup
+//! find exactly the devices of a volume, whoever attached them.
+
+use crate::{PoolError, Result};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
+const LO_NAME_SIZE: usize = 64;
+const MARK: &str = "devpool:";
+
+/// `struct loop_info64` (linux/loop.h).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; LO_NAME_SIZE],
+    lo_crypt_name: [u8; LO_NAME_SIZE],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` (linux/loop.h, kernel 5.8+).
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+fn zero_info() -> LoopInfo64 {
+    // All-zero is a valid loop_info64 (plain integers and byte arrays).
+    LoopInfo64 {
+        lo_device: 0,
+        lo_inode: 0,
+        lo_rdevice: 0,
+        lo_offset: 0,
+        lo_sizelimit: 0,
+        lo_number: 0,
+        lo_encrypt_type: 0,
+        lo_encrypt_key_size: 0,
+        lo_flags: 0,
+        lo_file_name: [0; LO_NAME_SIZE],
+        lo_crypt_name: [0; LO_NAME_SIZE],
+        lo_encrypt_key: [0; 32],
+        lo_init: [0; 2],
+    }
+}
+
+/// A loop device devpool attached, as read back from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Attached {
+    pub device: PathBuf,
+    /// The LV uuid from the `devpool:` mark.
+    pub lv_uuid: String,
+    pub offset: u64,
+    pub size: u64,
+}
+
+fn ioctl_err(path: &Path, what: &str) -> PoolError {
+    PoolError::io(path, what, std::io::Error::last_os_error())
+}
+
+fn open_rw(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Attach a loop device to `size` bytes of `backing` at `offset`.
+pub fn attach(backing: &Path, offset: u64, size: u64, lv_uuid: &str) -> Result<PathBuf> {
+    let file = open_rw(backing).map_err(|e| PoolError::io(backing, "open loop backing", e))?;
+    let ctl = open_rw(Path::new("/dev/loop-control"))
+        .map_err(|e| PoolError::io("/dev/loop-control", "open", e))?;
+    let mut info = zero_info();
+    info.lo_offset = offset;
+    info.lo_sizelimit = size;
+    let name = format!("{MARK}{lv_uuid}");
+    let n = name.len().min(LO_NAME_SIZE - 1);
+    info.lo_file_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // Another process may take the free device between GET_FREE and
+    // CONFIGURE (EBUSY): ask again.
+    for _ in 0..64 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+        let nr = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if nr < 0 {
+            return Err(ioctl_err(
+                Path::new("/dev/loop-control"),
+                "LOOP_CTL_GET_FREE",
+            ));
+        }
+        let dev = PathBuf::from(format!("/dev/loop{nr}"));
+        let lo = match open_rw(&dev) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(PoolError::io(&dev, "open", e)),
+        };
+        for flags in [LO_FLAGS_DIRECT_IO, 0] {
+            let mut cfg = LoopConfig {
+                fd: file.as_raw_fd() as u32,
+                block_size: 0,
+                info,
+                reserved: [0; 8],
+            };
+            cfg.info.lo_flags = flags;
+            // SAFETY: cfg is a valid struct loop_config that outlives the call.
+            let r =
+                unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) };
+            if r == 0 {
+                return Ok(dev);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Backing file system without O_DIRECT: retry buffered.
+                Some(libc::EINVAL) if flags != 0 => continue,
+                Some(libc::EBUSY) => break,
+                _ => return Err(PoolError::io(&dev, "LOOP_CONFIGURE", e)),
+            }
+        }
+    }
+    Err(PoolError::Refused(
+        "could not find a free loop device after 64 attempts".into(),
+    ))
+}
+
+fn status(dev: &Path) -> Option<LoopInfo64> {
+    let f = File::open(dev).ok()?;
+    let mut info = zero_info();
+    // SAFETY: info is a valid, writable struct loop_info64.
+    let r = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            LOOP_GET_STATUS64,
+            &mut info as *mut LoopInfo64,
+        )
+    };
+    (r == 0).then_some(info)
+}
+
+/// Every loop device devpool attached (found by its mark).
+pub fn list() -> Vec<Attached> {
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        // Bound devices have a loop/ directory with a backing_file.
+        if !name.starts_with("loop") || !e.path().join("loop/backing_file").exists() {
+            continue;
+        }
+        let dev = PathBuf::from(format!("/dev/{name}"));
+        let Some(info) = status(&dev) else { continue };
+        let end = info
+            .lo_file_name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(LO_NAME_SIZE);
+        let fname = String::from_utf8_lossy(&info.lo_file_name[..end]).to_string();
+        if let Some(uuid) = fname.strip_prefix(MARK) {
+            out.push(Attached {
+                device: dev,
+                lv_uuid: uuid.to_string(),
+                offset: info.lo_offset,
+                size: info.lo_sizelimit,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.device.cmp(&b.device));
+    out
+}
+
+/// Detach a loop device (the kernel defers it while someone holds it open).
+pub fn detach(dev: &Path) -> Result<()> {
+    let f = File::open(dev).map_err(|e| PoolError::io(dev, "open", e))?;
+    // SAFETY: LOOP_CLR_FD takes no argument.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        // Already detached by someone else: done.
+        if e.raw_os_error() != Some(libc::ENXIO) {
+            return Err(PoolError::io(dev, "LOOP_CLR_FD", e));
+        }
+    }
+    Ok(())
+}
+
+/// Change a loop device's window after a resize.
+pub fn set_window(dev: &Path, offset: u64, size: u64) -> Result<()> {
+    let mut info =
+        status(dev).ok_or_else(|| PoolError::Refused(format!("{} is not bound", dev.display())))?;
+    info.lo_offset = offset;
+    info.lo_sizelimit = size;
+    let f = File::open(dev).map_err(|e| PoolError::io(dev, "open", e))?;
+    // SAFETY: info is a valid struct loop_info64.
+    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_SET_STATUS64, &info as *const LoopInfo64) } != 0 {
+        return Err(ioctl_err(dev, "LOOP_SET_STATUS64"));
+    }
+    // SAFETY: LOOP_SET_CAPACITY takes no argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_SET_CAPACITY, 0) } != 0 {
+        return Err(ioctl_err(dev, "LOOP_SET_CAPACITY"));
+    }
+    Ok(())
+}
+
+/// Give a device node to the user who ran devpool through sudo.
+pub fn chown_to_sudo_user(dev: &Path) {
+    let id = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+    if let (Some(uid), Some(gid)) = (id("SUDO_UID"), id("SUDO_GID")) {
+        let _ = std::os::unix::fs::chown(dev, Some(uid), Some(gid));
+    }
+}
+
+/// Give a device node back to root:disk before it is reused.
+pub fn chown_back(dev: &Path) {
+    let _ = std::os::unix::fs::chown(dev, Some(0), Some(6));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_sizes_match_the_kernel_abi() {
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+}

@@ -1,0 +1,110 @@
+//! Who holds a lease, in a form that survives PID reuse and reboots: the PID,
+//! the PID's start time (clock ticks since boot, `/proc/PID/stat` field 22),
+//! the boot id and the host. An owner is alive only if all of them match.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Owner {
+    pub pid: u32,
+    pub start_ticks: u64,
+    pub boot_id: String,
+    pub host: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "reason", rename_all = "snake_case")]
+pub enum Liveness {
+    Alive,
+    /// Dead, with why we know.
+    Dead(String),
+    /// Recorded by another host: devpool cannot tell, so it never reaps it.
+    OtherHost(String),
+}
+
+impl Liveness {
+    pub fn is_alive(&self) -> bool {
+        !matches!(self, Liveness::Dead(_))
+    }
+}
+
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Start time of `pid` in clock ticks since boot, if the process exists.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and ')': fields resume after
+    // the last ')'. Field 3 is the first one after it; field 22 is starttime.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl Owner {
+    /// The owner record for a live process on this host.
+    pub fn of_pid(pid: u32) -> Option<Owner> {
+        Some(Owner {
+            pid,
+            start_ticks: start_ticks(pid)?,
+            boot_id: boot_id(),
+            host: devpool_engine::engine::hostname(),
+        })
+    }
+
+    pub fn liveness(&self) -> Liveness {
+        let host = devpool_engine::engine::hostname();
+        if self.host != host {
+            return Liveness::OtherHost(format!("owner is on host {}", self.host));
+        }
+        if self.boot_id != boot_id() {
+            return Liveness::Dead(format!(
+                "recorded in another boot ({}); the machine has rebooted since",
+                self.boot_id
+            ));
+        }
+        match start_ticks(self.pid) {
+            None => Liveness::Dead(format!("PID {} no longer exists", self.pid)),
+            Some(t) if t != self.start_ticks => Liveness::Dead(format!(
+                "PID {} now belongs to another process (started at tick {t}, owner started at {})",
+                self.pid, self.start_ticks
+            )),
+            Some(_) => Liveness::Alive,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive_and_a_changed_start_time_is_not() {
+        let me = Owner::of_pid(std::process::id()).unwrap();
+        assert_eq!(me.liveness(), Liveness::Alive);
+        let reused = Owner {
+            start_ticks: me.start_ticks + 1,
+            ..me.clone()
+        };
+        assert!(matches!(reused.liveness(), Liveness::Dead(r) if r.contains("another process")));
+        let rebooted = Owner {
+            boot_id: "00000000-0000-0000-0000-000000000000".into(),
+            ..me.clone()
+        };
+        assert!(matches!(rebooted.liveness(), Liveness::Dead(r) if r.contains("another boot")));
+        let elsewhere = Owner {
+            host: format!("{}-elsewhere", me.host),
+            ..me
+        };
+        assert!(elsewhere.liveness().is_alive());
+    }
+
+    #[test]
+    fn start_ticks_survive_odd_command_names() {
+        // Our own stat parses; a name with ") (" cannot confuse rfind.
+        assert!(start_ticks(std::process::id()).is_some());
+        assert!(start_ticks(u32::MAX).is_none());
+    }
+}

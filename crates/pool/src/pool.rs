@@ -1,0 +1,901 @@
+//! Pools: a VG named `devpool-<NAME>` on one dedicated device or image file.
+//! The name, not the device path, identifies a pool; `state_dir/pools/NAME.json`
+//! only remembers where the pool was last seen, so that a lease does not scan
+//! every block device (it is verified on use and refreshed by a system scan).
+
+use crate::lease::{self, Lease};
+use crate::loopdev;
+use crate::owner::{Liveness, Owner};
+use crate::safety;
+use crate::spec::VolumeSpec;
+use crate::{PoolError, Result};
+use devpool_engine::engine::{DeviceSource, Engine, Operation, PvOptions};
+use devpool_engine::vg::LoadedVg;
+use devpool_engine::{EngineError, NewVolume};
+use devpool_format::metadata::{SegmentKind, VgMetadata};
+use devpool_format::units::{Amount, Bytes, SizeArg};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const VG_PREFIX: &str = "devpool-";
+/// Pools use LVM2's default extent size.
+const EXTENT_SIZE: Bytes = Bytes(4 << 20);
+/// `pool status` warns below this share of free space.
+const LOW_FREE_PERCENT: u64 = 10;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PoolRecord {
+    name: String,
+    vg: String,
+    devices: Vec<PathBuf>,
+    /// devpool made the image file (the embedded default): teardown deletes it.
+    created_image: bool,
+}
+
+/// Settings and entry points for pools.
+pub struct Pools {
+    pub state_dir: PathBuf,
+    /// The fstab the safety checks read (a setting so tests can use a scratch one).
+    pub fstab: PathBuf,
+    /// Size of the embedded default pool's sparse image.
+    pub default_size: Bytes,
+    /// First part of leased LV names.
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LeasedDevice {
+    pub role: String,
+    pub lv: String,
+    pub device: PathBuf,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Acquired {
+    pub pool: String,
+    pub session: String,
+    pub owner: Owner,
+    pub kept: bool,
+    pub devices: Vec<LeasedDevice>,
+    /// Orphans reaped because the pool was too full.
+    pub reaped: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SetupOutcome {
+    pub pool: String,
+    pub vg: String,
+    pub device: PathBuf,
+    pub size_bytes: u64,
+    pub already: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolSummary {
+    pub pool: String,
+    pub vg: String,
+    pub devices: Vec<PathBuf>,
+    pub size_bytes: u64,
+    pub free_bytes: u64,
+    pub leases: usize,
+    pub volumes: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaseStatus {
+    #[serde(flatten)]
+    pub lease: Lease,
+    pub devices: Vec<LeasedDevice>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStatus {
+    #[serde(flatten)]
+    pub summary: PoolSummary,
+    pub leases: Vec<LeaseStatus>,
+    /// LVs in the pool that no lease owns (made by hand, or by LVM2).
+    pub other_volumes: Vec<String>,
+    pub health: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CleanupReport {
+    pub pool: String,
+    pub removed: Vec<Lease>,
+    pub kept: Vec<(String, String)>,
+    pub detached: Vec<PathBuf>,
+}
+
+fn lease_names(specs: &[VolumeSpec], prefix: &str, session: &str) -> Vec<(String, String)> {
+    specs
+        .iter()
+        .map(|s| (s.role.clone(), format!("{prefix}-{session}-{}", s.role)))
+        .collect()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn random_u32() -> u32 {
+    u32::from_le_bytes(devpool_engine::plan::random_bytes::<4>())
+}
+
+/// Where a volume lives, if one loop device can cover it.
+pub fn contiguous_extent(
+    meta: &VgMetadata,
+    lv: &str,
+    pv_path: impl Fn(&str) -> Option<PathBuf>,
+) -> Result<(PathBuf, u64, u64)> {
+    let l = meta
+        .lv(lv)
+        .ok_or_else(|| PoolError::Invalid(format!("volume {lv} not found in {}", meta.name)))?;
+    let es = meta.extent_size.bytes().0;
+    let one = match l.segments.as_slice() {
+        [seg] => match &seg.kind {
+            SegmentKind::Striped { stripes, .. } if stripes.len() == 1 => Some(&stripes[0]),
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some(st) = one else {
+        return Err(PoolError::Refused(format!(
+            "volume {}/{lv} has {} segment(s) or stripes; one loop device covers only one contiguous range (serving such volumes needs devpool's data plane)",
+            meta.name,
+            l.segments.len()
+        )));
+    };
+    let pv = meta
+        .pv(&st.pv)
+        .ok_or_else(|| PoolError::Invalid(format!("{lv}: unknown PV {}", st.pv)))?;
+    let path = pv_path(&st.pv).ok_or_else(|| {
+        PoolError::Refused(format!("{lv}: the device of PV {} is missing", st.pv))
+    })?;
+    let offset = pv.pe_start.0 * 512 + st.start * es;
+    Ok((path, offset, l.extent_count() * es))
+}
+
+impl Pools {
+    pub fn vg_name(name: &str) -> Result<String> {
+        let vg = format!("{VG_PREFIX}{name}");
+        devpool_format::names::validate_vg_name(&vg)
+            .map_err(|e| PoolError::Invalid(format!("pool name '{name}': {e}")))?;
+        Ok(vg)
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.state_dir.join("pools").join(format!("{name}.json"))
+    }
+
+    fn record(&self, name: &str) -> Option<PoolRecord> {
+        let text = std::fs::read_to_string(self.record_path(name)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn save_record(&self, rec: &PoolRecord) -> Result<()> {
+        let path = self.record_path(&rec.name);
+        let dir = self.state_dir.join("pools");
+        std::fs::create_dir_all(&dir).map_err(|e| PoolError::io(&dir, "create", e))?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let text = serde_json::to_string_pretty(rec).unwrap_or_default();
+        std::fs::write(&tmp, text).map_err(|e| PoolError::io(&tmp, "write", e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| PoolError::io(&path, "rename", e))
+    }
+
+    fn system_engine(&self) -> Engine {
+        Engine::new(DeviceSource::System, self.state_dir.clone())
+    }
+
+    fn list_engine(&self, devices: Vec<PathBuf>) -> Engine {
+        Engine::new(DeviceSource::List(devices), self.state_dir.clone())
+    }
+
+    /// An engine that sees the pool's devices: the remembered ones when they
+    /// still carry the whole VG, else whatever a system scan finds (and that
+    /// is remembered). The default pool is created on first use.
+    fn engine(&self, name: &str) -> Result<(Engine, PoolRecord)> {
+        let vg = Self::vg_name(name)?;
+        if let Some(rec) = self.record(name) {
+            let e = self.list_engine(rec.devices.clone());
+            if let Ok(v) = e.scan().vg(&vg)
+                && v.is_complete()
+            {
+                return Ok((e, rec));
+            }
+        }
+        let sys = self.system_engine();
+        let scan = sys.scan();
+        if let Ok(v) = scan.vg(&vg) {
+            let rec = PoolRecord {
+                name: name.to_string(),
+                vg: vg.clone(),
+                devices: v.devices.iter().flatten().map(|d| d.path.clone()).collect(),
+                created_image: self.record(name).is_some_and(|r| r.created_image),
+            };
+            self.save_record(&rec)?;
+            return Ok((self.list_engine(rec.devices.clone()), rec));
+        }
+        if name == "default" {
+            self.create_default()?;
+            if let Some(rec) = self.record(name) {
+                return Ok((self.list_engine(rec.devices.clone()), rec));
+            }
+        }
+        Err(PoolError::NoPool(name.to_string()))
+    }
+
+    fn create_default(&self) -> Result<()> {
+        let img = self.state_dir.join("images").join("default.img");
+        let dir = self.state_dir.join("images");
+        std::fs::create_dir_all(&dir).map_err(|e| PoolError::io(&dir, "create", e))?;
+        let e = self.system_engine();
+        e.apply(
+            &Operation::VgCreate {
+                name: Self::vg_name("default")?,
+                pvs: vec![img.clone()],
+                extent_size: EXTENT_SIZE,
+                pv_options: PvOptions {
+                    metadata_size: None,
+                    metadata_copies: 1,
+                    image_size: Some(self.default_size),
+                },
+            },
+            true,
+        )?;
+        self.save_record(&PoolRecord {
+            name: "default".into(),
+            vg: Self::vg_name("default")?,
+            devices: vec![std::fs::canonicalize(&img).unwrap_or(img)],
+            created_image: true,
+        })
+    }
+
+    /// Turn a dedicated device (or an image file, made with `image_size` if
+    /// it does not exist) into pool `name`.
+    pub fn setup(
+        &self,
+        device: &Path,
+        name: &str,
+        image_size: Option<Bytes>,
+        confirmed: bool,
+    ) -> Result<SetupOutcome> {
+        let vg = Self::vg_name(name)?;
+        let sys = self.system_engine();
+        let scan = sys.scan();
+        if let Ok(existing) = scan.vg(&vg) {
+            let on_device = existing
+                .devices
+                .iter()
+                .flatten()
+                .any(|d| same_file(&d.path, device));
+            if !on_device {
+                return Err(PoolError::Refused(format!(
+                    "pool '{name}' already exists on {} (VG {vg})",
+                    existing
+                        .devices
+                        .iter()
+                        .flatten()
+                        .map(|d| d.path.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        let new_image = !device.exists();
+        let mut findings = safety::Findings::default();
+        // Held for the whole setup: nobody can mount or claim the device meanwhile.
+        let mut _exclusive = None;
+        if new_image {
+            if image_size.is_none() {
+                return Err(PoolError::Invalid(format!(
+                    "{}: no such device or image file (pass --image-size to create a sparse image there)",
+                    device.display()
+                )));
+            }
+        } else {
+            findings = safety::check(device, &self.fstab)?;
+            if findings.lvm_pv {
+                let own = self.list_engine(vec![device.to_path_buf()]);
+                let s = own.scan();
+                if let Ok(v) = s.vg(&vg) {
+                    let rec = PoolRecord {
+                        name: name.to_string(),
+                        vg: vg.clone(),
+                        devices: v.devices.iter().flatten().map(|d| d.path.clone()).collect(),
+                        created_image: false,
+                    };
+                    self.save_record(&rec)?;
+                    return Ok(SetupOutcome {
+                        pool: name.to_string(),
+                        vg,
+                        device: device.to_path_buf(),
+                        size_bytes: v.meta.extent_count() * v.meta.extent_size.bytes().0,
+                        already: true,
+                    });
+                }
+                let owner = s
+                    .assembly
+                    .vgs
+                    .first()
+                    .map(|v| format!("a PV of VG {}", v.meta.name))
+                    .unwrap_or_else(|| "an LVM2 PV that belongs to no VG".into());
+                findings
+                    .refusals
+                    .push(format!("{} is already {owner}", device.display()));
+            }
+            if !findings.refusals.is_empty() {
+                return Err(PoolError::Unsafe {
+                    device: device.to_path_buf(),
+                    findings: findings.refusals,
+                });
+            }
+            if crate::sysblk::is_file_type_block(device) {
+                _exclusive = Some(
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags_excl()
+                        .open(device)
+                        .map_err(|e| PoolError::io(device, "open exclusively", e))?,
+                );
+            }
+        }
+        let size = if new_image {
+            image_size.map(|b| b.0).unwrap_or(0)
+        } else {
+            device_size(device)?
+        };
+        if !confirmed {
+            let mut reasons = vec![format!(
+                "{} ({} bytes) becomes pool '{name}' (VG {vg}); everything on it is lost",
+                device.display(),
+                size
+            )];
+            reasons.extend(findings.confirm.clone());
+            return Err(PoolError::NeedsConfirmation {
+                what: format!("pool setup {}", device.display()),
+                reasons,
+            });
+        }
+        let backup = if new_image {
+            None
+        } else {
+            Some(Backup::take(device, size)?)
+        };
+        let result = sys.apply(
+            &Operation::VgCreate {
+                name: vg.clone(),
+                pvs: vec![device.to_path_buf()],
+                extent_size: EXTENT_SIZE,
+                pv_options: PvOptions {
+                    metadata_size: None,
+                    metadata_copies: 1,
+                    image_size,
+                },
+            },
+            true,
+        );
+        if let Err(e) = result {
+            let restored = match &backup {
+                Some(b) => match b.restore(device) {
+                    Ok(()) => "the first and last MiB were restored".to_string(),
+                    Err(r) => format!("restoring the first and last MiB failed too: {r}"),
+                },
+                None => {
+                    let _ = std::fs::remove_file(device);
+                    "the new image file was removed".to_string()
+                }
+            };
+            return Err(PoolError::Refused(format!(
+                "pool setup on {} failed: {e}; {restored}",
+                device.display()
+            )));
+        }
+        self.save_record(&PoolRecord {
+            name: name.to_string(),
+            vg: vg.clone(),
+            devices: vec![std::fs::canonicalize(device).unwrap_or(device.to_path_buf())],
+            created_image: false,
+        })?;
+        Ok(SetupOutcome {
+            pool: name.to_string(),
+            vg,
+            device: device.to_path_buf(),
+            size_bytes: size,
+            already: false,
+        })
+    }
+
+    /// Every pool a system scan finds.
+    pub fn list(&self) -> Result<Vec<PoolSummary>> {
+        let scan = self.system_engine().scan();
+        Ok(scan
+            .assembly
+            .vgs
+            .iter()
+            .filter_map(|v| {
+                let name = v.meta.name.strip_prefix(VG_PREFIX)?;
+                Some(summary(name, v))
+            })
+            .collect())
+    }
+
+    fn load(&self, name: &str) -> Result<(Engine, PoolRecord, LoadedVg)> {
+        let (e, rec) = self.engine(name)?;
+        let (v, _) = e.read_vg(&rec.vg)?;
+        Ok((e, rec, v))
+    }
+
+    pub fn status(&self, name: &str) -> Result<PoolStatus> {
+        let (_, _, v) = self.load(name)?;
+        let s = summary(name, &v);
+        let attached = loopdev::list();
+        let mut leases = Vec::new();
+        for l in lease::leases(&v.meta) {
+            let devices = l
+                .volumes
+                .iter()
+                .flat_map(|vol| {
+                    let uuid = v.meta.lv(&vol.lv).map(|m| m.id.raw_str().to_string());
+                    attached
+                        .iter()
+                        .filter(move |a| Some(&a.lv_uuid) == uuid.as_ref())
+                        .map(|a| LeasedDevice {
+                            role: vol.role.clone(),
+                            lv: vol.lv.clone(),
+                            device: a.device.clone(),
+                            size_bytes: a.size,
+                        })
+                })
+                .collect();
+            leases.push(LeaseStatus { lease: l, devices });
+        }
+        let other_volumes = v
+            .meta
+            .lvs
+            .iter()
+            .filter(|l| lease::session_of(l).is_none())
+            .map(|l| l.name.clone())
+            .collect();
+        let mut health = Vec::new();
+        for m in &v.health.missing_pvs {
+            health.push(format!("PV missing: {m}"));
+        }
+        for d in &v.health.disagreeing {
+            health.push(format!("metadata copies disagree: {d}"));
+        }
+        if s.size_bytes > 0 && s.free_bytes * 100 / s.size_bytes < LOW_FREE_PERCENT {
+            health.push(format!(
+                "free space is low: {} of {} bytes free",
+                s.free_bytes, s.size_bytes
+            ));
+        }
+        Ok(PoolStatus {
+            summary: s,
+            leases,
+            other_volumes,
+            health,
+        })
+    }
+
+    /// Lease volumes: one commit creates them with the owner in their tags;
+    /// then each gets a loop device. Reaps orphans once if the pool is full.
+    pub fn acquire(
+        &self,
+        name: &str,
+        specs: &[VolumeSpec],
+        owner: &Owner,
+        keep: bool,
+    ) -> Result<Acquired> {
+        let (e, rec) = self.engine(name)?;
+        let session = lease::new_session_id(unix_now(), random_u32());
+        let names = lease_names(specs, &self.prefix, &session);
+        let volumes: Vec<NewVolume> = specs
+            .iter()
+            .zip(&names)
+            .map(|(s, (role, lv))| NewVolume {
+                name: lv.clone(),
+                size: s.size,
+                tags: lease::tags(&session, role, owner, keep),
+            })
+            .collect();
+        let op = Operation::LvCreateBatch {
+            vg: rec.vg.clone(),
+            volumes,
+            wipe: true,
+        };
+        let mut reaped = Vec::new();
+        let plan = match e.apply(&op, true) {
+            Ok((plan, _)) => plan,
+            Err(EngineError::NoSpace { .. }) => {
+                let report = self.cleanup(name, false)?;
+                reaped = report.removed.iter().map(|l| l.session.clone()).collect();
+                e.apply(&op, true)?.0
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let meta = plan
+            .new_metadata()
+            .ok_or_else(|| PoolError::Invalid("acquire: the plan has no metadata".into()))?;
+        let mut devices = Vec::new();
+        let exposed: Result<()> = (|| {
+            for (role, lv) in &names {
+                let (path, offset, size) =
+                    contiguous_extent(meta, lv, |k| plan.pv_path(k).map(Path::to_path_buf))?;
+                let uuid = meta
+                    .lv(lv)
+                    .map(|l| l.id.raw_str().to_string())
+                    .unwrap_or_default();
+                let dev = loopdev::attach(&path, offset, size, &uuid)?;
+                loopdev::chown_to_sudo_user(&dev);
+                devices.push(LeasedDevice {
+                    role: role.clone(),
+                    lv: lv.clone(),
+                    device: dev,
+                    size_bytes: size,
+                });
+            }
+            Ok(())
+        })();
+        if let Err(err) = exposed {
+            // Give everything back: a lease is usable whole or not at all.
+            let _ = self.release(name, &session);
+            return Err(err);
+        }
+        Ok(Acquired {
+            pool: name.to_string(),
+            session,
+            owner: owner.clone(),
+            kept: keep,
+            devices,
+            reaped,
+        })
+    }
+
+    /// Detach the loop devices of `lvs` (and any devpool loop device over
+    /// the pool's PVs whose volume no longer exists).
+    fn detach_for(&self, meta: &VgMetadata, lvs: &[String]) -> Vec<PathBuf> {
+        let uuids: Vec<String> = lvs
+            .iter()
+            .filter_map(|n| meta.lv(n).map(|l| l.id.raw_str().to_string()))
+            .collect();
+        let mut done = Vec::new();
+        for a in loopdev::list() {
+            if uuids.contains(&a.lv_uuid) && loopdev::detach(&a.device).is_ok() {
+                loopdev::chown_back(&a.device);
+                done.push(a.device);
+            }
+        }
+        done
+    }
+
+    pub fn release(&self, name: &str, session: &str) -> Result<Vec<String>> {
+        let (e, rec) = self.engine(name)?;
+        for _ in 0..3 {
+            let (v, _) = e.read_vg(&rec.vg)?;
+            let lvs: Vec<String> = v
+                .meta
+                .lvs
+                .iter()
+                .filter(|l| lease::session_of(l) == Some(session))
+                .map(|l| l.name.clone())
+                .collect();
+            if lvs.is_empty() {
+                return Err(PoolError::Invalid(format!(
+                    "no lease '{session}' in pool '{name}' (see 'devpool lease list')"
+                )));
+            }
+            self.detach_for(&v.meta, &lvs);
+            match e.apply(
+                &Operation::LvRemove {
+                    vg: rec.vg.clone(),
+                    names: lvs.clone(),
+                },
+                true,
+            ) {
+                Ok(_) => return Ok(lvs),
+                // Someone (a cleanup) removed part of it meanwhile: look again.
+                Err(EngineError::LvNotFound { .. }) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(PoolError::Refused(format!(
+            "lease '{session}' kept changing while it was released; try again"
+        )))
+    }
+
+    pub fn leases(&self, name: &str) -> Result<Vec<Lease>> {
+        let (_, _, v) = self.load(name)?;
+        Ok(lease::leases(&v.meta))
+    }
+
+    /// Remove every lease whose owner is dead (kept ones only with
+    /// `include_kept`); report what was removed and what was kept, and why.
+    pub fn cleanup(&self, name: &str, include_kept: bool) -> Result<CleanupReport> {
+        let (e, rec) = self.engine(name)?;
+        for _ in 0..3 {
+            let (v, _) = e.read_vg(&rec.vg)?;
+            let mut report = CleanupReport {
+                pool: name.to_string(),
+                ..Default::default()
+            };
+            let mut lvs = Vec::new();
+            for l in lease::leases(&v.meta) {
+                match (&l.liveness, l.kept && !include_kept) {
+                    (Liveness::Dead(_), false) => {
+                        lvs.extend(l.volumes.iter().map(|v| v.lv.clone()));
+                        report.removed.push(l);
+                    }
+                    (Liveness::Dead(_), true) => report
+                        .kept
+                        .push((l.session.clone(), "kept (--kept removes it)".into())),
+                    (Liveness::Alive, _) => report
+                        .kept
+                        .push((l.session.clone(), "owner is alive".into())),
+                    (Liveness::OtherHost(h), _) => report.kept.push((l.session.clone(), h.clone())),
+                }
+            }
+            report.detached = self.detach_for(&v.meta, &lvs);
+            report.detached.extend(self.detach_strays(&v));
+            if lvs.is_empty() {
+                return Ok(report);
+            }
+            match e.apply(
+                &Operation::LvRemove {
+                    vg: rec.vg.clone(),
+                    names: lvs,
+                },
+                true,
+            ) {
+                Ok(_) => return Ok(report),
+                Err(EngineError::LvNotFound { .. }) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(PoolError::Refused(format!(
+            "pool '{name}' kept changing during cleanup; try again"
+        )))
+    }
+
+    /// devpool loop devices over this pool's PVs whose volume is gone would
+    /// expose extents a new lease may get: detach them.
+    fn detach_strays(&self, v: &LoadedVg) -> Vec<PathBuf> {
+        let pv_files: Vec<PathBuf> = v.devices.iter().flatten().map(|d| d.path.clone()).collect();
+        let live: Vec<String> = v
+            .meta
+            .lvs
+            .iter()
+            .map(|l| l.id.raw_str().to_string())
+            .collect();
+        let backing: std::collections::HashMap<String, PathBuf> = crate::sysblk::loops()
+            .into_iter()
+            .map(|(d, b)| (format!("/dev/{}", crate::sysblk::kname(d)), b))
+            .collect();
+        let mut out = Vec::new();
+        for a in loopdev::list() {
+            let ours = backing
+                .get(&a.device.display().to_string())
+                .is_some_and(|b| pv_files.iter().any(|p| same_file(p, b)));
+            if ours && !live.contains(&a.lv_uuid) && loopdev::detach(&a.device).is_ok() {
+                out.push(a.device);
+            }
+        }
+        out
+    }
+
+    /// Resize a leased volume; its loop device follows.
+    pub fn resize(&self, name: &str, lv: &str, size: SizeArg, confirmed: bool) -> Result<u64> {
+        let (e, rec) = self.engine(name)?;
+        let shrinking = matches!(size.sign, Some(devpool_format::units::Sign::Minus));
+        let op = Operation::LvResize {
+            vg: rec.vg.clone(),
+            name: lv.to_string(),
+            size,
+        };
+        let plan = e.plan(&op)?;
+        let meta = plan
+            .new_metadata()
+            .ok_or_else(|| PoolError::Invalid("resize: the plan has no metadata".into()))?;
+        let old = e.read_vg(&rec.vg)?.0;
+        let before = old.meta.lv(lv).map(|l| l.extent_count()).unwrap_or(0);
+        let after = meta.lv(lv).map(|l| l.extent_count()).unwrap_or(0);
+        if (shrinking || after < before) && !confirmed {
+            return Err(PoolError::NeedsConfirmation {
+                what: format!("resize {lv}"),
+                reasons: vec![format!(
+                    "shrinking {lv} from {} to {} bytes loses the data past the new end",
+                    before * meta.extent_size.bytes().0,
+                    after * meta.extent_size.bytes().0
+                )],
+            });
+        }
+        let uuid = meta
+            .lv(lv)
+            .map(|l| l.id.raw_str().to_string())
+            .unwrap_or_default();
+        let attached: Vec<_> = loopdev::list()
+            .into_iter()
+            .filter(|a| a.lv_uuid == uuid)
+            .collect();
+        let window = contiguous_extent(meta, lv, |k| plan.pv_path(k).map(Path::to_path_buf));
+        if let Err(err) = &window
+            && !attached.is_empty()
+        {
+            return Err(PoolError::Refused(format!(
+                "resize of {lv} refused: {err} (its loop device could not follow)"
+            )));
+        }
+        e.execute(&plan)?;
+        if let Ok((_, offset, bytes)) = window {
+            for a in &attached {
+                loopdev::set_window(&a.device, offset, bytes)?;
+            }
+        }
+        Ok(after * meta.extent_size.bytes().0)
+    }
+
+    /// Remove pool `name`: reap orphans, refuse while live leases exist
+    /// (unless `force`), remove the VG and PV labels, optionally wipe.
+    pub fn teardown(
+        &self,
+        name: &str,
+        force: bool,
+        wipe: bool,
+        confirmed: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<CleanupReport> {
+        let report = self.cleanup(name, false)?;
+        let (e, rec, v) = self.load(name)?;
+        let live: Vec<Lease> = lease::leases(&v.meta)
+            .into_iter()
+            .filter(|l| !matches!(l.liveness, Liveness::Dead(_)) || l.kept)
+            .collect();
+        if !live.is_empty() && !force {
+            return Err(PoolError::Refused(format!(
+                "pool '{name}' has {} live or kept lease(s): {} (release them, or pass --force)",
+                live.len(),
+                live.iter()
+                    .map(|l| l.session.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if !confirmed {
+            let mut reasons = vec![format!(
+                "pool '{name}' (VG {}) on {} is removed with its {} volume(s)",
+                rec.vg,
+                rec.devices
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                v.meta.lvs.len()
+            )];
+            if wipe {
+                reasons.push("the device's contents are discarded".into());
+            }
+            return Err(PoolError::NeedsConfirmation {
+                what: format!("pool teardown {name}"),
+                reasons,
+            });
+        }
+        let all: Vec<String> = v.meta.lvs.iter().map(|l| l.name.clone()).collect();
+        self.detach_for(&v.meta, &all);
+        e.apply(
+            &Operation::VgRemove {
+                name: rec.vg.clone(),
+            },
+            true,
+        )?;
+        for d in &rec.devices {
+            e.apply(&Operation::PvRemove { path: d.clone() }, true)?;
+        }
+        for d in &rec.devices {
+            if rec.created_image {
+                std::fs::remove_file(d).map_err(|err| PoolError::io(d, "remove image", err))?;
+            } else if wipe {
+                crate::wipe::wipe(d, progress)?;
+            }
+        }
+        let _ = std::fs::remove_file(self.record_path(name));
+        Ok(report)
+    }
+}
+
+fn summary(name: &str, v: &LoadedVg) -> PoolSummary {
+    let es = v.meta.extent_size.bytes().0;
+    let leases = lease::leases(&v.meta).len();
+    PoolSummary {
+        pool: name.to_string(),
+        vg: v.meta.name.clone(),
+        devices: v.devices.iter().flatten().map(|d| d.path.clone()).collect(),
+        size_bytes: v.meta.extent_count() * es,
+        free_bytes: devpool_engine::ops::vg_free_extents(&v.meta) * es,
+        leases,
+        volumes: v.meta.lvs.len(),
+    }
+}
+
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => a == b,
+    }
+}
+
+fn device_size(path: &Path) -> Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| PoolError::io(path, "open", e))?;
+    f.seek(SeekFrom::End(0))
+        .map_err(|e| PoolError::io(path, "size", e))
+}
+
+trait ExclFlag {
+    fn custom_flags_excl(&mut self) -> &mut Self;
+}
+
+impl ExclFlag for std::fs::OpenOptions {
+    fn custom_flags_excl(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_EXCL)
+    }
+}
+
+/// The first and last MiB of a device, saved before setup writes to it.
+struct Backup {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    tail_at: u64,
+}
+
+const BACKUP: u64 = 1 << 20;
+
+impl Backup {
+    fn take(path: &Path, size: u64) -> Result<Backup> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(path).map_err(|e| PoolError::io(path, "open", e))?;
+        let n = BACKUP.min(size);
+        let mut head = vec![0u8; n as usize];
+        f.read_exact_at(&mut head, 0)
+            .map_err(|e| PoolError::io(path, "back up the first MiB", e))?;
+        let tail_at = size - n;
+        let mut tail = vec![0u8; n as usize];
+        f.read_exact_at(&mut tail, tail_at)
+            .map_err(|e| PoolError::io(path, "back up the last MiB", e))?;
+        Ok(Backup {
+            head,
+            tail,
+            tail_at,
+        })
+    }
+
+    fn restore(&self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| PoolError::io(path, "open", e))?;
+        f.write_all_at(&self.tail, self.tail_at)
+            .and_then(|_| f.write_all_at(&self.head, 0))
+            .and_then(|_| f.sync_all())
+            .map_err(|e| PoolError::io(path, "restore", e))
+    }
+}
+
+/// Sizes for `--image-size` and settings, as `SizeArg` in bytes.
+pub fn absolute_bytes(s: &str) -> Result<Bytes> {
+    match SizeArg::parse(s) {
+        Ok(SizeArg {
+            sign: None,
+            amount: Amount::Bytes(b),
+        }) => Ok(b),
+        Ok(_) => Err(PoolError::Invalid(format!(
+            "'{s}': give a size in bytes with a unit, such as 64G"
+        ))),
+        Err(e) => Err(PoolError::Invalid(format!("'{s}': {e}"))),
+    }
+}

@@ -1,0 +1,225 @@
+//! Block-device topology as the kernel reports it: device numbers, partitions,
+//! holders (device-mapper, md, and loop devices whose backing file lives on
+//! a file system of the device), mounts and swaps. Devices are compared by
+//! number, never by name.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+pub type DevNum = (u32, u32);
+
+pub fn devnum_of_rdev(rdev: u64) -> DevNum {
+    (libc::major(rdev), libc::minor(rdev))
+}
+
+/// The device number of a block device node.
+pub fn block_devnum(path: &Path) -> Option<DevNum> {
+    let m = std::fs::metadata(path).ok()?;
+    m.file_type()
+        .is_block_device()
+        .then(|| devnum_of_rdev(m.rdev()))
+}
+
+fn sys_dir(d: DevNum) -> PathBuf {
+    PathBuf::from(format!("/sys/dev/block/{}:{}", d.0, d.1))
+}
+
+fn read_devnum(dir: &Path) -> Option<DevNum> {
+    let s = std::fs::read_to_string(dir.join("dev")).ok()?;
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The kernel's name for a device (`loop3`, `loop3p1`, `dm-0`).
+pub fn kname(d: DevNum) -> String {
+    std::fs::canonicalize(sys_dir(d))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+        .unwrap_or_else(|| format!("{}:{}", d.0, d.1))
+}
+
+pub fn partitions(d: DevNum) -> Vec<DevNum> {
+    let Ok(rd) = std::fs::read_dir(sys_dir(d)) else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter(|e| e.path().join("partition").exists())
+        .filter_map(|e| read_devnum(&e.path()))
+        .collect()
+}
+
+fn links(d: DevNum, which: &str) -> Vec<DevNum> {
+    let Ok(rd) = std::fs::read_dir(sys_dir(d).join(which)) else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| read_devnum(&e.path()))
+        .collect()
+}
+
+/// Devices built directly on `d` (device-mapper, md).
+pub fn holders(d: DevNum) -> Vec<DevNum> {
+    links(d, "holders")
+}
+
+/// Devices `d` is built on.
+pub fn slaves(d: DevNum) -> Vec<DevNum> {
+    links(d, "slaves")
+}
+
+/// Bound loop devices with their backing files.
+pub fn loops() -> Vec<(DevNum, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let back = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            Some((read_devnum(&e.path())?, PathBuf::from(back.trim())))
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct Mount {
+    pub dev: DevNum,
+    pub mountpoint: String,
+    pub source: String,
+}
+
+pub fn mounts() -> Vec<Mount> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let (a, b) = f.get(2)?.split_once(':')?;
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some(Mount {
+                dev: (a.parse().ok()?, b.parse().ok()?),
+                mountpoint: unescape(f.get(4)?),
+                source: unescape(f.get(sep + 2).unwrap_or(&"")),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo and fstab escape blanks as `\040` and friends.
+pub fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Active swap areas: (name, the device it is, or the device its file is on).
+pub fn swaps() -> Vec<(String, DevNum)> {
+    let text = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let name = unescape(l.split_whitespace().next()?);
+            let m = std::fs::metadata(&name).ok()?;
+            let d = if m.file_type().is_block_device() {
+                devnum_of_rdev(m.rdev())
+            } else {
+                devnum_of_rdev(m.dev())
+            };
+            Some((name, d))
+        })
+        .collect()
+}
+
+/// How a device of the closure relates to the candidate, for messages.
+#[derive(Debug, Clone)]
+pub struct Above {
+    pub dev: DevNum,
+    pub how: String,
+}
+
+/// The candidate, its partitions, and everything stacked on any of them:
+/// holders (dm, md) and loop devices backed by files on their file systems,
+/// transitively.
+pub fn stacked_on(d: DevNum) -> Vec<Above> {
+    let mut seen: BTreeSet<DevNum> = BTreeSet::new();
+    let mut out: Vec<Above> = Vec::new();
+    let mut todo = vec![Above {
+        dev: d,
+        how: kname(d),
+    }];
+    let all_loops = loops();
+    let mounted = mounts();
+    while let Some(a) = todo.pop() {
+        if !seen.insert(a.dev) {
+            continue;
+        }
+        for p in partitions(a.dev) {
+            todo.push(Above {
+                dev: p,
+                how: format!("{} (partition of {})", kname(p), a.how),
+            });
+        }
+        for h in holders(a.dev) {
+            todo.push(Above {
+                dev: h,
+                how: format!("{} (built on {})", kname(h), a.how),
+            });
+        }
+        // Loop devices whose backing file lives on a file system of `a`.
+        for m in mounted.iter().filter(|m| m.dev == a.dev) {
+            for (l, back) in &all_loops {
+                let on = std::fs::metadata(back)
+                    .map(|md| devnum_of_rdev(md.dev()) == a.dev)
+                    .unwrap_or(false);
+                if on {
+                    todo.push(Above {
+                        dev: *l,
+                        how: format!(
+                            "{} (loop device over {} on the file system of {} at {})",
+                            kname(*l),
+                            back.display(),
+                            a.how,
+                            m.mountpoint
+                        ),
+                    });
+                }
+            }
+        }
+        out.push(a);
+    }
+    out
+}
+
+pub fn is_file_type_block(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape("plain\\"), "plain\\");
+    }
+
+    #[test]
+    fn root_file_system_is_in_mountinfo() {
+        assert!(mounts().iter().any(|m| m.mountpoint == "/"));
+    }
+}
