@@ -50,7 +50,10 @@ fn check_block(path: &Path, dev: DevNum, fstab: &Path, f: &mut Findings) {
     let stack = sysblk::stacked_on(dev);
     let by_dev: BTreeMap<DevNum, &Above> = stack.iter().map(|a| (a.dev, a)).collect();
     for a in &stack[1..] {
-        if a.how.contains("(built on") {
+        if a.how.contains("(loop device over") {
+            f.refusals
+                .push(format!("{} is in use by {}", path.display(), a.how));
+        } else if a.how.contains("(built on") {
             let kind = if sysblk::kname(a.dev).starts_with("md") {
                 "an md RAID member"
             } else {
