@@ -138,6 +138,8 @@ pub enum Operation {
         vg: String,
         volumes: Vec<NewVolume>,
         wipe: bool,
+        /// Each LV in one run on one PV (or no space).
+        contiguous: bool,
     },
     LvRemove {
         vg: String,
@@ -851,7 +853,12 @@ impl Engine {
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
             }
-            Operation::LvCreateBatch { vg, volumes, wipe } => {
+            Operation::LvCreateBatch {
+                vg,
+                volumes,
+                wipe,
+                contiguous,
+            } => {
                 let loaded = scan.vg(vg)?;
                 self.require_complete(loaded)?;
                 self.base_on(&mut plan, loaded);
@@ -864,7 +871,11 @@ impl Engine {
                     news.push(NewLv {
                         name: v.name.clone(),
                         extents: Extents(extents),
-                        layout: Layout::Linear,
+                        layout: if *contiguous {
+                            Layout::Contiguous
+                        } else {
+                            Layout::Linear
+                        },
                         tags: v.tags.clone(),
                         id: random_uuid(),
                         creation_time: now,

@@ -43,6 +43,16 @@ pub enum EngineError {
         free: u64,
     },
     #[error(
+        "not enough contiguous free space in VG {vg}: {need} extents ({need_bytes} bytes) requested in one run, the largest free run is {largest} extents ({free} free in all)"
+    )]
+    NoContiguousSpace {
+        vg: String,
+        need: u64,
+        need_bytes: u64,
+        largest: u64,
+        free: u64,
+    },
+    #[error(
         "volume group {vg} changed since the plan was built (seqno {planned} -> {now}); build the plan again"
     )]
     Changed { vg: String, planned: u64, now: u64 },

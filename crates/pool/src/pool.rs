@@ -506,11 +506,13 @@ impl Pools {
             vg: rec.vg.clone(),
             volumes,
             wipe: true,
+            // Every leased volume gets one loop device over one range.
+            contiguous: true,
         };
         let mut reaped = Vec::new();
         let plan = match e.apply(&op, true) {
             Ok((plan, _)) => plan,
-            Err(EngineError::NoSpace { .. }) => {
+            Err(EngineError::NoSpace { .. } | EngineError::NoContiguousSpace { .. }) => {
                 let report = self.cleanup(name, false)?;
                 reaped = report.removed.iter().map(|l| l.session.clone()).collect();
                 e.apply(&op, true)?.0

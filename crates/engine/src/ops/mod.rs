@@ -13,7 +13,13 @@ use devpool_format::uuid::LvmUuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     Linear,
-    Striped { stripes: u32, stripe_size: Sectors },
+    /// Linear in one run on one PV (what one loop device can cover), like
+    /// LVM2's `--alloc contiguous`.
+    Contiguous,
+    Striped {
+        stripes: u32,
+        stripe_size: Sectors,
+    },
 }
 
 /// Everything about an LV that the caller decides (time, host, id randomness).
@@ -97,6 +103,17 @@ fn no_space(vg: &VgMetadata, need: u64) -> EngineError {
     }
 }
 
+fn no_contiguous_space(vg: &VgMetadata, free: &[alloc::FreeArea], need: u64) -> EngineError {
+    let largest = free.iter().map(|a| a.len).max().unwrap_or(0);
+    EngineError::NoContiguousSpace {
+        vg: vg.name.clone(),
+        need,
+        need_bytes: need.saturating_mul(vg.extent_size.bytes().0),
+        largest,
+        free: alloc::total_free(free),
+    }
+}
+
 fn striped_segment(
     vg: &VgMetadata,
     start_extent: u64,
@@ -165,6 +182,20 @@ fn create_one(
         ));
     }
     let segments = match new.layout {
+        Layout::Contiguous => {
+            let best = free
+                .iter()
+                .filter(|a| a.len >= need)
+                .min_by_key(|a| (a.len, a.pv, a.start))
+                .map(|a| alloc::Run {
+                    pv: a.pv,
+                    start: a.start,
+                    len: need,
+                })
+                .ok_or_else(|| no_contiguous_space(vg, free, need))?;
+            alloc::consume(free, std::slice::from_ref(&best));
+            vec![striped_segment(vg, 0, std::slice::from_ref(&best), None)]
+        }
         Layout::Linear => {
             let runs = alloc::pick_linear(free, need).ok_or_else(|| no_space(vg, need))?;
             alloc::consume(free, &runs);

@@ -66,6 +66,16 @@ fn fewest_segments_when_fragmented() {
         remove_lv(&mut vg, &format!("l{i}")).unwrap();
     }
     // holes: 5, 20, 10, and a 62-extent tail -> 80 extents need the tail plus the 20.
+    let mut contiguous = vg.clone();
+    let e = create_lv(&mut contiguous, new_lv("big", 80, Layout::Contiguous))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("largest free run is 62 extents") && e.contains("97 free"),
+        "{e}"
+    );
+    create_lv(&mut contiguous, new_lv("fits", 62, Layout::Contiguous)).unwrap();
+    assert_eq!(contiguous.lv("fits").unwrap().segments.len(), 1);
     create_lv(&mut vg, new_lv("big", 80, Layout::Linear)).unwrap();
     assert_eq!(vg.lv("big").unwrap().segments.len(), 2);
 }
