@@ -4,7 +4,7 @@
 //! holds which volumes, what is an orphan, which checks a device must pass
 //! before it becomes a pool.
 //!
-//! - [`pool`]: pools (setup, list, status, teardown, the embedded default)
+//! - [`pool`][mod@pool]: pools (setup, list, status, teardown, the embedded default)
 //! - [`lease`]: leases recorded in LV tags in the commit that creates them
 //! - [`owner`]: owner identity (PID, its start time, boot id, host) and liveness
 //! - [`spec`]: volume lists and profiles (`test:10G,scratch:10G`, `fstests`)

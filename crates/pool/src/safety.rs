@@ -86,13 +86,12 @@ fn check_block(path: &Path, dev: DevNum, fstab: &Path, f: &mut Findings) {
         .read(true)
         .custom_flags(libc::O_EXCL)
         .open(path)
+        && e.raw_os_error() == Some(libc::EBUSY)
     {
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            f.refusals.push(format!(
-                "{} is open exclusively by another program (a mount, device-mapper, md, or a tool holding it)",
-                path.display()
-            ));
-        }
+        f.refusals.push(format!(
+            "{} is open exclusively by another program (a mount, device-mapper, md, or a tool holding it)",
+            path.display()
+        ));
     }
 }
 
