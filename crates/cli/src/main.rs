@@ -225,6 +225,21 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Ask on the terminal for a typed YES.
+pub fn ask_yes() -> Result<()> {
+    eprint!("Type YES to go ahead: ");
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the confirmation")?;
+    if line.trim() != "YES" {
+        bail!("not confirmed; nothing was changed");
+    }
+    Ok(())
+}
+
 /// Plan → (dry run) → confirm → execute.
 fn perform(g: &Global, eng: &Engine, op: &Operation) -> Result<()> {
     if g.dry_run {
@@ -242,16 +257,7 @@ fn perform(g: &Global, eng: &Engine, op: &Operation) -> Result<()> {
                     plan.confirm.join("; ")
                 );
             }
-            eprint!("Type YES to go ahead: ");
-            std::io::stderr().flush().ok();
-            let mut line = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .context("reading the confirmation")?;
-            if line.trim() != "YES" {
-                bail!("not confirmed; nothing was changed");
-            }
+            ask_yes()?;
             let done = eng.execute(&plan)?;
             (*plan, done)
         }

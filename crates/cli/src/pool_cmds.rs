@@ -6,7 +6,7 @@ use devpool_format::units::{Bytes, SizeArg};
 use devpool_pool::owner::{Liveness, Owner};
 use devpool_pool::pool::{Acquired, Pools, absolute_bytes};
 use devpool_pool::{PoolError, spec};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 pub fn pools(g: &Global) -> Result<Pools> {
@@ -53,16 +53,7 @@ fn confirmed<T>(g: &Global, f: impl Fn(bool) -> devpool_pool::Result<T>) -> Resu
             if !std::io::stdin().is_terminal() {
                 bail!("{what} needs confirmation; rerun with --yes");
             }
-            eprint!("Type YES to go ahead: ");
-            std::io::stderr().flush().ok();
-            let mut line = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .context("reading the confirmation")?;
-            if line.trim() != "YES" {
-                bail!("not confirmed; nothing was changed");
-            }
+            crate::ask_yes()?;
             Ok(f(true)?)
         }
         r => Ok(r?),

@@ -838,20 +838,7 @@ impl Engine {
                     creation_host: host.clone(),
                 });
                 ops::create_lvs(&mut meta, news.collect())?;
-                if *wipe {
-                    for lv in &names {
-                        let (dev, off, len) = lv_start(loaded, &meta, lv)?;
-                        let reason = format!("wipe the start of new LV {vg}/{lv}");
-                        plan.steps.push(Step::ZeroRange {
-                            device: dev,
-                            offset: off,
-                            len,
-                            reason,
-                        });
-                    }
-                }
-                let devs = self.vg_devices(loaded);
-                self.finish_commit(&mut plan, meta, &devs)?;
+                self.finish_create(&mut plan, loaded, meta, &names, *wipe)?;
             }
             Operation::LvCreateBatch {
                 vg,
@@ -883,20 +870,8 @@ impl Engine {
                     });
                 }
                 ops::create_lvs(&mut meta, news)?;
-                if *wipe {
-                    for v in volumes {
-                        let (dev, off, len) = lv_start(loaded, &meta, &v.name)?;
-                        let reason = format!("wipe the start of new LV {vg}/{}", v.name);
-                        plan.steps.push(Step::ZeroRange {
-                            device: dev,
-                            offset: off,
-                            len,
-                            reason,
-                        });
-                    }
-                }
-                let devs = self.vg_devices(loaded);
-                self.finish_commit(&mut plan, meta, &devs)?;
+                let names: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
+                self.finish_create(&mut plan, loaded, meta, &names, *wipe)?;
             }
             Operation::LvRemove { vg, names } => {
                 let loaded = scan.vg(vg)?;
@@ -1017,6 +992,30 @@ impl Engine {
             .flatten()
             .map(NewPv::from_scanned)
             .collect()
+    }
+
+    /// After new LVs are in `meta`: wipe their first 4 KiB (if asked), commit.
+    fn finish_create(
+        &self,
+        plan: &mut Plan,
+        loaded: &LoadedVg,
+        meta: VgMetadata,
+        names: &[String],
+        wipe: bool,
+    ) -> Result<()> {
+        if wipe {
+            for lv in names {
+                let (dev, off, len) = lv_start(loaded, &meta, lv)?;
+                plan.steps.push(Step::ZeroRange {
+                    device: dev,
+                    offset: off,
+                    len,
+                    reason: format!("wipe the start of new LV {}/{lv}", meta.name),
+                });
+            }
+        }
+        let devs = self.vg_devices(loaded);
+        self.finish_commit(plan, meta, &devs)
     }
 
     /// The new metadata: seqno + 1, trailer, checks, commit step.
