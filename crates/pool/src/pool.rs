@@ -641,7 +641,7 @@ impl Pools {
                 }
             }
             report.detached = self.detach_for(&v.meta, &lvs);
-            report.detached.extend(self.detach_strays(&v));
+            report.detached.extend(self.detach_strays(&e, &rec.vg)?);
             if lvs.is_empty() {
                 return Ok(report);
             }
@@ -664,7 +664,12 @@ impl Pools {
 
     /// devpool loop devices over this pool's PVs whose volume is gone would
     /// expose extents a new lease may get: detach them.
-    fn detach_strays(&self, v: &LoadedVg) -> Vec<PathBuf> {
+    fn detach_strays(&self, e: &Engine, vg: &str) -> Result<Vec<PathBuf>> {
+        // Under the VG lock: a concurrent acquire attaches its loop devices
+        // only after its commit, so every loop device seen here whose volume
+        // is missing from this read really has lost its volume.
+        let _lock = e.hold_vg_shared(vg)?;
+        let (v, _) = e.read_vg(vg)?;
         let pv_files: Vec<PathBuf> = v.devices.iter().flatten().map(|d| d.path.clone()).collect();
         let live: Vec<String> = v
             .meta
@@ -685,7 +690,7 @@ impl Pools {
                 out.push(a.device);
             }
         }
-        out
+        Ok(out)
     }
 
     /// Resize a leased volume; its loop device follows.
