@@ -151,7 +151,7 @@ mod tests {
     fn utc_stamps() {
         assert_eq!(utc_stamp(0), "19700101000000");
         assert_eq!(utc_stamp(951_782_400), "20000229000000");
-        assert_eq!(utc_stamp(1_795_240_893), "20261121044133");
+        assert_eq!(utc_stamp(1_795_240_893), "20261121060133");
         assert_eq!(new_session_id(0, 0xabcdef12), "19700101000000-cdef12");
     }
 
