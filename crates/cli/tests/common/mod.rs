@@ -103,6 +103,28 @@ pub struct Lab {
     pub loops: Vec<Loop>,
 }
 
+impl Drop for Lab {
+    /// Loop devices a failed test left stacked on the lab's devices or images
+    /// (a lease's devices over a pool PV) go first, so nothing stays attached.
+    fn drop(&mut self) {
+        let _g = LOSETUP.lock().unwrap_or_else(|p| p.into_inner());
+        for l in &self.loops {
+            for target in [&l.dev, &l.image] {
+                let out = Command::new("losetup").arg("-j").arg(target).output();
+                let Ok(out) = out else { continue };
+                for line in String::from_utf8_lossy(&out.stdout).lines() {
+                    let Some(dev) = line.split(':').next() else {
+                        continue;
+                    };
+                    if Path::new(dev) != l.dev {
+                        let _ = Command::new("losetup").arg("-d").arg(dev).status();
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Lab {
     pub fn new() -> Lab {
         let dir = tempfile::Builder::new()
