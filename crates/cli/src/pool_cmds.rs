@@ -1,17 +1,18 @@
 //! Pool, lease, cleanup, resize, run and fstests-config commands.
 
 use crate::args::{Global, LeaseCmd, PoolCmd, Want};
+use crate::parse_bytes;
 use anyhow::{Context, Result, anyhow, bail};
 use devpool_format::units::{Bytes, SizeArg};
 use devpool_pool::owner::{Liveness, Owner};
-use devpool_pool::pool::{Acquired, Pools, absolute_bytes};
+use devpool_pool::pool::{Acquired, Pools};
 use devpool_pool::{PoolError, spec};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 pub fn pools(g: &Global) -> Result<Pools> {
     let default_size = match std::env::var("DEVPOOL_DEFAULT_POOL_SIZE") {
-        Ok(s) => absolute_bytes(&s).context("DEVPOOL_DEFAULT_POOL_SIZE")?,
+        Ok(s) => parse_bytes("DEVPOOL_DEFAULT_POOL_SIZE", &s)?,
         Err(_) => Bytes(64 << 30),
     };
     Ok(Pools {
@@ -74,9 +75,8 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
         } => {
             let size = image_size
                 .as_deref()
-                .map(absolute_bytes)
-                .transpose()
-                .context("--image-size")?;
+                .map(|s| parse_bytes("--image-size", s))
+                .transpose()?;
             let out = confirmed(g, |ok| p.setup(&device, &name, size, ok && !g.dry_run))?;
             if g.json {
                 return json(&out);

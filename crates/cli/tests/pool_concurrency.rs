@@ -79,11 +79,7 @@ fn sixteen_clients_and_lvm2_share_one_pool_without_leaks() {
                     ];
                     args.extend(want);
                     args.extend(["--owner-pid".into(), me.clone()]);
-                    let o = Command::new(env!("CARGO_BIN_EXE_devpool"))
-                        .env("DEVPOOL_STATE_DIR", &lab_state)
-                        .args(&args)
-                        .output()
-                        .unwrap();
+                    let o = devpool_command(&lab_state).args(&args).output().unwrap();
                     if !o.status.success() {
                         failures
                             .lock()
@@ -100,8 +96,7 @@ fn sixteen_clients_and_lvm2_share_one_pool_without_leaks() {
                         let size = std::io::Seek::seek(&mut &f, std::io::SeekFrom::End(0)).unwrap();
                         assert_eq!(size, dv["size_bytes"].as_u64().unwrap(), "{node}");
                     }
-                    let o = Command::new(env!("CARGO_BIN_EXE_devpool"))
-                        .env("DEVPOOL_STATE_DIR", &lab_state)
+                    let o = devpool_command(&lab_state)
                         .args(["--pool", &pool, "lease", "release", &session])
                         .output()
                         .unwrap();

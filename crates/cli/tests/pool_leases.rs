@@ -375,8 +375,7 @@ fn run_exports_fstests_variables_returns_the_status_and_releases_on_sigterm() {
     assert_eq!(free_bytes(&lab, &pool), start_free);
 
     // SIGTERM: the command is stopped, the lease released, status 128+15.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_devpool"))
-        .env("DEVPOOL_STATE_DIR", lab.state_dir())
+    let mut child = devpool_command(&lab.state_dir())
         .args([
             "--pool",
             &pool,
@@ -434,8 +433,7 @@ fn kill_9_at_random_moments_then_cleanup_restores_the_pool() {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         let delay = seed % 400;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_devpool"))
-            .env("DEVPOOL_STATE_DIR", lab.state_dir())
+        let mut child = devpool_command(&lab.state_dir())
             .args([
                 "--pool",
                 &pool,

@@ -71,7 +71,8 @@ impl Scan {
     }
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
+/// Whether two paths name the same file or device node.
+pub fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => (x.dev(), x.ino(), x.rdev()) == (y.dev(), y.ino(), y.rdev()),
@@ -981,11 +982,10 @@ impl Engine {
         if vg.is_complete() {
             return Ok(());
         }
-        Err(EngineError::Refused(format!(
-            "VG {} is missing PVs: {}; name every device with --devices",
-            vg.meta.name,
-            vg.health.missing_pvs.join(", ")
-        )))
+        Err(EngineError::MissingPvs {
+            vg: vg.meta.name.clone(),
+            missing: vg.health.missing_pvs.join(", "),
+        })
     }
 
     /// Record what the plan is based on: seqno, and every PV's on-disk state.

@@ -29,6 +29,8 @@ pub enum EngineError {
     },
     #[error("volume group '{0}' not found on the scanned devices (use --devices to name them)")]
     VgNotFound(String),
+    #[error("VG {vg} is missing PVs: {missing}; name every device with --devices")]
+    MissingPvs { vg: String, missing: String },
     #[error("logical volume '{vg}/{lv}' not found")]
     LvNotFound { vg: String, lv: String },
     #[error("{0}")]

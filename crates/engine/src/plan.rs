@@ -138,6 +138,11 @@ pub(crate) struct Locks {
 }
 
 impl Plan {
+    /// The VG as this plan found it (for changes to an existing VG).
+    pub fn old_metadata(&self) -> Option<&devpool_format::metadata::VgMetadata> {
+        self.old_meta.as_deref()
+    }
+
     /// The VG as this plan leaves it (for VG changes).
     pub fn new_metadata(&self) -> Option<&devpool_format::metadata::VgMetadata> {
         self.new_meta.as_deref()

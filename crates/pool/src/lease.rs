@@ -85,6 +85,7 @@ pub fn session_of(lv: &LvMeta) -> Option<&str> {
 pub fn leases(vg: &VgMetadata) -> Vec<Lease> {
     let mut out: Vec<Lease> = Vec::new();
     let mut index = std::collections::HashMap::new();
+    let (host, boot) = (devpool_engine::engine::hostname(), crate::owner::boot_id());
     for lv in &vg.lvs {
         let Some(session) = session_of(lv) else {
             continue;
@@ -92,7 +93,7 @@ pub fn leases(vg: &VgMetadata) -> Vec<Lease> {
         let i = *index.entry(session.to_string()).or_insert_with(|| {
             let owner = owner_of(lv);
             let liveness = match &owner {
-                Some(o) => o.liveness(),
+                Some(o) => o.liveness_on(&host, &boot),
                 None => Liveness::Dead("owner tags missing or unreadable".into()),
             };
             out.push(Lease {
@@ -113,6 +114,15 @@ pub fn leases(vg: &VgMetadata) -> Vec<Lease> {
         });
     }
     out
+}
+
+/// How many leases a VG holds (without asking whether their owners live).
+pub fn count(vg: &VgMetadata) -> usize {
+    vg.lvs
+        .iter()
+        .filter_map(session_of)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 /// A new session id: UTC `YYYYmmddHHMMSS-xxxxxx` (6 random hex digits).

@@ -70,6 +70,8 @@ fn zero_info() -> LoopInfo64 {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Attached {
     pub device: PathBuf,
+    /// The file or device it is attached to.
+    pub backing: PathBuf,
     /// The LV uuid from the `devpool:` mark.
     pub lv_uuid: String,
     pub offset: u64,
@@ -167,9 +169,12 @@ pub fn list() -> Vec<Attached> {
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         // Bound devices have a loop/ directory with a backing_file.
-        if !name.starts_with("loop") || !e.path().join("loop/backing_file").exists() {
+        if !name.starts_with("loop") {
             continue;
         }
+        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
         let dev = PathBuf::from(format!("/dev/{name}"));
         let Some(info) = status(&dev) else { continue };
         let end = info
@@ -181,6 +186,7 @@ pub fn list() -> Vec<Attached> {
         if let Some(uuid) = fname.strip_prefix(MARK) {
             out.push(Attached {
                 device: dev,
+                backing: PathBuf::from(backing.trim()),
                 lv_uuid: uuid.to_string(),
                 offset: info.lo_offset,
                 size: info.lo_sizelimit,

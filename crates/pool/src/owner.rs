@@ -55,11 +55,15 @@ impl Owner {
     }
 
     pub fn liveness(&self) -> Liveness {
-        let host = devpool_engine::engine::hostname();
+        self.liveness_on(&devpool_engine::engine::hostname(), &boot_id())
+    }
+
+    /// Liveness as seen from `host` in boot `boot` (read once for many owners).
+    pub fn liveness_on(&self, host: &str, boot: &str) -> Liveness {
         if self.host != host {
             return Liveness::OtherHost(format!("owner is on host {}", self.host));
         }
-        if self.boot_id != boot_id() {
+        if self.boot_id != boot {
             return Liveness::Dead(format!(
                 "recorded in another boot ({}); the machine has rebooted since",
                 self.boot_id

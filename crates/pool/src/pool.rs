@@ -9,12 +9,13 @@ use crate::owner::{Liveness, Owner};
 use crate::safety;
 use crate::spec::VolumeSpec;
 use crate::{PoolError, Result};
-use devpool_engine::engine::{DeviceSource, Engine, Operation, PvOptions};
+use devpool_engine::engine::{DeviceSource, Engine, Operation, PvOptions, same_file};
 use devpool_engine::vg::LoadedVg;
 use devpool_engine::{EngineError, NewVolume};
 use devpool_format::metadata::{SegmentKind, VgMetadata};
-use devpool_format::units::{Amount, Bytes, SizeArg};
+use devpool_format::units::{Bytes, SizeArg};
 use serde::{Deserialize, Serialize};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub const VG_PREFIX: &str = "devpool-";
@@ -194,21 +195,26 @@ impl Pools {
         Engine::new(DeviceSource::List(devices), self.state_dir.clone())
     }
 
-    /// An engine that sees the pool's devices: the remembered ones when they
-    /// still carry the whole VG, else whatever a system scan finds (and that
-    /// is remembered). The default pool is created on first use.
-    fn engine(&self, name: &str) -> Result<(Engine, PoolRecord)> {
-        let vg = Self::vg_name(name)?;
+    /// Run `f` on an engine that sees pool `name`'s devices: the remembered
+    /// ones first, with no scan of their own; when they no longer carry the
+    /// whole VG, what a system scan finds (remembered for next time). The
+    /// default pool is created on first use.
+    fn with_pool<T>(&self, name: &str, f: impl Fn(&Engine, &PoolRecord) -> Result<T>) -> Result<T> {
         if let Some(rec) = self.record(name) {
-            let e = self.list_engine(rec.devices.clone());
-            if let Ok(v) = e.scan().vg(&vg)
-                && v.is_complete()
-            {
-                return Ok((e, rec));
+            match f(&self.list_engine(rec.devices.clone()), &rec) {
+                Err(PoolError::Engine(
+                    EngineError::VgNotFound(_) | EngineError::MissingPvs { .. },
+                )) => {}
+                r => return r,
             }
         }
-        let sys = self.system_engine();
-        let scan = sys.scan();
+        let (e, rec) = self.discover(name)?;
+        f(&e, &rec)
+    }
+
+    fn discover(&self, name: &str) -> Result<(Engine, PoolRecord)> {
+        let vg = Self::vg_name(name)?;
+        let scan = self.system_engine().scan();
         if let Ok(v) = scan.vg(&vg) {
             let rec = PoolRecord {
                 name: name.to_string(),
@@ -337,7 +343,7 @@ impl Pools {
                 _exclusive = Some(
                     std::fs::OpenOptions::new()
                         .read(true)
-                        .custom_flags_excl()
+                        .custom_flags(libc::O_EXCL)
                         .open(device)
                         .map_err(|e| PoolError::io(device, "open exclusively", e))?,
                 );
@@ -346,7 +352,7 @@ impl Pools {
         let size = if new_image {
             image_size.map(|b| b.0).unwrap_or(0)
         } else {
-            device_size(device)?
+            devpool_engine::device::Device::open(device, false)?.size
         };
         if !confirmed {
             let mut reasons = vec![format!(
@@ -418,23 +424,22 @@ impl Pools {
             .iter()
             .filter_map(|v| {
                 let name = v.meta.name.strip_prefix(VG_PREFIX)?;
-                Some(summary(name, v))
+                Some(summary(name, v, lease::count(&v.meta)))
             })
             .collect())
     }
 
-    fn load(&self, name: &str) -> Result<(Engine, PoolRecord, LoadedVg)> {
-        let (e, rec) = self.engine(name)?;
-        let (v, _) = e.read_vg(&rec.vg)?;
-        Ok((e, rec, v))
+    fn read(&self, name: &str) -> Result<LoadedVg> {
+        self.with_pool(name, |e, rec| Ok(e.read_vg(&rec.vg)?.0))
     }
 
     pub fn status(&self, name: &str) -> Result<PoolStatus> {
-        let (_, _, v) = self.load(name)?;
-        let s = summary(name, &v);
+        let v = self.read(name)?;
+        let all = lease::leases(&v.meta);
+        let s = summary(name, &v, all.len());
         let attached = loopdev::list();
         let mut leases = Vec::new();
-        for l in lease::leases(&v.meta) {
+        for l in all {
             let devices = l
                 .volumes
                 .iter()
@@ -490,7 +495,20 @@ impl Pools {
         owner: &Owner,
         keep: bool,
     ) -> Result<Acquired> {
-        let (e, rec) = self.engine(name)?;
+        self.with_pool(name, |e, rec| {
+            self.acquire_on(e, rec, name, specs, owner, keep)
+        })
+    }
+
+    fn acquire_on(
+        &self,
+        e: &Engine,
+        rec: &PoolRecord,
+        name: &str,
+        specs: &[VolumeSpec],
+        owner: &Owner,
+        keep: bool,
+    ) -> Result<Acquired> {
         let session = lease::new_session_id(unix_now(), random_u32());
         let names = lease_names(specs, &self.prefix, &session);
         let volumes: Vec<NewVolume> = specs
@@ -557,25 +575,17 @@ impl Pools {
         })
     }
 
-    /// Detach the loop devices of `lvs` (and any devpool loop device over
-    /// the pool's PVs whose volume no longer exists).
-    fn detach_for(&self, meta: &VgMetadata, lvs: &[String]) -> Vec<PathBuf> {
-        let uuids: Vec<String> = lvs
-            .iter()
-            .filter_map(|n| meta.lv(n).map(|l| l.id.raw_str().to_string()))
-            .collect();
-        let mut done = Vec::new();
-        for a in loopdev::list() {
-            if uuids.contains(&a.lv_uuid) && loopdev::detach(&a.device).is_ok() {
-                loopdev::chown_back(&a.device);
-                done.push(a.device);
-            }
-        }
-        done
+    pub fn release(&self, name: &str, session: &str) -> Result<Vec<String>> {
+        self.with_pool(name, |e, rec| self.release_on(e, rec, name, session))
     }
 
-    pub fn release(&self, name: &str, session: &str) -> Result<Vec<String>> {
-        let (e, rec) = self.engine(name)?;
+    fn release_on(
+        &self,
+        e: &Engine,
+        rec: &PoolRecord,
+        name: &str,
+        session: &str,
+    ) -> Result<Vec<String>> {
         for _ in 0..3 {
             let (v, _) = e.read_vg(&rec.vg)?;
             let lvs: Vec<String> = v
@@ -590,7 +600,7 @@ impl Pools {
                     "no lease '{session}' in pool '{name}' (see 'devpool lease list')"
                 )));
             }
-            self.detach_for(&v.meta, &lvs);
+            detach_loops(&v, &lvs, false);
             match e.apply(
                 &Operation::LvRemove {
                     vg: rec.vg.clone(),
@@ -610,15 +620,29 @@ impl Pools {
     }
 
     pub fn leases(&self, name: &str) -> Result<Vec<Lease>> {
-        let (_, _, v) = self.load(name)?;
+        let v = self.read(name)?;
         Ok(lease::leases(&v.meta))
     }
 
     /// Remove every lease whose owner is dead (kept ones only with
     /// `include_kept`); report what was removed and what was kept, and why.
     pub fn cleanup(&self, name: &str, include_kept: bool) -> Result<CleanupReport> {
-        let (e, rec) = self.engine(name)?;
+        self.with_pool(name, |e, rec| self.cleanup_on(e, rec, name, include_kept))
+    }
+
+    fn cleanup_on(
+        &self,
+        e: &Engine,
+        rec: &PoolRecord,
+        name: &str,
+        include_kept: bool,
+    ) -> Result<CleanupReport> {
         for _ in 0..3 {
+            // Read and detach under the VG's shared lock: a concurrent
+            // acquire attaches its loop devices only after its commit, so a
+            // device seen here whose volume is not in this read has really
+            // lost its volume (a stray over extents a new lease may get).
+            let lock = e.hold_vg_shared(&rec.vg)?;
             let (v, _) = e.read_vg(&rec.vg)?;
             let mut report = CleanupReport {
                 pool: name.to_string(),
@@ -640,8 +664,8 @@ impl Pools {
                     (Liveness::OtherHost(h), _) => report.kept.push((l.session.clone(), h.clone())),
                 }
             }
-            report.detached = self.detach_for(&v.meta, &lvs);
-            report.detached.extend(self.detach_strays(&e, &rec.vg)?);
+            report.detached = detach_loops(&v, &lvs, true);
+            drop(lock);
             if lvs.is_empty() {
                 return Ok(report);
             }
@@ -662,40 +686,19 @@ impl Pools {
         )))
     }
 
-    /// devpool loop devices over this pool's PVs whose volume is gone would
-    /// expose extents a new lease may get: detach them.
-    fn detach_strays(&self, e: &Engine, vg: &str) -> Result<Vec<PathBuf>> {
-        // Under the VG lock: a concurrent acquire attaches its loop devices
-        // only after its commit, so every loop device seen here whose volume
-        // is missing from this read really has lost its volume.
-        let _lock = e.hold_vg_shared(vg)?;
-        let (v, _) = e.read_vg(vg)?;
-        let pv_files: Vec<PathBuf> = v.devices.iter().flatten().map(|d| d.path.clone()).collect();
-        let live: Vec<String> = v
-            .meta
-            .lvs
-            .iter()
-            .map(|l| l.id.raw_str().to_string())
-            .collect();
-        let backing: std::collections::HashMap<String, PathBuf> = crate::sysblk::loops()
-            .into_iter()
-            .map(|(d, b)| (format!("/dev/{}", crate::sysblk::kname(d)), b))
-            .collect();
-        let mut out = Vec::new();
-        for a in loopdev::list() {
-            let ours = backing
-                .get(&a.device.display().to_string())
-                .is_some_and(|b| pv_files.iter().any(|p| same_file(p, b)));
-            if ours && !live.contains(&a.lv_uuid) && loopdev::detach(&a.device).is_ok() {
-                out.push(a.device);
-            }
-        }
-        Ok(out)
-    }
-
     /// Resize a leased volume; its loop device follows.
     pub fn resize(&self, name: &str, lv: &str, size: SizeArg, confirmed: bool) -> Result<u64> {
-        let (e, rec) = self.engine(name)?;
+        self.with_pool(name, |e, rec| self.resize_on(e, rec, lv, size, confirmed))
+    }
+
+    fn resize_on(
+        &self,
+        e: &Engine,
+        rec: &PoolRecord,
+        lv: &str,
+        size: SizeArg,
+        confirmed: bool,
+    ) -> Result<u64> {
         let shrinking = matches!(size.sign, Some(devpool_format::units::Sign::Minus));
         let op = Operation::LvResize {
             vg: rec.vg.clone(),
@@ -706,8 +709,11 @@ impl Pools {
         let meta = plan
             .new_metadata()
             .ok_or_else(|| PoolError::Invalid("resize: the plan has no metadata".into()))?;
-        let old = e.read_vg(&rec.vg)?.0;
-        let before = old.meta.lv(lv).map(|l| l.extent_count()).unwrap_or(0);
+        let before = plan
+            .old_metadata()
+            .and_then(|m| m.lv(lv))
+            .map(|l| l.extent_count())
+            .unwrap_or(0);
         let after = meta.lv(lv).map(|l| l.extent_count()).unwrap_or(0);
         if (shrinking || after < before) && !confirmed {
             return Err(PoolError::NeedsConfirmation {
@@ -755,7 +761,8 @@ impl Pools {
         progress: &dyn Fn(u64, u64),
     ) -> Result<CleanupReport> {
         let report = self.cleanup(name, false)?;
-        let (e, rec, v) = self.load(name)?;
+        self.with_pool(name, |e, rec| {
+        let (v, _) = e.read_vg(&rec.vg)?;
         let live: Vec<Lease> = lease::leases(&v.meta)
             .into_iter()
             .filter(|l| !matches!(l.liveness, Liveness::Dead(_)) || l.kept)
@@ -790,7 +797,7 @@ impl Pools {
             });
         }
         let all: Vec<String> = v.meta.lvs.iter().map(|l| l.name.clone()).collect();
-        self.detach_for(&v.meta, &all);
+        detach_loops(&v, &all, false);
         e.apply(
             &Operation::VgRemove {
                 name: rec.vg.clone(),
@@ -808,13 +815,43 @@ impl Pools {
             }
         }
         let _ = std::fs::remove_file(self.record_path(name));
+        Ok(())
+        })?;
         Ok(report)
     }
 }
 
-fn summary(name: &str, v: &LoadedVg) -> PoolSummary {
+/// Detach the loop devices of `lvs`, and with `strays` any devpool loop
+/// device over the VG's PVs whose volume no longer exists; one pass over the
+/// attached devices.
+fn detach_loops(v: &LoadedVg, lvs: &[String], strays: bool) -> Vec<PathBuf> {
+    let meta = &v.meta;
+    let doomed: Vec<String> = lvs
+        .iter()
+        .filter_map(|n| meta.lv(n).map(|l| l.id.raw_str().to_string()))
+        .collect();
+    let pv_files: Vec<&Path> = v
+        .devices
+        .iter()
+        .flatten()
+        .map(|d| d.path.as_path())
+        .collect();
+    let live: std::collections::HashSet<&str> = meta.lvs.iter().map(|l| l.id.raw_str()).collect();
+    let mut done = Vec::new();
+    for a in loopdev::list() {
+        let stray = strays
+            && !live.contains(a.lv_uuid.as_str())
+            && pv_files.iter().any(|p| same_file(p, &a.backing));
+        if (stray || doomed.contains(&a.lv_uuid)) && loopdev::detach(&a.device).is_ok() {
+            loopdev::chown_back(&a.device);
+            done.push(a.device);
+        }
+    }
+    done
+}
+
+fn summary(name: &str, v: &LoadedVg, leases: usize) -> PoolSummary {
     let es = v.meta.extent_size.bytes().0;
-    let leases = lease::leases(&v.meta).len();
     PoolSummary {
         pool: name.to_string(),
         vg: v.meta.name.clone(),
@@ -823,32 +860,6 @@ fn summary(name: &str, v: &LoadedVg) -> PoolSummary {
         free_bytes: devpool_engine::ops::vg_free_extents(&v.meta) * es,
         leases,
         volumes: v.meta.lvs.len(),
-    }
-}
-
-pub fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => a == b,
-    }
-}
-
-fn device_size(path: &Path) -> Result<u64> {
-    use std::io::{Seek, SeekFrom};
-    let mut f = std::fs::File::open(path).map_err(|e| PoolError::io(path, "open", e))?;
-    f.seek(SeekFrom::End(0))
-        .map_err(|e| PoolError::io(path, "size", e))
-}
-
-trait ExclFlag {
-    fn custom_flags_excl(&mut self) -> &mut Self;
-}
-
-impl ExclFlag for std::fs::OpenOptions {
-    fn custom_flags_excl(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_EXCL)
     }
 }
 
@@ -890,19 +901,5 @@ impl Backup {
             .and_then(|_| f.write_all_at(&self.head, 0))
             .and_then(|_| f.sync_all())
             .map_err(|e| PoolError::io(path, "restore", e))
-    }
-}
-
-/// Sizes for `--image-size` and settings, as `SizeArg` in bytes.
-pub fn absolute_bytes(s: &str) -> Result<Bytes> {
-    match SizeArg::parse(s) {
-        Ok(SizeArg {
-            sign: None,
-            amount: Amount::Bytes(b),
-        }) => Ok(b),
-        Ok(_) => Err(PoolError::Invalid(format!(
-            "'{s}': give a size in bytes with a unit, such as 64G"
-        ))),
-        Err(e) => Err(PoolError::Invalid(format!("'{s}': {e}"))),
     }
 }

@@ -96,11 +96,7 @@ fn check_block(path: &Path, dev: DevNum, fstab: &Path, f: &mut Findings) {
 }
 
 fn check_image(path: &Path, meta: &std::fs::Metadata, fstab: &Path, f: &mut Findings) {
-    let same = |p: &Path| {
-        std::fs::metadata(p)
-            .map(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
-            .unwrap_or(false)
-    };
+    let same = |p: &Path| devpool_engine::engine::same_file(p, path);
     for (l, back) in sysblk::loops() {
         if same(&back) {
             f.refusals.push(format!(

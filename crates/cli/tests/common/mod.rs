@@ -97,6 +97,14 @@ impl Drop for Loop {
     }
 }
 
+/// The devpool binary with its state in `state_dir` (and no fault injection).
+pub fn devpool_command(state_dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_devpool"));
+    c.env("DEVPOOL_STATE_DIR", state_dir)
+        .env_remove("DEVPOOL_FAULT_CRASH_AFTER_WRITES");
+    c
+}
+
 /// A scratch directory with sparse images, a devpool state dir, and helpers.
 pub struct Lab {
     pub dir: tempfile::TempDir,
@@ -159,10 +167,8 @@ impl Lab {
         self.devpool_env(devices, args, &[])
     }
     pub fn devpool_env(&self, devices: &[&Path], args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_devpool"));
+        let mut c = devpool_command(&self.state_dir());
         let list: Vec<String> = devices.iter().map(|d| d.display().to_string()).collect();
-        c.env("DEVPOOL_STATE_DIR", self.state_dir())
-            .env_remove("DEVPOOL_FAULT_CRASH_AFTER_WRITES");
         if !list.is_empty() {
             c.arg("--devices").arg(list.join(","));
         }
