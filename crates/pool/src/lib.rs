@@ -11,6 +11,7 @@
 //! - [`safety`] and [`sysblk`]: the checks before setup and the block-device
 //!   topology they walk (sysfs holders/slaves, mountinfo, swaps, fstab)
 //! - [`loopdev`]: loop devices over a volume's extents
+//! - [`servers`]: which processes serve a volume, stopped before its extents are freed
 
 pub mod error;
 pub mod lease;
@@ -18,6 +19,7 @@ pub mod loopdev;
 pub mod owner;
 pub mod pool;
 pub mod safety;
+pub mod servers;
 pub mod spec;
 pub mod sysblk;
 pub mod wipe;

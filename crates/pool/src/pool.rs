@@ -7,6 +7,8 @@ use crate::lease::{self, Lease};
 use crate::loopdev;
 use crate::owner::{Liveness, Owner};
 use crate::safety;
+use crate::servers;
+use std::sync::Arc;
 use crate::spec::VolumeSpec;
 use crate::{PoolError, Result};
 use devpool_engine::engine::{DeviceSource, Engine, Operation, PvOptions, same_file};
@@ -34,6 +36,7 @@ struct PoolRecord {
 }
 
 /// Settings and entry points for pools.
+#[derive(Debug, Clone)]
 pub struct Pools {
     pub state_dir: PathBuf,
     /// The fstab the safety checks read (a setting so tests can use a scratch one).
@@ -601,6 +604,7 @@ impl Pools {
                 )));
             }
             detach_loops(&v, &lvs, false);
+            self.stop_servers(&v, &lvs)?;
             match e.apply(
                 &Operation::LvRemove {
                     vg: rec.vg.clone(),
@@ -665,6 +669,7 @@ impl Pools {
                 }
             }
             report.detached = detach_loops(&v, &lvs, true);
+            self.stop_servers(&v, &lvs)?;
             drop(lock);
             if lvs.is_empty() {
                 return Ok(report);
@@ -798,6 +803,7 @@ impl Pools {
         }
         let all: Vec<String> = v.meta.lvs.iter().map(|l| l.name.clone()).collect();
         detach_loops(&v, &all, false);
+        self.stop_servers(&v, &all)?;
         e.apply(
             &Operation::VgRemove {
                 name: rec.vg.clone(),
@@ -820,6 +826,63 @@ impl Pools {
         Ok(report)
     }
 }
+
+impl Pools {
+    /// Stop devpool's servers of `lvs` (NBD, vhost-user-blk, FUSE) and wait
+    /// until they have flushed and let go, before their extents are freed.
+    fn stop_servers(&self, v: &LoadedVg, lvs: &[String]) -> Result<()> {
+        for lv in lvs {
+            if let Some(l) = v.meta.lv(lv) {
+                servers::stop(&self.state_dir, l.id.raw_str(), SERVER_STOP_TIMEOUT)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a volume is and who holds it: what a server needs to serve it.
+    pub fn locate(&self, name: &str, lv: &str) -> Result<Located> {
+        let v = self.read(name)?;
+        let meta = Arc::clone(&v.meta);
+        let l = meta.lv(lv).ok_or_else(|| {
+            PoolError::Invalid(format!(
+                "no volume '{lv}' in pool '{name}' (see 'devpool pool status {name}')"
+            ))
+        })?;
+        let lease = lease::leases(&meta)
+            .into_iter()
+            .find(|x| x.volumes.iter().any(|vol| vol.lv == lv));
+        let pvs = meta
+            .pvs
+            .iter()
+            .filter_map(|p| {
+                v.device_of(&p.key)
+                    .map(|d| (p.key.clone(), d.path.clone()))
+            })
+            .collect();
+        Ok(Located {
+            pool: name.to_string(),
+            lv: l.clone(),
+            lease,
+            pvs,
+            meta,
+        })
+    }
+}
+
+/// See [`Pools::locate`].
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub pool: String,
+    pub meta: Arc<VgMetadata>,
+    pub lv: devpool_format::metadata::LvMeta,
+    /// The lease the volume belongs to, if any.
+    pub lease: Option<Lease>,
+    /// Each PV's key in the VG and its device path.
+    pub pvs: Vec<(String, PathBuf)>,
+}
+
+/// How long release waits for a volume's server to finish and flush.
+const SERVER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Detach the loop devices of `lvs`, and with `strays` any devpool loop
 /// device over the VG's PVs whose volume no longer exists; one pass over the

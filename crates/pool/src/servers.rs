@@ -1,0 +1,138 @@
+//! Which processes serve which volume. A server registers itself as
+//! `state_dir/servers/<LV uuid>.<pid>` and holds an exclusive `flock` on that
+//! file for as long as it serves. Release and cleanup call [`stop`] before
+//! they free a volume's extents: a held lock proves the server is alive (no
+//! PID-reuse guessing), it is asked to stop with SIGTERM, and its lock being
+//! released proves it has finished its in-flight I/O and flushed.
+
+use crate::{PoolError, Result};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A server's registration; dropping it unregisters.
+#[derive(Debug)]
+pub struct Registration {
+    path: PathBuf,
+    _file: File,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("servers")
+}
+
+/// Register this process as serving the LV with uuid `lv_uuid`.
+pub fn register(state_dir: &Path, lv_uuid: &str) -> Result<Registration> {
+    let d = dir(state_dir);
+    let io = |op: &str, path: &Path| {
+        let (op, path) = (op.to_string(), path.to_path_buf());
+        move |source| PoolError::Io { path, op, source }
+    };
+    std::fs::create_dir_all(&d).map_err(io("create", &d))?;
+    let path = d.join(format!("{lv_uuid}.{}", std::process::id()));
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    // SAFETY: flock on our own descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(PoolError::Refused(format!(
+            "{} is locked by another server",
+            path.display()
+        )));
+    }
+    writeln!(file, "{}", std::process::id()).map_err(io("write", &path))?;
+    Ok(Registration { path, _file: file })
+}
+
+/// PIDs of the processes serving `lv_uuid` now.
+pub fn serving(state_dir: &Path, lv_uuid: &str) -> Vec<u32> {
+    entries(state_dir, lv_uuid)
+        .into_iter()
+        .filter(|(path, _)| held(path))
+        .map(|(_, pid)| pid)
+        .collect()
+}
+
+fn entries(state_dir: &Path, lv_uuid: &str) -> Vec<(PathBuf, u32)> {
+    let Ok(rd) = std::fs::read_dir(dir(state_dir)) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let pid = name.strip_prefix(lv_uuid)?.strip_prefix('.')?.parse().ok()?;
+            Some((e.path(), pid))
+        })
+        .collect()
+}
+
+/// Whether someone holds the lock on a registration file.
+fn held(path: &Path) -> bool {
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    // SAFETY: flock on our own descriptor; released when `f` closes.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
+/// Stop every server of `lv_uuid` (other than this process) and wait until
+/// each has let go of the volume. Stale registrations are removed.
+pub fn stop(state_dir: &Path, lv_uuid: &str, timeout: Duration) -> Result<Vec<u32>> {
+    let me = std::process::id();
+    let mut stopped = Vec::new();
+    for (path, pid) in entries(state_dir, lv_uuid) {
+        if pid == me {
+            continue;
+        }
+        if !held(&path) {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        // The lock is held, so `pid` is the live server (a PID cannot be
+        // reused while its process holds a lock).
+        // SAFETY: kill with a valid signal number.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while held(&path) {
+            if Instant::now() > deadline {
+                return Err(PoolError::Refused(format!(
+                    "the server of this volume (PID {pid}) did not stop within {}s; stop it and try again",
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_file(&path);
+        stopped.push(pid);
+    }
+    Ok(stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registration_is_visible_while_held_and_gone_when_dropped() {
+        let d = std::env::temp_dir().join(format!("devpool-servers-{}", std::process::id()));
+        let r = register(&d, "u1").unwrap();
+        assert_eq!(serving(&d, "u1"), vec![std::process::id()]);
+        assert!(serving(&d, "u2").is_empty());
+        // Our own registration is never signalled.
+        assert!(stop(&d, "u1", Duration::from_secs(1)).unwrap().is_empty());
+        drop(r);
+        assert!(serving(&d, "u1").is_empty());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

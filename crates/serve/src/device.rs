@@ -1,0 +1,120 @@
+//! The devices under a served volume: each PV opened twice, with `O_DIRECT`
+//! where the device or file system allows it (aligned requests) and buffered
+//! (requests the client did not align). Linux keeps the two coherent: direct
+//! I/O writes back and invalidates the page cache over its range first.
+
+use crate::map::VolumeMap;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub struct PvDevice {
+    pub path: PathBuf,
+    direct: Option<File>,
+    buffered: File,
+    pub is_block: bool,
+    /// Alignment `direct` needs for offsets, lengths and buffer addresses.
+    pub align: u64,
+}
+
+/// BLKSSZGET: the logical block size of a block device.
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+impl PvDevice {
+    pub fn open(path: &Path, writable: bool) -> std::io::Result<PvDevice> {
+        let ctx = |e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
+        };
+        let buffered = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(ctx)?;
+        let is_block = buffered.metadata().map_err(ctx)?.file_type().is_block_device();
+        let direct = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
+        let mut align = 512u64;
+        if is_block {
+            let mut ssz: libc::c_int = 0;
+            // SAFETY: BLKSSZGET writes one int.
+            if unsafe { libc::ioctl(buffered.as_raw_fd(), BLKSSZGET, &mut ssz) } == 0 && ssz > 0 {
+                align = ssz as u64;
+            }
+        }
+        let direct = direct.and_then(|f| probe_direct(f, &mut align));
+        Ok(PvDevice {
+            path: path.to_path_buf(),
+            direct,
+            buffered,
+            is_block,
+            align,
+        })
+    }
+
+    /// The descriptor for an I/O: direct when everything is aligned.
+    pub fn fd_for(&self, aligned: impl FnOnce(u64) -> bool) -> RawFd {
+        match &self.direct {
+            Some(f) if aligned(self.align) => f.as_raw_fd(),
+            _ => self.buffered.as_raw_fd(),
+        }
+    }
+
+    pub fn direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// The descriptor for flush, discard and zeroing.
+    pub fn any_fd(&self) -> RawFd {
+        self.buffered.as_raw_fd()
+    }
+}
+
+/// Some file systems (tmpfs before 6.6, some FUSE) refuse O_DIRECT reads, and
+/// some need 4 KiB alignment: try a read at the current alignment, then 4 KiB.
+fn probe_direct(f: File, align: &mut u64) -> Option<File> {
+    let buf = crate::buffer::AlignedBuf::new(4096);
+    for a in [*align, 4096] {
+        // SAFETY: buf holds 4096 writable bytes, aligned to 4096.
+        let n = unsafe { libc::pread(f.as_raw_fd(), buf.as_ptr() as *mut _, a as usize, 0) };
+        if n >= 0 {
+            *align = a;
+            return Some(f);
+        }
+    }
+    None
+}
+
+/// A volume ready to serve: its map and its devices.
+#[derive(Debug)]
+pub struct Volume {
+    pub name: String,
+    pub uuid: String,
+    pub map: VolumeMap,
+    pub devs: Vec<PvDevice>,
+    pub read_only: bool,
+}
+
+impl Volume {
+    pub fn size(&self) -> u64 {
+        self.map.size()
+    }
+    /// The alignment every device accepts for direct I/O.
+    pub fn align(&self) -> u64 {
+        self.devs.iter().map(|d| d.align).max().unwrap_or(512)
+    }
+    /// Whether any device accepts direct I/O.
+    pub fn direct(&self) -> bool {
+        self.devs.iter().any(|d| d.direct())
+    }
+}
+
+/// Whether a path names a block device (for messages and discard).
+pub fn is_block(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}

@@ -1,0 +1,24 @@
+//! # devpool-serve
+//!
+//! The data plane: volumes become block devices through devpool itself. One
+//! block-I/O core and thin protocol frontends over it.
+//!
+//! - [`map`]: a volume's logical bytes → (device, offset) through its linear
+//!   and striped segments; refuses everything outside the volume (pure)
+//! - [`device`]: the PVs under a volume, opened direct and buffered
+//! - [`buffer`]: aligned I/O buffers
+//! - [`queue`]: the io_uring core (read, write, flush, discard, write-zeroes, FUA)
+//! - [`nbd`]: the NBD server (fixed newstyle handshake, transmission)
+//! - [`open`]: a leased volume from a pool, ready to serve
+//! - [`lifetime`]: stop signals, and the watch that stops serving when the lease ends
+
+pub mod buffer;
+pub mod device;
+pub mod lifetime;
+pub mod map;
+pub mod nbd;
+pub mod open;
+pub mod queue;
+
+pub use device::Volume;
+pub use lifetime::Stopper;

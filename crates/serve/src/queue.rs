@@ -1,0 +1,391 @@
+//! The block-I/O core: one io_uring per worker, many requests in flight.
+//! A request on the volume is cut by the [`VolumeMap`](crate::map::VolumeMap)
+//! into pieces, each one SQE on its device; the request completes when all
+//! its pieces have. Frontends (NBD, vhost-user-blk, FUSE) only translate
+//! their protocol into [`Request`]s and completions into replies; they may add
+//! their own SQEs (socket receives, wake-ups) to the same ring so one
+//! `io_uring_enter` waits for everything.
+
+use crate::device::Volume;
+use crate::map::{MapError, Piece};
+use io_uring::{IoUring, opcode, squeue, types};
+use slab::Slab;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write { fua: bool },
+    Flush,
+    /// Give the range back (punch a hole / BLKDISCARD); reads after it return
+    /// zeroes on image files and unspecified data on devices.
+    Discard,
+    /// Make the range read as zeroes; `may_trim` allows deallocating it.
+    WriteZeroes { may_trim: bool, fua: bool },
+}
+
+/// One request on the volume. For reads and writes `iov` describes `len`
+/// bytes of memory that must stay valid until the request completes.
+#[derive(Debug)]
+pub struct Request {
+    pub op: Op,
+    pub offset: u64,
+    pub len: u64,
+    pub iov: Vec<libc::iovec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub tag: u64,
+    /// 0 or a positive errno.
+    pub errno: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Done(Completion),
+    /// A frontend's own SQE completed: its user data (without the marker) and result.
+    Foreign { data: u64, result: i32 },
+}
+
+const FOREIGN: u64 = 1 << 63;
+
+struct Slot {
+    tag: u64,
+    remaining: u32,
+    errno: i32,
+    /// Each part's iovec array (the kernel reads it at submission; kept until
+    /// completion to be safe with async punts) and expected byte count.
+    parts: Vec<(Box<[libc::iovec]>, u32)>,
+    /// Flush all devices once the parts are done (FUA for zeroing).
+    then_flush: bool,
+}
+
+pub struct Queue {
+    ring: IoUring,
+    vol: Arc<Volume>,
+    slots: Slab<Slot>,
+    scratch: Vec<Piece>,
+    ready: Vec<Completion>,
+    /// SQEs pushed since the last submit.
+    unsubmitted: usize,
+}
+
+const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
+/// BLKDISCARD: `_IO(0x12, 119)`.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+impl Queue {
+    pub fn new(vol: Arc<Volume>, depth: u32) -> std::io::Result<Queue> {
+        Ok(Queue {
+            ring: IoUring::new(depth.next_power_of_two().max(8))?,
+            vol,
+            slots: Slab::new(),
+            scratch: Vec::new(),
+            ready: Vec::new(),
+            unsubmitted: 0,
+        })
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.vol
+    }
+
+    /// Requests submitted and not yet reported.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() + self.ready.len()
+    }
+
+    fn push(&mut self, e: squeue::Entry) {
+        loop {
+            // SAFETY: every SQE built here points at memory owned by a slot
+            // or guaranteed by the caller of submit() until completion.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                self.unsubmitted += 1;
+                return;
+            }
+            // Queue full: hand what we have to the kernel and retry.
+            if self.ring.submit().is_ok() {
+                self.unsubmitted = 0;
+            }
+        }
+    }
+
+    /// Add a frontend's own SQE (its user data must be below 2^63).
+    ///
+    /// # Safety
+    /// Whatever memory the entry points at must stay valid until its
+    /// [`Event::Foreign`] is reported.
+    pub unsafe fn push_foreign(&mut self, e: squeue::Entry, data: u64) {
+        self.push(e.user_data(data | FOREIGN));
+    }
+
+    /// Start a request; its [`Completion`] carries `tag`. Requests outside the
+    /// volume, or writes to a read-only one, fail at once with an errno.
+    ///
+    /// # Safety
+    /// `req.iov` must describe memory valid (and, for reads, writable) until
+    /// the request's completion is reported.
+    pub unsafe fn submit(&mut self, tag: u64, req: Request) -> Result<(), i32> {
+        let writes = matches!(
+            req.op,
+            Op::Write { .. } | Op::WriteZeroes { .. } | Op::Discard
+        );
+        if writes && self.vol.read_only {
+            return Err(libc::EPERM);
+        }
+        let vol = Arc::clone(&self.vol);
+        if req.op == Op::Flush {
+            let key = self.slots.insert(Slot {
+                tag,
+                remaining: 0,
+                errno: 0,
+                parts: Vec::new(),
+                then_flush: false,
+            });
+            self.push_flush(key);
+            return Ok(());
+        }
+        if let Some(sum) = iov_total(&req.iov)
+            && matches!(req.op, Op::Read | Op::Write { .. })
+            && sum != req.len
+        {
+            return Err(libc::EINVAL);
+        }
+        self.scratch.clear();
+        if let Err(MapError::OutOfRange { .. }) =
+            vol.map.pieces(req.offset, req.len, &mut self.scratch)
+        {
+            return Err(if writes { libc::ENOSPC } else { libc::EINVAL });
+        }
+        let pieces = std::mem::take(&mut self.scratch);
+        let key = self.slots.insert(Slot {
+            tag,
+            remaining: 0,
+            errno: 0,
+            parts: Vec::with_capacity(pieces.len()),
+            then_flush: matches!(req.op, Op::WriteZeroes { fua: true, .. }),
+        });
+        for p in &pieces {
+            let dev = &vol.devs[p.dev];
+            let part = self.slots[key].parts.len() as u64;
+            let data = key as u64 | part << 32;
+            match req.op {
+                Op::Read | Op::Write { .. } => {
+                    let iov = slice_iov(&req.iov, p.at, p.len);
+                    let fd = dev.fd_for(|a| {
+                        p.offset % a == 0
+                            && iov
+                                .iter()
+                                .all(|v| v.iov_base as u64 % a == 0 && v.iov_len as u64 % a == 0)
+                    });
+                    let e = if req.op == Op::Read {
+                        opcode::Readv::new(types::Fd(fd), iov.as_ptr(), iov.len() as u32)
+                            .offset(p.offset)
+                            .build()
+                    } else {
+                        let fua = matches!(req.op, Op::Write { fua: true });
+                        opcode::Writev::new(types::Fd(fd), iov.as_ptr(), iov.len() as u32)
+                            .offset(p.offset)
+                            .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                            .build()
+                    };
+                    let slot = &mut self.slots[key];
+                    slot.parts.push((iov, p.len as u32));
+                    slot.remaining += 1;
+                    self.push(e.user_data(data));
+                }
+                Op::Discard if dev.is_block => {
+                    let range = [p.offset, p.len];
+                    // SAFETY: BLKDISCARD reads two u64s.
+                    let r = unsafe { libc::ioctl(dev.any_fd(), BLKDISCARD, range.as_ptr()) };
+                    if r != 0 {
+                        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(5);
+                        self.slots[key].errno = errno;
+                    }
+                }
+                Op::Discard | Op::WriteZeroes { .. } => {
+                    let mode = match req.op {
+                        Op::WriteZeroes { may_trim: true, .. } | Op::Discard if !dev.is_block => {
+                            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                        }
+                        _ => FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                    };
+                    let e = opcode::Fallocate::new(types::Fd(dev.any_fd()), p.len)
+                        .offset(p.offset)
+                        .mode(mode)
+                        .build();
+                    let slot = &mut self.slots[key];
+                    slot.parts.push((Box::new([]), 0));
+                    slot.remaining += 1;
+                    self.push(e.user_data(data));
+                }
+                Op::Flush => {}
+            }
+        }
+        self.scratch = pieces;
+        let slot = &self.slots[key];
+        if slot.remaining == 0 {
+            self.part_done(key);
+        }
+        Ok(())
+    }
+
+    fn push_flush(&mut self, key: usize) {
+        let vol = Arc::clone(&self.vol);
+        for dev in &vol.devs {
+            let slot = &mut self.slots[key];
+            let part = slot.parts.len() as u64;
+            slot.parts.push((Box::new([]), 0));
+            slot.remaining += 1;
+            let e = opcode::Fsync::new(types::Fd(dev.any_fd()))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(key as u64 | part << 32);
+            self.push(e);
+        }
+        if vol.devs.is_empty() {
+            self.part_done(key);
+        }
+    }
+
+    /// A slot with no parts left: finish it (or start its trailing flush).
+    fn part_done(&mut self, key: usize) {
+        let slot = &mut self.slots[key];
+        if slot.remaining > 0 {
+            return;
+        }
+        if slot.then_flush && slot.errno == 0 {
+            slot.then_flush = false;
+            self.push_flush(key);
+            return;
+        }
+        let slot = self.slots.remove(key);
+        self.ready.push(Completion {
+            tag: slot.tag,
+            errno: slot.errno,
+        });
+    }
+
+    /// Submit what is queued and wait until at least `min` events are
+    /// available (0: do not wait); append them to `out`.
+    pub fn wait(&mut self, min: usize, out: &mut Vec<Event>) -> std::io::Result<()> {
+        let want = if self.ready.is_empty() { min } else { 0 };
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                    if want == 0 {
+                        break;
+                    }
+                }
+                // Completion queue full: reap first, then submit again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        self.unsubmitted = 0;
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (data, res) in cqes {
+            if data & FOREIGN != 0 {
+                out.push(Event::Foreign {
+                    data: data & !FOREIGN,
+                    result: res,
+                });
+                continue;
+            }
+            let key = (data & 0xffff_ffff) as usize;
+            let part = (data >> 32) as usize;
+            let Some(slot) = self.slots.get_mut(key) else {
+                continue;
+            };
+            let expect = slot.parts.get(part).map(|p| p.1).unwrap_or(0);
+            if res < 0 {
+                slot.errno = -res;
+            } else if expect > 0 && res as u32 != expect && slot.errno == 0 {
+                // A short transfer: the device ended early.
+                slot.errno = libc::EIO;
+            }
+            slot.remaining -= 1;
+            if slot.remaining == 0 {
+                self.part_done(key);
+            }
+        }
+        out.extend(self.ready.drain(..).map(Event::Done));
+        Ok(())
+    }
+
+    /// Wait for every request in flight (used at shutdown); foreign events
+    /// seen meanwhile are returned.
+    pub fn drain(&mut self, out: &mut Vec<Event>) -> std::io::Result<()> {
+        while !self.slots.is_empty() {
+            self.wait(1, out)?;
+        }
+        self.wait(0, out)
+    }
+}
+
+fn iov_total(iov: &[libc::iovec]) -> Option<u64> {
+    if iov.is_empty() {
+        return None;
+    }
+    Some(iov.iter().map(|v| v.iov_len as u64).sum())
+}
+
+/// The part of an iovec list covering bytes `at..at+len`.
+pub fn slice_iov(iov: &[libc::iovec], at: u64, len: u64) -> Box<[libc::iovec]> {
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    let end = at + len;
+    for v in iov {
+        let vend = pos + v.iov_len as u64;
+        if vend > at && pos < end {
+            let from = at.max(pos);
+            let to = end.min(vend);
+            out.push(libc::iovec {
+                // SAFETY: from-pos lies inside this iovec.
+                iov_base: unsafe { (v.iov_base as *mut u8).add((from - pos) as usize) } as *mut _,
+                iov_len: (to - from) as usize,
+            });
+        }
+        pos = vend;
+        if pos >= end {
+            break;
+        }
+    }
+    out.into_boxed_slice()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slicing_an_iovec_list_keeps_exactly_the_requested_bytes() {
+        let mut a = [0u8; 10];
+        let mut b = [0u8; 6];
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr() as *mut _,
+                iov_len: 10,
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut _,
+                iov_len: 6,
+            },
+        ];
+        let s = slice_iov(&iov, 8, 5);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].iov_base as usize, a.as_ptr() as usize + 8);
+        assert_eq!(s[0].iov_len, 2);
+        assert_eq!(s[1].iov_base as usize, b.as_ptr() as usize);
+        assert_eq!(s[1].iov_len, 3);
+        assert_eq!(slice_iov(&iov, 10, 6)[0].iov_base as usize, b.as_ptr() as usize);
+    }
+}
