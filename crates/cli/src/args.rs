@@ -159,6 +159,32 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Serve a leased volume over NBD (and/or vhost-user-blk) until stopped.
+    #[command(after_help = "The volume must be leased; serving stops when the lease is released, \
+when its owner dies, and on SIGINT/SIGTERM (in-flight requests finish, devices are flushed, \
+exit 0). Unix sockets are created mode 0600.\n\n\
+Example:\n  devpool serve devpool-20261121070000-abc123-test --nbd unix:/tmp/test.sock\n  \
+nbdinfo 'nbd+unix:///?socket=/tmp/test.sock'\n  \
+devpool serve VOLUME --nbd tcp:127.0.0.1:10809")]
+    Serve {
+        /// The volume's LV name (as `lease acquire` and `lease list` show it).
+        volume: String,
+        /// NBD endpoint: unix:PATH or tcp:HOST:PORT (loopback unless --listen).
+        #[arg(long, required_unless_present = "vhost_user_blk")]
+        nbd: Option<String>,
+        /// Serve vhost-user-blk for QEMU on this Unix socket.
+        #[arg(long)]
+        vhost_user_blk: Option<PathBuf>,
+        /// Allow a TCP address that is not loopback (the address itself).
+        #[arg(long)]
+        listen: Option<std::net::IpAddr>,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        /// vhost-user-blk queues (one per guest vCPU is best).
+        #[arg(long, default_value_t = 2)]
+        queues: usize,
+    },
     /// Write an fstests local.config for a lease.
     FstestsConfig {
         session: String,

@@ -7,6 +7,7 @@
 mod args;
 mod output;
 mod pool_cmds;
+mod serve_cmds;
 
 use anyhow::{Context, Result, anyhow, bail};
 use args::{Cli, Command, Global, LvCmd, PvArgs, PvCmd, VgCmd};
@@ -92,6 +93,23 @@ fn run(cli: Cli) -> Result<()> {
             mounts,
             output,
         } => return pool_cmds::fstests_config(&g, &session, &mounts, output.as_deref()),
+        Command::Serve {
+            volume,
+            nbd,
+            vhost_user_blk,
+            listen,
+            read_only,
+            queues,
+        } => {
+            let what = serve_cmds::Exports {
+                nbd,
+                vhost_user_blk,
+                listen,
+                read_only,
+                queues,
+            };
+            return serve_cmds::serve(&g, &volume, &what);
+        }
         Command::Run {
             want,
             keep,

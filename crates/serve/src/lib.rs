@@ -9,16 +9,20 @@
 //! - [`buffer`]: aligned I/O buffers
 //! - [`queue`]: the io_uring core (read, write, flush, discard, write-zeroes, FUA)
 //! - [`nbd`]: the NBD server (fixed newstyle handshake, transmission)
+//! - [`vhost`]: the vhost-user-blk server for QEMU (rust-vmm's vhost-user-backend)
+//! - [`export`]: serving a leased volume, watched so it ends with its lease
 //! - [`open`]: a leased volume from a pool, ready to serve
 //! - [`lifetime`]: stop signals, and the watch that stops serving when the lease ends
 
 pub mod buffer;
+pub mod export;
 pub mod device;
 pub mod lifetime;
 pub mod map;
 pub mod nbd;
 pub mod open;
 pub mod queue;
+pub mod vhost;
 
 pub use device::Volume;
 pub use lifetime::Stopper;

@@ -71,6 +71,11 @@ pub struct Queue {
     unsubmitted: usize,
 }
 
+// SAFETY: the raw pointers a Queue holds are iovecs into memory whose
+// lifetime the caller of `submit` guarantees; which thread drives the ring
+// does not change that.
+unsafe impl Send for Queue {}
+
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;

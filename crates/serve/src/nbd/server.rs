@@ -105,7 +105,7 @@ impl Drop for Listener {
 
 /// A socket file left by a server that is gone is replaced; one that still
 /// answers, or anything that is not a socket, is an error.
-fn remove_stale_socket(p: &std::path::Path) -> io::Result<()> {
+pub(crate) fn remove_stale_socket(p: &std::path::Path) -> io::Result<()> {
     let Ok(md) = std::fs::symlink_metadata(p) else {
         return Ok(());
     };
@@ -126,7 +126,7 @@ fn remove_stale_socket(p: &std::path::Path) -> io::Result<()> {
 
 /// Bind a Unix socket that only its owner can connect to: the mode is set
 /// on the socket before bind, so the file never exists with a wider mode.
-fn bind_private(p: &std::path::Path) -> io::Result<UnixListener> {
+pub(crate) fn bind_private(p: &std::path::Path) -> io::Result<UnixListener> {
     use std::os::unix::ffi::OsStrExt;
     // SAFETY: socket/fchmod/bind/listen on a descriptor we own, with a
     // sockaddr_un filled within its bounds.

@@ -1,0 +1,76 @@
+//! `devpool serve`: export a leased volume over NBD and/or vhost-user-blk.
+
+use crate::args::Global;
+use crate::pool_cmds::{pool_name, pools};
+use anyhow::{Result, anyhow};
+use devpool_serve::export::{self, ExportSpec};
+use devpool_serve::lifetime::{self, Stopper};
+use devpool_serve::nbd::server::Endpoint;
+use std::io::Write;
+use std::path::PathBuf;
+
+pub struct Exports {
+    pub nbd: Option<String>,
+    pub vhost_user_blk: Option<PathBuf>,
+    pub listen: Option<std::net::IpAddr>,
+    pub read_only: bool,
+    pub queues: usize,
+}
+
+pub fn spec(e: &Exports) -> Result<ExportSpec> {
+    let nbd = e
+        .nbd
+        .as_deref()
+        .map(|s| Endpoint::parse(s, e.listen).map_err(|m| anyhow!("--nbd: {m}")))
+        .transpose()?;
+    if e.queues == 0 || e.queues > devpool_serve::vhost::MAX_QUEUES {
+        return Err(anyhow!(
+            "--queues: {} is not between 1 and {}",
+            e.queues,
+            devpool_serve::vhost::MAX_QUEUES
+        ));
+    }
+    Ok(ExportSpec {
+        nbd,
+        vhost_user_blk: e.vhost_user_blk.clone(),
+        read_only: e.read_only,
+        queues: e.queues,
+    })
+}
+
+pub fn serve(g: &Global, volume: &str, e: &Exports) -> Result<()> {
+    let spec = spec(e)?;
+    let p = pools(g)?;
+    let name = pool_name(g);
+    let stopper = Stopper::new()?;
+    // Before any worker thread starts, so they all inherit the blocked mask.
+    lifetime::stop_on_signals(stopper.clone())?;
+    let running = export::start(&p, &name, volume, &spec, stopper)?;
+    let info = running.info.clone();
+    if g.json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else {
+        let mut what = Vec::new();
+        if let Some(n) = &info.nbd {
+            what.push(format!("NBD {n}"));
+        }
+        if let Some(v) = &info.vhost_user_blk {
+            what.push(format!("vhost-user-blk {}", v.display()));
+        }
+        println!(
+            "serving {} ({} bytes, lease {}) on {}",
+            info.volume,
+            info.size_bytes,
+            info.lease,
+            what.join(" and ")
+        );
+    }
+    // Scripts wait for this line before connecting.
+    std::io::stdout().flush()?;
+    let why = running.wait()?;
+    eprintln!(
+        "devpool serve: stopped ({}); in-flight requests finished, devices flushed",
+        why.unwrap_or_else(|| "all clients are done".into())
+    );
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Exporting a leased volume: open it, register as its server, start the
+//! frontends, and watch the lease so serving ends when the lease does.
+
+use crate::device::Volume;
+use crate::lifetime::{self, Stopper};
+use crate::nbd::server::{Endpoint, Listener};
+use crate::open::open_volume;
+use devpool_pool::owner::Liveness;
+use devpool_pool::pool::Pools;
+use devpool_pool::servers::{self, Registration};
+use devpool_pool::PoolError;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default)]
+pub struct ExportSpec {
+    pub nbd: Option<Endpoint>,
+    pub vhost_user_blk: Option<PathBuf>,
+    pub read_only: bool,
+    /// vhost-user-blk queues.
+    pub queues: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportInfo {
+    pub pool: String,
+    pub volume: String,
+    pub lease: String,
+    pub size_bytes: u64,
+    /// NBD URI (`nbd+unix:///?socket=…` or `nbd://host:port`).
+    pub nbd: Option<String>,
+    pub nbd_socket: Option<PathBuf>,
+    pub vhost_user_blk: Option<PathBuf>,
+    /// Whether the devices take direct I/O.
+    pub direct_io: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Open(#[from] crate::open::OpenError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub struct Running {
+    pub info: ExportInfo,
+    pub volume: Arc<Volume>,
+    pub stopper: Arc<Stopper>,
+    threads: Vec<JoinHandle<std::io::Result<()>>>,
+    _registration: Registration,
+}
+
+/// How often the owner's liveness is checked; the VG is read every 4th time.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Start serving `lv` of pool `pool`. It must belong to a live lease.
+pub fn start(
+    pools: &Pools,
+    pool: &str,
+    lv: &str,
+    spec: &ExportSpec,
+    stopper: Arc<Stopper>,
+) -> Result<Running, ExportError> {
+    let loc = pools.locate(pool, lv)?;
+    let lease = loc.lease.clone().ok_or_else(|| {
+        ExportError::Refused(format!(
+            "volume '{lv}' is not leased; devpool serves only leased volumes (devpool lease acquire)"
+        ))
+    })?;
+    if let Liveness::Dead(why) = &lease.liveness {
+        return Err(ExportError::Refused(format!(
+            "the lease {} of '{lv}' is an orphan ({why}); 'devpool cleanup' reaps it",
+            lease.session
+        )));
+    }
+    let uuid = loc.lv.id.raw_str().to_string();
+    let registration = servers::register(&pools.state_dir, &uuid)?;
+    let volume = Arc::new(open_volume(&loc, spec.read_only)?);
+    let mut threads = Vec::new();
+    let mut info = ExportInfo {
+        pool: pool.to_string(),
+        volume: lv.to_string(),
+        lease: lease.session.clone(),
+        size_bytes: volume.size(),
+        nbd: None,
+        nbd_socket: None,
+        vhost_user_blk: None,
+        direct_io: volume.direct(),
+    };
+    if let Some(ep) = &spec.nbd {
+        let listener = Listener::bind(ep)?;
+        let ep = listener.endpoint()?;
+        info.nbd = Some(ep.to_string());
+        if let Endpoint::Unix(p) = &ep {
+            info.nbd_socket = Some(p.clone());
+        }
+        let (v, s) = (Arc::clone(&volume), Arc::clone(&stopper));
+        threads.push(
+            std::thread::Builder::new()
+                .name("nbd-listen".into())
+                .spawn(move || crate::nbd::server::serve(&listener, v, s))?,
+        );
+    }
+    if let Some(path) = &spec.vhost_user_blk {
+        let (v, s, p) = (Arc::clone(&volume), Arc::clone(&stopper), path.clone());
+        let queues = spec.queues.max(1);
+        let ready = crate::vhost::bind(&p)?;
+        info.vhost_user_blk = Some(p);
+        threads.push(
+            std::thread::Builder::new()
+                .name("vhost-user-blk".into())
+                .spawn(move || crate::vhost::serve(ready, v, queues, s))?,
+        );
+    }
+    // The lease watch: the owner's liveness often, the VG less often.
+    let owner = lease.owner.clone();
+    let (p2, pool2, lv2, session) = (pools.clone(), pool.to_string(), lv.to_string(), lease.session);
+    let tick = AtomicU32::new(0);
+    lifetime::watch(Arc::clone(&stopper), WATCH_INTERVAL, move || {
+        if let Some(o) = &owner
+            && let Liveness::Dead(why) = o.liveness()
+        {
+            return Some(format!("the lease's owner is gone ({why})"));
+        }
+        if tick.fetch_add(1, Ordering::Relaxed) % 4 != 3 {
+            return None;
+        }
+        match p2.locate(&pool2, &lv2) {
+            Ok(l) if l.lv.id.raw_str() == uuid
+                && l.lease.as_ref().is_some_and(|x| x.session == session) => None,
+            Ok(_) | Err(PoolError::Invalid(_) | PoolError::NoPool(_)) => {
+                Some(format!("lease {session} was released"))
+            }
+            // Anything else (a busy lock, an I/O hiccup): look again later.
+            Err(_) => None,
+        }
+    })?;
+    Ok(Running {
+        info,
+        volume,
+        stopper,
+        threads,
+        _registration: registration,
+    })
+}
+
+impl Running {
+    /// Wait until every frontend has stopped (in-flight I/O done, flushed).
+    pub fn wait(self) -> Result<Option<String>, ExportError> {
+        let mut first_err = None;
+        for t in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    // A frontend failed: stop the others too.
+                    self.stopper.stop(&format!("a frontend failed: {e}"));
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    self.stopper.stop("a frontend panicked");
+                }
+            }
+        }
+        crate::nbd::server::flush_all(&self.volume)?;
+        match first_err {
+            Some(e) => Err(e.into()),
+            None => Ok(self.stopper.reason()),
+        }
+    }
+}
