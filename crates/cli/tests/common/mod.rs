@@ -116,6 +116,21 @@ impl Drop for Lab {
     /// (a lease's devices over a pool PV) go first, so nothing stays attached.
     fn drop(&mut self) {
         let _g = LOSETUP.lock().unwrap_or_else(|p| p.into_inner());
+        // Loop devices over files in the lab (pools on image files).
+        let dir = self.dir.path().to_path_buf();
+        if let Ok(rd) = std::fs::read_dir("/sys/block") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let backing = std::fs::read_to_string(e.path().join("loop/backing_file"))
+                    .unwrap_or_default();
+                if name.starts_with("loop") && Path::new(backing.trim()).starts_with(&dir) {
+                    let _ = Command::new("losetup")
+                        .arg("-d")
+                        .arg(format!("/dev/{name}"))
+                        .status();
+                }
+            }
+        }
         for l in &self.loops {
             for target in [&l.dev, &l.image] {
                 let out = Command::new("losetup").arg("-j").arg(target).output();

@@ -1,0 +1,479 @@
+//! `devpool serve --nbd` with real clients (nbdinfo, nbdcopy, qemu-img,
+//! qemu-io, fio with the nbd engine) on a real pool. Every test fills the
+//! neighbouring volumes with sentinel bytes and checks, through the pool's
+//! image file, that not one of them changed.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Skips (with the reason) when a client tool is missing, unless CI requires it.
+fn need_tools(test: &str, tools: &[&str]) -> bool {
+    if skip_unless_real(test) {
+        return true;
+    }
+    for t in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: '{t}' is not installed (.ci/run installs it)");
+            }
+            eprintln!("SKIPPED: {test}: '{t}' is not installed");
+            return true;
+        }
+    }
+    false
+}
+
+struct Sleeper(Child);
+impl Sleeper {
+    fn new() -> Sleeper {
+        Sleeper(
+            Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .expect("spawn sleep"),
+        )
+    }
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+}
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A pool on an image file with three leased neighbours a, b, c; b is the
+/// one served, a and c hold sentinels.
+struct Bench {
+    lab: Lab,
+    image: PathBuf,
+    owner: Sleeper,
+    lease: Value,
+    /// (offset, size) in the image of each volume, in role order a, b, c.
+    windows: Vec<(u64, u64)>,
+}
+
+const SENTINEL: u8 = 0x5a;
+
+fn window_of(loopdev: &str) -> (u64, u64) {
+    let name = Path::new(loopdev).file_name().unwrap().to_string_lossy().into_owned();
+    let off: u64 = std::fs::read_to_string(format!("/sys/block/{name}/loop/offset"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let sectors: u64 = std::fs::read_to_string(format!("/sys/block/{name}/size"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (off, sectors * 512)
+}
+
+impl Bench {
+    fn new(pool: &str, mib: u64) -> Bench {
+        let lab = Lab::new();
+        let image = lab.path("pool.img");
+        let img = image.display().to_string();
+        lab.dp(
+            &[],
+            &["pool", "setup", &img, "--name", pool, "--image-size", "1G", "--yes"],
+        );
+        let owner = Sleeper::new();
+        let size = format!("{mib}M");
+        let vols = format!("a:{size},b:{size},c:{size}");
+        let lease = lab.dp_json(
+            &[],
+            &["--pool", pool, "lease", "acquire", "--volumes", &vols, "--owner-pid", &owner.pid()],
+        );
+        let windows: Vec<(u64, u64)> = lease["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| window_of(d["device"].as_str().unwrap()))
+            .collect();
+        let b = Bench {
+            lab,
+            image,
+            owner,
+            lease,
+            windows,
+        };
+        // Sentinels in the neighbours (and in b, to see what the server reads).
+        let f = std::fs::OpenOptions::new().write(true).open(&b.image).unwrap();
+        for &(off, size) in &b.windows {
+            let buf = vec![SENTINEL; size as usize];
+            f.write_all_at(&buf, off).unwrap();
+        }
+        f.sync_all().unwrap();
+        b
+    }
+    fn lv(&self, i: usize) -> String {
+        self.lease["devices"][i]["lv"].as_str().unwrap().to_string()
+    }
+    fn session(&self) -> String {
+        self.lease["session"].as_str().unwrap().to_string()
+    }
+    fn pool_args<'a>(&'a self, pool: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec!["--pool", pool];
+        a.extend_from_slice(rest);
+        a
+    }
+    /// The neighbours a and c, and the image outside all three, are unchanged.
+    fn assert_neighbours_intact(&self) {
+        let f = std::fs::File::open(&self.image).unwrap();
+        for i in [0, 2] {
+            let (off, size) = self.windows[i];
+            let mut buf = vec![0u8; size as usize];
+            f.read_exact_at(&mut buf, off).unwrap();
+            if let Some(p) = buf.iter().position(|&x| x != SENTINEL) {
+                panic!(
+                    "neighbour volume {} changed at byte {p} (image offset {})",
+                    self.lv(i),
+                    off + p as u64
+                );
+            }
+        }
+    }
+}
+
+/// A running `devpool serve`; killed by its PID when dropped.
+struct Server {
+    child: Child,
+    pub line: String,
+}
+
+impl Server {
+    fn start(lab: &Lab, pool: &str, args: &[&str]) -> Server {
+        let mut c = devpool_command(&lab.state_dir());
+        c.args(["--pool", pool, "serve"]).args(args);
+        let mut child = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn devpool serve");
+        let mut line = String::new();
+        let out = child.stdout.take().unwrap();
+        let n = BufReader::new(out).read_line(&mut line).unwrap_or(0);
+        if n == 0 {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            let _ = child.wait();
+            panic!("devpool serve {args:?} did not start: {err}");
+        }
+        Server { child, line }
+    }
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    /// Wait for the server to exit on its own; returns (status, stderr).
+    fn wait_exit(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                self.child.stderr.take().unwrap().read_to_string(&mut err).ok();
+                return (st, err);
+            }
+            assert!(t.elapsed() < limit, "server did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn uri(sock: &Path) -> String {
+    format!("nbd+unix:///?socket={}", sock.display())
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let o = cmd.output().expect("run client");
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Deterministic non-repeating test data.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn nbdinfo_sees_the_volume_size_flags_and_block_sizes_on_a_private_socket() {
+    if need_tools("nbdinfo", &["nbdinfo"]) {
+        return;
+    }
+    let b = Bench::new("nbdinfo", 16);
+    let sock = b.lab.path("b.sock");
+    let s = sock.display().to_string();
+    let nbd = format!("unix:{s}");
+    let lv = b.lv(1);
+    let srv = Server::start(&b.lab, "nbdinfo", &[&lv, "--nbd", &nbd]);
+    assert!(srv.line.contains(&lv), "{}", srv.line);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+    let info: Value = serde_json::from_str(&run_ok(
+        Command::new("nbdinfo").args(["--json", &uri(&sock)]),
+    ))
+    .unwrap();
+    let e = &info["exports"][0];
+    assert_eq!(e["export-size"].as_u64(), Some(16 << 20));
+    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+        assert_eq!(e[flag], Value::Bool(true), "{flag}: {e}");
+    }
+    assert_eq!(e["is_read_only"], Value::Bool(false));
+    assert_eq!(e["block_size_minimum"].as_u64(), Some(1));
+    assert_eq!(e["block_size_maximum"].as_u64(), Some(32 << 20));
+    // The volume's name is the export; another name is an error.
+    let named = format!("nbd+unix:///{lv}?socket={s}");
+    run_ok(Command::new("nbdinfo").arg("--size").arg(&named));
+    let wrong = Command::new("nbdinfo")
+        .arg(format!("nbd+unix:///nosuch?socket={s}"))
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("nosuch"));
+    // A second server on the same socket path is refused, not hijacked.
+    let mut c = devpool_command(&b.lab.state_dir());
+    let o = c
+        .args(["--pool", "nbdinfo", "serve", &lv, "--nbd", &nbd])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in use"));
+    drop(srv);
+    b.assert_neighbours_intact();
+}
+
+#[test]
+fn nbdcopy_and_qemu_img_round_trip_a_known_image() {
+    if need_tools("nbdcopy", &["nbdcopy", "qemu-img"]) {
+        return;
+    }
+    let b = Bench::new("copy", 32);
+    let sock = b.lab.path("b.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let _srv = Server::start(&b.lab, "copy", &[&b.lv(1), "--nbd", &nbd]);
+    let known = b.lab.path("known.img");
+    std::fs::write(&known, pattern(32 << 20, 7)).unwrap();
+    let k = known.display().to_string();
+    run_ok(Command::new("nbdcopy").args([&k, &uri(&sock)]));
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &k, &uri(&sock)]));
+    let back = b.lab.path("back.img");
+    run_ok(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &uri(&sock),
+        &back.display().to_string(),
+    ]));
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&known).unwrap());
+    // qemu-img convert in the other direction, then compare again.
+    let other = b.lab.path("other.img");
+    std::fs::write(&other, pattern(32 << 20, 99)).unwrap();
+    let o = other.display().to_string();
+    run_ok(Command::new("qemu-img").args([
+        "convert", "-n", "-f", "raw", "-O", "raw", &o, &uri(&sock),
+    ]));
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &o, &uri(&sock)]));
+    // And the bytes are where LVM2 says the volume is.
+    let (off, size) = b.windows[1];
+    let mut inplace = vec![0u8; size as usize];
+    std::fs::File::open(&b.image)
+        .unwrap()
+        .read_exact_at(&mut inplace, off)
+        .unwrap();
+    assert!(inplace == std::fs::read(&other).unwrap());
+    b.assert_neighbours_intact();
+}
+
+#[test]
+fn qemu_io_reads_and_writes_odd_offsets_discards_and_zeroes() {
+    if need_tools("qemu-io", &["qemu-io"]) {
+        return;
+    }
+    let b = Bench::new("qio", 16);
+    let sock = b.lab.path("b.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let _srv = Server::start(&b.lab, "qio", &[&b.lv(1), "--nbd", &nbd]);
+    let end = (16u64 << 20).to_string();
+    let last = ((16u64 << 20) - 3).to_string();
+    let script = [
+        "write -P 0x11 1 4097".to_string(),
+        "read -P 0x11 1 4097".into(),
+        "read -P 0x5a 0 1".into(),
+        "read -P 0x5a 4098 10".into(),
+        "write -P 0x22 12345 777777".into(),
+        "read -P 0x22 12345 777777".into(),
+        "write -z 1048576 65536".into(),
+        "read -P 0 1048576 65536".into(),
+        "write -z -u 2097152 1048576".into(),
+        "read -P 0 2097152 1048576".into(),
+        "write -P 0x33 -f 4096 4096".into(),
+        "read -P 0x33 4096 4096".into(),
+        "discard 4194304 1048576".into(),
+        // The punched range reads back as zeroes from the image file.
+        "read -P 0 4194304 1048576".into(),
+        format!("write -P 0x44 {last} 3"),
+        format!("read -P 0x44 {last} 3"),
+        "flush".into(),
+    ];
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in &script {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(uri(&sock));
+    let out = run_ok(&mut cmd);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    // Past the end is refused, not written.
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &format!("write -P 0x55 {end} 512"), &uri(&sock)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(!text.contains("wrote 512/512"), "{text}");
+    b.assert_neighbours_intact();
+}
+
+fn fio_verify(sock: &Path, name: &str, extra: &[&str]) {
+    let out = run_ok(
+        Command::new("fio")
+            .args([
+                "--name",
+                name,
+                "--ioengine=nbd",
+                &format!("--uri={}", uri(sock)),
+                "--size=16M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--output-format=json",
+            ])
+            .args(extra),
+    );
+    let start = out.find('{').expect("fio JSON");
+    let v: Value = serde_json::from_str(&out[start..]).expect("fio JSON");
+    for job in v["jobs"].as_array().unwrap() {
+        assert_eq!(job["error"].as_u64(), Some(0), "{name}: {job}");
+        let bytes = job["read"]["io_bytes"].as_u64().unwrap_or(0)
+            + job["write"]["io_bytes"].as_u64().unwrap_or(0);
+        assert!(bytes > 0, "{name}: no I/O done");
+    }
+}
+
+#[test]
+fn fio_verifies_random_sequential_and_mixed_patterns_over_several_connections() {
+    if need_tools("fio", &["fio"]) {
+        return;
+    }
+    let b = Bench::new("fio", 32);
+    let sock = b.lab.path("b.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let _srv = Server::start(&b.lab, "fio", &[&b.lv(1), "--nbd", &nbd]);
+    fio_verify(&sock, "rand4k", &["--rw=randwrite", "--bs=4k", "--iodepth=32"]);
+    fio_verify(&sock, "seq1m", &["--rw=write", "--bs=1M", "--iodepth=8"]);
+    fio_verify(
+        &sock,
+        "mixed",
+        &["--rw=randrw", "--bsrange=512-128k", "--iodepth=16", "--verify=md5"],
+    );
+    // Two jobs: two connections at once, each on its own half.
+    fio_verify(
+        &sock,
+        "multiconn",
+        &["--rw=randwrite", "--bs=8k", "--iodepth=16", "--numjobs=2", "--offset_increment=16M"],
+    );
+    b.assert_neighbours_intact();
+}
+
+#[test]
+fn serving_refuses_unleased_volumes_and_ends_with_the_lease() {
+    if need_tools("serve lifetime", &["nbdinfo"]) {
+        return;
+    }
+    let mut b = Bench::new("life", 8);
+    let lab = &b.lab;
+    // Not a leased volume: refused, naming it.
+    let img = b.image.display().to_string();
+    lab.dp(&[&b.image], &["lv", "create", "devpool-life/handmade", "--size", "8M"]);
+    let _ = img;
+    let err = lab.dp_err(&[], &b.pool_args("life", &["serve", "handmade", "--nbd", "unix:/tmp/x"]));
+    assert!(err.contains("not leased"), "{err}");
+    // Non-loopback TCP needs --listen.
+    let err = lab.dp_err(&[], &b.pool_args("life", &["serve", &b.lv(0), "--nbd", "tcp:0.0.0.0:10999"]));
+    assert!(err.contains("--listen"), "{err}");
+
+    // SIGTERM: exits 0 after flushing.
+    let sock = lab.path("t.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let srv = Server::start(lab, "life", &[&b.lv(1), "--nbd", &nbd]);
+    // SAFETY: signalling the server we started, by its PID.
+    unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
+    let (st, err) = srv.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "{err}");
+    assert!(err.contains("SIGTERM"), "{err}");
+    assert!(!sock.exists(), "socket left behind");
+
+    // TCP on loopback works.
+    let srv = Server::start(lab, "life", &[&b.lv(1), "--nbd", "tcp:127.0.0.1:0", "--json"]);
+    let info: Value = serde_json::from_str(&srv.line).unwrap();
+    let tcp_uri = info["nbd"].as_str().unwrap().to_string();
+    assert!(tcp_uri.starts_with("nbd://127.0.0.1:"), "{tcp_uri}");
+    run_ok(Command::new("nbdinfo").arg("--size").arg(&tcp_uri));
+    drop(srv);
+
+    // Releasing the lease stops the server first (release waits for it).
+    let srv = Server::start(lab, "life", &[&b.lv(1), "--nbd", &nbd]);
+    let session = b.session();
+    lab.dp(&[], &b.pool_args("life", &["lease", "release", &session]));
+    let (st, err) = srv.wait_exit(Duration::from_secs(5));
+    assert!(st.success(), "{err}");
+
+    // The owner dying stops the server too.
+    let lease = lab.dp_json(
+        &[],
+        &b.pool_args("life", &["lease", "acquire", "--volumes", "x:8M", "--owner-pid", &b.owner.pid()]),
+    );
+    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let srv = Server::start(lab, "life", &[&lv, "--nbd", &nbd]);
+    let _ = b.owner.0.kill();
+    let _ = b.owner.0.wait();
+    let (st, err) = srv.wait_exit(Duration::from_secs(5));
+    assert!(st.success(), "{err}");
+    assert!(err.contains("owner is gone"), "{err}");
+    b.lab.dp(&[], &["--pool", "life", "cleanup"]);
+}
