@@ -841,7 +841,19 @@ impl Pools {
 
     /// Where a volume is and who holds it: what a server needs to serve it.
     pub fn locate(&self, name: &str, lv: &str) -> Result<Located> {
-        let v = self.read(name)?;
+        // A PV added to the pool since it was remembered shows up missing:
+        // that is a reason to rediscover, not to serve half a volume.
+        let v = self.with_pool(name, |e, rec| {
+            let (v, _) = e.read_vg(&rec.vg)?;
+            if !v.is_complete() {
+                return Err(EngineError::MissingPvs {
+                    vg: rec.vg.clone(),
+                    missing: v.health.missing_pvs.join(", "),
+                }
+                .into());
+            }
+            Ok(v)
+        })?;
         let meta = Arc::clone(&v.meta);
         let l = meta.lv(lv).ok_or_else(|| {
             PoolError::Invalid(format!(
