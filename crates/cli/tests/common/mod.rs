@@ -4,6 +4,9 @@
 //! CI), which turns a missing capability into a failure.
 #![allow(dead_code)]
 
+pub mod guest;
+pub mod serving;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

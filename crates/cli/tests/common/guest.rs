@@ -1,0 +1,183 @@
+//! A Debian guest for tests: Debian's 6.12 kernel from bookworm-backports
+//! (fetched with `apt-get download` into a cache shared by runs of the
+//! suite), an initramfs from devpool-vm with busybox and the modules a test
+//! names, and QEMU under TCG with the console captured.
+
+use devpool_vm::initramfs::Initramfs;
+use devpool_vm::kernel::Kernel;
+use devpool_vm::qemu::{Accel, Disk, Machine};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("DEVPOOL_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/devpool-test"))
+}
+
+static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Debian's newest `linux-image-6.12.*-amd64-unsigned`, downloaded once.
+pub fn debian_kernel() -> Result<Kernel, String> {
+    let _g = FETCH.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache_dir();
+    std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
+    let find = || -> Option<PathBuf> {
+        let mut debs: Vec<PathBuf> = std::fs::read_dir(&cache)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let n = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                n.starts_with("linux-image-6.12.") && n.contains("-amd64-unsigned_") && n.ends_with(".deb")
+            })
+            .collect();
+        debs.sort();
+        debs.pop()
+    };
+    let deb = match find() {
+        Some(d) => d,
+        None => {
+            let names = Command::new("apt-cache")
+                .args(["pkgnames", "linux-image-6.12."])
+                .output()
+                .map_err(|e| format!("apt-cache: {e}"))?;
+            let mut pkgs: Vec<String> = String::from_utf8_lossy(&names.stdout)
+                .lines()
+                .filter(|n| n.ends_with("-amd64-unsigned") && !n.contains("cloud") && !n.contains("-rt-"))
+                .map(str::to_string)
+                .collect();
+            pkgs.sort_by_key(|p| {
+                p.trim_start_matches("linux-image-6.12.")
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .unwrap_or(0)
+            });
+            let pkg = pkgs
+                .pop()
+                .ok_or("no linux-image-6.12.*-amd64-unsigned in apt (add bookworm-backports)")?;
+            let o = Command::new("apt-get")
+                .args(["download", "-q", &pkg])
+                .current_dir(&cache)
+                .output()
+                .map_err(|e| format!("apt-get download: {e}"))?;
+            if !o.status.success() {
+                return Err(format!(
+                    "apt-get download {pkg}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+            find().ok_or("downloaded kernel package not found")?
+        }
+    };
+    Kernel::from_deb(&deb, &cache.join("kernels")).map_err(|e| e.to_string())
+}
+
+/// Skip (or fail on CI) when the guest cannot be built or booted here.
+pub fn guest_or_skip(test: &str) -> Option<Kernel> {
+    let fail = |why: String| -> Option<Kernel> {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: guest test cannot run: {why}");
+        }
+        eprintln!("SKIPPED: {test}: {why}");
+        None
+    };
+    for tool in ["qemu-system-x86_64", "busybox", "depmod", "dpkg-deb"] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            return fail(format!("'{tool}' is not installed"));
+        }
+    }
+    match debian_kernel() {
+        Ok(k) => Some(k),
+        Err(e) => fail(e),
+    }
+}
+
+/// An initramfs whose /init loads `modules`, runs `script` (sh) and powers off.
+pub fn initramfs(kernel: &Kernel, modules: &[&str], host_bins: &[&str], script: &str, out: &Path) {
+    let mut i = Initramfs::new();
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .expect("busybox-static");
+    i.busybox(busybox).unwrap();
+    let files = kernel.resolve(modules).unwrap();
+    let guest_mods = i.modules(&files).unwrap();
+    for b in host_bins {
+        i.host_binary(Path::new(b)).unwrap();
+    }
+    if host_bins.contains(&"/sbin/mke2fs") {
+        i.symlink("sbin/mkfs.ext4", "mke2fs");
+    }
+    if Path::new("/etc/mke2fs.conf").exists() {
+        i.file(Path::new("/etc/mke2fs.conf"), "etc/mke2fs.conf", 0o644).unwrap();
+    }
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         export PATH=/sbin:/usr/sbin:/bin:/usr/bin\n\
+         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+         for m in {}; do insmod $m || echo \"DEVPOOL-INSMOD-FAILED $m\"; done\n\
+         n=0; while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n+1)); done\n\
+         {script}\n\
+         echo DEVPOOL-GUEST-DONE\n\
+         sync; poweroff -f\n",
+        guest_mods.join(" ")
+    );
+    i.bytes("init", init.as_bytes(), 0o755).unwrap();
+    std::fs::write(out, i.finish().unwrap()).unwrap();
+}
+
+/// Boot and return the console; the VM is killed after `limit`.
+pub fn boot(kernel: &Kernel, initrd: &Path, disks: Vec<Disk>, limit: Duration) -> String {
+    let m = Machine {
+        kernel: kernel.image.clone(),
+        initrd: initrd.to_path_buf(),
+        append: "console=ttyS0 panic=-1 quiet loglevel=4".into(),
+        mem_mib: 512,
+        cpus: 2,
+        accel: Accel::Tcg,
+        disks,
+    };
+    let mut child = m
+        .command()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let t = Instant::now();
+    let mut timed_out = false;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if t.elapsed() > limit {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let console = reader.join().unwrap_or_default();
+    assert!(!timed_out, "guest timed out after {limit:?}:\n{console}\n{err}");
+    console + &err
+}
