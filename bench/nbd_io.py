@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Block I/O through devpool's NBD server vs qemu-nbd, nbdkit and the raw file.
+
+One 1 GiB leased volume on a pool image file (filled with data first). The
+same bytes are then read and written by fio:
+  - raw:      fio io_uring, O_DIRECT, on the image file at the volume's offset
+              (the limit)
+  - devpool:  fio's nbd engine -> `devpool serve VOLUME --nbd unix:…`
+  - qemu-nbd: fio's nbd engine -> `qemu-nbd --cache=none --aio=io_uring
+              --offset … ` on the same image (qemu-nbd has no --size: it
+              exports from the offset to the end of the file, the jobs stay in
+              the first GiB)
+  - nbdkit:   fio's nbd engine -> `nbdkit --filter=offset file …`
+Jobs: 4k randread and randwrite at iodepth 32, 1M sequential read and write
+(iodepth 8), each time-based. Reports IOPS / MiB/s, ratios to qemu-nbd and
+to raw, and CPU per I/O of the server process (utime+stime from /proc), plus
+the server's CPU use while idle.
+
+Prints one JSON object. Usage (root): cargo build --release && bench/nbd_io.py
+"""
+import argparse, json, os, shutil, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVPOOL = os.environ.get("DEVPOOL", os.path.join(ROOT, "target/release/devpool"))
+HZ = os.sysconf("SC_CLK_TCK")
+JOBS = [
+    ("randread_4k", ["--rw=randread", "--bs=4k", "--iodepth=32"]),
+    ("randwrite_4k", ["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
+    ("seqread_1m", ["--rw=read", "--bs=1M", "--iodepth=8"]),
+    ("seqwrite_1m", ["--rw=write", "--bs=1M", "--iodepth=8"]),
+]
+
+
+def sh(args, env=None):
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(args)}\n{r.stderr}")
+    return r.stdout
+
+
+def cpu_ticks(pid):
+    total = 0
+    # All threads of the process (the server's workers are threads).
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    total += int(rest[11]) + int(rest[12])
+    return total
+
+
+def wait_socket(path, proc, limit=10):
+    t = time.time()
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.time() - t > limit:
+            sys.exit(f"server for {path} did not start")
+        time.sleep(0.02)
+
+
+def fio(target, job, args, runtime, size):
+    base = ["fio", "--name", job, "--size", str(size), "--time_based",
+            f"--runtime={runtime}", "--ramp_time=1", "--output-format=json",
+            "--group_reporting"]
+    if target[0] == "file":
+        base += ["--ioengine=io_uring", "--direct=1", f"--filename={target[1]}",
+                 f"--offset={target[2]}"]
+    else:
+        base += ["--ioengine=nbd", f"--uri={target[1]}"]
+    out = sh(base + args)
+    j = json.loads(out[out.index("{"):])["jobs"][0]
+    rw = "read" if j["read"]["io_bytes"] > 0 else "write"
+    return {
+        "iops": round(j[rw]["iops"]),
+        "mib_s": round(j[rw]["bw_bytes"] / 2**20, 1),
+        "ios": j[rw]["total_ios"],
+        "clat_p50_us": round(j[rw]["clat_ns"]["percentile"]["50.000000"] / 1000, 1),
+        "fio_cpu_usr_sys": [round(j["usr_cpu"], 1), round(j["sys_cpu"], 1)],
+    }
+
+
+def measure(name, target, pid, runtime, size):
+    res = {}
+    for job, args in JOBS:
+        before = cpu_ticks(pid) if pid else 0
+        r = fio(target, job, args, runtime, size)
+        if pid:
+            used = (cpu_ticks(pid) - before) / HZ
+            r["server_cpu_s"] = round(used, 2)
+            r["server_cpu_us_per_io"] = round(used * 1e6 / max(r["ios"], 1), 2)
+        res[job] = r
+    if pid:
+        before = cpu_ticks(pid)
+        time.sleep(2)
+        res["idle_cpu_percent"] = round((cpu_ticks(pid) - before) / HZ / 2 * 100, 1)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runtime", type=int, default=8)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    a = ap.parse_args()
+    for tool in ["fio", "qemu-nbd", "nbdkit"]:
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed")
+    size = a.size_mib << 20
+    work = tempfile.mkdtemp(prefix="devpool-bench-", dir="/var/tmp")
+    state = os.path.join(work, "state")
+    env = dict(os.environ, DEVPOOL_STATE_DIR=state, LVM_SUPPRESS_FD_WARNINGS="1")
+    image = os.path.join(work, "pool.img")
+    procs = []
+    owner = subprocess.Popen(["sleep", "3600"])
+    try:
+        sh([DEVPOOL, "pool", "setup", image, "--name", "bench", "--image-size",
+            f"{a.size_mib + 256}M", "--yes"], env)
+        lease = json.loads(sh([DEVPOOL, "--pool", "bench", "--json", "lease", "acquire",
+                               "--volumes", f"vol:{a.size_mib}M", "--owner-pid",
+                               str(owner.pid)], env))
+        dev = lease["devices"][0]
+        loop = os.path.basename(dev["device"])
+        offset = int(open(f"/sys/block/{loop}/loop/offset").read())
+        # Fill the volume so reads hit real blocks, not holes.
+        sh(["fio", "--name=fill", "--ioengine=io_uring", "--direct=1", f"--filename={image}",
+            f"--offset={offset}", f"--size={size}", "--rw=write", "--bs=1M",
+            "--iodepth=8"])
+        results = {"raw": measure("raw", ("file", image, offset), None, a.runtime, size)}
+
+        sock = os.path.join(work, "devpool.sock")
+        p = subprocess.Popen([DEVPOOL, "--pool", "bench", "serve", dev["lv"], "--nbd",
+                              f"unix:{sock}"], env=env, stdout=subprocess.DEVNULL)
+        procs.append(p)
+        wait_socket(sock, p)
+        results["devpool"] = measure("devpool", ("nbd", f"nbd+unix:///?socket={sock}"),
+                                     p.pid, a.runtime, size)
+        p.terminate(); p.wait()
+
+        qsock = os.path.join(work, "qemu.sock")
+        p = subprocess.Popen(["qemu-nbd", "--cache=none", "--aio=io_uring", "-f", "raw",
+                              "--offset", str(offset), "--shared=8", "--persistent", "--socket", qsock,
+                              image], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        wait_socket(qsock, p)
+        results["qemu_nbd"] = measure("qemu-nbd", ("nbd", f"nbd+unix:///?socket={qsock}"),
+                                      p.pid, a.runtime, size)
+        p.terminate(); p.wait()
+
+        ksock = os.path.join(work, "nbdkit.sock")
+        p = subprocess.Popen(["nbdkit", "-f", "-U", ksock, "--filter=offset", "file",
+                              f"file={image}", f"offset={offset}", f"range={size}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        wait_socket(ksock, p)
+        results["nbdkit"] = measure("nbdkit", ("nbd", f"nbd+unix:///?socket={ksock}"),
+                                    p.pid, a.runtime, size)
+        p.terminate(); p.wait()
+
+        ratios = {}
+        for job, _ in JOBS:
+            d = results["devpool"][job]["iops"]
+            ratios[job] = {
+                "devpool_vs_qemu_nbd": round(d / max(results["qemu_nbd"][job]["iops"], 1), 2),
+                "devpool_vs_nbdkit": round(d / max(results["nbdkit"][job]["iops"], 1), 2),
+                "devpool_vs_raw": round(d / max(results["raw"][job]["iops"], 1), 2),
+            }
+        print(json.dumps({
+            "benchmark": "nbd_io",
+            "volume_mib": a.size_mib,
+            "runtime_s": a.runtime,
+            "cpus": os.cpu_count(),
+            "results": results,
+            "ratios": ratios,
+            "targets": {"randread_vs_qemu_nbd": 1.5, "randwrite_vs_qemu_nbd": 2.0,
+                        "vs_raw": 0.9},
+        }, indent=2))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill(); p.wait()
+        subprocess.run([DEVPOOL, "--pool", "bench", "pool", "teardown", "bench", "--force",
+                        "--yes"], env=env, capture_output=True)
+        owner.kill(); owner.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
