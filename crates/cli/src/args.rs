@@ -170,7 +170,7 @@ devpool serve VOLUME --nbd tcp:127.0.0.1:10809")]
         /// The volume's LV name (as `lease acquire` and `lease list` show it).
         volume: String,
         /// NBD endpoint: unix:PATH or tcp:HOST:PORT (loopback unless --listen).
-        #[arg(long, required_unless_present = "vhost_user_blk")]
+        #[arg(long, required_unless_present_any = ["vhost_user_blk", "block_device"])]
         nbd: Option<String>,
         /// Serve vhost-user-blk for QEMU on this Unix socket.
         #[arg(long)]
@@ -184,6 +184,10 @@ devpool serve VOLUME --nbd tcp:127.0.0.1:10809")]
         /// vhost-user-blk queues (one per guest vCPU is best).
         #[arg(long, default_value_t = 2)]
         queues: usize,
+        /// Also give the host a block device for the volume, whatever its
+        /// layout: a loop device when it is one range, else FUSE + loop.
+        #[arg(long)]
+        block_device: bool,
     },
     /// Write an fstests local.config for a lease.
     FstestsConfig {

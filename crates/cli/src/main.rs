@@ -100,6 +100,7 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             read_only,
             queues,
+            block_device,
         } => {
             let what = serve_cmds::Exports {
                 nbd,
@@ -107,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
                 listen,
                 read_only,
                 queues,
+                block_device,
             };
             return serve_cmds::serve(&g, &volume, &what);
         }

@@ -15,6 +15,7 @@ pub struct Exports {
     pub listen: Option<std::net::IpAddr>,
     pub read_only: bool,
     pub queues: usize,
+    pub block_device: bool,
 }
 
 pub fn spec(e: &Exports) -> Result<ExportSpec> {
@@ -35,6 +36,7 @@ pub fn spec(e: &Exports) -> Result<ExportSpec> {
         vhost_user_blk: e.vhost_user_blk.clone(),
         read_only: e.read_only,
         queues: e.queues,
+        block_device: e.block_device,
     })
 }
 
@@ -56,6 +58,16 @@ pub fn serve(g: &Global, volume: &str, e: &Exports) -> Result<()> {
         }
         if let Some(v) = &info.vhost_user_blk {
             what.push(format!("vhost-user-blk {}", v.display()));
+        }
+        if let (Some(d), Some(c)) = (&info.block_device, &info.block_device_path) {
+            let how = match c.path {
+                devpool_serve::hostdev::HostPath::Loop => "a loop device over the PV".to_string(),
+                devpool_serve::hostdev::HostPath::FuseLoop => format!(
+                    "FUSE + loop (faster paths unavailable: {})",
+                    c.skipped.join("; ")
+                ),
+            };
+            what.push(format!("block device {} via {how}", d.display()));
         }
         println!(
             "serving {} ({} bytes, lease {}) on {}",

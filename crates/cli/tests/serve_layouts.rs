@@ -170,6 +170,59 @@ fn check_volume(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usize, se
     }
 }
 
+fn check_block_device(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usize, seed: u64) {
+    let mut c = devpool_command(&lab.state_dir())
+        .args(["--pool", pool, "--json", "serve", lv, "--block-device"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let srv = Server(c);
+    let info: serde_json::Value = serde_json::from_str(&line).expect("serve --json line");
+    assert_eq!(info["block_device_path"]["path"], "fuse-loop", "{info}");
+    let skipped = info["block_device_path"]["skipped"].to_string();
+    assert!(skipped.contains("nbd") && skipped.contains("ublk"), "{skipped}");
+    let dev = info["block_device"].as_str().unwrap().to_string();
+    let bytes = std::process::Command::new("blockdev")
+        .args(["--getsize64", &dev])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&bytes.stdout).trim(), size.to_string());
+    let data = pattern(size, seed);
+    let src = lab.path("blk.src");
+    std::fs::write(&src, &data).unwrap();
+    let o = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={dev}"))
+        .args(["bs=1M", "oflag=direct", "conv=fsync", "status=none"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Stopping detaches the loop device and unmounts FUSE.
+    let pid = srv.0.id() as i32;
+    // SAFETY: signalling the server this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut srv = srv;
+    let st = srv.0.wait().unwrap();
+    assert!(st.success());
+    let name = Path::new(&dev).file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        !Path::new(&format!("/sys/block/{name}/loop")).exists()
+            || std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+                .map(|b| !b.contains(".devpool") && !b.contains("/fuse/"))
+                .unwrap_or(true),
+        "loop device {dev} left attached"
+    );
+    let layout = Layout::of(devs, &format!("devpool-{pool}"), lv);
+    for logical in (0..size as u64).step_by(65536 / 4 + 1) {
+        let (d, off) = layout.locate(logical);
+        let mut b = [0u8; 1];
+        std::fs::File::open(&d).unwrap().read_exact_at(&mut b, off).unwrap();
+        assert_eq!(b[0], data[logical as usize], "block device byte {logical}");
+    }
+}
+
 #[test]
 fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
     if skip_unless_real("striped and multi-segment volumes") {
@@ -208,6 +261,8 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
     // A loop device cannot express these: the pool refuses, the server serves.
     check_volume(&lab, &devs, "lay", "striped", 32 << 20, 3);
     check_volume(&lab, &devs, "lay", "multi", 16 << 20, 5);
+    // On the host, as a block device: FUSE + loop here (no nbd, no ublk).
+    check_block_device(&lab, &devs, "lay", "striped", 32 << 20, 11);
     let _ = owner.kill();
     let _ = owner.wait();
 }

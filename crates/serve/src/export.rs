@@ -23,6 +23,8 @@ pub struct ExportSpec {
     pub read_only: bool,
     /// vhost-user-blk queues.
     pub queues: usize,
+    /// Give the host a block device for the volume (any layout).
+    pub block_device: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +37,9 @@ pub struct ExportInfo {
     pub nbd: Option<String>,
     pub nbd_socket: Option<PathBuf>,
     pub vhost_user_blk: Option<PathBuf>,
+    /// The host block device, and which path made it.
+    pub block_device: Option<PathBuf>,
+    pub block_device_path: Option<crate::hostdev::Choice>,
     /// Whether the devices take direct I/O.
     pub direct_io: bool,
 }
@@ -56,6 +61,7 @@ pub struct Running {
     pub volume: Arc<Volume>,
     pub stopper: Arc<Stopper>,
     threads: Vec<JoinHandle<std::io::Result<()>>>,
+    host: Option<crate::hostdev::HostDevice>,
     _registration: Registration,
 }
 
@@ -94,6 +100,8 @@ pub fn start(
         nbd: None,
         nbd_socket: None,
         vhost_user_blk: None,
+        block_device: None,
+        block_device_path: None,
         direct_io: volume.direct(),
     };
     if let Some(ep) = &spec.nbd {
@@ -120,6 +128,17 @@ pub fn start(
                 .name("vhost-user-blk".into())
                 .spawn(move || crate::vhost::serve(ready, v, queues, s))?,
         );
+    }
+    let mut host = None;
+    if spec.block_device {
+        let existing = devpool_pool::loopdev::list()
+            .into_iter()
+            .find(|a| a.lv_uuid == uuid && a.size == volume.size())
+            .map(|a| a.device);
+        let h = crate::hostdev::attach(&volume, existing, &pools.state_dir.join("fuse"))?;
+        info.block_device = Some(h.device.clone());
+        info.block_device_path = Some(h.choice.clone());
+        host = Some(h);
     }
     // The lease watch: the owner's liveness often, the VG less often.
     let owner = lease.owner.clone();
@@ -149,15 +168,20 @@ pub fn start(
         volume,
         stopper,
         threads,
+        host,
         _registration: registration,
     })
 }
 
 impl Running {
     /// Wait until every frontend has stopped (in-flight I/O done, flushed).
-    pub fn wait(self) -> Result<Option<String>, ExportError> {
+    pub fn wait(mut self) -> Result<Option<String>, ExportError> {
+        // Only a block device: serve until told to stop.
+        if self.threads.is_empty() {
+            while !self.stopper.wait_timeout(Duration::from_secs(3600)) {}
+        }
         let mut first_err = None;
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             match t.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -169,6 +193,10 @@ impl Running {
                     self.stopper.stop("a frontend panicked");
                 }
             }
+        }
+        // The host's loop device goes before the FUSE file under it.
+        if let Some(h) = self.host.take() {
+            h.close();
         }
         crate::nbd::server::flush_all(&self.volume)?;
         match first_err {

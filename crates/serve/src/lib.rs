@@ -10,12 +10,16 @@
 //! - [`queue`]: the io_uring core (read, write, flush, discard, write-zeroes, FUA)
 //! - [`nbd`]: the NBD server (fixed newstyle handshake, transmission)
 //! - [`vhost`]: the vhost-user-blk server for QEMU (rust-vmm's vhost-user-backend)
+//! - [`fuse`]: a volume as one file in a FUSE mount
+//! - [`hostdev`]: a host block device for any layout (loop, or FUSE + loop)
 //! - [`export`]: serving a leased volume, watched so it ends with its lease
 //! - [`open`]: a leased volume from a pool, ready to serve
 //! - [`lifetime`]: stop signals, and the watch that stops serving when the lease ends
 
 pub mod buffer;
 pub mod export;
+pub mod fuse;
+pub mod hostdev;
 pub mod device;
 pub mod lifetime;
 pub mod map;
