@@ -147,7 +147,7 @@ pub enum Command {
     },
     /// Lease volumes, run a command with TEST_DEV/SCRATCH_DEV… set, release.
     #[command(
-        after_help = "Example:\n  devpool run --volumes test:1G,scratch:1G -- sh -c 'mkfs.ext4 -q $TEST_DEV'\n  devpool run --profile fstests --size 4G -- ./check -g quick\n\nThe command's exit status is devpool's. The volumes are released when the command ends, on Ctrl-C and on SIGTERM (unless --keep)."
+        after_help = "Example:\n  devpool run --volumes test:1G,scratch:1G -- sh -c 'mkfs.ext4 -q $TEST_DEV'\n  devpool run --profile fstests --size 4G -- ./check -g quick\n  devpool run --volumes test:4G --export nbd -- sh -c 'nbdinfo \"$DEVPOOL_NBD_TEST\"'\n\nThe command's exit status is devpool's. The volumes are released when the command ends, on Ctrl-C and on SIGTERM (unless --keep)."
     )]
     Run {
         #[command(flatten)]
@@ -155,17 +155,23 @@ pub enum Command {
         /// Keep the volumes after the command (never reaped; `cleanup --kept` removes them).
         #[arg(long)]
         keep: bool,
+        /// Also serve every volume for the run: sockets in DEVPOOL_NBD_<ROLE>
+        /// (an nbd+unix URI) and DEVPOOL_NBD_SOCKET_<ROLE>, or DEVPOOL_VHOST_<ROLE>.
+        #[arg(long, value_enum)]
+        export: Option<ExportKind>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
     /// Serve a leased volume over NBD (and/or vhost-user-blk) until stopped.
-    #[command(after_help = "The volume must be leased; serving stops when the lease is released, \
+    #[command(
+        after_help = "The volume must be leased; serving stops when the lease is released, \
 when its owner dies, and on SIGINT/SIGTERM (in-flight requests finish, devices are flushed, \
 exit 0). Unix sockets are created mode 0600.\n\n\
 Example:\n  devpool serve devpool-20261121070000-abc123-test --nbd unix:/tmp/test.sock\n  \
 nbdinfo 'nbd+unix:///?socket=/tmp/test.sock'\n  \
-devpool serve VOLUME --nbd tcp:127.0.0.1:10809")]
+devpool serve VOLUME --nbd tcp:127.0.0.1:10809"
+    )]
     Serve {
         /// The volume's LV name (as `lease acquire` and `lease list` show it).
         volume: String,
@@ -205,6 +211,12 @@ devpool serve VOLUME --nbd tcp:127.0.0.1:10809")]
         #[arg(long, default_value_t = 20)]
         last: usize,
     },
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportKind {
+    Nbd,
+    VhostUserBlk,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -115,9 +115,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run {
             want,
             keep,
+            export,
             command,
         } => {
-            let code = pool_cmds::run(&g, &want, keep, &command)?;
+            let code = pool_cmds::run(&g, &want, keep, export, &command)?;
             std::process::exit(code);
         }
         Command::Journal { last } => return output::journal(&g, last),

@@ -1,6 +1,6 @@
 //! Pool, lease, cleanup, resize, run and fstests-config commands.
 
-use crate::args::{Global, LeaseCmd, PoolCmd, Want};
+use crate::args::{ExportKind, Global, LeaseCmd, PoolCmd, Want};
 use crate::parse_bytes;
 use anyhow::{Context, Result, anyhow, bail};
 use devpool_format::units::{Bytes, SizeArg};
@@ -337,7 +337,13 @@ extern "C" fn forward(sig: libc::c_int) {
 }
 
 /// `devpool run`: acquire (owned by this process), run, release.
-pub fn run(g: &Global, w: &Want, keep: bool, command: &[String]) -> Result<i32> {
+pub fn run(
+    g: &Global,
+    w: &Want,
+    keep: bool,
+    export: Option<ExportKind>,
+    command: &[String],
+) -> Result<i32> {
     let p = pools(g)?;
     let name = pool_name(g);
     let specs = want(w)?;
@@ -364,12 +370,25 @@ pub fn run(g: &Global, w: &Want, keep: bool, command: &[String]) -> Result<i32> 
             .collect::<Vec<_>>()
             .join(" ")
     );
+    // Servers for the run's volumes, owned by this process.
+    let exported = match export {
+        Some(kind) => crate::serve_cmds::export_lease(&p, &name, &a, kind),
+        None => Ok((Vec::new(), Vec::new(), None)),
+    };
+    let (servers, export_env, stopper) = match exported {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = p.release(&name, &a.session);
+            return Err(e);
+        }
+    };
     let status = if SIGNALLED.load(Ordering::SeqCst) != 0 {
         Err(anyhow!("interrupted before the command started"))
     } else {
         let mut cmd = std::process::Command::new(&command[0]);
         cmd.args(&command[1..])
             .envs(spec::environment(&devs))
+            .envs(export_env)
             .env("DEVPOOL_SESSION", &a.session)
             .env("DEVPOOL_POOL", &name);
         match cmd.spawn() {
@@ -382,6 +401,15 @@ pub fn run(g: &Global, w: &Want, keep: bool, command: &[String]) -> Result<i32> 
             Err(e) => Err(anyhow!("cannot run {}: {e}", command[0])),
         }
     };
+    if let Some(s) = stopper {
+        s.stop("the command ended");
+        for r in servers {
+            if let Err(e) = r.wait() {
+                eprintln!("devpool: a server of the run failed: {e}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(g.state_dir.join("run").join(&a.session));
+    }
     if keep {
         eprintln!(
             "devpool: kept lease {} (release it with 'devpool lease release {}')",

@@ -86,3 +86,74 @@ pub fn serve(g: &Global, volume: &str, e: &Exports) -> Result<()> {
     );
     Ok(())
 }
+
+/// Serve every volume of a fresh lease for `devpool run --export`; returns the
+/// servers, the environment for the command, and the stopper that ends them.
+#[allow(clippy::type_complexity)]
+pub fn export_lease(
+    p: &devpool_pool::pool::Pools,
+    pool: &str,
+    a: &devpool_pool::pool::Acquired,
+    kind: crate::args::ExportKind,
+) -> Result<(
+    Vec<export::Running>,
+    Vec<(String, String)>,
+    Option<std::sync::Arc<Stopper>>,
+)> {
+    let stopper = Stopper::new()?;
+    let dir = p.state_dir.join("run").join(&a.session);
+    std::fs::create_dir_all(&dir)?;
+    let mut running = Vec::new();
+    let mut env = Vec::new();
+    for d in &a.devices {
+        let sock = dir.join(format!("{}.sock", d.role));
+        let var = d.role.to_uppercase().replace(['-', '.'], "_");
+        let spec = match kind {
+            crate::args::ExportKind::Nbd => ExportSpec {
+                nbd: Some(Endpoint::Unix(sock.clone())),
+                queues: 1,
+                ..ExportSpec::default()
+            },
+            crate::args::ExportKind::VhostUserBlk => ExportSpec {
+                vhost_user_blk: Some(sock.clone()),
+                queues: 2,
+                ..ExportSpec::default()
+            },
+        };
+        let r = match export::start(p, pool, &d.lv, &spec, stopper.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                stopper.stop("a server failed to start");
+                for r in running {
+                    let _ = export::Running::wait(r);
+                }
+                return Err(anyhow!("serving {}: {e}", d.lv));
+            }
+        };
+        match kind {
+            crate::args::ExportKind::Nbd => {
+                env.push((
+                    format!("DEVPOOL_NBD_{var}"),
+                    r.info.nbd.clone().unwrap_or_default(),
+                ));
+                env.push((
+                    format!("DEVPOOL_NBD_SOCKET_{var}"),
+                    sock.display().to_string(),
+                ));
+            }
+            crate::args::ExportKind::VhostUserBlk => {
+                env.push((format!("DEVPOOL_VHOST_{var}"), sock.display().to_string()));
+            }
+        }
+        running.push(r);
+    }
+    eprintln!(
+        "devpool: serving {} volume(s) over {}",
+        running.len(),
+        match kind {
+            crate::args::ExportKind::Nbd => "NBD",
+            crate::args::ExportKind::VhostUserBlk => "vhost-user-blk",
+        }
+    );
+    Ok((running, env, Some(stopper)))
+}

@@ -27,7 +27,13 @@ fn guest_writes_ext4(test: &str, pool: &str, vhost: bool) {
     };
     let b = Bench::new(pool, 64);
     let initrd = b.lab.path("initrd.cpio");
-    initramfs(&kernel, &["virtio_blk", "crc32c_generic", "ext4"], &["/sbin/mke2fs"], SCRIPT, &initrd);
+    initramfs(
+        &kernel,
+        &["virtio_blk", "crc32c_generic", "ext4"],
+        &["/sbin/mke2fs"],
+        SCRIPT,
+        &initrd,
+    );
     // mkfs.ext4 is mke2fs under another name.
     let sock = b.lab.path("vol.sock");
     let lv = b.lv(1);
@@ -51,7 +57,10 @@ fn guest_writes_ext4(test: &str, pool: &str, vhost: bool) {
     };
     let srv = Server::start(&b.lab, pool, &[&lv, flag, &arg]);
     let console = boot(&kernel, &initrd, vec![disk], Duration::from_secs(300));
-    assert!(console.contains("DEVPOOL-GUEST-OK"), "guest failed:\n{console}");
+    assert!(
+        console.contains("DEVPOOL-GUEST-OK"),
+        "guest failed:\n{console}"
+    );
     assert!(!console.contains("DEVPOOL-INSMOD-FAILED"), "{console}");
     let guest_sum = console
         .lines()

@@ -25,7 +25,13 @@ fn owner_tags(pid: u32, session: &str, role: &str) -> Vec<String> {
     let safe: String = host
         .trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "_+.-/=!:#&".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_+.-/=!:#&".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     vec![
         format!("devpool.lease={session}"),
@@ -123,7 +129,9 @@ fn serve(lab: &Lab, pool: &str, lv: &str, sock: &Path) -> Server {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert!(line.contains("serving"), "server did not start: {line}");
     Server(c)
 }
@@ -147,7 +155,11 @@ fn check_volume(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usize, se
     let src = lab.path(&format!("{lv}.src"));
     std::fs::write(&src, &data).unwrap();
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let o = Command::new("nbdcopy").arg(&src).arg(&uri).output().unwrap();
+    let o = Command::new("nbdcopy")
+        .arg(&src)
+        .arg(&uri)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Every 4 KiB block, at its first and last byte, where LVM2 says it is.
     let layout = Layout::of(devs, &format!("devpool-{pool}"), lv);
@@ -162,7 +174,8 @@ fn check_volume(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usize, se
             let mut b = [0u8; 1];
             f.read_exact_at(&mut b, off).unwrap();
             assert_eq!(
-                b[0], data[logical as usize],
+                b[0],
+                data[logical as usize],
                 "{lv}: logical byte {logical} should be at {}:{off}",
                 dev.display()
             );
@@ -177,18 +190,26 @@ fn check_block_device(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usi
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let srv = Server(c);
     let info: serde_json::Value = serde_json::from_str(&line).expect("serve --json line");
     assert_eq!(info["block_device_path"]["path"], "fuse-loop", "{info}");
     let skipped = info["block_device_path"]["skipped"].to_string();
-    assert!(skipped.contains("nbd") && skipped.contains("ublk"), "{skipped}");
+    assert!(
+        skipped.contains("nbd") && skipped.contains("ublk"),
+        "{skipped}"
+    );
     let dev = info["block_device"].as_str().unwrap().to_string();
     let bytes = std::process::Command::new("blockdev")
         .args(["--getsize64", &dev])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&bytes.stdout).trim(), size.to_string());
+    assert_eq!(
+        String::from_utf8_lossy(&bytes.stdout).trim(),
+        size.to_string()
+    );
     let data = pattern(size, seed);
     let src = lab.path("blk.src");
     std::fs::write(&src, &data).unwrap();
@@ -206,7 +227,11 @@ fn check_block_device(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usi
     let mut srv = srv;
     let st = srv.0.wait().unwrap();
     assert!(st.success());
-    let name = Path::new(&dev).file_name().unwrap().to_string_lossy().into_owned();
+    let name = Path::new(&dev)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     assert!(
         !Path::new(&format!("/sys/block/{name}/loop")).exists()
             || std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
@@ -218,7 +243,10 @@ fn check_block_device(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usi
     for logical in (0..size as u64).step_by(65536 / 4 + 1) {
         let (d, off) = layout.locate(logical);
         let mut b = [0u8; 1];
-        std::fs::File::open(&d).unwrap().read_exact_at(&mut b, off).unwrap();
+        std::fs::File::open(&d)
+            .unwrap()
+            .read_exact_at(&mut b, off)
+            .unwrap();
         assert_eq!(b[0], data[logical as usize], "block device byte {logical}");
     }
 }
@@ -229,7 +257,11 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
         return;
     }
     if !have("nbdcopy") {
-        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "nbdcopy missing on CI");
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "nbdcopy missing on CI"
+        );
         eprintln!("SKIPPED: nbdcopy is not installed");
         return;
     }
@@ -250,14 +282,23 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
         }
         lab.dp(&[&a, &b], &args);
     };
-    create("devpool-lay/striped", &["--size", "32M", "--stripes", "2", "--stripe-size", "64K"]);
+    create(
+        "devpool-lay/striped",
+        &["--size", "32M", "--stripes", "2", "--stripe-size", "64K"],
+    );
     // A volume that grows past a neighbour gets a second segment elsewhere.
     create("devpool-lay/multi", &["--size", "8M"]);
     create("devpool-lay/neighbour", &["--size", "4M"]);
-    lab.dp(&[&a, &b], &["lv", "resize", "devpool-lay/multi", "--size", "+8M"]);
+    lab.dp(
+        &[&a, &b],
+        &["lv", "resize", "devpool-lay/multi", "--size", "+8M"],
+    );
     let devs = [a.as_path(), b.as_path()];
     let segs = Layout::of(&devs, "devpool-lay", "multi").segs.len();
-    assert!(segs >= 2, "the test needs a multi-segment volume, got {segs} segment(s)");
+    assert!(
+        segs >= 2,
+        "the test needs a multi-segment volume, got {segs} segment(s)"
+    );
     // A loop device cannot express these: the pool refuses, the server serves.
     check_volume(&lab, &devs, "lay", "striped", 32 << 20, 3);
     check_volume(&lab, &devs, "lay", "multi", 16 << 20, 5);

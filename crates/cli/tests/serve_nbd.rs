@@ -32,7 +32,13 @@ fn nbdinfo_sees_the_volume_size_flags_and_block_sizes_on_a_private_socket() {
     .unwrap();
     let e = &info["exports"][0];
     assert_eq!(e["export-size"].as_u64(), Some(16 << 20));
-    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+    ] {
         assert_eq!(e[flag], Value::Bool(true), "{flag}: {e}");
     }
     assert_eq!(e["is_read_only"], Value::Bool(false));
@@ -89,7 +95,14 @@ fn nbdcopy_and_qemu_img_round_trip_a_known_image() {
     std::fs::write(&other, pattern(32 << 20, 99)).unwrap();
     let o = other.display().to_string();
     run_ok(Command::new("qemu-img").args([
-        "convert", "-n", "-f", "raw", "-O", "raw", &o, &uri(&sock),
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &o,
+        &uri(&sock),
     ]));
     run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &o, &uri(&sock)]));
     // And the bytes are where LVM2 says the volume is.
@@ -145,7 +158,13 @@ fn qemu_io_reads_and_writes_odd_offsets_discards_and_zeroes() {
     assert!(!out.to_lowercase().contains("error"), "{out}");
     // Past the end is refused, not written.
     let o = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &format!("write -P 0x55 {end} 512"), &uri(&sock)])
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P 0x55 {end} 512"),
+            &uri(&sock),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
@@ -188,18 +207,33 @@ fn fio_verifies_random_sequential_and_mixed_patterns_over_several_connections() 
     let sock = b.lab.path("b.sock");
     let nbd = format!("unix:{}", sock.display());
     let _srv = Server::start(&b.lab, "fio", &[&b.lv(1), "--nbd", &nbd]);
-    fio_verify(&sock, "rand4k", &["--rw=randwrite", "--bs=4k", "--iodepth=32"]);
+    fio_verify(
+        &sock,
+        "rand4k",
+        &["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    );
     fio_verify(&sock, "seq1m", &["--rw=write", "--bs=1M", "--iodepth=8"]);
     fio_verify(
         &sock,
         "mixed",
-        &["--rw=randrw", "--bsrange=512-128k", "--iodepth=16", "--verify=md5"],
+        &[
+            "--rw=randrw",
+            "--bsrange=512-128k",
+            "--iodepth=16",
+            "--verify=md5",
+        ],
     );
     // Two jobs: two connections at once, each on its own half.
     fio_verify(
         &sock,
         "multiconn",
-        &["--rw=randwrite", "--bs=8k", "--iodepth=16", "--numjobs=2", "--offset_increment=16M"],
+        &[
+            "--rw=randwrite",
+            "--bs=8k",
+            "--iodepth=16",
+            "--numjobs=2",
+            "--offset_increment=16M",
+        ],
     );
     b.assert_neighbours_intact();
 }
@@ -213,12 +247,21 @@ fn serving_refuses_unleased_volumes_and_ends_with_the_lease() {
     let lab = &b.lab;
     // Not a leased volume: refused, naming it.
     let img = b.image.display().to_string();
-    lab.dp(&[&b.image], &["lv", "create", "devpool-life/handmade", "--size", "8M"]);
+    lab.dp(
+        &[&b.image],
+        &["lv", "create", "devpool-life/handmade", "--size", "8M"],
+    );
     let _ = img;
-    let err = lab.dp_err(&[], &b.pool_args("life", &["serve", "handmade", "--nbd", "unix:/tmp/x"]));
+    let err = lab.dp_err(
+        &[],
+        &b.pool_args("life", &["serve", "handmade", "--nbd", "unix:/tmp/x"]),
+    );
     assert!(err.contains("not leased"), "{err}");
     // Non-loopback TCP needs --listen.
-    let err = lab.dp_err(&[], &b.pool_args("life", &["serve", &b.lv(0), "--nbd", "tcp:0.0.0.0:10999"]));
+    let err = lab.dp_err(
+        &[],
+        &b.pool_args("life", &["serve", &b.lv(0), "--nbd", "tcp:0.0.0.0:10999"]),
+    );
     assert!(err.contains("--listen"), "{err}");
 
     // SIGTERM: exits 0 after flushing.
@@ -233,7 +276,11 @@ fn serving_refuses_unleased_volumes_and_ends_with_the_lease() {
     assert!(!sock.exists(), "socket left behind");
 
     // TCP on loopback works.
-    let srv = Server::start(lab, "life", &[&b.lv(1), "--nbd", "tcp:127.0.0.1:0", "--json"]);
+    let srv = Server::start(
+        lab,
+        "life",
+        &[&b.lv(1), "--nbd", "tcp:127.0.0.1:0", "--json"],
+    );
     let info: Value = serde_json::from_str(&srv.line).unwrap();
     let tcp_uri = info["nbd"].as_str().unwrap().to_string();
     assert!(tcp_uri.starts_with("nbd://127.0.0.1:"), "{tcp_uri}");
@@ -250,7 +297,17 @@ fn serving_refuses_unleased_volumes_and_ends_with_the_lease() {
     // The owner dying stops the server too.
     let lease = lab.dp_json(
         &[],
-        &b.pool_args("life", &["lease", "acquire", "--volumes", "x:8M", "--owner-pid", &b.owner.pid()]),
+        &b.pool_args(
+            "life",
+            &[
+                "lease",
+                "acquire",
+                "--volumes",
+                "x:8M",
+                "--owner-pid",
+                &b.owner.pid(),
+            ],
+        ),
     );
     let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
     let srv = Server::start(lab, "life", &[&lv, "--nbd", &nbd]);
@@ -260,4 +317,57 @@ fn serving_refuses_unleased_volumes_and_ends_with_the_lease() {
     assert!(st.success(), "{err}");
     assert!(err.contains("owner is gone"), "{err}");
     b.lab.dp(&[], &["--pool", "life", "cleanup"]);
+}
+
+#[test]
+fn run_export_serves_every_volume_for_the_command_and_stops_after() {
+    if need_tools("run --export", &["nbdinfo", "qemu-io"]) {
+        return;
+    }
+    let lab = Lab::new();
+    let img = lab.path("pool.img").display().to_string();
+    lab.dp(
+        &[],
+        &[
+            "pool",
+            "setup",
+            &img,
+            "--name",
+            "runx",
+            "--image-size",
+            "1G",
+            "--yes",
+        ],
+    );
+    let script = "nbdinfo --size \"$DEVPOOL_NBD_TEST\" > \"$OUT.test\" && \
+                  nbdinfo --size \"$DEVPOOL_NBD_SCRATCH\" > \"$OUT.scratch\" && \
+                  qemu-io -f raw -c 'write -P 0x66 0 65536' \"$DEVPOOL_NBD_TEST\" >/dev/null && \
+                  qemu-io -f raw -c 'read -P 0x66 0 65536' \"$DEVPOOL_NBD_TEST\" | grep -q 'read 65536' && \
+                  test -S \"$DEVPOOL_NBD_SOCKET_TEST\" && echo \"$DEVPOOL_NBD_SOCKET_TEST\" > \"$OUT.sock\"";
+    let out = lab.path("out");
+    let o = devpool_command(&lab.state_dir())
+        .args([
+            "--pool",
+            "runx",
+            "run",
+            "--volumes",
+            "test:16M,scratch:32M",
+            "--export",
+            "nbd",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .env("OUT", &out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |ext: &str| std::fs::read_to_string(format!("{}.{ext}", out.display())).unwrap();
+    assert_eq!(read("test").trim(), (16u64 << 20).to_string());
+    assert_eq!(read("scratch").trim(), (32u64 << 20).to_string());
+    // The servers are gone with the run, and so is the lease.
+    assert!(!Path::new(read("sock").trim()).exists());
+    let leases = lab.dp_json(&[], &["--pool", "runx", "lease", "list"]);
+    assert_eq!(leases.as_array().map(Vec::len), Some(0), "{leases}");
 }

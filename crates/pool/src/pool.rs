@@ -8,7 +8,6 @@ use crate::loopdev;
 use crate::owner::{Liveness, Owner};
 use crate::safety;
 use crate::servers;
-use std::sync::Arc;
 use crate::spec::VolumeSpec;
 use crate::{PoolError, Result};
 use devpool_engine::engine::{DeviceSource, Engine, Operation, PvOptions, same_file};
@@ -19,6 +18,7 @@ use devpool_format::units::{Bytes, SizeArg};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const VG_PREFIX: &str = "devpool-";
 /// Pools use LVM2's default extent size.
@@ -866,10 +866,7 @@ impl Pools {
         let pvs = meta
             .pvs
             .iter()
-            .filter_map(|p| {
-                v.device_of(&p.key)
-                    .map(|d| (p.key.clone(), d.path.clone()))
-            })
+            .filter_map(|p| v.device_of(&p.key).map(|d| (p.key.clone(), d.path.clone())))
             .collect();
         Ok(Located {
             pool: name.to_string(),

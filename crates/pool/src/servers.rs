@@ -71,7 +71,11 @@ fn entries(state_dir: &Path, lv_uuid: &str) -> Vec<(PathBuf, u32)> {
     rd.flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let pid = name.strip_prefix(lv_uuid)?.strip_prefix('.')?.parse().ok()?;
+            let pid = name
+                .strip_prefix(lv_uuid)?
+                .strip_prefix('.')?
+                .parse()
+                .ok()?;
             Some((e.path(), pid))
         })
         .collect()

@@ -32,7 +32,11 @@ impl PvDevice {
             .write(writable)
             .open(path)
             .map_err(ctx)?;
-        let is_block = buffered.metadata().map_err(ctx)?.file_type().is_block_device();
+        let is_block = buffered
+            .metadata()
+            .map_err(ctx)?
+            .file_type()
+            .is_block_device();
         let direct = OpenOptions::new()
             .read(true)
             .write(writable)

@@ -5,10 +5,10 @@ use crate::device::Volume;
 use crate::lifetime::{self, Stopper};
 use crate::nbd::server::{Endpoint, Listener};
 use crate::open::open_volume;
+use devpool_pool::PoolError;
 use devpool_pool::owner::Liveness;
 use devpool_pool::pool::Pools;
 use devpool_pool::servers::{self, Registration};
-use devpool_pool::PoolError;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -142,7 +142,12 @@ pub fn start(
     }
     // The lease watch: the owner's liveness often, the VG less often.
     let owner = lease.owner.clone();
-    let (p2, pool2, lv2, session) = (pools.clone(), pool.to_string(), lv.to_string(), lease.session);
+    let (p2, pool2, lv2, session) = (
+        pools.clone(),
+        pool.to_string(),
+        lv.to_string(),
+        lease.session,
+    );
     let tick = AtomicU32::new(0);
     lifetime::watch(Arc::clone(&stopper), WATCH_INTERVAL, move || {
         if let Some(o) = &owner
@@ -154,8 +159,12 @@ pub fn start(
             return None;
         }
         match p2.locate(&pool2, &lv2) {
-            Ok(l) if l.lv.id.raw_str() == uuid
-                && l.lease.as_ref().is_some_and(|x| x.session == session) => None,
+            Ok(l)
+                if l.lv.id.raw_str() == uuid
+                    && l.lease.as_ref().is_some_and(|x| x.session == session) =>
+            {
+                None
+            }
             Ok(_) | Err(PoolError::Invalid(_) | PoolError::NoPool(_)) => {
                 Some(format!("lease {session} was released"))
             }

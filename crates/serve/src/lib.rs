@@ -17,10 +17,10 @@
 //! - [`lifetime`]: stop signals, and the watch that stops serving when the lease ends
 
 pub mod buffer;
+pub mod device;
 pub mod export;
 pub mod fuse;
 pub mod hostdev;
-pub mod device;
 pub mod lifetime;
 pub mod map;
 pub mod nbd;

@@ -112,8 +112,8 @@ impl VolumeMap {
             let area_len = seg.area_len();
             let mut areas = Vec::with_capacity(stripes.len());
             for st in stripes {
-                let p = place(&st.pv)
-                    .ok_or_else(|| unsupported(format!("PV {} is missing", st.pv)))?;
+                let p =
+                    place(&st.pv).ok_or_else(|| unsupported(format!("PV {} is missing", st.pv)))?;
                 let end = st.start.checked_add(area_len);
                 if end.is_none_or(|e| e > p.pe_count) {
                     return Err(unsupported(format!(
@@ -213,7 +213,11 @@ impl VolumeMap {
                     let n_areas = areas.len() as u64;
                     let (dev, base) = areas[(chunk % n_areas) as usize];
                     let row = chunk / n_areas;
-                    (dev, base + row * stripe + within, (stripe - within).min(run_left))
+                    (
+                        dev,
+                        base + row * stripe + within,
+                        (stripe - within).min(run_left),
+                    )
                 }
             };
             push_merged(
@@ -274,7 +278,11 @@ mod tests {
 
     fn vg() -> VgMetadata {
         let id = LvmUuid::parse("aaaaaa-aaaa-aaaa-aaaa-aaaa-aaaa-aaaaaa").unwrap();
-        VgMetadata::new_empty("vg", id, ExtentSize::new_for_vg(devpool_format::units::Bytes(ES)).unwrap())
+        VgMetadata::new_empty(
+            "vg",
+            id,
+            ExtentSize::new_for_vg(devpool_format::units::Bytes(ES)).unwrap(),
+        )
     }
 
     fn lv(segments: Vec<Segment>) -> LvMeta {
@@ -348,7 +356,10 @@ mod tests {
                     ((chunk % n) as usize, (chunk / n) * st + off % st)
                 };
                 let p = place(&stripes[area].pv).unwrap();
-                return (p.dev, p.pe_start_bytes + stripes[area].start * ES + area_off);
+                return (
+                    p.dev,
+                    p.pe_start_bytes + stripes[area].start * ES + area_off,
+                );
             }
         }
         unreachable!()
@@ -385,7 +396,10 @@ mod tests {
         m.pieces(6 * ES, 3 * ES, &mut out).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(m.single_range(), None);
-        let one = lv(vec![seg(0, 2, None, &[("pv0", 10)]), seg(2, 3, None, &[("pv0", 12)])]);
+        let one = lv(vec![
+            seg(0, 2, None, &[("pv0", 10)]),
+            seg(2, 3, None, &[("pv0", 12)]),
+        ]);
         let m = VolumeMap::from_lv(&vg(), &one, place).unwrap();
         assert_eq!(m.single_range(), Some((0, (1 << 20) + 10 * ES)));
     }

@@ -51,7 +51,12 @@ pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> 
 }
 
 /// A byte range of one file or device as a volume (tests, benchmarks).
-pub fn open_range(path: &Path, offset: u64, size: u64, read_only: bool) -> Result<Volume, OpenError> {
+pub fn open_range(
+    path: &Path,
+    offset: u64,
+    size: u64,
+    read_only: bool,
+) -> Result<Volume, OpenError> {
     Ok(Volume {
         name: path
             .file_name()

@@ -15,13 +15,18 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Read,
-    Write { fua: bool },
+    Write {
+        fua: bool,
+    },
     Flush,
     /// Give the range back (punch a hole / BLKDISCARD); reads after it return
     /// zeroes on image files and unspecified data on devices.
     Discard,
     /// Make the range read as zeroes; `may_trim` allows deallocating it.
-    WriteZeroes { may_trim: bool, fua: bool },
+    WriteZeroes {
+        may_trim: bool,
+        fua: bool,
+    },
 }
 
 /// One request on the volume. For reads and writes `iov` describes `len`
@@ -45,7 +50,10 @@ pub struct Completion {
 pub enum Event {
     Done(Completion),
     /// A frontend's own SQE completed: its user data (without the marker) and result.
-    Foreign { data: u64, result: i32 },
+    Foreign {
+        data: u64,
+        result: i32,
+    },
 }
 
 const FOREIGN: u64 = 1 << 63;
@@ -411,6 +419,9 @@ mod tests {
         assert_eq!(s[0].iov_len, 2);
         assert_eq!(s[1].iov_base as usize, b.as_ptr() as usize);
         assert_eq!(s[1].iov_len, 3);
-        assert_eq!(slice_iov(&iov, 10, 6)[0].iov_base as usize, b.as_ptr() as usize);
+        assert_eq!(
+            slice_iov(&iov, 10, 6)[0].iov_base as usize,
+            b.as_ptr() as usize
+        );
     }
 }

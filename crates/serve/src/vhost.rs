@@ -18,7 +18,9 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -64,7 +66,8 @@ impl BlkBackend {
     /// `struct virtio_blk_config`, little endian.
     fn config(&self) -> Vec<u8> {
         let mut c = vec![0u8; 60];
-        let put32 = |c: &mut Vec<u8>, at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let put32 =
+            |c: &mut Vec<u8>, at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
         c[0..8].copy_from_slice(&(self.vol.size() / 512).to_le_bytes());
         put32(&mut c, 12, SEG_MAX);
         put32(&mut c, 20, self.vol.align() as u32); // blk_size
@@ -253,7 +256,9 @@ fn copy_from_iov(iov: &[libc::iovec], out: &mut [u8]) {
         }
         let n = v.iov_len.min(out.len() - at);
         // SAFETY: n bytes readable at iov_base (guest memory).
-        unsafe { std::ptr::copy_nonoverlapping(v.iov_base as *const u8, out[at..].as_mut_ptr(), n) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(v.iov_base as *const u8, out[at..].as_mut_ptr(), n)
+        };
         at += n;
     }
 }
@@ -299,7 +304,9 @@ impl Chain {
                 for v in &self.writable {
                     let n = v.iov_len.min(left.len());
                     // SAFETY: n bytes writable at iov_base (guest memory).
-                    unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), v.iov_base as *mut u8, n) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(left.as_ptr(), v.iov_base as *mut u8, n)
+                    };
                     left = &left[n..];
                 }
                 Immediate(VIRTIO_BLK_S_OK as u8)
@@ -343,7 +350,9 @@ impl Chain {
 impl Parsed {
     fn written(&self) -> u32 {
         match self {
-            Submit(Request { op: Op::Read, len, .. }) => *len as u32,
+            Submit(Request {
+                op: Op::Read, len, ..
+            }) => *len as u32,
             _ => 0,
         }
     }
@@ -455,7 +464,12 @@ pub fn bind(path: &Path) -> io::Result<Bound> {
 }
 
 /// Serve one QEMU connection until it disconnects or `stopper` is set.
-pub fn serve(mut bound: Bound, vol: Arc<Volume>, queues: usize, stopper: Arc<Stopper>) -> io::Result<()> {
+pub fn serve(
+    mut bound: Bound,
+    vol: Arc<Volume>,
+    queues: usize,
+    stopper: Arc<Stopper>,
+) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let backend = Arc::new(BlkBackend::new(vol, queues));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

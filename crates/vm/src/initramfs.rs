@@ -25,7 +25,9 @@ fn rel(p: &str) -> String {
 impl Initramfs {
     pub fn new() -> Initramfs {
         let mut i = Initramfs::default();
-        for d in ["dev", "proc", "sys", "tmp", "mnt", "bin", "sbin", "etc", "lib", "lib64", "run"] {
+        for d in [
+            "dev", "proc", "sys", "tmp", "mnt", "bin", "sbin", "etc", "lib", "lib64", "run",
+        ] {
             i.dir(d);
         }
         i
@@ -79,7 +81,8 @@ impl Initramfs {
             .nlink(1)
             .set_mode_file_type(ModeFileType::Regular)
             .write(&mut self.out, len);
-        w.write_all(data).map_err(io_err(format!("archive {path}")))?;
+        w.write_all(data)
+            .map_err(io_err(format!("archive {path}")))?;
         w.finish().map_err(io_err(format!("archive {path}")))?;
         Ok(())
     }
@@ -150,7 +153,10 @@ impl Initramfs {
             // "libx.so.1 => /lib/x86_64-linux-gnu/libx.so.1 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
             let lib = match line.split_once("=>") {
                 Some((_, r)) => r.split_whitespace().next(),
-                None => line.split_whitespace().next().filter(|s| s.starts_with('/')),
+                None => line
+                    .split_whitespace()
+                    .next()
+                    .filter(|s| s.starts_with('/')),
             };
             if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
                 let real = std::fs::canonicalize(lib).map_err(io_err(format!("resolve {lib}")))?;

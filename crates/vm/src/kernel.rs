@@ -52,7 +52,8 @@ impl Kernel {
             std::fs::write(tmp.join(".devpool-unpacked"), b"")
                 .map_err(io_err("mark unpacked kernel"))?;
             let _ = std::fs::remove_dir_all(&root);
-            std::fs::rename(&tmp, &root).map_err(io_err(format!("rename to {}", root.display())))?;
+            std::fs::rename(&tmp, &root)
+                .map_err(io_err(format!("rename to {}", root.display())))?;
         }
         let version = only_version(&root.join("lib/modules"))?;
         let image = root.join("boot").join(format!("vmlinuz-{version}"));
@@ -72,7 +73,10 @@ impl Kernel {
     /// A kernel image with an optional module tree (`lib/modules/<version>`).
     pub fn from_parts(image: &Path, modules: Option<&Path>) -> Result<Kernel> {
         if !image.is_file() {
-            return Err(VmError::Invalid(format!("{}: no such kernel image", image.display())));
+            return Err(VmError::Invalid(format!(
+                "{}: no such kernel image",
+                image.display()
+            )));
         }
         let version = modules
             .and_then(|m| m.file_name())
@@ -192,7 +196,11 @@ mod tests {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
         d.visit(d.path_of("dm_snapshot").unwrap(), &mut seen, &mut out);
-        d.visit(d.path_of(&canonical("dm-mod")).unwrap(), &mut seen, &mut out);
+        d.visit(
+            d.path_of(&canonical("dm-mod")).unwrap(),
+            &mut seen,
+            &mut out,
+        );
         assert_eq!(
             out,
             [

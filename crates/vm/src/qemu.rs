@@ -48,7 +48,14 @@ impl Machine {
             Accel::Tcg => "tcg",
         };
         c.args(["-machine", &format!("q35,accel={accel}")])
-            .args(["-cpu", if self.accel == Accel::Kvm { "host" } else { "max" }])
+            .args([
+                "-cpu",
+                if self.accel == Accel::Kvm {
+                    "host"
+                } else {
+                    "max"
+                },
+            ])
             .args(["-smp", &self.cpus.to_string()])
             .args(["-m", &format!("{}M", self.mem_mib)])
             .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
@@ -66,7 +73,10 @@ impl Machine {
             // vhost-user needs guest memory the server can map.
             c.args([
                 "-object",
-                &format!("memory-backend-memfd,id=mem,size={}M,share=on", self.mem_mib),
+                &format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    self.mem_mib
+                ),
                 "-numa",
                 "node,memdev=mem",
             ]);
@@ -79,14 +89,16 @@ impl Machine {
                         "driver=raw,node-name=d{i},offset={offset},size={size},file.driver=file,file.filename={},file.aio=io_uring,cache.direct=on",
                         path.display()
                     ));
-                    c.arg("-device").arg(format!("virtio-blk-pci,drive=d{i},{slot}"));
+                    c.arg("-device")
+                        .arg(format!("virtio-blk-pci,drive=d{i},{slot}"));
                 }
                 Disk::Nbd { socket } => {
                     c.arg("-blockdev").arg(format!(
                         "driver=nbd,node-name=d{i},server.type=unix,server.path={}",
                         socket.display()
                     ));
-                    c.arg("-device").arg(format!("virtio-blk-pci,drive=d{i},{slot}"));
+                    c.arg("-device")
+                        .arg(format!("virtio-blk-pci,drive=d{i},{slot}"));
                 }
                 Disk::VhostUserBlk { socket, queues } => {
                     c.arg("-chardev")
@@ -115,8 +127,13 @@ mod tests {
             cpus: 2,
             accel: Accel::Tcg,
             disks: vec![
-                Disk::Nbd { socket: "/s0".into() },
-                Disk::VhostUserBlk { socket: "/s1".into(), queues: 2 },
+                Disk::Nbd {
+                    socket: "/s0".into(),
+                },
+                Disk::VhostUserBlk {
+                    socket: "/s1".into(),
+                    queues: 2,
+                },
             ],
         };
         let args: Vec<String> = m

@@ -30,8 +30,14 @@ pub fn debian_kernel() -> Result<Kernel, String> {
             .flatten()
             .map(|e| e.path())
             .filter(|p| {
-                let n = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-                n.starts_with("linux-image-6.12.") && n.contains("-amd64-unsigned_") && n.ends_with(".deb")
+                let n = p
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                n.starts_with("linux-image-6.12.")
+                    && n.contains("-amd64-unsigned_")
+                    && n.ends_with(".deb")
             })
             .collect();
         debs.sort();
@@ -46,7 +52,9 @@ pub fn debian_kernel() -> Result<Kernel, String> {
                 .map_err(|e| format!("apt-cache: {e}"))?;
             let mut pkgs: Vec<String> = String::from_utf8_lossy(&names.stdout)
                 .lines()
-                .filter(|n| n.ends_with("-amd64-unsigned") && !n.contains("cloud") && !n.contains("-rt-"))
+                .filter(|n| {
+                    n.ends_with("-amd64-unsigned") && !n.contains("cloud") && !n.contains("-rt-")
+                })
                 .map(str::to_string)
                 .collect();
             pkgs.sort_by_key(|p| {
@@ -118,7 +126,8 @@ pub fn initramfs(kernel: &Kernel, modules: &[&str], host_bins: &[&str], script: 
         i.symlink("sbin/mkfs.ext4", "mke2fs");
     }
     if Path::new("/etc/mke2fs.conf").exists() {
-        i.file(Path::new("/etc/mke2fs.conf"), "etc/mke2fs.conf", 0o644).unwrap();
+        i.file(Path::new("/etc/mke2fs.conf"), "etc/mke2fs.conf", 0o644)
+            .unwrap();
     }
     let init = format!(
         "#!/bin/busybox sh\n\
@@ -178,6 +187,9 @@ pub fn boot(kernel: &Kernel, initrd: &Path, disks: Vec<Disk>, limit: Duration) -
         let _ = e.read_to_string(&mut err);
     }
     let console = reader.join().unwrap_or_default();
-    assert!(!timed_out, "guest timed out after {limit:?}:\n{console}\n{err}");
+    assert!(
+        !timed_out,
+        "guest timed out after {limit:?}:\n{console}\n{err}"
+    );
     console + &err
 }

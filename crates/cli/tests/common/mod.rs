@@ -124,8 +124,8 @@ impl Drop for Lab {
         if let Ok(rd) = std::fs::read_dir("/sys/block") {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let backing = std::fs::read_to_string(e.path().join("loop/backing_file"))
-                    .unwrap_or_default();
+                let backing =
+                    std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
                 if name.starts_with("loop") && Path::new(backing.trim()).starts_with(&dir) {
                     let _ = Command::new("losetup")
                         .arg("-d")

@@ -66,7 +66,11 @@ pub struct Bench {
 pub const SENTINEL: u8 = 0x5a;
 
 pub fn window_of(loopdev: &str) -> (u64, u64) {
-    let name = Path::new(loopdev).file_name().unwrap().to_string_lossy().into_owned();
+    let name = Path::new(loopdev)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let off: u64 = std::fs::read_to_string(format!("/sys/block/{name}/loop/offset"))
         .unwrap()
         .trim()
@@ -87,14 +91,32 @@ impl Bench {
         let img = image.display().to_string();
         lab.dp(
             &[],
-            &["pool", "setup", &img, "--name", pool, "--image-size", "1G", "--yes"],
+            &[
+                "pool",
+                "setup",
+                &img,
+                "--name",
+                pool,
+                "--image-size",
+                "1G",
+                "--yes",
+            ],
         );
         let owner = Sleeper::new();
         let size = format!("{mib}M");
         let vols = format!("a:{size},b:{size},c:{size}");
         let lease = lab.dp_json(
             &[],
-            &["--pool", pool, "lease", "acquire", "--volumes", &vols, "--owner-pid", &owner.pid()],
+            &[
+                "--pool",
+                pool,
+                "lease",
+                "acquire",
+                "--volumes",
+                &vols,
+                "--owner-pid",
+                &owner.pid(),
+            ],
         );
         let windows: Vec<(u64, u64)> = lease["devices"]
             .as_array()
@@ -110,7 +132,10 @@ impl Bench {
             windows,
         };
         // Sentinels in the neighbours (and in b, to see what the server reads).
-        let f = std::fs::OpenOptions::new().write(true).open(&b.image).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&b.image)
+            .unwrap();
         for &(off, size) in &b.windows {
             let buf = vec![SENTINEL; size as usize];
             f.write_all_at(&buf, off).unwrap();
@@ -182,7 +207,12 @@ impl Server {
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
                 let mut err = String::new();
-                self.child.stderr.take().unwrap().read_to_string(&mut err).ok();
+                self.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .ok();
                 return (st, err);
             }
             assert!(t.elapsed() < limit, "server did not exit within {limit:?}");
@@ -225,4 +255,3 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
-

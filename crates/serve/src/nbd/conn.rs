@@ -4,7 +4,7 @@
 //! handles everything that is ready; replies finished in one round go out in
 //! one `sendmsg`.
 
-use super::proto::{self, RequestHeader, REQUEST_LEN};
+use super::proto::{self, REQUEST_LEN, RequestHeader};
 use crate::buffer::{AlignedBuf, BufPool};
 use crate::device::Volume;
 use crate::queue::{Event, Op, Queue, Request};
@@ -175,7 +175,10 @@ impl Connection {
                 self.rstart = 0;
             }
             // SAFETY: rend <= RBUF.
-            (unsafe { self.rbuf.as_mut_ptr().add(self.rend) }, RBUF - self.rend)
+            (
+                unsafe { self.rbuf.as_mut_ptr().add(self.rend) },
+                RBUF - self.rend,
+            )
         };
         let e = opcode::Recv::new(types::Fd(self.fd), ptr, len as u32).build();
         // SAFETY: the target (payload buffer or rbuf tail) is neither freed nor

@@ -257,9 +257,12 @@ pub const REQUEST_LEN: usize = 28;
 
 impl RequestHeader {
     pub fn parse(b: &[u8; REQUEST_LEN]) -> Option<RequestHeader> {
-        let be32 = |r: std::ops::Range<usize>| u32::from_be_bytes(b[r].try_into().unwrap_or_default());
-        let be16 = |r: std::ops::Range<usize>| u16::from_be_bytes(b[r].try_into().unwrap_or_default());
-        let be64 = |r: std::ops::Range<usize>| u64::from_be_bytes(b[r].try_into().unwrap_or_default());
+        let be32 =
+            |r: std::ops::Range<usize>| u32::from_be_bytes(b[r].try_into().unwrap_or_default());
+        let be16 =
+            |r: std::ops::Range<usize>| u16::from_be_bytes(b[r].try_into().unwrap_or_default());
+        let be64 =
+            |r: std::ops::Range<usize>| u64::from_be_bytes(b[r].try_into().unwrap_or_default());
         if be32(0..4) != REQUEST_MAGIC {
             return None;
         }

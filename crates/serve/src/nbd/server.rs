@@ -112,7 +112,10 @@ pub(crate) fn remove_stale_socket(p: &std::path::Path) -> io::Result<()> {
     if !md.file_type().is_socket() {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket; choose another path", p.display()),
+            format!(
+                "{} exists and is not a socket; choose another path",
+                p.display()
+            ),
         ));
     }
     if UnixStream::connect(p).is_ok() {
@@ -158,7 +161,10 @@ pub(crate) fn bind_private(p: &std::path::Path) -> io::Result<UnixListener> {
         let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
         if libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0 {
             let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("bind {}: {e}", p.display())));
+            return Err(io::Error::new(
+                e.kind(),
+                format!("bind {}: {e}", p.display()),
+            ));
         }
         // Belt and braces: some file systems ignore the socket inode's mode.
         let c = std::ffi::CString::new(bytes).map_err(|e| io::Error::other(e.to_string()))?;
@@ -249,7 +255,12 @@ impl ClientStream for std::net::TcpStream {
     }
 }
 
-fn client(mut s: Box<dyn ClientStream>, vol: Arc<Volume>, export: proto::Export, stop: Arc<Stopper>) {
+fn client(
+    mut s: Box<dyn ClientStream>,
+    vol: Arc<Volume>,
+    export: proto::Export,
+    stop: Arc<Stopper>,
+) {
     // A client that stalls in the handshake must not hold a thread forever.
     let _ = s.set_timeout(Some(Duration::from_secs(30)));
     match proto::handshake(&mut s, &export) {
