@@ -44,8 +44,12 @@ fn owner_tags(pid: u32, session: &str, role: &str) -> Vec<String> {
 }
 
 /// Where LVM2 says each logical byte of `lv` is: (device path, byte offset).
+/// One segment: first extent, extent count, stripe size in bytes, and each
+/// stripe area's (device, byte offset).
+type Seg = (u64, u64, u64, Vec<(PathBuf, u64)>);
+
 struct Layout {
-    segs: Vec<(u64, u64, u64, Vec<(PathBuf, u64)>)>, // (start_le, len_le, stripe bytes, areas)
+    segs: Vec<Seg>,
     extent: u64,
 }
 
@@ -58,7 +62,7 @@ impl Layout {
         };
         let vgs = lvm_report(devs, "vgs", "vg_name,vg_extent_size");
         let extent = num(&vgs.iter().find(|v| v["vg_name"] == vg).unwrap()["vg_extent_size"]);
-        let mut a = vec![
+        let a = vec![
             "lvs".to_string(),
             "--segments".into(),
             "--reportformat".into(),
@@ -273,7 +277,7 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
     lab.dp(&[&a, &b], &["vg", "extend", "devpool-lay", &sb]);
     let mut owner = Command::new("sleep").arg("600").spawn().unwrap();
     let tags = owner_tags(owner.id(), "20261121000000-abcdef", "test");
-    let mut create = |name: &str, extra: &[&str]| {
+    let create = |name: &str, extra: &[&str]| {
         let mut args = vec!["lv", "create", name];
         args.extend_from_slice(extra);
         for t in &tags {

@@ -137,7 +137,7 @@ impl VolumeMap {
                     .ok_or_else(|| unsupported("striped segment without stripe_size".into()))?
                     .0
                     * 512;
-                if stripe == 0 || area_len * es % stripe != 0 {
+                if stripe == 0 || !(area_len * es).is_multiple_of(stripe) {
                     return Err(unsupported(format!(
                         "stripe size {stripe} does not divide the stripe area"
                     )));

@@ -192,9 +192,10 @@ impl Queue {
                     let iov = slice_iov(&req.iov, p.at, p.len);
                     let fd = dev.fd_for(|a| {
                         p.offset % a == 0
-                            && iov
-                                .iter()
-                                .all(|v| v.iov_base as u64 % a == 0 && v.iov_len as u64 % a == 0)
+                            && iov.iter().all(|v| {
+                                (v.iov_base as u64).is_multiple_of(a)
+                                    && (v.iov_len as u64).is_multiple_of(a)
+                            })
                     });
                     let e = if req.op == Op::Read {
                         opcode::Readv::new(types::Fd(fd), iov.as_ptr(), iov.len() as u32)
