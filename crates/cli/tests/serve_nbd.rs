@@ -184,6 +184,7 @@ fn fio_verify(sock: &Path, name: &str, extra: &[&str]) {
                 "--verify=crc32c",
                 "--do_verify=1",
                 "--verify_fatal=1",
+                "--verify_state_save=0",
                 "--output-format=json",
             ])
             .args(extra),
