@@ -123,34 +123,26 @@ def main():
             "--iodepth=8"])
         results = {"raw": measure("raw", ("file", image, offset), None, a.runtime, size)}
 
+        def served(name, argv, sock, env=None):
+            p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            procs.append(p)
+            wait_socket(sock, p)
+            r = measure(name, ("nbd", f"nbd+unix:///?socket={sock}"), p.pid, a.runtime, size)
+            p.terminate(); p.wait()
+            return r
+
         sock = os.path.join(work, "devpool.sock")
-        p = subprocess.Popen([DEVPOOL, "--pool", "bench", "serve", dev["lv"], "--nbd",
-                              f"unix:{sock}"], env=env, stdout=subprocess.DEVNULL)
-        procs.append(p)
-        wait_socket(sock, p)
-        results["devpool"] = measure("devpool", ("nbd", f"nbd+unix:///?socket={sock}"),
-                                     p.pid, a.runtime, size)
-        p.terminate(); p.wait()
-
+        results["devpool"] = served("devpool", [DEVPOOL, "--pool", "bench", "serve", dev["lv"],
+                                                "--nbd", f"unix:{sock}"], sock, env)
         qsock = os.path.join(work, "qemu.sock")
-        p = subprocess.Popen(["qemu-nbd", "--cache=none", "--aio=io_uring", "-f", "raw",
-                              "--offset", str(offset), "--shared=8", "--persistent", "--socket", qsock,
-                              image], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(p)
-        wait_socket(qsock, p)
-        results["qemu_nbd"] = measure("qemu-nbd", ("nbd", f"nbd+unix:///?socket={qsock}"),
-                                      p.pid, a.runtime, size)
-        p.terminate(); p.wait()
-
+        results["qemu_nbd"] = served("qemu-nbd", [
+            "qemu-nbd", "--cache=none", "--aio=io_uring", "-f", "raw", "--offset", str(offset),
+            "--shared=8", "--persistent", "--socket", qsock, image], qsock)
         ksock = os.path.join(work, "nbdkit.sock")
-        p = subprocess.Popen(["nbdkit", "-f", "-U", ksock, "--filter=offset", "file",
-                              f"file={image}", f"offset={offset}", f"range={size}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(p)
-        wait_socket(ksock, p)
-        results["nbdkit"] = measure("nbdkit", ("nbd", f"nbd+unix:///?socket={ksock}"),
-                                    p.pid, a.runtime, size)
-        p.terminate(); p.wait()
+        results["nbdkit"] = served("nbdkit", [
+            "nbdkit", "-f", "-U", ksock, "--filter=offset", "file", f"file={image}",
+            f"offset={offset}", f"range={size}"], ksock)
 
         ratios = {}
         for job, _ in JOBS:

@@ -3,11 +3,11 @@
 //! exactly where LVM2 (the oracle, `lvs --segments`) says each extent is.
 
 mod common;
+use common::serving::{Server, pattern};
 use common::*;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -117,44 +117,10 @@ impl Layout {
     }
 }
 
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(lab: &Lab, pool: &str, lv: &str, sock: &Path) -> Server {
-    let mut c = devpool_command(&lab.state_dir())
-        .args(["--pool", pool, "serve", lv, "--nbd"])
-        .arg(format!("unix:{}", sock.display()))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(c.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("serving"), "server did not start: {line}");
-    Server(c)
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 11) as u8
-        })
-        .collect()
-}
-
 fn check_volume(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usize, seed: u64) {
     let sock = lab.path(&format!("{lv}.sock"));
-    let _srv = serve(lab, pool, lv, &sock);
+    let nbd = format!("unix:{}", sock.display());
+    let _srv = Server::start(lab, pool, &[lv, "--nbd", &nbd]);
     let data = pattern(size, seed);
     let src = lab.path(&format!("{lv}.src"));
     std::fs::write(&src, &data).unwrap();
@@ -188,16 +154,8 @@ fn check_volume(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usize, se
 }
 
 fn check_block_device(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usize, seed: u64) {
-    let mut c = devpool_command(&lab.state_dir())
-        .args(["--pool", pool, "--json", "serve", lv, "--block-device"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(c.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let srv = Server(c);
+    let srv = Server::start(lab, pool, &[lv, "--block-device", "--json"]);
+    let line = srv.line.clone();
     let info: serde_json::Value = serde_json::from_str(&line).expect("serve --json line");
     assert_eq!(info["block_device_path"]["path"], "fuse-loop", "{info}");
     let skipped = info["block_device_path"]["skipped"].to_string();
@@ -225,12 +183,10 @@ fn check_block_device(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usi
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Stopping detaches the loop device and unmounts FUSE.
-    let pid = srv.0.id() as i32;
     // SAFETY: signalling the server this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let mut srv = srv;
-    let st = srv.0.wait().unwrap();
-    assert!(st.success());
+    unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
+    let (st, err) = srv.wait_exit(std::time::Duration::from_secs(10));
+    assert!(st.success(), "{err}");
     let name = Path::new(&dev)
         .file_name()
         .unwrap()
