@@ -259,11 +259,35 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
         segs >= 2,
         "the test needs a multi-segment volume, got {segs} segment(s)"
     );
+    // The volume between multi's two segments holds sentinels throughout.
+    let neighbour = Layout::of(&devs, "devpool-lay", "neighbour");
+    let fill = |check: bool| {
+        for logical in (0..4u64 << 20).step_by(512) {
+            let (d, off) = neighbour.locate(logical);
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&d)
+                .unwrap();
+            let mut b = [0u8; 512];
+            if check {
+                f.read_exact_at(&mut b, off).unwrap();
+                assert!(
+                    b.iter().all(|&x| x == 0xa5),
+                    "neighbour changed at {logical}"
+                );
+            } else {
+                f.write_all_at(&[0xa5; 512], off).unwrap();
+            }
+        }
+    };
+    fill(false);
     // A loop device cannot express these: the pool refuses, the server serves.
     check_volume(&lab, &devs, "lay", "striped", 32 << 20, 3);
     check_volume(&lab, &devs, "lay", "multi", 16 << 20, 5);
     // On the host, as a block device: FUSE + loop here (no nbd, no ublk).
     check_block_device(&lab, &devs, "lay", "striped", 32 << 20, 11);
+    fill(true);
     let _ = owner.kill();
     let _ = owner.wait();
 }
