@@ -372,3 +372,40 @@ fn run_export_serves_every_volume_for_the_command_and_stops_after() {
     let leases = lab.dp_json(&[], &["--pool", "runx", "lease", "list"]);
     assert_eq!(leases.as_array().map(Vec::len), Some(0), "{leases}");
 }
+
+#[test]
+fn a_read_only_export_refuses_writes_and_still_reads() {
+    if need_tools("read-only export", &["nbdinfo", "qemu-io"]) {
+        return;
+    }
+    let b = Bench::new("ro", 8);
+    let sock = b.lab.path("ro.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let _srv = Server::start(&b.lab, "ro", &[&b.lv(1), "--nbd", &nbd, "--read-only"]);
+    let info = run_ok(Command::new("nbdinfo").arg(uri(&sock)));
+    assert!(info.contains("is_read_only: true"), "{info}");
+    let read = run_ok(Command::new("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x5a 0 65536",
+        &uri(&sock),
+    ]));
+    assert!(read.contains("read 65536/65536"), "{read}");
+    let w = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 4096", &uri(&sock)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
+    assert!(!text.contains("wrote 4096/4096"), "{text}");
+    // Nothing changed, in the volume or around it.
+    let (off, _) = b.windows[1];
+    let mut buf = [0u8; 4096];
+    std::fs::File::open(&b.image)
+        .unwrap()
+        .read_exact_at(&mut buf, off)
+        .unwrap();
+    assert!(buf.iter().all(|&x| x == SENTINEL));
+    b.assert_neighbours_intact();
+}
