@@ -291,3 +291,120 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
     let _ = owner.kill();
     let _ = owner.wait();
 }
+
+/// In a guest whose kernel has an NBD client, `serve --block-device` of a
+/// two-segment volume picks the kernel's NBD client (connected to devpool's
+/// server); data written to /dev/nbdN lands where LVM2 says.
+#[test]
+fn in_a_guest_with_nbd_a_multi_segment_volume_gets_a_kernel_nbd_device() {
+    use common::guest::*;
+    if skip_unless_real("kernel NBD client in a guest") {
+        return;
+    }
+    let Some(kernel) = guest_or_skip("kernel NBD client in a guest") else {
+        return;
+    };
+    let mut lab = Lab::new();
+    let disk = lab.loop_dev("guest-pool.img", 256);
+    let stripped = lab.path("devpool");
+    let o = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(env!("CARGO_BIN_EXE_devpool"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "strip: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let script = r#"
+export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
+touch /tmp/fstab
+devpool pool setup /dev/vda --name g --yes >/tmp/setup.log 2>&1 || { cat /tmp/setup.log; echo GUEST-STEP-FAILED setup; }
+devpool --pool g --json lease acquire --volumes a:8M,b:4M --owner-pid $$ > /tmp/lease.json || echo GUEST-STEP-FAILED acquire
+A=$(grep '"lv"' /tmp/lease.json | head -1 | sed 's/.*"lv": *"\([^"]*\)".*/\1/')
+echo "VOLUME $A"
+devpool --devices /dev/vda lv resize devpool-g/$A --size +8M --yes > /dev/null || echo GUEST-STEP-FAILED resize
+devpool --pool g --json serve $A --block-device > /tmp/serve.out 2>/tmp/serve.err &
+SRV=$!
+n=0; while [ ! -s /tmp/serve.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+cat /tmp/serve.err
+echo "SERVE $(cat /tmp/serve.out)"
+DEV=$(sed 's/.*"block_device":"\([^"]*\)".*/\1/' /tmp/serve.out)
+dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
+echo "DATASUM $(sha256sum /tmp/data)"
+dd if=/tmp/data of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write
+dd if=$DEV of=/tmp/back bs=1M iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED read
+echo "BACKSUM $(sha256sum /tmp/back)"
+kill -TERM $SRV; wait $SRV; echo "SERVER-EXIT $?"
+echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)"
+"#;
+    let initrd = lab.path("initrd.cpio");
+    let bin = format!("{}=/usr/bin/devpool", stripped.display());
+    initramfs(
+        &kernel,
+        &["virtio_blk", "loop", "nbd"],
+        &[&bin],
+        script,
+        &initrd,
+    );
+    let size = 256u64 << 20;
+    let console = boot(
+        &kernel,
+        &initrd,
+        vec![devpool_vm::qemu::Disk::Raw {
+            path: disk.clone(),
+            offset: 0,
+            size,
+        }],
+        std::time::Duration::from_secs(300),
+    );
+    assert!(!console.contains("GUEST-STEP-FAILED"), "{console}");
+    assert!(!console.contains("DEVPOOL-INSMOD-FAILED"), "{console}");
+    let serve_line = console
+        .lines()
+        .find(|l| l.starts_with("SERVE "))
+        .unwrap_or_else(|| panic!("no serve line:\n{console}"));
+    assert!(serve_line.contains(r#""path":"nbd""#), "{console}");
+    assert!(serve_line.contains("/dev/nbd"), "{console}");
+    let sum = |tag: &str| {
+        console
+            .lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
+            .to_string()
+    };
+    assert_eq!(sum("DATASUM "), sum("BACKSUM "), "{console}");
+    assert!(console.contains("SERVER-EXIT 0"), "{console}");
+    assert!(
+        console.lines().any(|l| l.trim() == "STILL"),
+        "nbd device still connected:\n{console}"
+    );
+    // The host reads the volume back where LVM2 says its extents are.
+    let lv = console
+        .lines()
+        .find_map(|l| l.strip_prefix("VOLUME "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let devs = [disk.as_path()];
+    let layout = Layout::of(&devs, "devpool-g", &lv);
+    assert!(layout.segs.len() >= 2, "expected two segments");
+    let f = std::fs::File::open(&disk).unwrap();
+    let mut data = vec![0u8; 16 << 20];
+    for (i, chunk) in data.chunks_mut(4096).enumerate() {
+        let (_, off) = layout.locate(i as u64 * 4096);
+        f.read_exact_at(chunk, off).unwrap();
+    }
+    let tmp = lab.path("vol.bin");
+    std::fs::write(&tmp, &data).unwrap();
+    let host = Command::new("sha256sum").arg(&tmp).output().unwrap();
+    let host_sum = String::from_utf8_lossy(&host.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(host_sum, sum("DATASUM "));
+}

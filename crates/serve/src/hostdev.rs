@@ -1,8 +1,9 @@
 //! A host block device for a volume of any layout, by the fastest path this
 //! host offers, in order:
 //! 1. a loop device straight over the PV (the volume is one contiguous range);
-//! 2. the kernel's NBD client or ublk, when the kernel has them — devpool does
-//!    not drive those yet, so they are reported and skipped;
+//! 2. the kernel's NBD client, connected to devpool's server over a socketpair
+//!    (ublk would come first where the kernel has it; devpool has no ublk
+//!    server yet, so it is reported and skipped);
 //! 3. the volume as a file in a FUSE mount, with a loop device on that file.
 //!
 //! The loop device carries the volume's mark (`devpool:<LV uuid>`), so
@@ -20,6 +21,7 @@ use std::sync::Arc;
 #[serde(rename_all = "kebab-case")]
 pub enum HostPath {
     Loop,
+    Nbd,
     FuseLoop,
 }
 
@@ -36,6 +38,7 @@ pub struct HostDevice {
     /// Attached by us (detached on drop) rather than the lease's own device.
     ours: bool,
     mount: Option<Mounted>,
+    nbd: Option<crate::nbd::kernel::KernelNbd>,
 }
 
 impl HostDevice {
@@ -44,6 +47,9 @@ impl HostDevice {
         self.teardown();
     }
     fn teardown(&mut self) {
+        if let Some(n) = self.nbd.take() {
+            n.close();
+        }
         if self.ours {
             let _ = loopdev::detach(&self.device);
             self.ours = false;
@@ -72,9 +78,7 @@ pub fn unavailable_fast_paths() -> Vec<String> {
     } else {
         v.push("ublk: this kernel has no ublk driver (/dev/ublk-control)".into());
     }
-    if kernel_has("nbd", "/dev/nbd0") {
-        v.push("nbd: the kernel has an NBD client, devpool does not attach it yet".into());
-    } else {
+    if !crate::nbd::kernel::available() {
         v.push("nbd: this kernel has no NBD client (no nbd module)".into());
     }
     v
@@ -99,6 +103,7 @@ pub fn attach(
                 choice,
                 ours: false,
                 mount: None,
+                nbd: None,
             });
         }
         let d = loopdev::attach(&vol.devs[dev].path, phys, vol.size(), &vol.uuid).map_err(err)?;
@@ -107,6 +112,20 @@ pub fn attach(
             choice,
             ours: true,
             mount: None,
+            nbd: None,
+        });
+    }
+    if crate::nbd::kernel::available() {
+        let n = crate::nbd::kernel::connect(vol)?;
+        return Ok(HostDevice {
+            device: n.device.clone(),
+            choice: Choice {
+                path: HostPath::Nbd,
+                skipped: unavailable_fast_paths(),
+            },
+            ours: false,
+            mount: None,
+            nbd: Some(n),
         });
     }
     if !Path::new("/dev/fuse").exists() {
@@ -133,5 +152,6 @@ pub fn attach(
         },
         ours: true,
         mount: Some(m),
+        nbd: None,
     })
 }

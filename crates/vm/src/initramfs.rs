@@ -143,8 +143,12 @@ impl Initramfs {
     /// A dynamically linked host program and the libraries it needs, at the
     /// same paths as on the host.
     pub fn host_binary(&mut self, path: &Path) -> Result<()> {
-        let dst = path.to_string_lossy().into_owned();
-        self.file(path, &dst, 0o755)?;
+        self.host_binary_as(path, &path.to_string_lossy())
+    }
+
+    /// A host program placed at `dst`, with its libraries at their host paths.
+    pub fn host_binary_as(&mut self, path: &Path, dst: &str) -> Result<()> {
+        self.file(path, dst, 0o755)?;
         let out = Command::new("ldd")
             .arg(path)
             .output()

@@ -85,8 +85,16 @@ impl Machine {
             let slot = format!("addr=0x{:x}", FIRST_SLOT + i);
             match d {
                 Disk::Raw { path, offset, size } => {
+                    // QEMU's `file` driver refuses block devices.
+                    use std::os::unix::fs::FileTypeExt;
+                    let driver =
+                        if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+                            "host_device"
+                        } else {
+                            "file"
+                        };
                     c.arg("-blockdev").arg(format!(
-                        "driver=raw,node-name=d{i},offset={offset},size={size},file.driver=file,file.filename={},file.aio=io_uring,cache.direct=on",
+                        "driver=raw,node-name=d{i},offset={offset},size={size},file.driver={driver},file.filename={},file.aio=io_uring,cache.direct=on",
                         path.display()
                     ));
                     c.arg("-device")

@@ -108,7 +108,8 @@ pub fn guest_or_skip(test: &str) -> Option<Kernel> {
     }
 }
 
-/// An initramfs whose /init loads `modules`, runs `script` (sh) and powers off.
+/// An initramfs whose /init loads `modules`, runs `script` (sh) and powers off;
+/// `host_bins` are host programs copied in with their libraries.
 pub fn initramfs(kernel: &Kernel, modules: &[&str], host_bins: &[&str], script: &str, out: &Path) {
     let mut i = Initramfs::new();
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
@@ -119,8 +120,12 @@ pub fn initramfs(kernel: &Kernel, modules: &[&str], host_bins: &[&str], script: 
     i.busybox(busybox).unwrap();
     let files = kernel.resolve(modules).unwrap();
     let guest_mods = i.modules(&files).unwrap();
+    // "SRC" lands at its own path, "SRC=DST" at DST.
     for b in host_bins {
-        i.host_binary(Path::new(b)).unwrap();
+        match b.split_once('=') {
+            Some((src, dst)) => i.host_binary_as(Path::new(src), dst).unwrap(),
+            None => i.host_binary(Path::new(b)).unwrap(),
+        }
     }
     if host_bins.contains(&"/sbin/mke2fs") {
         i.symlink("sbin/mkfs.ext4", "mke2fs");
