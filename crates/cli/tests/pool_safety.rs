@@ -23,7 +23,9 @@ fn sh(cmd: &str, args: &[&str]) {
     let o = Command::new(cmd).args(args).output().expect(cmd);
     assert!(
         o.status.success(),
-        "{cmd} {args:?}: {}",
+        "{cmd} {args:?} exited {:?}: {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
 }
