@@ -371,17 +371,15 @@ pub fn run(
             .join(" ")
     );
     // Servers for the run's volumes, owned by this process.
-    let exported = match export {
-        Some(kind) => crate::serve_cmds::export_lease(&p, &name, &a, kind),
-        None => Ok((Vec::new(), Vec::new(), None)),
-    };
-    let (servers, export_env, stopper) = match exported {
-        Ok(x) => x,
-        Err(e) => {
+    let exports = match export.map(|k| crate::serve_cmds::export_lease(&p, &name, &a, k)) {
+        Some(Err(e)) => {
             let _ = p.release(&name, &a.session);
             return Err(e);
         }
+        Some(Ok(x)) => Some(x),
+        None => None,
     };
+    let export_env = exports.as_ref().map(|x| x.env.clone()).unwrap_or_default();
     let status = if SIGNALLED.load(Ordering::SeqCst) != 0 {
         Err(anyhow!("interrupted before the command started"))
     } else {
@@ -401,14 +399,8 @@ pub fn run(
             Err(e) => Err(anyhow!("cannot run {}: {e}", command[0])),
         }
     };
-    if let Some(s) = stopper {
-        s.stop("the command ended");
-        for r in servers {
-            if let Err(e) = r.wait() {
-                eprintln!("devpool: a server of the run failed: {e}");
-            }
-        }
-        let _ = std::fs::remove_dir_all(g.state_dir.join("run").join(&a.session));
+    if let Some(x) = exports {
+        x.stop("the command ended");
     }
     if keep {
         eprintln!(

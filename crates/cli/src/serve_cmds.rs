@@ -1,6 +1,6 @@
 //! `devpool serve`: export a leased volume over NBD and/or vhost-user-blk.
 
-use crate::args::Global;
+use crate::args::{ExportKind, Global};
 use crate::pool_cmds::{pool_name, pools};
 use anyhow::{Result, anyhow};
 use devpool_serve::export::{self, ExportSpec};
@@ -90,73 +90,78 @@ pub fn serve(g: &Global, volume: &str, e: &Exports) -> Result<()> {
     Ok(())
 }
 
-/// Serve every volume of a fresh lease for `devpool run --export`; returns the
-/// servers, the environment for the command, and the stopper that ends them.
-#[allow(clippy::type_complexity)]
+/// The servers of a `devpool run --export`, owned by the run.
+pub struct RunExports {
+    running: Vec<export::Running>,
+    stopper: std::sync::Arc<Stopper>,
+    dir: PathBuf,
+    /// What the command gets: DEVPOOL_NBD_<ROLE> etc.
+    pub env: Vec<(String, String)>,
+}
+
+impl RunExports {
+    /// Stop every server (in-flight requests finish, devices are flushed).
+    pub fn stop(self, why: &str) {
+        self.stopper.stop(why);
+        for r in self.running {
+            if let Err(e) = r.wait() {
+                eprintln!("devpool: a server of the run failed: {e}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Serve every volume of a fresh lease for `devpool run --export`.
 pub fn export_lease(
     p: &devpool_pool::pool::Pools,
     pool: &str,
     a: &devpool_pool::pool::Acquired,
-    kind: crate::args::ExportKind,
-) -> Result<(
-    Vec<export::Running>,
-    Vec<(String, String)>,
-    Option<std::sync::Arc<Stopper>>,
-)> {
-    let stopper = Stopper::new()?;
+    kind: ExportKind,
+) -> Result<RunExports> {
     let dir = p.state_dir.join("run").join(&a.session);
     std::fs::create_dir_all(&dir)?;
-    let mut running = Vec::new();
-    let mut env = Vec::new();
+    let mut ex = RunExports {
+        running: Vec::new(),
+        stopper: Stopper::new()?,
+        dir,
+        env: Vec::new(),
+    };
     for d in &a.devices {
-        let sock = dir.join(format!("{}.sock", d.role));
+        let sock = ex.dir.join(format!("{}.sock", d.role));
         let var = d.role.to_uppercase().replace(['-', '.'], "_");
         let spec = match kind {
-            crate::args::ExportKind::Nbd => ExportSpec {
+            ExportKind::Nbd => ExportSpec {
                 nbd: Some(Endpoint::Unix(sock.clone())),
                 queues: 1,
                 ..ExportSpec::default()
             },
-            crate::args::ExportKind::VhostUserBlk => ExportSpec {
+            ExportKind::VhostUserBlk => ExportSpec {
                 vhost_user_blk: Some(sock.clone()),
                 queues: 2,
                 ..ExportSpec::default()
             },
         };
-        let r = match export::start(p, pool, &d.lv, &spec, stopper.clone()) {
+        let r = match export::start(p, pool, &d.lv, &spec, ex.stopper.clone()) {
             Ok(r) => r,
             Err(e) => {
-                stopper.stop("a server failed to start");
-                for r in running {
-                    let _ = export::Running::wait(r);
-                }
+                ex.stop("a server failed to start");
                 return Err(anyhow!("serving {}: {e}", d.lv));
             }
         };
-        match kind {
-            crate::args::ExportKind::Nbd => {
-                env.push((
-                    format!("DEVPOOL_NBD_{var}"),
-                    r.info.nbd.clone().unwrap_or_default(),
-                ));
-                env.push((
-                    format!("DEVPOOL_NBD_SOCKET_{var}"),
-                    sock.display().to_string(),
-                ));
+        let socket = sock.display().to_string();
+        match &r.info.nbd {
+            Some(uri) => {
+                ex.env.push((format!("DEVPOOL_NBD_{var}"), uri.clone()));
+                ex.env.push((format!("DEVPOOL_NBD_SOCKET_{var}"), socket));
             }
-            crate::args::ExportKind::VhostUserBlk => {
-                env.push((format!("DEVPOOL_VHOST_{var}"), sock.display().to_string()));
-            }
+            None => ex.env.push((format!("DEVPOOL_VHOST_{var}"), socket)),
         }
-        running.push(r);
+        ex.running.push(r);
     }
     eprintln!(
-        "devpool: serving {} volume(s) over {}",
-        running.len(),
-        match kind {
-            crate::args::ExportKind::Nbd => "NBD",
-            crate::args::ExportKind::VhostUserBlk => "vhost-user-blk",
-        }
+        "devpool: serving {} volume(s) over {kind:?}",
+        ex.running.len()
     );
-    Ok((running, env, Some(stopper)))
+    Ok(ex)
 }

@@ -3,18 +3,11 @@
 //! exactly where LVM2 (the oracle, `lvs --segments`) says each extent is.
 
 mod common;
-use common::serving::{Server, pattern};
+use common::serving::{Server, need_tools, pattern};
 use common::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 fn owner_tags(pid: u32, session: &str, role: &str) -> Vec<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -213,16 +206,7 @@ fn check_block_device(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usi
 
 #[test]
 fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
-    if skip_unless_real("striped and multi-segment volumes") {
-        return;
-    }
-    if !have("nbdcopy") {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "nbdcopy missing on CI"
-        );
-        eprintln!("SKIPPED: nbdcopy is not installed");
+    if need_tools("striped and multi-segment volumes", &["nbdcopy"]) {
         return;
     }
     let mut lab = Lab::new();

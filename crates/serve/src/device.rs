@@ -117,8 +117,3 @@ impl Volume {
         self.devs.iter().any(|d| d.direct())
     }
 }
-
-/// Whether a path names a block device (for messages and discard).
-pub fn is_block(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
-}

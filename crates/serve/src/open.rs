@@ -4,7 +4,6 @@
 use crate::device::{PvDevice, Volume};
 use crate::map::{PvPlace, VolumeMap};
 use devpool_pool::pool::Located;
-use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -46,25 +45,6 @@ pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> 
         uuid: loc.lv.id.raw_str().to_string(),
         map,
         devs,
-        read_only,
-    })
-}
-
-/// A byte range of one file or device as a volume (tests, benchmarks).
-pub fn open_range(
-    path: &Path,
-    offset: u64,
-    size: u64,
-    read_only: bool,
-) -> Result<Volume, OpenError> {
-    Ok(Volume {
-        name: path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        uuid: String::new(),
-        map: VolumeMap::linear(0, offset, size),
-        devs: vec![PvDevice::open(path, !read_only)?],
         read_only,
     })
 }

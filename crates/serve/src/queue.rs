@@ -104,10 +104,6 @@ impl Queue {
         })
     }
 
-    pub fn volume(&self) -> &Arc<Volume> {
-        &self.vol
-    }
-
     /// Requests submitted and not yet reported.
     pub fn in_flight(&self) -> usize {
         self.slots.len() + self.ready.len()
@@ -353,15 +349,6 @@ impl Queue {
         }
         out.extend(self.ready.drain(..).map(Event::Done));
         Ok(())
-    }
-
-    /// Wait for every request in flight (used at shutdown); foreign events
-    /// seen meanwhile are returned.
-    pub fn drain(&mut self, out: &mut Vec<Event>) -> std::io::Result<()> {
-        while !self.slots.is_empty() {
-            self.wait(1, out)?;
-        }
-        self.wait(0, out)
     }
 }
 
