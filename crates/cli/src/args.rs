@@ -195,6 +195,9 @@ devpool serve VOLUME --nbd tcp:127.0.0.1:10809"
         #[arg(long)]
         block_device: bool,
     },
+    /// Boot a kernel in QEMU with leased volumes: run a command, a module test or fstests.
+    #[command(subcommand)]
+    Vm(VmCmd),
     /// Write an fstests local.config for a lease.
     FstestsConfig {
         session: String,
@@ -336,5 +339,161 @@ pub enum LvCmd {
         vg: Option<String>,
         #[arg(long)]
         segments: bool,
+    },
+}
+
+/// Which kernel to boot and how.
+#[derive(Args, Debug, Clone)]
+pub struct VmArgs {
+    /// The kernel image (bzImage). Modules come from --modules, else
+    /// /lib/modules/<its version> when that exists.
+    #[arg(long, conflicts_with = "kernel_deb", required_unless_present = "kernel_deb")]
+    pub kernel: Option<PathBuf>,
+    /// A Debian linux-image-*.deb: its vmlinuz and modules (unpacked once
+    /// under the state directory).
+    #[arg(long)]
+    pub kernel_deb: Option<PathBuf>,
+    /// The kernel's module tree: lib/modules/<version>, or a root that holds one.
+    #[arg(long)]
+    pub modules: Option<PathBuf>,
+    /// Also load these modules at boot (with their dependencies), e.g. xfs,dm_thin_pool.
+    #[arg(long, value_delimiter = ',')]
+    pub load_module: Vec<String>,
+    /// Copy a host file or directory into the guest: SRC:DST (programs bring
+    /// their shared libraries).
+    #[arg(long)]
+    pub add: Vec<String>,
+    /// Guest memory.
+    #[arg(long, default_value = "2G")]
+    pub mem: String,
+    /// Guest vCPUs (vhost-user-blk gets one queue per vCPU).
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u32,
+    /// Kill the VM after this many seconds (boot included).
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Keep the volumes afterwards (never reaped; `cleanup --kept` removes them).
+    #[arg(long)]
+    pub keep: bool,
+    /// KVM when a probe guest boots under it, else TCG (auto); or force one.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelArg,
+    /// How volumes reach the guest: auto (raw offset/size for a contiguous
+    /// volume, vhost-user-blk otherwise), or one way for all.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub attach: AttachArg,
+    /// Extra kernel command line arguments.
+    #[arg(long, default_value = "")]
+    pub append: String,
+    /// Do not stream the guest console.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachArg {
+    Auto,
+    Raw,
+    VhostUserBlk,
+    Nbd,
+}
+
+/// The volumes of a VM run (optional: a run may attach only --disk).
+#[derive(Args, Debug, Clone)]
+pub struct VmVolumes {
+    /// Volumes as ROLE:SIZE,… (the guest sees them as /dev/vda, /dev/vdb, … in this order).
+    #[arg(long, conflicts_with = "profile")]
+    pub volumes: Option<String>,
+    /// A named set of volumes: `fstests` (test, pool1..pool5, logwrites).
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Size of every volume of the profile (default 8G).
+    #[arg(long, requires = "profile")]
+    pub size: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Lease volumes, boot the kernel with them attached, run a command in the guest.
+    #[command(after_help = "The guest runs busybox from an initramfs devpool builds; \
+TEST_DEV, SCRATCH_DEV, SCRATCH_DEV_POOL and DEVPOOL_<ROLE> name the guest's disks. \
+devpool's exit status is the command's (124 on timeout, 125 when the guest died \
+without reporting one). The volumes are released whatever happens, unless --keep.\n\n\
+Example:\n  devpool vm run --kernel-deb linux-image-6.12.95+deb12-amd64-unsigned_6.12.95-1~bpo12+1_amd64.deb \\\n    \
+--volumes test:1G,scratch:1G --add /sbin/mke2fs:/sbin/mkfs.ext4 -- sh -c 'mkfs.ext4 -q $TEST_DEV && echo ok'\n  \
+devpool vm run --kernel arch/x86/boot/bzImage --modules /tmp/mods --volumes test:2G -- cat /proc/version")]
+    Run {
+        #[command(flatten)]
+        vm: VmArgs,
+        #[command(flatten)]
+        volumes: VmVolumes,
+        /// Also attach a whole host file or block device (after the volumes).
+        #[arg(long)]
+        disk: Vec<PathBuf>,
+        /// Set KEY=VALUE in the command's environment.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// The command and its arguments, run by the guest's sh.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Load, check, cycle and exercise a module in a guest; report what the kernel log says.
+    #[command(after_help = "Steps: modinfo, insmod, lsmod + /proc/modules + /sys/module/NAME, \
+N unload/load cycles, an I/O load on a leased volume while loaded, rmmod, and a kernel \
+log scan for BUG, WARNING, Oops, Call Trace, lockdep and KASAN reports. Exit status 0 \
+only when every step passed and the log is clean.\n\n\
+Example:\n  devpool vm module-test --kernel-deb linux-image-….deb --module ./hello.ko --cycles 10 --json")]
+    ModuleTest {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// The module to test (.ko built for this kernel).
+        #[arg(long)]
+        module: PathBuf,
+        /// Unload/load cycles.
+        #[arg(long, default_value_t = 10)]
+        cycles: u32,
+        /// Module parameters for insmod.
+        #[arg(long, default_value = "")]
+        params: String,
+        /// The volume the I/O load runs on.
+        #[arg(long, default_value = "test:256M")]
+        volumes: String,
+    },
+    /// Run fstests in a guest on leased volumes; per-test results, optionally against a baseline.
+    #[command(after_help = "The fstests tree (built: `make` in it) is shared into the guest \
+over 9p at /fstests; results come back to RESULTS (default: a directory under the state \
+dir). local.config is generated from the lease: TEST_DEV plus SCRATCH_DEV (one scratch \
+volume) or SCRATCH_DEV_POOL (pool1..N), never both. Host programs the tests need go in \
+with --add.\n\n\
+Example:\n  devpool vm fstests --kernel-deb linux-image-….deb --fstests ~/xfstests-dev --fstype ext4 -- -g quick\n  \
+devpool vm fstests … --baseline last.json -- generic/001 generic/002")]
+    Fstests {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// The fstests (xfstests-dev) tree.
+        #[arg(long)]
+        fstests: PathBuf,
+        /// File system under test: ext4, xfs or btrfs.
+        #[arg(long, default_value = "ext4")]
+        fstype: String,
+        /// Volumes (default: test and scratch, 4G each).
+        #[arg(long, default_value = "test:4G,scratch:4G")]
+        volumes: String,
+        /// Compare with a saved `--json` report and show only what changed.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Where the guest writes fstests' results directory.
+        #[arg(long)]
+        results: Option<PathBuf>,
+        /// Arguments for fstests' check: `-g quick`, or test names.
+        #[arg(last = true)]
+        check_args: Vec<String>,
     },
 }

@@ -8,9 +8,10 @@ mod args;
 mod output;
 mod pool_cmds;
 mod serve_cmds;
+mod vm_cmds;
 
 use anyhow::{Context, Result, anyhow, bail};
-use args::{Cli, Command, Global, LvCmd, PvArgs, PvCmd, VgCmd};
+use args::{Cli, Command, Global, LvCmd, PvArgs, PvCmd, VgCmd, VmCmd};
 use clap::Parser;
 use devpool_engine::EngineError;
 use devpool_engine::engine::{DeviceSource, Engine, Operation, PvOptions};
@@ -120,6 +121,19 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let code = pool_cmds::run(&g, &want, keep, export, &command)?;
             std::process::exit(code);
+        }
+        Command::Vm(VmCmd::Run {
+            vm,
+            volumes,
+            disk,
+            env,
+            command,
+        }) => {
+            let code = vm_cmds::run(&g, &vm, &volumes, &disk, &env, &command)?;
+            std::process::exit(code);
+        }
+        Command::Vm(VmCmd::ModuleTest { .. }) | Command::Vm(VmCmd::Fstests { .. }) => {
+            bail!("not yet")
         }
         Command::Journal { last } => return output::journal(&g, last),
         Command::Pv(PvCmd::List) => {

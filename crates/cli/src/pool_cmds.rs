@@ -143,7 +143,7 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             for l in &st.leases {
                 print_lease(&l.lease);
                 for d in &l.devices {
-                    println!("      {} -> {}", d.role, d.device.display());
+                    println!("      {} -> {}", d.role, d.device_name());
                 }
             }
             for o in &st.other_volumes {
@@ -212,7 +212,7 @@ fn print_acquired(g: &Global, a: &Acquired) -> Result<()> {
     }
     println!("session {}", a.session);
     for d in &a.devices {
-        println!("{} {} {}", d.role, d.device.display(), d.lv);
+        println!("{} {} {}", d.role, d.device_name(), d.lv);
     }
     Ok(())
 }
@@ -312,7 +312,7 @@ pub fn fstests_config(
     let devs: Vec<(String, String)> = l
         .devices
         .iter()
-        .map(|d| (d.role.clone(), d.device.display().to_string()))
+        .map(|d| (d.role.clone(), d.device_name()))
         .collect();
     let text = spec::fstests_config(&devs, mounts);
     match output {
@@ -360,7 +360,7 @@ pub fn run(
     let devs: Vec<(String, String)> = a
         .devices
         .iter()
-        .map(|d| (d.role.clone(), d.device.display().to_string()))
+        .map(|d| (d.role.clone(), d.device_name()))
         .collect();
     eprintln!(
         "devpool: lease {} in pool '{name}': {}",

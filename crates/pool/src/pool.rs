@@ -51,8 +51,20 @@ pub struct Pools {
 pub struct LeasedDevice {
     pub role: String,
     pub lv: String,
-    pub device: PathBuf,
+    /// The host loop device (absent for leases taken without one, e.g. for a VM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<PathBuf>,
     pub size_bytes: u64,
+}
+
+impl LeasedDevice {
+    /// The loop device's path, or `-` when the lease has none.
+    pub fn device_name(&self) -> String {
+        self.device
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| "-".into())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -454,7 +466,7 @@ impl Pools {
                         .map(|a| LeasedDevice {
                             role: vol.role.clone(),
                             lv: vol.lv.clone(),
-                            device: a.device.clone(),
+                            device: Some(a.device.clone()),
                             size_bytes: a.size,
                         })
                 })
@@ -499,7 +511,20 @@ impl Pools {
         keep: bool,
     ) -> Result<Acquired> {
         self.with_pool(name, |e, rec| {
-            self.acquire_on(e, rec, name, specs, owner, keep)
+            self.acquire_on(e, rec, name, specs, owner, keep, true)
+        })
+    }
+
+    /// Lease volumes without host loop devices (a VM attaches them itself).
+    pub fn acquire_unattached(
+        &self,
+        name: &str,
+        specs: &[VolumeSpec],
+        owner: &Owner,
+        keep: bool,
+    ) -> Result<Acquired> {
+        self.with_pool(name, |e, rec| {
+            self.acquire_on(e, rec, name, specs, owner, keep, false)
         })
     }
 
@@ -511,6 +536,7 @@ impl Pools {
         specs: &[VolumeSpec],
         owner: &Owner,
         keep: bool,
+        loops: bool,
     ) -> Result<Acquired> {
         let session = lease::new_session_id(unix_now(), random_u32());
         let names = lease_names(specs, &self.prefix, &session);
@@ -552,8 +578,13 @@ impl Pools {
                     .lv(lv)
                     .map(|l| l.id.raw_str().to_string())
                     .unwrap_or_default();
-                let dev = loopdev::attach(&path, offset, size, &uuid)?;
-                loopdev::chown_to_sudo_user(&dev);
+                let dev = if loops {
+                    let dev = loopdev::attach(&path, offset, size, &uuid)?;
+                    loopdev::chown_to_sudo_user(&dev);
+                    Some(dev)
+                } else {
+                    None
+                };
                 devices.push(LeasedDevice {
                     role: role.clone(),
                     lv: lv.clone(),

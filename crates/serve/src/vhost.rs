@@ -412,6 +412,18 @@ impl VhostUserBackend for BlkBackend {
         // One worker thread per queue.
         (0..self.queues).map(|i| 1u64 << i).collect()
     }
+    /// Without an exit event a worker never leaves its epoll loop, and
+    /// dropping the daemon (joining the workers) would hang once QEMU is gone.
+    fn exit_event(
+        &self,
+        _thread_index: usize,
+    ) -> Option<(
+        vmm_sys_util::event::EventConsumer,
+        vmm_sys_util::event::EventNotifier,
+    )> {
+        vmm_sys_util::event::new_event_consumer_and_notifier(vmm_sys_util::event::EventFlag::NONBLOCK)
+            .ok()
+    }
     fn handle_event(
         &self,
         device_event: u16,

@@ -70,7 +70,10 @@ impl Kernel {
         })
     }
 
-    /// A kernel image with an optional module tree (`lib/modules/<version>`).
+    /// A kernel image with an optional module tree: `DIR` may be the
+    /// `lib/modules/<version>` directory itself or a root holding one (as
+    /// `make modules_install INSTALL_MOD_PATH=DIR` leaves it). Without one,
+    /// `/lib/modules/<version>` is used when the image's version is there.
     pub fn from_parts(image: &Path, modules: Option<&Path>) -> Result<Kernel> {
         if !image.is_file() {
             return Err(VmError::Invalid(format!(
@@ -78,13 +81,27 @@ impl Kernel {
                 image.display()
             )));
         }
-        let version = modules
-            .and_then(|m| m.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let version = bzimage_version(image)?;
+        let tree = match modules {
+            Some(dir) if dir.join("modules.dep").exists() => Some(dir.to_path_buf()),
+            Some(dir) => {
+                let under = dir.join("lib/modules").join(&version);
+                if !under.join("modules.dep").exists() {
+                    return Err(VmError::Invalid(format!(
+                        "--modules {}: neither a module tree (no modules.dep) nor a root with lib/modules/{version}",
+                        dir.display()
+                    )));
+                }
+                Some(under)
+            }
+            None => {
+                let sys = Path::new("/lib/modules").join(&version);
+                sys.join("modules.dep").exists().then_some(sys)
+            }
+        };
         Ok(Kernel {
             image: image.to_path_buf(),
-            modules: modules.map(Path::to_path_buf),
+            modules: tree,
             version,
         })
     }
@@ -116,6 +133,42 @@ impl Kernel {
         }
         Ok(out.into_iter().map(|p| dir.join(p)).collect())
     }
+}
+
+/// The release string of an x86 bzImage (`6.12.95+deb12-amd64`), from the
+/// setup header's `kernel_version` pointer.
+pub fn bzimage_version(image: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut head = vec![0u8; 0x8000];
+    let mut f =
+        std::fs::File::open(image).map_err(io_err(format!("open {}", image.display())))?;
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => return Err(io_err(format!("read {}", image.display()))(e)),
+        }
+    }
+    head.truncate(n);
+    parse_bzimage_version(&head).ok_or_else(|| {
+        VmError::Invalid(format!(
+            "{}: not an x86 bzImage (no setup header with a version string)",
+            image.display()
+        ))
+    })
+}
+
+fn parse_bzimage_version(head: &[u8]) -> Option<String> {
+    if head.get(0x202..0x206)? != b"HdrS" {
+        return None;
+    }
+    let ptr = u16::from_le_bytes([*head.get(0x20e)?, *head.get(0x20f)?]) as usize;
+    let at = ptr.checked_add(0x200)?;
+    let text = head.get(at..)?;
+    let end = text.iter().position(|&b| b == 0 || b == b' ')?;
+    let v = std::str::from_utf8(&text[..end]).ok()?;
+    (!v.is_empty()).then(|| v.to_string())
 }
 
 fn only_version(modules: &Path) -> Result<String> {
@@ -184,6 +237,20 @@ impl ModulesDep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bzimage_versions_come_from_the_setup_header() {
+        let mut h = vec![0u8; 0x1000];
+        h[0x202..0x206].copy_from_slice(b"HdrS");
+        h[0x20e..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+        let v = b"6.12.95+deb12-amd64 (debian-kernel@lists.debian.org) #1\0";
+        h[0x500..0x500 + v.len()].copy_from_slice(v);
+        assert_eq!(parse_bzimage_version(&h).as_deref(), Some("6.12.95+deb12-amd64"));
+        assert_eq!(parse_bzimage_version(&h[..0x300]), None);
+        h[0x202] = b'X';
+        assert_eq!(parse_bzimage_version(&h), None);
+        assert_eq!(parse_bzimage_version(&[]), None);
+    }
 
     #[test]
     fn dependencies_come_before_the_modules_that_need_them() {

@@ -7,12 +7,20 @@
 //!   resolved through `modules.dep`
 //! - [`initramfs`]: a newc cpio archive built in memory: busybox, modules
 //!   (decompressed), host binaries with their shared libraries, an init script
-//! - [`qemu`]: the QEMU command line (KVM when it can boot a guest, else TCG)
-//!   with each volume attached as a virtio disk, raw, over NBD or vhost-user-blk
+//! - [`guest`]: the guest's `/init`: modules, disks, 9p shares, environment,
+//!   the command, and its exit status reported on the console
+//! - [`qemu`]: the QEMU command line with each volume attached as a virtio
+//!   disk, raw, over NBD or vhost-user-blk, and 9p shares
+//! - [`probe`]: whether KVM can actually boot a guest here (else TCG)
+//! - [`runner`]: QEMU run to completion: console streamed, markers found,
+//!   time limit and cancellation
 
+pub mod guest;
 pub mod initramfs;
 pub mod kernel;
+pub mod probe;
 pub mod qemu;
+pub mod runner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {

@@ -35,10 +35,16 @@ pub struct Machine {
     pub cpus: u32,
     pub accel: Accel,
     pub disks: Vec<Disk>,
+    /// Host directories shared over 9p.
+    pub shares: Vec<crate::guest::Share>,
 }
 
 /// First PCI slot used for disks (1 and 2 hold the host bridge and ISA).
 const FIRST_SLOT: usize = 4;
+/// 9p shares sit after the last slot disks may use.
+const FIRST_SHARE_SLOT: usize = 0x1a;
+/// Disks that fit between the two.
+pub const MAX_DISKS: usize = FIRST_SHARE_SLOT - FIRST_SLOT;
 
 impl Machine {
     pub fn command(&self) -> Command {
@@ -93,8 +99,11 @@ impl Machine {
                         } else {
                             "file"
                         };
+                    // devpool's lease makes the range exclusive; QEMU's
+                    // image locks would stop two VMs sharing one pool image.
+                    let direct = if takes_direct_io(path) { "on" } else { "off" };
                     c.arg("-blockdev").arg(format!(
-                        "driver=raw,node-name=d{i},offset={offset},size={size},file.driver={driver},file.filename={},file.aio=io_uring,cache.direct=on",
+                        "driver=raw,node-name=d{i},offset={offset},size={size},file.driver={driver},file.filename={},file.aio=io_uring,file.locking=off,cache.direct={direct}",
                         path.display()
                     ));
                     c.arg("-device")
@@ -117,8 +126,30 @@ impl Machine {
                 }
             }
         }
+        for (i, sh) in self.shares.iter().enumerate() {
+            let ro = if sh.read_only { ",readonly=on" } else { "" };
+            c.arg("-fsdev").arg(format!(
+                "local,id=fs{i},path={},security_model=none{ro}",
+                sh.host.display()
+            ));
+            c.arg("-device").arg(format!(
+                "virtio-9p-pci,fsdev=fs{i},mount_tag={},addr=0x{:x}",
+                sh.tag,
+                FIRST_SHARE_SLOT + i
+            ));
+        }
         c
     }
+}
+
+/// Whether `path` opens with O_DIRECT (tmpfs and some FUSE files do not).
+fn takes_direct_io(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -143,6 +174,12 @@ mod tests {
                     queues: 2,
                 },
             ],
+            shares: vec![crate::guest::Share {
+                tag: "t".into(),
+                host: "/h".into(),
+                guest: "/g".into(),
+                read_only: true,
+            }],
         };
         let args: Vec<String> = m
             .command()
@@ -155,5 +192,7 @@ mod tests {
         assert!(joined.contains("vhost-user-blk-pci,chardev=c1,num-queues=2,addr=0x5"));
         assert!(joined.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(joined.contains("accel=tcg"));
+        assert!(joined.contains("local,id=fs0,path=/h,security_model=none,readonly=on"));
+        assert!(joined.contains("virtio-9p-pci,fsdev=fs0,mount_tag=t,addr=0x1a"));
     }
 }

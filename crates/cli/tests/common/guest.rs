@@ -159,6 +159,7 @@ pub fn boot(kernel: &Kernel, initrd: &Path, disks: Vec<Disk>, limit: Duration) -
         cpus: 2,
         accel: Accel::Tcg,
         disks,
+        shares: Vec::new(),
     };
     let mut child = m
         .command()

@@ -1,0 +1,224 @@
+//! Run a VM to completion: start QEMU (it dies with devpool: parent-death
+//! signal), stream its console line by line, find the guest's ready and exit
+//! markers, and kill it when the time limit passes or the caller cancels.
+
+use crate::guest::{EXIT_MARKER, READY_MARKER};
+use crate::qemu::Machine;
+use crate::{Result, io_err};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// The command ran and its exit status is known.
+    Exited,
+    /// The time limit passed; QEMU was killed.
+    TimedOut,
+    /// The caller cancelled (e.g. Ctrl-C); QEMU was killed.
+    Cancelled,
+    /// QEMU exited without the guest reporting an exit status (kernel panic,
+    /// init died, QEMU error).
+    Died,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub ending: Ending,
+    /// The command's exit status (when `ending` is `Exited`).
+    pub exit: Option<i32>,
+    /// Console output, `\r` removed.
+    pub console: String,
+    /// QEMU's own error output.
+    pub qemu_stderr: String,
+    /// QEMU start to the guest's ready marker.
+    pub boot: Option<Duration>,
+    /// Ready marker to exit marker.
+    pub command: Option<Duration>,
+    /// QEMU start to QEMU gone.
+    pub total: Duration,
+}
+
+impl Outcome {
+    /// The console between the ready and exit markers: the command's output
+    /// (with any kernel messages printed meanwhile).
+    pub fn command_output(&self) -> &str {
+        let start = self
+            .console
+            .find(READY_MARKER)
+            .map(|i| i + READY_MARKER.len())
+            .unwrap_or(0);
+        let end = self.console[start..]
+            .find(EXIT_MARKER)
+            .map(|i| start + i)
+            .unwrap_or(self.console.len());
+        self.console[start..end].trim_matches('\n')
+    }
+}
+
+/// The exit status in an exit-marker line.
+pub fn parse_exit(line: &str) -> Option<i32> {
+    let rest = &line[line.find(EXIT_MARKER)? + EXIT_MARKER.len()..];
+    rest.split("@@").next()?.trim().parse().ok()
+}
+
+fn pdeathsig() -> std::io::Result<()> {
+    // SAFETY: prctl with constant arguments in the child before exec.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+enum Msg {
+    Line(String),
+    Eof,
+}
+
+/// Boot `machine`, calling `on_line` for every console line (markers
+/// included), until QEMU exits, `limit` passes or `cancelled()` is true.
+pub fn run(
+    machine: &Machine,
+    limit: Duration,
+    cancelled: &dyn Fn() -> bool,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<Outcome> {
+    let mut cmd = machine.command();
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: pdeathsig only calls prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(pdeathsig);
+    }
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(io_err("start qemu-system-x86_64 (apt-get install qemu-system-x86)"))?;
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take();
+    let reader = std::thread::spawn(move || {
+        if let Some(out) = stdout {
+            let mut r = BufReader::new(out);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf)
+                            .trim_end_matches(['\n', '\r'])
+                            .replace('\r', "");
+                        if tx.send(Msg::Line(line)).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Msg::Eof);
+    });
+    let stderr = child.stderr.take();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut e) = stderr {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let mut console = String::new();
+    let mut boot = None;
+    let mut ready_at = None;
+    let mut command = None;
+    let mut exit = None;
+    let mut ending = None;
+    let mut eof = false;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Msg::Line(line)) => {
+                if line.contains(READY_MARKER) && ready_at.is_none() {
+                    let now = Instant::now();
+                    boot = Some(now - start);
+                    ready_at = Some(now);
+                }
+                if let Some(code) = parse_exit(&line).filter(|_| exit.is_none()) {
+                    exit = Some(code);
+                    command = ready_at.map(|r| r.elapsed());
+                }
+                on_line(&line);
+                console.push_str(&line);
+                console.push('\n');
+            }
+            Ok(Msg::Eof) => eof = true,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => eof = true,
+        }
+        if eof {
+            break;
+        }
+        if start.elapsed() > limit {
+            ending = Some(Ending::TimedOut);
+        } else if cancelled() {
+            ending = Some(Ending::Cancelled);
+        }
+        if ending.is_some() {
+            let _ = child.kill();
+            break;
+        }
+    }
+    let _ = child.wait();
+    let total = start.elapsed();
+    // Lines still buffered after a kill are part of the record.
+    while let Ok(Msg::Line(line)) = rx.recv_timeout(Duration::from_millis(200)) {
+        on_line(&line);
+        console.push_str(&line);
+        console.push('\n');
+    }
+    let _ = reader.join();
+    let qemu_stderr = err_reader.join().unwrap_or_default();
+    let ending = ending.unwrap_or(if exit.is_some() {
+        Ending::Exited
+    } else {
+        Ending::Died
+    });
+    Ok(Outcome {
+        ending,
+        exit: if ending == Ending::Exited { exit } else { None },
+        console,
+        qemu_stderr,
+        boot,
+        command,
+        total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_markers_parse_even_after_kernel_noise() {
+        assert_eq!(parse_exit("@@devpool:exit=0@@"), Some(0));
+        assert_eq!(parse_exit("[ 1.2] foo @@devpool:exit=42@@"), Some(42));
+        assert_eq!(parse_exit("@@devpool:exit=@@"), None);
+        assert_eq!(parse_exit("nothing"), None);
+    }
+
+    #[test]
+    fn command_output_is_what_lies_between_the_markers() {
+        let o = Outcome {
+            ending: Ending::Exited,
+            exit: Some(0),
+            console: "boot\n@@devpool:ready@@\nhello\nworld\n\n@@devpool:exit=0@@\nbye\n".into(),
+            qemu_stderr: String::new(),
+            boot: None,
+            command: None,
+            total: Duration::ZERO,
+        };
+        assert_eq!(o.command_output(), "hello\nworld");
+    }
+}
