@@ -48,6 +48,16 @@ pub struct Attachment {
     pub attach: &'static str,
     /// Where the bytes are, or why this path was taken.
     pub detail: String,
+    /// The volume's one range on its PV, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extent: Option<Extent>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Extent {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -265,6 +275,11 @@ fn attach(
                 .map(|(_, p)| p.clone())
         });
         let guest_device = disk_name(i);
+        let extent = contiguous.as_ref().ok().map(|(path, offset, size)| Extent {
+            path: path.clone(),
+            offset: *offset,
+            size: *size,
+        });
         let (how, detail) = match (mode, contiguous) {
             (AttachArg::Auto | AttachArg::Raw, Ok((path, offset, size))) => {
                 disks.push(Disk::Raw {
@@ -315,6 +330,7 @@ fn attach(
             lv: Some(d.lv.clone()),
             attach: how,
             detail,
+            extent,
         });
     }
     Ok((disks, out))
@@ -401,6 +417,7 @@ pub fn boot(
             lv: None,
             attach: "raw",
             detail: format!("{} ({size} bytes)", d.display()),
+            extent: None,
         });
     }
     for a in &attachments {

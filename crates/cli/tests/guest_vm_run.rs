@@ -1,0 +1,182 @@
+//! `devpool vm run` boots Debian's 6.12 kernel under TCG with leased volumes
+//! attached: the guest sees them as /dev/vda, /dev/vdb in role order with
+//! TEST_DEV/SCRATCH_DEV set, what it writes lands at the volume's range of the
+//! pool image (raw offset/size and vhost-user-blk alike), devpool returns the
+//! command's exit status, a timeout kills the VM, and the lease is released
+//! every time.
+
+mod common;
+use common::Lab;
+use common::guest::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn pool(lab: &Lab, name: &str) -> PathBuf {
+    let img = lab.path(&format!("{name}.img"));
+    let p = img.display().to_string();
+    lab.dp(
+        &[&img],
+        &[
+            "pool", "setup", &p, "--name", name, "--image-size", "512M", "--yes",
+        ],
+    );
+    img
+}
+
+/// Run `devpool vm run` and return (exit code, JSON report, stderr).
+fn vm_run(lab: &Lab, img: &Path, pool: &str, args: &[&str]) -> (i32, Value, String) {
+    let mut a = vec!["--pool", pool, "--json", "vm", "run", "--mem", "512M"];
+    a.extend_from_slice(args);
+    let out = lab.devpool(&[img], &a);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{stdout}\n{stderr}"));
+    (out.status.code().unwrap_or(-1), report, stderr)
+}
+
+fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact(&mut b).unwrap();
+    b
+}
+
+/// The guest writes "<tag> <device>" into sector 8 of TEST_DEV and SCRATCH_DEV.
+const WRITE_BOTH: &str = "echo \"guest sees TEST_DEV=$TEST_DEV SCRATCH_DEV=$SCRATCH_DEV\"; \
+for d in $TEST_DEV $SCRATCH_DEV; do printf 'devpool-vm %s' $d | dd of=$d bs=512 seek=8 conv=sync 2>/dev/null; done; \
+echo sizes $(cat /sys/block/vda/size) $(cat /sys/block/vdb/size); exit 7";
+
+fn assert_written(report: &Value, img: &Path) {
+    for (i, dev) in ["/dev/vda", "/dev/vdb"].iter().enumerate() {
+        let d = &report["disks"][i];
+        assert_eq!(d["guest_device"], *dev);
+        assert_eq!(d["extent"]["path"], img.display().to_string());
+        let off = d["extent"]["offset"].as_u64().unwrap();
+        let want = format!("devpool-vm {dev}");
+        let got = read_at(img, off + 8 * 512, want.len());
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            want,
+            "{dev} data not at its volume's offset {off}"
+        );
+        // Nothing before the sector the guest wrote (the lease zeroed 4 KiB).
+        assert!(read_at(img, off, 4096).iter().all(|&b| b == 0));
+    }
+}
+
+fn no_leases(lab: &Lab, img: &Path, pool: &str) {
+    let l = lab.dp_json(&[img], &["--pool", pool, "lease", "list"]);
+    assert_eq!(l.as_array().map(Vec::len), Some(0), "leases left: {l}");
+}
+
+#[test]
+fn guest_vm_run_attaches_raw_ranges_and_returns_the_exit_status() {
+    let t = "guest_vm_run_attaches_raw_ranges_and_returns_the_exit_status";
+    let Some(kernel) = guest_or_skip(t) else {
+        return;
+    };
+    let lab = Lab::new();
+    let img = pool(&lab, "vmraw");
+    // The .deb path: unpacked into the state directory by devpool itself.
+    let deb = std::fs::read_dir(cache_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            n.starts_with(&format!("linux-image-{}", kernel.version)) && n.ends_with(".deb")
+        })
+        .expect("the cached kernel package");
+    let deb = deb.display().to_string();
+    let (code, report, stderr) = vm_run(
+        &lab,
+        &img,
+        "vmraw",
+        &[
+            "--kernel-deb",
+            &deb,
+            "--volumes",
+            "test:16M,scratch:8M",
+            "--",
+            "sh",
+            "-c",
+            WRITE_BOTH,
+        ],
+    );
+    assert_eq!(code, 7, "{report}\n{stderr}");
+    assert_eq!(report["ending"], "exited");
+    assert_eq!(report["exit_code"], 7);
+    assert_eq!(report["accel"], "tcg");
+    assert_eq!(report["released"], true);
+    for d in report["disks"].as_array().unwrap() {
+        assert_eq!(d["attach"], "raw", "{d}");
+    }
+    // The console streams to stderr under --json.
+    assert!(
+        stderr.contains("guest sees TEST_DEV=/dev/vda SCRATCH_DEV=/dev/vdb"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("sizes 32768 16384"), "{stderr}");
+    assert!(report["timings"]["boot_ms"].as_u64().unwrap() > 0);
+    assert_written(&report, &img);
+    no_leases(&lab, &img, "vmraw");
+}
+
+#[test]
+fn guest_vm_run_serves_vhost_user_blk_and_kills_a_vm_that_overruns() {
+    let t = "guest_vm_run_serves_vhost_user_blk_and_kills_a_vm_that_overruns";
+    let Some(kernel) = guest_or_skip(t) else {
+        return;
+    };
+    let lab = Lab::new();
+    let img = pool(&lab, "vmvhost");
+    let image = kernel.image.display().to_string();
+    let modules = kernel.modules.as_ref().unwrap().display().to_string();
+    let base = ["--kernel", &image, "--modules", &modules];
+    let mut args = base.to_vec();
+    args.extend([
+        "--attach",
+        "vhost-user-blk",
+        "--volumes",
+        "test:16M,scratch:8M",
+        "--",
+        "sh",
+        "-c",
+        WRITE_BOTH,
+    ]);
+    let (code, report, stderr) = vm_run(&lab, &img, "vmvhost", &args);
+    assert_eq!(code, 7, "{report}\n{stderr}");
+    for d in report["disks"].as_array().unwrap() {
+        assert_eq!(d["attach"], "vhost-user-blk", "{d}");
+    }
+    assert_written(&report, &img);
+    no_leases(&lab, &img, "vmvhost");
+
+    // A command that outlives --timeout: the VM is killed, 124, released.
+    let mut args = base.to_vec();
+    args.extend([
+        "--timeout",
+        "25",
+        "--volumes",
+        "test:8M",
+        "--",
+        "sh",
+        "-c",
+        "echo about-to-hang; sleep 600",
+    ]);
+    let (code, report, stderr) = vm_run(&lab, &img, "vmvhost", &args);
+    assert_eq!(code, 124, "{report}\n{stderr}");
+    assert_eq!(report["ending"], "timed_out");
+    assert_eq!(report["released"], true);
+    assert!(stderr.contains("about-to-hang"), "{stderr}");
+    assert!(stderr.contains("TIMED OUT"), "{stderr}");
+    no_leases(&lab, &img, "vmvhost");
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &format!("initrd {}", lab.state_dir().display())])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "a QEMU is still running");
+}
