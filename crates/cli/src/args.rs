@@ -347,7 +347,11 @@ pub enum LvCmd {
 pub struct VmArgs {
     /// The kernel image (bzImage). Modules come from --modules, else
     /// /lib/modules/<its version> when that exists.
-    #[arg(long, conflicts_with = "kernel_deb", required_unless_present = "kernel_deb")]
+    #[arg(
+        long,
+        conflicts_with = "kernel_deb",
+        required_unless_present = "kernel_deb"
+    )]
     pub kernel: Option<PathBuf>,
     /// A Debian linux-image-*.deb: its vmlinuz and modules (unpacked once
     /// under the state directory).
@@ -422,13 +426,15 @@ pub struct VmVolumes {
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Lease volumes, boot the kernel with them attached, run a command in the guest.
-    #[command(after_help = "The guest runs busybox from an initramfs devpool builds; \
+    #[command(
+        after_help = "The guest runs busybox from an initramfs devpool builds; \
 TEST_DEV, SCRATCH_DEV, SCRATCH_DEV_POOL and DEVPOOL_<ROLE> name the guest's disks. \
 devpool's exit status is the command's (124 on timeout, 125 when the guest died \
 without reporting one). The volumes are released whatever happens, unless --keep.\n\n\
 Example:\n  devpool vm run --kernel-deb linux-image-6.12.95+deb12-amd64-unsigned_6.12.95-1~bpo12+1_amd64.deb \\\n    \
 --volumes test:1G,scratch:1G --add /sbin/mke2fs:/sbin/mkfs.ext4 -- sh -c 'mkfs.ext4 -q $TEST_DEV && echo ok'\n  \
-devpool vm run --kernel arch/x86/boot/bzImage --modules /tmp/mods --volumes test:2G -- cat /proc/version")]
+devpool vm run --kernel arch/x86/boot/bzImage --modules /tmp/mods --volumes test:2G -- cat /proc/version"
+    )]
     Run {
         #[command(flatten)]
         vm: VmArgs,
@@ -445,11 +451,13 @@ devpool vm run --kernel arch/x86/boot/bzImage --modules /tmp/mods --volumes test
         command: Vec<String>,
     },
     /// Load, check, cycle and exercise a module in a guest; report what the kernel log says.
-    #[command(after_help = "Steps: modinfo, insmod, lsmod + /proc/modules + /sys/module/NAME, \
+    #[command(
+        after_help = "Steps: modinfo, insmod, lsmod + /proc/modules + /sys/module/NAME, \
 N unload/load cycles, an I/O load on a leased volume while loaded, rmmod, and a kernel \
 log scan for BUG, WARNING, Oops, Call Trace, lockdep and KASAN reports. Exit status 0 \
 only when every step passed and the log is clean.\n\n\
-Example:\n  devpool vm module-test --kernel-deb linux-image-….deb --module ./hello.ko --cycles 10 --json")]
+Example:\n  devpool vm module-test --kernel-deb linux-image-….deb --module ./hello.ko --cycles 10 --json"
+    )]
     ModuleTest {
         #[command(flatten)]
         vm: VmArgs,
@@ -467,13 +475,15 @@ Example:\n  devpool vm module-test --kernel-deb linux-image-….deb --module ./h
         volumes: String,
     },
     /// Run fstests in a guest on leased volumes; per-test results, optionally against a baseline.
-    #[command(after_help = "The fstests tree (built: `make` in it) is shared into the guest \
+    #[command(
+        after_help = "The fstests tree (built: `make` in it) is shared into the guest \
 over 9p at /fstests; results come back to RESULTS (default: a directory under the state \
 dir). local.config is generated from the lease: TEST_DEV plus SCRATCH_DEV (one scratch \
 volume) or SCRATCH_DEV_POOL (pool1..N), never both. Host programs the tests need go in \
 with --add.\n\n\
 Example:\n  devpool vm fstests --kernel-deb linux-image-….deb --fstests ~/xfstests-dev --fstype ext4 -- -g quick\n  \
-devpool vm fstests … --baseline last.json -- generic/001 generic/002")]
+devpool vm fstests … --baseline last.json -- generic/001 generic/002"
+    )]
     Fstests {
         #[command(flatten)]
         vm: VmArgs,

@@ -115,7 +115,10 @@ impl RunReport {
                 secs(Some(self.timings.total_ms))
             ),
             Ending::Cancelled => "cancelled: the VM was killed".into(),
-            Ending::Died => "the guest stopped without reporting an exit status (kernel panic, or init failed)".into(),
+            Ending::Died => {
+                "the guest stopped without reporting an exit status (kernel panic, or init failed)"
+                    .into()
+            }
         };
         let lease = match (&self.session, self.kept, self.released) {
             (None, _, _) => String::new(),
@@ -251,16 +254,14 @@ impl Leased {
 impl Drop for Leased {
     fn drop(&mut self) {
         if let Err(e) = self.finish() {
-            eprintln!("devpool: releasing the VM's volumes failed: {e}; 'devpool cleanup' reaps them");
+            eprintln!(
+                "devpool: releasing the VM's volumes failed: {e}; 'devpool cleanup' reaps them"
+            );
         }
     }
 }
 
-fn attach(
-    l: &mut Leased,
-    mode: AttachArg,
-    queues: u32,
-) -> Result<(Vec<Disk>, Vec<Attachment>)> {
+fn attach(l: &mut Leased, mode: AttachArg, queues: u32) -> Result<(Vec<Disk>, Vec<Attachment>)> {
     let mut disks = Vec::new();
     let mut out = Vec::new();
     let Some(a) = l.lease.clone() else {

@@ -17,7 +17,14 @@ fn pool(lab: &Lab, name: &str) -> PathBuf {
     lab.dp(
         &[&img],
         &[
-            "pool", "setup", &p, "--name", name, "--image-size", "512M", "--yes",
+            "pool",
+            "setup",
+            &p,
+            "--name",
+            name,
+            "--image-size",
+            "512M",
+            "--yes",
         ],
     );
     img
@@ -86,7 +93,11 @@ fn guest_vm_run_attaches_raw_ranges_and_returns_the_exit_status() {
         .flatten()
         .map(|e| e.path())
         .find(|p| {
-            let n = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let n = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             n.starts_with(&format!("linux-image-{}", kernel.version)) && n.ends_with(".deb")
         })
         .expect("the cached kernel package");

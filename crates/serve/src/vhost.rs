@@ -421,8 +421,10 @@ impl VhostUserBackend for BlkBackend {
         vmm_sys_util::event::EventConsumer,
         vmm_sys_util::event::EventNotifier,
     )> {
-        vmm_sys_util::event::new_event_consumer_and_notifier(vmm_sys_util::event::EventFlag::NONBLOCK)
-            .ok()
+        vmm_sys_util::event::new_event_consumer_and_notifier(
+            vmm_sys_util::event::EventFlag::NONBLOCK,
+        )
+        .ok()
     }
     fn handle_event(
         &self,

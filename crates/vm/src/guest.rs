@@ -220,7 +220,11 @@ fn add_path(i: &mut Initramfs, src: &Path, dst: &str) -> Result<()> {
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let name = e.file_name().to_string_lossy().into_owned();
-            add_path(i, &e.path(), &format!("{}/{name}", dst.trim_end_matches('/')))?;
+            add_path(
+                i,
+                &e.path(),
+                &format!("{}/{name}", dst.trim_end_matches('/')),
+            )?;
         }
         return Ok(());
     }
@@ -239,7 +243,15 @@ mod tests {
 
     #[test]
     fn quoting_survives_the_shell() {
-        for s in ["plain", "two words", "it's", "$HOME", "a\"b", "", "x;rm -rf /"] {
+        for s in [
+            "plain",
+            "two words",
+            "it's",
+            "$HOME",
+            "a\"b",
+            "",
+            "x;rm -rf /",
+        ] {
             let out = std::process::Command::new("sh")
                 .args(["-c", &format!("printf %s {}", sh_quote(s))])
                 .output()

@@ -140,8 +140,7 @@ impl Kernel {
 pub fn bzimage_version(image: &Path) -> Result<String> {
     use std::io::Read;
     let mut head = vec![0u8; 0x8000];
-    let mut f =
-        std::fs::File::open(image).map_err(io_err(format!("open {}", image.display())))?;
+    let mut f = std::fs::File::open(image).map_err(io_err(format!("open {}", image.display())))?;
     let mut n = 0;
     while n < head.len() {
         match f.read(&mut head[n..]) {
@@ -245,7 +244,10 @@ mod tests {
         h[0x20e..0x210].copy_from_slice(&0x300u16.to_le_bytes());
         let v = b"6.12.95+deb12-amd64 (debian-kernel@lists.debian.org) #1\0";
         h[0x500..0x500 + v.len()].copy_from_slice(v);
-        assert_eq!(parse_bzimage_version(&h).as_deref(), Some("6.12.95+deb12-amd64"));
+        assert_eq!(
+            parse_bzimage_version(&h).as_deref(),
+            Some("6.12.95+deb12-amd64")
+        );
         assert_eq!(parse_bzimage_version(&h[..0x300]), None);
         h[0x202] = b'X';
         assert_eq!(parse_bzimage_version(&h), None);

@@ -109,7 +109,10 @@ fn boot_probe(image: &Path, busybox: &Path, work: &Path) -> Result<(bool, String
                 .rev()
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("QEMU exited without output");
-            format!("QEMU could not boot a probe guest under KVM: {}", last.trim())
+            format!(
+                "QEMU could not boot a probe guest under KVM: {}",
+                last.trim()
+            )
         }
     };
     Ok((false, why))

@@ -96,9 +96,9 @@ pub fn run(
         cmd.pre_exec(pdeathsig);
     }
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(io_err("start qemu-system-x86_64 (apt-get install qemu-system-x86)"))?;
+    let mut child = cmd.spawn().map_err(io_err(
+        "start qemu-system-x86_64 (apt-get install qemu-system-x86)",
+    ))?;
     let (tx, rx) = mpsc::channel();
     let stdout = child.stdout.take();
     let reader = std::thread::spawn(move || {
