@@ -132,9 +132,17 @@ fn run(cli: Cli) -> Result<()> {
             let code = vm_cmds::run(&g, &vm, &volumes, &disk, &env, &command)?;
             std::process::exit(code);
         }
-        Command::Vm(VmCmd::ModuleTest { .. }) | Command::Vm(VmCmd::Fstests { .. }) => {
-            bail!("not yet")
+        Command::Vm(VmCmd::ModuleTest {
+            vm,
+            module,
+            cycles,
+            params,
+            volumes,
+        }) => {
+            let code = vm_cmds::module_test(&g, &vm, &module, cycles, &params, &volumes)?;
+            std::process::exit(code);
         }
+        Command::Vm(VmCmd::Fstests { .. }) => bail!("not yet"),
         Command::Journal { last } => return output::journal(&g, last),
         Command::Pv(PvCmd::List) => {
             let scan = eng.scan();

@@ -209,10 +209,6 @@ fn volume_specs(v: &VmVolumes) -> Result<Vec<VolumeSpec>> {
     })
 }
 
-pub fn specs_of(volumes: &str) -> Result<Vec<VolumeSpec>> {
-    Ok(spec::parse_volumes(volumes)?)
-}
-
 /// A lease and the servers of one VM run; dropping it stops the servers
 /// and releases the lease (unless kept), whatever happened before.
 struct Leased {
@@ -586,10 +582,7 @@ pub fn print_report(g: &Global, r: &RunReport) -> Result<()> {
     if g.json {
         println!("{}", serde_json::to_string_pretty(r)?);
     }
-    if !r.qemu_error.is_empty() {
-        eprintln!("devpool: QEMU said: {}", r.qemu_error);
-    }
-    eprintln!("devpool: {}", r.summary());
+    print_report_summary(r);
     Ok(())
 }
 
@@ -611,4 +604,137 @@ pub fn run(
     let (report, _) = boot(g, vm, &specs, extras, command, true)?;
     print_report(g, &report)?;
     Ok(report.status())
+}
+
+fn kmod_binary() -> Option<PathBuf> {
+    ["/usr/bin/kmod", "/bin/kmod", "/sbin/kmod"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+#[derive(Serialize)]
+struct ModuleTestOutput<'a> {
+    #[serde(flatten)]
+    report: &'a devpool_vm::module_test::ModuleReport,
+    run: &'a RunReport,
+}
+
+/// `devpool vm module-test`.
+pub fn module_test(
+    g: &Global,
+    vm: &VmArgs,
+    module: &Path,
+    cycles: u32,
+    params: &str,
+    volumes: &str,
+) -> Result<i32> {
+    use devpool_vm::module_test::{self, ModuleTest, Status};
+    let file = module.display().to_string();
+    if !module.is_file() {
+        bail!("--module {file}: no such file");
+    }
+    if !file.ends_with(".ko") {
+        bail!("--module {file}: expected a .ko file (decompress .ko.xz/.ko.zst first)");
+    }
+    if params.contains(['\n', ';', '&', '|', '`', '$']) {
+        bail!("--params '{params}': only NAME=VALUE pairs separated by spaces");
+    }
+    let name = module_test::module_name_of(&file);
+    let specs = if volumes.is_empty() {
+        Vec::new()
+    } else {
+        spec::parse_volumes(volumes)?
+    };
+    let guest_path = format!("/lib/modules/devpool-test/{name}.ko");
+    let test = ModuleTest {
+        path: guest_path.clone(),
+        name: name.clone(),
+        params: params.to_string(),
+        cycles,
+        io_device: (!specs.is_empty()).then(|| disk_name(0)),
+    };
+    let mut files = vec![AddFile {
+        src: module.to_path_buf(),
+        dst: guest_path,
+    }];
+    // busybox's modinfo looks modules up by name; kmod's reads a file.
+    match kmod_binary() {
+        Some(k) => files.push(AddFile {
+            src: k,
+            dst: "/sbin/modinfo".into(),
+        }),
+        None => eprintln!("devpool: kmod is not installed; the guest uses busybox's modinfo"),
+    }
+    let extras = Extras {
+        files,
+        contents: vec![(
+            "devpool/module-test.sh".into(),
+            test.script().into_bytes(),
+            0o755,
+        )],
+        ..Extras::default()
+    };
+    let command = ["sh".to_string(), "/devpool/module-test.sh".into()];
+    let (run, outcome) = boot(g, vm, &specs, extras, &command, false)?;
+    let report = module_test::parse(&name, &outcome.console);
+    if g.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&ModuleTestOutput {
+                report: &report,
+                run: &run,
+            })?
+        );
+    } else {
+        println!(
+            "module test of {name} on {} ({}): {}",
+            run.kernel_version,
+            run.accel.to_uppercase(),
+            if report.passed && run.ending == Ending::Exited {
+                "PASSED"
+            } else {
+                "FAILED"
+            }
+        );
+        for s in &report.steps {
+            let status = match s.status {
+                Status::Pass => "pass",
+                Status::Fail => "FAIL",
+                Status::Skipped => "skipped",
+                Status::Incomplete => "INCOMPLETE",
+                Status::NotRun => "not run",
+            };
+            println!("  {:<8} {:<10} {}", s.name, status, s.detail);
+            if s.status == Status::Fail {
+                for l in s.output.lines().take(20) {
+                    println!("      | {l}");
+                }
+            }
+        }
+        if report.findings.is_empty() {
+            println!("  kernel log: clean (no BUG, WARNING, Oops, Call Trace, lockdep or KASAN report)");
+        } else {
+            println!("  kernel log: {} report(s)", report.findings.len());
+            for f in &report.findings {
+                println!("  --- {} ---", f.kind);
+                for l in f.excerpt.lines() {
+                    println!("      {l}");
+                }
+            }
+        }
+    }
+    print_report_summary(&run);
+    Ok(match run.ending {
+        Ending::Exited if report.passed => 0,
+        Ending::Exited => 1,
+        _ => run.status(),
+    })
+}
+
+fn print_report_summary(r: &RunReport) {
+    if !r.qemu_error.is_empty() {
+        eprintln!("devpool: QEMU said: {}", r.qemu_error);
+    }
+    eprintln!("devpool: {}", r.summary());
 }

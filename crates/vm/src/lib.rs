@@ -11,6 +11,7 @@
 //!   the command, and its exit status reported on the console
 //! - [`qemu`]: the QEMU command line with each volume attached as a virtio
 //!   disk, raw, over NBD or vhost-user-blk, and 9p shares
+//! - [`module_test`]: the module test's guest script and its report
 //! - [`probe`]: whether KVM can actually boot a guest here (else TCG)
 //! - [`runner`]: QEMU run to completion: console streamed, markers found,
 //!   time limit and cancellation
@@ -18,6 +19,7 @@
 pub mod guest;
 pub mod initramfs;
 pub mod kernel;
+pub mod module_test;
 pub mod probe;
 pub mod qemu;
 pub mod runner;

@@ -199,3 +199,64 @@ pub fn boot(kernel: &Kernel, initrd: &Path, disks: Vec<Disk>, limit: Duration) -
     );
     console + &err
 }
+
+/// Debian's headers for `kernel` (linux-headers-<ver>, its -common part and
+/// linux-kbuild), downloaded with `apt-get download` and unpacked into the
+/// cache (never installed); returns the directory to pass to `make -C`.
+pub fn debian_headers(kernel: &Kernel) -> Result<PathBuf, String> {
+    let _g = FETCH.lock().unwrap_or_else(|p| p.into_inner());
+    let ver = &kernel.version; // 6.12.95+deb12-amd64
+    let base = ver
+        .strip_suffix("-amd64")
+        .ok_or_else(|| format!("kernel {ver} is not an amd64 Debian kernel"))?;
+    let root = cache_dir().join("headers").join(ver);
+    let build = root.join(format!("usr/src/linux-headers-{ver}"));
+    if root.join(".devpool-unpacked").exists() {
+        return Ok(build);
+    }
+    let dl = cache_dir().join("headers-debs");
+    std::fs::create_dir_all(&dl).map_err(|e| e.to_string())?;
+    let pkgs = [
+        format!("linux-headers-{ver}"),
+        format!("linux-headers-{base}-common"),
+        format!("linux-kbuild-{base}"),
+    ];
+    let o = Command::new("apt-get")
+        .args(["download", "-q"])
+        .args(&pkgs)
+        .current_dir(&dl)
+        .output()
+        .map_err(|e| format!("apt-get download: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "apt-get download {pkgs:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+    for e in std::fs::read_dir(&dl).map_err(|e| e.to_string())?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if pkgs.iter().any(|p| n.starts_with(&format!("{p}_"))) {
+            let st = Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(e.path())
+                .arg(&root)
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !st.success() {
+                return Err(format!("dpkg-deb -x {n} failed"));
+            }
+        }
+    }
+    // The arch Makefile includes the -common one by its installed path.
+    let mk = build.join("Makefile");
+    let text = std::fs::read_to_string(&mk).map_err(|e| format!("{}: {e}", mk.display()))?;
+    let fixed = text.replace(
+        "include /usr/src/",
+        &format!("include {}/usr/src/", root.display()),
+    );
+    std::fs::write(&mk, fixed).map_err(|e| e.to_string())?;
+    std::fs::write(root.join(".devpool-unpacked"), b"").map_err(|e| e.to_string())?;
+    Ok(build)
+}
