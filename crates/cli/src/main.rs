@@ -142,7 +142,27 @@ fn run(cli: Cli) -> Result<()> {
             let code = vm_cmds::module_test(&g, &vm, &module, cycles, &params, &volumes)?;
             std::process::exit(code);
         }
-        Command::Vm(VmCmd::Fstests { .. }) => bail!("not yet"),
+        Command::Vm(VmCmd::Fstests {
+            vm,
+            fstests,
+            fstype,
+            volumes,
+            baseline,
+            results,
+            check_args,
+        }) => {
+            let code = vm_cmds::fstests(
+                &g,
+                &vm,
+                &fstests,
+                &fstype,
+                &volumes,
+                baseline.as_deref(),
+                results.as_deref(),
+                &check_args,
+            )?;
+            std::process::exit(code);
+        }
         Command::Journal { last } => return output::journal(&g, last),
         Command::Pv(PvCmd::List) => {
             let scan = eng.scan();

@@ -713,7 +713,9 @@ pub fn module_test(
             }
         }
         if report.findings.is_empty() {
-            println!("  kernel log: clean (no BUG, WARNING, Oops, Call Trace, lockdep or KASAN report)");
+            println!(
+                "  kernel log: clean (no BUG, WARNING, Oops, Call Trace, lockdep or KASAN report)"
+            );
         } else {
             println!("  kernel log: {} report(s)", report.findings.len());
             for f in &report.findings {
@@ -737,4 +739,267 @@ fn print_report_summary(r: &RunReport) {
         eprintln!("devpool: QEMU said: {}", r.qemu_error);
     }
     eprintln!("devpool: {}", r.summary());
+}
+
+/// Host programs fstests needs in the guest, where the host has them.
+fn fstests_programs(fstype: &str) -> Vec<&'static str> {
+    let mut p = vec![
+        "/bin/bash",
+        "/usr/bin/xfs_io",
+        "/sbin/blkid",
+        "/usr/bin/findmnt",
+    ];
+    p.extend(match fstype {
+        "xfs" => &[
+            "/sbin/mkfs.xfs",
+            "/sbin/xfs_repair",
+            "/usr/sbin/xfs_db",
+            "/sbin/xfs_admin",
+        ][..],
+        "btrfs" => &["/bin/btrfs", "/sbin/mkfs.btrfs", "/sbin/fsck.btrfs"][..],
+        _ => &[
+            "/sbin/mkfs.ext4",
+            "/sbin/e2fsck",
+            "/sbin/fsck.ext4",
+            "/sbin/dumpe2fs",
+            "/sbin/tune2fs",
+            "/sbin/debugfs",
+            "/etc/mke2fs.conf",
+        ][..],
+    });
+    p.into_iter().filter(|f| Path::new(f).exists()).collect()
+}
+
+#[derive(Serialize)]
+struct FstestsOutput<'a> {
+    fstype: &'a str,
+    results_dir: &'a Path,
+    summary: devpool_vm::fstests::Summary,
+    tests: &'a [devpool_vm::fstests::TestResult],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    changes: Option<&'a [devpool_vm::fstests::Change]>,
+    run: &'a RunReport,
+}
+
+/// The full diff of a failed test's output against its golden output.
+fn golden_diff(tree: &Path, results: &Path, test: &str) -> Option<String> {
+    let golden = std::fs::read_to_string(tree.join("tests").join(format!("{test}.out"))).ok()?;
+    let bad = std::fs::read_to_string(results.join(format!("{test}.out.bad"))).ok()?;
+    Some(
+        similar::TextDiff::from_lines(&golden, &bad)
+            .unified_diff()
+            .header(&format!("tests/{test}.out"), &format!("{test}.out.bad"))
+            .to_string(),
+    )
+}
+
+fn status_word(s: Option<devpool_vm::fstests::TestStatus>) -> &'static str {
+    use devpool_vm::fstests::TestStatus::*;
+    match s {
+        Some(Pass) => "pass",
+        Some(Fail) => "FAIL",
+        Some(NotRun) => "not run",
+        Some(Expunged) => "expunged",
+        None => "absent",
+    }
+}
+
+/// `devpool vm fstests`.
+#[allow(clippy::too_many_arguments)]
+pub fn fstests(
+    g: &Global,
+    vm: &VmArgs,
+    tree: &Path,
+    fstype: &str,
+    volumes: &str,
+    baseline: Option<&Path>,
+    results: Option<&Path>,
+    check_args: &[String],
+) -> Result<i32> {
+    use devpool_vm::fstests::{self as ft, TestStatus};
+    if !ft::FSTYPES.contains(&fstype) {
+        bail!("--fstype {fstype}: one of {}", ft::FSTYPES.join(", "));
+    }
+    let tree =
+        std::fs::canonicalize(tree).with_context(|| format!("--fstests {}", tree.display()))?;
+    if !tree.join("check").is_file() {
+        bail!(
+            "--fstests {}: not an fstests tree (no ./check; build xfstests-dev with make first)",
+            tree.display()
+        );
+    }
+    let base: Option<Vec<ft::TestResult>> = match baseline {
+        Some(b) => {
+            let text = std::fs::read(b).with_context(|| format!("--baseline {}", b.display()))?;
+            let v: serde_json::Value = serde_json::from_slice(&text).with_context(|| {
+                format!(
+                    "--baseline {}: not a devpool fstests --json report",
+                    b.display()
+                )
+            })?;
+            Some(
+                serde_json::from_value(v["tests"].clone()).with_context(|| {
+                    format!("--baseline {}: no 'tests' list in it", b.display())
+                })?,
+            )
+        }
+        None => None,
+    };
+    let specs = spec::parse_volumes(volumes)?;
+    if !specs.iter().any(|s| s.role == "test") {
+        bail!("--volumes {volumes}: fstests needs a 'test' volume (TEST_DEV)");
+    }
+    let results = match results {
+        Some(r) => r.to_path_buf(),
+        None => g.state_dir.join("fstests").join(format!(
+            "{}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            std::process::id()
+        )),
+    };
+    std::fs::create_dir_all(&results).with_context(|| format!("creating {}", results.display()))?;
+    let results = std::fs::canonicalize(&results)?;
+
+    // local.config from the lease's guest device names (role order = disk order).
+    let devs: Vec<(String, String)> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.role.clone(), disk_name(i)))
+        .collect();
+    let mut config = spec::fstests_config(&devs, "/mnt");
+    config.push_str(&format!(
+        "export FSTYP=\"{fstype}\"\nexport RESULT_BASE=\"{}\"\n",
+        ft::GUEST_RESULTS
+    ));
+    let mut files = Vec::new();
+    for p in fstests_programs(fstype) {
+        files.push(AddFile {
+            src: PathBuf::from(p),
+            dst: p.to_string(),
+        });
+    }
+    let extras = Extras {
+        files,
+        contents: vec![
+            (
+                ft::GUEST_CONFIG.trim_start_matches('/').to_string(),
+                config.into_bytes(),
+                0o644,
+            ),
+            (
+                "devpool/fstests.sh".into(),
+                ft::script(fstype).into_bytes(),
+                0o755,
+            ),
+        ],
+        modules: vec![fstype.to_string(), "9pnet_virtio".into(), "9p".into()],
+        shares: vec![
+            Share {
+                tag: "fstests".into(),
+                host: tree.clone(),
+                guest: ft::GUEST_TREE.into(),
+                read_only: false,
+            },
+            Share {
+                tag: "results".into(),
+                host: results.clone(),
+                guest: ft::GUEST_RESULTS.into(),
+                read_only: false,
+            },
+        ],
+        workdir: Some(ft::GUEST_TREE.into()),
+        ..Extras::default()
+    };
+    let mut command = vec!["sh".to_string(), "/devpool/fstests.sh".into()];
+    command.extend(check_args.iter().cloned());
+    let (run, outcome) = boot(g, vm, &specs, extras, &command, true)?;
+    let mut tests = ft::parse_check(outcome.command_output());
+    for t in &mut tests {
+        if t.status == TestStatus::Fail
+            && let Some(d) = golden_diff(&tree, &results, &t.name)
+        {
+            t.diff = d;
+        }
+    }
+    let summary = ft::summarize(&tests);
+    let changes = base.as_ref().map(|b| ft::compare(b, &tests));
+    if g.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&FstestsOutput {
+                fstype,
+                results_dir: &results,
+                summary: summary.clone(),
+                tests: &tests,
+                changes: changes.as_deref(),
+                run: &run,
+            })?
+        );
+    } else {
+        println!(
+            "fstests on {} ({fstype}, {}): {} ran, {} passed, {} failed, {} not run",
+            run.kernel_version,
+            run.accel.to_uppercase(),
+            summary.ran,
+            summary.passed,
+            summary.failed,
+            summary.not_run
+        );
+        match &changes {
+            Some(c) => {
+                println!(
+                    "changes since the baseline ({} of {} tests):",
+                    c.len(),
+                    tests.len()
+                );
+                for ch in c {
+                    println!(
+                        "  {:<14} {} -> {}{}",
+                        ch.test,
+                        status_word(ch.before),
+                        status_word(ch.after),
+                        if ch.regression { "  (regression)" } else { "" }
+                    );
+                }
+            }
+            None => {
+                for t in &tests {
+                    let extra = match t.status {
+                        TestStatus::Pass => t.seconds.map(|s| format!("{s}s")).unwrap_or_default(),
+                        _ => t.reason.lines().next().unwrap_or("").to_string(),
+                    };
+                    println!(
+                        "  {:<14} {:<9} {extra}",
+                        t.name,
+                        status_word(Some(t.status))
+                    );
+                    if t.status == TestStatus::Fail {
+                        for l in t.diff.lines().take(40) {
+                            println!("      | {l}");
+                        }
+                    }
+                }
+            }
+        }
+        println!("results: {}", results.display());
+    }
+    print_report_summary(&run);
+    if run.ending != Ending::Exited {
+        return Ok(run.status());
+    }
+    if tests.is_empty() && run.exit_code != Some(0) {
+        eprintln!(
+            "devpool: check ran no tests (exit status {:?})",
+            run.exit_code
+        );
+        return Ok(run.status());
+    }
+    let bad = match &changes {
+        Some(c) => c.iter().any(|c| c.regression),
+        None => summary.failed > 0,
+    };
+    Ok(if bad { 1 } else { 0 })
 }

@@ -28,7 +28,15 @@ MODULE_LICENSE("GPL");
 "#;
 
 fn module_test(lab: &Lab, img: &std::path::Path, args: &[&str]) -> (i32, Value, String) {
-    let mut a = vec!["--pool", "mt", "--json", "vm", "module-test", "--mem", "512M"];
+    let mut a = vec![
+        "--pool",
+        "mt",
+        "--json",
+        "vm",
+        "module-test",
+        "--mem",
+        "512M",
+    ];
     a.extend_from_slice(args);
     let out = lab.devpool(&[img], &a);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -74,7 +82,16 @@ fn guest_module_test_passes_a_clean_module_and_flags_a_warn_on() {
     let p = img.display().to_string();
     lab.dp(
         &[&img],
-        &["pool", "setup", &p, "--name", "mt", "--image-size", "512M", "--yes"],
+        &[
+            "pool",
+            "setup",
+            &p,
+            "--name",
+            "mt",
+            "--image-size",
+            "512M",
+            "--yes",
+        ],
     );
     let image = kernel.image.display().to_string();
     let modules = kernel.modules.as_ref().unwrap().display().to_string();
@@ -87,7 +104,10 @@ fn guest_module_test_passes_a_clean_module_and_flags_a_warn_on() {
     assert_eq!(r["passed"], true);
     let steps = r["steps"].as_array().unwrap();
     let names: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["modinfo", "insmod", "loaded", "io", "cycles", "rmmod"]);
+    assert_eq!(
+        names,
+        ["modinfo", "insmod", "loaded", "io", "cycles", "rmmod"]
+    );
     for s in steps {
         assert_eq!(s["status"], "pass", "{s}");
     }
@@ -99,11 +119,23 @@ fn guest_module_test_passes_a_clean_module_and_flags_a_warn_on() {
     );
     assert_eq!(steps[4]["detail"], "5 unload/load cycles");
     assert_eq!(r["findings"].as_array().unwrap().len(), 0, "{r:#}");
-    assert!(r["log"].as_str().unwrap().contains("devpool_probe_mod: unloaded"));
+    assert!(
+        r["log"]
+            .as_str()
+            .unwrap()
+            .contains("devpool_probe_mod: unloaded")
+    );
     assert_eq!(r["run"]["released"], true);
 
     let mut args = k.to_vec();
-    args.extend(["--cycles", "1", "--params", "warn=1", "--volumes", "test:16M"]);
+    args.extend([
+        "--cycles",
+        "1",
+        "--params",
+        "warn=1",
+        "--volumes",
+        "test:16M",
+    ]);
     let (code, r, stderr) = module_test(&lab, &img, &args);
     assert_eq!(code, 1, "{r:#}\n{stderr}");
     assert_eq!(r["passed"], false);

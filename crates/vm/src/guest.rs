@@ -171,7 +171,7 @@ impl GuestSpec {
         let files = self.module_files()?;
         let guest_mods = i.modules(&files)?;
         for f in &self.files {
-            add_path(&mut i, &f.src, &f.dst)?;
+            add_path(&mut i, &f.src, &f.dst, true)?;
         }
         let mut env = String::new();
         for (k, v) in &self.env {
@@ -203,9 +203,15 @@ fn is_dynamic_elf(path: &Path) -> bool {
 }
 
 /// A host file (programs with their libraries), symlink or directory tree.
-fn add_path(i: &mut Initramfs, src: &Path, dst: &str) -> Result<()> {
-    let meta =
-        std::fs::symlink_metadata(src).map_err(io_err(format!("--add {}", src.display())))?;
+/// A symlink named on the command line is followed (`/sbin/mkfs.ext4` is a
+/// link to `mke2fs`); symlinks inside a directory tree stay links.
+fn add_path(i: &mut Initramfs, src: &Path, dst: &str, follow: bool) -> Result<()> {
+    let meta = if follow {
+        std::fs::metadata(src)
+    } else {
+        std::fs::symlink_metadata(src)
+    }
+    .map_err(io_err(format!("--add {}", src.display())))?;
     if meta.file_type().is_symlink() {
         let target = std::fs::read_link(src).map_err(io_err(format!("read {}", src.display())))?;
         i.symlink(dst, &target.to_string_lossy());
@@ -224,6 +230,7 @@ fn add_path(i: &mut Initramfs, src: &Path, dst: &str) -> Result<()> {
                 i,
                 &e.path(),
                 &format!("{}/{name}", dst.trim_end_matches('/')),
+                false,
             )?;
         }
         return Ok(());

@@ -11,11 +11,14 @@
 //!   the command, and its exit status reported on the console
 //! - [`qemu`]: the QEMU command line with each volume attached as a virtio
 //!   disk, raw, over NBD or vhost-user-blk, and 9p shares
+//! - [`fstests`]: the fstests guest script, `check` output parsed into
+//!   per-test results, comparison with a saved run
 //! - [`module_test`]: the module test's guest script and its report
 //! - [`probe`]: whether KVM can actually boot a guest here (else TCG)
 //! - [`runner`]: QEMU run to completion: console streamed, markers found,
 //!   time limit and cancellation
 
+pub mod fstests;
 pub mod guest;
 pub mod initramfs;
 pub mod kernel;

@@ -278,9 +278,13 @@ mod tests {
     fn a_clean_run_passes_and_a_warning_fails() {
         let mut console = String::new();
         for s in STEPS {
-            console.push_str(&format!("{STEP}{s}:begin@@\nout of {s}\n{STEP}{s}:end:pass:fine@@\n"));
+            console.push_str(&format!(
+                "{STEP}{s}:begin@@\nout of {s}\n{STEP}{s}:end:pass:fine@@\n"
+            ));
         }
-        console.push_str(&format!("{LOG_BEGIN}\n[ 1.0] devpool-module-test-begins\n{LOG_END}\n"));
+        console.push_str(&format!(
+            "{LOG_BEGIN}\n[ 1.0] devpool-module-test-begins\n{LOG_END}\n"
+        ));
         let r = parse("m", &console);
         assert!(r.passed, "{r:?}");
         assert_eq!(r.steps[0].output, "out of modinfo\n");
@@ -295,7 +299,11 @@ mod tests {
         assert_eq!(r.findings.len(), 1, "{:?}", r.findings);
         assert_eq!(r.findings[0].kind, "WARNING");
         assert!(r.findings[0].excerpt.contains("Call Trace:"));
-        assert!(r.findings[0].excerpt.ends_with("---[ end trace 0000000000000000 ]---"));
+        assert!(
+            r.findings[0]
+                .excerpt
+                .ends_with("---[ end trace 0000000000000000 ]---")
+        );
     }
 
     #[test]
@@ -315,7 +323,10 @@ mod tests {
     #[test]
     fn classification_ignores_ordinary_lines() {
         assert_eq!(classify("[ 1.0] hello: loaded"), None);
-        assert_eq!(classify("[ 1.0] BUG: KASAN: use-after-free in f"), Some("KASAN"));
+        assert_eq!(
+            classify("[ 1.0] BUG: KASAN: use-after-free in f"),
+            Some("KASAN")
+        );
         assert_eq!(
             classify("[ 1.0] WARNING: possible circular locking dependency detected"),
             Some("lockdep")
