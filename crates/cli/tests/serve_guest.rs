@@ -92,11 +92,11 @@ fn guest_writes_ext4(test: &str, pool: &str, vhost: bool) {
 }
 
 #[test]
-fn a_guest_makes_ext4_over_nbd_and_the_host_checks_it() {
+fn guest_makes_ext4_over_nbd_and_the_host_checks_it() {
     guest_writes_ext4("guest over NBD", "gnbd", false);
 }
 
 #[test]
-fn a_guest_makes_ext4_over_vhost_user_blk_and_the_host_checks_it() {
+fn guest_makes_ext4_over_vhost_user_blk_and_the_host_checks_it() {
     guest_writes_ext4("guest over vhost-user-blk", "gvhost", true);
 }

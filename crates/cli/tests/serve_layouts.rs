@@ -280,7 +280,7 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
 /// two-segment volume picks the kernel's NBD client (connected to devpool's
 /// server); data written to /dev/nbdN lands where LVM2 says.
 #[test]
-fn in_a_guest_with_nbd_a_multi_segment_volume_gets_a_kernel_nbd_device() {
+fn guest_with_nbd_gives_a_multi_segment_volume_a_kernel_nbd_device() {
     use common::guest::*;
     if skip_unless_real("kernel NBD client in a guest") {
         return;
