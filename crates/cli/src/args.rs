@@ -197,7 +197,7 @@ devpool serve VOLUME --nbd tcp:127.0.0.1:10809"
     },
     /// Boot a kernel in QEMU with leased volumes: run a command, a module test or fstests.
     #[command(subcommand)]
-    Vm(VmCmd),
+    Vm(Box<VmCmd>),
     /// Write an fstests local.config for a lease.
     FstestsConfig {
         session: String,

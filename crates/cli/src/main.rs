@@ -122,47 +122,49 @@ fn run(cli: Cli) -> Result<()> {
             let code = pool_cmds::run(&g, &want, keep, export, &command)?;
             std::process::exit(code);
         }
-        Command::Vm(VmCmd::Run {
-            vm,
-            volumes,
-            disk,
-            env,
-            command,
-        }) => {
-            let code = vm_cmds::run(&g, &vm, &volumes, &disk, &env, &command)?;
-            std::process::exit(code);
-        }
-        Command::Vm(VmCmd::ModuleTest {
-            vm,
-            module,
-            cycles,
-            params,
-            volumes,
-        }) => {
-            let code = vm_cmds::module_test(&g, &vm, &module, cycles, &params, &volumes)?;
-            std::process::exit(code);
-        }
-        Command::Vm(VmCmd::Fstests {
-            vm,
-            fstests,
-            fstype,
-            volumes,
-            baseline,
-            results,
-            check_args,
-        }) => {
-            let code = vm_cmds::fstests(
-                &g,
-                &vm,
-                &fstests,
-                &fstype,
-                &volumes,
-                baseline.as_deref(),
-                results.as_deref(),
-                &check_args,
-            )?;
-            std::process::exit(code);
-        }
+        Command::Vm(cmd) => match *cmd {
+            VmCmd::Run {
+                vm,
+                volumes,
+                disk,
+                env,
+                command,
+            } => {
+                let code = vm_cmds::run(&g, &vm, &volumes, &disk, &env, &command)?;
+                std::process::exit(code);
+            }
+            VmCmd::ModuleTest {
+                vm,
+                module,
+                cycles,
+                params,
+                volumes,
+            } => {
+                let code = vm_cmds::module_test(&g, &vm, &module, cycles, &params, &volumes)?;
+                std::process::exit(code);
+            }
+            VmCmd::Fstests {
+                vm,
+                fstests,
+                fstype,
+                volumes,
+                baseline,
+                results,
+                check_args,
+            } => {
+                let code = vm_cmds::fstests(
+                    &g,
+                    &vm,
+                    &fstests,
+                    &fstype,
+                    &volumes,
+                    baseline.as_deref(),
+                    results.as_deref(),
+                    &check_args,
+                )?;
+                std::process::exit(code);
+            }
+        },
         Command::Journal { last } => return output::journal(&g, last),
         Command::Pv(PvCmd::List) => {
             let scan = eng.scan();

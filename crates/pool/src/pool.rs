@@ -35,6 +35,15 @@ struct PoolRecord {
     created_image: bool,
 }
 
+/// What one acquire asks for.
+struct LeaseRequest<'a> {
+    specs: &'a [VolumeSpec],
+    owner: &'a Owner,
+    keep: bool,
+    /// Attach a host loop device to each volume.
+    loops: bool,
+}
+
 /// Settings and entry points for pools.
 #[derive(Debug, Clone)]
 pub struct Pools {
@@ -511,7 +520,17 @@ impl Pools {
         keep: bool,
     ) -> Result<Acquired> {
         self.with_pool(name, |e, rec| {
-            self.acquire_on(e, rec, name, specs, owner, keep, true)
+            self.acquire_on(
+                e,
+                rec,
+                name,
+                &LeaseRequest {
+                    specs,
+                    owner,
+                    keep,
+                    loops: true,
+                },
+            )
         })
     }
 
@@ -524,7 +543,17 @@ impl Pools {
         keep: bool,
     ) -> Result<Acquired> {
         self.with_pool(name, |e, rec| {
-            self.acquire_on(e, rec, name, specs, owner, keep, false)
+            self.acquire_on(
+                e,
+                rec,
+                name,
+                &LeaseRequest {
+                    specs,
+                    owner,
+                    keep,
+                    loops: false,
+                },
+            )
         })
     }
 
@@ -533,11 +562,14 @@ impl Pools {
         e: &Engine,
         rec: &PoolRecord,
         name: &str,
-        specs: &[VolumeSpec],
-        owner: &Owner,
-        keep: bool,
-        loops: bool,
+        req: &LeaseRequest,
     ) -> Result<Acquired> {
+        let LeaseRequest {
+            specs,
+            owner,
+            keep,
+            loops,
+        } = *req;
         let session = lease::new_session_id(unix_now(), random_u32());
         let names = lease_names(specs, &self.prefix, &session);
         let volumes: Vec<NewVolume> = specs
