@@ -191,3 +191,87 @@ fn guest_vm_run_serves_vhost_user_blk_and_kills_a_vm_that_overruns() {
         .unwrap();
     assert!(left.stdout.is_empty(), "a QEMU is still running");
 }
+
+#[test]
+fn guest_vm_run_releases_the_lease_on_sigterm_and_when_the_guest_panics() {
+    let t = "guest_vm_run_releases_the_lease_on_sigterm_and_when_the_guest_panics";
+    let Some(kernel) = guest_or_skip(t) else {
+        return;
+    };
+    let lab = Lab::new();
+    let img = pool(&lab, "vmend");
+    let image = kernel.image.display().to_string();
+    let modules = kernel.modules.as_ref().unwrap().display().to_string();
+
+    // The guest panics: QEMU stops, devpool says the guest died (125).
+    let (code, report, stderr) = vm_run(
+        &lab,
+        &img,
+        "vmend",
+        &[
+            "--kernel",
+            &image,
+            "--modules",
+            &modules,
+            "--volumes",
+            "test:8M",
+            "--",
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger; sleep 60",
+        ],
+    );
+    assert_eq!(code, 125, "{report}\n{stderr}");
+    assert_eq!(report["ending"], "died");
+    assert_eq!(report["released"], true);
+    assert!(stderr.contains("Kernel panic"), "{stderr}");
+    no_leases(&lab, &img, "vmend");
+
+    // SIGTERM while the command runs: the VM is killed, 130, released.
+    let mut c = common::devpool_command(&lab.state_dir());
+    c.args([
+        "--devices",
+        &img.display().to_string(),
+        "--pool",
+        "vmend",
+        "vm",
+        "run",
+    ])
+    .args(["--kernel", &image, "--modules", &modules, "--mem", "512M"])
+    .args([
+        "--volumes",
+        "test:8M",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 600",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        use std::io::BufRead;
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the guest never started the command"
+        );
+        if line.contains("started") {
+            break;
+        }
+    }
+    // SAFETY: signalling the child we started, by its id.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(130));
+    no_leases(&lab, &img, "vmend");
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &format!("initrd {}", lab.state_dir().display())])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "a QEMU is still running");
+}
