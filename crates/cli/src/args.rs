@@ -52,8 +52,9 @@ pub struct Global {
 
 #[derive(Args, Debug, Clone)]
 pub struct Want {
-    /// Volumes as ROLE:SIZE,… (roles test, scratch, pool1.., logwrites set the fstests variables).
-    #[arg(long, conflicts_with = "profile", required_unless_present = "profile")]
+    /// Volumes as ROLE:SIZE,… (roles test, scratch, pool1.., logwrites set the
+    /// fstests variables; a VM sees them as /dev/vda, /dev/vdb, … in this order).
+    #[arg(long, conflicts_with = "profile")]
     pub volumes: Option<String>,
     /// A named set of volumes: `fstests` (test, pool1..pool5, logwrites).
     #[arg(long)]
@@ -409,20 +410,6 @@ pub enum AttachArg {
     Nbd,
 }
 
-/// The volumes of a VM run (optional: a run may attach only --disk).
-#[derive(Args, Debug, Clone)]
-pub struct VmVolumes {
-    /// Volumes as ROLE:SIZE,… (the guest sees them as /dev/vda, /dev/vdb, … in this order).
-    #[arg(long, conflicts_with = "profile")]
-    pub volumes: Option<String>,
-    /// A named set of volumes: `fstests` (test, pool1..pool5, logwrites).
-    #[arg(long)]
-    pub profile: Option<String>,
-    /// Size of every volume of the profile (default 8G).
-    #[arg(long, requires = "profile")]
-    pub size: Option<String>,
-}
-
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Lease volumes, boot the kernel with them attached, run a command in the guest.
@@ -439,7 +426,7 @@ devpool vm run --kernel arch/x86/boot/bzImage --modules /tmp/mods --volumes test
         #[command(flatten)]
         vm: VmArgs,
         #[command(flatten)]
-        volumes: VmVolumes,
+        volumes: Want,
         /// Also attach a whole host file or block device (after the volumes).
         #[arg(long)]
         disk: Vec<PathBuf>,

@@ -1,7 +1,7 @@
 //! `devpool vm …`: lease volumes, attach them to a QEMU guest the fastest
 //! way each allows, boot, run, report, release.
 
-use crate::args::{AccelArg, AttachArg, Global, VmArgs, VmVolumes};
+use crate::args::{AccelArg, AttachArg, Global, VmArgs, Want};
 use crate::pool_cmds::{pool_name, pools};
 use anyhow::{Context, Result, anyhow, bail};
 use devpool_pool::owner::Owner;
@@ -201,7 +201,7 @@ fn mem_mib(s: &str) -> Result<u64> {
     Ok(mib)
 }
 
-fn volume_specs(v: &VmVolumes) -> Result<Vec<VolumeSpec>> {
+fn volume_specs(v: &Want) -> Result<Vec<VolumeSpec>> {
     Ok(match (&v.volumes, &v.profile) {
         (Some(s), _) => spec::parse_volumes(s)?,
         (None, Some(p)) => spec::profile(p, v.size.as_deref())?,
@@ -590,7 +590,7 @@ pub fn print_report(g: &Global, r: &RunReport) -> Result<()> {
 pub fn run(
     g: &Global,
     vm: &VmArgs,
-    volumes: &VmVolumes,
+    volumes: &Want,
     disks: &[PathBuf],
     env: &[String],
     command: &[String],

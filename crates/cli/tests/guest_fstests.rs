@@ -25,17 +25,6 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-fn fstests(lab: &Lab, img: &Path, args: &[&str]) -> (i32, Value, String) {
-    let mut a = vec!["--pool", "fst", "--json", "vm", "fstests", "--mem", "512M"];
-    a.extend_from_slice(args);
-    let out = lab.devpool(&[img], &a);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let v = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{stdout}\n{stderr}"));
-    (out.status.code().unwrap_or(-1), v, stderr)
-}
-
 fn statuses(r: &Value) -> Vec<(String, String)> {
     r["tests"]
         .as_array()
@@ -62,31 +51,13 @@ fn guest_fstests_runs_check_and_reports_per_test_results_and_changes() {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fstests-mimic"),
         &tree,
     );
-    let img = lab.path("fst.img");
-    let p = img.display().to_string();
-    lab.dp(
-        &[&img],
-        &[
-            "pool",
-            "setup",
-            &p,
-            "--name",
-            "fst",
-            "--image-size",
-            "512M",
-            "--yes",
-        ],
-    );
-    let image = kernel.image.display().to_string();
-    let modules = kernel.modules.as_ref().unwrap().display().to_string();
+    let img = image_pool(&lab, "fst");
+    let ka = kernel_args(&kernel);
     let tree_s = tree.display().to_string();
     let results = lab.path("results");
     let results_s = results.display().to_string();
-    let base = [
-        "--kernel",
-        &image,
-        "--modules",
-        &modules,
+    let mut base: Vec<&str> = ka.iter().map(String::as_str).collect();
+    base.extend([
         "--fstests",
         &tree_s,
         "--fstype",
@@ -95,11 +66,11 @@ fn guest_fstests_runs_check_and_reports_per_test_results_and_changes() {
         "test:64M,scratch:64M",
         "--results",
         &results_s,
-    ];
+    ]);
 
-    let mut args = base.to_vec();
+    let mut args = base.clone();
     args.extend(["--", "-g", "quick"]);
-    let (code, r, stderr) = fstests(&lab, &img, &args);
+    let (code, r, stderr) = vm_json(&lab, &img, "fst", "fstests", &args);
     assert_eq!(code, 1, "one test fails:\n{r:#}\n{stderr}");
     assert_eq!(
         statuses(&r),
@@ -140,9 +111,9 @@ fn guest_fstests_runs_check_and_reports_per_test_results_and_changes() {
     )
     .unwrap();
     let saved_s = saved.display().to_string();
-    let mut args = base.to_vec();
+    let mut args = base.clone();
     args.extend(["--baseline", &saved_s, "--", "-g", "quick"]);
-    let (code, r, stderr) = fstests(&lab, &img, &args);
+    let (code, r, stderr) = vm_json(&lab, &img, "fst", "fstests", &args);
     assert_eq!(code, 1, "a regression:\n{r:#}\n{stderr}");
     let changes = r["changes"].as_array().unwrap();
     let got: Vec<(String, String, String, bool)> = changes

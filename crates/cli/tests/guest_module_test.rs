@@ -7,7 +7,6 @@
 mod common;
 use common::Lab;
 use common::guest::*;
-use serde_json::Value;
 use std::process::Command;
 
 const MODULE_C: &str = r#"
@@ -26,25 +25,6 @@ module_init(probe_init);
 module_exit(probe_exit);
 MODULE_LICENSE("GPL");
 "#;
-
-fn module_test(lab: &Lab, img: &std::path::Path, args: &[&str]) -> (i32, Value, String) {
-    let mut a = vec![
-        "--pool",
-        "mt",
-        "--json",
-        "vm",
-        "module-test",
-        "--mem",
-        "512M",
-    ];
-    a.extend_from_slice(args);
-    let out = lab.devpool(&[img], &a);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let v = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{stdout}\n{stderr}"));
-    (out.status.code().unwrap_or(-1), v, stderr)
-}
 
 #[test]
 fn guest_module_test_passes_a_clean_module_and_flags_a_warn_on() {
@@ -78,28 +58,14 @@ fn guest_module_test_passes_a_clean_module_and_flags_a_warn_on() {
     );
     let ko = src.join("devpool_probe_mod.ko").display().to_string();
 
-    let img = lab.path("mt.img");
-    let p = img.display().to_string();
-    lab.dp(
-        &[&img],
-        &[
-            "pool",
-            "setup",
-            &p,
-            "--name",
-            "mt",
-            "--image-size",
-            "512M",
-            "--yes",
-        ],
-    );
-    let image = kernel.image.display().to_string();
-    let modules = kernel.modules.as_ref().unwrap().display().to_string();
-    let k = ["--kernel", &image, "--modules", &modules, "--module", &ko];
+    let img = image_pool(&lab, "mt");
+    let ka = kernel_args(&kernel);
+    let mut k: Vec<&str> = ka.iter().map(String::as_str).collect();
+    k.extend(["--module", &ko]);
 
-    let mut args = k.to_vec();
+    let mut args = k.clone();
     args.extend(["--cycles", "5", "--volumes", "test:16M"]);
-    let (code, r, stderr) = module_test(&lab, &img, &args);
+    let (code, r, stderr) = vm_json(&lab, &img, "mt", "module-test", &args);
     assert_eq!(code, 0, "{r:#}\n{stderr}");
     assert_eq!(r["passed"], true);
     let steps = r["steps"].as_array().unwrap();
@@ -127,7 +93,7 @@ fn guest_module_test_passes_a_clean_module_and_flags_a_warn_on() {
     );
     assert_eq!(r["run"]["released"], true);
 
-    let mut args = k.to_vec();
+    let mut args = k.clone();
     args.extend([
         "--cycles",
         "1",
@@ -136,7 +102,7 @@ fn guest_module_test_passes_a_clean_module_and_flags_a_warn_on() {
         "--volumes",
         "test:16M",
     ]);
-    let (code, r, stderr) = module_test(&lab, &img, &args);
+    let (code, r, stderr) = vm_json(&lab, &img, "mt", "module-test", &args);
     assert_eq!(code, 1, "{r:#}\n{stderr}");
     assert_eq!(r["passed"], false);
     let findings = r["findings"].as_array().unwrap();

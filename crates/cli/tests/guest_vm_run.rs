@@ -9,38 +9,7 @@ mod common;
 use common::Lab;
 use common::guest::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn pool(lab: &Lab, name: &str) -> PathBuf {
-    let img = lab.path(&format!("{name}.img"));
-    let p = img.display().to_string();
-    lab.dp(
-        &[&img],
-        &[
-            "pool",
-            "setup",
-            &p,
-            "--name",
-            name,
-            "--image-size",
-            "512M",
-            "--yes",
-        ],
-    );
-    img
-}
-
-/// Run `devpool vm run` and return (exit code, JSON report, stderr).
-fn vm_run(lab: &Lab, img: &Path, pool: &str, args: &[&str]) -> (i32, Value, String) {
-    let mut a = vec!["--pool", pool, "--json", "vm", "run", "--mem", "512M"];
-    a.extend_from_slice(args);
-    let out = lab.devpool(&[img], &a);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let report: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{stdout}\n{stderr}"));
-    (out.status.code().unwrap_or(-1), report, stderr)
-}
+use std::path::Path;
 
 fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
@@ -86,7 +55,7 @@ fn guest_vm_run_attaches_raw_ranges_and_returns_the_exit_status() {
         return;
     };
     let lab = Lab::new();
-    let img = pool(&lab, "vmraw");
+    let img = image_pool(&lab, "vmraw");
     // The .deb path: unpacked into the state directory by devpool itself.
     let deb = std::fs::read_dir(cache_dir())
         .unwrap()
@@ -102,10 +71,11 @@ fn guest_vm_run_attaches_raw_ranges_and_returns_the_exit_status() {
         })
         .expect("the cached kernel package");
     let deb = deb.display().to_string();
-    let (code, report, stderr) = vm_run(
+    let (code, report, stderr) = vm_json(
         &lab,
         &img,
         "vmraw",
+        "run",
         &[
             "--kernel-deb",
             &deb,
@@ -143,11 +113,10 @@ fn guest_vm_run_serves_vhost_user_blk_and_kills_a_vm_that_overruns() {
         return;
     };
     let lab = Lab::new();
-    let img = pool(&lab, "vmvhost");
-    let image = kernel.image.display().to_string();
-    let modules = kernel.modules.as_ref().unwrap().display().to_string();
-    let base = ["--kernel", &image, "--modules", &modules];
-    let mut args = base.to_vec();
+    let img = image_pool(&lab, "vmvhost");
+    let k = kernel_args(&kernel);
+    let base: Vec<&str> = k.iter().map(String::as_str).collect();
+    let mut args = base.clone();
     args.extend([
         "--attach",
         "vhost-user-blk",
@@ -158,7 +127,7 @@ fn guest_vm_run_serves_vhost_user_blk_and_kills_a_vm_that_overruns() {
         "-c",
         WRITE_BOTH,
     ]);
-    let (code, report, stderr) = vm_run(&lab, &img, "vmvhost", &args);
+    let (code, report, stderr) = vm_json(&lab, &img, "vmvhost", "run", &args);
     assert_eq!(code, 7, "{report}\n{stderr}");
     for d in report["disks"].as_array().unwrap() {
         assert_eq!(d["attach"], "vhost-user-blk", "{d}");
@@ -167,7 +136,7 @@ fn guest_vm_run_serves_vhost_user_blk_and_kills_a_vm_that_overruns() {
     no_leases(&lab, &img, "vmvhost");
 
     // A command that outlives --timeout: the VM is killed, 124, released.
-    let mut args = base.to_vec();
+    let mut args = base.clone();
     args.extend([
         "--timeout",
         "25",
@@ -178,18 +147,14 @@ fn guest_vm_run_serves_vhost_user_blk_and_kills_a_vm_that_overruns() {
         "-c",
         "echo about-to-hang; sleep 600",
     ]);
-    let (code, report, stderr) = vm_run(&lab, &img, "vmvhost", &args);
+    let (code, report, stderr) = vm_json(&lab, &img, "vmvhost", "run", &args);
     assert_eq!(code, 124, "{report}\n{stderr}");
     assert_eq!(report["ending"], "timed_out");
     assert_eq!(report["released"], true);
     assert!(stderr.contains("about-to-hang"), "{stderr}");
     assert!(stderr.contains("TIMED OUT"), "{stderr}");
     no_leases(&lab, &img, "vmvhost");
-    let left = std::process::Command::new("pgrep")
-        .args(["-f", &format!("initrd {}", lab.state_dir().display())])
-        .output()
-        .unwrap();
-    assert!(left.stdout.is_empty(), "a QEMU is still running");
+    assert_no_qemu_left(&lab);
 }
 
 #[test]
@@ -199,15 +164,16 @@ fn guest_vm_run_releases_the_lease_on_sigterm_and_when_the_guest_panics() {
         return;
     };
     let lab = Lab::new();
-    let img = pool(&lab, "vmend");
+    let img = image_pool(&lab, "vmend");
     let image = kernel.image.display().to_string();
     let modules = kernel.modules.as_ref().unwrap().display().to_string();
 
     // The guest panics: QEMU stops, devpool says the guest died (125).
-    let (code, report, stderr) = vm_run(
+    let (code, report, stderr) = vm_json(
         &lab,
         &img,
         "vmend",
+        "run",
         &[
             "--kernel",
             &image,
@@ -269,9 +235,5 @@ fn guest_vm_run_releases_the_lease_on_sigterm_and_when_the_guest_panics() {
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(130));
     no_leases(&lab, &img, "vmend");
-    let left = std::process::Command::new("pgrep")
-        .args(["-f", &format!("initrd {}", lab.state_dir().display())])
-        .output()
-        .unwrap();
-    assert!(left.stdout.is_empty(), "a QEMU is still running");
+    assert_no_qemu_left(&lab);
 }

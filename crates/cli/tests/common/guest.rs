@@ -260,3 +260,65 @@ pub fn debian_headers(kernel: &Kernel) -> Result<PathBuf, String> {
     std::fs::write(root.join(".devpool-unpacked"), b"").map_err(|e| e.to_string())?;
     Ok(build)
 }
+
+/// A pool named `name` on a 512 MiB sparse image in the lab.
+pub fn image_pool(lab: &super::Lab, name: &str) -> PathBuf {
+    let img = lab.path(&format!("{name}.img"));
+    let p = img.display().to_string();
+    lab.dp(
+        &[&img],
+        &[
+            "pool",
+            "setup",
+            &p,
+            "--name",
+            name,
+            "--image-size",
+            "512M",
+            "--yes",
+        ],
+    );
+    img
+}
+
+/// `--kernel IMAGE --modules DIR` for a kernel from the cache.
+pub fn kernel_args(kernel: &Kernel) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        kernel.image.display().to_string(),
+        "--modules".into(),
+        kernel
+            .modules
+            .as_ref()
+            .map(|m| m.display().to_string())
+            .unwrap_or_default(),
+    ]
+}
+
+/// `devpool --pool POOL --json vm SUB --mem 512M ARGS…` on the pool image:
+/// (exit code, the JSON report, stderr with the console).
+pub fn vm_json(
+    lab: &super::Lab,
+    img: &Path,
+    pool: &str,
+    sub: &str,
+    args: &[&str],
+) -> (i32, serde_json::Value, String) {
+    let mut a = vec!["--pool", pool, "--json", "vm", sub, "--mem", "512M"];
+    a.extend_from_slice(args);
+    let out = lab.devpool(&[img], &a);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{stdout}\n{stderr}"));
+    (out.status.code().unwrap_or(-1), report, stderr)
+}
+
+/// No QEMU started from this lab's state directory is still running.
+pub fn assert_no_qemu_left(lab: &super::Lab) {
+    let left = Command::new("pgrep")
+        .args(["-f", &format!("initrd {}", lab.state_dir().display())])
+        .output()
+        .expect("pgrep");
+    assert!(left.stdout.is_empty(), "a QEMU is still running");
+}
