@@ -168,6 +168,13 @@ pub fn kernel(g: &Global, vm: &VmArgs) -> Result<Kernel> {
             let cache = g.state_dir.join("kernels");
             std::fs::create_dir_all(&cache)
                 .with_context(|| format!("creating {}", cache.display()))?;
+            if !Kernel::deb_is_unpacked(deb, &cache) {
+                eprintln!(
+                    "devpool: unpacking {} into {} (once; then depmod)",
+                    deb.display(),
+                    cache.display()
+                );
+            }
             Ok(Kernel::from_deb(deb, &cache)?)
         }
         (Some(image), None) => Ok(Kernel::from_parts(image, vm.modules.as_deref())?),

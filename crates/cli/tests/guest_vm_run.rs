@@ -220,10 +220,13 @@ fn guest_vm_run_releases_the_lease_on_sigterm_and_when_the_guest_panics() {
     loop {
         line.clear();
         use std::io::BufRead;
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "the guest never started the command"
-        );
+        if out.read_line(&mut line).unwrap() == 0 {
+            let st = child.wait().unwrap();
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("the guest never started the command ({st}):\n{err}");
+        }
         if line.contains("started") {
             break;
         }

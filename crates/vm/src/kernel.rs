@@ -27,6 +27,14 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 }
 
 impl Kernel {
+    /// Whether `deb` is already unpacked under `cache` (else `from_deb`
+    /// takes a while: unpacking and depmod).
+    pub fn deb_is_unpacked(deb: &Path, cache: &Path) -> bool {
+        deb.file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".deb").to_string())
+            .is_some_and(|stem| cache.join(stem).join(".devpool-unpacked").exists())
+    }
+
     /// Unpack `deb` under `cache` (unless already there) and find its
     /// `vmlinuz` and module tree.
     pub fn from_deb(deb: &Path, cache: &Path) -> Result<Kernel> {
