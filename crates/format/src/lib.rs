@@ -1,6 +1,7 @@
 //! # devpool-format
 //!
-//! The LVM2 on-disk format, and nothing else: bytes in, bytes out, no I/O.
+//! The LVM2 on-disk format (and the device-mapper formats LVM2 volumes
+//! carry), and nothing else: bytes in, bytes out, no I/O.
 //!
 //! - [`label`]: the `LABELONE` label and PV header (data/metadata area lists, v2 extension)
 //! - [`mda`]: the metadata area header, its `raw_locn` slots, and the circular text buffer
@@ -8,12 +9,14 @@
 //! - [`config`]: the text metadata grammar (parser and printer)
 //! - [`metadata`]: the VG model (PVs, LVs, segments) over the grammar, keeping what it does not understand
 //! - [`units`], [`names`], [`uuid`]: checked size units, LVM2's naming rules, LVM2 identifiers
+//! - [`cow`]: dm-snapshot's persistent exception store (the COW volume of a snapshot)
 //! - [`signature`]: recognising what else a device may hold (filesystems, partition tables…)
 //!
 //! This crate is where fuzzing and property tests concentrate: every parser
 //! returns an error for bad input, never panics.
 
 pub mod config;
+pub mod cow;
 pub mod crc;
 pub mod error;
 pub mod label;
