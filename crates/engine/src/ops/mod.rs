@@ -2,6 +2,8 @@
 //! validate names and refuse to touch LVs the engine does not understand; the
 //! caller commits the result.
 
+pub mod snapshot;
+
 use crate::alloc::{self, Run};
 use crate::error::{EngineError, Result};
 use devpool_format::metadata::{LvMeta, PvMeta, Segment, SegmentKind, StripeArea, VgMetadata};

@@ -193,3 +193,69 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_snapshot_is_a_hidden_cow_lv_and_a_visible_snapshot_n_like_lvm2_writes() {
+    use super::snapshot::{NewSnapshot, create_snapshot};
+    let mut vg = vg_with(&[100]);
+    create_lv(&mut vg, new_lv("origin", 8, Layout::Linear)).unwrap();
+    let name = create_snapshot(
+        &mut vg,
+        NewSnapshot {
+            origin: "origin".into(),
+            cow: new_lv("snap", 2, Layout::Contiguous),
+            chunk_sectors: 8,
+            id: uuid(77),
+        },
+    )
+    .unwrap();
+    assert_eq!(name, "snapshot0");
+    let cow = vg.lv("snap").unwrap();
+    assert_eq!(cow.status, ["READ", "WRITE"]);
+    let s0 = vg.lv("snapshot0").unwrap();
+    assert_eq!(s0.status, ["READ", "WRITE", "VISIBLE"]);
+    assert_eq!(s0.segments[0].extent_count, 8);
+    assert_eq!(s0.segments[0].segtype(), "snapshot");
+    // LVM2's view: the COW store shows as the snapshot, snapshotN never.
+    assert!(vg.lv_is_visible("snap"));
+    assert!(!vg.lv_is_visible("snapshot0"));
+    vg.check().unwrap();
+    let text = vg.to_disk_text();
+    let printed = String::from_utf8_lossy(&text);
+    assert!(
+        printed.contains(
+            "type = \"snapshot\"\nchunk_size = 8\norigin = \"origin\"\ncow_store = \"snap\""
+        ),
+        "{printed}"
+    );
+    assert_eq!(VgMetadata::parse(&text).unwrap(), vg);
+    // The origin and the COW store are now in use: plain operations refuse them.
+    assert!(resize_lv(&mut vg.clone(), "origin", 16).is_err());
+    assert!(remove_lv(&mut vg.clone(), "snap").is_err());
+    // Snapshots of a COW store, of snapshotN or of a missing LV are refused,
+    // as are chunk sizes dm does not take.
+    for (origin, chunk) in [("snap", 8), ("snapshot0", 8), ("nope", 8), ("origin", 3)] {
+        let r = create_snapshot(
+            &mut vg.clone(),
+            NewSnapshot {
+                origin: origin.into(),
+                cow: new_lv("snap2", 2, Layout::Contiguous),
+                chunk_sectors: chunk,
+                id: uuid(78),
+            },
+        );
+        assert!(r.is_err(), "{origin} chunk {chunk}");
+    }
+    // A second snapshot of the same origin gets the next snapshotN.
+    let n = create_snapshot(
+        &mut vg,
+        NewSnapshot {
+            origin: "origin".into(),
+            cow: new_lv("snap2", 2, Layout::Contiguous),
+            chunk_sectors: 16,
+            id: uuid(79),
+        },
+    )
+    .unwrap();
+    assert_eq!(n, "snapshot1");
+}
