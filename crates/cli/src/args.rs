@@ -335,6 +335,25 @@ pub enum LvCmd {
         #[arg(long)]
         remove: Vec<String>,
     },
+    /// Snapshot an LV (copy-on-write, dm-snapshot's format): VG/ORIGIN --name NAME.
+    #[command(
+        after_help = "The COW store is a new LV named NAME (default size: a fifth of the origin) \
+whose header and first exception area devpool writes in dm-snapshot's persistent format; \
+LVM2 sees a snapshot of ORIGIN (lvs shows its origin and the 's' attribute) and activates \
+it with dm-snapshot.\n\nExample:\n  devpool lv snapshot demo/test --name before-run --size 1G"
+    )]
+    Snapshot {
+        /// VG/ORIGIN
+        lv: String,
+        #[arg(long)]
+        name: String,
+        /// COW store size (default: a fifth of the origin).
+        #[arg(long, short = 'L')]
+        size: Option<String>,
+        /// Copy-on-write chunk size: a power of two from 4K to 512K.
+        #[arg(long, default_value = "4K")]
+        chunk_size: String,
+    },
     /// List LVs (of one VG, or all), with --segments for the extent map.
     List {
         vg: Option<String>,

@@ -271,6 +271,27 @@ fn run(cli: Cli) -> Result<()> {
             let size = SizeArg::parse(&size).map_err(|e| anyhow!("--size: {e}"))?;
             vec![Operation::LvResize { vg, name, size }]
         }
+        Command::Lv(LvCmd::Snapshot {
+            lv,
+            name,
+            size,
+            chunk_size,
+        }) => {
+            let (vg, origin) = split_lv(&lv)?;
+            let size = size
+                .map(|s| SizeArg::parse(&s).map_err(|e| anyhow!("--size: {e}")))
+                .transpose()?;
+            if size.as_ref().is_some_and(|s| s.sign.is_some()) {
+                bail!("--size: a snapshot takes an absolute size, not a +/- change");
+            }
+            vec![Operation::SnapshotCreate {
+                vg,
+                origin,
+                name,
+                size,
+                chunk_size: parse_bytes("--chunk-size", &chunk_size)?,
+            }]
+        }
         Command::Lv(LvCmd::Tag { lv, add, remove }) => {
             let (vg, name) = split_lv(&lv)?;
             if add.is_empty() && remove.is_empty() {

@@ -299,3 +299,139 @@ fn guest_lvm2_activates_devpool_vgs_on_real_device_mapper() {
     assert!(ok, "vgck after the guest's lvcreate: {msg}");
     assert_reports_agree(&lab, &loops, "dmproof");
 }
+
+/// A snapshot devpool creates (`lv snapshot`) is a real dm-snapshot: in the
+/// guest, LVM2 activates it, the origin is overwritten and the snapshot
+/// still shows the old data; back on the host, the COW store holds the
+/// exceptions dm wrote, in the format devpool reads.
+#[test]
+fn guest_dm_snapshot_runs_on_a_snapshot_devpool_created() {
+    use devpool_format::cow::{CowHeader, CowLayout, ExceptionTable};
+    let t = "guest_dm_snapshot_runs_on_a_snapshot_devpool_created";
+    let Some(kernel) = guest_or_skip(t) else {
+        return;
+    };
+    let lab = Lab::new();
+    let a = lab.path("s.img");
+    let devs: [&Path; 1] = [&a];
+    let s = a.display().to_string();
+    lab.dp(
+        &devs,
+        &[
+            "vg",
+            "create",
+            "snapvg",
+            &s,
+            "--image-size",
+            "128M",
+            "--yes",
+        ],
+    );
+    lab.dp(&devs, &["lv", "create", "snapvg/origin", "--size", "16M"]);
+    let view = DevpoolView::read(&lab, &devs, "snapvg");
+    for k in 0..16u64 {
+        view.write_record("origin", k * 4096, &format!("old {k}"));
+    }
+    lab.dp(
+        &devs,
+        &[
+            "lv",
+            "snapshot",
+            "snapvg/origin",
+            "--name",
+            "snap",
+            "--size",
+            "4M",
+        ],
+    );
+    let mut script = String::from(LVM);
+    script.push_str(
+        "check() { got=$(dd if=$1 bs=512 skip=$(($2/512)) count=1 2>/dev/null | head -c ${#3}); \
+         [ \"$got\" = \"$3\" ] || { echo \"MISMATCH $1 at $2: [$got] wanted [$3]\"; bad=1; }; }\n\
+         bad=0\n\
+         lvm_c vgchange -ay snapvg || exit 10\n\
+         dmsetup status snapvg-snap\n",
+    );
+    for k in 0..8u64 {
+        let _ = writeln!(
+            script,
+            "printf 'new {k}' | dd of=/dev/snapvg/origin bs=512 seek={} conv=sync oflag=direct 2>/dev/null",
+            k * 8
+        );
+    }
+    for k in 0..16u64 {
+        let now = if k < 8 { "new" } else { "old" };
+        let _ = writeln!(script, "check /dev/snapvg/origin {} '{now} {k}'", k * 4096);
+        let _ = writeln!(script, "check /dev/snapvg/snap {} 'old {k}'", k * 4096);
+    }
+    script.push_str(
+        "sync; echo \"STATUS $(dmsetup status snapvg-snap)\"\n\
+         lvm_c vgchange -an snapvg || exit 12\nexit $bad\n",
+    );
+    let ka = kernel_args(&kernel);
+    let mut args: Vec<&str> = vec!["vm", "run"];
+    args.extend(ka.iter().map(String::as_str));
+    args.extend([
+        "--mem",
+        "512M",
+        "--disk",
+        &s,
+        "--add",
+        "/sbin/lvm",
+        "--add",
+        "/sbin/dmsetup",
+        "--load-module",
+        "dm_snapshot",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let out = lab.devpool(&devs, &args);
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "guest failed ({:?}):\n{console}\n{stderr}",
+        out.status.code()
+    );
+    assert!(!console.contains("MISMATCH"), "{console}");
+    // dm reports a valid snapshot: "snapshot <used>/<total> <metadata>".
+    let status = console
+        .lines()
+        .find(|l| l.starts_with("STATUS "))
+        .unwrap_or_else(|| panic!("no status:\n{console}"));
+    assert!(
+        status.contains(" snapshot ") && !status.contains("Invalid"),
+        "{status}"
+    );
+
+    // Host: the COW store as devpool reads it.
+    let view = DevpoolView::read(&lab, &devs, "snapvg");
+    let (path, cow_at) = view.place("snap", 0);
+    let bytes = std::fs::read(&path).unwrap();
+    let cow = &bytes[cow_at as usize..cow_at as usize + (4 << 20)];
+    let h = CowHeader::parse(cow).unwrap().expect("header");
+    assert!(h.valid);
+    assert_eq!(h.chunk_sectors, 8);
+    let layout = CowLayout {
+        chunk_sectors: 8,
+        chunks: (4 << 20) / 4096,
+    };
+    let table = ExceptionTable::load(&layout, |area| {
+        let at = (layout.area_location(area).unwrap() * 4096) as usize;
+        Ok(cow[at..at + 4096].to_vec())
+    })
+    .unwrap();
+    let olds: Vec<u64> = table.map.keys().copied().collect();
+    assert_eq!(olds, (0..8).collect::<Vec<u64>>(), "{table:?}");
+    for (old, new) in &table.map {
+        let at = (*new * 4096) as usize;
+        let want = format!("old {old}");
+        assert_eq!(&cow[at..at + want.len()], want.as_bytes());
+    }
+    for k in 0..8u64 {
+        let want = format!("new {k}");
+        assert_eq!(view.read_record("origin", k * 4096, want.len()), want);
+    }
+}

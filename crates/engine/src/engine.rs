@@ -162,6 +162,16 @@ pub enum Operation {
         add: Vec<String>,
         remove: Vec<String>,
     },
+    /// A copy-on-write snapshot of `origin` named `name`: a COW store of
+    /// `size` (default: a fifth of the origin) initialised in dm-snapshot's
+    /// format, committed with the LVM2 metadata that ties them.
+    SnapshotCreate {
+        vg: String,
+        origin: String,
+        name: String,
+        size: Option<SizeArg>,
+        chunk_size: Bytes,
+    },
 }
 
 impl Operation {
@@ -213,6 +223,9 @@ impl Operation {
             Operation::LvRename { vg, old, new } => format!("lv rename {vg}/{old} {new}"),
             Operation::LvResize { vg, name, .. } => format!("lv resize {vg}/{name}"),
             Operation::LvTags { vg, name, .. } => format!("lv tag {vg}/{name}"),
+            Operation::SnapshotCreate {
+                vg, origin, name, ..
+            } => format!("snapshot create {vg}/{origin} --name {name}"),
         }
     }
 
@@ -238,7 +251,8 @@ impl Operation {
             | Operation::LvRemove { vg, .. }
             | Operation::LvRename { vg, .. }
             | Operation::LvResize { vg, .. }
-            | Operation::LvTags { vg, .. } => l.vgs.push(vg.clone()),
+            | Operation::LvTags { vg, .. }
+            | Operation::SnapshotCreate { vg, .. } => l.vgs.push(vg.clone()),
         }
         l.vgs.sort();
         l.vgs.dedup();
@@ -539,6 +553,23 @@ impl Engine {
                     dev.write_at(gate, offset + done, &chunk[..n as usize])?;
                     done += n;
                 }
+                dev.sync()
+            }
+            Step::InitCowStore {
+                device,
+                offset,
+                chunk_sectors,
+                ..
+            } => {
+                // The header chunk, then area 0's metadata chunk zeroed (an
+                // empty exception table), as dm-snapshot initialises a store.
+                let chunk = *chunk_sectors as usize * 512;
+                let mut buf = vec![0u8; 2 * chunk];
+                buf[..16].copy_from_slice(
+                    &devpool_format::cow::CowHeader::new(*chunk_sectors).to_bytes(),
+                );
+                let dev = Device::open(device, true)?;
+                dev.write_at(gate, *offset, &buf)?;
                 dev.sync()
             }
             Step::InitMetadataArea {
@@ -951,6 +982,70 @@ impl Engine {
                 }
                 plan.notes
                     .push(format!("{vg}/{name}: {current} -> {after} extents"));
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+            }
+            Operation::SnapshotCreate {
+                vg,
+                origin,
+                name,
+                size,
+                chunk_size,
+            } => {
+                let loaded = scan.vg(vg)?;
+                self.require_complete(loaded)?;
+                self.base_on(&mut plan, loaded);
+                let mut meta = (*loaded.meta).clone();
+                let origin_extents = meta
+                    .lv(origin)
+                    .ok_or_else(|| EngineError::LvNotFound {
+                        vg: vg.clone(),
+                        lv: origin.clone(),
+                    })?
+                    .extent_count();
+                let extents = match size {
+                    Some(s) => {
+                        let (e, note) = ops::resolve_size(&meta, s, None, 1)?;
+                        plan.notes.extend(note);
+                        e
+                    }
+                    None => origin_extents.div_ceil(5).max(1),
+                };
+                let chunk_sectors = u32::try_from(chunk_size.0 / 512)
+                    .ok()
+                    .filter(|_| chunk_size.0 % 512 == 0)
+                    .ok_or_else(|| {
+                        EngineError::Invalid(format!(
+                            "chunk size {} bytes is not a whole number of sectors",
+                            chunk_size.0
+                        ))
+                    })?;
+                let (now, host) = (unix_now(), hostname());
+                let snap = ops::snapshot::create_snapshot(
+                    &mut meta,
+                    ops::snapshot::NewSnapshot {
+                        origin: origin.clone(),
+                        // One run: the header and first area sit in its first chunks.
+                        cow: NewLv {
+                            name: name.clone(),
+                            extents: Extents(extents),
+                            layout: Layout::Contiguous,
+                            tags: vec![],
+                            id: random_uuid(),
+                            creation_time: now,
+                            creation_host: host,
+                        },
+                        chunk_sectors,
+                        id: random_uuid(),
+                    },
+                )?;
+                let (device, offset, _) = lv_start(loaded, &meta, name)?;
+                plan.steps.push(Step::InitCowStore {
+                    device,
+                    offset,
+                    chunk_sectors,
+                    reason: format!("COW store of {vg}/{name} ({snap})"),
+                });
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
             }

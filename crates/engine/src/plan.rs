@@ -17,6 +17,13 @@ pub enum Step {
         len: u64,
         reason: String,
     },
+    /// Write a dm-snapshot COW header and an empty first exception area.
+    InitCowStore {
+        device: PathBuf,
+        offset: u64,
+        chunk_sectors: u32,
+        reason: String,
+    },
     /// Write an empty metadata area header.
     InitMetadataArea {
         device: PathBuf,
@@ -94,6 +101,16 @@ impl Step {
                     .map(|d| d.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
+            ),
+            Step::InitCowStore {
+                device,
+                offset,
+                chunk_sectors,
+                reason,
+            } => format!(
+                "write a snapshot COW header (chunk {} KiB) and an empty exception area at byte {offset} of {}: {reason}",
+                chunk_sectors / 2,
+                device.display()
             ),
             Step::ClearMetadata { device } => {
                 format!("clear the metadata slots on {}", device.display())
