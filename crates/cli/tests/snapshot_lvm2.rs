@@ -1,7 +1,7 @@
 //! `devpool lv snapshot` as real LVM2 sees it: the snapshot reports its
 //! origin, the `s`/`o` attributes and its chunk size, vgck passes, the COW
 //! header is dm-snapshot's; bad requests are refused with the reason and
-//! nothing changes.
+//! nothing changes; `lv remove` of the snapshot removes it whole.
 
 mod common;
 use common::*;
@@ -124,10 +124,25 @@ fn lvm2_reports_a_devpool_snapshot_and_bad_snapshots_are_refused() {
             vec!["lv", "resize", &lv("origin"), "--size", "+4M"],
             "used by another LV",
         ),
-        (vec!["lv", "remove", &lv("snap")], "used by another LV"),
+        (vec!["lv", "remove", &lv("origin")], "used by another LV"),
+        (
+            vec!["lv", "remove", &lv("snapshot0")],
+            "internal part of snapshot",
+        ),
     ] {
         let e = lab.dp_err(&devs, &args);
         assert!(e.contains(want), "{args:?}: wanted '{want}' in {e}");
     }
     assert_eq!(lab.dp(&devs, &["lv", "list", &vg]), before);
+
+    // lv remove of the snapshot takes the COW LV and snapshot0; LVM2 agrees.
+    lab.dp(&devs, &["lv", "remove", &lv("snap")]);
+    let names: Vec<String> = lvm_report(&devs, "lvs", "lv_name")
+        .iter()
+        .map(|r| r["lv_name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["origin"]);
+    let origin = lvm_report(&devs, "lvs", "lv_name,lv_attr");
+    assert!(origin[0]["lv_attr"].as_str().unwrap().starts_with('-'));
+    assert!(vgck(&devs, &vg).0);
 }

@@ -283,7 +283,18 @@ fn modifiable<'a>(vg: &'a mut VgMetadata, name: &str) -> Result<&'a mut LvMeta> 
     })
 }
 
+/// Remove an LV; a snapshot (named by its COW store) goes with its
+/// `snapshotN`, as with LVM2's lvremove.
 pub fn remove_lv(vg: &mut VgMetadata, name: &str) -> Result<()> {
+    if snapshot::snapshot_of_cow(vg, name).is_some() {
+        return snapshot::remove_snapshot(vg, name);
+    }
+    if let Some(cow) = snapshot::cow_of_snapshot(vg, name) {
+        return Err(EngineError::Refused(format!(
+            "{}/{name} is the internal part of snapshot {}/{cow}; remove the snapshot by its name",
+            vg.name, vg.name
+        )));
+    }
     modifiable(vg, name)?;
     vg.lvs.retain(|l| l.name != name);
     Ok(())

@@ -78,3 +78,37 @@ pub fn create_snapshot(vg: &mut VgMetadata, s: NewSnapshot) -> Result<String> {
     });
     Ok(name)
 }
+
+/// The `snapshotN` LV whose COW store is `cow`, if `cow` is one.
+pub fn snapshot_of_cow<'a>(vg: &'a VgMetadata, cow: &str) -> Option<&'a LvMeta> {
+    vg.lvs.iter().find(|l| {
+        l.segments.iter().any(|s| {
+            s.segtype() == "snapshot"
+                && s.extra.iter().any(
+                    |i| matches!(i, Item::Assign(k, Value::Str(v)) if k == "cow_store" && v == cow),
+                )
+        })
+    })
+}
+
+/// The COW store named by `snapshotN` LV `name`, if it is one.
+pub fn cow_of_snapshot(vg: &VgMetadata, name: &str) -> Option<String> {
+    vg.lv(name)?.segments.iter().find_map(|s| {
+        (s.segtype() == "snapshot").then(|| {
+            s.extra.iter().find_map(|i| match i {
+                Item::Assign(k, Value::Str(v)) if k == "cow_store" => Some(v.clone()),
+                _ => None,
+            })
+        })?
+    })
+}
+
+/// Remove a snapshot: its COW LV (by the snapshot's name) and its
+/// `snapshotN`, as `lvremove VG/SNAP` does. The origin is untouched.
+pub fn remove_snapshot(vg: &mut VgMetadata, name: &str) -> Result<()> {
+    let snap = snapshot_of_cow(vg, name)
+        .map(|l| l.name.clone())
+        .ok_or_else(|| EngineError::Invalid(format!("{}/{name} is not a snapshot", vg.name)))?;
+    vg.lvs.retain(|l| l.name != name && l.name != snap);
+    Ok(())
+}

@@ -231,7 +231,14 @@ fn a_snapshot_is_a_hidden_cow_lv_and_a_visible_snapshot_n_like_lvm2_writes() {
     assert_eq!(VgMetadata::parse(&text).unwrap(), vg);
     // The origin and the COW store are now in use: plain operations refuse them.
     assert!(resize_lv(&mut vg.clone(), "origin", 16).is_err());
-    assert!(remove_lv(&mut vg.clone(), "snap").is_err());
+    assert!(remove_lv(&mut vg.clone(), "origin").is_err());
+    assert!(remove_lv(&mut vg.clone(), "snapshot0").is_err());
+    // Removing the snapshot (by its name) takes the COW LV and snapshotN.
+    let mut gone = vg.clone();
+    remove_lv(&mut gone, "snap").unwrap();
+    assert!(gone.lv("snap").is_none() && gone.lv("snapshot0").is_none());
+    assert!(gone.lv("origin").is_some());
+    gone.check().unwrap();
     // Snapshots of a COW store, of snapshotN or of a missing LV are refused,
     // as are chunk sizes dm does not take.
     for (origin, chunk) in [("snap", 8), ("snapshot0", 8), ("nope", 8), ("origin", 3)] {
