@@ -146,3 +146,50 @@ fn lvm2_reports_a_devpool_snapshot_and_bad_snapshots_are_refused() {
     assert!(origin[0]["lv_attr"].as_str().unwrap().starts_with('-'));
     assert!(vgck(&devs, &vg).0);
 }
+
+/// A snapshot of a leased volume belongs to the lease: releasing the lease
+/// removes it too (an origin with a snapshot could not go otherwise).
+#[test]
+fn releasing_a_lease_removes_the_snapshots_of_its_volumes() {
+    if skip_unless_real("releasing_a_lease_removes_the_snapshots_of_its_volumes") {
+        return;
+    }
+    let lab = Lab::new();
+    let img = lab.path("p.img");
+    let p = img.display().to_string();
+    let devs = [img.as_path()];
+    lab.dp(
+        &devs,
+        &[
+            "pool",
+            "setup",
+            &p,
+            "--name",
+            "sn",
+            "--image-size",
+            "256M",
+            "--yes",
+        ],
+    );
+    let a = lab.dp_json(
+        &devs,
+        &["--pool", "sn", "lease", "acquire", "--volumes", "test:16M"],
+    );
+    let lv = a["devices"][0]["lv"].as_str().unwrap().to_string();
+    let session = a["session"].as_str().unwrap().to_string();
+    lab.dp(
+        &devs,
+        &[
+            "lv",
+            "snapshot",
+            &format!("devpool-sn/{lv}"),
+            "--name",
+            "before",
+        ],
+    );
+    let listed = lab.dp(&devs, &["lv", "list", "devpool-sn"]);
+    assert!(listed.contains("devpool-sn/before"), "{listed}");
+    lab.dp(&devs, &["--pool", "sn", "lease", "release", &session]);
+    let listed = lab.dp_json(&devs, &["lv", "list", "devpool-sn"]);
+    assert_eq!(listed["lvs"].as_array().map(Vec::len), Some(0), "{listed}");
+}

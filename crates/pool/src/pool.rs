@@ -668,10 +668,13 @@ impl Pools {
             }
             detach_loops(&v, &lvs, false);
             self.stop_servers(&v, &lvs)?;
+            // The lease's snapshots go first (an origin with snapshots cannot go).
+            let mut names = devpool_engine::ops::snapshot::snapshots_of(&v.meta, &lvs);
+            names.extend(lvs.iter().cloned());
             match e.apply(
                 &Operation::LvRemove {
                     vg: rec.vg.clone(),
-                    names: lvs.clone(),
+                    names,
                 },
                 true,
             ) {
@@ -737,10 +740,12 @@ impl Pools {
             if lvs.is_empty() {
                 return Ok(report);
             }
+            let mut names = devpool_engine::ops::snapshot::snapshots_of(&v.meta, &lvs);
+            names.extend(lvs);
             match e.apply(
                 &Operation::LvRemove {
                     vg: rec.vg.clone(),
-                    names: lvs,
+                    names,
                 },
                 true,
             ) {

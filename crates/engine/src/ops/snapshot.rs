@@ -112,3 +112,24 @@ pub fn remove_snapshot(vg: &mut VgMetadata, name: &str) -> Result<()> {
     vg.lvs.retain(|l| l.name != name && l.name != snap);
     Ok(())
 }
+
+/// The snapshots (by their COW LV names) of each of `origins`, so that a
+/// lease's snapshots go with it.
+pub fn snapshots_of(vg: &VgMetadata, origins: &[String]) -> Vec<String> {
+    vg.lvs
+        .iter()
+        .flat_map(|l| &l.segments)
+        .filter(|s| s.segtype() == "snapshot")
+        .filter_map(|s| {
+            let field = |key: &str| {
+                s.extra.iter().find_map(|i| match i {
+                    Item::Assign(k, Value::Str(v)) if k == key => Some(v.clone()),
+                    _ => None,
+                })
+            };
+            origins
+                .contains(&field("origin")?)
+                .then(|| field("cow_store"))?
+        })
+        .collect()
+}
