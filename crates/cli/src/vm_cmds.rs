@@ -474,9 +474,8 @@ pub fn boot(
         workdir: extras.workdir.unwrap_or_else(|| "/".into()),
     };
     let initrd = dir.join("initrd.cpio");
-    let mut image = guest.initramfs_with(&extras.contents)?;
-    std::fs::write(&initrd, &image).with_context(|| format!("writing {}", initrd.display()))?;
-    image.clear();
+    std::fs::write(&initrd, guest.initramfs_with(&extras.contents)?)
+        .with_context(|| format!("writing {}", initrd.display()))?;
     let machine = Machine {
         kernel: k.image.clone(),
         initrd,
@@ -647,7 +646,7 @@ pub fn module_test(
     if params.contains(['\n', ';', '&', '|', '`', '$']) {
         bail!("--params '{params}': only NAME=VALUE pairs separated by spaces");
     }
-    let name = module_test::module_name_of(&file);
+    let name = devpool_vm::kernel::module_name(&file);
     let specs = if volumes.is_empty() {
         Vec::new()
     } else {

@@ -18,6 +18,20 @@ use std::path::{Path, PathBuf};
 
 const MANY: usize = 300;
 
+/// The console of a `vm run` whose guest script checked records: it must
+/// have succeeded without a MISMATCH.
+fn guest_console(out: &std::process::Output) -> String {
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "guest failed ({:?}):\n{console}\n{stderr}",
+        out.status.code()
+    );
+    assert!(!console.contains("MISMATCH"), "{console}");
+    console
+}
+
 /// A VG as devpool reads it: metadata and each PV's path (metadata order).
 struct DevpoolView {
     meta: std::sync::Arc<VgMetadata>,
@@ -109,19 +123,21 @@ fn records() -> Vec<(&'static str, String, Vec<u64>)> {
     r
 }
 
-const LVM: &str = "lvm_c() { lvm \"$@\" --config 'activation{udev_sync=0 udev_rules=0} \
-devices{obtain_device_list_from_udev=0} backup{backup=0 archive=0}'; }\n";
+/// Guest shell helpers: LVM2 without udev, `check DEV OFFSET TEXT` (a
+/// record reads back, else MISMATCH and bad=1), `put DEV OFFSET TEXT`.
+const HELPERS: &str = "lvm_c() { lvm \"$@\" --config 'activation{udev_sync=0 udev_rules=0} \
+devices{obtain_device_list_from_udev=0} backup{backup=0 archive=0}'; }\n\
+check() { got=$(dd if=$1 bs=512 skip=$(($2/512)) count=1 2>/dev/null | head -c ${#3}); \
+[ \"$got\" = \"$3\" ] || { echo \"MISMATCH $1 at $2: [$got] wanted [$3]\"; bad=1; }; }\n\
+put() { printf '%s' \"$3\" | dd of=$1 bs=512 seek=$(($2/512)) conv=sync 2>/dev/null || { echo \"WRITE FAILED $1 $2\"; bad=1; }; }\n\
+bad=0\n";
 
 /// The guest: activate, check host records, write guest records (1 KiB
 /// after each host record), create an LV, deactivate.
 fn guest_script() -> String {
-    let mut s = String::from(LVM);
+    let mut s = String::from(HELPERS);
     s.push_str(
-        "check() { got=$(dd if=$1 bs=512 skip=$(($2/512)) count=1 2>/dev/null | head -c ${#3}); \
-         [ \"$got\" = \"$3\" ] || { echo \"MISMATCH $1 at $2: [$got] wanted [$3]\"; bad=1; }; }\n\
-         put() { printf '%s' \"$3\" | dd of=$1 bs=512 seek=$(($2/512)) conv=sync 2>/dev/null || { echo \"WRITE FAILED $1 $2\"; bad=1; }; }\n\
-         bad=0\n\
-         lvm_c vgchange -ay dmproof many || exit 10\n\
+        "lvm_c vgchange -ay dmproof many || exit 10\n\
          echo \"ACTIVE $(ls /dev/mapper | grep -c -e '^dmproof-' -e '^many-')\"\n\
          dmsetup table dmproof-str\n",
     );
@@ -254,14 +270,7 @@ fn guest_lvm2_activates_devpool_vgs_on_real_device_mapper() {
             &script,
         ],
     );
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "guest failed ({:?}):\n{console}\n{stderr}",
-        out.status.code()
-    );
-    assert!(!console.contains("MISMATCH"), "{console}");
+    let console = guest_console(&out);
     assert!(
         console.contains(&format!("ACTIVE {}", MANY + 2)),
         "LVM2 did not activate every volume:\n{console}"
@@ -344,12 +353,9 @@ fn guest_dm_snapshot_runs_on_a_snapshot_devpool_created() {
             "4M",
         ],
     );
-    let mut script = String::from(LVM);
+    let mut script = String::from(HELPERS);
     script.push_str(
-        "check() { got=$(dd if=$1 bs=512 skip=$(($2/512)) count=1 2>/dev/null | head -c ${#3}); \
-         [ \"$got\" = \"$3\" ] || { echo \"MISMATCH $1 at $2: [$got] wanted [$3]\"; bad=1; }; }\n\
-         bad=0\n\
-         lvm_c vgchange -ay snapvg || exit 10\n\
+        "lvm_c vgchange -ay snapvg || exit 10\n\
          dmsetup status snapvg-snap\n",
     );
     for k in 0..8u64 {
@@ -388,14 +394,7 @@ fn guest_dm_snapshot_runs_on_a_snapshot_devpool_created() {
         &script,
     ]);
     let out = lab.devpool(&devs, &args);
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "guest failed ({:?}):\n{console}\n{stderr}",
-        out.status.code()
-    );
-    assert!(!console.contains("MISMATCH"), "{console}");
+    let console = guest_console(&out);
     // dm reports a valid snapshot: "snapshot <used>/<total> <metadata>".
     let status = console
         .lines()

@@ -138,6 +138,20 @@ impl Segment {
     pub fn end_extent(&self) -> u64 {
         self.start_extent.saturating_add(self.extent_count)
     }
+    /// A string field the engine does not type (`origin = "lv"`).
+    pub fn str_field(&self, key: &str) -> Option<&str> {
+        self.extra.iter().find_map(|i| match i {
+            Item::Assign(k, Value::Str(v)) if k == key => Some(v.as_str()),
+            _ => None,
+        })
+    }
+    /// For a `snapshot` segment: its origin and COW store LV names.
+    pub fn snapshot_link(&self) -> Option<(&str, &str)> {
+        if self.segtype() != "snapshot" {
+            return None;
+        }
+        Some((self.str_field("origin")?, self.str_field("cow_store")?))
+    }
 }
 
 impl LvMeta {
@@ -426,16 +440,8 @@ impl VgMetadata {
                 .iter()
                 .filter(|s| matches!(s.kind, SegmentKind::Other { .. }))
             {
-                let field = |k: &str| {
-                    seg.extra.iter().find_map(|i| match i {
-                        Item::Assign(key, Value::Str(v)) if key == k => Some(v.clone()),
-                        _ => None,
-                    })
-                };
-                if seg.segtype() == "snapshot"
-                    && let (Some(cow), Some(origin)) = (field("cow_store"), field("origin"))
-                {
-                    cows.push((cow, origin));
+                if let Some((origin, cow)) = seg.snapshot_link() {
+                    cows.push((cow.to_string(), origin.to_string()));
                 }
                 for item in &seg.extra {
                     if let Item::Assign(_, v) = item {

@@ -519,19 +519,7 @@ impl Pools {
         owner: &Owner,
         keep: bool,
     ) -> Result<Acquired> {
-        self.with_pool(name, |e, rec| {
-            self.acquire_on(
-                e,
-                rec,
-                name,
-                &LeaseRequest {
-                    specs,
-                    owner,
-                    keep,
-                    loops: true,
-                },
-            )
-        })
+        self.acquire_as(name, specs, owner, keep, true)
     }
 
     /// Lease volumes without host loop devices (a VM attaches them itself).
@@ -542,19 +530,24 @@ impl Pools {
         owner: &Owner,
         keep: bool,
     ) -> Result<Acquired> {
-        self.with_pool(name, |e, rec| {
-            self.acquire_on(
-                e,
-                rec,
-                name,
-                &LeaseRequest {
-                    specs,
-                    owner,
-                    keep,
-                    loops: false,
-                },
-            )
-        })
+        self.acquire_as(name, specs, owner, keep, false)
+    }
+
+    fn acquire_as(
+        &self,
+        name: &str,
+        specs: &[VolumeSpec],
+        owner: &Owner,
+        keep: bool,
+        loops: bool,
+    ) -> Result<Acquired> {
+        let req = LeaseRequest {
+            specs,
+            owner,
+            keep,
+            loops,
+        };
+        self.with_pool(name, |e, rec| self.acquire_on(e, rec, name, &req))
     }
 
     fn acquire_on(

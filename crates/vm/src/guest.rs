@@ -106,14 +106,9 @@ pub fn disk_name(i: usize) -> String {
 impl GuestSpec {
     /// The module files to load, in order; missing optional ones are skipped.
     fn module_files(&self) -> Result<Vec<PathBuf>> {
-        let mut names: Vec<&str> = Vec::new();
-        for m in &self.optional_modules {
-            if self.kernel.resolve(&[m.as_str()]).is_ok() {
-                names.push(m);
-            }
-        }
-        names.extend(self.modules.iter().map(String::as_str));
-        self.kernel.resolve(&names)
+        let names: Vec<&str> = self.modules.iter().map(String::as_str).collect();
+        let optional: Vec<&str> = self.optional_modules.iter().map(String::as_str).collect();
+        self.kernel.resolve_with(&names, &optional)
     }
 
     pub fn init_script(&self, modules: &[String]) -> String {

@@ -117,6 +117,13 @@ impl Kernel {
     /// Module files for `names` and everything they depend on, in load
     /// order (dependencies first); built-in modules need no file.
     pub fn resolve(&self, names: &[&str]) -> Result<Vec<PathBuf>> {
+        self.resolve_with(names, &[])
+    }
+
+    /// Like [`resolve`](Self::resolve), plus `optional` modules where the
+    /// kernel has them (skipped quietly where it has neither file nor
+    /// built-in); `modules.dep` is read once.
+    pub fn resolve_with(&self, names: &[&str], optional: &[&str]) -> Result<Vec<PathBuf>> {
         let Some(dir) = &self.modules else {
             return Ok(Vec::new());
         };
@@ -124,20 +131,28 @@ impl Kernel {
             .map_err(io_err(format!("read {}/modules.dep", dir.display())))?;
         let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
         let deps = ModulesDep::parse(&dep);
+        let is_builtin = |key: &str| builtin.lines().any(|l| module_name(l) == key);
         let mut out = Vec::new();
         let mut seen = BTreeSet::new();
-        for n in names {
+        for (n, required) in optional
+            .iter()
+            .map(|n| (n, false))
+            .chain(names.iter().map(|n| (n, true)))
+        {
             let key = canonical(n);
-            if builtin.lines().any(|l| module_name(l) == key) {
+            if is_builtin(&key) {
                 continue;
             }
-            let path = deps.path_of(&key).ok_or_else(|| {
-                VmError::Invalid(format!(
-                    "module {n} is neither built into kernel {} nor in its modules.dep",
-                    self.version
-                ))
-            })?;
-            deps.visit(path, &mut seen, &mut out);
+            match deps.path_of(&key) {
+                Some(path) => deps.visit(path, &mut seen, &mut out),
+                None if !required => {}
+                None => {
+                    return Err(VmError::Invalid(format!(
+                        "module {n} is neither built into kernel {} nor in its modules.dep",
+                        self.version
+                    )));
+                }
+            }
         }
         Ok(out.into_iter().map(|p| dir.join(p)).collect())
     }

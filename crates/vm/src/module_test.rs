@@ -27,11 +27,6 @@ pub struct ModuleTest {
     pub io_device: Option<String>,
 }
 
-/// `devpool_hello` for `/x/devpool-hello.ko`.
-pub fn module_name_of(path: &str) -> String {
-    crate::kernel::module_name(path)
-}
-
 impl ModuleTest {
     pub fn script(&self) -> String {
         let q = crate::guest::sh_quote;

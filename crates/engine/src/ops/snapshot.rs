@@ -79,28 +79,25 @@ pub fn create_snapshot(vg: &mut VgMetadata, s: NewSnapshot) -> Result<String> {
     Ok(name)
 }
 
+/// Every snapshot of the VG: (`snapshotN` LV, origin, COW store).
+fn links(vg: &VgMetadata) -> impl Iterator<Item = (&LvMeta, &str, &str)> {
+    vg.lvs.iter().flat_map(|l| {
+        l.segments
+            .iter()
+            .filter_map(move |s| s.snapshot_link().map(|(o, c)| (l, o, c)))
+    })
+}
+
 /// The `snapshotN` LV whose COW store is `cow`, if `cow` is one.
 pub fn snapshot_of_cow<'a>(vg: &'a VgMetadata, cow: &str) -> Option<&'a LvMeta> {
-    vg.lvs.iter().find(|l| {
-        l.segments.iter().any(|s| {
-            s.segtype() == "snapshot"
-                && s.extra.iter().any(
-                    |i| matches!(i, Item::Assign(k, Value::Str(v)) if k == "cow_store" && v == cow),
-                )
-        })
-    })
+    links(vg).find(|(_, _, c)| *c == cow).map(|(l, _, _)| l)
 }
 
 /// The COW store named by `snapshotN` LV `name`, if it is one.
 pub fn cow_of_snapshot(vg: &VgMetadata, name: &str) -> Option<String> {
-    vg.lv(name)?.segments.iter().find_map(|s| {
-        (s.segtype() == "snapshot").then(|| {
-            s.extra.iter().find_map(|i| match i {
-                Item::Assign(k, Value::Str(v)) if k == "cow_store" => Some(v.clone()),
-                _ => None,
-            })
-        })?
-    })
+    links(vg)
+        .find(|(l, _, _)| l.name == name)
+        .map(|(_, _, c)| c.to_string())
 }
 
 /// Remove a snapshot: its COW LV (by the snapshot's name) and its
@@ -116,20 +113,8 @@ pub fn remove_snapshot(vg: &mut VgMetadata, name: &str) -> Result<()> {
 /// The snapshots (by their COW LV names) of each of `origins`, so that a
 /// lease's snapshots go with it.
 pub fn snapshots_of(vg: &VgMetadata, origins: &[String]) -> Vec<String> {
-    vg.lvs
-        .iter()
-        .flat_map(|l| &l.segments)
-        .filter(|s| s.segtype() == "snapshot")
-        .filter_map(|s| {
-            let field = |key: &str| {
-                s.extra.iter().find_map(|i| match i {
-                    Item::Assign(k, Value::Str(v)) if k == key => Some(v.clone()),
-                    _ => None,
-                })
-            };
-            origins
-                .contains(&field("origin")?)
-                .then(|| field("cow_store"))?
-        })
+    links(vg)
+        .filter(|(_, o, _)| origins.iter().any(|x| x == o))
+        .map(|(_, _, c)| c.to_string())
         .collect()
 }
