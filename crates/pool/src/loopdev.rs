@@ -147,7 +147,10 @@ pub fn attach(backing: &Path, offset: u64, size: u64, lv_uuid: &str) -> Result<P
 }
 
 fn status(dev: &Path) -> Option<LoopInfo64> {
-    let f = File::open(dev).ok()?;
+    status_of(&File::open(dev).ok()?)
+}
+
+fn status_of(f: &File) -> Option<LoopInfo64> {
     let mut info = zero_info();
     // SAFETY: info is a valid, writable struct loop_info64.
     let r = unsafe {
@@ -212,13 +215,47 @@ pub fn detach(dev: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Change a loop device's window after a resize.
-pub fn set_window(dev: &Path, offset: u64, size: u64) -> Result<()> {
-    let mut info =
-        status(dev).ok_or_else(|| PoolError::Refused(format!("{} is not bound", dev.display())))?;
+/// `a.device`, opened, if it is still the loop device [`list`] saw. A loop
+/// device listed a moment ago may have been detached by its owner and taken
+/// by someone else since; while we hold it open its binding cannot change
+/// (a detach is deferred to the last close), so checking on this fd is safe.
+fn open_same(a: &Attached) -> Option<(File, LoopInfo64)> {
+    let f = File::open(&a.device).ok()?;
+    let info = status_of(&f)?;
+    let end = info
+        .lo_file_name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(LO_NAME_SIZE);
+    let same = info.lo_file_name[..end].strip_prefix(MARK.as_bytes()) == Some(a.lv_uuid.as_bytes())
+        && info.lo_offset == a.offset;
+    same.then_some((f, info))
+}
+
+/// Detach a loop device [`list`] reported, unless it has changed hands
+/// since (then `Ok(false)`: it is someone else's now).
+pub fn detach_attached(a: &Attached) -> Result<bool> {
+    let Some((f, _)) = open_same(a) else {
+        return Ok(false);
+    };
+    // SAFETY: LOOP_CLR_FD takes no argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENXIO) {
+            return Err(PoolError::io(&a.device, "LOOP_CLR_FD", e));
+        }
+    }
+    Ok(true)
+}
+
+/// Change the window of a loop device [`list`] reported, after a resize.
+pub fn set_window(a: &Attached, offset: u64, size: u64) -> Result<()> {
+    let dev = a.device.as_path();
+    let (f, mut info) = open_same(a).ok_or_else(|| {
+        PoolError::Refused(format!("{} is no longer this volume's", dev.display()))
+    })?;
     info.lo_offset = offset;
     info.lo_sizelimit = size;
-    let f = File::open(dev).map_err(|e| PoolError::io(dev, "open", e))?;
     // SAFETY: info is a valid struct loop_info64.
     if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_SET_STATUS64, &info as *const LoopInfo64) } != 0 {
         return Err(ioctl_err(dev, "LOOP_SET_STATUS64"));

@@ -810,7 +810,7 @@ impl Pools {
         e.execute(&plan)?;
         if let Ok((_, offset, bytes)) = window {
             for a in &attached {
-                loopdev::set_window(&a.device, offset, bytes)?;
+                loopdev::set_window(a, offset, bytes)?;
             }
         }
         Ok(after * meta.extent_size.bytes().0)
@@ -975,7 +975,7 @@ fn detach_loops(v: &LoadedVg, lvs: &[String], strays: bool) -> Vec<PathBuf> {
         let stray = strays
             && !live.contains(a.lv_uuid.as_str())
             && pv_files.iter().any(|p| same_file(p, &a.backing));
-        if (stray || doomed.contains(&a.lv_uuid)) && loopdev::detach(&a.device).is_ok() {
+        if (stray || doomed.contains(&a.lv_uuid)) && loopdev::detach_attached(&a).is_ok_and(|d| d) {
             loopdev::chown_back(&a.device);
             done.push(a.device);
         }

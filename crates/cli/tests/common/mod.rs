@@ -114,40 +114,56 @@ pub struct Lab {
     pub loops: Vec<Loop>,
 }
 
+/// Detach every loop device whose backing file satisfies `ours`. The device
+/// is opened before its backing file is read: a device bound while we hold
+/// it cannot be unbound and given to another test's file until we close it,
+/// so a device freed and re-taken meanwhile is never detached by mistake
+/// (`losetup -d` by name after a listing would race exactly like that).
+pub fn detach_loops_where(ours: impl Fn(&Path, &Path) -> bool) {
+    use std::os::fd::AsRawFd;
+    const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let dev = PathBuf::from(format!("/dev/{name}"));
+        let Ok(f) = std::fs::File::open(&dev) else {
+            continue;
+        };
+        let backing =
+            std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+        if !backing.trim().is_empty() && ours(&dev, Path::new(backing.trim())) {
+            // SAFETY: LOOP_CLR_FD takes no argument; f is an open loop device.
+            unsafe {
+                libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD);
+            }
+        }
+    }
+}
+
 impl Drop for Lab {
     /// Loop devices a failed test left stacked on the lab's devices or images
     /// (a lease's devices over a pool PV) go first, so nothing stays attached.
     fn drop(&mut self) {
         let _g = LOSETUP.lock().unwrap_or_else(|p| p.into_inner());
-        // Loop devices over files in the lab (pools on image files).
         let dir = self.dir.path().to_path_buf();
-        if let Ok(rd) = std::fs::read_dir("/sys/block") {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let backing =
-                    std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
-                if name.starts_with("loop") && Path::new(backing.trim()).starts_with(&dir) {
-                    let _ = Command::new("losetup")
-                        .arg("-d")
-                        .arg(format!("/dev/{name}"))
-                        .status();
-                }
-            }
-        }
-        for l in &self.loops {
-            for target in [&l.dev, &l.image] {
-                let out = Command::new("losetup").arg("-j").arg(target).output();
-                let Ok(out) = out else { continue };
-                for line in String::from_utf8_lossy(&out.stdout).lines() {
-                    let Some(dev) = line.split(':').next() else {
-                        continue;
-                    };
-                    if Path::new(dev) != l.dev {
-                        let _ = Command::new("losetup").arg("-d").arg(dev).status();
-                    }
-                }
-            }
-        }
+        let mine: Vec<(PathBuf, PathBuf)> = self
+            .loops
+            .iter()
+            .map(|l| (l.dev.clone(), l.image.clone()))
+            .collect();
+        detach_loops_where(|dev, backing| {
+            // Over files in the lab (pools on image files), or stacked on the
+            // lab's own loop devices and images (but not those themselves).
+            backing.starts_with(&dir) && !mine.iter().any(|(d, _)| d == dev)
+                || mine
+                    .iter()
+                    .any(|(d, img)| dev != d && (backing == d || backing == img))
+        });
     }
 }
 
