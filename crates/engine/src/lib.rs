@@ -11,10 +11,12 @@
 //! - [`ops`] and [`alloc`]: pure volume operations and extent allocation
 //! - [`scan`], [`vg`]: reading PVs and assembling VGs
 //! - [`commit`], [`device`], [`lock`], [`journal`]: the write path
+//! - [`cowstore`]: a snapshot's COW store, live (load, look up, append, invalidate)
 //! - [`report`]: PV/VG/LV/segment rows for tables and JSON
 
 pub mod alloc;
 pub mod commit;
+pub mod cowstore;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -9,6 +9,7 @@
 //! - [`config`]: the text metadata grammar (parser and printer)
 //! - [`metadata`]: the VG model (PVs, LVs, segments) over the grammar, keeping what it does not understand
 //! - [`units`], [`names`], [`uuid`]: checked size units, LVM2's naming rules, LVM2 identifiers
+//! - [`map`]: an LV's logical bytes → (PV, offset) through its linear and striped segments
 //! - [`cow`]: dm-snapshot's persistent exception store (the COW volume of a snapshot)
 //! - [`signature`]: recognising what else a device may hold (filesystems, partition tables…)
 //!
@@ -20,6 +21,7 @@ pub mod cow;
 pub mod crc;
 pub mod error;
 pub mod label;
+pub mod map;
 pub mod mda;
 pub mod metadata;
 pub mod names;

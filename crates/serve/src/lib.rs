@@ -3,8 +3,8 @@
 //! The data plane: volumes become block devices through devpool itself. One
 //! block-I/O core and thin protocol frontends over it.
 //!
-//! - [`map`]: a volume's logical bytes → (device, offset) through its linear
-//!   and striped segments; refuses everything outside the volume (pure)
+//! - [`map`] (from devpool-format): a volume's logical bytes → (device,
+//!   offset); refuses everything outside the volume
 //! - [`device`]: the PVs under a volume, opened direct and buffered
 //! - [`buffer`]: aligned I/O buffers
 //! - [`queue`]: the io_uring core (read, write, flush, discard, write-zeroes, FUA)
@@ -22,11 +22,13 @@ pub mod export;
 pub mod fuse;
 pub mod hostdev;
 pub mod lifetime;
-pub mod map;
 pub mod nbd;
 pub mod open;
 pub mod queue;
 pub mod vhost;
+
+/// Volume maps live with the format (pure), so the pool can read COW stores too.
+pub use devpool_format::map;
 
 pub use device::Volume;
 pub use lifetime::Stopper;

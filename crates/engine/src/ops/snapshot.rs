@@ -79,25 +79,60 @@ pub fn create_snapshot(vg: &mut VgMetadata, s: NewSnapshot) -> Result<String> {
     Ok(name)
 }
 
-/// Every snapshot of the VG: (`snapshotN` LV, origin, COW store).
-fn links(vg: &VgMetadata) -> impl Iterator<Item = (&LvMeta, &str, &str)> {
-    vg.lvs.iter().flat_map(|l| {
-        l.segments
-            .iter()
-            .filter_map(move |s| s.snapshot_link().map(|(o, c)| (l, o, c)))
-    })
+/// One snapshot as the VG records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotLink {
+    /// The hidden-named LV carrying the `snapshot` segment (`snapshot0`).
+    pub snapshot_lv: String,
+    pub origin: String,
+    /// The COW store, named as the user named the snapshot.
+    pub cow: String,
+    /// `chunk_size` in sectors (None when the segment lacks a valid one).
+    pub chunk_sectors: Option<u32>,
+}
+
+/// Every snapshot of the VG.
+pub fn snapshot_links(vg: &VgMetadata) -> Vec<SnapshotLink> {
+    vg.lvs
+        .iter()
+        .flat_map(|l| {
+            l.segments.iter().filter_map(move |s| {
+                let (origin, cow) = s.snapshot_link()?;
+                let chunk_sectors = s.extra.iter().find_map(|i| match i {
+                    Item::Assign(k, Value::Int(v)) if k == "chunk_size" => u32::try_from(*v).ok(),
+                    _ => None,
+                });
+                Some(SnapshotLink {
+                    snapshot_lv: l.name.clone(),
+                    origin: origin.to_string(),
+                    cow: cow.to_string(),
+                    chunk_sectors,
+                })
+            })
+        })
+        .collect()
+}
+
+/// The snapshot `name` names: its COW store (the user's name) or its
+/// `snapshotN` LV.
+pub fn find_snapshot(vg: &VgMetadata, name: &str) -> Option<SnapshotLink> {
+    snapshot_links(vg)
+        .into_iter()
+        .find(|l| l.cow == name || l.snapshot_lv == name)
 }
 
 /// The `snapshotN` LV whose COW store is `cow`, if `cow` is one.
 pub fn snapshot_of_cow<'a>(vg: &'a VgMetadata, cow: &str) -> Option<&'a LvMeta> {
-    links(vg).find(|(_, _, c)| *c == cow).map(|(l, _, _)| l)
+    let link = snapshot_links(vg).into_iter().find(|l| l.cow == cow)?;
+    vg.lv(&link.snapshot_lv)
 }
 
 /// The COW store named by `snapshotN` LV `name`, if it is one.
 pub fn cow_of_snapshot(vg: &VgMetadata, name: &str) -> Option<String> {
-    links(vg)
-        .find(|(l, _, _)| l.name == name)
-        .map(|(_, _, c)| c.to_string())
+    snapshot_links(vg)
+        .into_iter()
+        .find(|l| l.snapshot_lv == name)
+        .map(|l| l.cow)
 }
 
 /// Remove a snapshot: its COW LV (by the snapshot's name) and its
@@ -113,8 +148,9 @@ pub fn remove_snapshot(vg: &mut VgMetadata, name: &str) -> Result<()> {
 /// The snapshots (by their COW LV names) of each of `origins`, so that a
 /// lease's snapshots go with it.
 pub fn snapshots_of(vg: &VgMetadata, origins: &[String]) -> Vec<String> {
-    links(vg)
-        .filter(|(_, o, _)| origins.iter().any(|x| x == o))
-        .map(|(_, _, c)| c.to_string())
+    snapshot_links(vg)
+        .into_iter()
+        .filter(|l| origins.contains(&l.origin))
+        .map(|l| l.cow)
         .collect()
 }

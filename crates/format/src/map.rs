@@ -4,7 +4,7 @@
 //! anything outside the volume, so a bug in a protocol can never reach a
 //! neighbour's extents.
 
-use devpool_format::metadata::{LvMeta, SegmentKind, VgMetadata};
+use crate::metadata::{LvMeta, SegmentKind, VgMetadata};
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -269,20 +269,16 @@ fn push_merged(out: &mut Vec<Piece>, first: usize, p: Piece) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devpool_format::metadata::{Segment, StripeArea};
-    use devpool_format::units::{ExtentSize, Sectors};
-    use devpool_format::uuid::LvmUuid;
+    use crate::metadata::{Segment, StripeArea};
+    use crate::units::{Bytes, ExtentSize, Sectors};
+    use crate::uuid::LvmUuid;
     use proptest::prelude::*;
 
     const ES: u64 = 4 << 20;
 
     fn vg() -> VgMetadata {
         let id = LvmUuid::parse("aaaaaa-aaaa-aaaa-aaaa-aaaa-aaaa-aaaaaa").unwrap();
-        VgMetadata::new_empty(
-            "vg",
-            id,
-            ExtentSize::new_for_vg(devpool_format::units::Bytes(ES)).unwrap(),
-        )
+        VgMetadata::new_empty("vg", id, ExtentSize::new_for_vg(Bytes(ES)).unwrap())
     }
 
     fn lv(segments: Vec<Segment>) -> LvMeta {
