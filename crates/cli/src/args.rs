@@ -98,6 +98,49 @@ Example:\n  devpool pool setup /dev/sdb --name fast\n  devpool pool setup /var/t
 }
 
 #[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Snapshot a pool volume before a risky run (copy-on-write, dm-snapshot's format).
+    #[command(
+        after_help = "The snapshot belongs to the volume's lease: it is released and reaped with it. \
+Its COW store (default size: a fifth of the volume) is a new LV in the pool; when it fills up the \
+snapshot becomes invalid (as with dm) and `pool status` says so, while the volume keeps working.\n\n\
+A volume with snapshots is copy-on-write, so its plain loop device is detached (refused while it is \
+mounted or open) and devpool serves it: `devpool serve VOLUME --block-device` (or --nbd, or a VM). \
+When its last snapshot is deleted or merged, a leased volume gets a loop device again.\n\n\
+Example:\n  devpool snapshot create devpool-20261121070000-abc123-test --name before\n  \
+devpool serve devpool-20261121070000-abc123-test --nbd unix:/tmp/test.sock   # writes copy out\n  \
+devpool snapshot merge before --yes   # roll the volume back\n  \
+devpool snapshot delete before        # or keep the volume as it is"
+    )]
+    Create {
+        /// The volume's LV name (as `lease list` shows it).
+        volume: String,
+        /// The snapshot's name (an LV name in the pool).
+        #[arg(long)]
+        name: String,
+        /// COW store size: how much of the volume may change before the
+        /// snapshot fills up (default: a fifth of the volume).
+        #[arg(long, short = 'L')]
+        size: Option<String>,
+        /// Copy-on-write chunk size: a power of two from 4K to 512K.
+        #[arg(long, default_value = "4K")]
+        chunk_size: String,
+    },
+    /// Snapshots of the pool with origin, lease and how full each is.
+    List,
+    /// Delete a snapshot; its volume stays as it is now.
+    Delete { name: String },
+    /// Roll the volume back to the snapshot (as lvconvert --merge), then
+    /// delete the snapshot. Asks first (or --yes).
+    #[command(
+        after_help = "Every chunk the snapshot kept is copied back over the volume; the volume's \
+other snapshots get their copy first. Nothing may serve the volume meanwhile. A merge cut short \
+leaves the snapshot in place: run it again to finish."
+    )]
+    Merge { name: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum LeaseCmd {
     /// Create the volumes of a lease in one commit and attach loop devices.
     Acquire {
@@ -133,6 +176,9 @@ pub enum Command {
     /// Leases: volumes for one test run, owned by a process, given back after.
     #[command(subcommand)]
     Lease(LeaseCmd),
+    /// Snapshots of pool volumes: create, list, delete, merge (roll back).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Remove leases whose owner is dead (PID gone, reused, or rebooted since).
     Cleanup {
         /// Also remove kept leases whose owner is dead.

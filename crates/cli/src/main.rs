@@ -8,6 +8,7 @@ mod args;
 mod output;
 mod pool_cmds;
 mod serve_cmds;
+mod snapshot_cmds;
 mod vm_cmds;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -88,6 +89,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pool(cmd) => return pool_cmds::pool(&g, cmd),
         Command::Lease(cmd) => return pool_cmds::lease(&g, cmd),
         Command::Cleanup { kept } => return pool_cmds::cleanup(&g, kept),
+        Command::Snapshot(cmd) => return snapshot_cmds::snapshot(&g, cmd),
         Command::Resize { volume, size } => return pool_cmds::resize(&g, &volume, &size),
         Command::FstestsConfig {
             session,

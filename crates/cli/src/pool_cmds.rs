@@ -35,7 +35,7 @@ pub fn pool_name(g: &Global) -> String {
         .unwrap_or_else(|| "default".into())
 }
 
-fn json<T: serde::Serialize>(v: &T) -> Result<()> {
+pub fn json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -61,7 +61,7 @@ fn confirmed<T>(g: &Global, f: impl Fn(bool) -> devpool_pool::Result<T>) -> Resu
     }
 }
 
-fn gib(b: u64) -> String {
+pub fn gib(b: u64) -> String {
     format!("{:.1}G", b as f64 / (1u64 << 30) as f64)
 }
 
@@ -148,6 +148,9 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             }
             for o in &st.other_volumes {
                 println!("  volume {o} (not leased)");
+            }
+            for sn in &st.snapshots {
+                println!("  {}", crate::snapshot_cmds::describe(sn));
             }
         }
         PoolCmd::Teardown { name, wipe, force } => {

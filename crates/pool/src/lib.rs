@@ -11,6 +11,7 @@
 //! - [`safety`] and [`sysblk`]: the checks before setup and the block-device
 //!   topology they walk (sysfs holders/slaves, mountinfo, swaps, fstab)
 //! - [`loopdev`]: loop devices over a volume's extents
+//! - [`snapshots`]: snapshots of pool volumes (create, list, delete), owned by their origin's lease
 //! - [`servers`]: which processes serve a volume, stopped before its extents are freed
 
 pub mod error;
@@ -20,6 +21,7 @@ pub mod owner;
 pub mod pool;
 pub mod safety;
 pub mod servers;
+pub mod snapshots;
 pub mod spec;
 pub mod sysblk;
 pub mod wipe;

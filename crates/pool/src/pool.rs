@@ -24,12 +24,14 @@ pub const VG_PREFIX: &str = "devpool-";
 /// Pools use LVM2's default extent size.
 const EXTENT_SIZE: Bytes = Bytes(4 << 20);
 /// `pool status` warns below this share of free space.
+/// A snapshot this full is reported in health.
+const SNAPSHOT_FULL_PERCENT: u64 = 80;
 const LOW_FREE_PERCENT: u64 = 10;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct PoolRecord {
+pub(crate) struct PoolRecord {
     name: String,
-    vg: String,
+    pub(crate) vg: String,
     devices: Vec<PathBuf>,
     /// devpool made the image file (the embedded default): teardown deletes it.
     created_image: bool,
@@ -121,6 +123,8 @@ pub struct PoolStatus {
     pub leases: Vec<LeaseStatus>,
     /// LVs in the pool that no lease owns (made by hand, or by LVM2).
     pub other_volumes: Vec<String>,
+    /// Copy-on-write snapshots, with how full their stores are.
+    pub snapshots: Vec<crate::snapshots::SnapshotStatus>,
     pub health: Vec<String>,
 }
 
@@ -167,6 +171,17 @@ pub fn contiguous_extent(
         },
         _ => None,
     };
+    if let Some(s) = devpool_engine::ops::snapshot::snapshot_links(meta)
+        .iter()
+        .find(|s| s.origin == lv || s.cow == lv || s.snapshot_lv == lv)
+    {
+        return Err(PoolError::Refused(format!(
+            "volume {}/{lv} is {} snapshot '{}': a plain loop device would bypass copy-on-write; devpool serves it (devpool serve {lv} --block-device)",
+            meta.name,
+            if s.origin == lv { "the origin of" } else { "" },
+            s.cow
+        )));
+    }
     let Some(st) = one else {
         return Err(PoolError::Refused(format!(
             "volume {}/{lv} has {} segment(s) or stripes; one loop device covers only one contiguous range (serving such volumes needs devpool's data plane)",
@@ -223,7 +238,11 @@ impl Pools {
     /// ones first, with no scan of their own; when they no longer carry the
     /// whole VG, what a system scan finds (remembered for next time). The
     /// default pool is created on first use.
-    fn with_pool<T>(&self, name: &str, f: impl Fn(&Engine, &PoolRecord) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_pool<T>(
+        &self,
+        name: &str,
+        f: impl Fn(&Engine, &PoolRecord) -> Result<T>,
+    ) -> Result<T> {
         if let Some(rec) = self.record(name) {
             match f(&self.list_engine(rec.devices.clone()), &rec) {
                 Err(PoolError::Engine(
@@ -453,12 +472,12 @@ impl Pools {
             .collect())
     }
 
-    fn read(&self, name: &str) -> Result<LoadedVg> {
+    pub(crate) fn read_vg(&self, name: &str) -> Result<LoadedVg> {
         self.with_pool(name, |e, rec| Ok(e.read_vg(&rec.vg)?.0))
     }
 
     pub fn status(&self, name: &str) -> Result<PoolStatus> {
-        let v = self.read(name)?;
+        let v = self.read_vg(name)?;
         let all = lease::leases(&v.meta);
         let s = summary(name, &v, all.len());
         let attached = loopdev::list();
@@ -482,11 +501,17 @@ impl Pools {
                 .collect();
             leases.push(LeaseStatus { lease: l, devices });
         }
+        // Snapshots are listed on their own.
+        let snapshot_lvs: std::collections::HashSet<String> =
+            devpool_engine::ops::snapshot::snapshot_links(&v.meta)
+                .into_iter()
+                .flat_map(|l| [l.cow, l.snapshot_lv])
+                .collect();
         let other_volumes = v
             .meta
             .lvs
             .iter()
-            .filter(|l| lease::session_of(l).is_none())
+            .filter(|l| lease::session_of(l).is_none() && !snapshot_lvs.contains(&l.name))
             .map(|l| l.name.clone())
             .collect();
         let mut health = Vec::new();
@@ -495,6 +520,26 @@ impl Pools {
         }
         for d in &v.health.disagreeing {
             health.push(format!("metadata copies disagree: {d}"));
+        }
+        let snapshots = self.snapshots(name)?;
+        for sn in &snapshots {
+            match (&sn.usage, &sn.error) {
+                (Some(u), _) if !u.valid => health.push(format!(
+                    "snapshot {} is invalid: its COW store filled up ({} chunks); it no longer shows the old data of {}",
+                    sn.name, u.capacity_chunks, sn.origin
+                )),
+                (Some(u), _) if u.capacity_chunks > 0 && u.used_chunks * 100 / u.capacity_chunks >= SNAPSHOT_FULL_PERCENT => {
+                    health.push(format!(
+                        "snapshot {} is {}% full ({} of {} chunks); it becomes invalid when full",
+                        sn.name,
+                        u.used_chunks * 100 / u.capacity_chunks,
+                        u.used_chunks,
+                        u.capacity_chunks
+                    ))
+                }
+                (None, Some(e)) => health.push(format!("snapshot {}: {e}", sn.name)),
+                _ => {}
+            }
         }
         if s.size_bytes > 0 && s.free_bytes * 100 / s.size_bytes < LOW_FREE_PERCENT {
             health.push(format!(
@@ -506,6 +551,7 @@ impl Pools {
             summary: s,
             leases,
             other_volumes,
+            snapshots,
             health,
         })
     }
@@ -683,7 +729,7 @@ impl Pools {
     }
 
     pub fn leases(&self, name: &str) -> Result<Vec<Lease>> {
-        let v = self.read(name)?;
+        let v = self.read_vg(name)?;
         Ok(lease::leases(&v.meta))
     }
 
@@ -891,8 +937,10 @@ impl Pools {
 impl Pools {
     /// Stop devpool's servers of `lvs` (NBD, vhost-user-blk, FUSE) and wait
     /// until they have flushed and let go, before their extents are freed.
+    /// Stop the servers of `lvs` and of their snapshots.
     fn stop_servers(&self, v: &LoadedVg, lvs: &[String]) -> Result<()> {
-        for lv in lvs {
+        let snapshots = devpool_engine::ops::snapshot::snapshots_of(&v.meta, lvs);
+        for lv in lvs.iter().chain(&snapshots) {
             if let Some(l) = v.meta.lv(lv) {
                 servers::stop(&self.state_dir, l.id.raw_str(), SERVER_STOP_TIMEOUT)?;
             }
@@ -921,9 +969,13 @@ impl Pools {
                 "no volume '{lv}' in pool '{name}' (see 'devpool pool status {name}')"
             ))
         })?;
+        // A snapshot belongs to the lease of its origin.
+        let owner_lv = devpool_engine::ops::snapshot::find_snapshot(&meta, lv)
+            .map(|s| s.origin)
+            .unwrap_or_else(|| lv.to_string());
         let lease = lease::leases(&meta)
             .into_iter()
-            .find(|x| x.volumes.iter().any(|vol| vol.lv == lv));
+            .find(|x| x.volumes.iter().any(|vol| vol.lv == owner_lv));
         let pvs = meta
             .pvs
             .iter()

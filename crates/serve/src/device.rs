@@ -4,6 +4,7 @@
 //! I/O writes back and invalidates the page cache over its range first.
 
 use crate::map::VolumeMap;
+use crate::snapshot::Cow;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -102,6 +103,9 @@ pub struct Volume {
     pub map: VolumeMap,
     pub devs: Vec<PvDevice>,
     pub read_only: bool,
+    /// Set for an origin with snapshots and for a snapshot: requests go
+    /// through copy-on-write.
+    pub cow: Option<Cow>,
 }
 
 impl Volume {
@@ -111,6 +115,15 @@ impl Volume {
     /// The alignment every device accepts for direct I/O.
     pub fn align(&self) -> u64 {
         self.devs.iter().map(|d| d.align).max().unwrap_or(512)
+    }
+    /// The one device range a loop device or QEMU's raw driver may cover
+    /// directly: never for an origin or a snapshot (that would bypass
+    /// copy-on-write).
+    pub fn plain_range(&self) -> Option<(usize, u64)> {
+        match self.cow {
+            Some(_) => None,
+            None => self.map.single_range(),
+        }
     }
     /// Whether any device accepts direct I/O.
     pub fn direct(&self) -> bool {

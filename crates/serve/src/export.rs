@@ -63,6 +63,60 @@ pub struct Running {
     threads: Vec<JoinHandle<std::io::Result<()>>>,
     host: Option<crate::hostdev::HostDevice>,
     _registration: Registration,
+    _family: Option<Family>,
+}
+
+/// The uuids of origins and COW stores this process serves: copy-on-write
+/// state lives in one server, so an origin and its snapshots are served by
+/// one export at a time, in any process.
+static SERVED_FAMILIES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+pub(crate) struct Family(Vec<String>);
+
+impl Family {
+    pub(crate) fn claim(pools: &Pools, lv: &str, uuids: &[String]) -> Result<Family, ExportError> {
+        let mut mine = SERVED_FAMILIES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let me = std::process::id();
+        let attached = devpool_pool::loopdev::list();
+        for u in uuids {
+            let others: Vec<u32> = servers::serving(&pools.state_dir, u)
+                .into_iter()
+                .filter(|p| *p != me)
+                .collect();
+            if !others.is_empty() || mine.contains(u) {
+                let who = others
+                    .first()
+                    .map_or("this process".into(), |p| format!("process {p}"));
+                return Err(ExportError::Refused(format!(
+                    "'{lv}' has snapshots (or is one) and {who} already serves it or a volume of its snapshot family; copy-on-write state lives in one server, so serve them one at a time"
+                )));
+            }
+            if let Some(a) = attached.iter().find(|a| a.lv_uuid == *u) {
+                return Err(ExportError::Refused(format!(
+                    "{} is a plain loop device over the extents of '{lv}''s snapshot family: writes through it would bypass copy-on-write; detach it first (losetup -d {})",
+                    a.device.display(),
+                    a.device.display()
+                )));
+            }
+        }
+        mine.extend(uuids.iter().cloned());
+        Ok(Family(uuids.to_vec()))
+    }
+}
+
+impl Drop for Family {
+    fn drop(&mut self) {
+        let mut mine = SERVED_FAMILIES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for u in &self.0 {
+            if let Some(i) = mine.iter().position(|x| x == u) {
+                mine.swap_remove(i);
+            }
+        }
+    }
 }
 
 /// How often the owner's liveness is checked; the VG is read every 4th time.
@@ -89,8 +143,13 @@ pub fn start(
         )));
     }
     let uuid = loc.lv.id.raw_str().to_string();
-    let registration = servers::register(&pools.state_dir, &uuid)?;
     let volume = Arc::new(open_volume(&loc, spec.read_only)?);
+    // A snapshot registers as its COW store (what release stops).
+    let registration = servers::register(&pools.state_dir, &volume.uuid)?;
+    let family = match &volume.cow {
+        Some(cow) => Some(Family::claim(pools, lv, &cow.family)?),
+        None => None,
+    };
     let mut threads = Vec::new();
     let mut info = ExportInfo {
         pool: pool.to_string(),
@@ -179,6 +238,7 @@ pub fn start(
         threads,
         host,
         _registration: registration,
+        _family: family,
     })
 }
 

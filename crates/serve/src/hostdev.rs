@@ -92,7 +92,7 @@ pub fn attach(
     fuse_dir: &Path,
 ) -> std::io::Result<HostDevice> {
     let err = |e: devpool_pool::PoolError| std::io::Error::other(e.to_string());
-    if let Some((dev, phys)) = vol.map.single_range() {
+    if let Some((dev, phys)) = vol.plain_range() {
         let choice = Choice {
             path: HostPath::Loop,
             skipped: Vec::new(),

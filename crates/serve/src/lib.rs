@@ -8,6 +8,8 @@
 //! - [`device`]: the PVs under a volume, opened direct and buffered
 //! - [`buffer`]: aligned I/O buffers
 //! - [`queue`]: the io_uring core (read, write, flush, discard, write-zeroes, FUA)
+//! - [`snapshot`]: copy-on-write for origins and snapshots (dm-snapshot's store)
+//! - [`merge`]: `snapshot merge`, rolling an origin back to a snapshot
 //! - [`nbd`]: the NBD server (fixed newstyle handshake, transmission)
 //! - [`vhost`]: the vhost-user-blk server for QEMU (rust-vmm's vhost-user-backend)
 //! - [`fuse`]: a volume as one file in a FUSE mount
@@ -22,9 +24,11 @@ pub mod export;
 pub mod fuse;
 pub mod hostdev;
 pub mod lifetime;
+pub mod merge;
 pub mod nbd;
 pub mod open;
 pub mod queue;
+pub mod snapshot;
 pub mod vhost;
 
 /// Volume maps live with the format (pure), so the pool can read COW stores too.

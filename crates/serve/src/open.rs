@@ -1,50 +1,119 @@
-//! A volume of a pool, opened for serving: its map from the VG metadata and
-//! its PVs opened for I/O.
+//! A volume of a pool, opened for serving: its map from the VG metadata, its
+//! PVs opened for I/O, and — for an origin with snapshots or a snapshot —
+//! the COW stores it works with.
 
 use crate::device::{PvDevice, Volume};
-use crate::map::{PvPlace, VolumeMap};
+use crate::snapshot::{Cow, DevsIo, Role};
+use devpool_engine::cowstore::{CowStore, PvIndex, StoreError};
+use devpool_engine::ops::snapshot::{SnapshotLink, snapshot_links};
+use devpool_format::cow::DEFAULT_CHUNK_SECTORS;
+use devpool_format::metadata::{LvMeta, VgMetadata};
 use devpool_pool::pool::Located;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(transparent)]
     Map(#[from] crate::map::MapError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Invalid(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Open a located volume: only the PVs it uses are opened.
+fn lv<'a>(meta: &'a VgMetadata, name: &str) -> Result<&'a LvMeta, OpenError> {
+    meta.lv(name)
+        .ok_or_else(|| OpenError::Invalid(format!("LV {}/{name} is missing", meta.name)))
+}
+
+/// Open a located volume: the PVs it (and its COW stores) use.
 pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> {
     let meta = &loc.meta;
-    let mut devs: Vec<PvDevice> = Vec::new();
-    let mut used: Vec<(String, usize)> = Vec::new();
-    for seg in &loc.lv.segments {
-        if let devpool_format::metadata::SegmentKind::Striped { stripes, .. } = &seg.kind {
-            for st in stripes {
-                if used.iter().any(|(k, _)| *k == st.pv) {
-                    continue;
-                }
-                if let Some((_, path)) = loc.pvs.iter().find(|(k, _)| *k == st.pv) {
-                    devs.push(PvDevice::open(path, !read_only)?);
-                    used.push((st.pv.clone(), devs.len() - 1));
-                }
-            }
+    let links = snapshot_links(meta);
+    let mut index = PvIndex::default();
+    let as_snapshot = links
+        .iter()
+        .find(|l| l.cow == loc.lv.name || l.snapshot_lv == loc.lv.name);
+    let (name, uuid, map, stores) = match as_snapshot {
+        Some(link) => {
+            let cow = lv(meta, &link.cow)?;
+            let origin = index.map_lv(meta, lv(meta, &link.origin)?)?;
+            let cow_map = index.map_lv(meta, cow)?;
+            (
+                link.cow.clone(),
+                cow.id.raw_str().to_string(),
+                origin,
+                vec![(link.clone(), cow_map)],
+            )
         }
+        None => {
+            let map = index.map_lv(meta, &loc.lv)?;
+            let mut stores = Vec::new();
+            for link in links.iter().filter(|l| l.origin == loc.lv.name) {
+                stores.push((link.clone(), index.map_lv(meta, lv(meta, &link.cow)?)?));
+            }
+            (
+                loc.lv.name.clone(),
+                loc.lv.id.raw_str().to_string(),
+                map,
+                stores,
+            )
+        }
+    };
+    let mut devs = Vec::with_capacity(index.keys.len());
+    for key in &index.keys {
+        let path = loc
+            .pvs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, p)| p)
+            .ok_or_else(|| OpenError::Invalid(format!("PV {key} of {} is missing", meta.name)))?;
+        // COW stores are written even when the volume is served read-only.
+        devs.push(PvDevice::open(path, !read_only || !stores.is_empty())?);
     }
-    let map = VolumeMap::from_lv(meta, &loc.lv, |key| {
-        let dev = used.iter().find(|(k, _)| k == key)?.1;
-        let pv = meta.pv(key)?;
-        Some(PvPlace {
-            dev,
-            pe_start_bytes: pv.pe_start.0 * 512,
-            pe_count: pv.pe_count,
-        })
-    })?;
+    let cow = if stores.is_empty() {
+        None
+    } else {
+        Some(open_cow(meta, &devs, as_snapshot.is_some(), &map, stores)?)
+    };
     Ok(Volume {
-        name: loc.lv.name.clone(),
-        uuid: loc.lv.id.raw_str().to_string(),
+        name,
+        uuid,
         map,
         devs,
         read_only,
+        cow,
     })
+}
+
+fn open_cow(
+    meta: &VgMetadata,
+    devs: &[PvDevice],
+    snapshot: bool,
+    origin: &crate::map::VolumeMap,
+    stores: Vec<(SnapshotLink, crate::map::VolumeMap)>,
+) -> Result<Cow, OpenError> {
+    let io = DevsIo(devs);
+    let mut family = Vec::new();
+    let mut loaded = Vec::new();
+    for (link, map) in stores {
+        if family.is_empty() {
+            family.push(lv(meta, &link.origin)?.id.raw_str().to_string());
+        }
+        family.push(lv(meta, &link.cow)?.id.raw_str().to_string());
+        let chunk = link.chunk_sectors.unwrap_or(DEFAULT_CHUNK_SECTORS);
+        loaded.push(CowStore::open(&io, &link.cow, map, chunk)?);
+    }
+    let role = match (snapshot, loaded.pop()) {
+        (true, Some(store)) if loaded.is_empty() => Role::Snapshot {
+            origin: origin.clone(),
+            store,
+        },
+        (_, last) => {
+            loaded.extend(last);
+            Role::Origin { stores: loaded }
+        }
+    };
+    Ok(Cow::new(role, family))
 }

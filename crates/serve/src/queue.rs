@@ -8,6 +8,7 @@
 
 use crate::device::Volume;
 use crate::map::{MapError, Piece};
+use crate::snapshot::Gate;
 use io_uring::{IoUring, opcode, squeue, types};
 use slab::Slab;
 use std::sync::Arc;
@@ -79,6 +80,9 @@ pub struct Queue {
     ready: Vec<Completion>,
     /// SQEs pushed since the last submit.
     unsubmitted: usize,
+    /// Origin writes waiting for their copy-outs to be durable: the COW
+    /// generation each needs, its tag and request.
+    held: Vec<(u64, u64, Request)>,
 }
 
 // SAFETY: the raw pointers a Queue holds are iovecs into memory whose
@@ -101,12 +105,13 @@ impl Queue {
             scratch: Vec::new(),
             ready: Vec::new(),
             unsubmitted: 0,
+            held: Vec::new(),
         })
     }
 
     /// Requests submitted and not yet reported.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() + self.ready.len()
+        self.slots.len() + self.ready.len() + self.held.len()
     }
 
     fn push(&mut self, e: squeue::Entry) {
@@ -165,6 +170,39 @@ impl Queue {
         {
             return Err(libc::EINVAL);
         }
+        if let Some(cow) = &vol.cow {
+            if vol.map.check(req.offset, req.len).is_err() {
+                return Err(if writes { libc::ENOSPC } else { libc::EINVAL });
+            }
+            if cow.snapshot {
+                // SAFETY: the caller keeps the iovecs valid until completion,
+                // and this completes before returning.
+                let errno = unsafe { snapshot_request(cow, &vol, &req) };
+                self.ready.push(Completion { tag, errno });
+                return Ok(());
+            }
+            if writes
+                && let Gate::Hold(generation) =
+                    cow.before_origin_write(&vol.devs, &vol.map, req.offset, req.len)?
+            {
+                self.held.push((generation, tag, req));
+                return Ok(());
+            }
+        }
+        // SAFETY: passed on from our caller.
+        unsafe { self.submit_mapped(tag, req) }
+    }
+
+    /// Start a request already checked (and, for an origin, copied out).
+    ///
+    /// # Safety
+    /// As [`Queue::submit`].
+    unsafe fn submit_mapped(&mut self, tag: u64, req: Request) -> Result<(), i32> {
+        let writes = matches!(
+            req.op,
+            Op::Write { .. } | Op::WriteZeroes { .. } | Op::Discard
+        );
+        let vol = Arc::clone(&self.vol);
         self.scratch.clear();
         if let Err(MapError::OutOfRange { .. }) =
             vol.map.pieces(req.offset, req.len, &mut self.scratch)
@@ -284,6 +322,9 @@ impl Queue {
     /// Submit what is queued and wait until at least `min` events are
     /// available (0: do not wait); append them to `out`.
     pub fn wait(&mut self, min: usize, out: &mut Vec<Event>) -> std::io::Result<()> {
+        if !self.held.is_empty() {
+            self.release_held();
+        }
         let mut want = if self.ready.is_empty() { min } else { 0 };
         if want > 0 && !self.slots.is_empty() {
             // I/O is in flight: spin briefly before sleeping. On a virtual
@@ -350,6 +391,69 @@ impl Queue {
         out.extend(self.ready.drain(..).map(Event::Done));
         Ok(())
     }
+}
+
+impl Queue {
+    /// Commit the copy-outs held writes wait for, then start them: one
+    /// `fdatasync` for every exception added since the last commit.
+    fn release_held(&mut self) {
+        let vol = Arc::clone(&self.vol);
+        let Some(cow) = &vol.cow else {
+            return;
+        };
+        let committed = cow.commit(&vol.devs);
+        for (generation, tag, req) in std::mem::take(&mut self.held) {
+            let r = match committed {
+                Ok(c) if c >= generation => {
+                    // SAFETY: the memory was promised valid until completion.
+                    unsafe { self.submit_mapped(tag, req) }
+                }
+                Ok(_) => {
+                    self.held.push((generation, tag, req));
+                    Ok(())
+                }
+                Err(ref e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
+            };
+            if let Err(errno) = r {
+                self.ready.push(Completion { tag, errno });
+            }
+        }
+    }
+}
+
+/// A snapshot request, served synchronously through a bounce buffer.
+///
+/// # Safety
+/// `req.iov` must describe valid memory (writable for reads).
+unsafe fn snapshot_request(cow: &crate::snapshot::Cow, vol: &Volume, req: &Request) -> i32 {
+    let mut buf = vec![
+        0u8;
+        if req.op == Op::Flush {
+            0
+        } else {
+            req.len as usize
+        }
+    ];
+    if let Op::Write { .. } = req.op {
+        let mut at = 0;
+        for v in &req.iov {
+            // SAFETY: the iovec describes v.iov_len readable bytes.
+            let src = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+            buf[at..at + v.iov_len].copy_from_slice(src);
+            at += v.iov_len;
+        }
+    }
+    let errno = cow.snapshot_io(&vol.devs, req.op, req.offset, req.len, &mut buf);
+    if errno == 0 && req.op == Op::Read {
+        let mut at = 0;
+        for v in &req.iov {
+            // SAFETY: the iovec describes v.iov_len writable bytes.
+            let dst = unsafe { std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len) };
+            dst.copy_from_slice(&buf[at..at + v.iov_len]);
+            at += v.iov_len;
+        }
+    }
+    errno
 }
 
 fn iov_total(iov: &[libc::iovec]) -> Option<u64> {

@@ -1,0 +1,158 @@
+//! `devpool snapshot create|list|delete|merge`: snapshots of pool volumes.
+
+use crate::args::{Global, SnapshotCmd};
+use crate::parse_bytes;
+use crate::pool_cmds::{gib, json, pool_name, pools};
+use anyhow::{Result, anyhow, bail};
+use devpool_format::units::SizeArg;
+use devpool_pool::snapshots::SnapshotStatus;
+use std::io::IsTerminal;
+
+/// One line about a snapshot, for `snapshot list` and `pool status`.
+pub fn describe(s: &SnapshotStatus) -> String {
+    let owner = s
+        .lease
+        .as_ref()
+        .map_or("not leased".to_string(), |l| format!("lease {l}"));
+    let usage = match (&s.usage, &s.error) {
+        (Some(u), _) if !u.valid => "INVALID (its COW store filled up)".to_string(),
+        (Some(u), _) => format!(
+            "{} of {} chunks used ({}%), chunk {}K",
+            u.used_chunks,
+            u.capacity_chunks,
+            (u.used_chunks * 100)
+                .checked_div(u.capacity_chunks)
+                .unwrap_or(0),
+            u.chunk_bytes / 1024
+        ),
+        (None, Some(e)) => format!("unreadable: {e}"),
+        (None, None) => "unknown".into(),
+    };
+    format!(
+        "snapshot {} of {} ({}, store {}): {usage}",
+        s.name,
+        s.origin,
+        owner,
+        gib(s.size_bytes)
+    )
+}
+
+pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
+    let name = pool_name(g);
+    let p = pools(g)?;
+    match cmd {
+        SnapshotCmd::Create {
+            volume,
+            name: snap,
+            size,
+            chunk_size,
+        } => {
+            let size = size
+                .map(|s| SizeArg::parse(&s).map_err(|e| anyhow!("--size: {e}")))
+                .transpose()?;
+            if size.as_ref().is_some_and(|s| s.sign.is_some()) {
+                bail!("--size: a snapshot takes an absolute size, not a +/- change");
+            }
+            let chunk = parse_bytes("--chunk-size", &chunk_size)?;
+            let c = p.snapshot_create(&name, &volume, &snap, size, chunk)?;
+            if g.json {
+                return json(&c);
+            }
+            for d in &c.detached {
+                println!(
+                    "detached {} (a plain loop device would bypass copy-on-write)",
+                    d.display()
+                );
+            }
+            println!(
+                "snapshot {} of {}: store {} ({} bytes), chunk {}K{}",
+                c.name,
+                c.origin,
+                gib(c.size_bytes),
+                c.size_bytes,
+                c.chunk_bytes / 1024,
+                c.lease
+                    .as_ref()
+                    .map_or(String::new(), |l| format!(", owned by lease {l}"))
+            );
+            println!(
+                "serve the volume with copy-on-write: devpool serve {} --block-device (or --nbd, --vhost-user-blk)",
+                c.origin
+            );
+        }
+        SnapshotCmd::List => {
+            let list = p.snapshots(&name)?;
+            if g.json {
+                return json(&list);
+            }
+            if list.is_empty() {
+                println!("no snapshots in pool '{name}'");
+            }
+            for s in &list {
+                println!("{}", describe(s));
+            }
+        }
+        SnapshotCmd::Delete { name: snap } => {
+            let d = p.snapshot_delete(&name, &snap)?;
+            if g.json {
+                return json(&d);
+            }
+            println!("deleted snapshot {} of {}", d.name, d.origin);
+            if let Some(dev) = &d.reattached {
+                println!("{} has no snapshots left: {}", d.origin, dev.display());
+            }
+        }
+        SnapshotCmd::Merge { name: snap } => {
+            let s = p
+                .snapshots(&name)?
+                .into_iter()
+                .find(|s| s.name == snap || s.snapshot_lv == snap)
+                .ok_or_else(|| anyhow!("no snapshot '{snap}' in pool '{name}'"))?;
+            let chunks = s.usage.map(|u| (u.used_chunks, u.chunk_bytes));
+            eprintln!("merge snapshot {} into {}:", s.name, s.origin);
+            match chunks {
+                Some((n, cb)) => eprintln!(
+                    "  - {n} chunk(s) ({} bytes) are copied back over {}: it returns to the snapshot's contents",
+                    n * cb,
+                    s.origin
+                ),
+                None => eprintln!("  - {} returns to the snapshot's contents", s.origin),
+            }
+            eprintln!("  - then the snapshot is deleted");
+            if g.dry_run {
+                bail!("dry run: nothing was changed");
+            }
+            if !g.yes {
+                if !std::io::stdin().is_terminal() {
+                    bail!("snapshot merge needs confirmation; rerun with --yes");
+                }
+                crate::ask_yes()?;
+            }
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("merging {bar:40} {pos}/{len} chunks")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            if g.json || !std::io::stderr().is_terminal() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let progress = |done: u64, total: u64| {
+                bar.set_length(total);
+                bar.set_position(done);
+            };
+            let r = devpool_serve::merge::merge(&p, &name, &snap, &progress)?;
+            bar.finish_and_clear();
+            if g.json {
+                return json(&r);
+            }
+            println!(
+                "merged {} chunk(s) of {} into {}; snapshot deleted",
+                r.chunks, r.name, r.origin
+            );
+            if let Some(dev) = &r.deleted.reattached {
+                println!("{} has no snapshots left: {}", r.origin, dev.display());
+            }
+        }
+    }
+    Ok(())
+}
