@@ -434,3 +434,180 @@ fn guest_dm_snapshot_runs_on_a_snapshot_devpool_created() {
         assert_eq!(view.read_record("origin", k * 4096, want.len()), want);
     }
 }
+
+/// `chk DEV CHUNK OCT`: 4 KiB chunk CHUNK of DEV holds only byte \OCT;
+/// `fill DEV CHUNK OCT` writes such a chunk (direct, past the page cache).
+const CHUNK_HELPERS: &str = "chk() { t=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | wc -c); \
+n=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | tr -d \"\\\\$3\" | wc -c); \
+[ \"$t\" = 4096 ] && [ \"$n\" = 0 ] || { echo \"MISMATCH $1 chunk $2: $n of $t bytes are not \\\\$3\"; bad=1; }; }\n\
+fill() { dd if=/dev/zero bs=4096 count=1 2>/dev/null | tr '\\000' \"\\\\$3\" | \
+dd of=$1 bs=4096 seek=$2 oflag=direct conv=notrunc 2>/dev/null || { echo \"WRITE FAILED $1 $2\"; bad=1; }; }\n";
+
+/// The byte every chunk of the test holds, as an octal escape for the guest.
+fn oct(b: u8) -> String {
+    format!("{b:03o}")
+}
+
+/// Each byte of a 4 KiB chunk of a served volume, through qemu-io.
+fn chunk_bytes_over_nbd(sock: &Path, chunk: u64, byte: u8) -> bool {
+    let o = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            &format!("read -P {byte:#04x} {} 4096", chunk * 4096),
+            &common::serving::uri(sock),
+        ])
+        .output()
+        .expect("qemu-io");
+    let out = String::from_utf8_lossy(&o.stdout);
+    o.status.success() && !out.contains("Pattern verification failed")
+}
+
+#[test]
+fn guest_dm_snapshot_and_devpool_read_each_others_copy_outs_and_merge_restores() {
+    use common::serving::{Server, Sleeper, need_tools, window_of};
+    let t = "guest_dm_snapshot_and_devpool_read_each_others_copy_outs_and_merge_restores";
+    let Some(kernel) = guest_or_skip(t) else {
+        return;
+    };
+    if need_tools(t, &["qemu-io"]) {
+        return;
+    }
+    let lab = Lab::new();
+    let pool = "snapg";
+    let img = image_pool(&lab, pool);
+    let owner = Sleeper::new();
+    let lease = lab.dp_json(
+        &[&img],
+        &[
+            "--pool",
+            pool,
+            "lease",
+            "acquire",
+            "--volumes",
+            "test:16M",
+            "--owner-pid",
+            &owner.pid(),
+        ],
+    );
+    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let (off, _) = window_of(lease["devices"][0]["device"].as_str().unwrap());
+    // Old data: chunk k holds byte 0x10+k.
+    let old = |k: u64| 0x10 + k as u8;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        for k in 0..32u64 {
+            f.write_all_at(&[old(k); 4096], off + k * 4096).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    lab.dp(
+        &[&img],
+        &[
+            "--pool", pool, "snapshot", "create", &lv, "--name", "snap", "--size", "4M",
+        ],
+    );
+    // The host's data plane overwrites chunks 0..8 of the origin.
+    let sock = lab.path("o.sock");
+    let srv = Server::start(
+        &lab,
+        pool,
+        &[&lv, "--nbd", &format!("unix:{}", sock.display())],
+    );
+    let mut cmd = std::process::Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for k in 0..8u64 {
+        cmd.arg("-c")
+            .arg(format!("write -P {:#04x} {} 4096", 0xa0 + k, k * 4096));
+    }
+    cmd.arg(common::serving::uri(&sock));
+    assert!(cmd.status().unwrap().success());
+    drop(srv);
+
+    // The guest: dm-snapshot reads devpool's exceptions, then adds its own
+    // (origin chunks 8..16 overwritten) and writes chunk 20 of the snapshot.
+    let vg = format!("devpool-{pool}");
+    let (o, s) = (format!("/dev/{vg}/{lv}"), format!("/dev/{vg}/snap"));
+    let mut script = String::from(HELPERS);
+    script.push_str(CHUNK_HELPERS);
+    let _ = writeln!(script, "lvm_c vgchange -ay {vg} || exit 10");
+    for k in 0..32u64 {
+        let now = if k < 8 { 0xa0 + k as u8 } else { old(k) };
+        let _ = writeln!(script, "chk {s} {k} {}", oct(old(k)));
+        let _ = writeln!(script, "chk {o} {k} {}", oct(now));
+    }
+    for k in 8..16u64 {
+        let _ = writeln!(script, "fill {o} {k} {}", oct(0xc0 + k as u8));
+    }
+    let _ = writeln!(script, "fill {s} 20 {}", oct(0xee));
+    for k in 0..32u64 {
+        let snap = if k == 20 { 0xee } else { old(k) };
+        let _ = writeln!(script, "chk {s} {k} {}", oct(snap));
+    }
+    script.push_str("sync; echo \"STATUS $(dmsetup status | grep ' snapshot ')\"\n");
+    let _ = writeln!(script, "lvm_c vgchange -an {vg} || exit 12\nexit $bad");
+    let ka = kernel_args(&kernel);
+    let p = img.display().to_string();
+    let mut args: Vec<&str> = vec!["vm", "run"];
+    args.extend(ka.iter().map(String::as_str));
+    args.extend([
+        "--mem",
+        "512M",
+        "--disk",
+        &p,
+        "--add",
+        "/sbin/lvm",
+        "--add",
+        "/sbin/dmsetup",
+        "--load-module",
+        "dm_snapshot",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let out = lab.devpool(&[&img], &args);
+    let console = guest_console(&out);
+    let status = console
+        .lines()
+        .find(|l| l.starts_with("STATUS "))
+        .unwrap_or_else(|| panic!("no status:\n{console}"));
+    assert!(!status.contains("Invalid"), "{status}");
+
+    // The host: devpool's snapshot server reads dm's exceptions and its own.
+    let st = lab.dp_json(&[&img], &["--pool", pool, "pool", "status"]);
+    assert_eq!(
+        st["snapshots"][0]["usage"]["used_chunks"].as_u64(),
+        Some(8 + 8 + 1),
+        "{st}"
+    );
+    let ssock = lab.path("s.sock");
+    let srv = Server::start(
+        &lab,
+        pool,
+        &["snap", "--nbd", &format!("unix:{}", ssock.display())],
+    );
+    for k in 0..32u64 {
+        let want = if k == 20 { 0xee } else { old(k) };
+        assert!(chunk_bytes_over_nbd(&ssock, k, want), "snapshot chunk {k}");
+    }
+    drop(srv);
+    // Merge: the origin is the snapshot again (with the guest's write to it).
+    let m = lab.dp_json(
+        &[&img],
+        &["--pool", pool, "--yes", "snapshot", "merge", "snap"],
+    );
+    let dev = m["deleted"]["reattached"]
+        .as_str()
+        .expect("loop device back");
+    let mut f = std::fs::File::open(dev).unwrap();
+    let mut chunk = vec![0u8; 4096];
+    for k in 0..32u64 {
+        f.read_exact(&mut chunk).unwrap();
+        let want = if k == 20 { 0xee } else { old(k) };
+        assert!(chunk.iter().all(|&b| b == want), "merged chunk {k}");
+    }
+    assert_no_qemu_left(&lab);
+}
