@@ -23,6 +23,8 @@ use crate::device::PvDevice;
 use crate::queue::Op;
 use devpool_engine::cowstore::{CowStore, CowUsage, DevIo, StoreError, read_mapped, write_mapped};
 use devpool_format::map::VolumeMap;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::io;
 use std::sync::Mutex;
 
@@ -192,22 +194,30 @@ impl Cow {
         };
         let mut added = false;
         let end = offset.saturating_add(len).min(origin.size());
+        // Each origin chunk is read once however many snapshots need it
+        // (snapshots with the same chunk size share the read).
+        let mut read: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
         for s in stores.iter_mut().filter(|s| s.is_valid()) {
             let cb = s.chunk_bytes();
             if end <= offset {
                 break;
             }
-            let mut buf = Vec::new();
             for c in offset / cb..end.div_ceil(cb) {
                 if s.lookup(c).is_some() {
                     continue;
                 }
-                buf.clear();
-                buf.resize(cb as usize, 0);
-                let n = cb.min(origin.size() - c * cb) as usize;
-                read_mapped(&io, origin, c * cb, &mut buf[..n])
-                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-                match s.add(&io, c, &buf) {
+                let at = c * cb;
+                let data = match read.entry((at, cb)) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(v) => {
+                        let mut buf = vec![0u8; cb as usize];
+                        let n = cb.min(origin.size() - at) as usize;
+                        read_mapped(&io, origin, at, &mut buf[..n])
+                            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                        v.insert(buf)
+                    }
+                };
+                match s.add(&io, c, data) {
                     Ok(_) => added = true,
                     Err(e @ StoreError::Full { .. }) => {
                         invalidate(s, &io, &e);
