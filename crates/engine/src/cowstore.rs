@@ -168,6 +168,20 @@ pub struct CowStore {
     /// False for a zeroed store (the kernel would initialise it): the
     /// header is written with the first exception.
     initialised: bool,
+    /// Records from this index on are in memory only (see [`CowStore::allocate`]).
+    unwritten_from: Option<usize>,
+    /// Metadata chunks that must be durable before the areas are written:
+    /// the header of a new store, the zeroed area after one that filled up.
+    before_areas: Vec<u64>,
+}
+
+/// Metadata writes an allocation left, in the order they must become
+/// durable: first `before` (each `(byte offset in the store, bytes)`), then
+/// `areas`. The data chunks must be durable before `areas` too.
+#[derive(Debug, Default)]
+pub struct PendingMetadata {
+    pub before: Vec<(u64, Vec<u8>)>,
+    pub areas: Vec<(u64, Vec<u8>)>,
 }
 
 impl CowStore {
@@ -207,6 +221,8 @@ impl CowStore {
             },
             valid: header.is_none_or(|h| h.valid),
             initialised: header.is_some(),
+            unwritten_from: None,
+            before_areas: Vec::new(),
         };
         // dm does not read the exceptions of an invalid snapshot.
         if store.initialised && store.valid {
@@ -261,16 +277,76 @@ impl CowStore {
         write_mapped(io, &self.map, chunk * self.chunk_bytes(), data).map_err(|e| self.io_err(e))
     }
 
-    /// Keep `data` (one chunk) as the store's copy of origin chunk `old`:
-    /// the data chunk, then the area's record (the next area zeroed first
-    /// when this record fills the area). On [`StoreError::Full`] the caller
-    /// invalidates the snapshot.
-    pub fn add(&mut self, io: &dyn DevIo, old: u64, data: &[u8]) -> Result<u64, StoreError> {
+    /// Give origin chunk `old` a data chunk in the store, in memory: the
+    /// caller writes the data there, then [`CowStore::pending_metadata`]. On
+    /// [`StoreError::Full`] the caller invalidates the snapshot.
+    pub fn allocate(&mut self, old: u64) -> Result<u64, StoreError> {
         if !self.valid {
             return Err(StoreError::Invalid {
                 name: self.name.clone(),
             });
         }
+        let new = self.table.next_free;
+        if new >= self.layout.chunks {
+            return Err(StoreError::Full {
+                name: self.name.clone(),
+                capacity: self.layout.data_capacity(),
+                chunk_bytes: self.chunk_bytes(),
+            });
+        }
+        if !self.initialised {
+            // Header and area 0, as dm initialises a store.
+            self.before_areas.extend([0, 1]);
+            self.initialised = true;
+        }
+        let (area, index) = self.table.position_of_next(&self.layout);
+        if index + 1 == self.layout.exceptions_per_area()
+            && let Some(next) = self.layout.area_location(area + 1)
+            && next < self.layout.chunks
+        {
+            self.before_areas.push(next);
+        }
+        self.unwritten_from.get_or_insert(self.table.records.len());
+        self.table.records.push(Exception {
+            old_chunk: old,
+            new_chunk: new,
+        });
+        self.table.map.insert(old, new);
+        self.table.next_free = self.layout.data_chunk_from(new + 1);
+        Ok(new)
+    }
+
+    /// The metadata the allocations since the last call left to write.
+    pub fn pending_metadata(&mut self) -> PendingMetadata {
+        let cb = self.chunk_bytes();
+        let mut out = PendingMetadata::default();
+        for chunk in std::mem::take(&mut self.before_areas) {
+            let mut b = vec![0u8; cb as usize];
+            if chunk == 0 {
+                b[..16].copy_from_slice(&CowHeader::new(self.layout.chunk_sectors).to_bytes());
+            }
+            out.before.push((chunk * cb, b));
+        }
+        let Some(from) = self.unwritten_from.take() else {
+            return out;
+        };
+        let epa = self.layout.exceptions_per_area() as usize;
+        let last = self.table.records.len().saturating_sub(1) / epa;
+        for area in from / epa..=last {
+            let records =
+                &self.table.records[area * epa..((area + 1) * epa).min(self.table.records.len())];
+            let at = self.layout.area_location(area as u64).unwrap_or(u64::MAX);
+            out.areas
+                .push((at * cb, encode_area(records, &self.layout)));
+        }
+        out
+    }
+
+    /// Keep `data` (one chunk) as the store's copy of origin chunk `old`,
+    /// synchronously and in dm's order: data chunk, header or zeroed next
+    /// area, then the area's record. A failed write leaves the store as it
+    /// was in memory.
+    pub fn add(&mut self, io: &dyn DevIo, old: u64, data: &[u8]) -> Result<u64, StoreError> {
         let cb = self.chunk_bytes();
         if data.len() as u64 != cb {
             return Err(self.io_err(io::Error::other(format!(
@@ -278,42 +354,29 @@ impl CowStore {
                 data.len()
             ))));
         }
-        let new = self.table.next_free;
-        if new >= self.layout.chunks {
-            return Err(StoreError::Full {
-                name: self.name.clone(),
-                capacity: self.layout.data_capacity(),
-                chunk_bytes: cb,
-            });
+        let saved = (
+            self.table.next_free,
+            self.initialised,
+            self.before_areas.clone(),
+            self.unwritten_from,
+        );
+        let new = self.allocate(old)?;
+        let written = (|| {
+            self.write_chunk(io, new, data)?;
+            let pending = self.pending_metadata();
+            for (at, b) in pending.before.iter().chain(&pending.areas) {
+                write_mapped(io, &self.map, *at, b).map_err(|e| self.io_err(e))?;
+            }
+            Ok(new)
+        })();
+        if written.is_err() {
+            self.table.records.pop();
+            self.table.map.remove(&old);
+            (self.table.next_free, self.initialised) = (saved.0, saved.1);
+            self.before_areas = saved.2;
+            self.unwritten_from = saved.3;
         }
-        if !self.initialised {
-            let mut head = vec![0u8; 2 * cb as usize];
-            head[..16].copy_from_slice(&CowHeader::new(self.layout.chunk_sectors).to_bytes());
-            self.write_chunk(io, 0, &head)?;
-            self.initialised = true;
-        }
-        self.write_chunk(io, new, data)?;
-        let (area, index) = self.table.position_of_next(&self.layout);
-        let epa = self.layout.exceptions_per_area();
-        if index + 1 == epa
-            && let Some(next) = self.layout.area_location(area + 1)
-            && next < self.layout.chunks
-        {
-            self.write_chunk(io, next, &vec![0u8; cb as usize])?;
-        }
-        let first = (area * epa) as usize;
-        let mut records = self.table.records[first..].to_vec();
-        let e = Exception {
-            old_chunk: old,
-            new_chunk: new,
-        };
-        records.push(e);
-        let at = self.layout.area_location(area).unwrap_or(u64::MAX);
-        self.write_chunk(io, at, &encode_area(&records, &self.layout))?;
-        self.table.records.push(e);
-        self.table.map.insert(old, new);
-        self.table.next_free = self.layout.data_chunk_from(new + 1);
-        Ok(new)
+        written
     }
 
     /// Mark the snapshot invalid on disk (header `valid = 0`), as dm does
@@ -328,6 +391,8 @@ impl CowStore {
         self.valid = false;
         self.initialised = true;
         self.table = ExceptionTable::default();
+        self.unwritten_from = None;
+        self.before_areas.clear();
         Ok(())
     }
 }
@@ -424,6 +489,42 @@ mod tests {
             read_mapped(&mem, &again.map, new * CB, &mut b).unwrap();
             assert!(b.iter().all(|&x| x == (i % 251) as u8), "chunk {i}");
         }
+    }
+
+    #[test]
+    fn batched_allocations_write_the_same_store_as_one_by_one() {
+        let (mem, mut s) = store(1000);
+        let (mem1, mut one) = store(1000);
+        // 300 records: area 0 fills (area 1 zeroed first), area 1 gets 44.
+        let mut pending = Vec::new();
+        for i in 0..300u64 {
+            let data = vec![(i % 200) as u8; CB as usize];
+            let new = s.allocate(5000 - i).unwrap();
+            write_mapped(&mem, &s.map, new * CB, &data).unwrap();
+            one.add(&mem1, 5000 - i, &data).unwrap();
+            if i % 97 == 0 {
+                pending.push(s.pending_metadata());
+            }
+        }
+        pending.push(s.pending_metadata());
+        let before: Vec<u64> = pending
+            .iter()
+            .flat_map(|p| p.before.iter().map(|b| b.0 / CB))
+            .collect();
+        assert_eq!(
+            before,
+            vec![0, 1, 258],
+            "header, area 0, then area 1 zeroed"
+        );
+        for p in &pending {
+            for (at, b) in p.before.iter().chain(&p.areas) {
+                write_mapped(&mem, &s.map, *at, b).unwrap();
+            }
+        }
+        assert!(s.pending_metadata().areas.is_empty());
+        assert_eq!(*mem.0.borrow(), *mem1.0.borrow());
+        let again = CowStore::open(&mem, "snap", s.map.clone(), 8).unwrap();
+        assert_eq!(again.exceptions(), one.exceptions());
     }
 
     #[test]

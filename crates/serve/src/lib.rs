@@ -6,6 +6,7 @@
 //! - [`map`] (from devpool-format): a volume's logical bytes → (device,
 //!   offset); refuses everything outside the volume
 //! - [`device`]: the PVs under a volume, opened direct and buffered
+//! - [`batch`]: many transfers in flight, waited for together (copy-out work)
 //! - [`buffer`]: aligned I/O buffers
 //! - [`queue`]: the io_uring core (read, write, flush, discard, write-zeroes, FUA)
 //! - [`snapshot`]: copy-on-write for origins and snapshots (dm-snapshot's store)
@@ -18,6 +19,7 @@
 //! - [`open`]: a leased volume from a pool, ready to serve
 //! - [`lifetime`]: stop signals, and the watch that stops serving when the lease ends
 
+pub mod batch;
 pub mod buffer;
 pub mod device;
 pub mod export;

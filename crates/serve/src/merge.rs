@@ -9,10 +9,11 @@
 //! running it again. The origin and its snapshots are held for the whole
 //! merge: no server may start on them meanwhile.
 
+use crate::batch::Batch;
 use crate::export::{ExportError, Family};
 use crate::nbd::server::flush_all;
 use crate::open::open_volume;
-use crate::snapshot::{DevsIo, Gate};
+use crate::snapshot::DevsIo;
 use devpool_engine::cowstore::{read_mapped, write_mapped};
 use devpool_engine::ops::snapshot::find_snapshot;
 use devpool_pool::pool::Pools;
@@ -71,9 +72,9 @@ pub fn merge(
     let mut done = 0u64;
     let errno = |e: i32| ExportError::Io(std::io::Error::from_raw_os_error(e));
     progress(0, total);
+    let mut ring = Batch::new()?;
     for batch in exceptions.chunks(BATCH) {
         let mut data = Vec::with_capacity(batch.len());
-        let mut hold = false;
         for e in batch {
             let at = e
                 .old_chunk
@@ -87,15 +88,12 @@ pub fn merge(
                 })?;
             let mut buf = vec![0u8; cb.min(size - at) as usize];
             read_mapped(&io, &source.map, e.new_chunk * cb, &mut buf)?;
-            hold |= cow
-                .before_origin_write(&origin.devs, &origin.map, at, buf.len() as u64)
-                .map_err(errno)?
-                != Gate::Go;
             data.push((at, buf));
         }
-        if hold {
-            cow.commit(&origin.devs)?;
-        }
+        // The other snapshots keep what the origin holds now, first.
+        let ranges: Vec<(u64, u64)> = data.iter().map(|(at, b)| (*at, b.len() as u64)).collect();
+        cow.copy_out(&origin.devs, &origin.map, &ranges, &mut ring)
+            .map_err(errno)?;
         for (at, buf) in &data {
             write_mapped(&io, &origin.map, *at, buf)?;
         }

@@ -8,7 +8,6 @@
 
 use crate::device::Volume;
 use crate::map::{MapError, Piece};
-use crate::snapshot::Gate;
 use io_uring::{IoUring, opcode, squeue, types};
 use slab::Slab;
 use std::sync::Arc;
@@ -60,6 +59,10 @@ pub enum Event {
 const FOREIGN: u64 = 1 << 63;
 /// How long [`Queue::wait`] spins for a completion while I/O is in flight.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+/// How long first writes to a snapshotted origin wait for company, and how
+/// many make a full group (see [`Queue::wait`]).
+const GROUP_WINDOW: std::time::Duration = std::time::Duration::from_micros(500);
+const GROUP_MAX: usize = 64;
 
 struct Slot {
     tag: u64,
@@ -80,9 +83,14 @@ pub struct Queue {
     ready: Vec<Completion>,
     /// SQEs pushed since the last submit.
     unsubmitted: usize,
-    /// Origin writes waiting for their copy-outs to be durable: the COW
-    /// generation each needs, its tag and request.
-    held: Vec<(u64, u64, Request)>,
+    /// Origin writes waiting for their chunks to be copied out to the
+    /// snapshots (done for all of them at once in [`Queue::wait`]).
+    held: Vec<(u64, Request)>,
+    held_since: Option<std::time::Instant>,
+    /// Frontend SQEs not completed yet.
+    foreign_in_flight: usize,
+    /// The copy-out's own ring, made on first use.
+    batch: Option<crate::batch::Batch>,
 }
 
 // SAFETY: the raw pointers a Queue holds are iovecs into memory whose
@@ -106,6 +114,9 @@ impl Queue {
             ready: Vec::new(),
             unsubmitted: 0,
             held: Vec::new(),
+            held_since: None,
+            foreign_in_flight: 0,
+            batch: None,
         })
     }
 
@@ -135,6 +146,7 @@ impl Queue {
     /// Whatever memory the entry points at must stay valid until its
     /// [`Event::Foreign`] is reported.
     pub unsafe fn push_foreign(&mut self, e: squeue::Entry, data: u64) {
+        self.foreign_in_flight += 1;
         self.push(e.user_data(data | FOREIGN));
     }
 
@@ -181,11 +193,9 @@ impl Queue {
                 self.ready.push(Completion { tag, errno });
                 return Ok(());
             }
-            if writes
-                && let Gate::Hold(generation) =
-                    cow.before_origin_write(&vol.devs, &vol.map, req.offset, req.len)?
-            {
-                self.held.push((generation, tag, req));
+            if writes && cow.needs_copy_out(vol.size(), req.offset, req.len) {
+                self.held_since.get_or_insert_with(std::time::Instant::now);
+                self.held.push((tag, req));
                 return Ok(());
             }
         }
@@ -322,7 +332,32 @@ impl Queue {
     /// Submit what is queued and wait until at least `min` events are
     /// available (0: do not wait); append them to `out`.
     pub fn wait(&mut self, min: usize, out: &mut Vec<Event>) -> std::io::Result<()> {
-        if !self.held.is_empty() {
+        if let Some(since) = self.held_since {
+            // Group commit: give more first writes a moment to arrive, so one
+            // copy-out (two syncs) serves many of them.
+            let age = since.elapsed();
+            // Only while the frontend awaits something of its own (a socket
+            // receive) could more requests arrive; else release at once.
+            if min > 0
+                && self.foreign_in_flight > 0
+                && self.held.len() < GROUP_MAX
+                && age < GROUP_WINDOW
+                && self.ready.is_empty()
+            {
+                let left = GROUP_WINDOW - age;
+                let ts = types::Timespec::new().nsec(left.as_nanos() as u32);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.ring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                    Err(e) => return Err(e),
+                }
+                self.unsubmitted = 0;
+                if self.reap(out) > 0 {
+                    // The frontend may have new requests to add to the group.
+                    return Ok(());
+                }
+            }
             self.release_held();
         }
         let mut want = if self.ready.is_empty() { min } else { 0 };
@@ -358,6 +393,14 @@ impl Queue {
             }
         }
         self.unsubmitted = 0;
+        self.reap(out);
+        Ok(())
+    }
+
+    /// Take the completions the ring has, finish the requests they complete,
+    /// and report those with the frontend's own events; how many events.
+    fn reap(&mut self, out: &mut Vec<Event>) -> usize {
+        let before = out.len();
         let cqes: Vec<(u64, i32)> = self
             .ring
             .completion()
@@ -365,6 +408,7 @@ impl Queue {
             .collect();
         for (data, res) in cqes {
             if data & FOREIGN != 0 {
+                self.foreign_in_flight = self.foreign_in_flight.saturating_sub(1);
                 out.push(Event::Foreign {
                     data: data & !FOREIGN,
                     result: res,
@@ -389,30 +433,33 @@ impl Queue {
             }
         }
         out.extend(self.ready.drain(..).map(Event::Done));
-        Ok(())
+        out.len() - before
     }
 }
 
 impl Queue {
-    /// Commit the copy-outs held writes wait for, then start them: one
-    /// `fdatasync` for every exception added since the last commit.
+    /// Copy out the chunks the held writes reach (all at once), then start
+    /// them.
     fn release_held(&mut self) {
         let vol = Arc::clone(&self.vol);
         let Some(cow) = &vol.cow else {
             return;
         };
-        let committed = cow.commit(&vol.devs);
-        for (generation, tag, req) in std::mem::take(&mut self.held) {
-            let r = match committed {
-                Ok(c) if c >= generation => {
-                    // SAFETY: the memory was promised valid until completion.
-                    unsafe { self.submit_mapped(tag, req) }
-                }
-                Ok(_) => {
-                    self.held.push((generation, tag, req));
-                    Ok(())
-                }
-                Err(ref e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        let held = std::mem::take(&mut self.held);
+        self.held_since = None;
+        let ranges: Vec<(u64, u64)> = held.iter().map(|(_, r)| (r.offset, r.len)).collect();
+        let copied = match &mut self.batch {
+            Some(b) => cow.copy_out(&vol.devs, &vol.map, &ranges, b),
+            None => match crate::batch::Batch::new() {
+                Ok(b) => cow.copy_out(&vol.devs, &vol.map, &ranges, self.batch.insert(b)),
+                Err(e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
+            },
+        };
+        for (tag, req) in held {
+            let r = match copied {
+                // SAFETY: the memory was promised valid until completion.
+                Ok(()) => unsafe { self.submit_mapped(tag, req) },
+                Err(errno) => Err(errno),
             };
             if let Err(errno) = r {
                 self.ready.push(Completion { tag, errno });

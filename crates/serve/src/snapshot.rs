@@ -3,11 +3,10 @@
 //!
 //! - An **origin** with snapshots: reads go straight to its extents; before a
 //!   write (or discard, or zeroing) reaches a chunk that a valid snapshot has
-//!   not kept yet, the chunk's current data is copied into that snapshot's
-//!   COW store ([`Cow::before_origin_write`]). The write itself waits until
-//!   those exceptions are durable ([`Gate::Hold`]), and one `fdatasync`
-//!   ([`Cow::commit`]) makes every exception added meanwhile durable, as dm
-//!   batches its commits.
+//!   not kept yet ([`Cow::needs_copy_out`]), the write is held; once per
+//!   batch of requests, [`Cow::copy_out`] reads every such chunk (all at
+//!   once), writes it into the stores, and makes the records durable, as dm
+//!   batches its commits; then the held writes go to the origin.
 //! - A **snapshot**: every request is answered here, synchronously, under
 //!   the lock: reads come from the COW store where the chunk was kept, else
 //!   from the origin; writes go to the store (a chunk not kept yet is copied
@@ -19,12 +18,14 @@
 //! An origin and its snapshots are never served by two processes at once
 //! (see `export`): the exception tables live in this process.
 
+use crate::batch::{Batch, BatchOp};
 use crate::device::PvDevice;
 use crate::queue::Op;
-use devpool_engine::cowstore::{CowStore, CowUsage, DevIo, StoreError, read_mapped, write_mapped};
+use devpool_engine::cowstore::{
+    CowStore, CowUsage, DevIo, PendingMetadata, StoreError, read_mapped, write_mapped,
+};
 use devpool_format::map::VolumeMap;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::io;
 use std::sync::Mutex;
 
@@ -104,18 +105,6 @@ pub enum Role {
 #[derive(Debug)]
 struct State {
     role: Role,
-    /// Bumped for every batch of exceptions added; `committed` is the last
-    /// generation made durable.
-    generation: u64,
-    committed: u64,
-}
-
-/// Whether an origin write may go to its devices now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gate {
-    Go,
-    /// After [`Cow::commit`] has made generation `.0` durable.
-    Hold(u64),
 }
 
 #[derive(Debug)]
@@ -140,11 +129,7 @@ impl Cow {
     pub fn new(role: Role, family: Vec<String>) -> Cow {
         Cow {
             snapshot: matches!(role, Role::Snapshot { .. }),
-            state: Mutex::new(State {
-                role,
-                generation: 0,
-                committed: 0,
-            }),
+            state: Mutex::new(State { role }),
             family,
         }
     }
@@ -177,85 +162,131 @@ impl Cow {
         }
     }
 
-    /// Copy every chunk of `offset..offset+len` that a valid snapshot has not
-    /// kept yet into its store. A store that fills up invalidates its
-    /// snapshot (the write goes on); an I/O error fails the write.
-    pub fn before_origin_write(
-        &self,
-        devs: &[PvDevice],
-        origin: &VolumeMap,
-        offset: u64,
-        len: u64,
-    ) -> Result<Gate, i32> {
-        let io = DevsIo(devs);
-        let mut st = self.lock();
-        let Role::Origin { stores } = &mut st.role else {
-            return Ok(Gate::Go);
+    /// Whether a write to `offset..offset+len` of the origin reaches a chunk
+    /// some valid snapshot has not kept yet. Waits while another thread
+    /// copies out (it holds the lock), so a `false` is final.
+    pub fn needs_copy_out(&self, origin_size: u64, offset: u64, len: u64) -> bool {
+        let st = self.lock();
+        let Role::Origin { stores } = &st.role else {
+            return false;
         };
-        let mut added = false;
-        let end = offset.saturating_add(len).min(origin.size());
-        // Each origin chunk is read once however many snapshots need it
-        // (snapshots with the same chunk size share the read).
-        let mut read: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-        for s in stores.iter_mut().filter(|s| s.is_valid()) {
+        let end = offset.saturating_add(len).min(origin_size);
+        stores.iter().filter(|s| s.is_valid()).any(|s| {
             let cb = s.chunk_bytes();
-            if end <= offset {
-                break;
-            }
-            for c in offset / cb..end.div_ceil(cb) {
-                if s.lookup(c).is_some() {
-                    continue;
-                }
-                let at = c * cb;
-                let data = match read.entry((at, cb)) {
-                    Entry::Occupied(e) => e.into_mut(),
-                    Entry::Vacant(v) => {
-                        let mut buf = vec![0u8; cb as usize];
-                        let n = cb.min(origin.size() - at) as usize;
-                        read_mapped(&io, origin, at, &mut buf[..n])
-                            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-                        v.insert(buf)
-                    }
-                };
-                match s.add(&io, c, data) {
-                    Ok(_) => added = true,
-                    Err(e @ StoreError::Full { .. }) => {
-                        invalidate(s, &io, &e);
-                        break;
-                    }
-                    Err(e) => return Err(errno_of(&e)),
-                }
-            }
-        }
-        if added {
-            st.generation += 1;
-        }
-        Ok(if st.generation > st.committed {
-            Gate::Hold(st.generation)
-        } else {
-            Gate::Go
+            end > offset && (offset / cb..end.div_ceil(cb)).any(|c| s.lookup(c).is_none())
         })
     }
 
-    /// Make every exception added so far durable; returns the generation
-    /// now committed.
-    pub fn commit(&self, devs: &[PvDevice]) -> io::Result<u64> {
-        let target = {
-            let st = self.lock();
-            if st.committed >= st.generation {
-                return Ok(st.committed);
-            }
-            st.generation
+    /// Copy every chunk the writes to `ranges` of the origin reach, and that
+    /// a valid snapshot has not kept yet, into that snapshot's store, and make
+    /// it durable, in dm's order: origin chunks read (each once, all at once),
+    /// COW data chunks written, synced; header / zeroed next areas written,
+    /// synced; exception areas written, synced. A store that fills up, or
+    /// whose writes fail, invalidates its snapshot and the writes go on (as
+    /// dm does); an origin that cannot be read fails them (an errno).
+    pub fn copy_out(
+        &self,
+        devs: &[PvDevice],
+        origin: &VolumeMap,
+        ranges: &[(u64, u64)],
+        batch: &mut Batch,
+    ) -> Result<(), i32> {
+        let io = DevsIo(devs);
+        let mut st = self.lock();
+        let Role::Origin { stores } = &mut st.role else {
+            return Ok(());
         };
-        for d in devs {
-            // SAFETY: fdatasync on an open descriptor.
-            if unsafe { libc::fdatasync(d.any_fd()) } != 0 {
-                return Err(io::Error::last_os_error());
+        // Which chunks of which stores, each once.
+        let mut wants: Vec<(usize, u64)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for &(offset, len) in ranges {
+            let end = offset.saturating_add(len).min(origin.size());
+            for (i, s) in stores.iter().enumerate().filter(|(_, s)| s.is_valid()) {
+                let cb = s.chunk_bytes();
+                for c in offset / cb..end.div_ceil(cb).max(offset / cb) {
+                    if s.lookup(c).is_none() && seen.insert((i, c)) {
+                        wants.push((i, c));
+                    }
+                }
             }
         }
-        let mut st = self.lock();
-        st.committed = st.committed.max(target);
-        Ok(st.committed)
+        if wants.is_empty() {
+            return Ok(());
+        }
+        // The origin's chunks, each read once.
+        let mut data: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+        for &(i, c) in &wants {
+            let cb = stores[i].chunk_bytes();
+            data.entry((c * cb, cb))
+                .or_insert_with(|| vec![0u8; cb as usize]);
+        }
+        let mut ops = Vec::new();
+        for (&(at, cb), buf) in data.iter_mut() {
+            let n = cb.min(origin.size() - at);
+            pieces_ops(devs, origin, at, &mut buf[..n as usize], false, &mut ops)
+                .map_err(|_| libc::EIO)?;
+        }
+        // SAFETY: every buffer lives in `data` until the run returns.
+        unsafe { batch.run(&ops) }.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        // Allocate, write the data chunks.
+        let mut touched = vec![false; stores.len()];
+        ops.clear();
+        for &(i, c) in &wants {
+            let s = &mut stores[i];
+            if !s.is_valid() {
+                continue;
+            }
+            let cb = s.chunk_bytes();
+            match s.allocate(c) {
+                Ok(new) => {
+                    touched[i] = true;
+                    let Some(buf) = data.get_mut(&(c * cb, cb)) else {
+                        continue;
+                    };
+                    if pieces_ops(devs, &s.map, new * cb, buf, true, &mut ops).is_err() {
+                        let e = io::Error::other("COW chunk outside its store");
+                        invalidate(s, &io, &store_io(s, e));
+                    }
+                }
+                Err(e) => invalidate(s, &io, &e),
+            }
+        }
+        let fds: Vec<_> = devs.iter().map(|d| d.any_fd()).collect();
+        // SAFETY: the buffers live in `data` until the run returns.
+        let mut result = unsafe { batch.run(&ops) }.and_then(|()| batch.sync(&fds));
+        // The metadata, in two durable steps.
+        let mut pending: Vec<(usize, PendingMetadata)> = stores
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, s)| touched[*i] && s.is_valid())
+            .map(|(i, s)| (i, s.pending_metadata()))
+            .collect();
+        for before in [true, false] {
+            if result.is_err() {
+                break;
+            }
+            ops.clear();
+            for (i, p) in pending.iter_mut() {
+                let s = &stores[*i];
+                let list = if before { &mut p.before } else { &mut p.areas };
+                for (at, b) in list.iter_mut() {
+                    let _ = pieces_ops(devs, &s.map, *at, b, true, &mut ops);
+                }
+            }
+            if !ops.is_empty() {
+                // SAFETY: the buffers live in `pending` until the run returns.
+                result = unsafe { batch.run(&ops) }.and_then(|()| batch.sync(&fds));
+            }
+        }
+        if let Err(e) = result {
+            for (i, s) in stores.iter_mut().enumerate() {
+                if touched[i] && s.is_valid() {
+                    let why = store_io(s, io::Error::new(e.kind(), e.to_string()));
+                    invalidate(s, &io, &why);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Serve one request on a snapshot, synchronously: 0 or an errno. `buf`
@@ -303,6 +334,38 @@ impl Cow {
             Err(e) => errno_of(&e),
         }
     }
+}
+
+/// A store's I/O failure as a [`StoreError`].
+fn store_io(s: &CowStore, source: io::Error) -> StoreError {
+    StoreError::Io {
+        name: s.name.clone(),
+        source,
+    }
+}
+
+/// The transfers that move `buf` to or from logical `offset` of `map`.
+fn pieces_ops(
+    devs: &[PvDevice],
+    map: &VolumeMap,
+    offset: u64,
+    buf: &mut [u8],
+    write: bool,
+    out: &mut Vec<BatchOp>,
+) -> Result<(), crate::map::MapError> {
+    let mut ps = Vec::new();
+    map.pieces(offset, buf.len() as u64, &mut ps)?;
+    for p in ps {
+        out.push(BatchOp {
+            fd: devs[p.dev].any_fd(),
+            offset: p.offset,
+            // SAFETY: p.at + p.len lies inside buf.
+            buf: unsafe { buf.as_mut_ptr().add(p.at as usize) },
+            len: p.len as usize,
+            write,
+        });
+    }
+    Ok(())
 }
 
 fn invalidate(store: &mut CowStore, io: &DevsIo, why: &StoreError) {

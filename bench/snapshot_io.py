@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Snapshots: create latency, and I/O on a snapshotted origin vs a plain volume.
+
+One pool image file, two leased volumes of the same size filled with data:
+`plain` and `origin`. Measured in one run, through the same devpool NBD server
+code:
+  - create latency: `devpool snapshot create` vs `devpool lv create` of an LV
+    of the same size (one metadata commit each; the difference is the
+    snapshot's own work: COW header, loop device checks)
+  - 4k randread (iodepth 32, time-based) on plain vs on origin with a snapshot
+  - 4k randwrite first writes: every 4k block of the volume written exactly
+    once (fio's random map, not time-based), so on the origin every write
+    copies a chunk out first; plain vs origin
+  - 255 snapshots of one origin: time to create them all, the last one's
+    latency, and 4k randwrite on the origin with all of them (each first
+    write copies out to 255 stores)
+
+Prints one JSON object with ratios (origin / plain). Usage (root):
+cargo build --release && bench/snapshot_io.py
+"""
+import argparse, json, os, shutil, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVPOOL = os.environ.get("DEVPOOL", os.path.join(ROOT, "target/release/devpool"))
+
+
+def sh(args, env=None):
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(args)}\n{r.stderr}")
+    return r.stdout
+
+
+def timed(args, env):
+    t = time.perf_counter()
+    sh(args, env)
+    return (time.perf_counter() - t) * 1000
+
+
+def wait_socket(path, proc, limit=10):
+    t = time.time()
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.time() - t > limit:
+            sys.exit(f"server for {path} did not start")
+        time.sleep(0.02)
+
+
+def fio(uri, job, args):
+    out = sh(["fio", "--name", job, "--ioengine=nbd", f"--uri={uri}",
+              "--output-format=json", "--group_reporting"] + args)
+    j = json.loads(out[out.index("{"):])["jobs"][0]
+    rw = "read" if j["read"]["io_bytes"] > 0 else "write"
+    return {"iops": round(j[rw]["iops"]), "ios": j[rw]["total_ios"],
+            "clat_p50_us": round(j[rw]["clat_ns"]["percentile"]["50.000000"] / 1000, 1)}
+
+
+class Server:
+    def __init__(self, work, env, lv):
+        self.sock = os.path.join(work, f"{lv[-12:]}.sock")
+        self.p = subprocess.Popen([DEVPOOL, "--pool", "bench", "serve", lv, "--nbd",
+                                   f"unix:{self.sock}"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_socket(self.sock, self.p)
+        self.uri = f"nbd+unix:///?socket={self.sock}"
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait()
+
+
+def median(xs):
+    xs = sorted(xs)
+    return round(xs[len(xs) // 2], 2)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runtime", type=int, default=8)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--many", type=int, default=255)
+    ap.add_argument("--latency-runs", type=int, default=9)
+    a = ap.parse_args()
+    if not shutil.which("fio"):
+        sys.exit("fio is not installed")
+    size = a.size_mib << 20
+    work = tempfile.mkdtemp(prefix="devpool-bench-", dir="/var/tmp")
+    env = dict(os.environ, DEVPOOL_STATE_DIR=os.path.join(work, "state"),
+               LVM_SUPPRESS_FD_WARNINGS="1")
+    image = os.path.join(work, "pool.img")
+    owner = subprocess.Popen(["sleep", "3600"])
+    servers = []
+    try:
+        image_mib = 4 * a.size_mib + a.many * 4 + 1024
+        sh([DEVPOOL, "pool", "setup", image, "--name", "bench", "--image-size",
+            f"{image_mib}M", "--yes"], env)
+        lease = json.loads(sh([DEVPOOL, "--pool", "bench", "--json", "lease", "acquire",
+                               "--volumes", f"plain:{a.size_mib}M,origin:{a.size_mib}M",
+                               "--owner-pid", str(owner.pid)], env))
+        lvs = {d["role"]: d["lv"] for d in lease["devices"]}
+        for d in lease["devices"]:
+            sh(["fio", "--name=fill", "--ioengine=io_uring", "--direct=1",
+                f"--filename={d['device']}", f"--size={size}", "--rw=write", "--bs=1M",
+                "--iodepth=8"])
+        vg = "devpool-bench"
+
+        # Create latency: snapshot vs plain LV of the same size, alternating.
+        snap_ms, lv_ms = [], []
+        for i in range(a.latency_runs):
+            lv_ms.append(timed([DEVPOOL, "lv", "create", f"{vg}/peer{i}", "--size",
+                                f"{a.size_mib}M", "--no-wipe"], env))
+            snap_ms.append(timed([DEVPOOL, "--pool", "bench", "snapshot", "create",
+                                  lvs["origin"], "--name", f"lat{i}", "--size",
+                                  f"{a.size_mib}M"], env))
+            sh([DEVPOOL, "--pool", "bench", "snapshot", "delete", f"lat{i}"], env)
+            sh([DEVPOOL, "lv", "remove", f"{vg}/peer{i}", "--yes"], env)
+        # The volume gets its loop device back after the last delete; the
+        # real snapshot for the I/O runs:
+        sh([DEVPOOL, "--pool", "bench", "snapshot", "create", lvs["origin"], "--name",
+            "snap", "--size", f"{a.size_mib + 16}M"], env)
+
+        results = {}
+        for role in ["plain", "origin"]:
+            s = Server(work, env, lvs[role])
+            servers.append(s)
+            r = {"randread_4k": fio(s.uri, "rr", [
+                "--rw=randread", "--bs=4k", "--iodepth=32", f"--size={size}",
+                "--time_based", f"--runtime={a.runtime}", "--ramp_time=1"])}
+            # Every block once: on the origin, every write is a first write.
+            t = time.perf_counter()
+            r["randwrite_4k_first"] = fio(s.uri, "fw", [
+                "--rw=randwrite", "--bs=4k", "--iodepth=32", f"--size={size}"])
+            r["randwrite_4k_first"]["seconds"] = round(time.perf_counter() - t, 2)
+            s.stop()
+            servers.remove(s)
+            results[role] = r
+        st = json.loads(sh([DEVPOOL, "--pool", "bench", "--json", "snapshot", "list"], env))
+        copied = st[0]["usage"]["used_chunks"] if st and st[0].get("usage") else None
+
+        # Many snapshots of one origin.
+        sh([DEVPOOL, "--pool", "bench", "snapshot", "delete", "snap"], env)
+        t = time.perf_counter()
+        last = []
+        for i in range(a.many):
+            ms = timed([DEVPOOL, "--pool", "bench", "snapshot", "create", lvs["origin"],
+                        "--name", f"m{i}", "--size", "4M"], env)
+            if i >= a.many - 5:
+                last.append(ms)
+        many_s = time.perf_counter() - t
+        s = Server(work, env, lvs["origin"])
+        servers.append(s)
+        # 1000 first writes: fewer than each 4 MiB store holds (1019 chunks),
+        # so every one copies out to every snapshot.
+        many_w = fio(s.uri, "many", ["--rw=randwrite", "--bs=4k", "--iodepth=32",
+                                      f"--size={size}", "--io_size=4000k"])
+        s.stop()
+        servers.remove(s)
+
+        ratio = lambda job: round(results["origin"][job]["iops"] /
+                                  max(results["plain"][job]["iops"], 1), 2)
+        print(json.dumps({
+            "benchmark": "snapshot_io",
+            "volume_mib": a.size_mib,
+            "cpus": os.cpu_count(),
+            "create_latency_ms": {
+                "snapshot_create_median": median(snap_ms),
+                "lv_create_same_size_median": median(lv_ms),
+                "snapshot_extra_over_lv_create": round(median(snap_ms) - median(lv_ms), 2),
+                "note": "whole CLI process each (start-up, scan, one commit)",
+            },
+            "results": results,
+            "chunks_copied_out": copied,
+            "ratios": {
+                "origin_randread_vs_plain": ratio("randread_4k"),
+                "origin_first_randwrite_vs_plain": ratio("randwrite_4k_first"),
+            },
+            "targets": {"randread": 0.9, "first_randwrite": 0.7},
+            "many_snapshots": {
+                "count": a.many,
+                "create_all_s": round(many_s, 1),
+                "last_five_create_ms": [round(x, 1) for x in last],
+                "origin_randwrite_4k_iops_with_all": many_w["iops"],
+            },
+        }, indent=2))
+    finally:
+        for s in servers:
+            s.stop()
+        subprocess.run([DEVPOOL, "--pool", "bench", "pool", "teardown", "bench", "--force",
+                        "--yes"], env=env, capture_output=True)
+        owner.kill()
+        owner.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
