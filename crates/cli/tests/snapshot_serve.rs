@@ -60,6 +60,17 @@ fn stop(srv: Server) {
     assert!(st.success(), "server: {err}");
 }
 
+/// `devpool serve LV --nbd` on a socket named `sock` in the lab.
+fn serve(b: &Bench, pool: &str, lv: &str, sock: impl AsRef<Path>) -> (Server, std::path::PathBuf) {
+    let path = b.lab.path(&sock.as_ref().display().to_string());
+    let srv = Server::start(
+        &b.lab,
+        pool,
+        &[lv, "--nbd", &format!("unix:{}", path.display())],
+    );
+    (srv, path)
+}
+
 fn snapshots(b: &Bench, pool: &str) -> Vec<Value> {
     let st = b.lab.dp_json(&[], &["--pool", pool, "pool", "status"]);
     st["snapshots"].as_array().unwrap().clone()
@@ -100,12 +111,7 @@ fn a_served_origin_copies_out_the_snapshot_keeps_old_data_and_merge_rolls_back()
 
     // Writes through the origin's server: whole chunks, a range across a
     // chunk boundary at odd offsets, zeroes, a discard.
-    let sock = b.lab.path("origin.sock");
-    let srv = Server::start(
-        &b.lab,
-        pool,
-        &[&origin, "--nbd", &format!("unix:{}", sock.display())],
-    );
+    let (srv, sock) = serve(&b, pool, &origin, "origin.sock");
     qemu_io(
         &sock,
         &[
@@ -137,12 +143,7 @@ fn a_served_origin_copies_out_the_snapshot_keeps_old_data_and_merge_rolls_back()
     );
 
     // The snapshot shows the old data, and takes writes of its own.
-    let ssock = b.lab.path("snap.sock");
-    let srv = Server::start(
-        &b.lab,
-        pool,
-        &["before", "--nbd", &format!("unix:{}", ssock.display())],
-    );
+    let (srv, ssock) = serve(&b, pool, "before", "snap.sock");
     let snap = read_all(&ssock, &b.lab.path("snap.now"));
     assert_eq!(first_difference(&snap, &old), None, "snapshot contents");
     qemu_io(
@@ -218,12 +219,7 @@ fn fio_verifies_on_a_snapshotted_origin_and_the_snapshot_keeps_its_data() {
             "64K",
         ],
     );
-    let sock = b.lab.path("o.sock");
-    let srv = Server::start(
-        &b.lab,
-        pool,
-        &[&origin, "--nbd", &format!("unix:{}", sock.display())],
-    );
+    let (srv, sock) = serve(&b, pool, &origin, "o.sock");
     let out = run_ok(Command::new("fio").args([
         "--name=cow",
         "--ioengine=nbd",
@@ -247,12 +243,7 @@ fn fio_verifies_on_a_snapshotted_origin_and_the_snapshot_keeps_its_data() {
     }
     stop(srv);
     for name in ["s1", "s2"] {
-        let s = b.lab.path(&format!("{name}.sock"));
-        let srv = Server::start(
-            &b.lab,
-            pool,
-            &[name, "--nbd", &format!("unix:{}", s.display())],
-        );
+        let (srv, s) = serve(&b, pool, name, &format!("{name}.sock"));
         let snap = read_all(&s, &b.lab.path(&format!("{name}.img")));
         assert_eq!(first_difference(&snap, &old), None, "snapshot {name}");
         stop(srv);
@@ -275,12 +266,7 @@ fn a_full_cow_store_invalidates_the_snapshot_and_the_origin_keeps_working() {
             "--pool", pool, "snapshot", "create", &origin, "--name", "small", "--size", "4M",
         ],
     );
-    let sock = b.lab.path("o.sock");
-    let srv = Server::start(
-        &b.lab,
-        pool,
-        &[&origin, "--nbd", &format!("unix:{}", sock.display())],
-    );
+    let (srv, sock) = serve(&b, pool, &origin, "o.sock");
     qemu_io(
         &sock,
         &[
@@ -297,12 +283,7 @@ fn a_full_cow_store_invalidates_the_snapshot_and_the_origin_keeps_working() {
     let text = b.lab.dp(&[], &["--pool", pool, "snapshot", "list"]);
     assert!(text.contains("INVALID"), "{text}");
     // The snapshot fails its reads; merging it is refused.
-    let ssock = b.lab.path("s.sock");
-    let srv = Server::start(
-        &b.lab,
-        pool,
-        &["small", "--nbd", &format!("unix:{}", ssock.display())],
-    );
+    let (srv, ssock) = serve(&b, pool, "small", "s.sock");
     let o = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "read 0 4096", &uri(&ssock)])
         .output()
@@ -353,12 +334,7 @@ fn paths_that_would_bypass_copy_on_write_are_refused() {
     assert!(snapshots(&b, pool).is_empty());
 
     // A server that does not know the snapshot serves the origin.
-    let sock = b.lab.path("o.sock");
-    let srv = Server::start(
-        &b.lab,
-        pool,
-        &[&origin, "--nbd", &format!("unix:{}", sock.display())],
-    );
+    let (srv, _) = serve(&b, pool, &origin, "o.sock");
     let err = b.lab.dp_err(&[], &create);
     assert!(err.contains(&format!("process {}", srv.pid())), "{err}");
     stop(srv);
@@ -366,11 +342,7 @@ fn paths_that_would_bypass_copy_on_write_are_refused() {
 
     // Origin served: the snapshot may not be served by another process,
     // nor merged, nor deleted.
-    let srv = Server::start(
-        &b.lab,
-        pool,
-        &[&origin, "--nbd", &format!("unix:{}", sock.display())],
-    );
+    let (srv, _) = serve(&b, pool, &origin, "o.sock");
     let s2 = b.lab.path("s.sock");
     let o = devpool_command(&b.lab.state_dir())
         .args(["--pool", pool, "serve", "s", "--nbd"])

@@ -78,6 +78,11 @@ impl PvDevice {
     pub fn any_fd(&self) -> RawFd {
         self.buffered.as_raw_fd()
     }
+
+    /// The device opened buffered (any offset, any length).
+    pub fn buffered(&self) -> &File {
+        &self.buffered
+    }
 }
 
 /// Some file systems (tmpfs before 6.6, some FUSE) refuse O_DIRECT reads, and

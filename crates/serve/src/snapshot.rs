@@ -27,6 +27,7 @@ use devpool_engine::cowstore::{
 use devpool_format::map::VolumeMap;
 use std::collections::HashMap;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
 /// Buffered byte I/O on a volume's devices.
@@ -34,57 +35,11 @@ pub struct DevsIo<'a>(pub &'a [PvDevice]);
 
 impl DevIo for DevsIo<'_> {
     fn read_at(&self, dev: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let d = self.dev(dev)?;
-        let mut done = 0;
-        while done < buf.len() {
-            // SAFETY: the buffer's remaining bytes are writable.
-            let n = unsafe {
-                libc::pread(
-                    d.any_fd(),
-                    buf[done..].as_mut_ptr() as *mut _,
-                    buf.len() - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.dev(dev)?.buffered().read_exact_at(buf, offset)
     }
 
     fn write_at(&self, dev: usize, offset: u64, buf: &[u8]) -> io::Result<()> {
-        let d = self.dev(dev)?;
-        let mut done = 0;
-        while done < buf.len() {
-            // SAFETY: the buffer's remaining bytes are readable.
-            let n = unsafe {
-                libc::pwrite(
-                    d.any_fd(),
-                    buf[done..].as_ptr() as *const _,
-                    buf.len() - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.dev(dev)?.buffered().write_all_at(buf, offset)
     }
 }
 
