@@ -243,7 +243,7 @@ fn fio_verifies_on_a_snapshotted_origin_and_the_snapshot_keeps_its_data() {
     }
     stop(srv);
     for name in ["s1", "s2"] {
-        let (srv, s) = serve(&b, pool, name, &format!("{name}.sock"));
+        let (srv, s) = serve(&b, pool, name, format!("{name}.sock"));
         let snap = read_all(&s, &b.lab.path(&format!("{name}.img")));
         assert_eq!(first_difference(&snap, &old), None, "snapshot {name}");
         stop(srv);
