@@ -11,6 +11,7 @@
 //! - [`units`], [`names`], [`uuid`]: checked size units, LVM2's naming rules, LVM2 identifiers
 //! - [`map`]: an LV's logical bytes → (PV, offset) through its linear and striped segments
 //! - [`cow`]: dm-snapshot's persistent exception store (the COW volume of a snapshot)
+//! - [`thin`]: dm-thin's metadata (superblock, B-trees, space maps, checksums)
 //! - [`signature`]: recognising what else a device may hold (filesystems, partition tables…)
 //!
 //! This crate is where fuzzing and property tests concentrate: every parser
@@ -26,6 +27,7 @@ pub mod mda;
 pub mod metadata;
 pub mod names;
 pub mod signature;
+pub mod thin;
 pub mod units;
 pub mod uuid;
 
