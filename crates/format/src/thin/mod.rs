@@ -185,7 +185,7 @@ impl Superblock {
                 s.metadata_block_size
             )));
         }
-        if s.data_block_size == 0 || s.data_block_size % 128 != 0 {
+        if s.data_block_size == 0 || !s.data_block_size.is_multiple_of(128) {
             return Err(err(format!(
                 "data block size {} sectors: a multiple of 64 KiB (128 sectors)",
                 s.data_block_size
