@@ -179,6 +179,13 @@ impl Superblock {
                 s.version
             )));
         }
+        let max_blocks = bitmap::MAX_METADATA_BITMAPS as u64 * bitmap::ENTRIES_PER_BITMAP;
+        if s.metadata_nr_blocks > max_blocks || s.metadata_sm.nr_blocks != s.metadata_nr_blocks {
+            return Err(err(format!(
+                "{} metadata blocks (space map: {}); dm-thin has at most {max_blocks}",
+                s.metadata_nr_blocks, s.metadata_sm.nr_blocks
+            )));
+        }
         if s.metadata_block_size != METADATA_BLOCK_SECTORS {
             return Err(err(format!(
                 "metadata block size {} sectors (only {METADATA_BLOCK_SECTORS})",
