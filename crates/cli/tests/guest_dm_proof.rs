@@ -374,27 +374,7 @@ fn guest_dm_snapshot_runs_on_a_snapshot_devpool_created() {
         "sync; echo \"STATUS $(dmsetup status snapvg-snap)\"\n\
          lvm_c vgchange -an snapvg || exit 12\nexit $bad\n",
     );
-    let ka = kernel_args(&kernel);
-    let mut args: Vec<&str> = vec!["vm", "run"];
-    args.extend(ka.iter().map(String::as_str));
-    args.extend([
-        "--mem",
-        "512M",
-        "--disk",
-        &s,
-        "--add",
-        "/sbin/lvm",
-        "--add",
-        "/sbin/dmsetup",
-        "--load-module",
-        "dm_snapshot",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    let out = lab.devpool(&devs, &args);
-    let console = guest_console(&out);
+    let console = run_dm_snapshot_guest(&lab, &kernel, &a, &script);
     // dm reports a valid snapshot: "snapshot <used>/<total> <metadata>".
     let status = console
         .lines()
@@ -433,6 +413,37 @@ fn guest_dm_snapshot_runs_on_a_snapshot_devpool_created() {
         let want = format!("new {k}");
         assert_eq!(view.read_record("origin", k * 4096, want.len()), want);
     }
+}
+
+/// `vm run` with `disk` attached whole, LVM2 and dm-snapshot in the guest,
+/// running `script`; the console of a run that must succeed.
+fn run_dm_snapshot_guest(
+    lab: &Lab,
+    kernel: &devpool_vm::kernel::Kernel,
+    disk: &Path,
+    script: &str,
+) -> String {
+    let ka = kernel_args(kernel);
+    let d = disk.display().to_string();
+    let mut args: Vec<&str> = vec!["vm", "run"];
+    args.extend(ka.iter().map(String::as_str));
+    args.extend([
+        "--mem",
+        "512M",
+        "--disk",
+        &d,
+        "--add",
+        "/sbin/lvm",
+        "--add",
+        "/sbin/dmsetup",
+        "--load-module",
+        "dm_snapshot",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    guest_console(&lab.devpool(&[disk], &args))
 }
 
 /// `chk DEV CHUNK OCT`: 4 KiB chunk CHUNK of DEV holds only byte \OCT;
@@ -548,28 +559,7 @@ fn guest_dm_snapshot_and_devpool_read_each_others_copy_outs_and_merge_restores()
     }
     script.push_str("sync; echo \"STATUS $(dmsetup status | grep ' snapshot ')\"\n");
     let _ = writeln!(script, "lvm_c vgchange -an {vg} || exit 12\nexit $bad");
-    let ka = kernel_args(&kernel);
-    let p = img.display().to_string();
-    let mut args: Vec<&str> = vec!["vm", "run"];
-    args.extend(ka.iter().map(String::as_str));
-    args.extend([
-        "--mem",
-        "512M",
-        "--disk",
-        &p,
-        "--add",
-        "/sbin/lvm",
-        "--add",
-        "/sbin/dmsetup",
-        "--load-module",
-        "dm_snapshot",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    let out = lab.devpool(&[&img], &args);
-    let console = guest_console(&out);
+    let console = run_dm_snapshot_guest(&lab, &kernel, &img, &script);
     let status = console
         .lines()
         .find(|l| l.starts_with("STATUS "))
