@@ -43,10 +43,6 @@ impl FilesIo {
             .collect::<io::Result<_>>()?;
         Ok(FilesIo { files })
     }
-
-    pub fn sync(&self) -> io::Result<()> {
-        self.files.iter().try_for_each(File::sync_data)
-    }
 }
 
 impl DevIo for FilesIo {

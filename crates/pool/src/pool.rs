@@ -521,7 +521,7 @@ impl Pools {
         for d in &v.health.disagreeing {
             health.push(format!("metadata copies disagree: {d}"));
         }
-        let snapshots = self.snapshots(name)?;
+        let snapshots = crate::snapshots::statuses(&v);
         for sn in &snapshots {
             match (&sn.usage, &sn.error) {
                 (Some(u), _) if !u.valid => health.push(format!(

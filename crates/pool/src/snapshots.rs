@@ -104,24 +104,28 @@ stop it first (a running server keeps its own copy-on-write state)"
     Ok(())
 }
 
+/// The snapshots of a VG already read, with how full each store is.
+pub(crate) fn statuses(v: &devpool_engine::vg::LoadedVg) -> Vec<SnapshotStatus> {
+    let es = v.meta.extent_size.bytes().0;
+    let path = |k: &str| v.device_of(k).map(|d| d.path.clone());
+    snapshot_usage(&v.meta, path)
+        .into_iter()
+        .map(|(link, usage)| SnapshotStatus {
+            lease: lease_of(&v.meta, &link.origin),
+            size_bytes: v.meta.lv(&link.cow).map_or(0, |l| l.extent_count() * es),
+            name: link.cow,
+            origin: link.origin,
+            snapshot_lv: link.snapshot_lv,
+            error: usage.as_ref().err().cloned(),
+            usage: usage.ok(),
+        })
+        .collect()
+}
+
 impl Pools {
     /// The pool's snapshots, with how full each store is.
     pub fn snapshots(&self, name: &str) -> Result<Vec<SnapshotStatus>> {
-        let v = self.read_vg(name)?;
-        let es = v.meta.extent_size.bytes().0;
-        let path = |k: &str| v.device_of(k).map(|d| d.path.clone());
-        Ok(snapshot_usage(&v.meta, path)
-            .into_iter()
-            .map(|(link, usage)| SnapshotStatus {
-                lease: lease_of(&v.meta, &link.origin),
-                size_bytes: v.meta.lv(&link.cow).map_or(0, |l| l.extent_count() * es),
-                name: link.cow,
-                origin: link.origin,
-                snapshot_lv: link.snapshot_lv,
-                error: usage.as_ref().err().cloned(),
-                usage: usage.ok(),
-            })
-            .collect())
+        Ok(statuses(&self.read_vg(name)?))
     }
 
     /// Snapshot `volume` as `snap`: detach its plain loop devices (refused

@@ -22,7 +22,7 @@ use crate::batch::{Batch, BatchOp};
 use crate::device::PvDevice;
 use crate::queue::Op;
 use devpool_engine::cowstore::{
-    CowStore, CowUsage, DevIo, PendingMetadata, StoreError, read_mapped, write_mapped,
+    CowStore, DevIo, PendingMetadata, StoreError, read_mapped, write_mapped,
 };
 use devpool_format::map::VolumeMap;
 use std::collections::HashMap;
@@ -106,15 +106,6 @@ impl Cow {
         };
         let i = stores.iter().position(|s| s.name == name)?;
         Some(stores.remove(i))
-    }
-
-    /// Each store's name and usage.
-    pub fn usage(&self) -> Vec<(String, CowUsage)> {
-        let st = self.lock();
-        match &st.role {
-            Role::Origin { stores } => stores.iter().map(|s| (s.name.clone(), s.usage())).collect(),
-            Role::Snapshot { store, .. } => vec![(store.name.clone(), store.usage())],
-        }
     }
 
     /// Whether a write to `offset..offset+len` of the origin reaches a chunk
