@@ -12,7 +12,7 @@ use super::{
     Node, SmRoot, Superblock, VERSION,
 };
 use crate::error::{FormatError, le_u64};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ThinDevice {
@@ -60,60 +60,75 @@ pub fn walk(
 ) -> Result<(), FormatError> {
     // A tree has fewer nodes than the device has blocks: a budget that
     // stops shared or cyclic children from multiplying the walk.
-    let mut budget = nr_blocks;
-    walk_at(read, root, value_size, nr_blocks, 0, &mut budget, out)
+    walk_noting(read, root, value_size, nr_blocks, &mut Reuse::default(), out)
 }
 
-fn walk_at(
+fn walk_noting(
     read: &mut dyn FnMut(u64) -> Result<Vec<u8>, FormatError>,
-    at: u64,
+    root: u64,
     value_size: usize,
     nr_blocks: u64,
-    depth: usize,
-    budget: &mut u64,
+    seen: &mut Reuse,
     out: &mut Vec<(u64, Vec<u8>)>,
 ) -> Result<(), FormatError> {
-    let err = |r: String| FormatError::new("thin btree", at.saturating_mul(BLOCK as u64), r);
-    if *budget == 0 {
-        return Err(err(
-            "more nodes than metadata blocks (shared or cyclic children)".into(),
-        ));
-    }
-    *budget -= 1;
-    if at == 0 || at >= nr_blocks {
-        return Err(err(format!("node block {at} is outside 1..{nr_blocks}")));
-    }
-    if depth > MAX_DEPTH {
-        return Err(err(format!("deeper than {MAX_DEPTH} levels (a cycle?)")));
-    }
-    let n = Node::parse(&read(at)?, at)?;
-    if n.leaf {
-        if n.value_size != value_size {
-            return Err(err(format!(
-                "values of {} bytes, this tree's are {value_size}",
-                n.value_size
-            )));
+    let mut budget = nr_blocks;
+    let mut w = Walk {
+        read,
+        value_size,
+        nr_blocks,
+        budget: &mut budget,
+        seen,
+    };
+    w.at(root, 0, out)
+}
+
+struct Walk<'a> {
+    read: &'a mut dyn FnMut(u64) -> Result<Vec<u8>, FormatError>,
+    value_size: usize,
+    nr_blocks: u64,
+    budget: &'a mut u64,
+    /// Every node visited, for the next copy to reuse.
+    seen: &'a mut Reuse,
+}
+
+impl Walk<'_> {
+    fn at(&mut self, at: u64, depth: usize, out: &mut Vec<(u64, Vec<u8>)>) -> Result<(), FormatError> {
+        let (value_size, nr_blocks) = (self.value_size, self.nr_blocks);
+        let err = |r: String| FormatError::new("thin btree", at.saturating_mul(BLOCK as u64), r);
+        if *self.budget == 0 {
+            return Err(err(
+                "more nodes than metadata blocks (shared or cyclic children)".into(),
+            ));
         }
-        for (i, k) in n.keys.iter().enumerate() {
-            if out.last().is_some_and(|(last, _)| last >= k) {
-                return Err(err(format!("key {k} out of order across nodes")));
+        *self.budget -= 1;
+        if at == 0 || at >= nr_blocks {
+            return Err(err(format!("node block {at} is outside 1..{nr_blocks}")));
+        }
+        if depth > MAX_DEPTH {
+            return Err(err(format!("deeper than {MAX_DEPTH} levels (a cycle?)")));
+        }
+        let n = Node::parse(&(self.read)(at)?, at)?;
+        if n.leaf {
+            if n.value_size != value_size {
+                return Err(err(format!(
+                    "values of {} bytes, this tree's are {value_size}",
+                    n.value_size
+                )));
             }
-            out.push((*k, n.value(i).to_vec()));
+            for (i, k) in n.keys.iter().enumerate() {
+                if out.last().is_some_and(|(last, _)| last >= k) {
+                    return Err(err(format!("key {k} out of order across nodes")));
+                }
+                out.push((*k, n.value(i).to_vec()));
+            }
+        } else {
+            for i in 0..n.keys.len() {
+                self.at(le_u64(n.value(i), 0), depth + 1, out)?;
+            }
         }
-        return Ok(());
+        self.seen.note_node(n, at);
+        Ok(())
     }
-    for i in 0..n.keys.len() {
-        walk_at(
-            read,
-            le_u64(n.value(i), 0),
-            value_size,
-            nr_blocks,
-            depth + 1,
-            budget,
-            out,
-        )?;
-    }
-    Ok(())
 }
 
 /// The metadata `read(block)` returns blocks of; `Ok(None)` for an
@@ -121,20 +136,29 @@ fn walk_at(
 pub fn read(
     read: &mut dyn FnMut(u64) -> Result<Vec<u8>, FormatError>,
 ) -> Result<Option<(Superblock, ThinMetadata)>, FormatError> {
+    Ok(read_reusable(read)?.map(|(sb, m, _)| (sb, m)))
+}
+
+/// As [`read`], with the nodes seen, for the next [`write`] to reuse.
+pub fn read_reusable(
+    read: &mut dyn FnMut(u64) -> Result<Vec<u8>, FormatError>,
+) -> Result<Option<(Superblock, ThinMetadata, Reuse)>, FormatError> {
     let Some(sb) = Superblock::parse(&read(0)?)? else {
         return Ok(None);
     };
     let nr = sb.metadata_nr_blocks;
+    let mut seen = Reuse::default();
     let mut details = Vec::new();
-    walk(
+    walk_noting(
         read,
         sb.device_details_root,
         DeviceDetails::SIZE,
         nr,
+        &mut seen,
         &mut details,
     )?;
     let mut tops = Vec::new();
-    walk(read, sb.data_mapping_root, 8, nr, &mut tops)?;
+    walk_noting(read, sb.data_mapping_root, 8, nr, &mut seen, &mut tops)?;
     let mut m = ThinMetadata {
         uuid: sb.uuid,
         time: sb.time,
@@ -150,7 +174,7 @@ pub fn read(
     }
     for (id, v) in tops {
         let mut leaves = Vec::new();
-        walk(read, le_u64(&v, 0), 8, nr, &mut leaves)?;
+        walk_noting(read, le_u64(&v, 0), 8, nr, &mut seen, &mut leaves)?;
         let dev = m.devices.get_mut(&id).ok_or_else(|| {
             FormatError::new(
                 "thin mapping tree",
@@ -173,7 +197,7 @@ pub fn read(
             dev.mappings.insert(vblock, bt);
         }
     }
-    Ok(Some((sb, m)))
+    Ok(Some((sb, m, seen)))
 }
 
 /// A new metadata copy: the blocks to write (in any order, all before the
@@ -184,6 +208,28 @@ pub struct Written {
     pub superblock: Vec<u8>,
     /// Metadata blocks the copy uses, the superblock included.
     pub used: Vec<u64>,
+    /// Where this copy's nodes and bitmaps are, for the next copy to reuse.
+    pub reuse: Reuse,
+}
+
+/// Blocks of the live copy by content: a node or bitmap the next copy needs
+/// unchanged is referenced where it is instead of written again, so a
+/// commit writes only what changed (plus the small trees and space maps
+/// above it). Each live block is reused at most once per copy, so every
+/// block keeps exactly one reference.
+#[derive(Debug, Clone, Default)]
+pub struct Reuse {
+    nodes: HashMap<Node, Vec<u64>>,
+    bitmaps: HashMap<Vec<u8>, Vec<u64>>,
+}
+
+impl Reuse {
+    fn note_node(&mut self, n: Node, at: u64) {
+        let v = self.nodes.entry(n).or_default();
+        if !v.contains(&at) {
+            v.push(at);
+        }
+    }
 }
 
 struct Alloc<'a> {
@@ -191,6 +237,9 @@ struct Alloc<'a> {
     nr: u64,
     is_free: &'a dyn Fn(u64) -> bool,
     used: Vec<u64>,
+    old: Reuse,
+    new: Reuse,
+    out: Vec<(u64, Vec<u8>)>,
 }
 
 impl Alloc<'_> {
@@ -209,6 +258,91 @@ impl Alloc<'_> {
             format!("no free metadata block left ({} blocks)", self.nr),
         ))
     }
+
+    /// Place `node`: where the live copy has it, else in a fresh block.
+    fn node(&mut self, node: Node) -> Result<u64, FormatError> {
+        let at = match self.old.nodes.get_mut(&node).and_then(Vec::pop) {
+            Some(at) => {
+                self.used.push(at);
+                at
+            }
+            None => {
+                let at = self.take()?;
+                self.out.push((at, node.encode(at)));
+                at
+            }
+        };
+        self.new.note_node(node, at);
+        Ok(at)
+    }
+
+    fn bitmap(&mut self, counts: &[u8]) -> Result<u64, FormatError> {
+        let at = match self.old.bitmaps.get_mut(counts).and_then(Vec::pop) {
+            Some(at) => {
+                self.used.push(at);
+                at
+            }
+            None => {
+                let at = self.take()?;
+                self.out.push((
+                    at,
+                    Bitmap {
+                        counts: counts.to_vec(),
+                    }
+                    .encode(at),
+                ));
+                at
+            }
+        };
+        self.new
+            .bitmaps
+            .entry(counts.to_vec())
+            .or_default()
+            .push(at);
+        Ok(at)
+    }
+}
+
+/// Cut `keys` into leaf runs of at most `max` entries, every run but a lone
+/// one at least `max / 3` (thin_check's minimum for non-root nodes). Runs
+/// end where the key's hash says so once half full, so an insert or delete
+/// changes the run it falls in and leaves the others — and their blocks —
+/// as they were.
+fn leaf_runs(keys: &[u64], max: usize) -> Vec<std::ops::Range<usize>> {
+    let min = max / 3;
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for (i, k) in keys.iter().enumerate() {
+        let len = i + 1 - start;
+        let cut = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60 == 0;
+        if len >= max || (len >= max / 2 && cut) {
+            runs.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    if start < keys.len() {
+        let rest = keys.len() - start;
+        match runs.pop() {
+            Some(last) if rest < min => {
+                let total = last.len() + rest;
+                if total <= max {
+                    runs.push(last.start..keys.len());
+                } else {
+                    let half = last.start + total / 2;
+                    runs.push(last.start..half);
+                    runs.push(half..keys.len());
+                }
+            }
+            last => {
+                runs.extend(last);
+                runs.push(start..keys.len());
+            }
+        }
+    }
+    if runs.is_empty() {
+        runs.push(0..0);
+    }
+    runs
 }
 
 /// Lay `entries` (sorted by key) out as a tree; returns the root.
@@ -216,37 +350,30 @@ fn build_tree(
     entries: &[(u64, Vec<u8>)],
     value_size: usize,
     alloc: &mut Alloc,
-    out: &mut Vec<(u64, Vec<u8>)>,
 ) -> Result<u64, FormatError> {
+    let keys: Vec<u64> = entries.iter().map(|(k, _)| *k).collect();
     let mut level: Vec<(u64, u64)> = Vec::new();
-    let leaf_max = max_entries(value_size);
-    let chunks: Vec<&[(u64, Vec<u8>)]> = if entries.is_empty() {
-        vec![&[]]
-    } else {
-        entries.chunks(leaf_max).collect()
-    };
-    for chunk in chunks {
-        let at = alloc.take()?;
-        let node = Node {
+    for run in leaf_runs(&keys, max_entries(value_size)) {
+        let chunk = &entries[run];
+        let at = alloc.node(Node {
             leaf: true,
             value_size,
             keys: chunk.iter().map(|(k, _)| *k).collect(),
             values: chunk.iter().flat_map(|(_, v)| v.iter().copied()).collect(),
-        };
-        out.push((at, node.encode(at)));
+        })?;
         level.push((chunk.first().map_or(0, |(k, _)| *k), at));
     }
     while level.len() > 1 {
+        // Evenly filled internal nodes (each at least half full).
+        let per = level.len().div_ceil(level.len().div_ceil(max_entries(8)));
         let mut up = Vec::new();
-        for chunk in level.chunks(max_entries(8)) {
-            let at = alloc.take()?;
-            let node = Node {
+        for chunk in level.chunks(per) {
+            let at = alloc.node(Node {
                 leaf: false,
                 value_size: 8,
                 keys: chunk.iter().map(|(k, _)| *k).collect(),
                 values: chunk.iter().flat_map(|(_, b)| b.to_le_bytes()).collect(),
-            };
-            out.push((at, node.encode(at)));
+            })?;
             up.push((chunk[0].0, at));
         }
         level = up;
@@ -254,35 +381,37 @@ fn build_tree(
     Ok(level[0].1)
 }
 
-/// Bitmaps for `counts` (one per block, `nr` blocks), at `places`.
-fn bitmaps(counts: &[u8], nr: u64, places: &[u64]) -> (Vec<(u64, Vec<u8>)>, Vec<IndexEntry>) {
-    let mut blocks = Vec::new();
+/// Bitmaps for `counts` (one per block, `nr` blocks); their index entries.
+fn bitmaps(
+    counts: &[u8],
+    nr: u64,
+    place: &mut dyn FnMut(&[u8]) -> Result<u64, FormatError>,
+) -> Result<Vec<IndexEntry>, FormatError> {
     let mut index = Vec::new();
-    for (i, &at) in places.iter().enumerate() {
-        let start = i as u64 * ENTRIES_PER_BITMAP;
+    for i in 0..nr.div_ceil(ENTRIES_PER_BITMAP) {
+        let start = i * ENTRIES_PER_BITMAP;
         let end = (start + ENTRIES_PER_BITMAP).min(nr);
         let slice = &counts[start as usize..end as usize];
         let free = slice.iter().filter(|&&c| c == 0).count() as u32;
         let first_free = slice.iter().position(|&c| c == 0).unwrap_or(slice.len()) as u32;
-        blocks.push((
-            at,
-            Bitmap {
-                counts: slice.to_vec(),
-            }
-            .encode(at),
-        ));
         index.push(IndexEntry {
-            blocknr: at,
+            blocknr: place(slice)?,
             nr_free: free,
             none_free_before: first_free,
         });
     }
-    (blocks, index)
+    Ok(index)
 }
 
 /// A complete copy of `m` in the metadata blocks `is_free` allows (never
-/// block 0), with space maps that count exactly what it uses.
-pub fn write(m: &ThinMetadata, is_free: &dyn Fn(u64) -> bool) -> Result<Written, FormatError> {
+/// block 0), with space maps that count exactly what it uses. Nodes and
+/// bitmaps `reuse` knows from the live copy are referenced, not rewritten
+/// (pass `Reuse::default()` for a copy of its own).
+pub fn write(
+    m: &ThinMetadata,
+    is_free: &dyn Fn(u64) -> bool,
+    reuse: Reuse,
+) -> Result<Written, FormatError> {
     let nr = m.metadata_nr_blocks;
     let meta_bitmaps = nr.div_ceil(ENTRIES_PER_BITMAP) as usize;
     if meta_bitmaps > MAX_METADATA_BITMAPS || nr < 16 {
@@ -300,8 +429,10 @@ pub fn write(m: &ThinMetadata, is_free: &dyn Fn(u64) -> bool) -> Result<Written,
         nr,
         is_free: &|b| b != 0 && is_free(b),
         used: vec![0],
+        old: reuse,
+        new: Reuse::default(),
+        out: Vec::new(),
     };
-    let mut out = Vec::new();
     let meta_index_at = alloc.take()?;
     let meta_bitmap_at: Vec<u64> = (0..meta_bitmaps)
         .map(|_| alloc.take())
@@ -318,18 +449,14 @@ pub fn write(m: &ThinMetadata, is_free: &dyn Fn(u64) -> bool) -> Result<Written,
             }
         }
     }
-    let data_bitmap_at: Vec<u64> = (0..m.nr_data_blocks.div_ceil(ENTRIES_PER_BITMAP))
-        .map(|_| alloc.take())
-        .collect::<Result<_, _>>()?;
-    let (blocks, data_index) = bitmaps(&data_counts, m.nr_data_blocks, &data_bitmap_at);
-    out.extend(blocks);
+    let data_index = bitmaps(&data_counts, m.nr_data_blocks, &mut |c| alloc.bitmap(c))?;
     let index_entries: Vec<(u64, Vec<u8>)> = data_index
         .iter()
         .enumerate()
         .map(|(i, e)| (i as u64, e.encode().to_vec()))
         .collect();
-    let data_index_root = build_tree(&index_entries, IndexEntry::SIZE, &mut alloc, &mut out)?;
-    let data_ref_root = build_tree(&data_overflow, 4, &mut alloc, &mut out)?;
+    let data_index_root = build_tree(&index_entries, IndexEntry::SIZE, &mut alloc)?;
+    let data_ref_root = build_tree(&data_overflow, 4, &mut alloc)?;
     // Devices.
     let mut tops = Vec::new();
     let mut details = Vec::new();
@@ -339,22 +466,33 @@ pub fn write(m: &ThinMetadata, is_free: &dyn Fn(u64) -> bool) -> Result<Written,
             .iter()
             .map(|(v, bt)| (*v, bt.encode().to_le_bytes().to_vec()))
             .collect();
-        let root = build_tree(&leaves, 8, &mut alloc, &mut out)?;
+        let root = build_tree(&leaves, 8, &mut alloc)?;
         tops.push((id, root.to_le_bytes().to_vec()));
         let mut det = d.details;
         det.mapped_blocks = d.mappings.len() as u64;
         details.push((id, det.encode().to_vec()));
     }
-    let mapping_root = build_tree(&tops, 8, &mut alloc, &mut out)?;
-    let details_root = build_tree(&details, DeviceDetails::SIZE, &mut alloc, &mut out)?;
-    let meta_ref_root = build_tree(&[], 4, &mut alloc, &mut out)?;
+    let mapping_root = build_tree(&tops, 8, &mut alloc)?;
+    let details_root = build_tree(&details, DeviceDetails::SIZE, &mut alloc)?;
+    let meta_ref_root = build_tree(&[], 4, &mut alloc)?;
     // The metadata space map counts every block this copy uses, itself too.
     let mut meta_counts = vec![0u8; nr as usize];
     for &b in &alloc.used {
         meta_counts[b as usize] = 1;
     }
-    let (blocks, meta_index) = bitmaps(&meta_counts, nr, &meta_bitmap_at);
-    out.extend(blocks);
+    let mut places = meta_bitmap_at.iter();
+    let mut out = std::mem::take(&mut alloc.out);
+    let meta_index = bitmaps(&meta_counts, nr, &mut |c| {
+        let at = places.next().copied().unwrap_or(0);
+        out.push((
+            at,
+            Bitmap {
+                counts: c.to_vec(),
+            }
+            .encode(at),
+        ));
+        Ok(at)
+    })?;
     out.push((
         meta_index_at,
         MetadataIndex {
@@ -394,6 +532,7 @@ pub fn write(m: &ThinMetadata, is_free: &dyn Fn(u64) -> bool) -> Result<Written,
         blocks: out,
         superblock: sb.encode(),
         used: alloc.used,
+        reuse: alloc.new,
     })
 }
 
@@ -479,7 +618,7 @@ mod tests {
                 );
             }
         }
-        let w = write(&m, &|_| true).unwrap();
+        let w = write(&m, &|_| true, Reuse::default()).unwrap();
         let mut img = vec![0u8; 20_000 * BLOCK];
         for (at, b) in w.blocks.iter().chain([(0u64, w.superblock.clone())].iter()) {
             img[*at as usize * BLOCK..(*at as usize + 1) * BLOCK].copy_from_slice(b);
@@ -492,7 +631,9 @@ mod tests {
         assert_eq!(back, want);
         let used = used_blocks(&mut reader(&img), &sb).unwrap();
         assert_eq!(used.iter().filter(|u| **u).count(), w.used.len());
-        let w2 = write(&m, &|b| !used[b as usize]).unwrap();
+        let w2 = write(&m, &|b| !used[b as usize], w.reuse).unwrap();
+        // Nothing changed: every node and bitmap stays where it is.
+        assert!(w2.blocks.len() <= 1 + 2, "{}", w2.blocks.len());
         assert!(w2.blocks.iter().all(|(at, _)| !used[*at as usize]));
     }
 }

@@ -15,7 +15,7 @@ pub fn max_entries(value_size: usize) -> usize {
     ((BLOCK - HEADER) / (8 + value_size)) / 3 * 3
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Node {
     pub leaf: bool,
     pub value_size: usize,
