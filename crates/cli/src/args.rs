@@ -80,7 +80,13 @@ Example:\n  devpool pool setup /dev/sdb --name fast\n  devpool pool setup /var/t
         /// Create the image file with this size when it does not exist (sparse).
         #[arg(long)]
         image_size: Option<String>,
+        /// Give the pool a thin pool at once (as `pool thin enable` with its defaults).
+        #[arg(long)]
+        thin: bool,
     },
+    /// Thin provisioning: leases become thin volumes.
+    #[command(subcommand)]
+    Thin(ThinCmd),
     /// Every pool found on this machine.
     List,
     /// Devices, size, free space, leases with owners, health.
@@ -98,8 +104,39 @@ Example:\n  devpool pool setup /dev/sdb --name fast\n  devpool pool setup /var/t
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ThinCmd {
+    /// Create the pool's thin pool (dm-thin's format; LVM2's thin-pool LV).
+    #[command(
+        after_help = "From then on, leases are thin volumes: each has its virtual size and uses \
+pool space only where it is written; `snapshot create` on a thin volume makes an instant thin \
+snapshot (shared blocks). Thin volumes have no fixed extents, so they get no plain loop device: \
+devpool serves them (`devpool serve VOLUME --block-device`, `--nbd`, `run --export`, VMs), or the \
+kernel's dm-thin where the host has device-mapper (LVM2 activates them).\n\n\
+When the data fills up, writes to blocks not yet written fail with ENOSPC and `pool status` says \
+so; what was written stays.\n\n\
+Example:\n  devpool pool thin enable default --data-size 50G\n  devpool lease acquire --volumes test:100G"
+    )]
+    Enable {
+        /// The pool (default: --pool, $DEVPOOL_POOL, … or `default`).
+        name: Option<String>,
+        /// Data space (default: 90%FREE). Sizes as for volumes: 50G, 80%FREE.
+        #[arg(long)]
+        data_size: Option<String>,
+        /// dm-thin metadata space (default: 64 bytes per data block, at least 4M).
+        #[arg(long)]
+        metadata_size: Option<String>,
+        /// Data block size: a multiple of 64K from 64K to 1G.
+        #[arg(long, default_value = "64K")]
+        chunk_size: String,
+    },
+    /// Data and metadata use of the pool's thin pool.
+    Status { name: Option<String> },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
-    /// Snapshot a pool volume before a risky run (copy-on-write, dm-snapshot's format).
+    /// Snapshot a pool volume before a risky run (copy-on-write, dm-snapshot's
+    /// format; a thin volume gets an instant thin snapshot).
     #[command(
         after_help = "The snapshot belongs to the volume's lease: it is released and reaped with it. \
 Its COW store (default size: a fifth of the volume) is a new LV in the pool; when it fills up the \

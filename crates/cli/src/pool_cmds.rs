@@ -72,14 +72,25 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             device,
             name,
             image_size,
+            thin,
         } => {
             let size = image_size
                 .as_deref()
                 .map(|s| parse_bytes("--image-size", s))
                 .transpose()?;
             let out = confirmed(g, |ok| p.setup(&device, &name, size, ok && !g.dry_run))?;
+            let thin_pool = if thin && !g.dry_run && p.thin_status(&name)?.is_none() {
+                Some(p.thin_enable(&name, None, None, devpool_pool::thin::DEFAULT_THIN_CHUNK)?)
+            } else {
+                None
+            };
             if g.json {
-                return json(&out);
+                let mut v = serde_json::to_value(&out)?;
+                v["thin"] = serde_json::to_value(&thin_pool)?;
+                return json(&v);
+            }
+            if let Some(t) = &thin_pool {
+                print_thin_enabled(t);
             }
             if out.already {
                 println!(
@@ -97,6 +108,7 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 );
             }
         }
+        PoolCmd::Thin(cmd) => thin(g, &p, cmd)?,
         PoolCmd::List => {
             let list = p.list()?;
             if g.json {
@@ -151,6 +163,19 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             }
             for sn in &st.snapshots {
                 println!("  {}", crate::snapshot_cmds::describe(sn));
+            }
+            if let Some(t) = &st.thin {
+                print_thin_status(t);
+            }
+            for t in &st.thin_snapshots {
+                println!(
+                    "  thin snapshot {} of {}{}",
+                    t.name,
+                    t.origin,
+                    t.lease
+                        .as_ref()
+                        .map_or(String::new(), |l| format!(" (lease {l})"))
+                );
             }
         }
         PoolCmd::Teardown { name, wipe, force } => {
@@ -419,4 +444,86 @@ pub fn run(
     let st = status?;
     use std::os::unix::process::ExitStatusExt;
     Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
+}
+
+fn print_thin_enabled(t: &devpool_pool::thin::ThinEnabled) {
+    println!(
+        "thin pool {} in pool '{}': data {} ({} bytes), metadata {} ({} bytes), blocks of {}K",
+        t.pool_lv,
+        t.pool,
+        gib(t.data_bytes),
+        t.data_bytes,
+        gib(t.metadata_bytes),
+        t.metadata_bytes,
+        t.chunk_bytes / 1024
+    );
+    println!("leases are thin volumes from now on; serve them with devpool serve VOLUME --block-device");
+}
+
+fn print_thin_status(t: &devpool_pool::thin::ThinStatus) {
+    match &t.usage {
+        Some(u) => {
+            let pct = |a: u64, b: u64| if b == 0 { 0 } else { a * 100 / b };
+            println!(
+                "  thin pool {}: data {}% used ({} of {} blocks of {}K), metadata {}% ({} of {} blocks), {} thin volumes, transaction {}",
+                t.pool_lv,
+                pct(u.data_used, u.data_blocks),
+                u.data_used,
+                u.data_blocks,
+                u.chunk_bytes / 1024,
+                pct(u.metadata_used, u.metadata_blocks),
+                u.metadata_used,
+                u.metadata_blocks,
+                t.thin_volumes,
+                u.transaction_id
+            );
+        }
+        None => println!(
+            "  thin pool {}: unreadable: {}",
+            t.pool_lv,
+            t.error.as_deref().unwrap_or("?")
+        ),
+    }
+}
+
+fn thin(g: &Global, p: &Pools, cmd: crate::args::ThinCmd) -> Result<()> {
+    use crate::args::ThinCmd;
+    match cmd {
+        ThinCmd::Enable {
+            name,
+            data_size,
+            metadata_size,
+            chunk_size,
+        } => {
+            let name = name.unwrap_or_else(|| pool_name(g));
+            let parse = |flag: &str, v: Option<String>| -> Result<Option<SizeArg>> {
+                let Some(v) = v else { return Ok(None) };
+                let s = SizeArg::parse(&v).map_err(|e| anyhow!("{flag}: {e}"))?;
+                if s.sign.is_some() {
+                    bail!("{flag}: an absolute size, not a +/- change");
+                }
+                Ok(Some(s))
+            };
+            let data = parse("--data-size", data_size)?;
+            let meta = parse("--metadata-size", metadata_size)?;
+            let chunk = parse_bytes("--chunk-size", &chunk_size)?;
+            let t = p.thin_enable(&name, data, meta, chunk)?;
+            if g.json {
+                return json(&t);
+            }
+            print_thin_enabled(&t);
+        }
+        ThinCmd::Status { name } => {
+            let name = name.unwrap_or_else(|| pool_name(g));
+            let t = p.thin_status(&name)?;
+            if g.json {
+                return json(&t);
+            }
+            match &t {
+                Some(t) => print_thin_status(t),
+                None => println!("pool '{name}' has no thin pool (devpool pool thin enable {name})"),
+            }
+        }
+    }
+    Ok(())
 }

@@ -54,6 +54,25 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
                 bail!("--size: a snapshot takes an absolute size, not a +/- change");
             }
             let chunk = parse_bytes("--chunk-size", &chunk_size)?;
+            if p.is_thin_volume(&name, &volume)? {
+                if size.is_some() {
+                    bail!("--size: a thin snapshot shares the thin pool's space; it takes no size");
+                }
+                let c = p.thin_snapshot_create(&name, &volume, &snap)?;
+                if g.json {
+                    return json(&c);
+                }
+                println!(
+                    "thin snapshot {} of {} ({} virtual, blocks shared){}",
+                    c.name,
+                    c.origin,
+                    crate::pool_cmds::gib(c.virtual_bytes),
+                    c.lease
+                        .as_ref()
+                        .map_or(String::new(), |l| format!(", owned by lease {l}"))
+                );
+                return Ok(());
+            }
             let c = p.snapshot_create(&name, &volume, &snap, size, chunk)?;
             if g.json {
                 return json(&c);
@@ -93,6 +112,14 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
             }
         }
         SnapshotCmd::Delete { name: snap } => {
+            if p.is_thin_volume(&name, &snap)? {
+                let d = p.thin_snapshot_delete(&name, &snap)?;
+                if g.json {
+                    return json(&d);
+                }
+                println!("deleted thin snapshot {} of {}", d.name, d.origin);
+                return Ok(());
+            }
             let d = p.snapshot_delete(&name, &snap)?;
             if g.json {
                 return json(&d);
@@ -101,6 +128,12 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
             if let Some(dev) = &d.reattached {
                 println!("{} has no snapshots left: {}", d.origin, dev.display());
             }
+        }
+        SnapshotCmd::Merge { name: snap } if p.is_thin_volume(&name, &snap)? => {
+            bail!(
+                "'{snap}' is a thin snapshot: devpool does not merge thin snapshots yet; \
+use the snapshot itself as the volume, or delete it"
+            );
         }
         SnapshotCmd::Merge { name: snap } => {
             let s = p

@@ -17,6 +17,8 @@ use std::path::Path;
 pub trait DevIo {
     fn read_at(&self, dev: usize, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     fn write_at(&self, dev: usize, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Make every write so far durable.
+    fn sync(&self) -> io::Result<()>;
 }
 
 /// Plain files (or block devices), buffered.
@@ -51,6 +53,9 @@ impl DevIo for FilesIo {
     }
     fn write_at(&self, dev: usize, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.file(dev)?.write_all_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.files.iter().try_for_each(File::sync_data)
     }
 }
 

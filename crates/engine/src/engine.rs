@@ -172,6 +172,22 @@ pub enum Operation {
         size: Option<SizeArg>,
         chunk_size: Bytes,
     },
+    /// A thin pool `thinpool` (hidden `thinpool_tdata` and `thinpool_tmeta`)
+    /// of `data_size`, its dm-thin metadata formatted.
+    ThinPoolCreate {
+        vg: String,
+        data_size: SizeArg,
+        /// Default: 64 bytes per data block, at least 4 MiB.
+        metadata_size: Option<SizeArg>,
+        chunk_size: Bytes,
+    },
+    /// Thin volumes in the VG's thin pool (virtual sizes), in one
+    /// transaction; with `origin`, thin snapshots of that thin volume.
+    ThinCreate {
+        vg: String,
+        volumes: Vec<NewVolume>,
+        origin: Option<String>,
+    },
 }
 
 impl Operation {
@@ -226,6 +242,23 @@ impl Operation {
             Operation::SnapshotCreate {
                 vg, origin, name, ..
             } => format!("snapshot create {vg}/{origin} --name {name}"),
+            Operation::ThinPoolCreate { vg, .. } => format!("thin pool create {vg}/thinpool"),
+            Operation::ThinCreate {
+                vg,
+                volumes,
+                origin,
+            } => format!(
+                "thin {} {}",
+                match origin {
+                    Some(o) => format!("snapshot of {vg}/{o}:"),
+                    None => "create".into(),
+                },
+                volumes
+                    .iter()
+                    .map(|v| format!("{vg}/{}", v.name))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
         }
     }
 
@@ -252,7 +285,9 @@ impl Operation {
             | Operation::LvRename { vg, .. }
             | Operation::LvResize { vg, .. }
             | Operation::LvTags { vg, .. }
-            | Operation::SnapshotCreate { vg, .. } => l.vgs.push(vg.clone()),
+            | Operation::SnapshotCreate { vg, .. }
+            | Operation::ThinPoolCreate { vg, .. }
+            | Operation::ThinCreate { vg, .. } => l.vgs.push(vg.clone()),
         }
         l.vgs.sort();
         l.vgs.dedup();
@@ -572,6 +607,33 @@ impl Engine {
                 dev.write_at(gate, *offset, &buf)?;
                 dev.sync()
             }
+            Step::FormatThinPool {
+                pool,
+                meta,
+                chunk_sectors,
+                data_bytes,
+            } => crate::thinplan::run_format(pool, meta, *chunk_sectors, *data_bytes, gate),
+            Step::UpdateThinPool {
+                vg,
+                pool,
+                meta,
+                data_bytes,
+                known,
+                known_trans,
+                changes,
+            } => crate::thinplan::run_update(
+                crate::thinplan::Update {
+                    lock_dir: &self.lock_dir,
+                    vg,
+                    pool,
+                    meta,
+                    data_bytes: *data_bytes,
+                    known,
+                    known_trans: *known_trans,
+                    changes,
+                },
+                gate,
+            ),
             Step::InitMetadataArea {
                 device,
                 offset,
@@ -922,17 +984,38 @@ impl Engine {
                 self.require_complete(loaded)?;
                 self.base_on(&mut plan, loaded);
                 let mut meta = (*loaded.meta).clone();
-                for n in names {
+                let thin: Vec<String> = names
+                    .iter()
+                    .filter(|n| ops::thin::thin_volume(&meta, n).is_some())
+                    .cloned()
+                    .collect();
+                for n in names.iter().filter(|n| !thin.contains(n)) {
                     if meta.lv(n).is_none() {
                         return Err(EngineError::LvNotFound {
                             vg: vg.clone(),
                             lv: n.clone(),
                         });
                     }
+                    if ops::thin::is_thin_internal(&meta, n) {
+                        return Err(EngineError::Refused(format!(
+                            "{vg}/{n} is the thin pool or part of it; remove thin volumes, or tear the pool down"
+                        )));
+                    }
                     ops::remove_lv(&mut meta, n)?;
                 }
+                let update = if thin.is_empty() {
+                    None
+                } else {
+                    let pool = ops::thin::the_thin_pool(&meta)
+                        .ok_or_else(|| EngineError::Invalid("thin pool missing".into()))?;
+                    let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
+                    let changes = ops::thin::remove_thins(&mut meta, &thin)?;
+                    Some(self.thin_update_step(loaded, &pool, known, known_trans, changes)?)
+                };
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
+                // Deletions reach dm-thin's metadata after the VG.
+                plan.steps.extend(update);
             }
             Operation::LvRename { vg, old, new } => {
                 let loaded = scan.vg(vg)?;
@@ -959,6 +1042,22 @@ impl Engine {
                     lv: name.clone(),
                 })?;
                 let current = lv.extent_count();
+                if ops::thin::thin_volume(&meta, name).is_some() {
+                    let (target, note) = ops::resolve_size(&meta, size, Some(current), 1)?;
+                    plan.notes.extend(note);
+                    ops::thin::resize_thin(&mut meta, name, target)?;
+                    if target < current {
+                        plan.confirm.push(format!(
+                            "shrinking thin volume {vg}/{name} from {current} to {target} extents cuts off the data past the new end"
+                        ));
+                    }
+                    plan.notes.push(format!(
+                        "{vg}/{name}: {current} -> {target} extents (virtual: no space allocated)"
+                    ));
+                    let devs = self.vg_devices(loaded);
+                    self.finish_commit(&mut plan, meta, &devs)?;
+                    return Ok(plan);
+                }
                 let stripes = match lv.segments.last().map(|s| &s.kind) {
                     Some(devpool_format::metadata::SegmentKind::Striped { stripes, .. }) => {
                         stripes.len() as u64
@@ -1049,6 +1148,129 @@ impl Engine {
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
             }
+            Operation::ThinPoolCreate {
+                vg,
+                data_size,
+                metadata_size,
+                chunk_size,
+            } => {
+                let loaded = scan.vg(vg)?;
+                self.require_complete(loaded)?;
+                self.base_on(&mut plan, loaded);
+                let mut meta = (*loaded.meta).clone();
+                let chunk_sectors = u32::try_from(chunk_size.0 / 512)
+                    .ok()
+                    .filter(|_| chunk_size.0 % 512 == 0)
+                    .ok_or_else(|| {
+                        EngineError::Invalid(format!(
+                            "chunk size {} bytes is not a whole number of sectors",
+                            chunk_size.0
+                        ))
+                    })?;
+                ops::thin::check_chunk_sectors(chunk_sectors).map_err(EngineError::Invalid)?;
+                let es = meta.extent_size.bytes().0;
+                let (meta_extents, note) = match metadata_size {
+                    Some(s) => ops::resolve_size(&meta, s, None, 1)?,
+                    None => (0, None),
+                };
+                plan.notes.extend(note);
+                let (mut data_extents, note) = ops::resolve_size(&meta, data_size, None, 1)?;
+                plan.notes.extend(note);
+                let meta_extents = if meta_extents > 0 {
+                    meta_extents
+                } else {
+                    let blocks = data_extents * es / chunk_size.0;
+                    (blocks * 64).max(4 << 20).div_ceil(es)
+                };
+                // A percentage of free space covers the metadata LV too.
+                let free = ops::vg_free_extents(&meta);
+                if data_extents + meta_extents > free && data_extents <= free {
+                    data_extents = free.saturating_sub(meta_extents);
+                    plan.notes.push(format!(
+                        "data LV reduced to {data_extents} extents to leave room for the metadata LV"
+                    ));
+                }
+                let (now, host) = (unix_now(), hostname());
+                let lv = |name: &str, extents: u64, layout| NewLv {
+                    name: name.into(),
+                    extents: Extents(extents),
+                    layout,
+                    tags: vec![],
+                    id: random_uuid(),
+                    creation_time: now,
+                    creation_host: host.clone(),
+                };
+                let link = ops::thin::create_thin_pool(
+                    &mut meta,
+                    ops::thin::NewThinPool {
+                        name: "thinpool".into(),
+                        meta: lv("thinpool_tmeta", meta_extents, Layout::Contiguous),
+                        data: lv("thinpool_tdata", data_extents, Layout::Linear),
+                        chunk_sectors,
+                        id: random_uuid(),
+                    },
+                )?;
+                let runs = crate::thinplan::lv_runs(loaded, &meta, &link.tmeta)?;
+                plan.steps.push(Step::FormatThinPool {
+                    pool: format!("{vg}/{}", link.pool),
+                    meta: runs,
+                    chunk_sectors,
+                    data_bytes: data_extents * es,
+                });
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+            }
+            Operation::ThinCreate {
+                vg,
+                volumes,
+                origin,
+            } => {
+                let loaded = scan.vg(vg)?;
+                self.require_complete(loaded)?;
+                self.base_on(&mut plan, loaded);
+                let mut meta = (*loaded.meta).clone();
+                let pool = ops::thin::the_thin_pool(&meta).ok_or_else(|| {
+                    EngineError::Refused(format!(
+                        "{vg} has no thin pool (devpool pool thin enable)"
+                    ))
+                })?;
+                let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
+                let (now, host) = (unix_now(), hostname());
+                let mut news = Vec::with_capacity(volumes.len());
+                for v in volumes {
+                    let extents = match (&v.size.amount, origin) {
+                        (_, Some(o)) if v.size.amount == devpool_format::units::Amount::Extents(Extents(0)) => {
+                            meta.lv(o).map(|l| l.extent_count()).unwrap_or(0)
+                        }
+                        (devpool_format::units::Amount::Percent(..), _) => {
+                            return Err(EngineError::Invalid(format!(
+                                "thin volume {}: give a size, not a percentage (thin sizes are virtual)",
+                                v.name
+                            )));
+                        }
+                        _ => {
+                            let (e, note) = ops::resolve_size(&meta, &v.size, None, 1)?;
+                            plan.notes.extend(note);
+                            e
+                        }
+                    };
+                    news.push(ops::thin::NewThin {
+                        name: v.name.clone(),
+                        extents,
+                        tags: v.tags.clone(),
+                        id: random_uuid(),
+                        creation_time: now,
+                        creation_host: host.clone(),
+                        origin: origin.clone(),
+                    });
+                }
+                let changes = ops::thin::create_thins(&mut meta, &pool.pool, news)?;
+                // Creations reach dm-thin's metadata before the VG.
+                let step = self.thin_update_step(loaded, &pool, known, known_trans, changes)?;
+                plan.steps.push(step);
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+            }
             Operation::LvTags {
                 vg,
                 name,
@@ -1071,6 +1293,30 @@ impl Engine {
             }
         }
         Ok(plan)
+    }
+
+    fn thin_update_step(
+        &self,
+        loaded: &LoadedVg,
+        pool: &ops::thin::ThinPoolLink,
+        known: Vec<u64>,
+        known_trans: u64,
+        changes: ops::thin::ThinChanges,
+    ) -> Result<Step> {
+        let meta = &loaded.meta;
+        let data_bytes = meta
+            .lv(&pool.tdata)
+            .map(|l| l.extent_count() * meta.extent_size.bytes().0)
+            .unwrap_or(0);
+        Ok(Step::UpdateThinPool {
+            vg: meta.name.clone(),
+            pool: format!("{}/{}", meta.name, pool.pool),
+            meta: crate::thinplan::lv_runs(loaded, meta, &pool.tmeta)?,
+            data_bytes,
+            known,
+            known_trans,
+            changes,
+        })
     }
 
     fn require_complete(&self, vg: &LoadedVg) -> Result<()> {

@@ -12,6 +12,7 @@
 //! - [`scan`], [`vg`]: reading PVs and assembling VGs
 //! - [`commit`], [`device`], [`lock`], [`journal`]: the write path
 //! - [`cowstore`]: a snapshot's COW store, live (load, look up, append, invalidate)
+//! - [`thinstore`]: a thin pool's dm-thin metadata, live (devices, mappings, commits)
 //! - [`report`]: PV/VG/LV/segment rows for tables and JSON
 
 pub mod alloc;
@@ -27,6 +28,8 @@ pub mod plan;
 pub mod pvlayout;
 pub mod report;
 pub mod scan;
+pub mod thinplan;
+pub mod thinstore;
 pub mod vg;
 
 pub use engine::{DeviceSource, Engine, Executed, NewVolume, Operation, PvOptions};

@@ -55,3 +55,10 @@ pub fn lock_vg(dir: &Path, vg: &str, exclusive: bool) -> Result<LockGuard> {
 pub fn lock_global(dir: &Path, exclusive: bool) -> Result<LockGuard> {
     take(dir, "P_global", exclusive)
 }
+
+/// devpool's own lock on a VG's thin pool metadata: every process that
+/// changes it (the engine, each data-plane server) holds it exclusively
+/// from reading the live copy to committing the next. LVM2 ignores it.
+pub fn lock_thin(dir: &Path, vg: &str) -> Result<LockGuard> {
+    take(dir, &format!("devpool_thin_{vg}"), true)
+}

@@ -24,6 +24,26 @@ pub enum Step {
         chunk_sectors: u32,
         reason: String,
     },
+    /// Write an empty thin pool's dm-thin metadata (no devices, transaction 0)
+    /// on its `_tmeta` LV (runs: device, byte offset, length).
+    FormatThinPool {
+        pool: String,
+        meta: Vec<(PathBuf, u64, u64)>,
+        chunk_sectors: u32,
+        data_bytes: u64,
+    },
+    /// Change the thin pool's devices in dm-thin's metadata (one commit),
+    /// after bringing it in line with the VG as planned (`known` devices,
+    /// `known_trans`).
+    UpdateThinPool {
+        vg: String,
+        pool: String,
+        meta: Vec<(PathBuf, u64, u64)>,
+        data_bytes: u64,
+        known: Vec<u64>,
+        known_trans: u64,
+        changes: crate::ops::thin::ThinChanges,
+    },
     /// Write an empty metadata area header.
     InitMetadataArea {
         device: PathBuf,
@@ -114,6 +134,40 @@ impl Step {
             ),
             Step::ClearMetadata { device } => {
                 format!("clear the metadata slots on {}", device.display())
+            }
+            Step::FormatThinPool {
+                pool,
+                meta,
+                chunk_sectors,
+                data_bytes,
+            } => format!(
+                "format thin pool {pool}'s dm-thin metadata on {} ({} data blocks of {} KiB)",
+                runs_text(meta),
+                data_bytes / (u64::from(*chunk_sectors) * 512),
+                chunk_sectors / 2
+            ),
+            Step::UpdateThinPool {
+                pool,
+                meta,
+                changes,
+                ..
+            } => {
+                let mut what = Vec::new();
+                if !changes.create.is_empty() {
+                    what.push(format!("create thin devices {:?}", changes.create));
+                }
+                for (id, origin) in &changes.snapshot {
+                    what.push(format!("snapshot thin device {origin} as {id}"));
+                }
+                if !changes.delete.is_empty() {
+                    what.push(format!("delete thin devices {:?}", changes.delete));
+                }
+                what.push(format!("transaction {}", changes.trans_id));
+                format!(
+                    "commit thin pool {pool}'s dm-thin metadata on {}: {}",
+                    runs_text(meta),
+                    what.join(", ")
+                )
             }
             Step::WipeLabel { device } => format!("wipe the PV label on {}", device.display()),
         }
@@ -236,4 +290,11 @@ pub fn new_transaction_id() -> String {
         .iter()
         .map(|x| format!("{x:02x}"))
         .collect()
+}
+
+fn runs_text(runs: &[(PathBuf, u64, u64)]) -> String {
+    runs.iter()
+        .map(|(d, off, len)| format!("{}@{off}+{len}", d.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -76,6 +76,25 @@ impl VolumeMap {
         }
     }
 
+    /// A map over linear runs `(device, physical byte offset, length)`, in
+    /// logical order.
+    pub fn from_runs(runs: &[(usize, u64, u64)]) -> VolumeMap {
+        let mut start = 0;
+        let runs = runs
+            .iter()
+            .map(|&(dev, phys, len)| {
+                let e = Extent {
+                    start,
+                    len,
+                    run: Run::Linear { dev, phys },
+                };
+                start += len;
+                e
+            })
+            .collect();
+        VolumeMap { size: start, runs }
+    }
+
     /// The map of an LV. `place` tells where each PV (by its key in the VG)
     /// is; an LV with segment types other than linear/striped is refused.
     pub fn from_lv(

@@ -12,6 +12,7 @@
 //!   topology they walk (sysfs holders/slaves, mountinfo, swaps, fstab)
 //! - [`loopdev`]: loop devices over a volume's extents
 //! - [`snapshots`]: snapshots of pool volumes (create, list, delete), owned by their origin's lease
+//! - [`thin`]: the thin pool (enable, status), thin leases and thin snapshots
 //! - [`servers`]: which processes serve a volume, stopped before its extents are freed
 
 pub mod error;
@@ -24,6 +25,7 @@ pub mod servers;
 pub mod snapshots;
 pub mod spec;
 pub mod sysblk;
+pub mod thin;
 pub mod wipe;
 
 pub use error::{PoolError, Result};

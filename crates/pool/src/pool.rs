@@ -125,7 +125,18 @@ pub struct PoolStatus {
     pub other_volumes: Vec<String>,
     /// Copy-on-write snapshots, with how full their stores are.
     pub snapshots: Vec<crate::snapshots::SnapshotStatus>,
+    /// The thin pool, when the pool has one.
+    pub thin: Option<crate::thin::ThinStatus>,
+    /// Thin snapshots (listed with their origin and its lease).
+    pub thin_snapshots: Vec<ThinSnapshotStatus>,
     pub health: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThinSnapshotStatus {
+    pub name: String,
+    pub origin: String,
+    pub lease: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -507,13 +518,34 @@ impl Pools {
                 .into_iter()
                 .flat_map(|l| [l.cow, l.snapshot_lv])
                 .collect();
+        let thin_snaps = crate::thin::thin_snapshots_of(
+            &v.meta,
+            &v.meta.lvs.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+        );
         let other_volumes = v
             .meta
             .lvs
             .iter()
-            .filter(|l| lease::session_of(l).is_none() && !snapshot_lvs.contains(&l.name))
+            .filter(|l| {
+                lease::session_of(l).is_none()
+                    && !snapshot_lvs.contains(&l.name)
+                    && !devpool_engine::ops::thin::is_thin_internal(&v.meta, &l.name)
+                    && !thin_snaps.contains(&l.name)
+            })
             .map(|l| l.name.clone())
             .collect();
+        let thin_snapshots = thin_snaps
+            .iter()
+            .filter_map(|n| {
+                let t = devpool_engine::ops::thin::thin_volume(&v.meta, n)?;
+                Some(ThinSnapshotStatus {
+                    name: n.clone(),
+                    origin: t.origin.clone().unwrap_or_default(),
+                    lease: crate::thin::lease_of_thin(&v.meta, n),
+                })
+            })
+            .collect();
+        let thin = crate::thin::status(&v);
         let mut health = Vec::new();
         for m in &v.health.missing_pvs {
             health.push(format!("PV missing: {m}"));
@@ -541,7 +573,11 @@ impl Pools {
                 _ => {}
             }
         }
-        if s.size_bytes > 0 && s.free_bytes * 100 / s.size_bytes < LOW_FREE_PERCENT {
+        if let Some(t) = &thin {
+            crate::thin::health(t, &mut health);
+        }
+        // A thin pool takes most of the VG on purpose; its own use counts.
+        if thin.is_none() && s.size_bytes > 0 && s.free_bytes * 100 / s.size_bytes < LOW_FREE_PERCENT {
             health.push(format!(
                 "free space is low: {} of {} bytes free",
                 s.free_bytes, s.size_bytes
@@ -552,6 +588,8 @@ impl Pools {
             leases,
             other_volumes,
             snapshots,
+            thin,
+            thin_snapshots,
             health,
         })
     }
@@ -620,12 +658,22 @@ impl Pools {
                 tags: lease::tags(&session, role, owner, keep),
             })
             .collect();
-        let op = Operation::LvCreateBatch {
-            vg: rec.vg.clone(),
-            volumes,
-            wipe: true,
-            // Every leased volume gets one loop device over one range.
-            contiguous: true,
+        let thin = devpool_engine::ops::thin::the_thin_pool(&e.read_vg(&rec.vg)?.0.meta).is_some();
+        let op = if thin {
+            // Thin volumes: virtual sizes, served by the data plane.
+            Operation::ThinCreate {
+                vg: rec.vg.clone(),
+                volumes,
+                origin: None,
+            }
+        } else {
+            Operation::LvCreateBatch {
+                vg: rec.vg.clone(),
+                volumes,
+                wipe: true,
+                // Every leased volume gets one loop device over one range.
+                contiguous: true,
+            }
         };
         let mut reaped = Vec::new();
         let plan = match e.apply(&op, true) {
@@ -643,6 +691,16 @@ impl Pools {
         let mut devices = Vec::new();
         let exposed: Result<()> = (|| {
             for (role, lv) in &names {
+                if thin {
+                    let es = meta.extent_size.bytes().0;
+                    devices.push(LeasedDevice {
+                        role: role.clone(),
+                        lv: lv.clone(),
+                        device: None,
+                        size_bytes: meta.lv(lv).map_or(0, |l| l.extent_count() * es),
+                    });
+                    continue;
+                }
                 let (path, offset, size) =
                     contiguous_extent(meta, lv, |k| plan.pv_path(k).map(Path::to_path_buf))?;
                 let uuid = meta
@@ -706,10 +764,12 @@ impl Pools {
                 )));
             }
             detach_loops(&v, &lvs, false);
-            self.stop_servers(&v, &lvs)?;
+            let thin_snaps = crate::thin::thin_snapshots_of(&v.meta, &lvs);
+            let all: Vec<String> = lvs.iter().chain(&thin_snaps).cloned().collect();
+            self.stop_servers(&v, &all)?;
             // The lease's snapshots go first (an origin with snapshots cannot go).
             let mut names = devpool_engine::ops::snapshot::snapshots_of(&v.meta, &lvs);
-            names.extend(lvs.iter().cloned());
+            names.extend(all);
             match e.apply(
                 &Operation::LvRemove {
                     vg: rec.vg.clone(),
@@ -774,6 +834,8 @@ impl Pools {
                 }
             }
             report.detached = detach_loops(&v, &lvs, true);
+            let thin_snaps = crate::thin::thin_snapshots_of(&v.meta, &lvs);
+            lvs.extend(thin_snaps);
             self.stop_servers(&v, &lvs)?;
             drop(lock);
             if lvs.is_empty() {
@@ -938,7 +1000,7 @@ impl Pools {
     /// Stop devpool's servers of `lvs` (NBD, vhost-user-blk, FUSE) and wait
     /// until they have flushed and let go, before their extents are freed.
     /// Stop the servers of `lvs` and of their snapshots.
-    fn stop_servers(&self, v: &LoadedVg, lvs: &[String]) -> Result<()> {
+    pub(crate) fn stop_servers(&self, v: &LoadedVg, lvs: &[String]) -> Result<()> {
         let snapshots = devpool_engine::ops::snapshot::snapshots_of(&v.meta, lvs);
         for lv in lvs.iter().chain(&snapshots) {
             if let Some(l) = v.meta.lv(lv) {
@@ -973,9 +1035,12 @@ impl Pools {
         let owner_lv = devpool_engine::ops::snapshot::find_snapshot(&meta, lv)
             .map(|s| s.origin)
             .unwrap_or_else(|| lv.to_string());
-        let lease = lease::leases(&meta)
-            .into_iter()
-            .find(|x| x.volumes.iter().any(|vol| vol.lv == owner_lv));
+        // A thin snapshot too, up its chain of origins.
+        let owner_session = crate::thin::lease_of_thin(&meta, &owner_lv);
+        let lease = lease::leases(&meta).into_iter().find(|x| {
+            x.volumes.iter().any(|vol| vol.lv == owner_lv)
+                || owner_session.as_deref() == Some(x.session.as_str())
+        });
         let pvs = meta
             .pvs
             .iter()

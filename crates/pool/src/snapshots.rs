@@ -73,7 +73,7 @@ fn uuid_of(meta: &VgMetadata, lv: &str) -> Option<String> {
 
 /// Refuse while a process other than this one serves `origin` or one of its
 /// snapshots: its copy-on-write state would be stale.
-fn refuse_if_served(
+pub(crate) fn refuse_if_served(
     pools: &Pools,
     meta: &VgMetadata,
     origin: &str,

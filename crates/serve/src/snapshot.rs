@@ -41,6 +41,10 @@ impl DevIo for DevsIo<'_> {
     fn write_at(&self, dev: usize, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.dev(dev)?.buffered().write_all_at(buf, offset)
     }
+
+    fn sync(&self) -> io::Result<()> {
+        self.0.iter().try_for_each(|d| d.buffered().sync_data())
+    }
 }
 
 impl DevsIo<'_> {

@@ -3,6 +3,7 @@
 //! caller commits the result.
 
 pub mod snapshot;
+pub mod thin;
 
 use crate::alloc::{self, Run};
 use crate::error::{EngineError, Result};

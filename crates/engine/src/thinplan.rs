@@ -1,0 +1,175 @@
+//! The thin-pool steps of a plan: formatting a new pool's dm-thin metadata
+//! and changing its set of devices, each under the pool's thin lock and in
+//! the order that makes a crash between the two commits (dm-thin's and the
+//! VG's) repairable: creations are written to dm-thin's metadata first,
+//! deletions after the VG (see [`ThinStore::reconcile`]).
+
+use crate::cowstore::{DevIo, PvIndex};
+use crate::device::{Device, WriteGate};
+use crate::error::{EngineError, Result};
+use crate::ops::thin::{ThinChanges, ThinPoolLink, thin_volumes};
+use crate::thinstore::{ThinError, ThinStore};
+use crate::vg::LoadedVg;
+use devpool_format::map::VolumeMap;
+use devpool_format::metadata::VgMetadata;
+use std::cell::Cell;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// An LV's physical runs `(device, byte offset, length)` in logical order.
+pub fn lv_runs(vg: &LoadedVg, meta: &VgMetadata, lv: &str) -> Result<Vec<(PathBuf, u64, u64)>> {
+    let l = meta
+        .lv(lv)
+        .ok_or_else(|| EngineError::Invalid(format!("LV {}/{lv} is missing", meta.name)))?;
+    let mut index = PvIndex::default();
+    let map = index
+        .map_lv(meta, l)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let mut pieces = Vec::new();
+    map.pieces(0, map.size(), &mut pieces)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    pieces
+        .into_iter()
+        .map(|p| {
+            let key = &index.keys[p.dev];
+            let dev = vg
+                .device_of(key)
+                .ok_or_else(|| EngineError::Invalid(format!("PV {key} is missing")))?;
+            Ok((dev.path.clone(), p.offset, p.len))
+        })
+        .collect()
+}
+
+/// The thin device ids and transaction id the VG records for `pool`.
+pub fn vg_view(meta: &VgMetadata, pool: &ThinPoolLink) -> (Vec<u64>, u64) {
+    let ids = thin_volumes(meta)
+        .into_iter()
+        .filter(|t| t.pool == pool.pool)
+        .map(|t| t.device_id)
+        .collect();
+    (ids, pool.transaction_id)
+}
+
+/// Engine devices behind a [`DevIo`], every write through the plan's
+/// fault-injection gate.
+pub struct GatedIo<'a> {
+    devs: Vec<Device>,
+    gate: &'a WriteGate,
+    crashed: Cell<Option<usize>>,
+}
+
+impl DevIo for GatedIo<'_> {
+    fn read_at(&self, dev: usize, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let d = self.dev(dev)?;
+        let got = d
+            .read_at(offset, buf.len())
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        buf.copy_from_slice(&got);
+        Ok(())
+    }
+    fn write_at(&self, dev: usize, offset: u64, buf: &[u8]) -> io::Result<()> {
+        match self.dev(dev)?.write_at(self.gate, offset, buf) {
+            Err(EngineError::InjectedCrash(n)) => {
+                self.crashed.set(Some(n));
+                Err(io::Error::other(format!("injected crash after {n} writes")))
+            }
+            r => r.map_err(|e| io::Error::other(e.to_string())),
+        }
+    }
+    fn sync(&self) -> io::Result<()> {
+        for d in &self.devs {
+            d.sync().map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+impl GatedIo<'_> {
+    fn dev(&self, i: usize) -> io::Result<&Device> {
+        self.devs
+            .get(i)
+            .ok_or_else(|| io::Error::other(format!("no device {i}")))
+    }
+}
+
+/// Open the devices of `runs` and the map over them.
+fn open_runs<'a>(
+    runs: &[(PathBuf, u64, u64)],
+    gate: &'a WriteGate,
+) -> Result<(GatedIo<'a>, VolumeMap)> {
+    let mut paths: Vec<&Path> = Vec::new();
+    let mut idx = Vec::new();
+    for (p, off, len) in runs {
+        let i = match paths.iter().position(|q| q == p) {
+            Some(i) => i,
+            None => {
+                paths.push(p);
+                paths.len() - 1
+            }
+        };
+        idx.push((i, *off, *len));
+    }
+    let devs = paths
+        .iter()
+        .map(|p| Device::open(p, true))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((
+        GatedIo {
+            devs,
+            gate,
+            crashed: Cell::new(None),
+        },
+        VolumeMap::from_runs(&idx),
+    ))
+}
+
+fn thin_err(io: &GatedIo, e: ThinError) -> EngineError {
+    match io.crashed.get() {
+        Some(n) => EngineError::InjectedCrash(n),
+        None => EngineError::Refused(e.to_string()),
+    }
+}
+
+/// Write an empty pool's metadata.
+pub fn run_format(
+    pool: &str,
+    meta: &[(PathBuf, u64, u64)],
+    chunk_sectors: u32,
+    data_bytes: u64,
+    gate: &WriteGate,
+) -> Result<()> {
+    let (io, map) = open_runs(meta, gate)?;
+    ThinStore::format(
+        &io,
+        pool,
+        map,
+        VolumeMap::linear(0, 0, data_bytes),
+        chunk_sectors,
+    )
+    .map(|_| ())
+    .map_err(|e| thin_err(&io, e))
+}
+
+pub struct Update<'a> {
+    pub lock_dir: &'a Path,
+    pub vg: &'a str,
+    pub pool: &'a str,
+    pub meta: &'a [(PathBuf, u64, u64)],
+    pub data_bytes: u64,
+    pub known: &'a [u64],
+    pub known_trans: u64,
+    pub changes: &'a ThinChanges,
+}
+
+/// Bring the metadata in line with the VG as the plan found it, apply the
+/// change, commit — all under the thin lock.
+pub fn run_update(u: Update, gate: &WriteGate) -> Result<()> {
+    let _thin = crate::lock::lock_thin(u.lock_dir, u.vg)?;
+    let (io, map) = open_runs(u.meta, gate)?;
+    let mut store = ThinStore::open(&io, u.pool, map, VolumeMap::linear(0, 0, u.data_bytes))
+        .map_err(|e| thin_err(&io, e))?;
+    let known = u.known.iter().copied().collect();
+    store.reconcile(&known, u.known_trans);
+    store.apply(u.changes).map_err(|e| thin_err(&io, e))?;
+    store.commit(&io).map_err(|e| thin_err(&io, e))
+}

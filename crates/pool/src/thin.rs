@@ -1,0 +1,289 @@
+//! Thin provisioning at pool level: a pool gets one thin pool (`pool thin
+//! enable`, or `pool setup --thin`); from then on leases are thin volumes
+//! (virtual sizes, blocks allocated as they are written), snapshots of a
+//! thin volume are thin snapshots (blocks shared, instant), and `pool
+//! status` reports data and metadata use.
+//!
+//! Thin volumes have no fixed extents, so they never get a plain loop
+//! device: devpool's data plane (`devpool serve`, `run`, `vm`) serves them,
+//! or the kernel's dm-thin where the host has device-mapper.
+
+use crate::pool::Pools;
+use crate::{PoolError, Result, lease};
+use devpool_engine::cowstore::{FilesIo, PvIndex};
+use devpool_engine::ops::thin::{ThinPoolLink, the_thin_pool, thin_volume, thin_volumes};
+use devpool_engine::thinstore::{ThinStore, ThinUsage};
+use devpool_engine::vg::LoadedVg;
+use devpool_engine::{Operation, NewVolume};
+use devpool_format::units::{Amount, Bytes, Extents, PercentOf, SizeArg};
+use serde::Serialize;
+
+/// `pool status` warns from this much data or metadata use on.
+pub const THIN_FULL_PERCENT: u64 = 80;
+pub const DEFAULT_THIN_CHUNK: Bytes = Bytes(64 * 1024);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThinStatus {
+    pub pool_lv: String,
+    pub data_bytes: u64,
+    pub metadata_bytes: u64,
+    pub chunk_bytes: u64,
+    pub thin_volumes: usize,
+    /// What dm-thin's metadata says, when it could be read.
+    pub usage: Option<ThinUsage>,
+    pub vg_transaction_id: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThinEnabled {
+    pub pool: String,
+    pub pool_lv: String,
+    pub data_bytes: u64,
+    pub metadata_bytes: u64,
+    pub chunk_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThinSnapshotCreated {
+    pub pool: String,
+    pub name: String,
+    pub origin: String,
+    pub lease: Option<String>,
+    pub virtual_bytes: u64,
+}
+
+/// Open the pool's metadata read-only, with plain files.
+pub fn open_store(v: &LoadedVg, link: &ThinPoolLink) -> std::result::Result<ThinStore, String> {
+    let meta = &v.meta;
+    let mut index = PvIndex::default();
+    let lv = |n: &str| {
+        meta.lv(n)
+            .ok_or_else(|| format!("thin pool LV {n} is missing"))
+    };
+    let tmeta = index.map_lv(meta, lv(&link.tmeta)?).map_err(|e| e.to_string())?;
+    let tdata = index.map_lv(meta, lv(&link.tdata)?).map_err(|e| e.to_string())?;
+    let paths = index
+        .keys
+        .iter()
+        .map(|k| {
+            v.device_of(k)
+                .map(|d| d.path.clone())
+                .ok_or_else(|| format!("PV {k} is missing"))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let io = FilesIo::open(&paths, false).map_err(|e| e.to_string())?;
+    ThinStore::open(&io, &format!("{}/{}", meta.name, link.pool), tmeta, tdata)
+        .map_err(|e| e.to_string())
+}
+
+pub(crate) fn status(v: &LoadedVg) -> Option<ThinStatus> {
+    let link = the_thin_pool(&v.meta)?;
+    let es = v.meta.extent_size.bytes().0;
+    let size = |n: &str| v.meta.lv(n).map_or(0, |l| l.extent_count() * es);
+    let store = open_store(v, &link);
+    Some(ThinStatus {
+        pool_lv: link.pool.clone(),
+        data_bytes: size(&link.tdata),
+        metadata_bytes: size(&link.tmeta),
+        chunk_bytes: u64::from(link.chunk_sectors) * 512,
+        thin_volumes: thin_volumes(&v.meta).len(),
+        usage: store.as_ref().ok().map(ThinStore::usage),
+        vg_transaction_id: link.transaction_id,
+        error: store.err(),
+    })
+}
+
+/// Health lines for a thin pool.
+pub(crate) fn health(t: &ThinStatus, out: &mut Vec<String>) {
+    if let Some(e) = &t.error {
+        out.push(format!("thin pool {}: {e}", t.pool_lv));
+    }
+    let Some(u) = &t.usage else {
+        return;
+    };
+    if u.data_blocks > 0 && u.data_used >= u.data_blocks {
+        out.push(format!(
+            "thin pool {} is full: all {} data blocks are used; writes to blocks not yet written fail with ENOSPC (release leases, discard, or grow the pool)",
+            t.pool_lv, u.data_blocks
+        ));
+    } else if u.data_blocks > 0 && u.data_used * 100 / u.data_blocks >= THIN_FULL_PERCENT {
+        out.push(format!(
+            "thin pool {} data is {}% used ({} of {} blocks)",
+            t.pool_lv,
+            u.data_used * 100 / u.data_blocks,
+            u.data_used,
+            u.data_blocks
+        ));
+    }
+    if u.metadata_blocks > 0 && u.metadata_used * 100 / u.metadata_blocks >= THIN_FULL_PERCENT {
+        out.push(format!(
+            "thin pool {} metadata is {}% used ({} of {} blocks)",
+            t.pool_lv,
+            u.metadata_used * 100 / u.metadata_blocks,
+            u.metadata_used,
+            u.metadata_blocks
+        ));
+    }
+    if u.transaction_id != t.vg_transaction_id {
+        out.push(format!(
+            "thin pool {}: dm-thin's transaction {} differs from the VG's {} (an interrupted change; the next change or server repairs it)",
+            t.pool_lv, u.transaction_id, t.vg_transaction_id
+        ));
+    }
+}
+
+impl Pools {
+    /// Give pool `name` a thin pool of `data_size` (default 90% of the free
+    /// space) with dm-thin metadata of `metadata_size` (default: 64 bytes
+    /// per data block, at least 4 MiB).
+    pub fn thin_enable(
+        &self,
+        name: &str,
+        data_size: Option<SizeArg>,
+        metadata_size: Option<SizeArg>,
+        chunk_size: Bytes,
+    ) -> Result<ThinEnabled> {
+        self.with_pool(name, |e, rec| {
+            let op = Operation::ThinPoolCreate {
+                vg: rec.vg.clone(),
+                data_size: data_size.unwrap_or(SizeArg {
+                    sign: None,
+                    amount: Amount::Percent(90, PercentOf::Free),
+                }),
+                metadata_size,
+                chunk_size,
+            };
+            let (plan, _) = e.apply(&op, true)?;
+            let meta = plan
+                .new_metadata()
+                .ok_or_else(|| PoolError::Invalid("thin enable: no metadata".into()))?;
+            let link = the_thin_pool(meta)
+                .ok_or_else(|| PoolError::Invalid("thin pool missing after commit".into()))?;
+            let es = meta.extent_size.bytes().0;
+            let size = |n: &str| meta.lv(n).map_or(0, |l| l.extent_count() * es);
+            Ok(ThinEnabled {
+                pool: name.to_string(),
+                pool_lv: link.pool.clone(),
+                data_bytes: size(&link.tdata),
+                metadata_bytes: size(&link.tmeta),
+                chunk_bytes: u64::from(link.chunk_sectors) * 512,
+            })
+        })
+    }
+
+    /// Delete thin snapshot `snap` (and thin snapshots taken of it).
+    pub fn thin_snapshot_delete(&self, name: &str, snap: &str) -> Result<ThinSnapshotCreated> {
+        self.with_pool(name, |e, rec| {
+            let (v, _) = e.read_vg(&rec.vg)?;
+            let t = thin_volume(&v.meta, snap)
+                .filter(|t| t.origin.is_some() && v.meta.lv(snap).and_then(lease::session_of).is_none())
+                .ok_or_else(|| {
+                    PoolError::Invalid(format!("'{snap}' is not a thin snapshot in pool '{name}'"))
+                })?;
+            let mut names = vec![snap.to_string()];
+            names.extend(thin_snapshots_of(&v.meta, &names));
+            self.stop_servers(&v, &names)?;
+            let es = v.meta.extent_size.bytes().0;
+            e.apply(
+                &Operation::LvRemove {
+                    vg: rec.vg.clone(),
+                    names,
+                },
+                true,
+            )?;
+            Ok(ThinSnapshotCreated {
+                pool: name.to_string(),
+                name: snap.to_string(),
+                origin: t.origin.clone().unwrap_or_default(),
+                lease: lease_of_thin(&v.meta, snap),
+                virtual_bytes: v.meta.lv(snap).map_or(0, |l| l.extent_count() * es),
+            })
+        })
+    }
+
+    pub fn is_thin_volume(&self, name: &str, lv: &str) -> Result<bool> {
+        Ok(thin_volume(&self.read_vg(name)?.meta, lv).is_some())
+    }
+
+    pub fn thin_status(&self, name: &str) -> Result<Option<ThinStatus>> {
+        Ok(status(&self.read_vg(name)?))
+    }
+
+    /// A thin snapshot of thin volume `volume`: one transaction, no data
+    /// copied; it belongs to the origin's lease.
+    pub fn thin_snapshot_create(
+        &self,
+        name: &str,
+        volume: &str,
+        snap: &str,
+    ) -> Result<ThinSnapshotCreated> {
+        self.with_pool(name, |e, rec| {
+            let (v, _) = e.read_vg(&rec.vg)?;
+            if thin_volume(&v.meta, volume).is_none() {
+                return Err(PoolError::Invalid(format!(
+                    "'{volume}' is not a thin volume of pool '{name}'"
+                )));
+            }
+            crate::snapshots::refuse_if_served(self, &v.meta, volume, &[], "thin snapshot")?;
+            let op = Operation::ThinCreate {
+                vg: rec.vg.clone(),
+                volumes: vec![NewVolume {
+                    name: snap.to_string(),
+                    size: SizeArg {
+                        sign: None,
+                        amount: Amount::Extents(Extents(0)),
+                    },
+                    tags: vec![],
+                }],
+                origin: Some(volume.to_string()),
+            };
+            let (plan, _) = e.apply(&op, true)?;
+            let meta = plan
+                .new_metadata()
+                .ok_or_else(|| PoolError::Invalid("thin snapshot: no metadata".into()))?;
+            let es = meta.extent_size.bytes().0;
+            Ok(ThinSnapshotCreated {
+                pool: name.to_string(),
+                name: snap.to_string(),
+                origin: volume.to_string(),
+                lease: lease_of_thin(meta, snap),
+                virtual_bytes: meta.lv(snap).map_or(0, |l| l.extent_count() * es),
+            })
+        })
+    }
+}
+
+/// The lease a thin volume belongs to: its own, or (for a thin snapshot)
+/// its origin's, up the chain.
+pub fn lease_of_thin(meta: &devpool_format::metadata::VgMetadata, lv: &str) -> Option<String> {
+    let mut at = lv.to_string();
+    for _ in 0..64 {
+        if let Some(s) = meta.lv(&at).and_then(lease::session_of) {
+            return Some(s.to_string());
+        }
+        at = thin_volume(meta, &at)?.origin?;
+    }
+    None
+}
+
+/// Every thin snapshot (transitively) of `origins`, so a lease's go with it.
+pub fn thin_snapshots_of(
+    meta: &devpool_format::metadata::VgMetadata,
+    origins: &[String],
+) -> Vec<String> {
+    let all = thin_volumes(meta);
+    let mut out: Vec<String> = Vec::new();
+    let mut frontier: Vec<String> = origins.to_vec();
+    while let Some(o) = frontier.pop() {
+        for t in all.iter().filter(|t| t.origin.as_deref() == Some(o.as_str())) {
+            if meta.lv(&t.lv).and_then(lease::session_of).is_none() && !out.contains(&t.lv)
+            {
+                out.push(t.lv.clone());
+                frontier.push(t.lv.clone());
+            }
+        }
+    }
+    out
+}
+
