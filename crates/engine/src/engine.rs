@@ -339,7 +339,7 @@ impl Engine {
     pub fn new(devices: DeviceSource, state_dir: PathBuf) -> Engine {
         Engine {
             devices,
-            lock_dir: PathBuf::from("/run/lock/lvm"),
+            lock_dir: PathBuf::from(crate::lock::LVM_LOCK_DIR),
             state_dir,
             gate: WriteGate::from_env(),
         }

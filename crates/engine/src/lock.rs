@@ -7,6 +7,9 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+/// Where LVM2 keeps its lock files.
+pub const LVM_LOCK_DIR: &str = "/run/lock/lvm";
+
 /// Held until dropped.
 #[derive(Debug)]
 pub struct LockGuard {

@@ -266,6 +266,11 @@ impl ThinStore {
         })
     }
 
+    /// Whether some device maps `block` (or it is allocated for one).
+    pub fn in_use(&self, block: u64) -> bool {
+        self.refs.contains_key(&block)
+    }
+
     /// Give back an allocated block that was never mapped.
     pub fn release(&mut self, block: u64) {
         if self.refs.get(&block) == Some(&0) {

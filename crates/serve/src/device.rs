@@ -111,11 +111,25 @@ pub struct Volume {
     /// Set for an origin with snapshots and for a snapshot: requests go
     /// through copy-on-write.
     pub cow: Option<Cow>,
+    /// Set for a thin volume: `map` is the pool's data LV, and requests go
+    /// through the thin mappings.
+    pub thin: Option<crate::thin::Thin>,
 }
 
 impl Volume {
     pub fn size(&self) -> u64 {
-        self.map.size()
+        match &self.thin {
+            Some(t) => t.virtual_size,
+            None => self.map.size(),
+        }
+    }
+    /// Refuse a range outside the volume.
+    pub fn check(&self, offset: u64, len: u64) -> Result<(), crate::map::MapError> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(crate::map::MapError::OutOfRange { offset, len, size }),
+        }
     }
     /// The alignment every device accepts for direct I/O.
     pub fn align(&self) -> u64 {
@@ -123,12 +137,12 @@ impl Volume {
     }
     /// The one device range a loop device or QEMU's raw driver may cover
     /// directly: never for an origin or a snapshot (that would bypass
-    /// copy-on-write).
+    /// copy-on-write), nor for a thin volume (its blocks move).
     pub fn plain_range(&self) -> Option<(usize, u64)> {
-        match self.cow {
-            Some(_) => None,
-            None => self.map.single_range(),
+        if self.cow.is_some() || self.thin.is_some() {
+            return None;
         }
+        self.map.single_range()
     }
     /// Whether any device accepts direct I/O.
     pub fn direct(&self) -> bool {

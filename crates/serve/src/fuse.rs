@@ -263,7 +263,7 @@ impl Filesystem for VolumeFs {
             }
         } else if mode == 0 || mode == FALLOC_FL_KEEP_SIZE {
             // Preallocation inside the volume: already allocated.
-            if self.vol.map.check(offset, length).is_ok() {
+            if self.vol.check(offset, length).is_ok() {
                 reply.ok();
             } else {
                 reply.error(Errno::from_i32(libc::EFBIG));

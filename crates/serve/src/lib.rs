@@ -10,6 +10,7 @@
 //! - [`buffer`]: aligned I/O buffers
 //! - [`queue`]: the io_uring core (read, write, flush, discard, write-zeroes, FUA)
 //! - [`snapshot`]: copy-on-write for origins and snapshots (dm-snapshot's store)
+//! - [`thin`]: thin volumes (lookups, provisioning, discard) on a dm-thin pool
 //! - [`merge`]: `snapshot merge`, rolling an origin back to a snapshot
 //! - [`nbd`]: the NBD server (fixed newstyle handshake, transmission)
 //! - [`vhost`]: the vhost-user-blk server for QEMU (rust-vmm's vhost-user-backend)
@@ -31,6 +32,7 @@ pub mod nbd;
 pub mod open;
 pub mod queue;
 pub mod snapshot;
+pub mod thin;
 pub mod vhost;
 
 /// Volume maps live with the format (pure), so the pool can read COW stores too.

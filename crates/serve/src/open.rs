@@ -30,6 +30,9 @@ fn lv<'a>(meta: &'a VgMetadata, name: &str) -> Result<&'a LvMeta, OpenError> {
 /// Open a located volume: the PVs it (and its COW stores) use.
 pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> {
     let meta = &loc.meta;
+    if let Some(t) = devpool_engine::ops::thin::thin_volume(meta, &loc.lv.name) {
+        return open_thin(loc, &t, read_only);
+    }
     let links = snapshot_links(meta);
     let mut index = PvIndex::default();
     let as_snapshot = links
@@ -84,7 +87,71 @@ pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> 
         devs,
         read_only,
         cow,
+        thin: None,
     })
+}
+
+/// A thin volume: the pool's data and metadata LVs, its device's mappings.
+fn open_thin(
+    loc: &Located,
+    t: &devpool_engine::ops::thin::ThinLink,
+    read_only: bool,
+) -> Result<Volume, OpenError> {
+    let meta = &loc.meta;
+    let pool = devpool_engine::ops::thin::thin_pools(meta)
+        .into_iter()
+        .find(|p| p.pool == t.pool)
+        .ok_or_else(|| OpenError::Invalid(format!("thin pool {} is missing", t.pool)))?;
+    let mut index = PvIndex::default();
+    let tdata = index.map_lv(meta, lv(meta, &pool.tdata)?)?;
+    let tmeta = index.map_lv(meta, lv(meta, &pool.tmeta)?)?;
+    let devs = open_devs(loc, &index, !read_only)?;
+    let store = devpool_engine::thinstore::ThinStore::open(
+        &DevsIo(&devs),
+        &format!("{}/{}", meta.name, pool.pool),
+        tmeta,
+        tdata.clone(),
+    )
+    .map_err(|e| OpenError::Invalid(e.to_string()))?;
+    if !store.has_device(t.device_id) {
+        return Err(OpenError::Invalid(format!(
+            "thin device {} of {} is not in the pool's metadata (an interrupted change: the next lease or release repairs it)",
+            t.device_id, loc.lv.name
+        )));
+    }
+    let virtual_size = loc.lv.extent_count() * meta.extent_size.bytes().0;
+    Ok(Volume {
+        name: loc.lv.name.clone(),
+        uuid: loc.lv.id.raw_str().to_string(),
+        map: tdata,
+        devs,
+        read_only,
+        cow: None,
+        thin: Some(crate::thin::Thin::new(
+            store,
+            t.device_id,
+            virtual_size,
+            &meta.name,
+        )),
+    })
+}
+
+fn open_devs(loc: &Located, index: &PvIndex, writable: bool) -> Result<Vec<PvDevice>, OpenError> {
+    index
+        .keys
+        .iter()
+        .map(|key| {
+            let path = loc
+                .pvs
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, p)| p)
+                .ok_or_else(|| {
+                    OpenError::Invalid(format!("PV {key} of {} is missing", loc.meta.name))
+                })?;
+            Ok(PvDevice::open(path, writable)?)
+        })
+        .collect()
 }
 
 fn open_cow(

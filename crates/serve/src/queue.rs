@@ -182,6 +182,29 @@ impl Queue {
         {
             return Err(libc::EINVAL);
         }
+        if let Some(thin) = &vol.thin {
+            if vol.check(req.offset, req.len).is_err() {
+                return Err(if writes { libc::ENOSPC } else { libc::EINVAL });
+            }
+            let write = matches!(req.op, Op::Write { .. });
+            if matches!(req.op, Op::Read | Op::Write { .. })
+                && let Some(plan) = thin.plan(req.offset, req.len, write)
+            {
+                for (at, n) in plan.zeroes {
+                    for v in slice_iov(&req.iov, at, n).iter() {
+                        // SAFETY: the caller keeps the read buffers valid and writable.
+                        unsafe { std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len) };
+                    }
+                }
+                // SAFETY: passed on from our caller.
+                return unsafe { self.submit_pieces(tag, req, plan.pieces) };
+            }
+            // SAFETY: the caller keeps the iovecs valid until completion,
+            // and this completes before returning.
+            let errno = unsafe { thin_request(thin, &vol, &req) };
+            self.ready.push(Completion { tag, errno });
+            return Ok(());
+        }
         if let Some(cow) = &vol.cow {
             if vol.map.check(req.offset, req.len).is_err() {
                 return Err(if writes { libc::ENOSPC } else { libc::EINVAL });
@@ -213,13 +236,23 @@ impl Queue {
             Op::Write { .. } | Op::WriteZeroes { .. } | Op::Discard
         );
         let vol = Arc::clone(&self.vol);
-        self.scratch.clear();
-        if let Err(MapError::OutOfRange { .. }) =
-            vol.map.pieces(req.offset, req.len, &mut self.scratch)
+        let mut pieces = std::mem::take(&mut self.scratch);
+        pieces.clear();
+        if let Err(MapError::OutOfRange { .. }) = vol.map.pieces(req.offset, req.len, &mut pieces)
         {
+            self.scratch = pieces;
             return Err(if writes { libc::ENOSPC } else { libc::EINVAL });
         }
-        let pieces = std::mem::take(&mut self.scratch);
+        // SAFETY: passed on from our caller.
+        unsafe { self.submit_pieces(tag, req, pieces) }
+    }
+
+    /// Start a request whose device pieces are known.
+    ///
+    /// # Safety
+    /// As [`Queue::submit`].
+    unsafe fn submit_pieces(&mut self, tag: u64, req: Request, pieces: Vec<Piece>) -> Result<(), i32> {
+        let vol = Arc::clone(&self.vol);
         let key = self.slots.insert(Slot {
             tag,
             remaining: 0,
@@ -466,6 +499,32 @@ impl Queue {
             }
         }
     }
+}
+
+/// A thin request that provisions, discards or zeroes: synchronous.
+///
+/// # Safety
+/// `req.iov` must describe valid memory (writable for reads).
+unsafe fn thin_request(thin: &crate::thin::Thin, vol: &Volume, req: &Request) -> i32 {
+    let r = match req.op {
+        Op::Write { .. } => {
+            let mut buf = Vec::with_capacity(req.len as usize);
+            for v in &req.iov {
+                // SAFETY: the iovec describes v.iov_len readable bytes.
+                buf.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                });
+            }
+            thin.write(&vol.devs, req.offset, &buf)
+        }
+        Op::Discard => thin.discard(&vol.devs, req.offset, req.len, false),
+        Op::WriteZeroes { .. } => thin.discard(&vol.devs, req.offset, req.len, true),
+        // A read the fast path could not place (a mapping outside the data
+        // LV): the metadata is damaged.
+        Op::Read => Err(libc::EIO),
+        Op::Flush => Ok(()),
+    };
+    r.err().unwrap_or(0)
 }
 
 /// A snapshot request, served synchronously through a bounce buffer.
