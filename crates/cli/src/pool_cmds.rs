@@ -457,13 +457,15 @@ fn print_thin_enabled(t: &devpool_pool::thin::ThinEnabled) {
         t.metadata_bytes,
         t.chunk_bytes / 1024
     );
-    println!("leases are thin volumes from now on; serve them with devpool serve VOLUME --block-device");
+    println!(
+        "leases are thin volumes from now on; serve them with devpool serve VOLUME --block-device"
+    );
 }
 
 fn print_thin_status(t: &devpool_pool::thin::ThinStatus) {
     match &t.usage {
         Some(u) => {
-            let pct = |a: u64, b: u64| if b == 0 { 0 } else { a * 100 / b };
+            let pct = |a: u64, b: u64| (a * 100).checked_div(b).unwrap_or(0);
             println!(
                 "  thin pool {}: data {}% used ({} of {} blocks of {}K), metadata {}% ({} of {} blocks), {} thin volumes, transaction {}",
                 t.pool_lv,
@@ -521,7 +523,9 @@ fn thin(g: &Global, p: &Pools, cmd: crate::args::ThinCmd) -> Result<()> {
             }
             match &t {
                 Some(t) => print_thin_status(t),
-                None => println!("pool '{name}' has no thin pool (devpool pool thin enable {name})"),
+                None => {
+                    println!("pool '{name}' has no thin pool (devpool pool thin enable {name})")
+                }
             }
         }
     }

@@ -455,6 +455,9 @@ mod tests {
                 .copy_from_slice(buf);
             Ok(())
         }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
     }
 
     const CB: u64 = 4096;

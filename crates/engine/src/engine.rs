@@ -1239,7 +1239,10 @@ impl Engine {
                 let mut news = Vec::with_capacity(volumes.len());
                 for v in volumes {
                     let extents = match (&v.size.amount, origin) {
-                        (_, Some(o)) if v.size.amount == devpool_format::units::Amount::Extents(Extents(0)) => {
+                        (_, Some(o))
+                            if v.size.amount
+                                == devpool_format::units::Amount::Extents(Extents(0)) =>
+                        {
                             meta.lv(o).map(|l| l.extent_count()).unwrap_or(0)
                         }
                         (devpool_format::units::Amount::Percent(..), _) => {

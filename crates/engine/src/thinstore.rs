@@ -17,7 +17,9 @@ use crate::cowstore::{DevIo, read_mapped, write_mapped};
 use crate::ops::thin::ThinChanges;
 use devpool_format::FormatError;
 use devpool_format::map::VolumeMap;
-use devpool_format::thin::model::{Reuse, ThinDevice, ThinMetadata, read_reusable, used_blocks, write};
+use devpool_format::thin::model::{
+    Reuse, ThinDevice, ThinMetadata, read_reusable, used_blocks, write,
+};
 use devpool_format::thin::{BLOCK, BlockTime, DeviceDetails};
 use std::collections::HashMap;
 use std::io;
@@ -141,9 +143,10 @@ impl ThinStore {
             flags: 0,
             data_block_size: chunk_sectors,
             nr_data_blocks: data_map.size() / chunk,
-            metadata_nr_blocks: (meta_map.size() / BLOCK as u64)
-                .min(devpool_format::thin::bitmap::MAX_METADATA_BITMAPS as u64
-                    * devpool_format::thin::bitmap::ENTRIES_PER_BITMAP),
+            metadata_nr_blocks: (meta_map.size() / BLOCK as u64).min(
+                devpool_format::thin::bitmap::MAX_METADATA_BITMAPS as u64
+                    * devpool_format::thin::bitmap::ENTRIES_PER_BITMAP,
+            ),
             devices: Default::default(),
         };
         let mut s = ThinStore {
@@ -254,8 +257,8 @@ impl ThinStore {
         let n = self.m.nr_data_blocks;
         for i in 0..n {
             let b = (self.cursor + i) % n;
-            if !self.refs.contains_key(&b) {
-                self.refs.insert(b, 0);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.refs.entry(b) {
+                e.insert(0);
                 self.cursor = b + 1;
                 return Ok(b);
             }
@@ -360,11 +363,9 @@ impl ThinStore {
             self.m.time += 1;
             let time = self.m.time;
             for &(id, origin) in &c.snapshot {
-                let o = self
-                    .m
-                    .devices
-                    .get_mut(&origin)
-                    .ok_or_else(|| invalid(format!("thin snapshot origin {origin} does not exist")))?;
+                let o = self.m.devices.get_mut(&origin).ok_or_else(|| {
+                    invalid(format!("thin snapshot origin {origin} does not exist"))
+                })?;
                 o.details.snapshotted_time = time;
                 let mappings = o.mappings.clone();
                 for bt in mappings.values() {
@@ -446,8 +447,12 @@ impl ThinStore {
         self.stale = true;
         let used = std::mem::take(&mut self.used);
         let reuse = std::mem::take(&mut self.reuse);
-        let w = write(&self.m, &|b| !used.get(b as usize).copied().unwrap_or(true), reuse)
-            .map_err(|e| self.fmt_err(e))?;
+        let w = write(
+            &self.m,
+            &|b| !used.get(b as usize).copied().unwrap_or(true),
+            reuse,
+        )
+        .map_err(|e| self.fmt_err(e))?;
         for (at, b) in &w.blocks {
             write_mapped(io, &self.meta_map, at * BLOCK as u64, b).map_err(|e| self.io_err(e))?;
         }

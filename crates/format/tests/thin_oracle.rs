@@ -256,14 +256,11 @@ fn incremental_commits_keep_thin_check_happy() {
             let v = rnd(5000);
             if rnd(4) == 0 {
                 d.mappings.remove(&v);
-            } else if !d.mappings.contains_key(&v) {
-                d.mappings.insert(
-                    v,
-                    BlockTime {
-                        block: next_block,
-                        time: 0,
-                    },
-                );
+            } else if let std::collections::btree_map::Entry::Vacant(e) = d.mappings.entry(v) {
+                e.insert(BlockTime {
+                    block: next_block,
+                    time: 0,
+                });
                 next_block += 1;
             }
         }
@@ -282,13 +279,20 @@ fn incremental_commits_keep_thin_check_happy() {
         };
         let w = write(&m, &|b| !used[b as usize], std::mem::take(&mut reuse)).unwrap();
         for (at, b) in &w.blocks {
-            assert!(!used[*at as usize], "round {round}: live block {at} overwritten");
+            assert!(
+                !used[*at as usize],
+                "round {round}: live block {at} overwritten"
+            );
             img[*at as usize * BLOCK..(*at as usize + 1) * BLOCK].copy_from_slice(b);
         }
         img[..BLOCK].copy_from_slice(&w.superblock);
         reuse = w.reuse;
         std::fs::write(&path, &img).unwrap();
         let xml = check_and_dump(&path);
-        assert_eq!(dumped_mappings(&xml), expected_mappings(&m), "round {round}");
+        assert_eq!(
+            dumped_mappings(&xml),
+            expected_mappings(&m),
+            "round {round}"
+        );
     }
 }

@@ -520,7 +520,11 @@ impl Pools {
                 .collect();
         let thin_snaps = crate::thin::thin_snapshots_of(
             &v.meta,
-            &v.meta.lvs.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+            &v.meta
+                .lvs
+                .iter()
+                .map(|l| l.name.clone())
+                .collect::<Vec<_>>(),
         );
         let other_volumes = v
             .meta
@@ -577,7 +581,10 @@ impl Pools {
             crate::thin::health(t, &mut health);
         }
         // A thin pool takes most of the VG on purpose; its own use counts.
-        if thin.is_none() && s.size_bytes > 0 && s.free_bytes * 100 / s.size_bytes < LOW_FREE_PERCENT {
+        if thin.is_none()
+            && s.size_bytes > 0
+            && s.free_bytes * 100 / s.size_bytes < LOW_FREE_PERCENT
+        {
             health.push(format!(
                 "free space is low: {} of {} bytes free",
                 s.free_bytes, s.size_bytes

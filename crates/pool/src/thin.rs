@@ -14,7 +14,7 @@ use devpool_engine::cowstore::{FilesIo, PvIndex};
 use devpool_engine::ops::thin::{ThinPoolLink, the_thin_pool, thin_volume, thin_volumes};
 use devpool_engine::thinstore::{ThinStore, ThinUsage};
 use devpool_engine::vg::LoadedVg;
-use devpool_engine::{Operation, NewVolume};
+use devpool_engine::{NewVolume, Operation};
 use devpool_format::units::{Amount, Bytes, Extents, PercentOf, SizeArg};
 use serde::Serialize;
 
@@ -61,8 +61,12 @@ pub fn open_store(v: &LoadedVg, link: &ThinPoolLink) -> std::result::Result<Thin
         meta.lv(n)
             .ok_or_else(|| format!("thin pool LV {n} is missing"))
     };
-    let tmeta = index.map_lv(meta, lv(&link.tmeta)?).map_err(|e| e.to_string())?;
-    let tdata = index.map_lv(meta, lv(&link.tdata)?).map_err(|e| e.to_string())?;
+    let tmeta = index
+        .map_lv(meta, lv(&link.tmeta)?)
+        .map_err(|e| e.to_string())?;
+    let tdata = index
+        .map_lv(meta, lv(&link.tdata)?)
+        .map_err(|e| e.to_string())?;
     let paths = index
         .keys
         .iter()
@@ -177,7 +181,9 @@ impl Pools {
         self.with_pool(name, |e, rec| {
             let (v, _) = e.read_vg(&rec.vg)?;
             let t = thin_volume(&v.meta, snap)
-                .filter(|t| t.origin.is_some() && v.meta.lv(snap).and_then(lease::session_of).is_none())
+                .filter(|t| {
+                    t.origin.is_some() && v.meta.lv(snap).and_then(lease::session_of).is_none()
+                })
                 .ok_or_else(|| {
                     PoolError::Invalid(format!("'{snap}' is not a thin snapshot in pool '{name}'"))
                 })?;
@@ -276,9 +282,11 @@ pub fn thin_snapshots_of(
     let mut out: Vec<String> = Vec::new();
     let mut frontier: Vec<String> = origins.to_vec();
     while let Some(o) = frontier.pop() {
-        for t in all.iter().filter(|t| t.origin.as_deref() == Some(o.as_str())) {
-            if meta.lv(&t.lv).and_then(lease::session_of).is_none() && !out.contains(&t.lv)
-            {
+        for t in all
+            .iter()
+            .filter(|t| t.origin.as_deref() == Some(o.as_str()))
+        {
+            if meta.lv(&t.lv).and_then(lease::session_of).is_none() && !out.contains(&t.lv) {
                 out.push(t.lv.clone());
                 frontier.push(t.lv.clone());
             }
@@ -286,4 +294,3 @@ pub fn thin_snapshots_of(
     }
     out
 }
-

@@ -238,8 +238,7 @@ impl Queue {
         let vol = Arc::clone(&self.vol);
         let mut pieces = std::mem::take(&mut self.scratch);
         pieces.clear();
-        if let Err(MapError::OutOfRange { .. }) = vol.map.pieces(req.offset, req.len, &mut pieces)
-        {
+        if let Err(MapError::OutOfRange { .. }) = vol.map.pieces(req.offset, req.len, &mut pieces) {
             self.scratch = pieces;
             return Err(if writes { libc::ENOSPC } else { libc::EINVAL });
         }
@@ -251,7 +250,12 @@ impl Queue {
     ///
     /// # Safety
     /// As [`Queue::submit`].
-    unsafe fn submit_pieces(&mut self, tag: u64, req: Request, pieces: Vec<Piece>) -> Result<(), i32> {
+    unsafe fn submit_pieces(
+        &mut self,
+        tag: u64,
+        req: Request,
+        pieces: Vec<Piece>,
+    ) -> Result<(), i32> {
         let vol = Arc::clone(&self.vol);
         let key = self.slots.insert(Slot {
             tag,

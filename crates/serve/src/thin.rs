@@ -93,7 +93,10 @@ impl Thin {
                         .pieces(store.data_offset(l.block) + within, n, &mut ps)
                         .ok()?;
                     for p in &ps {
-                        plan.pieces.push(Piece { at: p.at + rel, ..*p });
+                        plan.pieces.push(Piece {
+                            at: p.at + rel,
+                            ..*p
+                        });
                     }
                 }
                 None if !write => plan.zeroes.push((rel, n)),
@@ -107,7 +110,8 @@ impl Thin {
     /// doc); an errno on failure.
     pub fn write(&self, devs: &[PvDevice], offset: u64, buf: &[u8]) -> Result<(), i32> {
         let io = DevsIo(devs);
-        let _held = devpool_engine::lock::lock_thin(&self.lock_dir, &self.vg).map_err(|_| libc::EIO)?;
+        let _held =
+            devpool_engine::lock::lock_thin(&self.lock_dir, &self.vg).map_err(|_| libc::EIO)?;
         let mut store = self.lock();
         store.refresh(&io).map_err(|e| errno(&e))?;
         let chunk = self.chunk as usize;

@@ -21,7 +21,8 @@ pub const MAX_CHUNK_SECTORS: u32 = 2 * 1024 * 1024;
 pub const MAX_DEVICE_ID: u64 = (1 << 24) - 1;
 
 pub fn check_chunk_sectors(c: u32) -> std::result::Result<(), String> {
-    if !(MIN_CHUNK_SECTORS..=MAX_CHUNK_SECTORS).contains(&c) || c % MIN_CHUNK_SECTORS != 0 {
+    if !(MIN_CHUNK_SECTORS..=MAX_CHUNK_SECTORS).contains(&c) || !c.is_multiple_of(MIN_CHUNK_SECTORS)
+    {
         return Err(format!(
             "thin pool chunk size {} KiB: must be a multiple of 64 KiB from 64 KiB to 1 GiB",
             u64::from(c) / 2
@@ -160,7 +161,10 @@ pub fn create_thin_pool(vg: &mut VgMetadata, p: NewThinPool) -> Result<ThinPoolL
     data_lv.name = placeholder(&tdata);
     for n in [&tmeta, &tdata] {
         if vg.lv(n).is_some() {
-            return Err(EngineError::Invalid(format!("LV {}/{n} already exists", vg.name)));
+            return Err(EngineError::Invalid(format!(
+                "LV {}/{n} already exists",
+                vg.name
+            )));
         }
     }
     create_lvs(vg, vec![meta_lv, data_lv])?;
@@ -252,7 +256,7 @@ fn usable_pool(vg: &VgMetadata, pool: &str) -> Result<ThinPoolLink> {
 pub fn create_thins(vg: &mut VgMetadata, pool: &str, news: Vec<NewThin>) -> Result<ThinChanges> {
     let link = usable_pool(vg, pool)?;
     let existing = thin_volumes(vg);
-    let mut next_id = existing.iter().map(|t| t.device_id + 1).max().unwrap_or(1);
+    let first_id = existing.iter().map(|t| t.device_id + 1).max().unwrap_or(1);
     let trans_id = link.transaction_id + 1;
     let mut changes = ThinChanges {
         trans_id,
@@ -260,7 +264,7 @@ pub fn create_thins(vg: &mut VgMetadata, pool: &str, news: Vec<NewThin>) -> Resu
     };
     let mut names: std::collections::HashSet<String> =
         vg.lvs.iter().map(|l| l.name.clone()).collect();
-    for n in news {
+    for (next_id, n) in (first_id..).zip(news) {
         devpool_format::names::validate_lv_name(&n.name)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         if !names.insert(n.name.clone()) {
@@ -317,9 +321,12 @@ pub fn create_thins(vg: &mut VgMetadata, pool: &str, news: Vec<NewThin>) -> Resu
                 extra,
             }],
         });
-        next_id += 1;
     }
-    set_int(pool_segment_mut(vg, pool)?, "transaction_id", trans_id as i64);
+    set_int(
+        pool_segment_mut(vg, pool)?,
+        "transaction_id",
+        trans_id as i64,
+    );
     Ok(changes)
 }
 
@@ -347,7 +354,8 @@ pub fn remove_thins(vg: &mut VgMetadata, names: &[String]) -> Result<ThinChanges
     for lv in vg.lvs.iter_mut() {
         if let Some(s) = lv.segments.first_mut()
             && s.segtype() == "thin"
-            && s.str_field("origin").is_some_and(|o| names.iter().any(|n| n == o))
+            && s.str_field("origin")
+                .is_some_and(|o| names.iter().any(|n| n == o))
         {
             s.extra
                 .retain(|i| !matches!(i, Item::Assign(k, _) if k == "origin"));

@@ -60,7 +60,14 @@ pub fn walk(
 ) -> Result<(), FormatError> {
     // A tree has fewer nodes than the device has blocks: a budget that
     // stops shared or cyclic children from multiplying the walk.
-    walk_noting(read, root, value_size, nr_blocks, &mut Reuse::default(), out)
+    walk_noting(
+        read,
+        root,
+        value_size,
+        nr_blocks,
+        &mut Reuse::default(),
+        out,
+    )
 }
 
 fn walk_noting(
@@ -92,7 +99,12 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
-    fn at(&mut self, at: u64, depth: usize, out: &mut Vec<(u64, Vec<u8>)>) -> Result<(), FormatError> {
+    fn at(
+        &mut self,
+        at: u64,
+        depth: usize,
+        out: &mut Vec<(u64, Vec<u8>)>,
+    ) -> Result<(), FormatError> {
         let (value_size, nr_blocks) = (self.value_size, self.nr_blocks);
         let err = |r: String| FormatError::new("thin btree", at.saturating_mul(BLOCK as u64), r);
         if *self.budget == 0 {
@@ -484,13 +496,7 @@ pub fn write(
     let mut out = std::mem::take(&mut alloc.out);
     let meta_index = bitmaps(&meta_counts, nr, &mut |c| {
         let at = places.next().copied().unwrap_or(0);
-        out.push((
-            at,
-            Bitmap {
-                counts: c.to_vec(),
-            }
-            .encode(at),
-        ));
+        out.push((at, Bitmap { counts: c.to_vec() }.encode(at)));
         Ok(at)
     })?;
     out.push((
