@@ -1,0 +1,503 @@
+//! Thin provisioning end to end, with the real tools as oracles: LVM2 sees
+//! devpool's thin pool and thin volumes (and vgck accepts them),
+//! thin_check passes on the pool's dm-thin metadata after every step —
+//! including after a crash injected at each write of a thin lease — and
+//! thin_dump shows the devices and mappings devpool made. Served over NBD,
+//! thin volumes provision on write, thin snapshots share blocks until
+//! written, discards give blocks back, and a full pool fails writes with
+//! ENOSPC while keeping what was written.
+
+mod common;
+use common::serving::*;
+use common::*;
+use serde_json::Value;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+/// The pool's `_tmeta` LV copied out of the image (located by LVM2).
+fn tmeta_copy(lab: &Lab, image: &Path) -> PathBuf {
+    let lo = Loop::attach(image);
+    let dev = lo.dev.as_path();
+    let es = num(&lvm_report(&[dev], "vgs", "vg_extent_size")[0]["vg_extent_size"]);
+    let pe_start = num(&lvm_report(&[dev], "pvs", "pe_start")[0]["pe_start"]);
+    let rows = lvm_report(&[dev], "lvs", "lv_name,seg_pe_ranges");
+    let ranges = rows
+        .iter()
+        .find(|r| r["lv_name"] == "[thinpool_tmeta]")
+        .unwrap_or_else(|| panic!("no thinpool_tmeta: {rows:?}"))["seg_pe_ranges"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(lo);
+    // "/dev/loopN:A-B": one run (devpool makes the metadata LV contiguous).
+    let (a, b) = ranges.rsplit_once(':').unwrap().1.split_once('-').unwrap();
+    let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+    let f = std::fs::File::open(image).unwrap();
+    let mut buf = vec![0u8; ((b - a + 1) * es) as usize];
+    f.read_exact_at(&mut buf, pe_start + a * es).unwrap();
+    let out = lab.path("tmeta.bin");
+    std::fs::write(&out, &buf).unwrap();
+    out
+}
+
+/// thin_check must pass; thin_dump's XML.
+fn check_and_dump(lab: &Lab, image: &Path) -> String {
+    let t = tmeta_copy(lab, image);
+    let c = Command::new("thin_check").arg(&t).output().unwrap();
+    assert!(
+        c.status.success(),
+        "thin_check failed:\n{}{}",
+        String::from_utf8_lossy(&c.stdout),
+        String::from_utf8_lossy(&c.stderr)
+    );
+    let d = Command::new("thin_dump").arg(&t).output().unwrap();
+    assert!(d.status.success());
+    String::from_utf8_lossy(&d.stdout).into_owned()
+}
+
+fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!(" {name}=\"");
+    let i = tag.find(&key)? + key.len();
+    Some(&tag[i..i + tag[i..].find('"')?])
+}
+
+/// thin_dump's devices: id → every (virtual block, data block).
+fn dumped(xml: &str) -> std::collections::BTreeMap<u64, Vec<(u64, u64)>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut cur = None;
+    for line in xml.lines() {
+        let l = line.trim();
+        if l.starts_with("<device ") {
+            let id: u64 = attr(l, "dev_id").unwrap().parse().unwrap();
+            out.insert(id, Vec::new());
+            cur = Some(id);
+        } else if let Some(id) = cur
+            && (l.starts_with("<single_mapping") || l.starts_with("<range_mapping"))
+        {
+            let o: u64 = attr(l, "origin_block")
+                .or(attr(l, "origin_begin"))
+                .unwrap()
+                .parse()
+                .unwrap();
+            let d: u64 = attr(l, "data_block")
+                .or(attr(l, "data_begin"))
+                .unwrap()
+                .parse()
+                .unwrap();
+            let n: u64 = attr(l, "length").map_or(1, |v| v.parse().unwrap());
+            let v = out.get_mut(&id).unwrap();
+            for i in 0..n {
+                v.push((o + i, d + i));
+            }
+        }
+    }
+    out
+}
+
+fn sorted_ids(thins: &std::collections::BTreeMap<String, u64>) -> Vec<u64> {
+    let mut v: Vec<u64> = thins.values().copied().collect();
+    v.sort();
+    v
+}
+
+fn superblock_transaction(xml: &str) -> u64 {
+    let l = xml.lines().find(|l| l.contains("<superblock")).unwrap();
+    attr(l, "transaction").unwrap().parse().unwrap()
+}
+
+/// LVM2's view: (pool transaction_id, thin LV name → thin_id).
+fn lvm2_thin_view(image: &Path) -> (u64, std::collections::BTreeMap<String, u64>) {
+    let lo = Loop::attach(image);
+    let dev = lo.dev.as_path();
+    let rows = lvm_report(
+        &[dev],
+        "lvs",
+        "lv_name,segtype,pool_lv,transaction_id,thin_id",
+    );
+    let vg = lvm_report(&[dev], "vgs", "vg_name")[0]["vg_name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, out) = vgck(&[dev], &vg);
+    assert!(ok, "vgck: {out}");
+    let mut trans = None;
+    let mut thins = std::collections::BTreeMap::new();
+    for r in &rows {
+        match r["segtype"].as_str().unwrap() {
+            "thin-pool" => trans = Some(num(&r["transaction_id"])),
+            "thin" => {
+                assert_eq!(r["pool_lv"], "thinpool", "{r}");
+                thins.insert(
+                    r["lv_name"].as_str().unwrap().to_string(),
+                    num(&r["thin_id"]),
+                );
+            }
+            _ => {}
+        }
+    }
+    (trans.expect("a thin-pool LV"), thins)
+}
+
+/// Pool names are global on the machine (the tests attach images to loop
+/// devices, which every scan sees): one per test and run.
+fn pool_of(test: &str) -> String {
+    format!("{}{}", test.replace('_', ""), std::process::id())
+}
+
+fn thin_pool_lab(test: &str, image_size: &str, thin_args: &[&str]) -> Option<(Lab, PathBuf)> {
+    if need_tools(test, &["thin_check", "thin_dump", "lvm"]) {
+        return None;
+    }
+    let lab = Lab::new();
+    let image = lab.path("pool.img");
+    let img = image.display().to_string();
+    lab.dp(
+        &[],
+        &[
+            "pool",
+            "setup",
+            &img,
+            "--name",
+            &pool_of(test),
+            "--image-size",
+            image_size,
+            "--yes",
+        ],
+    );
+    let pool = pool_of(test);
+    let mut args = vec!["--pool", pool.as_str(), "pool", "thin", "enable"];
+    args.extend_from_slice(thin_args);
+    lab.dp(&[], &args);
+    std::fs::write(lab.path("pool-name"), &pool).unwrap();
+    Some((lab, image))
+}
+
+/// The lab's pool (named in its state dir's only pool record).
+fn tp(lab: &Lab) -> String {
+    std::fs::read_to_string(lab.path("pool-name")).unwrap()
+}
+
+fn acquire(lab: &Lab, owner: &Sleeper, volumes: &str) -> Value {
+    lab.dp_json(
+        &[],
+        &[
+            "--pool",
+            &tp(&lab),
+            "lease",
+            "acquire",
+            "--volumes",
+            volumes,
+            "--owner-pid",
+            &owner.pid(),
+        ],
+    )
+}
+
+fn thin_status(lab: &Lab) -> Value {
+    lab.dp_json(&[], &["--pool", &tp(&lab), "pool", "status"])["thin"].clone()
+}
+
+#[test]
+fn lvm2_sees_thin_leases_and_thin_check_passes_after_a_crash_at_every_write() {
+    let Some((lab, image)) = thin_pool_lab("thin_lvm2", "1G", &[]) else {
+        return;
+    };
+    let owner = Sleeper::new();
+    // Overcommitted: 4 GiB of thin volumes in a pool of under 1 GiB.
+    let lease = acquire(&lab, &owner, "test:2G,scratch:2G");
+    assert!(lease["devices"][0].get("device").is_none(), "{lease}");
+    let xml = check_and_dump(&lab, &image);
+    let (trans, thins) = lvm2_thin_view(&image);
+    assert_eq!(superblock_transaction(&xml), trans);
+    let devices = dumped(&xml);
+    assert_eq!(
+        devices.keys().copied().collect::<Vec<_>>(),
+        sorted_ids(&thins)
+    );
+    assert_eq!(thins.len(), 2);
+
+    // A crash after each write of another thin lease: LVM2 and thin_check
+    // accept whatever is left, and the next change puts the two in line.
+    let mut n = 0;
+    loop {
+        let o = lab.devpool_env(
+            &[],
+            &[
+                "--pool",
+                &tp(&lab),
+                "lease",
+                "acquire",
+                "--volumes",
+                "x:1G",
+                "--owner-pid",
+                &owner.pid(),
+            ],
+            &[("DEVPOOL_FAULT_CRASH_AFTER_WRITES", &n.to_string())],
+        );
+        let xml = check_and_dump(&lab, &image);
+        let (trans_now, thins_now) = lvm2_thin_view(&image);
+        if o.status.success() {
+            assert_eq!(superblock_transaction(&xml), trans_now);
+            assert_eq!(thins_now.len(), 3);
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("injected crash"), "{err}");
+        // Either no new LV (dm-thin may hold an extra device) or all of it.
+        assert!(
+            thins_now.len() == 2 || thins_now.len() == 3,
+            "{thins_now:?}"
+        );
+        n += 1;
+        assert!(n < 50, "the lease never completed");
+    }
+    assert!(n >= 3, "only {n} writes in a thin lease?");
+    // Another change reconciles: dm-thin holds exactly the VG's devices.
+    lab.dp(&[], &["--pool", &tp(&lab), "cleanup"]);
+    let extra = acquire(&lab, &owner, "y:1G");
+    let xml = check_and_dump(&lab, &image);
+    let (trans, thins) = lvm2_thin_view(&image);
+    assert_eq!(superblock_transaction(&xml), trans);
+    assert_eq!(
+        dumped(&xml).keys().copied().collect::<Vec<_>>(),
+        sorted_ids(&thins)
+    );
+    // Release: the devices go from both.
+    for l in [&lease, &extra] {
+        lab.dp(
+            &[],
+            &[
+                "--pool",
+                &tp(&lab),
+                "lease",
+                "release",
+                l["session"].as_str().unwrap(),
+            ],
+        );
+    }
+    drop(owner);
+    lab.dp(&[], &["--pool", &tp(&lab), "cleanup"]);
+    let xml = check_and_dump(&lab, &image);
+    let (trans, thins) = lvm2_thin_view(&image);
+    assert!(thins.is_empty(), "{thins:?}");
+    assert!(dumped(&xml).is_empty(), "{xml}");
+    assert_eq!(superblock_transaction(&xml), trans);
+}
+
+fn stop(srv: Server) {
+    // SAFETY: signalling the server we started, by its pid.
+    unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
+    let (st, err) = srv.wait_exit(Duration::from_secs(20));
+    assert!(st.success(), "server: {err}");
+}
+
+fn serve(lab: &Lab, lv: &str, sock: &str) -> (Server, PathBuf) {
+    let path = lab.path(sock);
+    let srv = Server::start(
+        lab,
+        &tp(lab),
+        &[lv, "--nbd", &format!("unix:{}", path.display())],
+    );
+    (srv, path)
+}
+
+fn qemu_io(sock: &Path, script: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in script {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(uri(sock));
+    let o = cmd.output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn read_all(sock: &Path, out: &Path) -> Vec<u8> {
+    run_ok(Command::new("nbdcopy").arg(uri(sock)).arg(out));
+    std::fs::read(out).unwrap()
+}
+
+fn data_used(lab: &Lab) -> u64 {
+    num(&thin_status(lab)["usage"]["data_used"])
+}
+
+#[test]
+fn thin_volumes_provision_on_write_snapshots_share_and_discard_gives_back() {
+    if need_tools("thin_serve", &["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let Some((lab, image)) = thin_pool_lab("thin_serve", "1G", &[]) else {
+        return;
+    };
+    let owner = Sleeper::new();
+    let lease = acquire(&lab, &owner, "t:64M");
+    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let size = 64 * MIB as usize;
+    let chunk = num(&thin_status(&lab)["chunk_bytes"]) as usize;
+    assert_eq!(data_used(&lab), 0, "nothing written, nothing used");
+
+    // Writes at odd offsets and sizes; a model of the volume beside them.
+    let mut model = vec![0u8; size];
+    let (srv, sock) = serve(&lab, &lv, "t.sock");
+    let writes: [(usize, usize, u8); 4] = [
+        (0, 4096, 0xab),
+        (100_000, 70_000, 0xcd),
+        (5 * MIB as usize + 511, 3 * chunk + 7, 0x11),
+        (size - 4096, 4096, 0xee),
+    ];
+    for (off, len, p) in writes {
+        let out = qemu_io(&sock, &[&format!("write -P {p} {off} {len}")]);
+        assert!(!out.contains("failed"), "{out}");
+        model[off..off + len].fill(p);
+    }
+    let got = read_all(&sock, &lab.path("t1.raw"));
+    assert!(got == model, "the volume differs from what was written");
+    // Unwritten chunks read as zeroes and cost nothing.
+    let touched: std::collections::BTreeSet<usize> = writes
+        .iter()
+        .flat_map(|&(o, l, _)| (o / chunk)..(o + l).div_ceil(chunk))
+        .collect();
+    stop(srv);
+    assert_eq!(data_used(&lab), touched.len() as u64);
+    let xml = check_and_dump(&lab, &image);
+    let devs = dumped(&xml);
+    let mapped: Vec<u64> = devs.values().next().unwrap().iter().map(|m| m.0).collect();
+    assert_eq!(
+        mapped,
+        touched.iter().map(|&c| c as u64).collect::<Vec<_>>(),
+        "thin_dump shows exactly the chunks written"
+    );
+
+    // A thin snapshot: instant, no data copied, blocks shared.
+    let snap = lab.dp_json(
+        &[],
+        &[
+            "--pool",
+            &tp(&lab),
+            "snapshot",
+            "create",
+            &lv,
+            "--name",
+            "before",
+        ],
+    );
+    assert_eq!(snap["origin"], lv.as_str());
+    assert_eq!(data_used(&lab), touched.len() as u64);
+    let xml = check_and_dump(&lab, &image);
+    let devs = dumped(&xml);
+    assert_eq!(devs.len(), 2);
+    let mut maps = devs.values();
+    assert_eq!(maps.next(), maps.next(), "snapshot shares every block");
+
+    // Overwrite the origin: the snapshot keeps the old data.
+    let (srv, sock) = serve(&lab, &lv, "t.sock");
+    let out = qemu_io(
+        &sock,
+        &["write -P 0x77 0 8192", "write -P 0x78 200000 4096"],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let mut origin_model = model.clone();
+    origin_model[..8192].fill(0x77);
+    origin_model[200_000..204_096].fill(0x78);
+    assert!(read_all(&sock, &lab.path("t2.raw")) == origin_model);
+    stop(srv);
+    // Two chunks got blocks of their own.
+    assert_eq!(data_used(&lab), touched.len() as u64 + 2);
+    let (srv, snap_sock) = serve(&lab, "before", "s.sock");
+    assert!(
+        read_all(&snap_sock, &lab.path("s.raw")) == model,
+        "the snapshot must still show the data from before"
+    );
+    stop(srv);
+
+    // Discard all of the origin: its blocks go, the snapshot's stay.
+    let (srv, sock) = serve(&lab, &lv, "t.sock");
+    let out = qemu_io(
+        &sock,
+        &[&format!("discard 0 {size}"), &format!("read -P 0 0 {size}")],
+    );
+    assert!(
+        !out.contains("failed") && !out.contains("verification"),
+        "{out}"
+    );
+    stop(srv);
+    assert_eq!(data_used(&lab), touched.len() as u64);
+    let xml = check_and_dump(&lab, &image);
+    let devs = dumped(&xml);
+    assert!(devs.values().any(Vec::is_empty), "the origin maps nothing");
+
+    // The snapshot belongs to the lease: release takes both.
+    let st = lab.dp_json(&[], &["--pool", &tp(&lab), "pool", "status"]);
+    assert_eq!(st["thin_snapshots"][0]["lease"], lease["session"]);
+    lab.dp(
+        &[],
+        &[
+            "--pool",
+            &tp(&lab),
+            "lease",
+            "release",
+            lease["session"].as_str().unwrap(),
+        ],
+    );
+    assert_eq!(data_used(&lab), 0);
+    let xml = check_and_dump(&lab, &image);
+    assert!(dumped(&xml).is_empty());
+}
+
+#[test]
+fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
+    if need_tools("thin_full", &["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    // 8 MiB of data: 128 blocks of 64 KiB, under a 64 MiB thin volume.
+    let Some((lab, image)) = thin_pool_lab("thin_full", "256M", &["--data-size", "8M"]) else {
+        return;
+    };
+    let owner = Sleeper::new();
+    let lease = acquire(&lab, &owner, "t:64M");
+    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let (srv, sock) = serve(&lab, &lv, "t.sock");
+    let out = qemu_io(&sock, &["write -P 0x42 0 6M"]);
+    assert!(!out.contains("failed"), "{out}");
+    // 4 MiB more needs 64 blocks where 32 are left: refused whole.
+    let out = qemu_io(&sock, &["write -P 0x43 6M 4M"]);
+    assert!(
+        out.contains("No space left on device"),
+        "a write past the pool's space must fail with ENOSPC: {out}"
+    );
+    assert_eq!(data_used(&lab), 96);
+    // The last 32 blocks fill it; then any new block fails.
+    let out = qemu_io(&sock, &["write -P 0x43 6M 2M"]);
+    assert!(!out.contains("failed"), "{out}");
+    let out = qemu_io(&sock, &["write -P 0x45 8M 4k"]);
+    assert!(out.contains("No space left on device"), "{out}");
+    // What was written stays; the server keeps serving, overwrites work.
+    let out = qemu_io(
+        &sock,
+        &[
+            "read -P 0x42 0 6M",
+            "read -P 0x43 6M 2M",
+            "read -P 0 8M 1M",
+            "write -P 0x44 0 64k",
+            "read -P 0x44 0 64k",
+        ],
+    );
+    assert!(
+        !out.contains("failed") && !out.contains("verification"),
+        "{out}"
+    );
+    stop(srv);
+    let st = lab.dp_json(&[], &["--pool", &tp(&lab), "pool", "status"]);
+    let health = st["health"].to_string();
+    assert!(health.contains("is full"), "{health}");
+    assert!(health.contains("ENOSPC"), "{health}");
+    check_and_dump(&lab, &image);
+}
