@@ -501,3 +501,143 @@ fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
     assert!(health.contains("ENOSPC"), "{health}");
     check_and_dump(&lab, &image);
 }
+
+/// `chk DEV BLK OCT`: 4 KiB block BLK of DEV holds only byte \OCT;
+/// `fill DEV BLK OCT` writes such a block (direct I/O).
+const GUEST_HELPERS: &str = "lvm_c() { lvm \"$@\" --config 'activation{udev_sync=0 udev_rules=0} \
+devices{obtain_device_list_from_udev=0} backup{backup=0 archive=0}'; }\n\
+chk() { t=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | wc -c); \
+n=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | tr -d \"\\\\$3\" | wc -c); \
+[ \"$t\" = 4096 ] && [ \"$n\" = 0 ] || { echo \"MISMATCH $1 block $2: $n of $t bytes are not \\\\$3\"; bad=1; }; }\n\
+fill() { dd if=/dev/zero bs=4096 count=1 2>/dev/null | tr '\\000' \"\\\\$3\" | \
+dd of=$1 bs=4096 seek=$2 oflag=direct conv=notrunc 2>/dev/null || { echo \"WRITE FAILED $1 $2\"; bad=1; }; }\n\
+bad=0\n";
+
+/// Whether 4 KiB block `blk` of a served volume holds only `byte`.
+fn block_is(sock: &Path, blk: u64, byte: u8) -> bool {
+    let out = qemu_io(sock, &[&format!("read -P {byte:#04x} {} 4096", blk * 4096)]);
+    !out.contains("verification failed") && !out.contains("failed")
+}
+
+#[test]
+fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote() {
+    use common::guest::{assert_no_qemu_left, guest_or_skip, kernel_args};
+    let t = "guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote";
+    let Some(kernel) = guest_or_skip(t) else {
+        return;
+    };
+    if need_tools(t, &["qemu-io"]) {
+        return;
+    }
+    let Some((lab, image)) = thin_pool_lab("guest_thin", "512M", &["--data-size", "256M"]) else {
+        return;
+    };
+    let owner = Sleeper::new();
+    let lease = acquire(&lab, &owner, "test:32M");
+    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    // The host's data plane writes blocks 0..8 (one thin chunk) and 1000.
+    let (srv, sock) = serve(&lab, &lv, "o.sock");
+    let mut script: Vec<String> = (0..8u64)
+        .map(|k| format!("write -P {:#04x} {} 4096", 0xa0 + k, k * 4096))
+        .collect();
+    script.push(format!("write -P 0x77 {} 4096", 1000 * 4096));
+    let s: Vec<&str> = script.iter().map(String::as_str).collect();
+    let out = qemu_io(&sock, &s);
+    assert!(!out.contains("failed"), "{out}");
+    stop(srv);
+    // A thin snapshot taken by devpool: shares both chunks.
+    lab.dp(
+        &[],
+        &[
+            "--pool",
+            &tp(&lab),
+            "snapshot",
+            "create",
+            &lv,
+            "--name",
+            "tsnap",
+        ],
+    );
+
+    // The guest: LVM2 activates the pool (running thin_check on devpool's
+    // metadata first), dm-thin reads devpool's mappings, then writes: an
+    // overwrite of a shared block (dm breaks the sharing) and a block
+    // never written (dm provisions it).
+    let vg = format!("devpool-{}", tp(&lab));
+    let (o, sn) = (format!("/dev/{vg}/{lv}"), format!("/dev/{vg}/tsnap"));
+    let mut g = String::from(GUEST_HELPERS);
+    g.push_str(&format!("lvm_c vgchange -ay -K {vg} || exit 10\n"));
+    for k in 0..8u64 {
+        g.push_str(&format!(
+            "chk {o} {k} {:03o}\nchk {sn} {k} {:03o}\n",
+            0xa0 + k,
+            0xa0 + k
+        ));
+    }
+    g.push_str(&format!(
+        "chk {o} 1000 167\nchk {o} 500 000\nchk {sn} 1000 167\n"
+    ));
+    g.push_str(&format!(
+        "fill {o} 2 356\nfill {o} 3000 303\nchk {sn} 2 242\nchk {o} 2 356\n"
+    ));
+    g.push_str("sync; echo \"STATUS $(dmsetup status | grep ' thin-pool ')\"\n");
+    // Without udev, LVM2 may find the pool's parts still open on its first
+    // pass; whatever it leaves, dmsetup removes (dm-thin commits on the
+    // pool's removal).
+    g.push_str(&format!(
+        "lvm_c vgchange -an {vg} >/dev/null 2>&1; dmsetup remove_all\n\
+[ -z \"$(dmsetup ls | grep -v 'No devices')\" ] || {{ dmsetup ls; exit 12; }}\nexit $bad\n"
+    ));
+    let ka = kernel_args(&kernel);
+    let img = image.display().to_string();
+    let mut args: Vec<&str> = vec!["vm", "run"];
+    args.extend(ka.iter().map(String::as_str));
+    args.extend([
+        "--mem",
+        "512M",
+        "--disk",
+        &img,
+        "--add",
+        "/sbin/lvm",
+        "--add",
+        "/sbin/dmsetup",
+        "--add",
+        "/usr/sbin/thin_check",
+        "--load-module",
+        "dm_thin_pool",
+        "--",
+        "sh",
+        "-c",
+        &g,
+    ]);
+    let out = lab.devpool(&[], &args);
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "guest failed ({:?}):\n{console}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!console.contains("MISMATCH"), "{console}");
+    let status = console
+        .lines()
+        .find(|l| l.starts_with("STATUS "))
+        .unwrap_or_else(|| panic!("no thin-pool status:\n{console}"));
+    assert!(status.contains("thin-pool"), "{status}");
+
+    // The host: thin_check accepts what dm committed; devpool's data plane
+    // reads dm's writes in the origin and the old data in the snapshot.
+    let xml = check_and_dump(&lab, &image);
+    assert_eq!(dumped(&xml).len(), 2, "{xml}");
+    let (srv, sock) = serve(&lab, &lv, "o.sock");
+    assert!(block_is(&sock, 2, 0xee), "dm's overwrite");
+    assert!(block_is(&sock, 3000, 0xc3), "dm's new block");
+    assert!(block_is(&sock, 1000, 0x77));
+    assert!(block_is(&sock, 500, 0));
+    stop(srv);
+    let (srv, sock) = serve(&lab, "tsnap", "s.sock");
+    assert!(block_is(&sock, 2, 0xa2), "the snapshot kept the old block");
+    assert!(block_is(&sock, 3000, 0));
+    stop(srv);
+    assert_no_qemu_left(&lab);
+}
