@@ -122,7 +122,7 @@ Example:\n  devpool pool thin enable default --data-size 50G\n  devpool lease ac
         /// Data space (default: 90%FREE). Sizes as for volumes: 50G, 80%FREE.
         #[arg(long)]
         data_size: Option<String>,
-        /// dm-thin metadata space (default: 64 bytes per data block, at least 4M).
+        /// dm-thin metadata space (default: 64 bytes per data block, at least 16M).
         #[arg(long)]
         metadata_size: Option<String>,
         /// Data block size: a multiple of 64K from 64K to 1G.

@@ -177,7 +177,8 @@ pub enum Operation {
     ThinPoolCreate {
         vg: String,
         data_size: SizeArg,
-        /// Default: 64 bytes per data block, at least 4 MiB.
+        /// Default: 64 bytes per data block, at least 16 MiB (each thin volume
+        /// needs a metadata block of its own, twice while a commit is written).
         metadata_size: Option<SizeArg>,
         chunk_size: Bytes,
     },
@@ -1180,7 +1181,7 @@ impl Engine {
                     meta_extents
                 } else {
                     let blocks = data_extents * es / chunk_size.0;
-                    (blocks * 64).max(4 << 20).div_ceil(es)
+                    (blocks * 64).max(16 << 20).div_ceil(es)
                 };
                 // A percentage of free space covers the metadata LV too.
                 let free = ops::vg_free_extents(&meta);

@@ -140,7 +140,7 @@ pub(crate) fn health(t: &ThinStatus, out: &mut Vec<String>) {
 impl Pools {
     /// Give pool `name` a thin pool of `data_size` (default 90% of the free
     /// space) with dm-thin metadata of `metadata_size` (default: 64 bytes
-    /// per data block, at least 4 MiB).
+    /// per data block, at least 16 MiB).
     pub fn thin_enable(
         &self,
         name: &str,
