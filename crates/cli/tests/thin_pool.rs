@@ -186,7 +186,7 @@ fn acquire(lab: &Lab, owner: &Sleeper, volumes: &str) -> Value {
         &[],
         &[
             "--pool",
-            &tp(&lab),
+            &tp(lab),
             "lease",
             "acquire",
             "--volumes",
@@ -198,7 +198,7 @@ fn acquire(lab: &Lab, owner: &Sleeper, volumes: &str) -> Value {
 }
 
 fn thin_status(lab: &Lab) -> Value {
-    lab.dp_json(&[], &["--pool", &tp(&lab), "pool", "status"])["thin"].clone()
+    lab.dp_json(&[], &["--pool", &tp(lab), "pool", "status"])["thin"].clone()
 }
 
 #[test]
