@@ -55,9 +55,9 @@ def fio(uri, job, args):
 
 
 class Server:
-    def __init__(self, work, env, lv):
+    def __init__(self, work, env, lv, pool="bench"):
         self.sock = os.path.join(work, f"{lv[-12:]}.sock")
-        self.p = subprocess.Popen([DEVPOOL, "--pool", "bench", "serve", lv, "--nbd",
+        self.p = subprocess.Popen([DEVPOOL, "--pool", pool, "serve", lv, "--nbd",
                                    f"unix:{self.sock}"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_socket(self.sock, self.p)

@@ -21,21 +21,7 @@ cargo build --release && bench/thin_io.py
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from snapshot_io import DEVPOOL, sh, timed, wait_socket, fio, median  # noqa: E402
-
-
-class Server:
-    def __init__(self, work, env, pool, lv):
-        self.sock = os.path.join(work, f"{lv[-12:]}.sock")
-        self.p = subprocess.Popen([DEVPOOL, "--pool", pool, "serve", lv, "--nbd",
-                                   f"unix:{self.sock}"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_socket(self.sock, self.p)
-        self.uri = f"nbd+unix:///?socket={self.sock}"
-
-    def stop(self):
-        self.p.terminate()
-        self.p.wait()
+from snapshot_io import DEVPOOL, Server, sh, timed, fio, median  # noqa: E402
 
 
 def main():
@@ -77,7 +63,7 @@ def main():
         sh(["fio", "--name=fill", "--ioengine=io_uring", "--direct=1",
             f"--filename={pl['p']['device']}", f"--size={size}", "--rw=write", "--bs=1M",
             "--iodepth=8"])
-        s = Server(work, env, "thinb", th["t"])
+        s = Server(work, env, th["t"], "thinb")
         servers.append(s)
         fio(s.uri, "fill", ["--rw=write", "--bs=1M", "--iodepth=8", f"--size={size}"])
         s.stop()
@@ -86,14 +72,14 @@ def main():
         results = {}
         for name, pool, rr_lv, fw_lv in [("plain", "plainb", pl["p"]["lv"], pl["q"]["lv"]),
                                          ("thin", "thinb", th["t"], th["fresh"])]:
-            s = Server(work, env, pool, rr_lv)
+            s = Server(work, env, rr_lv, pool)
             servers.append(s)
             r = {"randread_4k": fio(s.uri, "rr", [
                 "--rw=randread", "--bs=4k", "--iodepth=32", f"--size={size}",
                 "--time_based", f"--runtime={a.runtime}", "--ramp_time=1"])}
             s.stop()
             servers.remove(s)
-            s = Server(work, env, pool, fw_lv)
+            s = Server(work, env, fw_lv, pool)
             servers.append(s)
             t = time.perf_counter()
             r["randwrite_4k_first"] = fio(s.uri, "fw", [
