@@ -148,8 +148,17 @@ fn pool_of(test: &str) -> String {
     format!("{}{}", test.replace('_', ""), std::process::id())
 }
 
-fn thin_pool_lab(test: &str, image_size: &str, thin_args: &[&str]) -> Option<(Lab, PathBuf)> {
-    if need_tools(test, &["thin_check", "thin_dump", "lvm"]) {
+/// A pool on an image file with a thin pool (`thin_args` for `pool thin
+/// enable`); None when a tool (the oracles, or the test's `tools`) is missing.
+fn thin_pool_lab(
+    test: &str,
+    tools: &[&str],
+    image_size: &str,
+    thin_args: &[&str],
+) -> Option<(Lab, PathBuf)> {
+    let mut all = vec!["thin_check", "thin_dump", "lvm"];
+    all.extend_from_slice(tools);
+    if need_tools(test, &all) {
         return None;
     }
     let lab = Lab::new();
@@ -203,7 +212,7 @@ fn thin_status(lab: &Lab) -> Value {
 
 #[test]
 fn lvm2_sees_thin_leases_and_thin_check_passes_after_a_crash_at_every_write() {
-    let Some((lab, image)) = thin_pool_lab("thin_lvm2", "1G", &[]) else {
+    let Some((lab, image)) = thin_pool_lab("thin_lvm2", &[], "1G", &[]) else {
         return;
     };
     let owner = Sleeper::new();
@@ -331,10 +340,7 @@ fn data_used(lab: &Lab) -> u64 {
 
 #[test]
 fn thin_volumes_provision_on_write_snapshots_share_and_discard_gives_back() {
-    if need_tools("thin_serve", &["qemu-io", "nbdcopy"]) {
-        return;
-    }
-    let Some((lab, image)) = thin_pool_lab("thin_serve", "1G", &[]) else {
+    let Some((lab, image)) = thin_pool_lab("thin_serve", &["qemu-io", "nbdcopy"], "1G", &[]) else {
         return;
     };
     let owner = Sleeper::new();
@@ -454,11 +460,10 @@ fn thin_volumes_provision_on_write_snapshots_share_and_discard_gives_back() {
 
 #[test]
 fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
-    if need_tools("thin_full", &["qemu-io", "nbdcopy"]) {
-        return;
-    }
     // 8 MiB of data: 128 blocks of 64 KiB, under a 64 MiB thin volume.
-    let Some((lab, image)) = thin_pool_lab("thin_full", "256M", &["--data-size", "8M"]) else {
+    let Some((lab, image)) =
+        thin_pool_lab("thin_full", &["qemu-io"], "256M", &["--data-size", "8M"])
+    else {
         return;
     };
     let owner = Sleeper::new();
@@ -526,10 +531,9 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
     let Some(kernel) = guest_or_skip(t) else {
         return;
     };
-    if need_tools(t, &["qemu-io"]) {
-        return;
-    }
-    let Some((lab, image)) = thin_pool_lab("guest_thin", "512M", &["--data-size", "256M"]) else {
+    let Some((lab, image)) =
+        thin_pool_lab("guest_thin", &["qemu-io"], "512M", &["--data-size", "256M"])
+    else {
         return;
     };
     let owner = Sleeper::new();

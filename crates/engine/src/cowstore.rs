@@ -109,6 +109,19 @@ pub struct PvIndex {
 }
 
 impl PvIndex {
+    /// The indexed PVs opened read-only, each found by `pv_path(key)`.
+    pub fn open_files(
+        &self,
+        pv_path: &dyn Fn(&str) -> Option<std::path::PathBuf>,
+    ) -> Result<FilesIo, String> {
+        let paths = self
+            .keys
+            .iter()
+            .map(|k| pv_path(k).ok_or_else(|| format!("PV {k} is missing")))
+            .collect::<Result<Vec<_>, _>>()?;
+        FilesIo::open(&paths, false).map_err(|e| e.to_string())
+    }
+
     pub fn map_lv(&mut self, meta: &VgMetadata, lv: &LvMeta) -> Result<VolumeMap, MapError> {
         for seg in &lv.segments {
             if let devpool_format::metadata::SegmentKind::Striped { stripes, .. } = &seg.kind {
@@ -412,12 +425,7 @@ pub fn snapshot_usage(
                     .ok_or_else(|| format!("COW store {} is missing", link.cow))?;
                 let mut index = PvIndex::default();
                 let map = index.map_lv(meta, lv).map_err(|e| e.to_string())?;
-                let paths = index
-                    .keys
-                    .iter()
-                    .map(|k| pv_path(k).ok_or_else(|| format!("PV {k} is missing")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let io = FilesIo::open(&paths, false).map_err(|e| e.to_string())?;
+                let io = index.open_files(&pv_path)?;
                 let chunk = link
                     .chunk_sectors
                     .unwrap_or(devpool_format::cow::DEFAULT_CHUNK_SECTORS);

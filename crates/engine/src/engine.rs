@@ -141,6 +141,9 @@ pub enum Operation {
         wipe: bool,
         /// Each LV in one run on one PV (or no space).
         contiguous: bool,
+        /// When the VG has a thin pool, make thin volumes there instead
+        /// (leases of a thin pool).
+        thin_when_pooled: bool,
     },
     LvRemove {
         vg: String,
@@ -912,10 +915,7 @@ impl Engine {
                 wipe,
                 count,
             } => {
-                let loaded = scan.vg(vg)?;
-                self.require_complete(loaded)?;
-                self.base_on(&mut plan, loaded);
-                let mut meta = (*loaded.meta).clone();
+                let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
                 let n = (*stripes).max(1);
                 let (extents, note) = ops::resolve_size(&meta, size, None, n as u64)?;
                 plan.notes.extend(note);
@@ -952,11 +952,13 @@ impl Engine {
                 volumes,
                 wipe,
                 contiguous,
+                thin_when_pooled,
             } => {
-                let loaded = scan.vg(vg)?;
-                self.require_complete(loaded)?;
-                self.base_on(&mut plan, loaded);
-                let mut meta = (*loaded.meta).clone();
+                let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
+                if *thin_when_pooled && ops::thin::the_thin_pool(&meta).is_some() {
+                    self.plan_thin_create(&mut plan, loaded, meta, volumes, None)?;
+                    return Ok(plan);
+                }
                 let (now, host) = (unix_now(), hostname());
                 let mut news = Vec::with_capacity(volumes.len());
                 for v in volumes {
@@ -981,10 +983,7 @@ impl Engine {
                 self.finish_create(&mut plan, loaded, meta, &names, *wipe)?;
             }
             Operation::LvRemove { vg, names } => {
-                let loaded = scan.vg(vg)?;
-                self.require_complete(loaded)?;
-                self.base_on(&mut plan, loaded);
-                let mut meta = (*loaded.meta).clone();
+                let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
                 let thin: Vec<String> = names
                     .iter()
                     .filter(|n| ops::thin::thin_volume(&meta, n).is_some())
@@ -1019,10 +1018,7 @@ impl Engine {
                 plan.steps.extend(update);
             }
             Operation::LvRename { vg, old, new } => {
-                let loaded = scan.vg(vg)?;
-                self.require_complete(loaded)?;
-                self.base_on(&mut plan, loaded);
-                let mut meta = (*loaded.meta).clone();
+                let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
                 if meta.lv(old).is_none() {
                     return Err(EngineError::LvNotFound {
                         vg: vg.clone(),
@@ -1034,10 +1030,7 @@ impl Engine {
                 self.finish_commit(&mut plan, meta, &devs)?;
             }
             Operation::LvResize { vg, name, size } => {
-                let loaded = scan.vg(vg)?;
-                self.require_complete(loaded)?;
-                self.base_on(&mut plan, loaded);
-                let mut meta = (*loaded.meta).clone();
+                let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
                 let lv = meta.lv(name).ok_or_else(|| EngineError::LvNotFound {
                     vg: vg.clone(),
                     lv: name.clone(),
@@ -1092,10 +1085,7 @@ impl Engine {
                 size,
                 chunk_size,
             } => {
-                let loaded = scan.vg(vg)?;
-                self.require_complete(loaded)?;
-                self.base_on(&mut plan, loaded);
-                let mut meta = (*loaded.meta).clone();
+                let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
                 let origin_extents = meta
                     .lv(origin)
                     .ok_or_else(|| EngineError::LvNotFound {
@@ -1111,15 +1101,7 @@ impl Engine {
                     }
                     None => origin_extents.div_ceil(5).max(1),
                 };
-                let chunk_sectors = u32::try_from(chunk_size.0 / 512)
-                    .ok()
-                    .filter(|_| chunk_size.0 % 512 == 0)
-                    .ok_or_else(|| {
-                        EngineError::Invalid(format!(
-                            "chunk size {} bytes is not a whole number of sectors",
-                            chunk_size.0
-                        ))
-                    })?;
+                let chunk_sectors = whole_sectors(*chunk_size)?;
                 let (now, host) = (unix_now(), hostname());
                 let snap = ops::snapshot::create_snapshot(
                     &mut meta,
@@ -1155,19 +1137,8 @@ impl Engine {
                 metadata_size,
                 chunk_size,
             } => {
-                let loaded = scan.vg(vg)?;
-                self.require_complete(loaded)?;
-                self.base_on(&mut plan, loaded);
-                let mut meta = (*loaded.meta).clone();
-                let chunk_sectors = u32::try_from(chunk_size.0 / 512)
-                    .ok()
-                    .filter(|_| chunk_size.0 % 512 == 0)
-                    .ok_or_else(|| {
-                        EngineError::Invalid(format!(
-                            "chunk size {} bytes is not a whole number of sectors",
-                            chunk_size.0
-                        ))
-                    })?;
+                let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
+                let chunk_sectors = whole_sectors(*chunk_size)?;
                 ops::thin::check_chunk_sectors(chunk_sectors).map_err(EngineError::Invalid)?;
                 let es = meta.extent_size.bytes().0;
                 let (meta_extents, note) = match metadata_size {
@@ -1226,54 +1197,8 @@ impl Engine {
                 volumes,
                 origin,
             } => {
-                let loaded = scan.vg(vg)?;
-                self.require_complete(loaded)?;
-                self.base_on(&mut plan, loaded);
-                let mut meta = (*loaded.meta).clone();
-                let pool = ops::thin::the_thin_pool(&meta).ok_or_else(|| {
-                    EngineError::Refused(format!(
-                        "{vg} has no thin pool (devpool pool thin enable)"
-                    ))
-                })?;
-                let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
-                let (now, host) = (unix_now(), hostname());
-                let mut news = Vec::with_capacity(volumes.len());
-                for v in volumes {
-                    let extents = match (&v.size.amount, origin) {
-                        (_, Some(o))
-                            if v.size.amount
-                                == devpool_format::units::Amount::Extents(Extents(0)) =>
-                        {
-                            meta.lv(o).map(|l| l.extent_count()).unwrap_or(0)
-                        }
-                        (devpool_format::units::Amount::Percent(..), _) => {
-                            return Err(EngineError::Invalid(format!(
-                                "thin volume {}: give a size, not a percentage (thin sizes are virtual)",
-                                v.name
-                            )));
-                        }
-                        _ => {
-                            let (e, note) = ops::resolve_size(&meta, &v.size, None, 1)?;
-                            plan.notes.extend(note);
-                            e
-                        }
-                    };
-                    news.push(ops::thin::NewThin {
-                        name: v.name.clone(),
-                        extents,
-                        tags: v.tags.clone(),
-                        id: random_uuid(),
-                        creation_time: now,
-                        creation_host: host.clone(),
-                        origin: origin.clone(),
-                    });
-                }
-                let changes = ops::thin::create_thins(&mut meta, &pool.pool, news)?;
-                // Creations reach dm-thin's metadata before the VG.
-                let step = self.thin_update_step(loaded, &pool, known, known_trans, changes)?;
-                plan.steps.push(step);
-                let devs = self.vg_devices(loaded);
-                self.finish_commit(&mut plan, meta, &devs)?;
+                let (loaded, meta) = self.change_of(&mut plan, scan, vg)?;
+                self.plan_thin_create(&mut plan, loaded, meta, volumes, origin.as_deref())?;
             }
             Operation::LvTags {
                 vg,
@@ -1281,10 +1206,7 @@ impl Engine {
                 add,
                 remove,
             } => {
-                let loaded = scan.vg(vg)?;
-                self.require_complete(loaded)?;
-                self.base_on(&mut plan, loaded);
-                let mut meta = (*loaded.meta).clone();
+                let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
                 if meta.lv(name).is_none() {
                     return Err(EngineError::LvNotFound {
                         vg: vg.clone(),
@@ -1297,6 +1219,57 @@ impl Engine {
             }
         }
         Ok(plan)
+    }
+
+    /// Thin volumes (or thin snapshots of `origin`) in the VG's thin pool.
+    fn plan_thin_create(
+        &self,
+        plan: &mut Plan,
+        loaded: &LoadedVg,
+        mut meta: VgMetadata,
+        volumes: &[NewVolume],
+        origin: Option<&str>,
+    ) -> Result<()> {
+        let vg = &meta.name;
+        let pool = ops::thin::the_thin_pool(&meta).ok_or_else(|| {
+            EngineError::Refused(format!("{vg} has no thin pool (devpool pool thin enable)"))
+        })?;
+        let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
+        let (now, host) = (unix_now(), hostname());
+        let mut news = Vec::with_capacity(volumes.len());
+        for v in volumes {
+            let extents = match (&v.size.amount, origin) {
+                (devpool_format::units::Amount::Extents(Extents(0)), Some(o)) => {
+                    meta.lv(o).map(|l| l.extent_count()).unwrap_or(0)
+                }
+                (devpool_format::units::Amount::Percent(..), _) => {
+                    return Err(EngineError::Invalid(format!(
+                        "thin volume {}: give a size, not a percentage (thin sizes are virtual)",
+                        v.name
+                    )));
+                }
+                _ => {
+                    let (e, note) = ops::resolve_size(&meta, &v.size, None, 1)?;
+                    plan.notes.extend(note);
+                    e
+                }
+            };
+            news.push(ops::thin::NewThin {
+                name: v.name.clone(),
+                extents,
+                tags: v.tags.clone(),
+                id: random_uuid(),
+                creation_time: now,
+                creation_host: host.clone(),
+                origin: origin.map(str::to_string),
+            });
+        }
+        let changes = ops::thin::create_thins(&mut meta, &pool.pool, news)?;
+        // Creations reach dm-thin's metadata before the VG.
+        let step = self.thin_update_step(loaded, &pool, known, known_trans, changes)?;
+        plan.steps.push(step);
+        let devs = self.vg_devices(loaded);
+        self.finish_commit(plan, meta, &devs)
     }
 
     fn thin_update_step(
@@ -1321,6 +1294,20 @@ impl Engine {
             known_trans,
             changes,
         })
+    }
+
+    /// The start of every change to an existing VG: the VG (complete),
+    /// recorded as the plan's base, and a copy of its metadata to change.
+    fn change_of<'s>(
+        &self,
+        plan: &mut Plan,
+        scan: &'s Scan,
+        vg: &str,
+    ) -> Result<(&'s LoadedVg, VgMetadata)> {
+        let loaded = scan.vg(vg)?;
+        self.require_complete(loaded)?;
+        self.base_on(plan, loaded);
+        Ok((loaded, (*loaded.meta).clone()))
     }
 
     fn require_complete(&self, vg: &LoadedVg) -> Result<()> {
@@ -1592,6 +1579,19 @@ impl NewPv {
                 .collect(),
         }
     }
+}
+
+/// A chunk size in sectors (it must be a whole number of them).
+fn whole_sectors(b: Bytes) -> Result<u32> {
+    u32::try_from(b.0 / 512)
+        .ok()
+        .filter(|_| b.0.is_multiple_of(512))
+        .ok_or_else(|| {
+            EngineError::Invalid(format!(
+                "chunk size {} bytes is not a whole number of sectors",
+                b.0
+            ))
+        })
 }
 
 /// Device, byte offset and length of an LV's first 4 KiB.

@@ -110,20 +110,30 @@ impl ThinStore {
         meta_map: VolumeMap,
         data_map: VolumeMap,
     ) -> Result<ThinStore, ThinError> {
-        let mut s = ThinStore {
+        let mut s = ThinStore::unloaded(pool, meta_map, data_map, ThinMetadata::default());
+        s.load(io)?;
+        Ok(s)
+    }
+
+    /// A store holding `m` in memory only (nothing of the live copy known).
+    fn unloaded(
+        pool: &str,
+        meta_map: VolumeMap,
+        data_map: VolumeMap,
+        m: ThinMetadata,
+    ) -> ThinStore {
+        ThinStore {
             pool: pool.to_string(),
             meta_map,
             data_map,
-            m: ThinMetadata::default(),
+            used: vec![false; m.metadata_nr_blocks as usize],
+            m,
             superblock: Vec::new(),
-            used: Vec::new(),
             reuse: Reuse::default(),
             refs: HashMap::new(),
             cursor: 0,
             stale: true,
-        };
-        s.load(io)?;
-        Ok(s)
+        }
     }
 
     /// Write an empty pool (no devices, transaction 0) on `meta_map` for
@@ -149,18 +159,7 @@ impl ThinStore {
             ),
             devices: Default::default(),
         };
-        let mut s = ThinStore {
-            pool: pool.to_string(),
-            meta_map,
-            data_map,
-            used: vec![false; m.metadata_nr_blocks as usize],
-            m,
-            superblock: Vec::new(),
-            reuse: Reuse::default(),
-            refs: HashMap::new(),
-            cursor: 0,
-            stale: false,
-        };
+        let mut s = ThinStore::unloaded(pool, meta_map, data_map, m);
         // A stale superblock must not survive a crash before ours lands.
         write_mapped(io, &s.meta_map, 0, &[0u8; BLOCK]).map_err(|e| s.io_err(e))?;
         s.commit(io)?;

@@ -665,22 +665,14 @@ impl Pools {
                 tags: lease::tags(&session, role, owner, keep),
             })
             .collect();
-        let thin = devpool_engine::ops::thin::the_thin_pool(&e.read_vg(&rec.vg)?.0.meta).is_some();
-        let op = if thin {
-            // Thin volumes: virtual sizes, served by the data plane.
-            Operation::ThinCreate {
-                vg: rec.vg.clone(),
-                volumes,
-                origin: None,
-            }
-        } else {
-            Operation::LvCreateBatch {
-                vg: rec.vg.clone(),
-                volumes,
-                wipe: true,
-                // Every leased volume gets one loop device over one range.
-                contiguous: true,
-            }
+        let op = Operation::LvCreateBatch {
+            vg: rec.vg.clone(),
+            volumes,
+            wipe: true,
+            // Every leased volume gets one loop device over one range.
+            contiguous: true,
+            // Thin volumes when the pool has a thin pool (served, no loop).
+            thin_when_pooled: true,
         };
         let mut reaped = Vec::new();
         let plan = match e.apply(&op, true) {
@@ -695,6 +687,9 @@ impl Pools {
         let meta = plan
             .new_metadata()
             .ok_or_else(|| PoolError::Invalid("acquire: the plan has no metadata".into()))?;
+        let thin = names
+            .first()
+            .is_some_and(|(_, lv)| devpool_engine::ops::thin::thin_volume(meta, lv).is_some());
         let mut devices = Vec::new();
         let exposed: Result<()> = (|| {
             for (role, lv) in &names {

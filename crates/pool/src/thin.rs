@@ -10,7 +10,7 @@
 
 use crate::pool::Pools;
 use crate::{PoolError, Result, lease};
-use devpool_engine::cowstore::{FilesIo, PvIndex};
+use devpool_engine::cowstore::PvIndex;
 use devpool_engine::ops::thin::{ThinPoolLink, the_thin_pool, thin_volume, thin_volumes};
 use devpool_engine::thinstore::{ThinStore, ThinUsage};
 use devpool_engine::vg::LoadedVg;
@@ -67,16 +67,7 @@ pub fn open_store(v: &LoadedVg, link: &ThinPoolLink) -> std::result::Result<Thin
     let tdata = index
         .map_lv(meta, lv(&link.tdata)?)
         .map_err(|e| e.to_string())?;
-    let paths = index
-        .keys
-        .iter()
-        .map(|k| {
-            v.device_of(k)
-                .map(|d| d.path.clone())
-                .ok_or_else(|| format!("PV {k} is missing"))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let io = FilesIo::open(&paths, false).map_err(|e| e.to_string())?;
+    let io = index.open_files(&|k| v.device_of(k).map(|d| d.path.clone()))?;
     ThinStore::open(&io, &format!("{}/{}", meta.name, link.pool), tmeta, tdata)
         .map_err(|e| e.to_string())
 }

@@ -64,17 +64,8 @@ pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> 
             )
         }
     };
-    let mut devs = Vec::with_capacity(index.keys.len());
-    for key in &index.keys {
-        let path = loc
-            .pvs
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, p)| p)
-            .ok_or_else(|| OpenError::Invalid(format!("PV {key} of {} is missing", meta.name)))?;
-        // COW stores are written even when the volume is served read-only.
-        devs.push(PvDevice::open(path, !read_only || !stores.is_empty())?);
-    }
+    // COW stores are written even when the volume is served read-only.
+    let devs = open_devs(loc, &index, !read_only || !stores.is_empty())?;
     let cow = if stores.is_empty() {
         None
     } else {

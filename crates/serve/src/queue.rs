@@ -511,16 +511,8 @@ impl Queue {
 /// `req.iov` must describe valid memory (writable for reads).
 unsafe fn thin_request(thin: &crate::thin::Thin, vol: &Volume, req: &Request) -> i32 {
     let r = match req.op {
-        Op::Write { .. } => {
-            let mut buf = Vec::with_capacity(req.len as usize);
-            for v in &req.iov {
-                // SAFETY: the iovec describes v.iov_len readable bytes.
-                buf.extend_from_slice(unsafe {
-                    std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
-                });
-            }
-            thin.write(&vol.devs, req.offset, &buf)
-        }
+        // SAFETY: passed on from our caller.
+        Op::Write { .. } => thin.write(&vol.devs, req.offset, &unsafe { gather(&req.iov) }),
         Op::Discard => thin.discard(&vol.devs, req.offset, req.len, false),
         Op::WriteZeroes { .. } => thin.discard(&vol.devs, req.offset, req.len, true),
         // A read the fast path could not place (a mapping outside the data
@@ -536,23 +528,12 @@ unsafe fn thin_request(thin: &crate::thin::Thin, vol: &Volume, req: &Request) ->
 /// # Safety
 /// `req.iov` must describe valid memory (writable for reads).
 unsafe fn snapshot_request(cow: &crate::snapshot::Cow, vol: &Volume, req: &Request) -> i32 {
-    let mut buf = vec![
-        0u8;
-        if req.op == Op::Flush {
-            0
-        } else {
-            req.len as usize
-        }
-    ];
-    if let Op::Write { .. } = req.op {
-        let mut at = 0;
-        for v in &req.iov {
-            // SAFETY: the iovec describes v.iov_len readable bytes.
-            let src = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-            buf[at..at + v.iov_len].copy_from_slice(src);
-            at += v.iov_len;
-        }
-    }
+    let mut buf = match req.op {
+        // SAFETY: passed on from our caller.
+        Op::Write { .. } => unsafe { gather(&req.iov) },
+        Op::Flush => Vec::new(),
+        _ => vec![0u8; req.len as usize],
+    };
     let errno = cow.snapshot_io(&vol.devs, req.op, req.offset, req.len, &mut buf);
     if errno == 0 && req.op == Op::Read {
         let mut at = 0;
@@ -564,6 +545,21 @@ unsafe fn snapshot_request(cow: &crate::snapshot::Cow, vol: &Volume, req: &Reque
         }
     }
     errno
+}
+
+/// The bytes a write's iovecs describe, in one buffer.
+///
+/// # Safety
+/// Each iovec must describe `iov_len` readable bytes.
+unsafe fn gather(iov: &[libc::iovec]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(iov.iter().map(|v| v.iov_len).sum());
+    for v in iov {
+        // SAFETY: the caller promises v.iov_len readable bytes.
+        buf.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+        });
+    }
+    buf
 }
 
 fn iov_total(iov: &[libc::iovec]) -> Option<u64> {

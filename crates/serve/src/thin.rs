@@ -12,7 +12,8 @@
 use crate::device::PvDevice;
 use crate::snapshot::DevsIo;
 use devpool_engine::cowstore::{DevIo, read_mapped, write_mapped};
-use devpool_engine::thinstore::{ThinError, ThinStore};
+use devpool_engine::lock::{LockGuard, lock_thin};
+use devpool_engine::thinstore::ThinStore;
 use devpool_format::map::{Piece, VolumeMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -36,10 +37,6 @@ pub struct Plan {
     pub zeroes: Vec<(u64, u64)>,
 }
 
-fn errno(e: &ThinError) -> i32 {
-    e.errno()
-}
-
 impl Thin {
     pub fn new(store: ThinStore, dev_id: u64, virtual_size: u64, vg: &str) -> Thin {
         Thin {
@@ -58,6 +55,18 @@ impl Thin {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ThinStore> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pool's thin lock (across processes), this volume's store, and the
+    /// store brought up to date with commits other processes made.
+    fn lock_for_change(
+        &self,
+        io: &DevsIo,
+    ) -> Result<(LockGuard, std::sync::MutexGuard<'_, ThinStore>), i32> {
+        let held = lock_thin(&self.lock_dir, &self.vg).map_err(|_| libc::EIO)?;
+        let mut store = self.lock();
+        store.refresh(io).map_err(|e| e.errno())?;
+        Ok((held, store))
     }
 
     /// Chunks of `offset..offset+len`: (chunk, request-relative start,
@@ -110,10 +119,7 @@ impl Thin {
     /// doc); an errno on failure.
     pub fn write(&self, devs: &[PvDevice], offset: u64, buf: &[u8]) -> Result<(), i32> {
         let io = DevsIo(devs);
-        let _held =
-            devpool_engine::lock::lock_thin(&self.lock_dir, &self.vg).map_err(|_| libc::EIO)?;
-        let mut store = self.lock();
-        store.refresh(&io).map_err(|e| errno(&e))?;
+        let (_held, mut store) = self.lock_for_change(&io)?;
         let chunk = self.chunk as usize;
         let mut fresh: Vec<(u64, u64)> = Vec::new();
         let result = (|| -> Result<(), i32> {
@@ -127,7 +133,7 @@ impl Thin {
                     write_mapped(&io, &store.data_map, at, part).map_err(io_errno)?;
                     continue;
                 }
-                let new = store.allocate().map_err(|e| errno(&e))?;
+                let new = store.allocate().map_err(|e| e.errno())?;
                 fresh.push((c, new));
                 let mut whole = vec![0u8; chunk];
                 if let Some(l) = old {
@@ -144,9 +150,9 @@ impl Thin {
             // The data before the metadata that points at it.
             io.sync().map_err(io_errno)?;
             for &(c, new) in &fresh {
-                store.map(self.dev_id, c, new).map_err(|e| errno(&e))?;
+                store.map(self.dev_id, c, new).map_err(|e| e.errno())?;
             }
-            store.commit(&io).map_err(|e| errno(&e))
+            store.commit(&io).map_err(|e| e.errno())
         })();
         if result.is_err() {
             for &(_, b) in &fresh {
@@ -163,15 +169,12 @@ impl Thin {
         let mut partial = Vec::new();
         {
             let io = DevsIo(devs);
-            let _held =
-                devpool_engine::lock::lock_thin(&self.lock_dir, &self.vg).map_err(|_| libc::EIO)?;
-            let mut store = self.lock();
-            store.refresh(&io).map_err(|e| errno(&e))?;
+            let (_held, mut store) = self.lock_for_change(&io)?;
             let mut dropped = Vec::new();
             for (c, _, within, n) in self.chunks(offset, len) {
                 if within == 0 && n == self.chunk {
                     if let Some(l) = store.lookup(self.dev_id, c) {
-                        store.unmap(self.dev_id, c).map_err(|e| errno(&e))?;
+                        store.unmap(self.dev_id, c).map_err(|e| e.errno())?;
                         dropped.push(l.block);
                     }
                 } else if zero && store.lookup(self.dev_id, c).is_some() {
@@ -179,7 +182,7 @@ impl Thin {
                 }
             }
             if !dropped.is_empty() {
-                store.commit(&io).map_err(|e| errno(&e))?;
+                store.commit(&io).map_err(|e| e.errno())?;
                 // Blocks no device maps any more: give the space back to the
                 // PV too (still under the lock: nobody can have them yet).
                 for b in dropped {
