@@ -998,7 +998,7 @@ impl Engine {
                     }
                     if ops::thin::is_thin_internal(&meta, n) {
                         return Err(EngineError::Refused(format!(
-                            "{vg}/{n} is the thin pool or part of it; remove thin volumes, or tear the pool down"
+                            "{vg}/{n} is a thin-pool LV or part of one; remove its thin volumes, or tear the pool down"
                         )));
                     }
                     ops::remove_lv(&mut meta, n)?;
