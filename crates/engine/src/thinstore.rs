@@ -85,6 +85,10 @@ pub struct ThinStore {
     refs: HashMap<u64, u32>,
     /// Where the search for a free data block continues.
     cursor: u64,
+    /// Blocks no device maps since the last commit. The committed copy may
+    /// still map them, so they are not handed out again before the next
+    /// commit (after a crash, a device would read another one's new data).
+    freed: std::collections::HashSet<u64>,
     /// In-memory changes that a failed commit left: reload before use.
     stale: bool,
 }
@@ -132,6 +136,7 @@ impl ThinStore {
             reuse: Reuse::default(),
             refs: HashMap::new(),
             cursor: 0,
+            freed: Default::default(),
             stale: true,
         }
     }
@@ -202,6 +207,7 @@ impl ThinStore {
         }
         self.superblock = self.read_block(io, 0).map_err(|e| self.fmt_err(e))?;
         self.refs = m.data_ref_counts().into_iter().collect();
+        self.freed.clear();
         self.m = m;
         self.used = used;
         self.reuse = reuse;
@@ -256,6 +262,9 @@ impl ThinStore {
         let n = self.m.nr_data_blocks;
         for i in 0..n {
             let b = (self.cursor + i) % n;
+            if self.freed.contains(&b) {
+                continue;
+            }
             if let std::collections::hash_map::Entry::Vacant(e) = self.refs.entry(b) {
                 e.insert(0);
                 self.cursor = b + 1;
@@ -266,6 +275,12 @@ impl ThinStore {
             pool: self.pool.clone(),
             blocks: n,
         })
+    }
+
+    /// Whether blocks freed since the last commit wait for it (a commit
+    /// would make them available to [`ThinStore::allocate`]).
+    pub fn frees_pending(&self) -> bool {
+        !self.freed.is_empty()
     }
 
     /// Whether some device maps `block` (or it is allocated for one).
@@ -285,6 +300,7 @@ impl ThinStore {
             *c = c.saturating_sub(1);
             if *c == 0 {
                 self.refs.remove(&block);
+                self.freed.insert(block);
             }
         }
     }
@@ -467,6 +483,7 @@ impl ThinStore {
         self.used = now;
         self.reuse = w.reuse;
         self.superblock = w.superblock;
+        self.freed.clear();
         self.stale = false;
         Ok(())
     }

@@ -116,6 +116,15 @@ pub struct Volume {
     pub thin: Option<crate::thin::Thin>,
 }
 
+impl Drop for Volume {
+    /// Nothing provisioned stays uncommitted once the volume is let go.
+    fn drop(&mut self) {
+        if let Some(thin) = &self.thin {
+            let _ = thin.flush(&self.devs);
+        }
+    }
+}
+
 impl Volume {
     pub fn size(&self) -> u64 {
         match &self.thin {

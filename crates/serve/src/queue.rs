@@ -166,6 +166,11 @@ impl Queue {
         }
         let vol = Arc::clone(&self.vol);
         if req.op == Op::Flush {
+            // A thin volume's provisioned mappings are part of its data.
+            if let Some(Err(errno)) = vol.thin.as_ref().map(|t| t.flush(&vol.devs)) {
+                self.ready.push(Completion { tag, errno });
+                return Ok(());
+            }
             let key = self.slots.insert(Slot {
                 tag,
                 remaining: 0,
@@ -187,7 +192,10 @@ impl Queue {
                 return Err(if writes { libc::ENOSPC } else { libc::EINVAL });
             }
             let write = matches!(req.op, Op::Write { .. });
+            // A FUA write must not complete before uncommitted mappings do.
+            let fua_commit = req.op == Op::Write { fua: true } && thin.dirty();
             if matches!(req.op, Op::Read | Op::Write { .. })
+                && !fua_commit
                 && let Some(plan) = thin.plan(req.offset, req.len, write)
             {
                 for (at, n) in plan.zeroes {
@@ -369,6 +377,9 @@ impl Queue {
     /// Submit what is queued and wait until at least `min` events are
     /// available (0: do not wait); append them to `out`.
     pub fn wait(&mut self, min: usize, out: &mut Vec<Event>) -> std::io::Result<()> {
+        if self.thin_commit_wait(min, out)? {
+            return Ok(());
+        }
         if let Some(since) = self.held_since {
             // Group commit: give more first writes a moment to arrive, so one
             // copy-out (two syncs) serves many of them.
@@ -434,6 +445,35 @@ impl Queue {
         Ok(())
     }
 
+    /// A thin volume's uncommitted mappings: commit them when due, and
+    /// sleep no longer than that; whether events arrived meanwhile (they
+    /// are in `out`).
+    fn thin_commit_wait(&mut self, min: usize, out: &mut Vec<Event>) -> std::io::Result<bool> {
+        let vol = Arc::clone(&self.vol);
+        let Some(thin) = &vol.thin else {
+            return Ok(false);
+        };
+        let Some(left) = thin.commit_if_due(&vol.devs) else {
+            return Ok(false);
+        };
+        if min == 0 || !self.ready.is_empty() || !self.held.is_empty() {
+            return Ok(false);
+        }
+        let ts = types::Timespec::from(left);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(min, &args) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+        self.unsubmitted = 0;
+        if self.reap(out) > 0 {
+            return Ok(true);
+        }
+        thin.commit_if_due(&vol.devs);
+        Ok(false)
+    }
+
     /// Take the completions the ring has, finish the requests they complete,
     /// and report those with the frontend's own events; how many events.
     fn reap(&mut self, out: &mut Vec<Event>) -> usize {
@@ -471,6 +511,16 @@ impl Queue {
         }
         out.extend(self.ready.drain(..).map(Event::Done));
         out.len() - before
+    }
+}
+
+impl Drop for Queue {
+    /// A client gone: what it wrote to a thin volume becomes durable now
+    /// (and the pool's thin lock free), not at some later request.
+    fn drop(&mut self) {
+        if let Some(thin) = &self.vol.thin {
+            let _ = thin.flush(&self.vol.devs);
+        }
     }
 }
 
@@ -512,9 +562,9 @@ impl Queue {
 unsafe fn thin_request(thin: &crate::thin::Thin, vol: &Volume, req: &Request) -> i32 {
     let r = match req.op {
         // SAFETY: passed on from our caller.
-        Op::Write { .. } => thin.write(&vol.devs, req.offset, &unsafe { gather(&req.iov) }),
-        Op::Discard => thin.discard(&vol.devs, req.offset, req.len, false),
-        Op::WriteZeroes { .. } => thin.discard(&vol.devs, req.offset, req.len, true),
+        Op::Write { fua } => thin.write(&vol.devs, req.offset, &unsafe { gather(&req.iov) }, fua),
+        Op::Discard => thin.discard(&vol.devs, req.offset, req.len, false, false),
+        Op::WriteZeroes { fua, .. } => thin.discard(&vol.devs, req.offset, req.len, true, fua),
         // A read the fast path could not place (a mapping outside the data
         // LV): the metadata is damaged.
         Op::Read => Err(libc::EIO),

@@ -1,12 +1,13 @@
 //! Property test: random sequences of writes (fast path and provisioning),
 //! discards, write-zeroes, thin snapshots and deletes on a thin pool,
-//! against an in-memory model of every volume's contents. Each thin volume
-//! is served by its own `Thin` with its own copy of the metadata (as
-//! separate server processes would), so every commit also exercises the
-//! reload of another's commits. After each step every volume reads back
-//! exactly as the model says; at the end the pool's data use is exactly the
-//! blocks still mapped, and thin_check (when installed) accepts the
-//! metadata.
+//! against an in-memory model of every volume's contents. The volumes'
+//! `Thin`s share the pool's uncommitted changes (as in one server
+//! process); writes commit on FUA, on flush, and before the engine changes
+//! devices, and a flush step lets every `Thin` go, so the next reads come
+//! from a fresh load of what was committed. After each step every volume
+//! reads back exactly as the model says; at the end the pool's data use is
+//! exactly the blocks still mapped, and thin_check (when installed) accepts
+//! the metadata.
 
 use devpool_engine::cowstore::{DevIo, read_mapped};
 use devpool_engine::ops::thin::ThinChanges;
@@ -16,7 +17,7 @@ use devpool_serve::device::PvDevice;
 use devpool_serve::snapshot::DevsIo;
 use devpool_serve::thin::Thin;
 use proptest::prelude::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
 
 const MIB: u64 = 1 << 20;
@@ -49,6 +50,11 @@ enum Step {
     Delete {
         dev: usize,
     },
+    Flush {
+        dev: usize,
+    },
+    /// Every volume let go without a commit (a crash after the data writes).
+    Crash,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -60,6 +66,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..4usize, range).prop_map(|(dev, (off, len))| Step::Zero { dev, off, len }),
         1 => (0..4usize).prop_map(|dev| Step::Snapshot { dev }),
         1 => (0..4usize).prop_map(|dev| Step::Delete { dev }),
+        1 => (0..4usize).prop_map(|dev| Step::Flush { dev }),
+        1 => Just(Step::Crash),
     ]
 }
 
@@ -137,7 +145,8 @@ fn write(t: &Thin, devs: &[PvDevice], off: u64, buf: &[u8]) -> Result<(), i32> {
             }
             Ok(())
         }
-        None => t.write(devs, off, buf),
+        // Some writes are FUA (committed before they complete).
+        None => t.write(devs, off, buf, buf[0] % 8 == 1),
     }
 }
 
@@ -167,6 +176,10 @@ fn run(steps: Vec<Step>, tag: &str) -> Result<(), TestCaseError> {
         ..ThinChanges::default()
     });
     slots[0] = Some((next_id, vec![0; VOL as usize]));
+    // Device → per chunk, every byte value ever written there (a crash may
+    // show any of them, or zeroes: never another device's data).
+    let mut seen: BTreeMap<u64, Vec<BTreeSet<u8>>> = BTreeMap::new();
+    seen.insert(next_id, vec![BTreeSet::new(); (VOL / chunk) as usize]);
     next_id += 1;
     let mut open: BTreeMap<u64, Thin> = BTreeMap::new();
     let devs = &pool.devs as *const Vec<PvDevice>;
@@ -186,7 +199,14 @@ fn run(steps: Vec<Step>, tag: &str) -> Result<(), TestCaseError> {
                 let t = open.entry(*id).or_insert_with(|| pool.open(*id));
                 let buf = vec![byte; len as usize];
                 match write(t, devs, off, &buf) {
-                    Ok(()) => model[off as usize..(off + len) as usize].fill(byte),
+                    Ok(()) => {
+                        model[off as usize..(off + len) as usize].fill(byte);
+                        if let Some(chunks) = seen.get_mut(id) {
+                            for c in off / chunk..=(off + len - 1) / chunk {
+                                chunks[c as usize].insert(byte);
+                            }
+                        }
+                    }
                     // A full pool refuses the write whole: the model stays.
                     Err(e) => prop_assert_eq!(e, libc::ENOSPC),
                 }
@@ -197,7 +217,7 @@ fn run(steps: Vec<Step>, tag: &str) -> Result<(), TestCaseError> {
                     continue;
                 };
                 let t = open.entry(*id).or_insert_with(|| pool.open(*id));
-                match t.discard(devs, off, len, zero) {
+                match t.discard(devs, off, len, zero, false) {
                     Ok(()) => {
                         let (start, end) = (off, off + len);
                         if zero {
@@ -221,23 +241,51 @@ fn run(steps: Vec<Step>, tag: &str) -> Result<(), TestCaseError> {
                     continue;
                 };
                 // Servers of the pool stop for a change of devices.
-                open.clear();
+                flush_all(&mut open, devs)?;
                 pool.change(ThinChanges {
                     snapshot: vec![(next_id, origin)],
                     ..ThinChanges::default()
                 });
                 slots[free] = Some((next_id, model));
+                let inherited = seen.get(&origin).cloned().unwrap_or_default();
+                seen.insert(next_id, inherited);
                 next_id += 1;
             }
             Step::Delete { dev } => {
                 let Some((id, _)) = slots[dev].take() else {
                     continue;
                 };
-                open.clear();
+                flush_all(&mut open, devs)?;
                 pool.change(ThinChanges {
                     delete: vec![id],
                     ..ThinChanges::default()
                 });
+            }
+            Step::Flush { dev } => {
+                // One volume's flush commits the pool's whole transaction:
+                // every volume then reads as committed, from a fresh load.
+                if let Some(t) = open.values().nth(dev % open.len().max(1)) {
+                    prop_assert_eq!(t.flush(devs), Ok(()));
+                }
+                prop_assert!(open.values().all(|t| !t.dirty()));
+                open.clear();
+            }
+            Step::Crash => {
+                open.clear();
+                for (id, model) in slots.iter_mut().flatten() {
+                    let got = read_all(&pool.open(*id), devs);
+                    for (c, part) in got.chunks(chunk as usize).enumerate() {
+                        let ok = &seen[id][c];
+                        prop_assert!(
+                            part.iter().all(|b| *b == 0 || ok.contains(b)),
+                            "after a crash, chunk {} of device {} shows data never written to it",
+                            c,
+                            id
+                        );
+                    }
+                    // What it reads now is what it holds.
+                    *model = got;
+                }
             }
         }
         for (id, model) in slots.iter().flatten() {
@@ -246,6 +294,7 @@ fn run(steps: Vec<Step>, tag: &str) -> Result<(), TestCaseError> {
             prop_assert!(got == *model, "device {} differs from the model", id);
         }
     }
+    flush_all(&mut open, devs)?;
     // Data use is exactly the blocks still mapped (none leaked).
     let store = pool.store();
     let mut mapped = std::collections::BTreeSet::new();
@@ -271,6 +320,15 @@ fn run(steps: Vec<Step>, tag: &str) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Commit what the open volumes provisioned, and let them go.
+fn flush_all(open: &mut BTreeMap<u64, Thin>, devs: &[PvDevice]) -> Result<(), TestCaseError> {
+    for t in open.values() {
+        prop_assert_eq!(t.flush(devs), Ok(()));
+    }
+    open.clear();
+    Ok(())
+}
+
 fn write_tmp(pool: &Pool, meta: &[u8]) -> std::path::PathBuf {
     let p = pool._dir.path().join("tmeta.bin");
     std::fs::write(&p, meta).unwrap();
@@ -282,5 +340,37 @@ proptest! {
     #[test]
     fn thin_volumes_match_a_model_of_their_contents(steps in proptest::collection::vec(step(), 1..40)) {
         run(steps, "p")?;
+    }
+}
+
+/// A block freed by an uncommitted discard is not handed out again before
+/// the commit: after a crash the discarding volume still maps it (and may
+/// read its old data or zeroes), never another write's data.
+#[test]
+fn a_block_freed_in_a_transaction_is_not_reused_before_its_commit() {
+    let chunk = u64::from(CHUNK_SECTORS) * 512;
+    let steps = vec![
+        Step::Write {
+            dev: 0,
+            off: 0,
+            len: chunk,
+            byte: 0x11,
+        },
+        Step::Flush { dev: 0 },
+        Step::Discard {
+            dev: 0,
+            off: 0,
+            len: chunk,
+        },
+        Step::Write {
+            dev: 0,
+            off: chunk,
+            len: 10,
+            byte: 0x77,
+        },
+        Step::Crash,
+    ];
+    if let Err(e) = run(steps, "reuse") {
+        panic!("{e}");
     }
 }
