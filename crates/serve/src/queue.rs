@@ -62,6 +62,9 @@ const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 /// How long first writes to a snapshotted origin wait for company, and how
 /// many make a full group (see [`Queue::wait`]).
 const GROUP_WINDOW: std::time::Duration = std::time::Duration::from_micros(500);
+/// A group stops waiting once no first write has joined it for this long
+/// (the client has sent what it had in flight).
+const GROUP_GAP: std::time::Duration = std::time::Duration::from_micros(100);
 const GROUP_MAX: usize = 64;
 
 struct Slot {
@@ -87,6 +90,8 @@ pub struct Queue {
     /// snapshots (done for all of them at once in [`Queue::wait`]).
     held: Vec<(u64, Request)>,
     held_since: Option<std::time::Instant>,
+    /// When the last held write joined.
+    held_last: std::time::Instant,
     /// Frontend SQEs not completed yet.
     foreign_in_flight: usize,
     /// The copy-out's own ring, made on first use.
@@ -115,6 +120,7 @@ impl Queue {
             unsubmitted: 0,
             held: Vec::new(),
             held_since: None,
+            held_last: std::time::Instant::now(),
             foreign_in_flight: 0,
             batch: None,
         })
@@ -226,6 +232,7 @@ impl Queue {
             }
             if writes && cow.needs_copy_out(vol.size(), req.offset, req.len) {
                 self.held_since.get_or_insert_with(std::time::Instant::now);
+                self.held_last = std::time::Instant::now();
                 self.held.push((tag, req));
                 return Ok(());
             }
@@ -384,15 +391,17 @@ impl Queue {
             // Group commit: give more first writes a moment to arrive, so one
             // copy-out (two syncs) serves many of them.
             let age = since.elapsed();
+            let gap = self.held_last.elapsed();
             // Only while the frontend awaits something of its own (a socket
             // receive) could more requests arrive; else release at once.
             if min > 0
                 && self.foreign_in_flight > 0
                 && self.held.len() < GROUP_MAX
                 && age < GROUP_WINDOW
+                && gap < GROUP_GAP
                 && self.ready.is_empty()
             {
-                let left = GROUP_WINDOW - age;
+                let left = (GROUP_WINDOW - age).min(GROUP_GAP - gap);
                 let ts = types::Timespec::new().nsec(left.as_nanos() as u32);
                 let args = types::SubmitArgs::new().timespec(&ts);
                 match self.ring.submitter().submit_with_args(1, &args) {
