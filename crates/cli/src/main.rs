@@ -5,6 +5,7 @@
 //! tables or JSON.
 
 mod args;
+mod mcp;
 mod output;
 mod pool_cmds;
 mod serve_cmds;
@@ -114,6 +115,10 @@ fn run(cli: Cli) -> Result<()> {
                 block_device,
             };
             return serve_cmds::serve(&g, &volume, &what);
+        }
+        Command::Mcp => {
+            let code = mcp::serve(&g)?;
+            std::process::exit(code);
         }
         Command::Run {
             want,

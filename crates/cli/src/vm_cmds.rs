@@ -138,9 +138,17 @@ impl RunReport {
     }
 }
 
+/// Called with each line of the guest console.
+pub type LineHook = Box<dyn FnMut(&str) + Send>;
+
 /// What a VM command adds to the generic run.
 #[derive(Default)]
 pub struct Extras {
+    /// Set to stop the VM (its volumes are released as usual); without it,
+    /// SIGINT/SIGTERM/SIGHUP do.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Sees every console line (progress for a caller that does not stream).
+    pub on_line: Option<LineHook>,
     pub files: Vec<AddFile>,
     /// Guest files written from memory: (guest path, contents, mode).
     pub contents: Vec<(String, Vec<u8>, u32)>,
@@ -351,7 +359,11 @@ pub fn boot(
     stream: bool,
 ) -> Result<(RunReport, Outcome)> {
     let t0 = Instant::now();
-    cancel_on_signals();
+    let cancel = extras.cancel.clone();
+    if cancel.is_none() {
+        cancel_on_signals();
+    }
+    let mut hook = extras.on_line;
     let mem = mem_mib(&vm.mem)?;
     if vm.cpus == 0 || vm.cpus > 64 {
         bail!("--cpus {}: between 1 and 64", vm.cpus);
@@ -504,6 +516,9 @@ pub fn boot(
     let mut blank = 0usize;
     let mut finished = false;
     let mut on_line = |line: &str| {
+        if let Some(h) = hook.as_mut() {
+            h(line);
+        }
         let marker = line.contains(devpool_vm::guest::READY_MARKER);
         let exit = runner::parse_exit(line).is_some();
         finished |= exit;
@@ -526,7 +541,9 @@ pub fn boot(
     let outcome = runner::run(
         &machine,
         Duration::from_secs(vm.timeout),
-        &|| CANCEL.load(Ordering::SeqCst),
+        &|| {
+            CANCEL.load(Ordering::SeqCst) || cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst))
+        },
         &mut on_line,
     )?;
     let released = leased.finish();

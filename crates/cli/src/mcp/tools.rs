@@ -1,0 +1,624 @@
+//! The tools: their arguments (the JSON schemas agents see come from these
+//! types and their doc comments) and what each call does.
+
+use super::{Call, Reply};
+use crate::args::{AccelArg, AttachArg, VmArgs};
+use crate::pool_cmds::{gib, pools};
+use anyhow::{Context, Result, anyhow, bail};
+use devpool_format::units::{Bytes, SizeArg};
+use devpool_pool::PoolError;
+use devpool_pool::owner::Owner;
+use rmcp::model::Tool;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// The longest string argument taken (paths, names, commands).
+const MAX_STRING: usize = 64 * 1024;
+
+#[derive(Deserialize, JsonSchema)]
+struct Setup {
+    /// The dedicated disk, partition or image file to turn into a pool. Safety
+    /// checks refuse mounted, in-use, fstab-listed, RAID, LUKS and foreign LVM
+    /// devices. An image file that does not exist is created sparse.
+    device_path: String,
+    /// The pool's name (its VG is `devpool-<name>`). Default: `default`.
+    pool_name: Option<String>,
+    /// Size of a new image file, e.g. 64G.
+    image_size: Option<String>,
+    /// Also create a thin pool in it (leases become thin volumes).
+    #[serde(default)]
+    thin: bool,
+    /// Without it, nothing changes: the reply is what setup would do and what
+    /// the safety checks found. With true, setup runs.
+    #[serde(default)]
+    confirm: bool,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct PoolOnly {
+    /// The pool (default: $DEVPOOL_POOL, $KERNELDEV_DEVICE_POOL, else `default`).
+    pool_name: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Nothing {}
+
+#[derive(Deserialize, JsonSchema)]
+struct Resize {
+    /// The volume's LV name, as device_pool_status lists it.
+    lv_name: String,
+    /// New size: 30G, +10G (grow by) or -5G (shrink by). Shrinking needs confirm.
+    new_size: String,
+    pool_name: Option<String>,
+    /// Needed to shrink (data past the new end is lost); without it a shrink
+    /// only returns its plan.
+    #[serde(default)]
+    confirm: bool,
+}
+
+#[derive(Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum SnapshotAction {
+    Create,
+    Delete,
+    Merge,
+    List,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Snapshot {
+    /// create, delete, merge (roll the volume back to the snapshot, then
+    /// delete it; needs confirm) or list.
+    action: SnapshotAction,
+    /// The volume (create) — its LV name.
+    lv_name: Option<String>,
+    /// The snapshot's name (create, delete, merge).
+    snapshot_name: Option<String>,
+    /// Copy-on-write store size for a snapshot of a plain volume, e.g. 2G
+    /// (default: a fifth of the volume). Thin snapshots take none.
+    size: Option<String>,
+    pool_name: Option<String>,
+    /// Needed for merge; without it, merge returns its plan.
+    #[serde(default)]
+    confirm: bool,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Cleanup {
+    pool_name: Option<String>,
+    /// Also remove kept leases whose owner is dead.
+    #[serde(default)]
+    kept: bool,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Teardown {
+    /// The pool to remove (its VG and PV labels).
+    pool_name: String,
+    /// Discard (or zero) the whole device afterwards; progress is reported.
+    #[serde(default)]
+    wipe_data: bool,
+    /// Remove it even while live leases exist.
+    #[serde(default)]
+    force: bool,
+    /// Without it nothing changes: the reply is the plan.
+    #[serde(default)]
+    confirm: bool,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Acquire {
+    /// Volumes as ROLE:SIZE,… e.g. "test:10G,scratch:10G" (roles test,
+    /// scratch, pool1.., logwrites also name fstests variables).
+    volumes: Option<String>,
+    /// Instead of volumes: a profile, e.g. "fstests" (test, pool1..pool5, logwrites).
+    profile: Option<String>,
+    /// Size of each profile volume, e.g. 10G.
+    size: Option<String>,
+    pool_name: Option<String>,
+    /// Keep the lease when this server ends (never reaped; cleanup with kept removes it).
+    #[serde(default)]
+    keep: bool,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Release {
+    /// The lease's session id (from device_pool_lease_acquire or device_pool_status).
+    session: String,
+    pool_name: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct VmRun {
+    /// The kernel image (bzImage) to boot.
+    kernel_path: Option<String>,
+    /// Or a Debian linux-image-*.deb (its vmlinuz and modules).
+    kernel_deb: Option<String>,
+    /// The kernel's module tree (lib/modules/<version> or a root holding one).
+    modules_path: Option<String>,
+    /// The shell command to run in the guest (busybox sh -c).
+    command: String,
+    /// Volumes to lease and attach as /dev/vda, /dev/vdb…: ROLE:SIZE,…
+    volumes: Option<String>,
+    /// Modules to load at boot, e.g. ["xfs"].
+    #[serde(default)]
+    load_modules: Vec<String>,
+    /// Kill the VM after this many seconds (boot included). Default 300.
+    timeout: Option<u64>,
+    /// Guest memory, e.g. 2G (default).
+    memory: Option<String>,
+    /// Guest vCPUs (default 2).
+    cpus: Option<u32>,
+    /// Keep the leased volumes afterwards.
+    #[serde(default)]
+    keep_volumes: bool,
+    pool_name: Option<String>,
+}
+
+fn tool<T: JsonSchema>(name: &'static str, description: &'static str) -> Tool {
+    let schema = schemars::schema_for!(T);
+    let mut obj = match serde_json::to_value(&schema) {
+        Ok(Value::Object(o)) => o,
+        _ => serde_json::Map::new(),
+    };
+    obj.remove("$schema");
+    obj.remove("title");
+    obj.entry("type").or_insert_with(|| json!("object"));
+    obj.entry("properties").or_insert_with(|| json!({}));
+    Tool::new(name, description, Arc::new(obj))
+}
+
+pub fn list() -> Vec<Tool> {
+    vec![
+        tool::<Setup>(
+            "device_pool_setup",
+            "Turn a dedicated disk, partition or image file into a device pool (one PV, VG devpool-<pool_name>). Runs the safety checks; without confirm: true it changes nothing and returns what it found and would do.",
+        ),
+        tool::<PoolOnly>(
+            "device_pool_status",
+            "A pool's devices, size, free space, health, leases (owner alive or not), volumes, snapshots and thin pool usage.",
+        ),
+        tool::<Nothing>(
+            "device_pool_list",
+            "Every pool on this host with size, free space, lease and volume counts.",
+        ),
+        tool::<Resize>(
+            "device_pool_resize",
+            "Resize a leased volume (grow at once; shrinking needs confirm: true and returns its plan otherwise).",
+        ),
+        tool::<Snapshot>(
+            "device_pool_snapshot",
+            "Snapshots of pool volumes: create (copy-on-write, or instant thin snapshot in a thin pool), delete, merge (roll the volume back; needs confirm: true), list. Snapshots belong to their volume's lease.",
+        ),
+        tool::<Cleanup>(
+            "device_pool_cleanup",
+            "Remove leases whose owner is dead (PID gone or reused, or the host rebooted), with their volumes and snapshots.",
+        ),
+        tool::<Teardown>(
+            "device_pool_teardown",
+            "Remove a pool: reap orphan leases, refuse while live leases exist unless force, remove VG and PV labels, optionally wipe the device (progress reported). Without confirm: true returns the plan.",
+        ),
+        tool::<Acquire>(
+            "device_pool_lease_acquire",
+            "Lease uniquely named volumes for a test run, in one atomic commit; returns the session id and each role's block device. The lease belongs to this server: released when the client disconnects, reaped by cleanup if the server dies. keep: true keeps it.",
+        ),
+        tool::<Release>(
+            "device_pool_lease_release",
+            "Release a lease: remove its volumes and snapshots in one commit.",
+        ),
+        tool::<VmRun>(
+            "vm_run",
+            "Boot a kernel in QEMU (KVM when it works, else TCG) with leased volumes attached as /dev/vd*, run a command, and report its exit status and output; the volumes are released afterwards. Progress follows the guest console; cancelling kills the VM and releases its volumes.",
+        ),
+    ]
+}
+
+/// Parse a tool's arguments; a type or missing-field error names the tool.
+fn args<T: for<'de> Deserialize<'de>>(tool: &str, a: serde_json::Map<String, Value>) -> Result<T> {
+    for (k, v) in &a {
+        if let Value::String(s) = v
+            && s.len() > MAX_STRING
+        {
+            bail!(
+                "{tool}: argument '{k}' is {} bytes long; at most {MAX_STRING} are taken",
+                s.len()
+            );
+        }
+    }
+    serde_json::from_value(Value::Object(a)).map_err(|e| anyhow!("{tool}: bad arguments: {e}"))
+}
+
+fn pool_of(c: &Call, name: Option<String>) -> String {
+    name.filter(|s| !s.is_empty())
+        .unwrap_or_else(|| crate::pool_cmds::pool_name(&c.g))
+}
+
+/// A reply; structured content is always an object (MCP's rule), so a
+/// list is wrapped as `{"items": […]}`.
+fn reply(summary: impl Into<String>, value: impl serde::Serialize) -> Result<Reply> {
+    let value = match serde_json::to_value(value)? {
+        v @ Value::Object(_) => v,
+        v => json!({ "items": v }),
+    };
+    Ok(Reply {
+        summary: summary.into(),
+        value,
+    })
+}
+
+/// The plan a destructive call returns without `confirm`.
+fn plan(tool: &str, what: &str, reasons: &[String]) -> Result<Reply> {
+    let mut summary = format!("{what} (nothing changed; call {tool} again with confirm: true):");
+    for r in reasons {
+        summary.push_str(&format!("\n  - {r}"));
+    }
+    reply(
+        summary,
+        json!({"confirmed": false, "changed": false, "plan": what, "reasons": reasons}),
+    )
+}
+
+pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<Reply> {
+    match name {
+        "device_pool_setup" => setup(args(name, a)?, c),
+        "device_pool_status" => {
+            let a: PoolOnly = args(name, a)?;
+            let pool = pool_of(c, a.pool_name);
+            let st = pools(&c.g)?.status(&pool)?;
+            let s = &st.summary;
+            let health = if st.health.is_empty() {
+                "ok".to_string()
+            } else {
+                st.health.join("; ")
+            };
+            reply(
+                format!(
+                    "pool {}: {} free of {}, {} lease(s), health: {health}",
+                    s.pool,
+                    gib(s.free_bytes),
+                    gib(s.size_bytes),
+                    st.leases.len()
+                ),
+                &st,
+            )
+        }
+        "device_pool_list" => {
+            let _: Nothing = args(name, a)?;
+            let list = pools(&c.g)?.list()?;
+            let names: Vec<String> = list
+                .iter()
+                .map(|s| format!("{} ({} free of {})", s.pool, gib(s.free_bytes), gib(s.size_bytes)))
+                .collect();
+            reply(
+                if names.is_empty() {
+                    "no pools".to_string()
+                } else {
+                    format!("pools: {}", names.join(", "))
+                },
+                json!({ "pools": list }),
+            )
+        }
+        "device_pool_resize" => {
+            let a: Resize = args(name, a)?;
+            let pool = pool_of(c, a.pool_name);
+            let size = SizeArg::parse(&a.new_size).map_err(|e| anyhow!("new_size: {e}"))?;
+            match pools(&c.g)?.resize(&pool, &a.lv_name, size, a.confirm) {
+                Err(PoolError::NeedsConfirmation { what, reasons }) => {
+                    plan(name, &what, &reasons)
+                }
+                r => {
+                    let bytes = r?;
+                    reply(
+                        format!("{}: now {} ({bytes} bytes)", a.lv_name, gib(bytes)),
+                        json!({"pool": pool, "lv_name": a.lv_name, "size_bytes": bytes}),
+                    )
+                }
+            }
+        }
+        "device_pool_snapshot" => snapshot(args(name, a)?, c),
+        "device_pool_cleanup" => {
+            let a: Cleanup = args(name, a)?;
+            let pool = pool_of(c, a.pool_name);
+            let r = pools(&c.g)?.cleanup(&pool, a.kept)?;
+            let removed: Vec<&str> = r.removed.iter().map(|l| l.session.as_str()).collect();
+            reply(
+                if removed.is_empty() {
+                    format!("nothing to clean up in pool '{pool}'")
+                } else {
+                    format!("removed {} orphan lease(s): {}", removed.len(), removed.join(", "))
+                },
+                &r,
+            )
+        }
+        "device_pool_teardown" => teardown(args(name, a)?, c),
+        "device_pool_lease_acquire" => acquire(args(name, a)?, c),
+        "device_pool_lease_release" => {
+            let a: Release = args(name, a)?;
+            let pool = pool_of(c, a.pool_name);
+            let lvs = pools(&c.g)?.release(&pool, &a.session)?;
+            c.owned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(p, s)| !(p == &pool && s == &a.session));
+            reply(
+                format!("released {} ({} volumes)", a.session, lvs.len()),
+                json!({"pool": pool, "session": a.session, "removed": lvs}),
+            )
+        }
+        "vm_run" => vm_run(args(name, a)?, c),
+        _ => bail!(
+            "unknown tool '{name}'; the tools are: {}",
+            list()
+                .iter()
+                .map(|t| t.name.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn setup(a: Setup, c: &Call) -> Result<Reply> {
+    let p = pools(&c.g)?;
+    let pool = a.pool_name.filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into());
+    let size = a
+        .image_size
+        .as_deref()
+        .map(|s| crate::parse_bytes("image_size", s))
+        .transpose()?;
+    let device = PathBuf::from(&a.device_path);
+    let out = match p.setup(&device, &pool, size, a.confirm) {
+        Err(PoolError::NeedsConfirmation { what, reasons }) => {
+            return plan("device_pool_setup", &what, &reasons);
+        }
+        r => r?,
+    };
+    let thin = if a.thin && p.thin_status(&pool)?.is_none() {
+        Some(p.thin_enable(&pool, None, None, devpool_pool::thin::DEFAULT_THIN_CHUNK)?)
+    } else {
+        None
+    };
+    let mut v = serde_json::to_value(&out)?;
+    v["thin"] = serde_json::to_value(&thin)?;
+    v["confirmed"] = json!(true);
+    reply(
+        if out.already {
+            format!("pool '{}' is already set up on {}", out.pool, out.device.display())
+        } else {
+            format!(
+                "pool '{}' set up on {} ({}, VG {})",
+                out.pool,
+                out.device.display(),
+                gib(out.size_bytes),
+                out.vg
+            )
+        },
+        v,
+    )
+}
+
+fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
+    let pool = pool_of(c, a.pool_name);
+    let p = pools(&c.g)?;
+    let need = |v: &Option<String>, what: &str| -> Result<String> {
+        v.clone()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| anyhow!("device_pool_snapshot: this action needs {what}"))
+    };
+    match a.action {
+        SnapshotAction::List => {
+            let list = p.snapshots(&pool)?;
+            let lines: Vec<String> = list.iter().map(crate::snapshot_cmds::describe).collect();
+            reply(
+                if lines.is_empty() {
+                    format!("no snapshots in pool '{pool}'")
+                } else {
+                    lines.join("\n")
+                },
+                json!({ "snapshots": list }),
+            )
+        }
+        SnapshotAction::Create => {
+            let vol = need(&a.lv_name, "lv_name")?;
+            let snap = need(&a.snapshot_name, "snapshot_name")?;
+            if p.is_thin_volume(&pool, &vol)? {
+                if a.size.is_some() {
+                    bail!("size: a thin snapshot shares the thin pool's space; it takes no size");
+                }
+                let t = p.thin_snapshot_create(&pool, &vol, &snap)?;
+                return reply(format!("thin snapshot {} of {} (blocks shared)", t.name, t.origin), &t);
+            }
+            let size = a
+                .size
+                .map(|s| SizeArg::parse(&s).map_err(|e| anyhow!("size: {e}")))
+                .transpose()?;
+            let s = p.snapshot_create(&pool, &vol, &snap, size, Bytes(4096))?;
+            reply(
+                format!(
+                    "snapshot {} of {}: store {}, chunk {}K",
+                    s.name,
+                    s.origin,
+                    gib(s.size_bytes),
+                    s.chunk_bytes / 1024
+                ),
+                &s,
+            )
+        }
+        SnapshotAction::Delete => {
+            let snap = need(&a.snapshot_name, "snapshot_name")?;
+            if p.is_thin_volume(&pool, &snap)? {
+                let d = p.thin_snapshot_delete(&pool, &snap)?;
+                return reply(format!("deleted thin snapshot {} of {}", d.name, d.origin), &d);
+            }
+            let d = p.snapshot_delete(&pool, &snap)?;
+            reply(format!("deleted snapshot {} of {}", d.name, d.origin), &d)
+        }
+        SnapshotAction::Merge => {
+            let snap = need(&a.snapshot_name, "snapshot_name")?;
+            if p.is_thin_volume(&pool, &snap)? {
+                bail!("'{snap}' is a thin snapshot: devpool does not merge thin snapshots yet; use the snapshot itself as the volume, or delete it");
+            }
+            let s = p
+                .snapshots(&pool)?
+                .into_iter()
+                .find(|s| s.name == snap || s.snapshot_lv == snap)
+                .ok_or_else(|| anyhow!("no snapshot '{snap}' in pool '{pool}'"))?;
+            if !a.confirm {
+                let mut reasons = vec![match s.usage {
+                    Some(u) => format!(
+                        "{} chunk(s) ({} bytes) are copied back over {}: it returns to the snapshot's contents",
+                        u.used_chunks,
+                        u.used_chunks * u.chunk_bytes,
+                        s.origin
+                    ),
+                    None => format!("{} returns to the snapshot's contents", s.origin),
+                }];
+                reasons.push("then the snapshot is deleted".into());
+                return plan(
+                    "device_pool_snapshot",
+                    &format!("merge snapshot {} into {}", s.name, s.origin),
+                    &reasons,
+                );
+            }
+            let progress = |done: u64, total: u64| {
+                c.progress.report(
+                    Some(done as f64),
+                    Some(total as f64),
+                    &format!("merged {done}/{total} chunks"),
+                );
+            };
+            let r = devpool_serve::merge::merge(&p, &pool, &snap, &progress)?;
+            reply(
+                format!(
+                    "merged {} chunk(s) of {} into {}; snapshot deleted",
+                    r.chunks, r.name, r.origin
+                ),
+                &r,
+            )
+        }
+    }
+}
+
+fn teardown(a: Teardown, c: &Call) -> Result<Reply> {
+    let p = pools(&c.g)?;
+    if !a.confirm {
+        let st = p.status(&a.pool_name)?;
+        let mut reasons: Vec<String> = st
+            .summary
+            .devices
+            .iter()
+            .map(|d| format!("VG {} and the PV label on {} are removed", st.summary.vg, d.display()))
+            .collect();
+        for l in &st.leases {
+            reasons.push(format!(
+                "lease {} ({} volumes) {}",
+                l.lease.session,
+                l.devices.len(),
+                if a.force {
+                    "is removed (force)"
+                } else {
+                    "is removed if its owner is dead; a live one refuses the teardown"
+                }
+            ));
+        }
+        if a.wipe_data {
+            reasons.push("the device is discarded (or zeroed) in full".into());
+        }
+        return plan(
+            "device_pool_teardown",
+            &format!("tear down pool '{}'", a.pool_name),
+            &reasons,
+        );
+    }
+    let progress = |done: u64, total: u64| {
+        c.progress
+            .report(Some(done as f64), Some(total as f64), "wiping the device");
+    };
+    let r = p.teardown(&a.pool_name, a.force, a.wipe_data, true, &progress)?;
+    reply(format!("pool '{}' torn down", a.pool_name), &r)
+}
+
+fn acquire(a: Acquire, c: &Call) -> Result<Reply> {
+    let pool = pool_of(c, a.pool_name);
+    let specs = match (&a.volumes, &a.profile) {
+        (Some(v), _) => devpool_pool::spec::parse_volumes(v)?,
+        (None, Some(pr)) => devpool_pool::spec::profile(pr, a.size.as_deref())?,
+        (None, None) => bail!("device_pool_lease_acquire: give volumes (ROLE:SIZE,…) or profile"),
+    };
+    let owner = Owner::of_pid(std::process::id()).context("reading /proc/self/stat")?;
+    let l = pools(&c.g)?.acquire(&pool, &specs, &owner, a.keep)?;
+    if !a.keep {
+        c.owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((pool.clone(), l.session.clone()));
+    }
+    let devs: Vec<String> = l
+        .devices
+        .iter()
+        .map(|d| format!("{}={}", d.role, d.device_name()))
+        .collect();
+    reply(
+        format!("lease {} in pool '{pool}': {}", l.session, devs.join(" ")),
+        &l,
+    )
+}
+
+fn vm_run(a: VmRun, c: &Call) -> Result<Reply> {
+    if a.kernel_path.is_none() == a.kernel_deb.is_none() {
+        bail!("vm_run: give kernel_path or kernel_deb (one of them)");
+    }
+    if a.command.trim().is_empty() {
+        bail!("vm_run: command is empty");
+    }
+    let mut g = c.g.clone();
+    g.pool = Some(pool_of(c, a.pool_name));
+    g.json = true;
+    let vm = VmArgs {
+        kernel: a.kernel_path.map(PathBuf::from),
+        kernel_deb: a.kernel_deb.map(PathBuf::from),
+        modules: a.modules_path.map(PathBuf::from),
+        load_module: a.load_modules,
+        add: Vec::new(),
+        mem: a.memory.unwrap_or_else(|| "2G".into()),
+        cpus: a.cpus.unwrap_or(2),
+        timeout: a.timeout.unwrap_or(300),
+        keep: a.keep_volumes,
+        accel: AccelArg::Auto,
+        attach: AttachArg::Auto,
+        append: String::new(),
+        quiet: true,
+    };
+    let specs = match &a.volumes {
+        Some(v) if !v.trim().is_empty() => devpool_pool::spec::parse_volumes(v)?,
+        _ => Vec::new(),
+    };
+    let progress = c.progress.clone();
+    let extras = crate::vm_cmds::Extras {
+        cancel: Some(c.cancel.clone()),
+        on_line: Some(Box::new(move |line: &str| {
+            if !line.trim().is_empty() {
+                progress.report(None, None, line);
+            }
+        })),
+        ..Default::default()
+    };
+    c.progress.report(None, None, "preparing the VM");
+    let command = vec!["sh".to_string(), "-c".to_string(), a.command];
+    let (report, outcome) = crate::vm_cmds::boot(&g, &vm, &specs, extras, &command, false)?;
+    let output = outcome.command_output().to_string();
+    let mut v = serde_json::to_value(&report)?;
+    v["output"] = json!(output);
+    v["status"] = json!(report.status());
+    v["cancelled"] = json!(c.cancel.load(Ordering::SeqCst));
+    let mut summary = report.summary();
+    if !output.is_empty() {
+        let tail: Vec<&str> = output.lines().rev().take(40).collect();
+        summary.push_str("\n--- output (last lines) ---\n");
+        summary.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
+    reply(summary, v)
+}
