@@ -26,6 +26,7 @@ struct Setup {
     /// devices. An image file that does not exist is created sparse.
     device_path: String,
     /// The pool's name (its VG is `devpool-<name>`). Default: `default`.
+    /// The pool (default: $DEVPOOL_POOL, $KERNELDEV_DEVICE_POOL, else `default`).
     pool_name: Option<String>,
     /// Size of a new image file, e.g. 64G.
     image_size: Option<String>,
@@ -53,6 +54,7 @@ struct Resize {
     lv_name: String,
     /// New size: 30G, +10G (grow by) or -5G (shrink by). Shrinking needs confirm.
     new_size: String,
+    /// The pool (default: $DEVPOOL_POOL, $KERNELDEV_DEVICE_POOL, else `default`).
     pool_name: Option<String>,
     /// Needed to shrink (data past the new end is lost); without it a shrink
     /// only returns its plan.
@@ -81,6 +83,7 @@ struct Snapshot {
     /// Copy-on-write store size for a snapshot of a plain volume, e.g. 2G
     /// (default: a fifth of the volume). Thin snapshots take none.
     size: Option<String>,
+    /// The pool (default: $DEVPOOL_POOL, $KERNELDEV_DEVICE_POOL, else `default`).
     pool_name: Option<String>,
     /// Needed for merge; without it, merge returns its plan.
     #[serde(default)]
@@ -89,6 +92,7 @@ struct Snapshot {
 
 #[derive(Deserialize, JsonSchema)]
 struct Cleanup {
+    /// The pool (default: $DEVPOOL_POOL, $KERNELDEV_DEVICE_POOL, else `default`).
     pool_name: Option<String>,
     /// Also remove kept leases whose owner is dead.
     #[serde(default)]
@@ -119,6 +123,7 @@ struct Acquire {
     profile: Option<String>,
     /// Size of each profile volume, e.g. 10G.
     size: Option<String>,
+    /// The pool (default: $DEVPOOL_POOL, $KERNELDEV_DEVICE_POOL, else `default`).
     pool_name: Option<String>,
     /// Keep the lease when this server ends (never reaped; cleanup with kept removes it).
     #[serde(default)]
@@ -129,6 +134,7 @@ struct Acquire {
 struct Release {
     /// The lease's session id (from device_pool_lease_acquire or device_pool_status).
     session: String,
+    /// The pool (default: $DEVPOOL_POOL, $KERNELDEV_DEVICE_POOL, else `default`).
     pool_name: Option<String>,
 }
 
@@ -156,6 +162,7 @@ struct VmRun {
     /// Keep the leased volumes afterwards.
     #[serde(default)]
     keep_volumes: bool,
+    /// The pool (default: $DEVPOOL_POOL, $KERNELDEV_DEVICE_POOL, else `default`).
     pool_name: Option<String>,
 }
 
@@ -229,7 +236,15 @@ fn args<T: for<'de> Deserialize<'de>>(tool: &str, a: serde_json::Map<String, Val
             );
         }
     }
-    serde_json::from_value(Value::Object(a)).map_err(|e| anyhow!("{tool}: bad arguments: {e}"))
+    serde_path_to_error::deserialize(Value::Object(a)).map_err(|e| {
+        let at = e.path().to_string();
+        let e = e.into_inner();
+        if at == "." {
+            anyhow!("{tool}: bad arguments: {e}")
+        } else {
+            anyhow!("{tool}: argument '{at}': {e}")
+        }
+    })
 }
 
 fn pool_of(c: &Call, name: Option<String>) -> String {

@@ -1,0 +1,311 @@
+//! `devpool mcp` driven by the official MCP Python client (`mcp` from PyPI,
+//! installed by `.ci/run` into /var/cache/devpool-test/mcp-venv) over stdio:
+//! the tools and their schemas; a pool set up on a loop device (plan without
+//! `confirm`, nothing changed; then for real), leases, resize (shrink only
+//! with confirm), snapshot create/merge/list, release, teardown with wipe;
+//! malformed calls are tool errors and the server keeps serving; a lease
+//! dies with its client's session; a killed server's lease is reaped by
+//! cleanup; and (guest) `vm_run` under TCG, with progress, and cancelled.
+
+mod common;
+use common::{LVM_CONFIG, Lab, skip_unless_real};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn python(test: &str) -> Option<PathBuf> {
+    let p = std::env::var_os("DEVPOOL_MCP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/devpool-test/mcp-venv/bin/python".into());
+    let ok = Command::new(&p)
+        .args(["-c", "import mcp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(p);
+    }
+    let why = format!(
+        "{} cannot import the MCP client (python3 -m venv /var/cache/devpool-test/mcp-venv && …/bin/pip install mcp; .ci/run does it)",
+        p.display()
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {why}");
+    }
+    eprintln!("SKIPPED: {test}: {why}");
+    None
+}
+
+/// Run a scenario of tests/mcp/client.py; its transcript.
+fn scenario(py: &Path, lab: &Lab, devices: &[&Path], name: &str, args: Value) -> Vec<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/client.py");
+    let mut args = args;
+    args["lvm_config"] = json!(LVM_CONFIG);
+    let list: Vec<String> = devices.iter().map(|d| d.display().to_string()).collect();
+    let mut c = Command::new(py);
+    c.arg(&script)
+        .arg(env!("CARGO_BIN_EXE_devpool"))
+        .arg(name)
+        .arg(args.to_string())
+        .env("DEVPOOL_STATE_DIR", lab.state_dir())
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .env_remove("DEVPOOL_POOL")
+        .env_remove("DEVPOOL_DEVICES");
+    if !list.is_empty() {
+        c.env("DEVPOOL_DEVICES", list.join(","));
+    }
+    let out = c.output().expect("run the MCP client");
+    assert!(
+        out.status.success(),
+        "client {name} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client {name}: bad transcript ({e}):\n{}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn step<'a>(log: &'a [Value], name: &str) -> &'a Value {
+    log.iter()
+        .find(|e| e["step"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {log:#?}"))
+}
+
+/// A call that succeeded; its structured content.
+fn ok<'a>(log: &'a [Value], name: &str) -> &'a Value {
+    let e = step(log, name);
+    assert_eq!(e["is_error"], false, "{name} failed: {e:#}");
+    assert!(e["structured"].is_object(), "{name}: no structured content: {e:#}");
+    assert!(!e["text"].as_str().unwrap_or("").is_empty(), "{name}: no summary");
+    &e["structured"]
+}
+
+/// A call that failed as a tool error (not a protocol error); its text.
+fn tool_err<'a>(log: &'a [Value], name: &str) -> &'a str {
+    let e = step(log, name);
+    assert_eq!(e["is_error"], true, "{name} should be a tool error: {e:#}");
+    e["text"].as_str().unwrap_or("")
+}
+
+fn lease_sessions(lab: &Lab, dev: &Path, pool: &str) -> Vec<String> {
+    lab.dp_json(&[dev], &["--pool", pool, "lease", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["session"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn tools_are_listed_with_kerneldev_mcp_names_and_schemas_an_agent_can_act_on() {
+    let Some(py) = python("mcp tools") else { return };
+    let lab = Lab::new();
+    let log = scenario(&py, &lab, &[], "tools", json!({}));
+    let tools = step(&log, "tools")["tools"].as_array().unwrap().clone();
+    let find = |n: &str| {
+        tools
+            .iter()
+            .find(|t| t["name"] == n)
+            .unwrap_or_else(|| panic!("tool {n} missing"))
+            .clone()
+    };
+    for (name, args) in [
+        ("device_pool_setup", &["device_path", "pool_name", "confirm"][..]),
+        ("device_pool_status", &["pool_name"][..]),
+        ("device_pool_list", &[][..]),
+        ("device_pool_resize", &["lv_name", "new_size", "confirm"][..]),
+        ("device_pool_snapshot", &["action", "lv_name", "snapshot_name", "confirm"][..]),
+        ("device_pool_cleanup", &["pool_name"][..]),
+        ("device_pool_teardown", &["pool_name", "wipe_data", "confirm"][..]),
+        ("device_pool_lease_acquire", &["volumes", "profile", "keep"][..]),
+        ("device_pool_lease_release", &["session"][..]),
+        ("vm_run", &["kernel_path", "command", "volumes", "timeout"][..]),
+    ] {
+        let t = find(name);
+        assert!(
+            t["description"].as_str().is_some_and(|d| d.len() > 40),
+            "{name}: description"
+        );
+        let s = &t["input_schema"];
+        assert_eq!(s["type"], "object", "{name}: {s}");
+        for a in args {
+            let p = &s["properties"][a];
+            assert!(p.is_object(), "{name}: argument {a} missing from {s}");
+            assert!(
+                p["description"].as_str().is_some_and(|d| !d.is_empty()),
+                "{name}.{a}: no description"
+            );
+        }
+    }
+    let setup = find("device_pool_setup");
+    assert_eq!(setup["input_schema"]["required"], json!(["device_path"]));
+    let resize = find("device_pool_resize");
+    let mut req: Vec<String> =
+        serde_json::from_value(resize["input_schema"]["required"].clone()).unwrap();
+    req.sort();
+    assert_eq!(req, ["lv_name", "new_size"]);
+    let snap = find("device_pool_snapshot");
+    let action = snap["input_schema"].to_string();
+    for a in ["create", "delete", "merge"] {
+        assert!(action.contains(&format!("\"{a}\"")), "action {a} not in {action}");
+    }
+}
+
+#[test]
+fn an_agent_sets_up_leases_resizes_snapshots_and_tears_down_a_pool_on_a_loop_device() {
+    if skip_unless_real("mcp lifecycle") {
+        return;
+    }
+    let Some(py) = python("mcp lifecycle") else { return };
+    let mut lab = Lab::new();
+    let dev = lab.loop_dev("pool.img", 512);
+    let pool = format!("mcp{}", std::process::id());
+    let log = scenario(
+        &py,
+        &lab,
+        &[&dev],
+        "lifecycle",
+        json!({"device": dev, "pool": pool}),
+    );
+    // Without confirm: the plan, and nothing changed.
+    let plan = ok(&log, "setup-plan");
+    assert_eq!(plan["confirmed"], false);
+    assert!(plan["plan"].as_str().unwrap().contains(&dev.display().to_string()));
+    assert_eq!(step(&log, "after-plan")["vg"], false, "the plan changed the disk");
+    assert_eq!(ok(&log, "setup")["confirmed"], true);
+    assert_eq!(step(&log, "after-setup")["vg"], true);
+    let pools = ok(&log, "list")["pools"].as_array().unwrap().clone();
+    assert!(pools.iter().any(|p| p["pool"] == pool.as_str()));
+    let lease = ok(&log, "acquire");
+    let session = lease["session"].as_str().unwrap();
+    assert_eq!(lease["devices"].as_array().unwrap().len(), 2);
+    // Owned by the server process (not the client, not the test).
+    assert_ne!(lease["owner"]["pid"], json!(std::process::id()));
+    let status = ok(&log, "status");
+    assert_eq!(status["leases"][0]["session"], session);
+    let mib = |v: &Value| v["size_bytes"].as_u64().unwrap() >> 20;
+    assert_eq!(mib(ok(&log, "grow")), 96);
+    let shrink = ok(&log, "shrink-plan");
+    assert_eq!(shrink["confirmed"], false, "a shrink without confirm must only plan");
+    assert_eq!(mib(ok(&log, "shrink")), 80);
+    ok(&log, "snap-create");
+    let snaps = ok(&log, "snap-list")["snapshots"].as_array().unwrap().clone();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(ok(&log, "merge-plan")["confirmed"], false);
+    ok(&log, "merge");
+    ok(&log, "snap-again");
+    ok(&log, "release");
+    let after = ok(&log, "status-after");
+    assert_eq!(after["leases"], json!([]));
+    assert_eq!(after["snapshots"], json!([]), "the lease's snapshot went with it");
+    assert_eq!(ok(&log, "teardown-plan")["confirmed"], false);
+    assert_eq!(step(&log, "after-teardown-plan")["vg"], true);
+    ok(&log, "teardown");
+    assert_eq!(step(&log, "after-teardown")["vg"], false);
+}
+
+#[test]
+fn malformed_calls_are_tool_errors_and_the_server_keeps_serving() {
+    if skip_unless_real("mcp malformed") {
+        return;
+    }
+    let Some(py) = python("mcp malformed") else { return };
+    let lab = Lab::new();
+    let small = lab.path("notes.txt");
+    std::fs::write(&small, "not a pool\n").unwrap();
+    let log = scenario(
+        &py,
+        &lab,
+        &[],
+        "malformed",
+        json!({"small_file": small}),
+    );
+    assert!(tool_err(&log, "wrong-type").contains("device_path"));
+    assert!(tool_err(&log, "missing").contains("new_size"));
+    assert!(tool_err(&log, "unknown-tool").contains("no_such_tool"));
+    assert!(tool_err(&log, "huge").contains("pool_name"));
+    assert!(tool_err(&log, "bad-enum").contains("explode"));
+    assert!(tool_err(&log, "dev-null").contains("/dev/null"));
+    assert!(tool_err(&log, "regular-file").contains(&small.display().to_string()));
+    assert!(tool_err(&log, "bad-size").contains("lots"));
+    ok(&log, "still-serving");
+    assert_eq!(
+        std::fs::read_to_string(&small).unwrap(),
+        "not a pool\n",
+        "a refused setup changed the file"
+    );
+}
+
+#[test]
+fn server_leases_are_released_on_disconnect_and_reaped_after_a_kill() {
+    if skip_unless_real("mcp lease ownership") {
+        return;
+    }
+    let Some(py) = python("mcp lease ownership") else { return };
+    let mut lab = Lab::new();
+    let dev = lab.loop_dev("pool.img", 256);
+    let pool = format!("mco{}", std::process::id());
+    lab.dp(&[&dev], &["pool", "setup", dev.to_str().unwrap(), "--name", &pool, "--yes"]);
+    let args = json!({"device": dev, "pool": pool});
+
+    // The client's session ends: the server releases what it leased.
+    let log = scenario(&py, &lab, &[&dev], "owned", args.clone());
+    let s = ok(&log, "acquire")["session"].as_str().unwrap().to_string();
+    assert!(!lease_sessions(&lab, &dev, &pool).contains(&s), "lease {s} outlived its client");
+
+    // The server is killed: its lease stays, owned by a dead PID, until
+    // cleanup (through a new server) reaps it.
+    let log = scenario(&py, &lab, &[&dev], "killed", args.clone());
+    let s = ok(&log, "acquire")["session"].as_str().unwrap().to_string();
+    assert!(lease_sessions(&lab, &dev, &pool).contains(&s));
+    let log = scenario(&py, &lab, &[&dev], "cleanup", args);
+    let removed = ok(&log, "cleanup")["removed"].as_array().unwrap().clone();
+    assert!(removed.iter().any(|l| l["session"] == s.as_str()), "{removed:?}");
+    assert_eq!(ok(&log, "status")["leases"], json!([]));
+    lab.dp(&[&dev], &["pool", "teardown", &pool, "--yes"]);
+}
+
+#[test]
+fn guest_mcp_vm_run_boots_a_kernel_with_a_leased_volume_and_cancels_cleanly() {
+    let Some(k) = common::guest::guest_or_skip("mcp vm_run") else { return };
+    if skip_unless_real("mcp vm_run") {
+        return;
+    }
+    let Some(py) = python("mcp vm_run") else { return };
+    let lab = Lab::new();
+    let img = lab.path("pool.img");
+    let pool = format!("mcv{}", std::process::id());
+    lab.dp(&[&img], &["pool", "setup", img.to_str().unwrap(), "--name", &pool, "--image-size", "1G", "--yes"]);
+    let log = scenario(
+        &py,
+        &lab,
+        &[&img],
+        "vm",
+        json!({"device": img, "pool": pool, "kernel": k.image, "modules": k.modules,
+               "cancel_after": 20}),
+    );
+    let run = ok(&log, "vm-run");
+    assert_eq!(run["status"], 3, "{run:#}");
+    assert!(run["output"].as_str().unwrap().contains("mcp-guest-sees /dev/vda"), "{run:#}");
+    assert_eq!(run["released"], true);
+    // What the guest wrote is on the volume's range of the pool image.
+    let d = &run["disks"][0];
+    let off = d["extent"]["offset"].as_u64().unwrap() + 8 * 512;
+    let data = std::fs::read(&img).unwrap();
+    assert_eq!(&data[off as usize..off as usize + 10], b"devpool-mc");
+    let progress = step(&log, "vm-run")["progress"].as_array().unwrap().clone();
+    assert!(
+        progress.iter().any(|p| p["message"].as_str().is_some_and(|m| m.contains("mcp-guest-sees"))),
+        "no progress with the console: {progress:?}"
+    );
+    // The abandoned call: the VM is killed, its lease released.
+    assert!(step(&log, "vm-cancel").get("exception").is_some(), "{:#}", step(&log, "vm-cancel"));
+    assert_eq!(ok(&log, "status-after-cancel")["leases"], json!([]));
+    let qemu = Command::new("pgrep").args(["-f", &format!("devpool.*{pool}")]).output().unwrap();
+    assert!(qemu.stdout.is_empty(), "a VM of this test still runs");
+    lab.dp(&[&img], &["pool", "teardown", &pool, "--yes"]);
+}
