@@ -542,7 +542,8 @@ pub fn boot(
         &machine,
         Duration::from_secs(vm.timeout),
         &|| {
-            CANCEL.load(Ordering::SeqCst) || cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst))
+            CANCEL.load(Ordering::SeqCst)
+                || cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst))
         },
         &mut on_line,
     )?;

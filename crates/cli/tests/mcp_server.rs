@@ -79,8 +79,14 @@ fn step<'a>(log: &'a [Value], name: &str) -> &'a Value {
 fn ok<'a>(log: &'a [Value], name: &str) -> &'a Value {
     let e = step(log, name);
     assert_eq!(e["is_error"], false, "{name} failed: {e:#}");
-    assert!(e["structured"].is_object(), "{name}: no structured content: {e:#}");
-    assert!(!e["text"].as_str().unwrap_or("").is_empty(), "{name}: no summary");
+    assert!(
+        e["structured"].is_object(),
+        "{name}: no structured content: {e:#}"
+    );
+    assert!(
+        !e["text"].as_str().unwrap_or("").is_empty(),
+        "{name}: no summary"
+    );
     &e["structured"]
 }
 
@@ -102,7 +108,9 @@ fn lease_sessions(lab: &Lab, dev: &Path, pool: &str) -> Vec<String> {
 
 #[test]
 fn tools_are_listed_with_kerneldev_mcp_names_and_schemas_an_agent_can_act_on() {
-    let Some(py) = python("mcp tools") else { return };
+    let Some(py) = python("mcp tools") else {
+        return;
+    };
     let lab = Lab::new();
     let log = scenario(&py, &lab, &[], "tools", json!({}));
     let tools = step(&log, "tools")["tools"].as_array().unwrap().clone();
@@ -114,16 +122,34 @@ fn tools_are_listed_with_kerneldev_mcp_names_and_schemas_an_agent_can_act_on() {
             .clone()
     };
     for (name, args) in [
-        ("device_pool_setup", &["device_path", "pool_name", "confirm"][..]),
+        (
+            "device_pool_setup",
+            &["device_path", "pool_name", "confirm"][..],
+        ),
         ("device_pool_status", &["pool_name"][..]),
         ("device_pool_list", &[][..]),
-        ("device_pool_resize", &["lv_name", "new_size", "confirm"][..]),
-        ("device_pool_snapshot", &["action", "lv_name", "snapshot_name", "confirm"][..]),
+        (
+            "device_pool_resize",
+            &["lv_name", "new_size", "confirm"][..],
+        ),
+        (
+            "device_pool_snapshot",
+            &["action", "lv_name", "snapshot_name", "confirm"][..],
+        ),
         ("device_pool_cleanup", &["pool_name"][..]),
-        ("device_pool_teardown", &["pool_name", "wipe_data", "confirm"][..]),
-        ("device_pool_lease_acquire", &["volumes", "profile", "keep"][..]),
+        (
+            "device_pool_teardown",
+            &["pool_name", "wipe_data", "confirm"][..],
+        ),
+        (
+            "device_pool_lease_acquire",
+            &["volumes", "profile", "keep"][..],
+        ),
         ("device_pool_lease_release", &["session"][..]),
-        ("vm_run", &["kernel_path", "command", "volumes", "timeout"][..]),
+        (
+            "vm_run",
+            &["kernel_path", "command", "volumes", "timeout"][..],
+        ),
     ] {
         let t = find(name);
         assert!(
@@ -151,7 +177,10 @@ fn tools_are_listed_with_kerneldev_mcp_names_and_schemas_an_agent_can_act_on() {
     let snap = find("device_pool_snapshot");
     let action = snap["input_schema"].to_string();
     for a in ["create", "delete", "merge"] {
-        assert!(action.contains(&format!("\"{a}\"")), "action {a} not in {action}");
+        assert!(
+            action.contains(&format!("\"{a}\"")),
+            "action {a} not in {action}"
+        );
     }
 }
 
@@ -160,7 +189,9 @@ fn an_agent_sets_up_leases_resizes_snapshots_and_tears_down_a_pool_on_a_loop_dev
     if skip_unless_real("mcp lifecycle") {
         return;
     }
-    let Some(py) = python("mcp lifecycle") else { return };
+    let Some(py) = python("mcp lifecycle") else {
+        return;
+    };
     let mut lab = Lab::new();
     let dev = lab.loop_dev("pool.img", 512);
     let pool = format!("mcp{}", std::process::id());
@@ -174,8 +205,17 @@ fn an_agent_sets_up_leases_resizes_snapshots_and_tears_down_a_pool_on_a_loop_dev
     // Without confirm: the plan, and nothing changed.
     let plan = ok(&log, "setup-plan");
     assert_eq!(plan["confirmed"], false);
-    assert!(plan["plan"].as_str().unwrap().contains(&dev.display().to_string()));
-    assert_eq!(step(&log, "after-plan")["vg"], false, "the plan changed the disk");
+    assert!(
+        plan["plan"]
+            .as_str()
+            .unwrap()
+            .contains(&dev.display().to_string())
+    );
+    assert_eq!(
+        step(&log, "after-plan")["vg"],
+        false,
+        "the plan changed the disk"
+    );
     assert_eq!(ok(&log, "setup")["confirmed"], true);
     assert_eq!(step(&log, "after-setup")["vg"], true);
     let pools = ok(&log, "list")["pools"].as_array().unwrap().clone();
@@ -190,10 +230,16 @@ fn an_agent_sets_up_leases_resizes_snapshots_and_tears_down_a_pool_on_a_loop_dev
     let mib = |v: &Value| v["size_bytes"].as_u64().unwrap() >> 20;
     assert_eq!(mib(ok(&log, "grow")), 96);
     let shrink = ok(&log, "shrink-plan");
-    assert_eq!(shrink["confirmed"], false, "a shrink without confirm must only plan");
+    assert_eq!(
+        shrink["confirmed"], false,
+        "a shrink without confirm must only plan"
+    );
     assert_eq!(mib(ok(&log, "shrink")), 80);
     ok(&log, "snap-create");
-    let snaps = ok(&log, "snap-list")["snapshots"].as_array().unwrap().clone();
+    let snaps = ok(&log, "snap-list")["snapshots"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(snaps.len(), 1);
     assert_eq!(ok(&log, "merge-plan")["confirmed"], false);
     ok(&log, "merge");
@@ -201,7 +247,11 @@ fn an_agent_sets_up_leases_resizes_snapshots_and_tears_down_a_pool_on_a_loop_dev
     ok(&log, "release");
     let after = ok(&log, "status-after");
     assert_eq!(after["leases"], json!([]));
-    assert_eq!(after["snapshots"], json!([]), "the lease's snapshot went with it");
+    assert_eq!(
+        after["snapshots"],
+        json!([]),
+        "the lease's snapshot went with it"
+    );
     assert_eq!(ok(&log, "teardown-plan")["confirmed"], false);
     assert_eq!(step(&log, "after-teardown-plan")["vg"], true);
     ok(&log, "teardown");
@@ -213,17 +263,13 @@ fn malformed_calls_are_tool_errors_and_the_server_keeps_serving() {
     if skip_unless_real("mcp malformed") {
         return;
     }
-    let Some(py) = python("mcp malformed") else { return };
+    let Some(py) = python("mcp malformed") else {
+        return;
+    };
     let lab = Lab::new();
     let small = lab.path("notes.txt");
     std::fs::write(&small, "not a pool\n").unwrap();
-    let log = scenario(
-        &py,
-        &lab,
-        &[],
-        "malformed",
-        json!({"small_file": small}),
-    );
+    let log = scenario(&py, &lab, &[], "malformed", json!({"small_file": small}));
     assert!(tool_err(&log, "wrong-type").contains("device_path"));
     assert!(tool_err(&log, "missing").contains("new_size"));
     assert!(tool_err(&log, "unknown-tool").contains("no_such_tool"));
@@ -245,17 +291,32 @@ fn server_leases_are_released_on_disconnect_and_reaped_after_a_kill() {
     if skip_unless_real("mcp lease ownership") {
         return;
     }
-    let Some(py) = python("mcp lease ownership") else { return };
+    let Some(py) = python("mcp lease ownership") else {
+        return;
+    };
     let mut lab = Lab::new();
     let dev = lab.loop_dev("pool.img", 256);
     let pool = format!("mco{}", std::process::id());
-    lab.dp(&[&dev], &["pool", "setup", dev.to_str().unwrap(), "--name", &pool, "--yes"]);
+    lab.dp(
+        &[&dev],
+        &[
+            "pool",
+            "setup",
+            dev.to_str().unwrap(),
+            "--name",
+            &pool,
+            "--yes",
+        ],
+    );
     let args = json!({"device": dev, "pool": pool});
 
     // The client's session ends: the server releases what it leased.
     let log = scenario(&py, &lab, &[&dev], "owned", args.clone());
     let s = ok(&log, "acquire")["session"].as_str().unwrap().to_string();
-    assert!(!lease_sessions(&lab, &dev, &pool).contains(&s), "lease {s} outlived its client");
+    assert!(
+        !lease_sessions(&lab, &dev, &pool).contains(&s),
+        "lease {s} outlived its client"
+    );
 
     // The server is killed: its lease stays, owned by a dead PID, until
     // cleanup (through a new server) reaps it.
@@ -264,22 +325,41 @@ fn server_leases_are_released_on_disconnect_and_reaped_after_a_kill() {
     assert!(lease_sessions(&lab, &dev, &pool).contains(&s));
     let log = scenario(&py, &lab, &[&dev], "cleanup", args);
     let removed = ok(&log, "cleanup")["removed"].as_array().unwrap().clone();
-    assert!(removed.iter().any(|l| l["session"] == s.as_str()), "{removed:?}");
+    assert!(
+        removed.iter().any(|l| l["session"] == s.as_str()),
+        "{removed:?}"
+    );
     assert_eq!(ok(&log, "status")["leases"], json!([]));
     lab.dp(&[&dev], &["pool", "teardown", &pool, "--yes"]);
 }
 
 #[test]
 fn guest_mcp_vm_run_boots_a_kernel_with_a_leased_volume_and_cancels_cleanly() {
-    let Some(k) = common::guest::guest_or_skip("mcp vm_run") else { return };
+    let Some(k) = common::guest::guest_or_skip("mcp vm_run") else {
+        return;
+    };
     if skip_unless_real("mcp vm_run") {
         return;
     }
-    let Some(py) = python("mcp vm_run") else { return };
+    let Some(py) = python("mcp vm_run") else {
+        return;
+    };
     let lab = Lab::new();
     let img = lab.path("pool.img");
     let pool = format!("mcv{}", std::process::id());
-    lab.dp(&[&img], &["pool", "setup", img.to_str().unwrap(), "--name", &pool, "--image-size", "1G", "--yes"]);
+    lab.dp(
+        &[&img],
+        &[
+            "pool",
+            "setup",
+            img.to_str().unwrap(),
+            "--name",
+            &pool,
+            "--image-size",
+            "1G",
+            "--yes",
+        ],
+    );
     let log = scenario(
         &py,
         &lab,
@@ -290,7 +370,13 @@ fn guest_mcp_vm_run_boots_a_kernel_with_a_leased_volume_and_cancels_cleanly() {
     );
     let run = ok(&log, "vm-run");
     assert_eq!(run["status"], 3, "{run:#}");
-    assert!(run["output"].as_str().unwrap().contains("mcp-guest-sees /dev/vda"), "{run:#}");
+    assert!(
+        run["output"]
+            .as_str()
+            .unwrap()
+            .contains("mcp-guest-sees /dev/vda"),
+        "{run:#}"
+    );
     assert_eq!(run["released"], true);
     // What the guest wrote is on the volume's range of the pool image.
     let d = &run["disks"][0];
@@ -299,13 +385,22 @@ fn guest_mcp_vm_run_boots_a_kernel_with_a_leased_volume_and_cancels_cleanly() {
     assert_eq!(&data[off as usize..off as usize + 10], b"devpool-mc");
     let progress = step(&log, "vm-run")["progress"].as_array().unwrap().clone();
     assert!(
-        progress.iter().any(|p| p["message"].as_str().is_some_and(|m| m.contains("mcp-guest-sees"))),
+        progress.iter().any(|p| p["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("mcp-guest-sees"))),
         "no progress with the console: {progress:?}"
     );
     // The abandoned call: the VM is killed, its lease released.
-    assert!(step(&log, "vm-cancel").get("exception").is_some(), "{:#}", step(&log, "vm-cancel"));
+    assert!(
+        step(&log, "vm-cancel").get("exception").is_some(),
+        "{:#}",
+        step(&log, "vm-cancel")
+    );
     assert_eq!(ok(&log, "status-after-cancel")["leases"], json!([]));
-    let qemu = Command::new("pgrep").args(["-f", &format!("devpool.*{pool}")]).output().unwrap();
+    let qemu = Command::new("pgrep")
+        .args(["-f", &format!("devpool.*{pool}")])
+        .output()
+        .unwrap();
     assert!(qemu.stdout.is_empty(), "a VM of this test still runs");
     lab.dp(&[&img], &["pool", "teardown", &pool, "--yes"]);
 }

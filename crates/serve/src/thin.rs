@@ -21,8 +21,8 @@ use devpool_engine::cowstore::{DevIo, read_mapped, write_mapped};
 use devpool_engine::lock::{LockGuard, lock_thin};
 use devpool_engine::thinstore::ThinStore;
 use devpool_format::map::{Piece, VolumeMap};
-use std::path::PathBuf;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -370,7 +370,12 @@ impl Thin {
                 store.unmap(self.dev_id, c).map_err(|e| e.errno())?;
                 st.dirty_since.get_or_insert_with(Instant::now);
                 if !store.in_use(l.block) {
-                    punch(devs, &store.data_map, store.data_offset(l.block), self.chunk);
+                    punch(
+                        devs,
+                        &store.data_map,
+                        store.data_offset(l.block),
+                        self.chunk,
+                    );
                 }
             } else if zero {
                 partial.push((c * self.chunk + within, n));

@@ -218,7 +218,9 @@ pub fn serve(g: &Global) -> Result<i32> {
         match p.release(&pool, &session) {
             Ok(_) => eprintln!("devpool mcp: released lease {session} (pool '{pool}')"),
             Err(e) => {
-                eprintln!("devpool mcp: releasing lease {session} failed: {e}; 'devpool cleanup' reaps it");
+                eprintln!(
+                    "devpool mcp: releasing lease {session} failed: {e}; 'devpool cleanup' reaps it"
+                );
                 status = 1;
             }
         }

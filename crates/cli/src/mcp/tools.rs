@@ -306,7 +306,14 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
             let list = pools(&c.g)?.list()?;
             let names: Vec<String> = list
                 .iter()
-                .map(|s| format!("{} ({} free of {})", s.pool, gib(s.free_bytes), gib(s.size_bytes)))
+                .map(|s| {
+                    format!(
+                        "{} ({} free of {})",
+                        s.pool,
+                        gib(s.free_bytes),
+                        gib(s.size_bytes)
+                    )
+                })
                 .collect();
             reply(
                 if names.is_empty() {
@@ -322,9 +329,7 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
             let pool = pool_of(c, a.pool_name);
             let size = SizeArg::parse(&a.new_size).map_err(|e| anyhow!("new_size: {e}"))?;
             match pools(&c.g)?.resize(&pool, &a.lv_name, size, a.confirm) {
-                Err(PoolError::NeedsConfirmation { what, reasons }) => {
-                    plan(name, &what, &reasons)
-                }
+                Err(PoolError::NeedsConfirmation { what, reasons }) => plan(name, &what, &reasons),
                 r => {
                     let bytes = r?;
                     reply(
@@ -344,7 +349,11 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
                 if removed.is_empty() {
                     format!("nothing to clean up in pool '{pool}'")
                 } else {
-                    format!("removed {} orphan lease(s): {}", removed.len(), removed.join(", "))
+                    format!(
+                        "removed {} orphan lease(s): {}",
+                        removed.len(),
+                        removed.join(", ")
+                    )
                 },
                 &r,
             )
@@ -378,7 +387,10 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
 
 fn setup(a: Setup, c: &Call) -> Result<Reply> {
     let p = pools(&c.g)?;
-    let pool = a.pool_name.filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into());
+    let pool = a
+        .pool_name
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into());
     let size = a
         .image_size
         .as_deref()
@@ -401,7 +413,11 @@ fn setup(a: Setup, c: &Call) -> Result<Reply> {
     v["confirmed"] = json!(true);
     reply(
         if out.already {
-            format!("pool '{}' is already set up on {}", out.pool, out.device.display())
+            format!(
+                "pool '{}' is already set up on {}",
+                out.pool,
+                out.device.display()
+            )
         } else {
             format!(
                 "pool '{}' set up on {} ({}, VG {})",
@@ -444,7 +460,10 @@ fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
                     bail!("size: a thin snapshot shares the thin pool's space; it takes no size");
                 }
                 let t = p.thin_snapshot_create(&pool, &vol, &snap)?;
-                return reply(format!("thin snapshot {} of {} (blocks shared)", t.name, t.origin), &t);
+                return reply(
+                    format!("thin snapshot {} of {} (blocks shared)", t.name, t.origin),
+                    &t,
+                );
             }
             let size = a
                 .size
@@ -466,7 +485,10 @@ fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
             let snap = need(&a.snapshot_name, "snapshot_name")?;
             if p.is_thin_volume(&pool, &snap)? {
                 let d = p.thin_snapshot_delete(&pool, &snap)?;
-                return reply(format!("deleted thin snapshot {} of {}", d.name, d.origin), &d);
+                return reply(
+                    format!("deleted thin snapshot {} of {}", d.name, d.origin),
+                    &d,
+                );
             }
             let d = p.snapshot_delete(&pool, &snap)?;
             reply(format!("deleted snapshot {} of {}", d.name, d.origin), &d)
@@ -474,7 +496,9 @@ fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
         SnapshotAction::Merge => {
             let snap = need(&a.snapshot_name, "snapshot_name")?;
             if p.is_thin_volume(&pool, &snap)? {
-                bail!("'{snap}' is a thin snapshot: devpool does not merge thin snapshots yet; use the snapshot itself as the volume, or delete it");
+                bail!(
+                    "'{snap}' is a thin snapshot: devpool does not merge thin snapshots yet; use the snapshot itself as the volume, or delete it"
+                );
             }
             let s = p
                 .snapshots(&pool)?
@@ -525,7 +549,13 @@ fn teardown(a: Teardown, c: &Call) -> Result<Reply> {
             .summary
             .devices
             .iter()
-            .map(|d| format!("VG {} and the PV label on {} are removed", st.summary.vg, d.display()))
+            .map(|d| {
+                format!(
+                    "VG {} and the PV label on {} are removed",
+                    st.summary.vg,
+                    d.display()
+                )
+            })
             .collect();
         for l in &st.leases {
             reasons.push(format!(
