@@ -128,11 +128,7 @@ impl Thin {
     /// held and the store up to date with commits other processes made.
     fn lock_for_change(&self, io: &DevsIo) -> Result<MutexGuard<'_, State>, i32> {
         let mut st = self.lock();
-        if st.held.is_none() {
-            let held = lock_thin(&self.pool.lock_dir, &self.pool.vg).map_err(|_| libc::EIO)?;
-            st.store.refresh(io).map_err(|e| e.errno())?;
-            st.held = Some(held);
-        }
+        self.lock_again(&mut st, io)?;
         Ok(st)
     }
 
@@ -262,7 +258,8 @@ impl Thin {
         r
     }
 
-    /// Take the thin lock again after a commit let it go.
+    /// Take the thin lock unless held (a commit lets it go) and bring the
+    /// store up to date with what others committed.
     fn lock_again(&self, st: &mut State, io: &DevsIo) -> Result<(), i32> {
         if st.held.is_none() {
             st.held = Some(lock_thin(&self.pool.lock_dir, &self.pool.vg).map_err(|_| libc::EIO)?);
