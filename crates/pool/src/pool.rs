@@ -769,20 +769,8 @@ impl Pools {
             let thin_snaps = crate::thin::thin_snapshots_of(&v.meta, &lvs);
             let all: Vec<String> = lvs.iter().chain(&thin_snaps).cloned().collect();
             self.stop_servers(&v, &all)?;
-            // The lease's snapshots go first (an origin with snapshots cannot go).
-            let mut names = devpool_engine::ops::snapshot::snapshots_of(&v.meta, &lvs);
-            names.extend(all);
-            match e.apply(
-                &Operation::LvRemove {
-                    vg: rec.vg.clone(),
-                    names,
-                },
-                true,
-            ) {
-                Ok(_) => return Ok(lvs),
-                // Someone (a cleanup) removed part of it meanwhile: look again.
-                Err(EngineError::LvNotFound { .. }) => continue,
-                Err(err) => return Err(err.into()),
+            if remove_with_snapshots(e, &rec.vg, &v.meta, all)? {
+                return Ok(lvs);
             }
         }
         Err(PoolError::Refused(format!(
@@ -843,18 +831,8 @@ impl Pools {
             if lvs.is_empty() {
                 return Ok(report);
             }
-            let mut names = devpool_engine::ops::snapshot::snapshots_of(&v.meta, &lvs);
-            names.extend(lvs);
-            match e.apply(
-                &Operation::LvRemove {
-                    vg: rec.vg.clone(),
-                    names,
-                },
-                true,
-            ) {
-                Ok(_) => return Ok(report),
-                Err(EngineError::LvNotFound { .. }) => continue,
-                Err(err) => return Err(err.into()),
+            if remove_with_snapshots(e, &rec.vg, &v.meta, lvs)? {
+                return Ok(report);
             }
         }
         Err(PoolError::Refused(format!(
@@ -1153,5 +1131,27 @@ impl Backup {
             .and_then(|_| f.write_all_at(&self.head, 0))
             .and_then(|_| f.sync_all())
             .map_err(|e| PoolError::io(path, "restore", e))
+    }
+}
+
+/// Remove `lvs` and their copy-on-write snapshots (first: an origin with
+/// snapshots cannot go) in one commit; false when someone (a cleanup)
+/// removed part of them meanwhile, so the caller looks again.
+fn remove_with_snapshots(
+    e: &Engine,
+    vg: &str,
+    meta: &devpool_format::metadata::VgMetadata,
+    lvs: Vec<String>,
+) -> Result<bool> {
+    let mut names = devpool_engine::ops::snapshot::snapshots_of(meta, &lvs);
+    names.extend(lvs);
+    let op = Operation::LvRemove {
+        vg: vg.to_string(),
+        names,
+    };
+    match e.apply(&op, true) {
+        Ok(_) => Ok(true),
+        Err(EngineError::LvNotFound { .. }) => Ok(false),
+        Err(err) => Err(err.into()),
     }
 }

@@ -259,18 +259,35 @@ fn create_one(
         }
     };
     names.insert(new.name.clone());
-    vg.lvs.push(LvMeta {
-        name: new.name,
-        id: new.id,
+    vg.lvs.push(visible_lv(
+        new.name,
+        new.id,
+        new.tags,
+        (new.creation_time, new.creation_host),
+        segments,
+    ));
+    Ok(())
+}
+
+/// A new read-write, visible LV.
+pub(crate) fn visible_lv(
+    name: String,
+    id: LvmUuid,
+    tags: Vec<String>,
+    (time, host): (i64, String),
+    segments: Vec<Segment>,
+) -> LvMeta {
+    LvMeta {
+        name,
+        id,
         status: vec!["READ".into(), "WRITE".into(), "VISIBLE".into()],
         flags: vec![],
-        tags: new.tags,
-        creation_time: Some(new.creation_time),
-        creation_host: Some(new.creation_host),
+        tags,
+        creation_time: Some(time),
+        creation_host: Some(host),
         extra: vec![],
         segments,
-    });
-    Ok(())
+    }
 }
 
 fn modifiable<'a>(vg: &'a mut VgMetadata, name: &str) -> Result<&'a mut LvMeta> {

@@ -54,16 +54,12 @@ pub fn create_snapshot(vg: &mut VgMetadata, s: NewSnapshot) -> Result<String> {
         .map(|n| format!("snapshot{n}"))
         .find(|n| vg.lv(n).is_none())
         .unwrap_or_else(|| "snapshot".into());
-    vg.lvs.push(LvMeta {
-        name: name.clone(),
-        id: s.id,
-        status: vec!["READ".into(), "WRITE".into(), "VISIBLE".into()],
-        flags: vec![],
-        tags: vec![],
-        creation_time: Some(time),
-        creation_host: Some(host),
-        extra: vec![],
-        segments: vec![Segment {
+    vg.lvs.push(super::visible_lv(
+        name.clone(),
+        s.id,
+        vec![],
+        (time, host),
+        vec![Segment {
             start_extent: 0,
             extent_count: origin_extents,
             kind: SegmentKind::Other {
@@ -75,7 +71,7 @@ pub fn create_snapshot(vg: &mut VgMetadata, s: NewSnapshot) -> Result<String> {
                 Item::Assign("cow_store".into(), Value::Str(cow_name)),
             ],
         }],
-    });
+    ));
     Ok(name)
 }
 

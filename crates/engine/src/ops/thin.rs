@@ -11,7 +11,7 @@
 use super::{NewLv, create_lvs};
 use crate::error::{EngineError, Result};
 use devpool_format::config::{Item, Value};
-use devpool_format::metadata::{LvMeta, Segment, SegmentKind, VgMetadata};
+use devpool_format::metadata::{Segment, SegmentKind, VgMetadata};
 use devpool_format::uuid::LvmUuid;
 
 /// dm-thin's chunk size limits (sectors): 64 KiB to 1 GiB, multiples of 64 KiB.
@@ -176,16 +176,12 @@ pub fn create_thin_pool(vg: &mut VgMetadata, p: NewThinPool) -> Result<ThinPoolL
             }
         }
     }
-    vg.lvs.push(LvMeta {
-        name: p.name.clone(),
-        id: p.id,
-        status: vec!["READ".into(), "WRITE".into(), "VISIBLE".into()],
-        flags: vec![],
-        tags: vec![],
-        creation_time: Some(time),
-        creation_host: Some(host),
-        extra: vec![],
-        segments: vec![Segment {
+    vg.lvs.push(super::visible_lv(
+        p.name.clone(),
+        p.id,
+        vec![],
+        (time, host),
+        vec![Segment {
             start_extent: 0,
             extent_count: data_extents,
             kind: SegmentKind::Other {
@@ -200,7 +196,7 @@ pub fn create_thin_pool(vg: &mut VgMetadata, p: NewThinPool) -> Result<ThinPoolL
                 Item::Assign("zero_new_blocks".into(), Value::Int(1)),
             ],
         }],
-    });
+    ));
     the_thin_pool(vg).ok_or_else(|| EngineError::Invalid("thin pool vanished".into()))
 }
 
@@ -303,16 +299,12 @@ pub fn create_thins(vg: &mut VgMetadata, pool: &str, news: Vec<NewThin>) -> Resu
             None => changes.create.push(next_id),
         }
         extra.push(Item::Assign("device_id".into(), Value::Int(next_id as i64)));
-        vg.lvs.push(LvMeta {
-            name: n.name,
-            id: n.id,
-            status: vec!["READ".into(), "WRITE".into(), "VISIBLE".into()],
-            flags: vec![],
-            tags: n.tags,
-            creation_time: Some(n.creation_time),
-            creation_host: Some(n.creation_host),
-            extra: vec![],
-            segments: vec![Segment {
+        vg.lvs.push(super::visible_lv(
+            n.name,
+            n.id,
+            n.tags,
+            (n.creation_time, n.creation_host),
+            vec![Segment {
                 start_extent: 0,
                 extent_count: n.extents,
                 kind: SegmentKind::Other {
@@ -320,7 +312,7 @@ pub fn create_thins(vg: &mut VgMetadata, pool: &str, news: Vec<NewThin>) -> Resu
                 },
                 extra,
             }],
-        });
+        ));
     }
     set_int(
         pool_segment_mut(vg, pool)?,
