@@ -203,7 +203,7 @@ pub enum Command {
     /// client disconnects) and VM runs. Configure it in an agent as the
     /// command `devpool mcp`.
     #[command(
-        after_help = "Tools: device_pool_setup, device_pool_status, device_pool_list, device_pool_resize, device_pool_snapshot, device_pool_cleanup, device_pool_teardown, device_pool_lease_acquire, device_pool_lease_release, vm_run.\nDestructive calls return their plan unless given confirm: true."
+        after_help = "Tools: device_pool_setup, device_pool_status, device_pool_list, device_pool_resize, device_pool_snapshot, device_pool_cleanup, device_pool_teardown, device_pool_lease_acquire, device_pool_lease_release, vm_run, vm_module_test, fstests_vm_boot_and_run.\nDestructive calls return their plan unless given confirm: true."
     )]
     Mcp,
     /// Physical volumes: label devices or image files for LVM2.

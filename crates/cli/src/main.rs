@@ -11,6 +11,7 @@ mod pool_cmds;
 mod serve_cmds;
 mod snapshot_cmds;
 mod vm_cmds;
+mod vm_suites;
 
 use anyhow::{Context, Result, anyhow, bail};
 use args::{Cli, Command, Global, LvCmd, PvArgs, PvCmd, VgCmd, VmCmd};
@@ -147,7 +148,7 @@ fn run(cli: Cli) -> Result<()> {
                 params,
                 volumes,
             } => {
-                let code = vm_cmds::module_test(&g, &vm, &module, cycles, &params, &volumes)?;
+                let code = vm_suites::module_test(&g, &vm, &module, cycles, &params, &volumes)?;
                 std::process::exit(code);
             }
             VmCmd::Fstests {
@@ -159,7 +160,7 @@ fn run(cli: Cli) -> Result<()> {
                 results,
                 check_args,
             } => {
-                let code = vm_cmds::fstests(
+                let code = vm_suites::fstests(
                     &g,
                     &vm,
                     &fstests,

@@ -11,19 +11,6 @@ mod common;
 use common::Lab;
 use common::guest::*;
 use serde_json::Value;
-use std::path::Path;
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), &dst).unwrap();
-        }
-    }
-}
 
 fn statuses(r: &Value) -> Vec<(String, String)> {
     r["tests"]
@@ -46,11 +33,7 @@ fn guest_fstests_runs_check_and_reports_per_test_results_and_changes() {
         return;
     };
     let lab = Lab::new();
-    let tree = lab.path("fstests");
-    copy_tree(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fstests-mimic"),
-        &tree,
-    );
+    let tree = fstests_mimic(&lab);
     let img = image_pool(&lab, "fst");
     let ka = kernel_args(&kernel);
     let tree_s = tree.display().to_string();

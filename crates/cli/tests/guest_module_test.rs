@@ -7,24 +7,6 @@
 mod common;
 use common::Lab;
 use common::guest::*;
-use std::process::Command;
-
-const MODULE_C: &str = r#"
-#include <linux/module.h>
-#include <linux/init.h>
-static bool warn;
-module_param(warn, bool, 0444);
-static int __init probe_init(void)
-{
-	WARN_ON(warn);
-	pr_info("devpool_probe_mod: loaded\n");
-	return 0;
-}
-static void __exit probe_exit(void) { pr_info("devpool_probe_mod: unloaded\n"); }
-module_init(probe_init);
-module_exit(probe_exit);
-MODULE_LICENSE("GPL");
-"#;
 
 #[test]
 fn guest_module_test_passes_a_clean_module_and_flags_a_warn_on() {
@@ -32,31 +14,11 @@ fn guest_module_test_passes_a_clean_module_and_flags_a_warn_on() {
     let Some(kernel) = guest_or_skip(t) else {
         return;
     };
-    let headers = match debian_headers(&kernel) {
-        Ok(h) => h,
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("{t}: {e}"),
-        Err(e) => return eprintln!("SKIPPED: {t}: {e}"),
-    };
     let lab = Lab::new();
-    let src = lab.path("mod");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("devpool_probe_mod.c"), MODULE_C).unwrap();
-    std::fs::write(src.join("Kbuild"), "obj-m := devpool_probe_mod.o\n").unwrap();
-    // No pahole here: skip BTF for the module.
-    let out = Command::new("make")
-        .arg("-C")
-        .arg(&headers)
-        .arg(format!("M={}", src.display()))
-        .args(["CONFIG_DEBUG_INFO_BTF_MODULES=", "modules"])
-        .output()
-        .expect("make (apt-get install make gcc-12)");
-    assert!(
-        out.status.success(),
-        "building the module failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ko = src.join("devpool_probe_mod.ko").display().to_string();
+    let Some(ko) = probe_module(&lab, &kernel, t) else {
+        return;
+    };
+    let ko = ko.display().to_string();
 
     let img = image_pool(&lab, "mt");
     let ka = kernel_args(&kernel);

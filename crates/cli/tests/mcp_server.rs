@@ -5,7 +5,9 @@
 //! with confirm), snapshot create/merge/list, release, teardown with wipe;
 //! malformed calls are tool errors and the server keeps serving; a lease
 //! dies with its client's session; a killed server's lease is reaped by
-//! cleanup; and (guest) `vm_run` under TCG, with progress, and cancelled.
+//! cleanup; and (guest) `vm_run` under TCG, with progress, and cancelled;
+//! `vm_module_test` on a module built here, `fstests_vm_boot_and_run` on
+//! leased volumes and on image files against a baseline.
 
 mod common;
 use common::{LVM_CONFIG, Lab, skip_unless_real};
@@ -150,6 +152,31 @@ fn tools_are_listed_with_kerneldev_mcp_names_and_schemas_an_agent_can_act_on() {
             "vm_run",
             &["kernel_path", "command", "volumes", "timeout"][..],
         ),
+        (
+            "vm_module_test",
+            &[
+                "kernel_path",
+                "modules_path",
+                "module_path",
+                "cycles",
+                "params",
+                "volumes",
+                "timeout",
+            ][..],
+        ),
+        (
+            "fstests_vm_boot_and_run",
+            &[
+                "kernel_path",
+                "fstests_path",
+                "tests",
+                "use_device_pool",
+                "keep_volumes",
+                "fstype",
+                "timeout",
+                "baseline_path",
+            ][..],
+        ),
     ] {
         let t = find(name);
         assert!(
@@ -174,6 +201,14 @@ fn tools_are_listed_with_kerneldev_mcp_names_and_schemas_an_agent_can_act_on() {
         serde_json::from_value(resize["input_schema"]["required"].clone()).unwrap();
     req.sort();
     assert_eq!(req, ["lv_name", "new_size"]);
+    assert_eq!(
+        find("vm_module_test")["input_schema"]["required"],
+        json!(["module_path"])
+    );
+    assert_eq!(
+        find("fstests_vm_boot_and_run")["input_schema"]["required"],
+        json!(["fstests_path"])
+    );
     let snap = find("device_pool_snapshot");
     let action = snap["input_schema"].to_string();
     for a in ["create", "delete", "merge"] {
@@ -269,7 +304,15 @@ fn malformed_calls_are_tool_errors_and_the_server_keeps_serving() {
     let lab = Lab::new();
     let small = lab.path("notes.txt");
     std::fs::write(&small, "not a pool\n").unwrap();
-    let log = scenario(&py, &lab, &[], "malformed", json!({"small_file": small}));
+    let empty = lab.path("kernel-tree");
+    std::fs::create_dir_all(&empty).unwrap();
+    let log = scenario(
+        &py,
+        &lab,
+        &[],
+        "malformed",
+        json!({"small_file": small, "empty_dir": empty}),
+    );
     assert!(tool_err(&log, "wrong-type").contains("device_path"));
     assert!(tool_err(&log, "missing").contains("new_size"));
     assert!(tool_err(&log, "unknown-tool").contains("no_such_tool"));
@@ -278,6 +321,8 @@ fn malformed_calls_are_tool_errors_and_the_server_keeps_serving() {
     assert!(tool_err(&log, "dev-null").contains("/dev/null"));
     assert!(tool_err(&log, "regular-file").contains(&small.display().to_string()));
     assert!(tool_err(&log, "bad-size").contains("lots"));
+    assert!(tool_err(&log, "vm-bad-timeout").contains("'timeout'"));
+    assert!(tool_err(&log, "vm-kernel-dir").contains("arch/x86/boot/bzImage"));
     ok(&log, "still-serving");
     assert_eq!(
         std::fs::read_to_string(&small).unwrap(),
@@ -402,5 +447,157 @@ fn guest_mcp_vm_run_boots_a_kernel_with_a_leased_volume_and_cancels_cleanly() {
         .output()
         .unwrap();
     assert!(qemu.stdout.is_empty(), "a VM of this test still runs");
+    lab.dp(&[&img], &["pool", "teardown", &pool, "--yes"]);
+}
+
+#[test]
+fn guest_mcp_module_test_and_fstests_run_in_a_guest_and_release_their_volumes() {
+    let t = "mcp vm_module_test and fstests_vm_boot_and_run";
+    let Some(k) = common::guest::guest_or_skip(t) else {
+        return;
+    };
+    if skip_unless_real(t) {
+        return;
+    }
+    let Some(py) = python(t) else {
+        return;
+    };
+    let lab = Lab::new();
+    let Some(module) = common::guest::probe_module(&lab, &k, t) else {
+        return;
+    };
+    let tree = common::guest::fstests_mimic(&lab);
+    let img = lab.path("pool.img");
+    let pool = format!("mcs{}", std::process::id());
+    lab.dp(
+        &[&img],
+        &[
+            "pool",
+            "setup",
+            img.to_str().unwrap(),
+            "--name",
+            &pool,
+            "--image-size",
+            "1G",
+            "--yes",
+        ],
+    );
+    let log = scenario(
+        &py,
+        &lab,
+        &[&img],
+        "suites",
+        json!({"pool": pool, "kernel": k.image, "modules": k.modules, "module": module,
+               "fstests": tree, "baseline": lab.path("baseline.json")}),
+    );
+
+    let m = ok(&log, "module");
+    assert_eq!(m["passed"], true, "{m:#}");
+    assert_eq!(m["status"], 0);
+    let steps: Vec<(&str, &str)> = m["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("modinfo", "pass"),
+            ("insmod", "pass"),
+            ("loaded", "pass"),
+            ("io", "pass"),
+            ("cycles", "pass"),
+            ("rmmod", "pass")
+        ]
+    );
+    assert_eq!(m["steps"][4]["detail"], "2 unload/load cycles");
+    assert_eq!(m["run"]["released"], true);
+    assert!(
+        step(&log, "module")["text"]
+            .as_str()
+            .unwrap()
+            .contains("module test of devpool_probe_mod"),
+        "{:#}",
+        step(&log, "module")
+    );
+    let progress = step(&log, "module")["progress"].as_array().unwrap();
+    assert!(
+        progress.iter().any(|p| p["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("devpool_probe_mod"))),
+        "no console progress: {progress:?}"
+    );
+
+    let f = ok(&log, "fstests-pool");
+    let got: Vec<(&str, &str)> = f["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("generic/001", "pass"),
+            ("generic/002", "not_run"),
+            ("generic/003", "fail")
+        ]
+    );
+    assert_eq!(f["status"], 1, "one test fails");
+    assert!(
+        f["tests"][2]["diff"]
+            .as_str()
+            .unwrap()
+            .contains("+size 3072")
+    );
+    assert_eq!(f["run"]["released"], true);
+    assert!(f["run"]["session"].is_string(), "leased from the pool");
+    let results = Path::new(f["results_dir"].as_str().unwrap());
+    assert!(results.join("generic/003.out.bad").exists());
+
+    // Image files instead of the pool, against the first run: 003 is fixed
+    // (no regression), 002 was not asked for.
+    let f = ok(&log, "fstests-files");
+    assert!(f["run"]["session"].is_null(), "no lease: {f:#}");
+    let attach: Vec<&str> = f["run"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["attach"].as_str().unwrap())
+        .collect();
+    assert_eq!(attach, ["raw", "raw"]);
+    let changes: Vec<(&str, &str, bool)> = f["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["test"].as_str().unwrap(),
+                c["after"].as_str().unwrap_or("absent"),
+                c["regression"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("generic/002", "absent", false),
+            ("generic/003", "pass", false)
+        ]
+    );
+    assert_eq!(f["status"], 0, "no regression");
+    let run_dir = lab.state_dir().join("run");
+    let left: Vec<_> = std::fs::read_dir(&run_dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("files-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "image files left in {}", run_dir.display());
+
+    assert_eq!(ok(&log, "status-after")["leases"], json!([]));
+    common::guest::assert_no_qemu_left(&lab);
     lab.dp(&[&img], &["pool", "teardown", &pool, "--yes"]);
 }

@@ -138,32 +138,77 @@ struct Release {
     pool_name: Option<String>,
 }
 
+/// How to boot the guest; the VM tools take these arguments besides their
+/// own (parsed separately, so that a bad one is named in the error).
 #[derive(Deserialize, JsonSchema)]
-struct VmRun {
-    /// The kernel image (bzImage) to boot.
+struct Guest {
+    /// The kernel to boot: a bzImage, or a built kernel tree (its
+    /// arch/x86/boot/bzImage is booted).
     kernel_path: Option<String>,
     /// Or a Debian linux-image-*.deb (its vmlinuz and modules).
     kernel_deb: Option<String>,
-    /// The kernel's module tree (lib/modules/<version> or a root holding one).
+    /// The kernel's module tree (lib/modules/<version>, or a root holding one
+    /// as `make modules_install INSTALL_MOD_PATH=DIR` leaves it). Default:
+    /// /lib/modules/<version> when it exists.
     modules_path: Option<String>,
-    /// The shell command to run in the guest (busybox sh -c).
-    command: String,
-    /// Volumes to lease and attach as /dev/vda, /dev/vdb…: ROLE:SIZE,…
-    volumes: Option<String>,
-    /// Modules to load at boot, e.g. ["xfs"].
-    #[serde(default)]
-    load_modules: Vec<String>,
-    /// Kill the VM after this many seconds (boot included). Default 300.
+    /// Kill the VM after this many seconds, boot included. Default: 300 for
+    /// vm_run, 600 for vm_module_test, 3600 for fstests_vm_boot_and_run.
     timeout: Option<u64>,
     /// Guest memory, e.g. 2G (default).
     memory: Option<String>,
     /// Guest vCPUs (default 2).
     cpus: Option<u32>,
-    /// Keep the leased volumes afterwards.
+    /// Keep the leased volumes afterwards (listed as kept; cleanup with kept removes them).
     #[serde(default)]
     keep_volumes: bool,
     /// The pool (default: $DEVPOOL_POOL, $KERNELDEV_DEVICE_POOL, else `default`).
     pool_name: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct VmRun {
+    /// The shell command to run in the guest (busybox sh -c).
+    command: String,
+    /// Volumes to lease and attach as /dev/vda, /dev/vdb…: ROLE:SIZE,…
+    /// Each role is also exported as DEVPOOL_<ROLE> (and TEST_DEV, SCRATCH_DEV…).
+    volumes: Option<String>,
+    /// Modules to load at boot, e.g. ["xfs"].
+    #[serde(default)]
+    load_modules: Vec<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct VmModuleTest {
+    /// The module under test: a .ko built for this kernel.
+    module_path: String,
+    /// Unload/load cycles after the first load (default 10).
+    cycles: Option<u32>,
+    /// Module parameters for insmod: NAME=VALUE pairs separated by spaces.
+    params: Option<String>,
+    /// The volume the I/O load runs on while the module is loaded, as
+    /// ROLE:SIZE (default test:256M; "" for none).
+    volumes: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct FstestsRun {
+    /// The fstests (xfstests-dev) tree, built (`make` in it). It is shared into
+    /// the guest; results come back under results_dir.
+    fstests_path: String,
+    /// Arguments for fstests' check: test names (["generic/001"]) or a group
+    /// (["-g", "quick"], the default).
+    tests: Option<Vec<String>>,
+    /// File system under test: ext4 (default), xfs or btrfs.
+    fstype: Option<String>,
+    /// Lease the devices from the device pool (default true). With false,
+    /// sparse image files made for this run (and deleted after it) are used.
+    use_device_pool: Option<bool>,
+    /// Devices as ROLE:SIZE,… (default test:4G,scratch:4G): test is TEST_DEV;
+    /// scratch is SCRATCH_DEV, or pool1..N make SCRATCH_DEV_POOL; logwrites.
+    volumes: Option<String>,
+    /// A saved structured result of an earlier run (a JSON file): the reply
+    /// then lists what changed and regressions decide the status.
+    baseline_path: Option<String>,
 }
 
 fn tool<T: JsonSchema>(name: &'static str, description: &'static str) -> Tool {
@@ -177,6 +222,22 @@ fn tool<T: JsonSchema>(name: &'static str, description: &'static str) -> Tool {
     obj.entry("type").or_insert_with(|| json!("object"));
     obj.entry("properties").or_insert_with(|| json!({}));
     Tool::new(name, description, Arc::new(obj))
+}
+
+/// A VM tool: its own arguments and [`Guest`]'s.
+fn vm_tool<T: JsonSchema>(name: &'static str, description: &'static str) -> Tool {
+    let own = tool::<T>(name, description);
+    let guest = tool::<Guest>(name, description);
+    let mut schema = (*own.input_schema).clone();
+    if let (Some(Value::Object(props)), Some(Value::Object(more))) = (
+        schema.get_mut("properties"),
+        guest.input_schema.get("properties"),
+    ) {
+        for (k, v) in more {
+            props.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    Tool::new(name, description, Arc::new(schema))
 }
 
 pub fn list() -> Vec<Tool> {
@@ -217,9 +278,17 @@ pub fn list() -> Vec<Tool> {
             "device_pool_lease_release",
             "Release a lease: remove its volumes and snapshots in one commit.",
         ),
-        tool::<VmRun>(
+        vm_tool::<VmRun>(
             "vm_run",
             "Boot a kernel in QEMU (KVM when it works, else TCG) with leased volumes attached as /dev/vd*, run a command, and report its exit status and output; the volumes are released afterwards. Progress follows the guest console; cancelling kills the VM and releases its volumes.",
+        ),
+        vm_tool::<VmModuleTest>(
+            "vm_module_test",
+            "Test a kernel module in a QEMU guest: modinfo (vermagic), insmod with params, checks that it is loaded, I/O on a leased volume while loaded, unload/load cycles, rmmod; the kernel log is searched for BUG, WARNING, Oops, lockdep and KASAN reports. Returns each step's result and the reports found; passed is false if any step failed or the log has a report.",
+        ),
+        vm_tool::<FstestsRun>(
+            "fstests_vm_boot_and_run",
+            "Boot a kernel in QEMU and run fstests' check on devices leased from the pool (TEST_DEV plus SCRATCH_DEV or SCRATCH_DEV_POOL in a generated local.config), then release them. Returns per-test results (failures with the diff against the golden output), a summary, and with baseline_path the changes and regressions since that run. Progress follows the guest console; cancelling kills the VM and releases its volumes.",
         ),
     ]
 }
@@ -373,7 +442,9 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
                 json!({"pool": pool, "session": a.session, "removed": lvs}),
             )
         }
-        "vm_run" => vm_run(args(name, a)?, c),
+        "vm_run" => vm_run(args(name, a.clone())?, args(name, a)?, c),
+        "vm_module_test" => vm_module_test(args(name, a.clone())?, args(name, a)?, c),
+        "fstests_vm_boot_and_run" => fstests(args(name, a.clone())?, args(name, a)?, c),
         _ => bail!(
             "unknown tool '{name}'; the tools are: {}",
             list()
@@ -612,37 +683,59 @@ fn acquire(a: Acquire, c: &Call) -> Result<Reply> {
     )
 }
 
-fn vm_run(a: VmRun, c: &Call) -> Result<Reply> {
-    if a.kernel_path.is_none() == a.kernel_deb.is_none() {
-        bail!("vm_run: give kernel_path or kernel_deb (one of them)");
+/// The kernel image named by kernel_path: the file, or a kernel tree's
+/// arch/x86/boot/bzImage.
+fn kernel_image(tool: &str, path: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(path);
+    if !p.is_dir() {
+        return Ok(p);
     }
-    if a.command.trim().is_empty() {
-        bail!("vm_run: command is empty");
+    let image = p.join("arch/x86/boot/bzImage");
+    if !image.is_file() {
+        bail!(
+            "{tool}: kernel_path {path} is a directory without arch/x86/boot/bzImage (build the kernel first, or give the image)"
+        );
+    }
+    Ok(image)
+}
+
+/// The CLI's settings for a VM tool call: its pool, and its VM arguments.
+fn vm_settings(
+    tool: &str,
+    a: Guest,
+    c: &Call,
+    default_timeout: u64,
+    load_modules: Vec<String>,
+) -> Result<(crate::args::Global, VmArgs)> {
+    if a.kernel_path.is_none() == a.kernel_deb.is_none() {
+        bail!("{tool}: give kernel_path or kernel_deb (one of them)");
     }
     let mut g = c.g.clone();
     g.pool = Some(pool_of(c, a.pool_name));
     g.json = true;
     let vm = VmArgs {
-        kernel: a.kernel_path.map(PathBuf::from),
+        kernel: a.kernel_path.map(|k| kernel_image(tool, &k)).transpose()?,
         kernel_deb: a.kernel_deb.map(PathBuf::from),
         modules: a.modules_path.map(PathBuf::from),
-        load_module: a.load_modules,
+        load_module: load_modules,
         add: Vec::new(),
         mem: a.memory.unwrap_or_else(|| "2G".into()),
         cpus: a.cpus.unwrap_or(2),
-        timeout: a.timeout.unwrap_or(300),
+        timeout: a.timeout.unwrap_or(default_timeout),
         keep: a.keep_volumes,
         accel: AccelArg::Auto,
         attach: AttachArg::Auto,
         append: String::new(),
         quiet: true,
     };
-    let specs = match &a.volumes {
-        Some(v) if !v.trim().is_empty() => devpool_pool::spec::parse_volumes(v)?,
-        _ => Vec::new(),
-    };
+    Ok((g, vm))
+}
+
+/// Extras that make a VM call cancellable and stream its console as progress.
+fn console_progress(c: &Call) -> crate::vm_cmds::Extras {
     let progress = c.progress.clone();
-    let extras = crate::vm_cmds::Extras {
+    c.progress.report(None, None, "preparing the VM");
+    crate::vm_cmds::Extras {
         cancel: Some(c.cancel.clone()),
         on_line: Some(Box::new(move |line: &str| {
             if !line.trim().is_empty() {
@@ -650,20 +743,105 @@ fn vm_run(a: VmRun, c: &Call) -> Result<Reply> {
             }
         })),
         ..Default::default()
+    }
+}
+
+/// A VM tool's reply: its report with the status and whether it was
+/// cancelled, and a summary that ends with the run's line.
+fn vm_reply(
+    text: String,
+    run: &crate::vm_cmds::RunReport,
+    report: impl serde::Serialize,
+    status: i32,
+    c: &Call,
+) -> Result<Reply> {
+    let mut v = serde_json::to_value(report)?;
+    v["status"] = json!(status);
+    v["cancelled"] = json!(c.cancel.load(Ordering::SeqCst));
+    let mut summary = text;
+    if !run.qemu_error.is_empty() {
+        summary.push_str(&format!("QEMU said: {}\n", run.qemu_error));
+    }
+    summary.push_str(&run.summary());
+    reply(summary, v)
+}
+
+fn vm_module_test(a: VmModuleTest, guest: Guest, c: &Call) -> Result<Reply> {
+    const TOOL: &str = "vm_module_test";
+    let (g, vm) = vm_settings(TOOL, guest, c, 600, Vec::new())?;
+    let volumes = a.volumes.unwrap_or_else(|| "test:256M".into());
+    let specs = if volumes.trim().is_empty() {
+        Vec::new()
+    } else {
+        devpool_pool::spec::parse_volumes(&volumes)?
     };
-    c.progress.report(None, None, "preparing the VM");
+    let r = crate::vm_suites::module_test_run(
+        &g,
+        &vm,
+        std::path::Path::new(&a.module_path),
+        a.cycles.unwrap_or(10),
+        a.params.as_deref().unwrap_or(""),
+        &specs,
+        console_progress(c),
+    )
+    .map_err(|e| anyhow!("{TOOL}: {e:#}"))?;
+    vm_reply(r.text(), &r.run, &r, r.status(), c)
+}
+
+fn fstests(a: FstestsRun, guest: Guest, c: &Call) -> Result<Reply> {
+    use crate::vm_suites::{DeviceSource, FstestsJob, fstests_run, load_baseline};
+    const TOOL: &str = "fstests_vm_boot_and_run";
+    let tests = a.tests.unwrap_or_else(|| vec!["-g".into(), "quick".into()]);
+    if let Some(t) = tests
+        .iter()
+        .find(|t| t.is_empty() || t.contains(['\n', '\0']))
+    {
+        bail!("{TOOL}: argument 'tests': {t:?} is not a test name or check option");
+    }
+    let volumes = a.volumes.unwrap_or_else(|| "test:4G,scratch:4G".into());
+    let job = FstestsJob {
+        tree: PathBuf::from(&a.fstests_path),
+        fstype: a.fstype.unwrap_or_else(|| "ext4".into()),
+        specs: devpool_pool::spec::parse_volumes(&volumes)?,
+        devices: if a.use_device_pool.unwrap_or(true) {
+            DeviceSource::Pool
+        } else {
+            DeviceSource::ImageFiles
+        },
+        baseline: a
+            .baseline_path
+            .map(|b| load_baseline(std::path::Path::new(&b)))
+            .transpose()?,
+        results: None,
+        check_args: tests,
+    };
+    let (g, vm) = vm_settings(TOOL, guest, c, 3600, Vec::new())?;
+    let r = fstests_run(&g, &vm, job, console_progress(c), false)
+        .map_err(|e| anyhow!("{TOOL}: {e:#}"))?;
+    vm_reply(r.text(), &r.run, &r, r.status(), c)
+}
+
+fn vm_run(a: VmRun, guest: Guest, c: &Call) -> Result<Reply> {
+    if a.command.trim().is_empty() {
+        bail!("vm_run: command is empty");
+    }
+    let (g, vm) = vm_settings("vm_run", guest, c, 300, a.load_modules)?;
+    let specs = match &a.volumes {
+        Some(v) if !v.trim().is_empty() => devpool_pool::spec::parse_volumes(v)?,
+        _ => Vec::new(),
+    };
+    let extras = console_progress(c);
     let command = vec!["sh".to_string(), "-c".to_string(), a.command];
     let (report, outcome) = crate::vm_cmds::boot(&g, &vm, &specs, extras, &command, false)?;
     let output = outcome.command_output().to_string();
-    let mut v = serde_json::to_value(&report)?;
-    v["output"] = json!(output);
-    v["status"] = json!(report.status());
-    v["cancelled"] = json!(c.cancel.load(Ordering::SeqCst));
-    let mut summary = report.summary();
+    let mut text = String::new();
     if !output.is_empty() {
         let tail: Vec<&str> = output.lines().rev().take(40).collect();
-        summary.push_str("\n--- output (last lines) ---\n");
-        summary.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        text.push_str("--- output (last lines) ---\n");
+        text.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        text.push('\n');
     }
-    reply(summary, v)
+    let mut v = serde_json::to_value(&report)?;
+    v["output"] = json!(output);
+    vm_reply(text, &report, v, report.status(), c)
 }

@@ -322,3 +322,78 @@ pub fn assert_no_qemu_left(lab: &super::Lab) {
         .expect("pgrep");
     assert!(left.stdout.is_empty(), "a QEMU is still running");
 }
+
+/// A small out-of-tree module: it loads and unloads cleanly, and with the
+/// parameter `warn=1` it hits a WARN_ON at load.
+pub const PROBE_MODULE_C: &str = r#"
+#include <linux/module.h>
+#include <linux/init.h>
+static bool warn;
+module_param(warn, bool, 0444);
+static int __init probe_init(void)
+{
+	WARN_ON(warn);
+	pr_info("devpool_probe_mod: loaded\n");
+	return 0;
+}
+static void __exit probe_exit(void) { pr_info("devpool_probe_mod: unloaded\n"); }
+module_init(probe_init);
+module_exit(probe_exit);
+MODULE_LICENSE("GPL");
+"#;
+
+/// `devpool_probe_mod.ko` built in the lab against Debian's headers for
+/// `kernel`; `None` (test skipped, or a failure under CI) without headers.
+pub fn probe_module(lab: &super::Lab, kernel: &Kernel, test: &str) -> Option<PathBuf> {
+    let headers = match debian_headers(kernel) {
+        Ok(h) => h,
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("{test}: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: {test}: {e}");
+            return None;
+        }
+    };
+    let src = lab.path("mod");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("devpool_probe_mod.c"), PROBE_MODULE_C).unwrap();
+    std::fs::write(src.join("Kbuild"), "obj-m := devpool_probe_mod.o\n").unwrap();
+    // No pahole here: skip BTF for the module.
+    let out = Command::new("make")
+        .arg("-C")
+        .arg(&headers)
+        .arg(format!("M={}", src.display()))
+        .args(["CONFIG_DEBUG_INFO_BTF_MODULES=", "modules"])
+        .output()
+        .expect("make (apt-get install make gcc-12)");
+    assert!(
+        out.status.success(),
+        "building the module failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(src.join("devpool_probe_mod.ko"))
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+/// A copy in the lab of `tests/data/fstests-mimic`: a `check` that reads
+/// fstests' configuration and prints check's format, with three tests that
+/// use TEST_DEV and SCRATCH_DEV (001 passes, 002 is not run, 003 fails).
+pub fn fstests_mimic(lab: &super::Lab) -> PathBuf {
+    let tree = lab.path("fstests");
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fstests-mimic"),
+        &tree,
+    );
+    tree
+}

@@ -128,6 +128,10 @@ async def malformed(run, s):
     await run.call("regular-file", "device_pool_setup",
                    {"device_path": ARGS["small_file"], "pool_name": "tiny", "confirm": True})
     await run.call("bad-size", "device_pool_lease_acquire", {"volumes": "test:lots"})
+    await run.call("vm-bad-timeout", "vm_module_test",
+                   {"kernel_path": "/boot", "module_path": "/x.ko", "timeout": "soon"})
+    await run.call("vm-kernel-dir", "fstests_vm_boot_and_run",
+                   {"kernel_path": ARGS["empty_dir"], "fstests_path": "/nonexistent"})
     await run.call("still-serving", "device_pool_list", {})
 
 
@@ -166,8 +170,29 @@ async def vm(run, s):
     await run.call("status-after-cancel", "device_pool_status", {"pool_name": ARGS["pool"]})
 
 
+async def suites(run, s):
+    """vm_module_test, then fstests on leased volumes, then on image files
+    against the first run as baseline (after 003's golden output is fixed)."""
+    guest = {"kernel_path": ARGS["kernel"], "modules_path": ARGS["modules"],
+             "pool_name": ARGS["pool"], "memory": "512M", "timeout": 300}
+    await run.call("module", "vm_module_test",
+                   dict(guest, module_path=ARGS["module"], cycles=2, volumes="test:16M"))
+    first = await run.call("fstests-pool", "fstests_vm_boot_and_run",
+                           dict(guest, fstests_path=ARGS["fstests"], fstype="ext4",
+                                volumes="test:64M,scratch:64M"))
+    with open(ARGS["baseline"], "w") as f:
+        json.dump(first.get("structured") or {}, f)
+    with open(os.path.join(ARGS["fstests"], "tests/generic/003.out"), "w") as f:
+        f.write("QA output created by 003\nsize 3072\n")
+    await run.call("fstests-files", "fstests_vm_boot_and_run",
+                   dict(guest, fstests_path=ARGS["fstests"], use_device_pool=False,
+                        tests=["generic/001", "generic/003"],
+                        volumes="test:64M,scratch:64M", baseline_path=ARGS["baseline"]))
+    await run.call("status-after", "device_pool_status", {"pool_name": ARGS["pool"]})
+
+
 SCENARIOS = {"tools": tools, "lifecycle": lifecycle, "malformed": malformed,
-             "owned": owned, "cleanup": cleanup, "vm": vm}
+             "owned": owned, "cleanup": cleanup, "vm": vm, "suites": suites}
 
 
 async def main():
