@@ -172,7 +172,9 @@ devpool snapshot delete before        # or keep the volume as it is"
     #[command(
         after_help = "Every chunk the snapshot kept is copied back over the volume; the volume's \
 other snapshots get their copy first. Nothing may serve the volume meanwhile. A merge cut short \
-leaves the snapshot in place: run it again to finish."
+leaves the snapshot in place: run it again to finish.\n\n\
+A thin snapshot merges in one transaction without copying: the volume takes the snapshot's \
+thin device and its own is deleted."
     )]
     Merge { name: String },
 }

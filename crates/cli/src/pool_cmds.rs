@@ -168,14 +168,7 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 print_thin_status(t);
             }
             for t in &st.thin_snapshots {
-                println!(
-                    "  thin snapshot {} of {}{}",
-                    t.name,
-                    t.origin,
-                    t.lease
-                        .as_ref()
-                        .map_or(String::new(), |l| format!(" (lease {l})"))
-                );
+                println!("  {}", crate::snapshot_cmds::describe_thin(t));
             }
         }
         PoolCmd::Teardown { name, wipe, force } => {

@@ -9,6 +9,17 @@ use devpool_pool::snapshots::SnapshotStatus;
 use std::io::IsTerminal;
 
 /// One line about a snapshot, for `snapshot list` and `pool status`.
+pub fn describe_thin(t: &devpool_pool::pool::ThinSnapshotStatus) -> String {
+    format!(
+        "thin snapshot {} of {}{}",
+        t.name,
+        t.origin,
+        t.lease
+            .as_ref()
+            .map_or(String::new(), |l| format!(" (lease {l})"))
+    )
+}
+
 pub fn describe(s: &SnapshotStatus) -> String {
     let owner = s
         .lease
@@ -104,11 +115,15 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
             if g.json {
                 return json(&list);
             }
-            if list.is_empty() {
+            let thin = p.status(&name)?.thin_snapshots;
+            if list.is_empty() && thin.is_empty() {
                 println!("no snapshots in pool '{name}'");
             }
             for s in &list {
                 println!("{}", describe(s));
+            }
+            for t in &thin {
+                println!("{}", describe_thin(t));
             }
         }
         SnapshotCmd::Delete { name: snap } => {
@@ -130,9 +145,19 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
             }
         }
         SnapshotCmd::Merge { name: snap } if p.is_thin_volume(&name, &snap)? => {
-            bail!(
-                "'{snap}' is a thin snapshot: devpool does not merge thin snapshots yet; \
-use the snapshot itself as the volume, or delete it"
+            let (what, steps) = p.thin_merge_plan(&name, &snap)?;
+            eprintln!("{what}:");
+            for s in &steps {
+                eprintln!("  - {s}");
+            }
+            confirm(g, "snapshot merge")?;
+            let r = p.thin_snapshot_merge(&name, &snap)?;
+            if g.json {
+                return json(&r);
+            }
+            println!(
+                "merged thin snapshot {} into {} (device {} -> {})",
+                r.name, r.origin, r.old_device_id, r.device_id
             );
         }
         SnapshotCmd::Merge { name: snap } => {
@@ -152,15 +177,7 @@ use the snapshot itself as the volume, or delete it"
                 None => eprintln!("  - {} returns to the snapshot's contents", s.origin),
             }
             eprintln!("  - then the snapshot is deleted");
-            if g.dry_run {
-                bail!("dry run: nothing was changed");
-            }
-            if !g.yes {
-                if !std::io::stdin().is_terminal() {
-                    bail!("snapshot merge needs confirmation; rerun with --yes");
-                }
-                crate::ask_yes()?;
-            }
+            confirm(g, "snapshot merge")?;
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template("merging {bar:40} {pos}/{len} chunks")
@@ -186,6 +203,20 @@ use the snapshot itself as the volume, or delete it"
                 println!("{} has no snapshots left: {}", r.origin, dev.display());
             }
         }
+    }
+    Ok(())
+}
+
+/// After a plan was shown: stop on --dry-run, else ask (or take --yes).
+fn confirm(g: &Global, what: &str) -> Result<()> {
+    if g.dry_run {
+        bail!("dry run: nothing was changed");
+    }
+    if !g.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("{what} needs confirmation; rerun with --yes");
+        }
+        crate::ask_yes()?;
     }
     Ok(())
 }

@@ -332,6 +332,67 @@ fn malformed_calls_are_tool_errors_and_the_server_keeps_serving() {
 }
 
 #[test]
+fn an_agent_rolls_a_thin_volume_back_to_its_thin_snapshot() {
+    if skip_unless_real("mcp thin merge") {
+        return;
+    }
+    let Some(py) = python("mcp thin merge") else {
+        return;
+    };
+    let lab = Lab::new();
+    let img = lab.path("thin.img");
+    let pool = format!("mct{}", std::process::id());
+    lab.dp(
+        &[&img],
+        &[
+            "pool",
+            "setup",
+            img.to_str().unwrap(),
+            "--name",
+            &pool,
+            "--image-size",
+            "1G",
+            "--thin",
+            "--yes",
+        ],
+    );
+    let log = scenario(&py, &lab, &[&img], "thin", json!({"pool": pool}));
+    let lv = ok(&log, "acquire")["devices"][0]["lv"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(&log, "snap");
+    let plan = ok(&log, "merge-plan");
+    assert_eq!(plan["confirmed"], false);
+    assert!(
+        plan["plan"]
+            .as_str()
+            .unwrap()
+            .contains("merge thin snapshot before"),
+        "{plan:#}"
+    );
+    let names = |step_name: &str| -> Vec<String> {
+        ok(&log, step_name)["thin_snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        names("list-after-plan"),
+        ["before"],
+        "the plan changed nothing"
+    );
+    let merged = ok(&log, "merge");
+    assert_eq!(merged["origin"], lv.as_str());
+    assert_ne!(merged["device_id"], merged["old_device_id"]);
+    assert!(names("list-after").is_empty());
+    ok(&log, "release");
+    lab.dp(&[&img], &["pool", "teardown", &pool, "--yes"]);
+}
+
+#[test]
 fn server_leases_are_released_on_disconnect_and_reaped_after_a_kill() {
     if skip_unless_real("mcp lease ownership") {
         return;

@@ -5,7 +5,8 @@
 //! thin_dump shows the devices and mappings devpool made. Served over NBD,
 //! thin volumes provision on write, thin snapshots share blocks until
 //! written, discards give blocks back, and a full pool fails writes with
-//! ENOSPC while keeping what was written.
+//! ENOSPC while keeping what was written. A thin snapshot merge rolls the
+//! volume back in one transaction (crash-cut at every write, too).
 
 mod common;
 use common::serving::*;
@@ -644,4 +645,196 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
     assert!(block_is(&sock, 3000, 0));
     stop(srv);
     assert_no_qemu_left(&lab);
+}
+
+/// `devpool … snapshot merge NAME` with extra arguments and environment.
+fn merge(lab: &Lab, snap: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let pool = tp(lab);
+    let mut a = vec!["--pool", pool.as_str()];
+    a.extend_from_slice(args);
+    a.extend(["snapshot", "merge", snap]);
+    lab.devpool_env(&[], &a, env)
+}
+
+#[test]
+fn a_thin_snapshot_merge_rolls_the_volume_back_in_one_transaction() {
+    let Some((lab, image)) = thin_pool_lab("thin_merge", &["qemu-io", "nbdcopy"], "1G", &[]) else {
+        return;
+    };
+    let owner = Sleeper::new();
+    let lease = acquire(&lab, &owner, "t:16M");
+    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let chunk = num(&thin_status(&lab)["chunk_bytes"]) as usize;
+    let size = 16 * MIB as usize;
+    let snapshot = |of: &str, name: &str| {
+        lab.dp(
+            &[],
+            &[
+                "--pool",
+                &tp(&lab),
+                "snapshot",
+                "create",
+                of,
+                "--name",
+                name,
+            ],
+        );
+    };
+    let write = |writes: &[(usize, usize, u8)], model: &mut Vec<u8>| {
+        let (srv, sock) = serve(&lab, &lv, "t.sock");
+        for &(off, len, p) in writes {
+            let out = qemu_io(&sock, &[&format!("write -P {p} {off} {len}")]);
+            assert!(!out.contains("failed"), "{out}");
+            model[off..off + len].fill(p);
+        }
+        stop(srv);
+    };
+
+    // before: 1 MiB of 0xab. after: two chunks overwritten, one more written.
+    let mut before = vec![0u8; size];
+    write(&[(0, MIB as usize, 0xab)], &mut before);
+    snapshot(&lv, "before");
+    snapshot("before", "child");
+    let mut after = before.clone();
+    write(
+        &[(0, 8192, 0x77), (4 * MIB as usize, chunk, 0x55)],
+        &mut after,
+    );
+    snapshot(&lv, "after");
+    // Written only to the volume: its block goes back to the pool on merge.
+    let mut latest = after.clone();
+    write(&[(8 * MIB as usize, chunk, 0x99)], &mut latest);
+    let (_, ids) = lvm2_thin_view(&image);
+    let (old_id, snap_id) = (ids[&lv], ids["before"]);
+
+    // Refused while the volume is served; without --yes; on --dry-run.
+    let (srv, _sock) = serve(&lab, &lv, "busy.sock");
+    let o = merge(&lab, "before", &["--yes"], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("being served"), "{err}");
+    stop(srv);
+    let o = merge(&lab, "before", &[], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("needs confirmation") && err.contains("no data is copied"),
+        "{err}"
+    );
+    let o = merge(&lab, "before", &["--dry-run"], &[]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("dry run"));
+    assert_eq!(
+        lvm2_thin_view(&image).1,
+        ids,
+        "refused merges changed nothing"
+    );
+    let used_before = data_used(&lab);
+
+    // A crash after each write of the merge: LVM2 and thin_check accept
+    // what is left, which is the old state or the merged one.
+    let mut n = 0;
+    loop {
+        let o = merge(
+            &lab,
+            "before",
+            &["--yes"],
+            &[("DEVPOOL_FAULT_CRASH_AFTER_WRITES", &n.to_string())],
+        );
+        check_and_dump(&lab, &image);
+        let (_, now) = lvm2_thin_view(&image);
+        let merged = !now.contains_key("before");
+        if merged {
+            assert_eq!(now[&lv], snap_id, "{now:?}");
+        } else {
+            assert_eq!(now, ids);
+        }
+        if o.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("injected crash"), "{err}");
+        if merged {
+            // Cut after the VG commit: dm-thin still holds the old device
+            // until the next change reconciles it.
+            break;
+        }
+        n += 1;
+        assert!(n < 50, "the merge never completed");
+    }
+    assert!(n >= 2, "only {n} writes in a merge?");
+    let extra = acquire(&lab, &owner, "y:16M");
+    let xml = check_and_dump(&lab, &image);
+    let (trans, thins) = lvm2_thin_view(&image);
+    assert_eq!(superblock_transaction(&xml), trans);
+    assert_eq!(
+        dumped(&xml).keys().copied().collect::<Vec<_>>(),
+        sorted_ids(&thins)
+    );
+    assert!(
+        !dumped(&xml).contains_key(&old_id),
+        "the old device is gone"
+    );
+    assert_eq!(thins[&lv], snap_id);
+    // The volume's block of its own went back; everything else is shared.
+    assert_eq!(data_used(&lab), used_before - 1);
+
+    // The volume shows the snapshot's data; its other snapshot and the
+    // merged snapshot's child show what they showed.
+    for (name, want) in [
+        (lv.as_str(), &before),
+        ("after", &after),
+        ("child", &before),
+    ] {
+        let (srv, sock) = serve(&lab, name, "r.sock");
+        let got = read_all(&sock, &lab.path("r.raw"));
+        stop(srv);
+        assert!(&got == want, "{name} does not show what it should");
+    }
+    // The child is now a snapshot of the volume, and belongs to its lease.
+    let st = lab.dp_json(&[], &["--pool", &tp(&lab), "pool", "status"]);
+    let child = st["thin_snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "child")
+        .unwrap_or_else(|| panic!("no child in {st:#}"));
+    assert_eq!(child["origin"], lv.as_str(), "{st:#}");
+    assert_eq!(child["lease"], lease["session"]);
+
+    // A merge that runs through deletes the old device itself, at once.
+    snapshot(&lv, "again");
+    let mut ignored = before.clone();
+    write(&[(12 * MIB as usize, chunk, 0x42)], &mut ignored);
+    let used = data_used(&lab);
+    let (_, ids) = lvm2_thin_view(&image);
+    let r: Value = serde_json::from_slice(&merge(&lab, "again", &["--yes", "--json"], &[]).stdout)
+        .expect("merge --json");
+    assert_eq!(r["old_device_id"], ids[&lv]);
+    assert_eq!(r["device_id"], ids["again"]);
+    let xml = check_and_dump(&lab, &image);
+    let (trans, thins) = lvm2_thin_view(&image);
+    assert_eq!(superblock_transaction(&xml), trans);
+    assert_eq!(
+        dumped(&xml).keys().copied().collect::<Vec<_>>(),
+        sorted_ids(&thins)
+    );
+    assert_eq!(data_used(&lab), used - 1);
+    assert_eq!(r["data_used_after"], used - 1);
+    let (srv, sock) = serve(&lab, &lv, "r.sock");
+    let got = read_all(&sock, &lab.path("r.raw"));
+    stop(srv);
+    assert!(got == before, "the volume is back to the snapshot");
+
+    for l in [&lease, &extra] {
+        lab.dp(
+            &[],
+            &[
+                "--pool",
+                &tp(&lab),
+                "lease",
+                "release",
+                l["session"].as_str().unwrap(),
+            ],
+        );
+    }
+    assert_eq!(data_used(&lab), 0);
+    assert!(dumped(&check_and_dump(&lab, &image)).is_empty());
 }

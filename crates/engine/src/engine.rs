@@ -192,6 +192,12 @@ pub enum Operation {
         volumes: Vec<NewVolume>,
         origin: Option<String>,
     },
+    /// Merge a thin snapshot into its origin: the origin takes the
+    /// snapshot's thin device, its own is deleted (one transaction).
+    ThinMerge {
+        vg: String,
+        snapshot: String,
+    },
 }
 
 impl Operation {
@@ -247,6 +253,9 @@ impl Operation {
                 vg, origin, name, ..
             } => format!("snapshot create {vg}/{origin} --name {name}"),
             Operation::ThinPoolCreate { vg, .. } => format!("thin pool create {vg}/thinpool"),
+            Operation::ThinMerge { vg, snapshot } => {
+                format!("thin snapshot merge {vg}/{snapshot} into its origin")
+            }
             Operation::ThinCreate {
                 vg,
                 volumes,
@@ -291,7 +300,8 @@ impl Operation {
             | Operation::LvTags { vg, .. }
             | Operation::SnapshotCreate { vg, .. }
             | Operation::ThinPoolCreate { vg, .. }
-            | Operation::ThinCreate { vg, .. } => l.vgs.push(vg.clone()),
+            | Operation::ThinCreate { vg, .. }
+            | Operation::ThinMerge { vg, .. } => l.vgs.push(vg.clone()),
         }
         l.vgs.sort();
         l.vgs.dedup();
@@ -1199,6 +1209,19 @@ impl Engine {
             } => {
                 let (loaded, meta) = self.change_of(&mut plan, scan, vg)?;
                 self.plan_thin_create(&mut plan, loaded, meta, volumes, origin.as_deref())?;
+            }
+            Operation::ThinMerge { vg, snapshot } => {
+                let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
+                let pool = ops::thin::the_thin_pool(&meta)
+                    .ok_or_else(|| EngineError::Refused(format!("{vg} has no thin pool")))?;
+                let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
+                let changes = ops::thin::merge_thin(&mut meta, snapshot)?;
+                let update = self.thin_update_step(loaded, &pool, known, known_trans, changes)?;
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+                // The origin's old device leaves dm-thin's metadata after
+                // the VG stops naming it.
+                plan.steps.push(update);
             }
             Operation::LvTags {
                 vg,

@@ -11,7 +11,7 @@
 use crate::pool::Pools;
 use crate::{PoolError, Result, lease};
 use devpool_engine::cowstore::PvIndex;
-use devpool_engine::ops::thin::{ThinPoolLink, the_thin_pool, thin_volume, thin_volumes};
+use devpool_engine::ops::thin::{ThinLink, ThinPoolLink, the_thin_pool, thin_volume, thin_volumes};
 use devpool_engine::thinstore::{ThinStore, ThinUsage};
 use devpool_engine::vg::LoadedVg;
 use devpool_engine::{NewVolume, Operation};
@@ -51,6 +51,23 @@ pub struct ThinSnapshotCreated {
     pub origin: String,
     pub lease: Option<String>,
     pub virtual_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThinSnapshotMerged {
+    pub pool: String,
+    /// The snapshot merged (gone now).
+    pub name: String,
+    /// The volume rolled back to it.
+    pub origin: String,
+    pub lease: Option<String>,
+    /// dm-thin device ids: the origin's old one (deleted) and the one it
+    /// has now (the snapshot's).
+    pub old_device_id: u64,
+    pub device_id: u64,
+    /// Data blocks in use in the thin pool before and after.
+    pub data_used_before: Option<u64>,
+    pub data_used_after: Option<u64>,
 }
 
 /// Open the pool's metadata read-only, with plain files.
@@ -199,6 +216,63 @@ impl Pools {
         })
     }
 
+    /// What merging thin snapshot `snap` does: a title and its steps (or
+    /// why it cannot be merged).
+    pub fn thin_merge_plan(&self, name: &str, snap: &str) -> Result<(String, Vec<String>)> {
+        let (t, o) = merge_pair(&self.read_vg(name)?.meta, name, snap)?;
+        Ok((
+            format!("merge thin snapshot {} into {}", t.lv, o.lv),
+            vec![
+                format!(
+                    "{} returns to the snapshot's contents: it takes the snapshot's thin device ({}); no data is copied",
+                    o.lv, t.device_id
+                ),
+                format!(
+                    "{}'s own device ({}) is deleted: what was written to it since the snapshot is lost",
+                    o.lv, o.device_id
+                ),
+                format!("the snapshot {} is gone afterwards", t.lv),
+            ],
+        ))
+    }
+
+    /// Roll thin volume back to its thin snapshot `snap`: one transaction,
+    /// no data copied (the volume takes the snapshot's thin device and the
+    /// snapshot goes). Refused while either is served.
+    pub fn thin_snapshot_merge(&self, name: &str, snap: &str) -> Result<ThinSnapshotMerged> {
+        self.with_pool(name, |e, rec| {
+            let (v, _) = e.read_vg(&rec.vg)?;
+            let (t, o) = merge_pair(&v.meta, name, snap)?;
+            for lv in [&o.lv, &t.lv] {
+                crate::snapshots::refuse_if_served(self, &v.meta, lv, &[], "thin snapshot merge")?;
+            }
+            let before = status(&v).and_then(|s| s.usage).map(|u| u.data_used);
+            e.apply(
+                &Operation::ThinMerge {
+                    vg: rec.vg.clone(),
+                    snapshot: snap.to_string(),
+                },
+                true,
+            )?;
+            let after = self
+                .read_vg(name)
+                .ok()
+                .and_then(|v| status(&v))
+                .and_then(|s| s.usage)
+                .map(|u| u.data_used);
+            Ok(ThinSnapshotMerged {
+                pool: name.to_string(),
+                name: snap.to_string(),
+                origin: o.lv.clone(),
+                lease: lease_of_thin(&v.meta, &o.lv),
+                old_device_id: o.device_id,
+                device_id: t.device_id,
+                data_used_before: before,
+                data_used_after: after,
+            })
+        })
+    }
+
     pub fn is_thin_volume(&self, name: &str, lv: &str) -> Result<bool> {
         Ok(thin_volume(&self.read_vg(name)?.meta, lv).is_some())
     }
@@ -249,6 +323,29 @@ impl Pools {
             })
         })
     }
+}
+
+fn merge_pair(
+    meta: &devpool_format::metadata::VgMetadata,
+    name: &str,
+    snap: &str,
+) -> Result<(ThinLink, ThinLink)> {
+    let t = thin_volume(meta, snap)
+        .filter(|_| meta.lv(snap).and_then(lease::session_of).is_none())
+        .ok_or_else(|| {
+            PoolError::Invalid(format!("'{snap}' is not a thin snapshot in pool '{name}'"))
+        })?;
+    let origin = t.origin.clone().ok_or_else(|| {
+        PoolError::Invalid(format!(
+            "'{snap}' has no origin any more (it was deleted): there is nothing to merge it into; use it as it is, or delete it"
+        ))
+    })?;
+    let o = thin_volume(meta, &origin).ok_or_else(|| {
+        PoolError::Invalid(format!(
+            "'{snap}': its origin '{origin}' is not a thin volume"
+        ))
+    })?;
+    Ok((t, o))
 }
 
 /// The lease a thin volume belongs to: its own, or (for a thin snapshot)

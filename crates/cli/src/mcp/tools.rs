@@ -513,14 +513,19 @@ fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
     match a.action {
         SnapshotAction::List => {
             let list = p.snapshots(&pool)?;
-            let lines: Vec<String> = list.iter().map(crate::snapshot_cmds::describe).collect();
+            let thin = p.status(&pool)?.thin_snapshots;
+            let lines: Vec<String> = list
+                .iter()
+                .map(crate::snapshot_cmds::describe)
+                .chain(thin.iter().map(crate::snapshot_cmds::describe_thin))
+                .collect();
             reply(
                 if lines.is_empty() {
                     format!("no snapshots in pool '{pool}'")
                 } else {
                     lines.join("\n")
                 },
-                json!({ "snapshots": list }),
+                json!({ "snapshots": list, "thin_snapshots": thin }),
             )
         }
         SnapshotAction::Create => {
@@ -567,8 +572,17 @@ fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
         SnapshotAction::Merge => {
             let snap = need(&a.snapshot_name, "snapshot_name")?;
             if p.is_thin_volume(&pool, &snap)? {
-                bail!(
-                    "'{snap}' is a thin snapshot: devpool does not merge thin snapshots yet; use the snapshot itself as the volume, or delete it"
+                if !a.confirm {
+                    let (what, steps) = p.thin_merge_plan(&pool, &snap)?;
+                    return plan("device_pool_snapshot", &what, &steps);
+                }
+                let r = p.thin_snapshot_merge(&pool, &snap)?;
+                return reply(
+                    format!(
+                        "merged thin snapshot {} into {} (device {} -> {})",
+                        r.name, r.origin, r.old_device_id, r.device_id
+                    ),
+                    &r,
                 );
             }
             let s = p

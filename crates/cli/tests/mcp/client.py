@@ -191,8 +191,30 @@ async def suites(run, s):
     await run.call("status-after", "device_pool_status", {"pool_name": ARGS["pool"]})
 
 
+async def thin(run, s):
+    """A thin snapshot of a leased thin volume, merged back (plan first)."""
+    pool = ARGS["pool"]
+    lease = await run.call("acquire", "device_pool_lease_acquire",
+                           {"volumes": "t:64M", "pool_name": pool})
+    lv = lease["structured"]["devices"][0]["lv"]
+    await run.call("snap", "device_pool_snapshot",
+                   {"action": "create", "lv_name": lv, "snapshot_name": "before",
+                    "pool_name": pool})
+    await run.call("merge-plan", "device_pool_snapshot",
+                   {"action": "merge", "snapshot_name": "before", "pool_name": pool})
+    await run.call("list-after-plan", "device_pool_snapshot",
+                   {"action": "list", "pool_name": pool})
+    await run.call("merge", "device_pool_snapshot",
+                   {"action": "merge", "snapshot_name": "before", "pool_name": pool,
+                    "confirm": True})
+    await run.call("list-after", "device_pool_snapshot", {"action": "list", "pool_name": pool})
+    await run.call("release", "device_pool_lease_release",
+                   {"session": lease["structured"]["session"], "pool_name": pool})
+
+
 SCENARIOS = {"tools": tools, "lifecycle": lifecycle, "malformed": malformed,
-             "owned": owned, "cleanup": cleanup, "vm": vm, "suites": suites}
+             "owned": owned, "cleanup": cleanup, "vm": vm, "suites": suites,
+             "thin": thin}
 
 
 async def main():

@@ -361,6 +361,69 @@ pub fn remove_thins(vg: &mut VgMetadata, names: &[String]) -> Result<ThinChanges
     Ok(changes)
 }
 
+/// Merge thin snapshot `snap` into the thin volume it was taken of (one
+/// transaction), as `lvconvert --merge` does for an inactive origin: the
+/// origin LV keeps its name, uuid, tags and size and takes the snapshot's
+/// thin device; the origin's old device is deleted (its blocks that nothing
+/// else maps go back to the pool) and the snapshot LV goes. Snapshots taken
+/// of the snapshot become snapshots of the origin; snapshots of the origin
+/// keep their own devices, so they still show what they showed.
+pub fn merge_thin(vg: &mut VgMetadata, snap: &str) -> Result<ThinChanges> {
+    let t = thin_volume(vg, snap)
+        .ok_or_else(|| EngineError::Invalid(format!("{}/{snap} is not a thin volume", vg.name)))?;
+    let origin = t.origin.clone().ok_or_else(|| {
+        EngineError::Invalid(format!(
+            "{}/{snap} is not a thin snapshot (it has no origin)",
+            vg.name
+        ))
+    })?;
+    let o = thin_volume(vg, &origin).ok_or_else(|| {
+        EngineError::Refused(format!(
+            "{}/{snap}: its origin {origin} is no longer a thin volume; nothing to merge into",
+            vg.name
+        ))
+    })?;
+    if o.pool != t.pool {
+        return Err(EngineError::Invalid(format!(
+            "{}/{snap} and {origin} are in different thin pools",
+            vg.name
+        )));
+    }
+    let link = usable_pool(vg, &t.pool)?;
+    let changes = ThinChanges {
+        delete: vec![o.device_id],
+        trans_id: link.transaction_id + 1,
+        ..ThinChanges::default()
+    };
+    let vgname = vg.name.clone();
+    let seg = vg
+        .lv_mut(&origin)
+        .and_then(|l| l.segments.first_mut())
+        .ok_or_else(|| EngineError::Invalid(format!("{vgname}/{origin} has no segment")))?;
+    set_int(seg, "device_id", t.device_id as i64);
+    vg.lvs.retain(|l| l.name != snap);
+    for lv in vg.lvs.iter_mut() {
+        if let Some(s) = lv.segments.first_mut()
+            && s.segtype() == "thin"
+            && s.str_field("origin") == Some(snap)
+        {
+            for i in &mut s.extra {
+                if let Item::Assign(k, v) = i
+                    && k == "origin"
+                {
+                    *v = Value::Str(origin.clone());
+                }
+            }
+        }
+    }
+    set_int(
+        pool_segment_mut(vg, &t.pool)?,
+        "transaction_id",
+        changes.trans_id as i64,
+    );
+    Ok(changes)
+}
+
 /// Resize a thin volume's virtual size (no allocation: blocks come on write).
 pub fn resize_thin(vg: &mut VgMetadata, name: &str, extents: u64) -> Result<()> {
     if extents == 0 {
