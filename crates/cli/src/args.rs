@@ -131,6 +131,20 @@ Example:\n  devpool pool thin enable default --data-size 50G\n  devpool lease ac
     },
     /// Data and metadata use of the pool's thin pool.
     Status { name: Option<String> },
+    /// Grow the thin pool's data space (a full pool takes writes again).
+    #[command(
+        after_help = "The data LV grows into the VG's free space (add a disk first with \
+`devpool vg extend` when there is none), then dm-thin's data space map takes in the new blocks. \
+Thin pools only grow. Refused while a thin volume of the pool is being served.\n\n\
+Example:\n  devpool pool thin extend default --data-size +20G\n  devpool pool thin extend --data-size 100%FREE"
+    )]
+    Extend {
+        /// The pool (default: --pool, $DEVPOOL_POOL, … or `default`).
+        name: Option<String>,
+        /// The new data size: +20G (grow by), 80G (grow to), or 100%FREE (take the free space).
+        #[arg(long)]
+        data_size: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

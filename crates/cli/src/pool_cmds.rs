@@ -508,6 +508,24 @@ fn thin(g: &Global, p: &Pools, cmd: crate::args::ThinCmd) -> Result<()> {
             }
             print_thin_enabled(&t);
         }
+        ThinCmd::Extend { name, data_size } => {
+            let name = name.unwrap_or_else(|| pool_name(g));
+            let size = SizeArg::parse(&data_size).map_err(|e| anyhow!("--data-size: {e}"))?;
+            if matches!(size.sign, Some(devpool_format::units::Sign::Minus)) {
+                bail!("--data-size {data_size}: thin pools only grow");
+            }
+            let t = p.thin_extend(&name, size)?;
+            if g.json {
+                return json(&t);
+            }
+            println!(
+                "thin pool {} of pool '{name}': data {} -> {} ({} blocks)",
+                t.pool_lv,
+                gib(t.data_bytes_before),
+                gib(t.data_bytes),
+                t.data_blocks.map_or("?".into(), |b| b.to_string())
+            );
+        }
         ThinCmd::Status { name } => {
             let name = name.unwrap_or_else(|| pool_name(g));
             let t = p.thin_status(&name)?;

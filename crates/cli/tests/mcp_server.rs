@@ -332,7 +332,7 @@ fn malformed_calls_are_tool_errors_and_the_server_keeps_serving() {
 }
 
 #[test]
-fn an_agent_rolls_a_thin_volume_back_to_its_thin_snapshot() {
+fn an_agent_rolls_a_thin_volume_back_to_its_thin_snapshot_and_grows_the_thin_pool() {
     if skip_unless_real("mcp thin merge") {
         return;
     }
@@ -388,6 +388,12 @@ fn an_agent_rolls_a_thin_volume_back_to_its_thin_snapshot() {
     assert_eq!(merged["origin"], lv.as_str());
     assert_ne!(merged["device_id"], merged["old_device_id"]);
     assert!(names("list-after").is_empty());
+    let grown = ok(&log, "grow-pool");
+    assert_eq!(
+        grown["data_bytes"].as_u64().unwrap(),
+        grown["data_bytes_before"].as_u64().unwrap() + (16 << 20)
+    );
+    assert!(tool_err(&log, "shrink-pool").contains("only grow"));
     ok(&log, "release");
     lab.dp(&[&img], &["pool", "teardown", &pool, "--yes"]);
 }

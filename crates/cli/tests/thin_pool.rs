@@ -505,6 +505,77 @@ fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
     let health = st["health"].to_string();
     assert!(health.contains("is full"), "{health}");
     assert!(health.contains("ENOSPC"), "{health}");
+    assert!(health.contains("pool thin extend"), "{health}");
+    check_and_dump(&lab, &image);
+
+    // Grown (refused while served, and never shrunk): the pool takes
+    // writes again, LVM2 sees the bigger pool, thin_check the bigger map.
+    let pool = tp(&lab);
+    let extend = |size: &str| {
+        lab.devpool(
+            &[],
+            &[
+                "--pool",
+                &pool,
+                "--json",
+                "pool",
+                "thin",
+                "extend",
+                "--data-size",
+                size,
+            ],
+        )
+    };
+    let (srv, sock) = serve(&lab, &lv, "t.sock");
+    let o = extend("+8M");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("being served"), "{err}");
+    stop(srv);
+    let o = extend("4M");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("only grow"), "{err}");
+    let o = extend("+8M");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["data_bytes_before"], 8 * MIB);
+    assert_eq!(r["data_bytes"], 16 * MIB);
+    assert_eq!(r["data_blocks"], 256);
+    let t = thin_status(&lab);
+    assert_eq!(t["usage"]["data_blocks"], 256);
+    let xml = check_and_dump(&lab, &image);
+    assert!(xml.contains("nr_data_blocks=\"256\""), "{xml}");
+    let lo = Loop::attach(&image);
+    let rows = lvm_report(&[lo.dev.as_path()], "lvs", "lv_name,lv_size");
+    let size_of = |n: &str| {
+        rows.iter()
+            .find(|r| {
+                r["lv_name"]
+                    .as_str()
+                    .is_some_and(|x| x.trim_matches(['[', ']']) == n)
+            })
+            .map(|r| r["lv_size"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no {n} in {rows:?}"))
+    };
+    assert_eq!(size_of("thinpool"), "16777216");
+    assert_eq!(size_of("thinpool_tdata"), "16777216");
+    let (ok, out) = vgck(&[lo.dev.as_path()], &format!("devpool-{pool}"));
+    assert!(ok, "vgck: {out}");
+    drop(lo);
+    let (srv, sock) = serve(&lab, &lv, "t.sock");
+    let out = qemu_io(
+        &sock,
+        &[
+            "write -P 0x46 8M 4M",
+            "read -P 0x46 8M 4M",
+            "read -P 0x42 64k 5M",
+        ],
+    );
+    assert!(
+        !out.contains("failed") && !out.contains("verification"),
+        "{out}"
+    );
+    stop(srv);
+    assert_eq!(data_used(&lab), 128 + 64);
     check_and_dump(&lab, &image);
 }
 

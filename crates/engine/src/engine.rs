@@ -198,6 +198,12 @@ pub enum Operation {
         vg: String,
         snapshot: String,
     },
+    /// Grow the thin pool's data space (the data LV, then dm-thin's data
+    /// space map).
+    ThinPoolExtend {
+        vg: String,
+        data_size: SizeArg,
+    },
 }
 
 impl Operation {
@@ -256,6 +262,7 @@ impl Operation {
             Operation::ThinMerge { vg, snapshot } => {
                 format!("thin snapshot merge {vg}/{snapshot} into its origin")
             }
+            Operation::ThinPoolExtend { vg, .. } => format!("thin pool extend {vg}"),
             Operation::ThinCreate {
                 vg,
                 volumes,
@@ -301,7 +308,8 @@ impl Operation {
             | Operation::SnapshotCreate { vg, .. }
             | Operation::ThinPoolCreate { vg, .. }
             | Operation::ThinCreate { vg, .. }
-            | Operation::ThinMerge { vg, .. } => l.vgs.push(vg.clone()),
+            | Operation::ThinMerge { vg, .. }
+            | Operation::ThinPoolExtend { vg, .. } => l.vgs.push(vg.clone()),
         }
         l.vgs.sort();
         l.vgs.dedup();
@@ -1221,6 +1229,37 @@ impl Engine {
                 self.finish_commit(&mut plan, meta, &devs)?;
                 // The origin's old device leaves dm-thin's metadata after
                 // the VG stops naming it.
+                plan.steps.push(update);
+            }
+            Operation::ThinPoolExtend { vg, data_size } => {
+                let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
+                let pool = ops::thin::the_thin_pool(&meta)
+                    .ok_or_else(|| EngineError::Refused(format!("{vg} has no thin pool")))?;
+                let current = meta.lv(&pool.tdata).map_or(0, |l| l.extent_count());
+                let (target, note) = ops::resolve_size(&meta, data_size, Some(current), 1)?;
+                plan.notes.extend(note);
+                ops::thin::extend_thin_pool(&mut meta, &pool.pool, target)?;
+                plan.notes.push(format!(
+                    "{vg}/{} data: {current} -> {target} extents",
+                    pool.pool
+                ));
+                let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
+                let mut update = self.thin_update_step(
+                    loaded,
+                    &pool,
+                    known,
+                    known_trans,
+                    ops::thin::ThinChanges {
+                        trans_id: pool.transaction_id,
+                        ..Default::default()
+                    },
+                )?;
+                if let Step::UpdateThinPool { data_bytes, .. } = &mut update {
+                    *data_bytes = target * meta.extent_size.bytes().0;
+                }
+                let devs = self.vg_devices(loaded);
+                self.finish_commit(&mut plan, meta, &devs)?;
+                // dm-thin's space map grows once the VG holds the space.
                 plan.steps.push(update);
             }
             Operation::LvTags {

@@ -170,6 +170,7 @@ pub fn run_update(u: Update, gate: &WriteGate) -> Result<()> {
         .map_err(|e| thin_err(&io, e))?;
     let known = u.known.iter().copied().collect();
     store.reconcile(&known, u.known_trans);
+    store.grow_data();
     store.apply(u.changes).map_err(|e| thin_err(&io, e))?;
     store.commit(&io).map_err(|e| thin_err(&io, e))
 }

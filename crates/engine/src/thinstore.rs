@@ -228,6 +228,18 @@ impl ThinStore {
         Ok(true)
     }
 
+    /// Take in data space the data LV gained since the metadata was
+    /// written (as dm-thin does when a pool is loaded on a bigger data
+    /// device); the new blocks are free. Whether it grew.
+    pub fn grow_data(&mut self) -> bool {
+        let capacity = self.data_map.size() / self.chunk_bytes().max(1);
+        if capacity <= self.m.nr_data_blocks {
+            return false;
+        }
+        self.m.nr_data_blocks = capacity;
+        true
+    }
+
     pub fn chunk_bytes(&self) -> u64 {
         u64::from(self.m.data_block_size) * 512
     }

@@ -70,6 +70,16 @@ pub struct ThinSnapshotMerged {
     pub data_used_after: Option<u64>,
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct ThinExtended {
+    pub pool: String,
+    pub pool_lv: String,
+    pub data_bytes_before: u64,
+    pub data_bytes: u64,
+    /// dm-thin's data blocks now (what its space map counts).
+    pub data_blocks: Option<u64>,
+}
+
 /// Open the pool's metadata read-only, with plain files.
 pub fn open_store(v: &LoadedVg, link: &ThinPoolLink) -> std::result::Result<ThinStore, String> {
     let meta = &v.meta;
@@ -116,7 +126,7 @@ pub(crate) fn health(t: &ThinStatus, out: &mut Vec<String>) {
     };
     if u.data_blocks > 0 && u.data_used >= u.data_blocks {
         out.push(format!(
-            "thin pool {} is full: all {} data blocks are used; writes to blocks not yet written fail with ENOSPC (release leases, discard, or grow the pool)",
+            "thin pool {} is full: all {} data blocks are used; writes to blocks not yet written fail with ENOSPC (release leases, discard, or grow it: devpool pool thin extend --data-size +SIZE)",
             t.pool_lv, u.data_blocks
         ));
     } else if u.data_blocks > 0 && u.data_used * 100 / u.data_blocks >= THIN_FULL_PERCENT {
@@ -269,6 +279,49 @@ impl Pools {
                 device_id: t.device_id,
                 data_used_before: before,
                 data_used_after: after,
+            })
+        })
+    }
+
+    /// Grow the thin pool's data space to `data_size` (absolute, `+N`, or a
+    /// percentage of the free space). Refused while any of its thin volumes
+    /// is served: a server holds the pool's size.
+    pub fn thin_extend(&self, name: &str, data_size: SizeArg) -> Result<ThinExtended> {
+        self.with_pool(name, |e, rec| {
+            let (v, _) = e.read_vg(&rec.vg)?;
+            let link = the_thin_pool(&v.meta).ok_or_else(|| {
+                PoolError::Invalid(format!(
+                    "pool '{name}' has no thin pool (devpool pool thin enable {name})"
+                ))
+            })?;
+            for t in thin_volumes(&v.meta) {
+                crate::snapshots::refuse_if_served(self, &v.meta, &t.lv, &[], "thin pool extend")?;
+            }
+            let es = v.meta.extent_size.bytes().0;
+            let before = v.meta.lv(&link.tdata).map_or(0, |l| l.extent_count() * es);
+            let (plan, _) = e.apply(
+                &Operation::ThinPoolExtend {
+                    vg: rec.vg.clone(),
+                    data_size,
+                },
+                true,
+            )?;
+            let meta = plan
+                .new_metadata()
+                .ok_or_else(|| PoolError::Invalid("thin extend: no metadata".into()))?;
+            let after = meta.lv(&link.tdata).map_or(0, |l| l.extent_count() * es);
+            let blocks = self
+                .read_vg(name)
+                .ok()
+                .and_then(|v| status(&v))
+                .and_then(|s| s.usage)
+                .map(|u| u.data_blocks);
+            Ok(ThinExtended {
+                pool: name.to_string(),
+                pool_lv: link.pool.clone(),
+                data_bytes_before: before,
+                data_bytes: after,
+                data_blocks: blocks,
             })
         })
     }

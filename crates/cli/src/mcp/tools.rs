@@ -50,7 +50,8 @@ struct Nothing {}
 
 #[derive(Deserialize, JsonSchema)]
 struct Resize {
-    /// The volume's LV name, as device_pool_status lists it.
+    /// The volume's LV name, as device_pool_status lists it; or the thin
+    /// pool's LV (`thinpool`) to grow its data space.
     lv_name: String,
     /// New size: 30G, +10G (grow by) or -5G (shrink by). Shrinking needs confirm.
     new_size: String,
@@ -397,7 +398,22 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
             let a: Resize = args(name, a)?;
             let pool = pool_of(c, a.pool_name);
             let size = SizeArg::parse(&a.new_size).map_err(|e| anyhow!("new_size: {e}"))?;
-            match pools(&c.g)?.resize(&pool, &a.lv_name, size, a.confirm) {
+            let p = pools(&c.g)?;
+            if p.thin_status(&pool)?
+                .is_some_and(|t| t.pool_lv == a.lv_name)
+            {
+                let t = p.thin_extend(&pool, size)?;
+                return reply(
+                    format!(
+                        "thin pool {}: data {} -> {}",
+                        t.pool_lv,
+                        gib(t.data_bytes_before),
+                        gib(t.data_bytes)
+                    ),
+                    &t,
+                );
+            }
+            match p.resize(&pool, &a.lv_name, size, a.confirm) {
                 Err(PoolError::NeedsConfirmation { what, reasons }) => plan(name, &what, &reasons),
                 r => {
                     let bytes = r?;

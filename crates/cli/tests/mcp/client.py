@@ -208,6 +208,11 @@ async def thin(run, s):
                    {"action": "merge", "snapshot_name": "before", "pool_name": pool,
                     "confirm": True})
     await run.call("list-after", "device_pool_snapshot", {"action": "list", "pool_name": pool})
+    await run.call("grow-pool", "device_pool_resize",
+                   {"lv_name": "thinpool", "new_size": "+16M", "pool_name": pool})
+    await run.call("shrink-pool", "device_pool_resize",
+                   {"lv_name": "thinpool", "new_size": "-16M", "pool_name": pool,
+                    "confirm": True})
     await run.call("release", "device_pool_lease_release",
                    {"session": lease["structured"]["session"], "pool_name": pool})
 

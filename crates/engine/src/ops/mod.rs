@@ -352,7 +352,20 @@ pub fn change_tags(
 /// Resize to `target` extents: grow by extending the last run in place where
 /// the next extents are free, otherwise with new segments; shrink from the end.
 pub fn resize_lv(vg: &mut VgMetadata, name: &str, target: u64) -> Result<()> {
-    let current = modifiable(vg, name)?.extent_count();
+    modifiable(vg, name)?;
+    resize_any_lv(vg, name, target)
+}
+
+/// Resize without asking whether the LV is devpool's to change (for LVs a
+/// structure owns, such as a thin pool's data LV).
+pub(crate) fn resize_any_lv(vg: &mut VgMetadata, name: &str, target: u64) -> Result<()> {
+    let current = vg
+        .lv(name)
+        .ok_or_else(|| EngineError::LvNotFound {
+            vg: vg.name.clone(),
+            lv: name.into(),
+        })?
+        .extent_count();
     if target == 0 {
         return Err(EngineError::Invalid(
             "an LV cannot be resized to 0 extents".into(),

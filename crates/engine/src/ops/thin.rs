@@ -424,6 +424,24 @@ pub fn merge_thin(vg: &mut VgMetadata, snap: &str) -> Result<ThinChanges> {
     Ok(changes)
 }
 
+/// Grow thin pool `pool`'s data LV to `extents` (the pool LV's segment
+/// follows, as LVM2 records it); dm-thin's data space map grows to match at
+/// its next commit. Returns the data extents before. Shrinking is refused,
+/// as by LVM2 (dm-thin cannot give back data blocks).
+pub fn extend_thin_pool(vg: &mut VgMetadata, pool: &str, extents: u64) -> Result<u64> {
+    let link = usable_pool(vg, pool)?;
+    let before = vg.lv(&link.tdata).map_or(0, |l| l.extent_count());
+    if extents <= before {
+        return Err(EngineError::Refused(format!(
+            "thin pool {}/{pool} has {before} data extents; it can only grow (asked for {extents})",
+            vg.name
+        )));
+    }
+    super::resize_any_lv(vg, &link.tdata, extents)?;
+    pool_segment_mut(vg, pool)?.extent_count = extents;
+    Ok(before)
+}
+
 /// Resize a thin volume's virtual size (no allocation: blocks come on write).
 pub fn resize_thin(vg: &mut VgMetadata, name: &str, extents: u64) -> Result<()> {
     if extents == 0 {
