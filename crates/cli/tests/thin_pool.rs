@@ -526,7 +526,7 @@ fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
             ],
         )
     };
-    let (srv, sock) = serve(&lab, &lv, "t.sock");
+    let (srv, _sock) = serve(&lab, &lv, "t.sock");
     let o = extend("+8M");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("being served"), "{err}");
