@@ -71,6 +71,27 @@ fn scenario(py: &Path, lab: &Lab, devices: &[&Path], name: &str, args: Value) ->
     })
 }
 
+/// A pool named `prefix<pid>` on a 1 GiB sparse image `file` in the lab
+/// (`extra`: more `pool setup` arguments); the image and the pool's name.
+fn image_pool(lab: &Lab, file: &str, prefix: &str, extra: &[&str]) -> (PathBuf, String) {
+    let img = lab.path(file);
+    let pool = format!("{prefix}{}", std::process::id());
+    let path = img.display().to_string();
+    let mut args = vec![
+        "pool",
+        "setup",
+        path.as_str(),
+        "--name",
+        &pool,
+        "--image-size",
+        "1G",
+        "--yes",
+    ];
+    args.extend_from_slice(extra);
+    lab.dp(&[&img], &args);
+    (img, pool)
+}
+
 fn step<'a>(log: &'a [Value], name: &str) -> &'a Value {
     log.iter()
         .find(|e| e["step"] == name)
@@ -340,22 +361,7 @@ fn an_agent_rolls_a_thin_volume_back_to_its_thin_snapshot_and_grows_the_thin_poo
         return;
     };
     let lab = Lab::new();
-    let img = lab.path("thin.img");
-    let pool = format!("mct{}", std::process::id());
-    lab.dp(
-        &[&img],
-        &[
-            "pool",
-            "setup",
-            img.to_str().unwrap(),
-            "--name",
-            &pool,
-            "--image-size",
-            "1G",
-            "--thin",
-            "--yes",
-        ],
-    );
+    let (img, pool) = image_pool(&lab, "thin.img", "mct", &["--thin"]);
     let log = scenario(&py, &lab, &[&img], "thin", json!({"pool": pool}));
     let lv = ok(&log, "acquire")["devices"][0]["lv"]
         .as_str()
@@ -457,21 +463,7 @@ fn guest_mcp_vm_run_boots_a_kernel_with_a_leased_volume_and_cancels_cleanly() {
         return;
     };
     let lab = Lab::new();
-    let img = lab.path("pool.img");
-    let pool = format!("mcv{}", std::process::id());
-    lab.dp(
-        &[&img],
-        &[
-            "pool",
-            "setup",
-            img.to_str().unwrap(),
-            "--name",
-            &pool,
-            "--image-size",
-            "1G",
-            "--yes",
-        ],
-    );
+    let (img, pool) = image_pool(&lab, "pool.img", "mcv", &[]);
     let log = scenario(
         &py,
         &lab,
@@ -534,21 +526,7 @@ fn guest_mcp_module_test_and_fstests_run_in_a_guest_and_release_their_volumes() 
         return;
     };
     let tree = common::guest::fstests_mimic(&lab);
-    let img = lab.path("pool.img");
-    let pool = format!("mcs{}", std::process::id());
-    lab.dp(
-        &[&img],
-        &[
-            "pool",
-            "setup",
-            img.to_str().unwrap(),
-            "--name",
-            &pool,
-            "--image-size",
-            "1G",
-            "--yes",
-        ],
-    );
+    let (img, pool) = image_pool(&lab, "pool.img", "mcs", &[]);
     let log = scenario(
         &py,
         &lab,

@@ -207,6 +207,19 @@ fn acquire(lab: &Lab, owner: &Sleeper, volumes: &str) -> Value {
     )
 }
 
+fn release(lab: &Lab, lease: &Value) {
+    lab.dp(
+        &[],
+        &[
+            "--pool",
+            &tp(lab),
+            "lease",
+            "release",
+            lease["session"].as_str().unwrap(),
+        ],
+    );
+}
+
 fn thin_status(lab: &Lab) -> Value {
     lab.dp_json(&[], &["--pool", &tp(lab), "pool", "status"])["thin"].clone()
 }
@@ -277,18 +290,8 @@ fn lvm2_sees_thin_leases_and_thin_check_passes_after_a_crash_at_every_write() {
         sorted_ids(&thins)
     );
     // Release: the devices go from both.
-    for l in [&lease, &extra] {
-        lab.dp(
-            &[],
-            &[
-                "--pool",
-                &tp(&lab),
-                "lease",
-                "release",
-                l["session"].as_str().unwrap(),
-            ],
-        );
-    }
+    release(&lab, &lease);
+    release(&lab, &extra);
     drop(owner);
     lab.dp(&[], &["--pool", &tp(&lab), "cleanup"]);
     let xml = check_and_dump(&lab, &image);
@@ -444,16 +447,7 @@ fn thin_volumes_provision_on_write_snapshots_share_and_discard_gives_back() {
     // The snapshot belongs to the lease: release takes both.
     let st = lab.dp_json(&[], &["--pool", &tp(&lab), "pool", "status"]);
     assert_eq!(st["thin_snapshots"][0]["lease"], lease["session"]);
-    lab.dp(
-        &[],
-        &[
-            "--pool",
-            &tp(&lab),
-            "lease",
-            "release",
-            lease["session"].as_str().unwrap(),
-        ],
-    );
+    release(&lab, &lease);
     assert_eq!(data_used(&lab), 0);
     let xml = check_and_dump(&lab, &image);
     assert!(dumped(&xml).is_empty());
@@ -894,18 +888,8 @@ fn a_thin_snapshot_merge_rolls_the_volume_back_in_one_transaction() {
     stop(srv);
     assert!(got == before, "the volume is back to the snapshot");
 
-    for l in [&lease, &extra] {
-        lab.dp(
-            &[],
-            &[
-                "--pool",
-                &tp(&lab),
-                "lease",
-                "release",
-                l["session"].as_str().unwrap(),
-            ],
-        );
-    }
+    release(&lab, &lease);
+    release(&lab, &extra);
     assert_eq!(data_used(&lab), 0);
     assert!(dumped(&check_and_dump(&lab, &image)).is_empty());
 }

@@ -89,6 +89,11 @@ pub struct ThinStore {
     /// still map them, so they are not handed out again before the next
     /// commit (after a crash, a device would read another one's new data).
     freed: std::collections::HashSet<u64>,
+    /// Blocks fewer devices map since the last commit, but still some: the
+    /// committed copy may share them yet, so they count as shared (never
+    /// overwritten in place) until the next commit. dm-thin gets the same
+    /// from its snapshot times.
+    weakened: std::collections::HashSet<u64>,
     /// In-memory changes that a failed commit left: reload before use.
     stale: bool,
 }
@@ -137,6 +142,7 @@ impl ThinStore {
             refs: HashMap::new(),
             cursor: 0,
             freed: Default::default(),
+            weakened: Default::default(),
             stale: true,
         }
     }
@@ -208,6 +214,7 @@ impl ThinStore {
         self.superblock = self.read_block(io, 0).map_err(|e| self.fmt_err(e))?;
         self.refs = m.data_ref_counts().into_iter().collect();
         self.freed.clear();
+        self.weakened.clear();
         self.m = m;
         self.used = used;
         self.reuse = reuse;
@@ -248,7 +255,8 @@ impl ThinStore {
         let bt = self.m.devices.get(&dev)?.mappings.get(&vblock)?;
         Some(Lookup {
             block: bt.block,
-            shared: self.refs.get(&bt.block).copied().unwrap_or(0) > 1,
+            shared: self.refs.get(&bt.block).copied().unwrap_or(0) > 1
+                || self.weakened.contains(&bt.block),
         })
     }
 
@@ -313,6 +321,8 @@ impl ThinStore {
             if *c == 0 {
                 self.refs.remove(&block);
                 self.freed.insert(block);
+            } else {
+                self.weakened.insert(block);
             }
         }
     }
@@ -496,6 +506,7 @@ impl ThinStore {
         self.reuse = w.reuse;
         self.superblock = w.superblock;
         self.freed.clear();
+        self.weakened.clear();
         self.stale = false;
         Ok(())
     }

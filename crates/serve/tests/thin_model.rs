@@ -374,3 +374,50 @@ fn a_block_freed_in_a_transaction_is_not_reused_before_its_commit() {
         panic!("{e}");
     }
 }
+
+/// A block that two volumes share in the committed metadata stays shared
+/// for in-place writes until the next commit, even after one volume
+/// provisioned a block of its own in memory: otherwise the other volume's
+/// write overwrites it in place, and after a crash the first one (mapped to
+/// it again) reads the other's data.
+#[test]
+fn a_block_shared_in_the_committed_copy_is_not_overwritten_in_place_before_a_commit() {
+    let chunk = u64::from(CHUNK_SECTORS) * 512;
+    let steps = vec![
+        Step::Write {
+            dev: 0,
+            off: 0,
+            len: chunk,
+            byte: 0x11,
+        },
+        Step::Flush { dev: 0 },
+        // Devices 2 and 3 (slots 1, 2) share the block with device 1...
+        Step::Snapshot { dev: 0 },
+        Step::Snapshot { dev: 1 },
+        // ... then only with each other (committed).
+        Step::Write {
+            dev: 0,
+            off: 0,
+            len: chunk,
+            byte: 0x22,
+        },
+        Step::Flush { dev: 0 },
+        // Device 2 gets its own block (uncommitted)...
+        Step::Zero {
+            dev: 1,
+            off: 100,
+            len: 10,
+        },
+        // ... so in memory device 3 alone maps the old one.
+        Step::Write {
+            dev: 2,
+            off: 0,
+            len: 10,
+            byte: 0x62,
+        },
+        Step::Crash,
+    ];
+    if let Err(e) = run(steps, "shared") {
+        panic!("{e}");
+    }
+}
