@@ -20,8 +20,8 @@ Prints one JSON object. Usage (root): cargo build --release && bench/nbd_io.py
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVPOOL = os.environ.get("DEVPOOL", os.path.join(ROOT, "target/release/devpool"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import DEVPOOL, sh, wait_socket  # noqa: E402
 HZ = os.sysconf("SC_CLK_TCK")
 JOBS = [
     ("randread_4k", ["--rw=randread", "--bs=4k", "--iodepth=32"]),
@@ -31,13 +31,6 @@ JOBS = [
 ]
 
 
-def sh(args, env=None):
-    r = subprocess.run(args, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        sys.exit(f"failed: {' '.join(args)}\n{r.stderr}")
-    return r.stdout
-
-
 def cpu_ticks(pid):
     total = 0
     # All threads of the process (the server's workers are threads).
@@ -45,14 +38,6 @@ def cpu_ticks(pid):
         rest = f.read().rsplit(")", 1)[1].split()
     total += int(rest[11]) + int(rest[12])
     return total
-
-
-def wait_socket(path, proc, limit=10):
-    t = time.time()
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.time() - t > limit:
-            sys.exit(f"server for {path} did not start")
-        time.sleep(0.02)
 
 
 def fio(target, job, args, runtime, size):

@@ -20,29 +20,14 @@ cargo build --release && bench/snapshot_io.py
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVPOOL = os.environ.get("DEVPOOL", os.path.join(ROOT, "target/release/devpool"))
-
-
-def sh(args, env=None):
-    r = subprocess.run(args, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        sys.exit(f"failed: {' '.join(args)}\n{r.stderr}")
-    return r.stdout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import DEVPOOL, finish, sh, wait_socket  # noqa: E402
 
 
 def timed(args, env):
     t = time.perf_counter()
     sh(args, env)
     return (time.perf_counter() - t) * 1000
-
-
-def wait_socket(path, proc, limit=10):
-    t = time.time()
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.time() - t > limit:
-            sys.exit(f"server for {path} did not start")
-        time.sleep(0.02)
 
 
 def fio(uri, job, args):
@@ -182,13 +167,7 @@ def main():
             },
         }, indent=2))
     finally:
-        for s in servers:
-            s.stop()
-        subprocess.run([DEVPOOL, "--pool", "bench", "pool", "teardown", "bench", "--force",
-                        "--yes"], env=env, capture_output=True)
-        owner.kill()
-        owner.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        finish(servers, ["bench"], env, owner, work)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ code: `plainb` (linear leases) and `thinb` (a thin pool). Measured:
 Prints one JSON object with ratios (thin / plain). Usage (root):
 cargo build --release && bench/thin_io.py
 """
-import argparse, json, os, shutil, subprocess, sys, tempfile, time
+import argparse, json, os, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from snapshot_io import DEVPOOL, Server, sh, timed, fio, median  # noqa: E402
+from benchlib import DEVPOOL, finish, sh  # noqa: E402
+from snapshot_io import Server, timed, fio, median  # noqa: E402
 
 
 def main():
@@ -137,14 +138,7 @@ def main():
             },
         }, indent=2))
     finally:
-        for s in servers:
-            s.stop()
-        for pool in ["plainb", "thinb"]:
-            subprocess.run([DEVPOOL, "--pool", pool, "pool", "teardown", pool, "--force",
-                            "--yes"], env=env, capture_output=True)
-        owner.kill()
-        owner.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        finish(servers, ["plainb", "thinb"], env, owner, work)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ Prints one JSON object. Usage (root): cargo build --release && bench/vm_boot.py
 """
 import argparse, glob, json, os, statistics, subprocess, sys, tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVPOOL = os.environ.get("DEVPOOL", os.path.join(ROOT, "target/release/devpool"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import DEVPOOL  # noqa: E402
 CACHE = "/var/cache/devpool-test/kernels"
 
 FIO = ("fio --name=w --filename=$TEST_DEV --rw=write --bs=1M --size=256M --direct=1 "

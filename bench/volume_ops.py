@@ -13,17 +13,10 @@ Usage (root): cargo build --release && bench/volume_ops.py [--ops 20]
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVPOOL = os.environ.get("DEVPOOL", os.path.join(ROOT, "target/release/devpool"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import DEVPOOL, sh  # noqa: E402
 LVM_CONFIG = ("global{activation=0} backup{backup=0 archive=0} "
               "devices{obtain_device_list_from_udev=0 use_devicesfile=0}")
-
-
-def sh(args, env=None):
-    r = subprocess.run(args, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        sys.exit(f"failed: {' '.join(args)}\n{r.stderr}")
-    return r.stdout
 
 
 class Pool:
