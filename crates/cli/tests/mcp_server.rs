@@ -71,25 +71,11 @@ fn scenario(py: &Path, lab: &Lab, devices: &[&Path], name: &str, args: Value) ->
     })
 }
 
-/// A pool named `prefix<pid>` on a 1 GiB sparse image `file` in the lab
-/// (`extra`: more `pool setup` arguments); the image and the pool's name.
+/// A pool named `prefix<pid>` on a 1 GiB sparse image `file` in the lab;
+/// the image and the pool's name.
 fn image_pool(lab: &Lab, file: &str, prefix: &str, extra: &[&str]) -> (PathBuf, String) {
-    let img = lab.path(file);
     let pool = format!("{prefix}{}", std::process::id());
-    let path = img.display().to_string();
-    let mut args = vec![
-        "pool",
-        "setup",
-        path.as_str(),
-        "--name",
-        &pool,
-        "--image-size",
-        "1G",
-        "--yes",
-    ];
-    args.extend_from_slice(extra);
-    lab.dp(&[&img], &args);
-    (img, pool)
+    (lab.image_pool(file, &pool, "1G", extra), pool)
 }
 
 fn step<'a>(log: &'a [Value], name: &str) -> &'a Value {

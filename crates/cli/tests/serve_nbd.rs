@@ -326,20 +326,7 @@ fn run_export_serves_every_volume_for_the_command_and_stops_after() {
         return;
     }
     let lab = Lab::new();
-    let img = lab.path("pool.img").display().to_string();
-    lab.dp(
-        &[],
-        &[
-            "pool",
-            "setup",
-            &img,
-            "--name",
-            "runx",
-            "--image-size",
-            "1G",
-            "--yes",
-        ],
-    );
+    lab.image_pool("pool.img", "runx", "1G", &[]);
     let script = "nbdinfo --size \"$DEVPOOL_NBD_TEST\" > \"$OUT.test\" && \
                   nbdinfo --size \"$DEVPOOL_NBD_SCRATCH\" > \"$OUT.scratch\" && \
                   qemu-io -f raw -c 'write -P 0x66 0 65536' \"$DEVPOOL_NBD_TEST\" >/dev/null && \

@@ -155,22 +155,8 @@ fn releasing_a_lease_removes_the_snapshots_of_its_volumes() {
         return;
     }
     let lab = Lab::new();
-    let img = lab.path("p.img");
-    let p = img.display().to_string();
+    let img = lab.image_pool("p.img", "sn", "256M", &[]);
     let devs = [img.as_path()];
-    lab.dp(
-        &devs,
-        &[
-            "pool",
-            "setup",
-            &p,
-            "--name",
-            "sn",
-            "--image-size",
-            "256M",
-            "--yes",
-        ],
-    );
     let a = lab.dp_json(
         &devs,
         &["--pool", "sn", "lease", "acquire", "--volumes", "test:16M"],

@@ -163,22 +163,8 @@ fn thin_pool_lab(
         return None;
     }
     let lab = Lab::new();
-    let image = lab.path("pool.img");
-    let img = image.display().to_string();
-    lab.dp(
-        &[],
-        &[
-            "pool",
-            "setup",
-            &img,
-            "--name",
-            &pool_of(test),
-            "--image-size",
-            image_size,
-            "--yes",
-        ],
-    );
     let pool = pool_of(test);
+    let image = lab.image_pool("pool.img", &pool, image_size, &[]);
     let mut args = vec!["--pool", pool.as_str(), "pool", "thin", "enable"];
     args.extend_from_slice(thin_args);
     lab.dp(&[], &args);
@@ -333,6 +319,15 @@ fn qemu_io(sock: &Path, script: &[&str]) -> String {
     )
 }
 
+/// qemu-io that must succeed: no failed request, no pattern mismatch.
+fn qemu_io_ok(sock: &Path, script: &[&str]) {
+    let out = qemu_io(sock, script);
+    assert!(
+        !out.contains("failed") && !out.contains("verification"),
+        "{out}"
+    );
+}
+
 fn read_all(sock: &Path, out: &Path) -> Vec<u8> {
     run_ok(Command::new("nbdcopy").arg(uri(sock)).arg(out));
     std::fs::read(out).unwrap()
@@ -364,8 +359,7 @@ fn thin_volumes_provision_on_write_snapshots_share_and_discard_gives_back() {
         (size - 4096, 4096, 0xee),
     ];
     for (off, len, p) in writes {
-        let out = qemu_io(&sock, &[&format!("write -P {p} {off} {len}")]);
-        assert!(!out.contains("failed"), "{out}");
+        qemu_io_ok(&sock, &[&format!("write -P {p} {off} {len}")]);
         model[off..off + len].fill(p);
     }
     let got = read_all(&sock, &lab.path("t1.raw"));
@@ -409,11 +403,10 @@ fn thin_volumes_provision_on_write_snapshots_share_and_discard_gives_back() {
 
     // Overwrite the origin: the snapshot keeps the old data.
     let (srv, sock) = serve(&lab, &lv, "t.sock");
-    let out = qemu_io(
+    qemu_io_ok(
         &sock,
         &["write -P 0x77 0 8192", "write -P 0x78 200000 4096"],
     );
-    assert!(!out.contains("failed"), "{out}");
     let mut origin_model = model.clone();
     origin_model[..8192].fill(0x77);
     origin_model[200_000..204_096].fill(0x78);
@@ -430,13 +423,9 @@ fn thin_volumes_provision_on_write_snapshots_share_and_discard_gives_back() {
 
     // Discard all of the origin: its blocks go, the snapshot's stay.
     let (srv, sock) = serve(&lab, &lv, "t.sock");
-    let out = qemu_io(
+    qemu_io_ok(
         &sock,
         &[&format!("discard 0 {size}"), &format!("read -P 0 0 {size}")],
-    );
-    assert!(
-        !out.contains("failed") && !out.contains("verification"),
-        "{out}"
     );
     stop(srv);
     assert_eq!(data_used(&lab), touched.len() as u64);
@@ -465,8 +454,7 @@ fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
     let lease = acquire(&lab, &owner, "t:64M");
     let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
     let (srv, sock) = serve(&lab, &lv, "t.sock");
-    let out = qemu_io(&sock, &["write -P 0x42 0 6M"]);
-    assert!(!out.contains("failed"), "{out}");
+    qemu_io_ok(&sock, &["write -P 0x42 0 6M"]);
     // 4 MiB more needs 64 blocks where 32 are left: refused whole.
     let out = qemu_io(&sock, &["write -P 0x43 6M 4M"]);
     assert!(
@@ -475,12 +463,11 @@ fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
     );
     assert_eq!(data_used(&lab), 96);
     // The last 32 blocks fill it; then any new block fails.
-    let out = qemu_io(&sock, &["write -P 0x43 6M 2M"]);
-    assert!(!out.contains("failed"), "{out}");
+    qemu_io_ok(&sock, &["write -P 0x43 6M 2M"]);
     let out = qemu_io(&sock, &["write -P 0x45 8M 4k"]);
     assert!(out.contains("No space left on device"), "{out}");
     // What was written stays; the server keeps serving, overwrites work.
-    let out = qemu_io(
+    qemu_io_ok(
         &sock,
         &[
             "read -P 0x42 0 6M",
@@ -489,10 +476,6 @@ fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
             "write -P 0x44 0 64k",
             "read -P 0x44 0 64k",
         ],
-    );
-    assert!(
-        !out.contains("failed") && !out.contains("verification"),
-        "{out}"
     );
     stop(srv);
     let st = lab.dp_json(&[], &["--pool", &tp(&lab), "pool", "status"]);
@@ -556,17 +539,13 @@ fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
     assert!(ok, "vgck: {out}");
     drop(lo);
     let (srv, sock) = serve(&lab, &lv, "t.sock");
-    let out = qemu_io(
+    qemu_io_ok(
         &sock,
         &[
             "write -P 0x46 8M 4M",
             "read -P 0x46 8M 4M",
             "read -P 0x42 64k 5M",
         ],
-    );
-    assert!(
-        !out.contains("failed") && !out.contains("verification"),
-        "{out}"
     );
     stop(srv);
     assert_eq!(data_used(&lab), 128 + 64);
@@ -612,8 +591,7 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
         .collect();
     script.push(format!("write -P 0x77 {} 4096", 1000 * 4096));
     let s: Vec<&str> = script.iter().map(String::as_str).collect();
-    let out = qemu_io(&sock, &s);
-    assert!(!out.contains("failed"), "{out}");
+    qemu_io_ok(&sock, &s);
     stop(srv);
     // A thin snapshot taken by devpool: shares both chunks.
     lab.dp(
@@ -748,8 +726,7 @@ fn a_thin_snapshot_merge_rolls_the_volume_back_in_one_transaction() {
     let write = |writes: &[(usize, usize, u8)], model: &mut Vec<u8>| {
         let (srv, sock) = serve(&lab, &lv, "t.sock");
         for &(off, len, p) in writes {
-            let out = qemu_io(&sock, &[&format!("write -P {p} {off} {len}")]);
-            assert!(!out.contains("failed"), "{out}");
+            qemu_io_ok(&sock, &[&format!("write -P {p} {off} {len}")]);
             model[off..off + len].fill(p);
         }
         stop(srv);

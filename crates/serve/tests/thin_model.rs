@@ -320,6 +320,13 @@ fn run(steps: Vec<Step>, tag: &str) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// A fixed sequence that must match the model.
+fn run_ok(steps: Vec<Step>, tag: &str) {
+    if let Err(e) = run(steps, tag) {
+        panic!("{e}");
+    }
+}
+
 /// Commit what the open volumes provisioned, and let them go.
 fn flush_all(open: &mut BTreeMap<u64, Thin>, devs: &[PvDevice]) -> Result<(), TestCaseError> {
     for t in open.values() {
@@ -370,9 +377,7 @@ fn a_block_freed_in_a_transaction_is_not_reused_before_its_commit() {
         },
         Step::Crash,
     ];
-    if let Err(e) = run(steps, "reuse") {
-        panic!("{e}");
-    }
+    run_ok(steps, "reuse");
 }
 
 /// A block that two volumes share in the committed metadata stays shared
@@ -417,7 +422,5 @@ fn a_block_shared_in_the_committed_copy_is_not_overwritten_in_place_before_a_com
         },
         Step::Crash,
     ];
-    if let Err(e) = run(steps, "shared") {
-        panic!("{e}");
-    }
+    run_ok(steps, "shared");
 }

@@ -263,22 +263,7 @@ pub fn debian_headers(kernel: &Kernel) -> Result<PathBuf, String> {
 
 /// A pool named `name` on a 512 MiB sparse image in the lab.
 pub fn image_pool(lab: &super::Lab, name: &str) -> PathBuf {
-    let img = lab.path(&format!("{name}.img"));
-    let p = img.display().to_string();
-    lab.dp(
-        &[&img],
-        &[
-            "pool",
-            "setup",
-            &p,
-            "--name",
-            name,
-            "--image-size",
-            "512M",
-            "--yes",
-        ],
-    );
-    img
+    lab.image_pool(&format!("{name}.img"), name, "512M", &[])
 }
 
 /// `--kernel IMAGE --modules DIR` for a kernel from the cache.

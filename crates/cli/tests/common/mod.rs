@@ -223,6 +223,25 @@ impl Lab {
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
+    /// `pool setup` of pool `pool` on a new sparse image `file` of `size` in
+    /// the lab (`extra`: more setup arguments, e.g. `--thin`); the image.
+    pub fn image_pool(&self, file: &str, pool: &str, size: &str, extra: &[&str]) -> PathBuf {
+        let img = self.path(file);
+        let path = img.display().to_string();
+        let mut args = vec![
+            "pool",
+            "setup",
+            path.as_str(),
+            "--name",
+            pool,
+            "--image-size",
+            size,
+            "--yes",
+        ];
+        args.extend_from_slice(extra);
+        self.dp(&[&img], &args);
+        img
+    }
     /// devpool that must fail; returns stderr.
     pub fn dp_err(&self, devices: &[&Path], args: &[&str]) -> String {
         let o = self.devpool(devices, args);

@@ -87,21 +87,7 @@ pub fn window_of(loopdev: &str) -> (u64, u64) {
 impl Bench {
     pub fn new(pool: &str, mib: u64) -> Bench {
         let lab = Lab::new();
-        let image = lab.path("pool.img");
-        let img = image.display().to_string();
-        lab.dp(
-            &[],
-            &[
-                "pool",
-                "setup",
-                &img,
-                "--name",
-                pool,
-                "--image-size",
-                "1G",
-                "--yes",
-            ],
-        );
+        let image = lab.image_pool("pool.img", pool, "1G", &[]);
         let owner = Sleeper::new();
         let size = format!("{mib}M");
         let vols = format!("a:{size},b:{size},c:{size}");
