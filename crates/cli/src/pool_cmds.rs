@@ -41,24 +41,34 @@ pub fn json<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 /// Run `f(confirmed)`; on a confirmation request, show it and ask for YES.
-fn confirmed<T>(g: &Global, f: impl Fn(bool) -> devpool_pool::Result<T>) -> Result<T> {
-    match f(g.yes) {
+/// `--dry-run` stops at the plan, even with `--yes`.
+pub fn confirmed<T>(g: &Global, f: impl Fn(bool) -> devpool_pool::Result<T>) -> Result<T> {
+    match f(g.yes && !g.dry_run) {
         Err(PoolError::NeedsConfirmation { what, reasons }) => {
-            eprintln!("{what}:");
-            for r in &reasons {
-                eprintln!("  - {r}");
-            }
-            if g.dry_run {
-                bail!("dry run: nothing was changed");
-            }
-            if !std::io::stdin().is_terminal() {
-                bail!("{what} needs confirmation; rerun with --yes");
-            }
-            crate::ask_yes()?;
+            ask_to_confirm(g, &what, &reasons)?;
             Ok(f(true)?)
         }
         r => Ok(r?),
     }
+}
+
+/// Show what a change does; then stop on `--dry-run`, go on with `--yes`,
+/// else ask for YES on the terminal.
+pub fn ask_to_confirm(g: &Global, what: &str, reasons: &[String]) -> Result<()> {
+    eprintln!("{what}:");
+    for r in reasons {
+        eprintln!("  - {r}");
+    }
+    if g.dry_run {
+        bail!("dry run: nothing was changed");
+    }
+    if g.yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("{what} needs confirmation; rerun with --yes");
+    }
+    crate::ask_yes()
 }
 
 pub fn gib(b: u64) -> String {
@@ -78,7 +88,7 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 .as_deref()
                 .map(|s| parse_bytes("--image-size", s))
                 .transpose()?;
-            let out = confirmed(g, |ok| p.setup(&device, &name, size, ok && !g.dry_run))?;
+            let out = confirmed(g, |ok| p.setup(&device, &name, size, ok))?;
             let thin_pool = if thin && !g.dry_run && p.thin_status(&name)?.is_none() {
                 Some(p.thin_enable(&name, None, None, devpool_pool::thin::DEFAULT_THIN_CHUNK)?)
             } else {
@@ -183,9 +193,7 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 bar.set_length(total);
                 bar.set_position(done);
             };
-            let report = confirmed(g, |ok| {
-                p.teardown(&name, force, wipe, ok && !g.dry_run, &progress)
-            })?;
+            let report = confirmed(g, |ok| p.teardown(&name, force, wipe, ok, &progress))?;
             bar.finish_and_clear();
             if g.json {
                 return json(&report);

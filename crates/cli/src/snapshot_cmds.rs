@@ -2,7 +2,7 @@
 
 use crate::args::{Global, SnapshotCmd};
 use crate::parse_bytes;
-use crate::pool_cmds::{gib, json, pool_name, pools};
+use crate::pool_cmds::{ask_to_confirm, confirmed, gib, json, pool_name, pools};
 use anyhow::{Result, anyhow, bail};
 use devpool_format::units::SizeArg;
 use devpool_pool::snapshots::SnapshotStatus;
@@ -115,7 +115,7 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
             if g.json {
                 return json(&list);
             }
-            let thin = p.status(&name)?.thin_snapshots;
+            let thin = p.thin_snapshots(&name)?;
             if list.is_empty() && thin.is_empty() {
                 println!("no snapshots in pool '{name}'");
             }
@@ -145,13 +145,7 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
             }
         }
         SnapshotCmd::Merge { name: snap } if p.is_thin_volume(&name, &snap)? => {
-            let (what, steps) = p.thin_merge_plan(&name, &snap)?;
-            eprintln!("{what}:");
-            for s in &steps {
-                eprintln!("  - {s}");
-            }
-            confirm(g, "snapshot merge")?;
-            let r = p.thin_snapshot_merge(&name, &snap)?;
+            let r = confirmed(g, |ok| p.thin_snapshot_merge(&name, &snap, ok))?;
             if g.json {
                 return json(&r);
             }
@@ -166,18 +160,8 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
                 .into_iter()
                 .find(|s| s.name == snap || s.snapshot_lv == snap)
                 .ok_or_else(|| anyhow!("no snapshot '{snap}' in pool '{name}'"))?;
-            let chunks = s.usage.map(|u| (u.used_chunks, u.chunk_bytes));
-            eprintln!("merge snapshot {} into {}:", s.name, s.origin);
-            match chunks {
-                Some((n, cb)) => eprintln!(
-                    "  - {n} chunk(s) ({} bytes) are copied back over {}: it returns to the snapshot's contents",
-                    n * cb,
-                    s.origin
-                ),
-                None => eprintln!("  - {} returns to the snapshot's contents", s.origin),
-            }
-            eprintln!("  - then the snapshot is deleted");
-            confirm(g, "snapshot merge")?;
+            let (what, reasons) = s.merge_plan();
+            ask_to_confirm(g, &what, &reasons)?;
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template("merging {bar:40} {pos}/{len} chunks")
@@ -203,20 +187,6 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
                 println!("{} has no snapshots left: {}", r.origin, dev.display());
             }
         }
-    }
-    Ok(())
-}
-
-/// After a plan was shown: stop on --dry-run, else ask (or take --yes).
-fn confirm(g: &Global, what: &str) -> Result<()> {
-    if g.dry_run {
-        bail!("dry run: nothing was changed");
-    }
-    if !g.yes {
-        if !std::io::stdin().is_terminal() {
-            bail!("{what} needs confirmation; rerun with --yes");
-        }
-        crate::ask_yes()?;
     }
     Ok(())
 }

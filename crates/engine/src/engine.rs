@@ -1028,7 +1028,14 @@ impl Engine {
                         .ok_or_else(|| EngineError::Invalid("thin pool missing".into()))?;
                     let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
                     let changes = ops::thin::remove_thins(&mut meta, &thin)?;
-                    Some(self.thin_update_step(loaded, &pool, known, known_trans, changes)?)
+                    Some(self.thin_update_step(
+                        loaded,
+                        &meta,
+                        &pool,
+                        known,
+                        known_trans,
+                        changes,
+                    )?)
                 };
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
@@ -1224,7 +1231,8 @@ impl Engine {
                     .ok_or_else(|| EngineError::Refused(format!("{vg} has no thin pool")))?;
                 let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
                 let changes = ops::thin::merge_thin(&mut meta, snapshot)?;
-                let update = self.thin_update_step(loaded, &pool, known, known_trans, changes)?;
+                let update =
+                    self.thin_update_step(loaded, &meta, &pool, known, known_trans, changes)?;
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
                 // The origin's old device leaves dm-thin's metadata after
@@ -1244,8 +1252,9 @@ impl Engine {
                     pool.pool
                 ));
                 let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
-                let mut update = self.thin_update_step(
+                let update = self.thin_update_step(
                     loaded,
+                    &meta,
                     &pool,
                     known,
                     known_trans,
@@ -1254,9 +1263,6 @@ impl Engine {
                         ..Default::default()
                     },
                 )?;
-                if let Step::UpdateThinPool { data_bytes, .. } = &mut update {
-                    *data_bytes = target * meta.extent_size.bytes().0;
-                }
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
                 // dm-thin's space map grows once the VG holds the space.
@@ -1328,7 +1334,7 @@ impl Engine {
         }
         let changes = ops::thin::create_thins(&mut meta, &pool.pool, news)?;
         // Creations reach dm-thin's metadata before the VG.
-        let step = self.thin_update_step(loaded, &pool, known, known_trans, changes)?;
+        let step = self.thin_update_step(loaded, &meta, &pool, known, known_trans, changes)?;
         plan.steps.push(step);
         let devs = self.vg_devices(loaded);
         self.finish_commit(plan, meta, &devs)
@@ -1337,15 +1343,17 @@ impl Engine {
     fn thin_update_step(
         &self,
         loaded: &LoadedVg,
+        after: &VgMetadata,
         pool: &ops::thin::ThinPoolLink,
         known: Vec<u64>,
         known_trans: u64,
         changes: ops::thin::ThinChanges,
     ) -> Result<Step> {
         let meta = &loaded.meta;
-        let data_bytes = meta
+        // The data size the VG has after the change (an extend grows it).
+        let data_bytes = after
             .lv(&pool.tdata)
-            .map(|l| l.extent_count() * meta.extent_size.bytes().0)
+            .map(|l| l.extent_count() * after.extent_size.bytes().0)
             .unwrap_or(0);
         Ok(Step::UpdateThinPool {
             vg: meta.name.clone(),

@@ -538,17 +538,7 @@ impl Pools {
             })
             .map(|l| l.name.clone())
             .collect();
-        let thin_snapshots = thin_snaps
-            .iter()
-            .filter_map(|n| {
-                let t = devpool_engine::ops::thin::thin_volume(&v.meta, n)?;
-                Some(ThinSnapshotStatus {
-                    name: n.clone(),
-                    origin: t.origin.clone().unwrap_or_default(),
-                    lease: crate::thin::lease_of_thin(&v.meta, n),
-                })
-            })
-            .collect();
+        let thin_snapshots = crate::thin::thin_snapshot_statuses(&v.meta, &thin_snaps);
         let thin = crate::thin::status(&v);
         let mut health = Vec::new();
         for m in &v.health.missing_pvs {

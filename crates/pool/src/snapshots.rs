@@ -104,6 +104,25 @@ stop it first (a running server keeps its own copy-on-write state)"
     Ok(())
 }
 
+impl SnapshotStatus {
+    /// What merging this snapshot does: a title and its steps.
+    pub fn merge_plan(&self) -> (String, Vec<String>) {
+        let first = match &self.usage {
+            Some(u) => format!(
+                "{} chunk(s) ({} bytes) are copied back over {}: it returns to the snapshot's contents",
+                u.used_chunks,
+                u.used_chunks * u.chunk_bytes,
+                self.origin
+            ),
+            None => format!("{} returns to the snapshot's contents", self.origin),
+        };
+        (
+            format!("merge snapshot {} into {}", self.name, self.origin),
+            vec![first, "then the snapshot is deleted".into()],
+        )
+    }
+}
+
 /// The snapshots of a VG already read, with how full each store is.
 pub(crate) fn statuses(v: &devpool_engine::vg::LoadedVg) -> Vec<SnapshotStatus> {
     let es = v.meta.extent_size.bytes().0;

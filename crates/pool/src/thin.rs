@@ -8,7 +8,7 @@
 //! device: devpool's data plane (`devpool serve`, `run`, `vm`) serves them,
 //! or the kernel's dm-thin where the host has device-mapper.
 
-use crate::pool::Pools;
+use crate::pool::{Pools, ThinSnapshotStatus};
 use crate::{PoolError, Result, lease};
 use devpool_engine::cowstore::PvIndex;
 use devpool_engine::ops::thin::{ThinLink, ThinPoolLink, the_thin_pool, thin_volume, thin_volumes};
@@ -226,35 +226,37 @@ impl Pools {
         })
     }
 
-    /// What merging thin snapshot `snap` does: a title and its steps (or
-    /// why it cannot be merged).
-    pub fn thin_merge_plan(&self, name: &str, snap: &str) -> Result<(String, Vec<String>)> {
-        let (t, o) = merge_pair(&self.read_vg(name)?.meta, name, snap)?;
-        Ok((
-            format!("merge thin snapshot {} into {}", t.lv, o.lv),
-            vec![
-                format!(
-                    "{} returns to the snapshot's contents: it takes the snapshot's thin device ({}); no data is copied",
-                    o.lv, t.device_id
-                ),
-                format!(
-                    "{}'s own device ({}) is deleted: what was written to it since the snapshot is lost",
-                    o.lv, o.device_id
-                ),
-                format!("the snapshot {} is gone afterwards", t.lv),
-            ],
-        ))
-    }
-
-    /// Roll thin volume back to its thin snapshot `snap`: one transaction,
-    /// no data copied (the volume takes the snapshot's thin device and the
-    /// snapshot goes). Refused while either is served.
-    pub fn thin_snapshot_merge(&self, name: &str, snap: &str) -> Result<ThinSnapshotMerged> {
+    /// Roll a thin volume back to its thin snapshot `snap`: one
+    /// transaction, no data copied (the volume takes the snapshot's thin
+    /// device and the snapshot goes). Refused while either is served;
+    /// without `confirmed`, [`PoolError::NeedsConfirmation`] with the plan.
+    pub fn thin_snapshot_merge(
+        &self,
+        name: &str,
+        snap: &str,
+        confirmed: bool,
+    ) -> Result<ThinSnapshotMerged> {
         self.with_pool(name, |e, rec| {
             let (v, _) = e.read_vg(&rec.vg)?;
             let (t, o) = merge_pair(&v.meta, name, snap)?;
             for lv in [&o.lv, &t.lv] {
                 crate::snapshots::refuse_if_served(self, &v.meta, lv, &[], "thin snapshot merge")?;
+            }
+            if !confirmed {
+                return Err(PoolError::NeedsConfirmation {
+                    what: format!("merge thin snapshot {} into {}", t.lv, o.lv),
+                    reasons: vec![
+                        format!(
+                            "{} returns to the snapshot's contents: it takes the snapshot's thin device ({}); no data is copied",
+                            o.lv, t.device_id
+                        ),
+                        format!(
+                            "{}'s own device ({}) is deleted: what was written to it since the snapshot is lost",
+                            o.lv, o.device_id
+                        ),
+                        format!("the snapshot {} is gone afterwards", t.lv),
+                    ],
+                });
             }
             let before = status(&v).and_then(|s| s.usage).map(|u| u.data_used);
             e.apply(
@@ -324,6 +326,22 @@ impl Pools {
                 data_blocks: blocks,
             })
         })
+    }
+
+    /// Every thin snapshot in the pool, with its origin and lease (from the
+    /// VG alone: dm-thin's metadata is not read).
+    pub fn thin_snapshots(&self, name: &str) -> Result<Vec<ThinSnapshotStatus>> {
+        let meta = self.read_vg(name)?.meta;
+        let all: Vec<String> = meta.lvs.iter().map(|l| l.name.clone()).collect();
+        Ok(thin_snapshot_statuses(
+            &meta,
+            &thin_snapshots_of(&meta, &all),
+        ))
+    }
+
+    /// The thin pool's LV name, if the pool has one (from the VG alone).
+    pub fn thin_pool_lv(&self, name: &str) -> Result<Option<String>> {
+        Ok(the_thin_pool(&self.read_vg(name)?.meta).map(|t| t.pool))
     }
 
     pub fn is_thin_volume(&self, name: &str, lv: &str) -> Result<bool> {
@@ -412,6 +430,24 @@ pub fn lease_of_thin(meta: &devpool_format::metadata::VgMetadata, lv: &str) -> O
         at = thin_volume(meta, &at)?.origin?;
     }
     None
+}
+
+/// The status rows of thin snapshots `names`.
+pub(crate) fn thin_snapshot_statuses(
+    meta: &devpool_format::metadata::VgMetadata,
+    names: &[String],
+) -> Vec<ThinSnapshotStatus> {
+    names
+        .iter()
+        .filter_map(|n| {
+            let t = thin_volume(meta, n)?;
+            Some(ThinSnapshotStatus {
+                name: n.clone(),
+                origin: t.origin.clone().unwrap_or_default(),
+                lease: lease_of_thin(meta, n),
+            })
+        })
+        .collect()
 }
 
 /// Every thin snapshot (transitively) of `origins`, so a lease's go with it.

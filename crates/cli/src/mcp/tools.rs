@@ -399,9 +399,7 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
             let pool = pool_of(c, a.pool_name);
             let size = SizeArg::parse(&a.new_size).map_err(|e| anyhow!("new_size: {e}"))?;
             let p = pools(&c.g)?;
-            if p.thin_status(&pool)?
-                .is_some_and(|t| t.pool_lv == a.lv_name)
-            {
+            if p.thin_pool_lv(&pool)?.as_deref() == Some(a.lv_name.as_str()) {
                 let t = p.thin_extend(&pool, size)?;
                 return reply(
                     format!(
@@ -490,7 +488,7 @@ fn setup(a: Setup, c: &Call) -> Result<Reply> {
         }
         r => r?,
     };
-    let thin = if a.thin && p.thin_status(&pool)?.is_none() {
+    let thin = if a.thin && p.thin_pool_lv(&pool)?.is_none() {
         Some(p.thin_enable(&pool, None, None, devpool_pool::thin::DEFAULT_THIN_CHUNK)?)
     } else {
         None
@@ -529,7 +527,7 @@ fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
     match a.action {
         SnapshotAction::List => {
             let list = p.snapshots(&pool)?;
-            let thin = p.status(&pool)?.thin_snapshots;
+            let thin = p.thin_snapshots(&pool)?;
             let lines: Vec<String> = list
                 .iter()
                 .map(crate::snapshot_cmds::describe)
@@ -588,11 +586,12 @@ fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
         SnapshotAction::Merge => {
             let snap = need(&a.snapshot_name, "snapshot_name")?;
             if p.is_thin_volume(&pool, &snap)? {
-                if !a.confirm {
-                    let (what, steps) = p.thin_merge_plan(&pool, &snap)?;
-                    return plan("device_pool_snapshot", &what, &steps);
-                }
-                let r = p.thin_snapshot_merge(&pool, &snap)?;
+                let r = match p.thin_snapshot_merge(&pool, &snap, a.confirm) {
+                    Err(PoolError::NeedsConfirmation { what, reasons }) => {
+                        return plan("device_pool_snapshot", &what, &reasons);
+                    }
+                    r => r?,
+                };
                 return reply(
                     format!(
                         "merged thin snapshot {} into {} (device {} -> {})",
@@ -607,21 +606,8 @@ fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
                 .find(|s| s.name == snap || s.snapshot_lv == snap)
                 .ok_or_else(|| anyhow!("no snapshot '{snap}' in pool '{pool}'"))?;
             if !a.confirm {
-                let mut reasons = vec![match s.usage {
-                    Some(u) => format!(
-                        "{} chunk(s) ({} bytes) are copied back over {}: it returns to the snapshot's contents",
-                        u.used_chunks,
-                        u.used_chunks * u.chunk_bytes,
-                        s.origin
-                    ),
-                    None => format!("{} returns to the snapshot's contents", s.origin),
-                }];
-                reasons.push("then the snapshot is deleted".into());
-                return plan(
-                    "device_pool_snapshot",
-                    &format!("merge snapshot {} into {}", s.name, s.origin),
-                    &reasons,
-                );
+                let (what, reasons) = s.merge_plan();
+                return plan("device_pool_snapshot", &what, &reasons);
             }
             let progress = |done: u64, total: u64| {
                 c.progress.report(
