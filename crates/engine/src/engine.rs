@@ -540,8 +540,8 @@ impl Engine {
     fn run(&self, plan: &Plan) -> Result<Executed> {
         let started = journal::now_rfc3339();
         let mut result = Ok(());
-        for step in &plan.steps {
-            result = self.run_step(plan, step);
+        for (i, step) in plan.steps.iter().enumerate() {
+            result = self.run_step(plan, i, step);
             if result.is_err() {
                 break;
             }
@@ -583,7 +583,7 @@ impl Engine {
         })
     }
 
-    fn run_step(&self, plan: &Plan, step: &Step) -> Result<()> {
+    fn run_step(&self, plan: &Plan, index: usize, step: &Step) -> Result<()> {
         let gate = &self.gate;
         match step {
             Step::CreateImage { path, size } => {
@@ -610,7 +610,11 @@ impl Engine {
                     dev.write_at(gate, offset + done, &chunk[..n as usize])?;
                     done += n;
                 }
-                dev.sync()
+                if flushed_by_later_commit(&plan.steps[index + 1..], device) {
+                    Ok(())
+                } else {
+                    dev.sync()
+                }
             }
             Step::InitCowStore {
                 device,
@@ -1730,5 +1734,43 @@ fn invalidate_lvm_hints() {
     let dir = Path::new("/run/lvm");
     if dir.is_dir() {
         let _ = std::fs::write(dir.join("newhints"), b"");
+    }
+}
+
+/// Whether a later step commits VG metadata on `device`: the commit flushes
+/// every PV after writing the text and before any header names it, so data
+/// written earlier (a new LV's wiped first blocks) is durable before the VG
+/// that exposes it. One flush then serves all of a lease's wipes and the text.
+fn flushed_by_later_commit(later: &[Step], device: &Path) -> bool {
+    later.iter().any(|s| match s {
+        Step::CommitMetadata { devices, .. } => devices.iter().any(|d| same_file(d, device)),
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(devices: &[&Path]) -> Step {
+        Step::CommitMetadata {
+            vg: "vg".into(),
+            seqno: 2,
+            devices: devices.iter().map(|d| d.to_path_buf()).collect(),
+            bytes: 1,
+        }
+    }
+
+    #[test]
+    fn a_wipe_skips_its_own_flush_only_when_a_later_commit_covers_its_device() {
+        let dir = std::env::temp_dir().join(format!("devpool-flush-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, b"").unwrap();
+        std::fs::write(&b, b"").unwrap();
+        assert!(flushed_by_later_commit(&[commit(&[&b, &a])], &a));
+        assert!(!flushed_by_later_commit(&[commit(&[&b])], &a));
+        assert!(!flushed_by_later_commit(&[], &a));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

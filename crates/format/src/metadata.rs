@@ -216,6 +216,42 @@ fn str_list(s: &Section, key: &str, path: &str) -> Result<Vec<String>, MetadataE
     }
 }
 
+/// `str_list`, moving the strings out of `s` (the emptied item is a known
+/// key, so it is not kept as an extra).
+fn take_str_list(s: &mut Section, key: &str, path: &str) -> Result<Vec<String>, MetadataError> {
+    let found = s.items.iter_mut().find_map(|i| match i {
+        Item::Assign(k, v) if k == key => Some(v),
+        _ => None,
+    });
+    match found {
+        None => Ok(vec![]),
+        Some(Value::Array(a)) => std::mem::take(a)
+            .into_iter()
+            .map(|v| match v {
+                Value::Str(x) => Ok(x),
+                _ => Err(merr(
+                    &format!("{path}/{key}"),
+                    "must be an array of strings",
+                )),
+            })
+            .collect(),
+        Some(_) => Err(merr(&format!("{path}/{key}"), "must be an array")),
+    }
+}
+
+/// `opt_str`, moving the string out of `s`.
+fn take_opt_str(s: &mut Section, key: &str, path: &str) -> Result<Option<String>, MetadataError> {
+    let found = s.items.iter_mut().find_map(|i| match i {
+        Item::Assign(k, v) if k == key => Some(v),
+        _ => None,
+    });
+    match found {
+        Some(Value::Str(v)) => Ok(Some(std::mem::take(v))),
+        Some(_) => Err(merr(&format!("{path}/{key}"), "must be a string")),
+        None => Ok(None),
+    }
+}
+
 fn take_uuid(s: &Section, path: &str) -> Result<LvmUuid, MetadataError> {
     match s.get("id") {
         Some(Value::Str(id)) => {
@@ -306,10 +342,29 @@ impl VgMetadata {
     /// Parse on-disk metadata text (a trailing NUL is accepted).
     pub fn parse(text: &[u8]) -> Result<VgMetadata, MetadataError> {
         let root = config::parse(text).map_err(|e| merr("text", e.to_string()))?;
-        Self::from_config(&root)
+        Self::from_tree(root)
     }
 
     pub fn from_config(root: &Section) -> Result<VgMetadata, MetadataError> {
+        Self::from_tree(root.clone())
+    }
+
+    /// The VG of a parsed text, moving the LVs' strings out of the tree.
+    fn from_tree(mut root: Section) -> Result<VgMetadata, MetadataError> {
+        // Taken out whole (only from the first VG section: a second one is
+        // refused below): the LVs are read from it by value.
+        let lv_section = root
+            .items
+            .iter_mut()
+            .find_map(|i| match i {
+                Item::Section(_, vg) => Some(vg.items.iter_mut().find_map(|j| match j {
+                    Item::Section(k, lvs) if k == "logical_volumes" => Some(std::mem::take(lvs)),
+                    _ => None,
+                })),
+                _ => None,
+            })
+            .flatten();
+        let root = &root;
         let mut vg_sections = root.sections();
         let (name, vgs) = vg_sections
             .next()
@@ -348,13 +403,17 @@ impl VgMetadata {
             return Err(merr(p, "missing section 'physical_volumes'"));
         }
         let mut lvs = Vec::new();
-        if let Some(lvsec) = vgs.section("logical_volumes") {
-            for (key, s) in lvsec.sections() {
-                lvs.push(LvMeta::from_config(
-                    key,
-                    s,
-                    &format!("{p}/logical_volumes/{key}"),
-                )?);
+        if let Some(lvsec) = lv_section {
+            lvs.reserve_exact(lvsec.items.len());
+            let mut lv_path = String::new();
+            for item in lvsec.items {
+                if let Item::Section(key, s) = item {
+                    lv_path.clear();
+                    lv_path.push_str(p);
+                    lv_path.push_str("/logical_volumes/");
+                    lv_path.push_str(&key);
+                    lvs.push(LvMeta::from_config(key, s, &lv_path)?);
+                }
             }
         }
         let vg = VgMetadata {
@@ -833,11 +892,31 @@ impl PvMeta {
 }
 
 impl LvMeta {
-    fn from_config(name: &str, s: &Section, p: &str) -> Result<LvMeta, MetadataError> {
-        let count = take_u64(s, "segment_count", p)?;
-        let mut segments = Vec::new();
-        for (key, seg) in s.sections() {
-            segments.push(Segment::from_config(seg, &format!("{p}/{key}"))?);
+    fn from_config(name: String, mut s: Section, p: &str) -> Result<LvMeta, MetadataError> {
+        let count = take_u64(&s, "segment_count", p)?;
+        let id = take_uuid(&s, p)?;
+        let status = take_str_list(&mut s, "status", p)?;
+        let flags = take_str_list(&mut s, "flags", p)?;
+        let tags = take_str_list(&mut s, "tags", p)?;
+        let creation_time = opt_i64(&s, "creation_time", p)?;
+        let creation_host = take_opt_str(&mut s, "creation_host", p)?;
+        let mut segments = Vec::with_capacity(count.min(64) as usize);
+        let mut extra = Vec::new();
+        let mut seg_path = String::new();
+        for item in s.items {
+            match item {
+                Item::Section(key, seg) => {
+                    seg_path.clear();
+                    seg_path.push_str(p);
+                    seg_path.push('/');
+                    seg_path.push_str(&key);
+                    segments.push(Segment::from_config(&seg, &seg_path)?);
+                }
+                Item::Assign(key, v) if !LV_KNOWN.contains(&key.as_str()) => {
+                    extra.push(Item::Assign(key, v));
+                }
+                Item::Assign(..) => {}
+            }
         }
         if segments.len() as u64 != count {
             return Err(merr(
@@ -850,14 +929,14 @@ impl LvMeta {
         }
         segments.sort_by_key(|s| s.start_extent);
         Ok(LvMeta {
-            name: name.to_string(),
-            id: take_uuid(s, p)?,
-            status: str_list(s, "status", p)?,
-            flags: str_list(s, "flags", p)?,
-            tags: str_list(s, "tags", p)?,
-            creation_time: opt_i64(s, "creation_time", p)?,
-            creation_host: opt_str(s, "creation_host", p)?,
-            extra: extras(s, LV_KNOWN, false),
+            name,
+            id,
+            status,
+            flags,
+            tags,
+            creation_time,
+            creation_host,
+            extra,
             segments,
         })
     }

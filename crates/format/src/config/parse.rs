@@ -100,7 +100,20 @@ impl<'a> Lexer<'a> {
     }
 
     fn string(&mut self, quote: u8, start: usize) -> Result<String, ParseError> {
-        let mut out = Vec::new();
+        // Most strings have no escapes: find the end first and copy once.
+        let body = &self.s[self.pos..];
+        let end = body
+            .iter()
+            .position(|&c| c == quote || c == b'\\' || c == 0);
+        if let Some(n) = end
+            && body[n] == quote
+        {
+            self.pos += n + 1;
+            return std::str::from_utf8(&body[..n])
+                .map(str::to_owned)
+                .map_err(|_| self.err(start, "string is not valid UTF-8"));
+        }
+        let mut out = Vec::with_capacity(end.unwrap_or(0) + 16);
         loop {
             let Some(&c) = self.s.get(self.pos) else {
                 return Err(self.err(start, "unterminated string"));
@@ -163,6 +176,11 @@ fn error_at(s: &[u8], at: usize, reason: String) -> ParseError {
 struct Parser<'a> {
     lx: Lexer<'a>,
     peeked: Option<(Tok, usize)>,
+    // Items and array elements of the sections and arrays being read, so each
+    // finished one is moved into a vector of exactly its size (a VG with tens
+    // of thousands of LVs would otherwise spend much of its parse regrowing).
+    open_items: Vec<Item>,
+    open_values: Vec<Value>,
 }
 
 impl<'a> Parser<'a> {
@@ -181,13 +199,19 @@ impl<'a> Parser<'a> {
     }
 
     fn items(&mut self, depth: usize, top: bool) -> Result<Section, ParseError> {
-        let mut sec = Section::default();
+        let base = self.open_items.len();
+        let r = self.items_onto_stack(depth, top);
+        let items = self.open_items.drain(base..).collect();
+        r.map(|()| Section { items })
+    }
+
+    fn items_onto_stack(&mut self, depth: usize, top: bool) -> Result<(), ParseError> {
         loop {
             let (tok, at) = self.bump()?;
             let key = match tok {
-                Tok::Eof if top => return Ok(sec),
+                Tok::Eof if top => return Ok(()),
                 Tok::Eof => return Err(self.lx.err(at, "missing '}' at end of text")),
-                Tok::RBrace if !top => return Ok(sec),
+                Tok::RBrace if !top => return Ok(()),
                 Tok::Ident(k) => k,
                 // Numbers are valid section names too (e.g. an LV called "1").
                 Tok::Int(i) => i.to_string(),
@@ -202,14 +226,14 @@ impl<'a> Parser<'a> {
             match tok {
                 Tok::Eq => {
                     let v = self.value(at)?;
-                    sec.items.push(Item::Assign(key, v));
+                    self.open_items.push(Item::Assign(key, v));
                 }
                 Tok::LBrace => {
                     if depth >= MAX_DEPTH {
                         return Err(self.lx.err(at, "sections nested too deeply"));
                     }
                     let s = self.items(depth + 1, false)?;
-                    sec.items.push(Item::Section(key, s));
+                    self.open_items.push(Item::Section(key, s));
                 }
                 other => {
                     return Err(self.lx.err(
@@ -224,59 +248,68 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn scalar(tok: Tok) -> Option<Value> {
+    /// The value a token stands for, or the token back when it is not one.
+    fn scalar(tok: Tok) -> Result<Value, Tok> {
         match tok {
-            Tok::Int(i) => Some(Value::Int(i)),
-            Tok::Float(f) => Some(Value::Float(f)),
-            Tok::Str(s) => Some(Value::Str(s)),
-            _ => None,
+            Tok::Int(i) => Ok(Value::Int(i)),
+            Tok::Float(f) => Ok(Value::Float(f)),
+            Tok::Str(s) => Ok(Value::Str(s)),
+            t => Err(t),
+        }
+    }
+
+    /// The elements of an array up to its `]`, pushed on `open_values`
+    /// above `base`.
+    fn array_onto_stack(&mut self, base: usize) -> Result<(), ParseError> {
+        loop {
+            let empty = self.open_values.len() == base;
+            let (tok, at) = self.bump()?;
+            match tok {
+                Tok::RBracket => return Ok(()),
+                Tok::Comma if !empty => {
+                    let (tok, at) = self.bump()?;
+                    match tok {
+                        Tok::RBracket => return Ok(()),
+                        t => self.push_element(t, at)?,
+                    }
+                }
+                t if empty => self.push_element(t, at)?,
+                t => {
+                    return Err(self
+                        .lx
+                        .err(at, format!("expected ',' or ']', found {}", describe(&t))));
+                }
+            }
+        }
+    }
+
+    fn push_element(&mut self, tok: Tok, at: usize) -> Result<(), ParseError> {
+        match Self::scalar(tok) {
+            Ok(v) => {
+                self.open_values.push(v);
+                Ok(())
+            }
+            Err(t) => Err(self.lx.err(
+                at,
+                format!("expected an array element, found {}", describe(&t)),
+            )),
         }
     }
 
     fn value(&mut self, eq_at: usize) -> Result<Value, ParseError> {
         let (tok, at) = self.bump()?;
         if tok == Tok::LBracket {
-            let mut arr = Vec::new();
-            loop {
-                let (tok, at) = self.bump()?;
-                match tok {
-                    Tok::RBracket => return Ok(Value::Array(arr)),
-                    Tok::Comma if !arr.is_empty() => {
-                        let (tok, at) = self.bump()?;
-                        match Self::scalar(tok.clone()) {
-                            Some(v) => arr.push(v),
-                            None if tok == Tok::RBracket => return Ok(Value::Array(arr)),
-                            None => {
-                                return Err(self.lx.err(
-                                    at,
-                                    format!("expected an array element, found {}", describe(&tok)),
-                                ));
-                            }
-                        }
-                    }
-                    t if arr.is_empty() => match Self::scalar(t.clone()) {
-                        Some(v) => arr.push(v),
-                        None => {
-                            return Err(self.lx.err(
-                                at,
-                                format!("expected an array element, found {}", describe(&t)),
-                            ));
-                        }
-                    },
-                    t => {
-                        return Err(self
-                            .lx
-                            .err(at, format!("expected ',' or ']', found {}", describe(&t))));
-                    }
-                }
-            }
+            let base = self.open_values.len();
+            let r = self.array_onto_stack(base);
+            let arr = self.open_values.drain(base..).collect();
+            return r.map(|()| Value::Array(arr));
         }
-        match Self::scalar(tok.clone()) {
-            Some(v) => Ok(v),
-            None if tok == Tok::Eof => Err(self.lx.err(eq_at, "missing value after '='")),
-            None => Err(self
+        match Self::scalar(tok) {
+            Ok(v) => Ok(v),
+            Err(Tok::Eof) => Err(self.lx.err(eq_at, "missing value after '='")),
+            Err(t) => Err(self
                 .lx
-                .err(at, format!("expected a value, found {}", describe(&tok)))),
+                .err(at, format!("expected a value, found {}", describe(&t)))),
         }
     }
 }
@@ -302,6 +335,8 @@ pub fn parse(text: &[u8]) -> Result<Section, ParseError> {
     let mut p = Parser {
         lx: Lexer { s: text, pos: 0 },
         peeked: None,
+        open_items: Vec::new(),
+        open_values: Vec::new(),
     };
     let s = p.items(0, true)?;
     let _ = p.peek()?;
