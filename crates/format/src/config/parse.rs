@@ -124,6 +124,11 @@ impl<'a> Lexer<'a> {
                     let Some(&e) = self.s.get(self.pos) else {
                         return Err(self.err(start, "unterminated string"));
                     };
+                    // Escaped or not, a NUL cannot be written back (LVM2
+                    // reads the text as a C string).
+                    if e == 0 {
+                        return Err(self.err(self.pos, "NUL byte inside a string"));
+                    }
                     out.push(e);
                     self.pos += 1;
                 }
@@ -396,6 +401,7 @@ vg { sub { k = "v" } }
             (b"a = [1 2]", 1, "expected ',' or ']'"),
             (b"}", 1, "expected a name"),
             (b"a = 1\0b = 2", 1, "NUL"),
+            (b"a = \"x\\\0\"", 1, "NUL byte inside a string"),
             (b"a = ", 1, "missing value"),
         ] {
             let e = parse(t).unwrap_err();
