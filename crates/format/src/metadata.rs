@@ -191,33 +191,8 @@ fn opt_i64(s: &Section, key: &str, path: &str) -> Result<Option<i64>, MetadataEr
     }
 }
 
-fn opt_str(s: &Section, key: &str, path: &str) -> Result<Option<String>, MetadataError> {
-    match s.get(key) {
-        Some(Value::Str(v)) => Ok(Some(v.clone())),
-        Some(_) => Err(merr(&format!("{path}/{key}"), "must be a string")),
-        None => Ok(None),
-    }
-}
-
-fn str_list(s: &Section, key: &str, path: &str) -> Result<Vec<String>, MetadataError> {
-    match s.get(key) {
-        None => Ok(vec![]),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| match v {
-                Value::Str(x) => Ok(x.clone()),
-                _ => Err(merr(
-                    &format!("{path}/{key}"),
-                    "must be an array of strings",
-                )),
-            })
-            .collect(),
-        Some(_) => Err(merr(&format!("{path}/{key}"), "must be an array")),
-    }
-}
-
-/// `str_list`, moving the strings out of `s` (the emptied item is a known
-/// key, so it is not kept as an extra).
+/// The strings of `key = [ ... ]` (none when absent), moved out of `s`: the
+/// emptied item is a known key, so it is not kept as an extra.
 fn take_str_list(s: &mut Section, key: &str, path: &str) -> Result<Vec<String>, MetadataError> {
     let found = s.items.iter_mut().find_map(|i| match i {
         Item::Assign(k, v) if k == key => Some(v),
@@ -239,7 +214,7 @@ fn take_str_list(s: &mut Section, key: &str, path: &str) -> Result<Vec<String>, 
     }
 }
 
-/// `opt_str`, moving the string out of `s`.
+/// The string of `key = "..."`, if present, moved out of `s`.
 fn take_opt_str(s: &mut Section, key: &str, path: &str) -> Result<Option<String>, MetadataError> {
     let found = s.items.iter_mut().find_map(|i| match i {
         Item::Assign(k, v) if k == key => Some(v),
@@ -250,6 +225,14 @@ fn take_opt_str(s: &mut Section, key: &str, path: &str) -> Result<Option<String>
         Some(_) => Err(merr(&format!("{path}/{key}"), "must be a string")),
         None => Ok(None),
     }
+}
+
+/// The section `key { ... }`, taken out of `s` whole (its item stays, empty).
+fn take_section(s: &mut Section, key: &str) -> Option<Section> {
+    s.items.iter_mut().find_map(|i| match i {
+        Item::Section(k, sub) if k == key => Some(std::mem::take(sub)),
+        _ => None,
+    })
 }
 
 fn take_uuid(s: &Section, path: &str) -> Result<LvmUuid, MetadataError> {
@@ -349,34 +332,26 @@ impl VgMetadata {
         Self::from_tree(root.clone())
     }
 
-    /// The VG of a parsed text, moving the LVs' strings out of the tree.
+    /// The VG of a parsed text, moving its strings out of the tree.
     fn from_tree(mut root: Section) -> Result<VgMetadata, MetadataError> {
-        // Taken out whole (only from the first VG section: a second one is
-        // refused below): the LVs are read from it by value.
-        let lv_section = root
-            .items
-            .iter_mut()
-            .find_map(|i| match i {
-                Item::Section(_, vg) => Some(vg.items.iter_mut().find_map(|j| match j {
-                    Item::Section(k, lvs) if k == "logical_volumes" => Some(std::mem::take(lvs)),
-                    _ => None,
-                })),
+        let (name, mut vgs) = {
+            let mut vg_sections = root.items.iter_mut().filter_map(|i| match i {
+                Item::Section(k, s) => Some((k, s)),
                 _ => None,
-            })
-            .flatten();
-        let root = &root;
-        let mut vg_sections = root.sections();
-        let (name, vgs) = vg_sections
-            .next()
-            .ok_or_else(|| merr("text", "no volume group section"))?;
-        if let Some((other, _)) = vg_sections.next() {
-            return Err(merr(
-                "text",
-                format!("more than one top-level section ('{name}' and '{other}')"),
-            ));
-        }
-        names::validate_vg_name(name).map_err(|e| merr(name, e.to_string()))?;
-        let p = name;
+            });
+            let (name, vgs) = vg_sections
+                .next()
+                .ok_or_else(|| merr("text", "no volume group section"))?;
+            if let Some((other, _)) = vg_sections.next() {
+                return Err(merr(
+                    "text",
+                    format!("more than one top-level section ('{name}' and '{other}')"),
+                ));
+            }
+            (name.clone(), std::mem::take(vgs))
+        };
+        names::validate_vg_name(&name).map_err(|e| merr(&name, e.to_string()))?;
+        let p = name.as_str();
         if let Some(Value::Str(c)) = root.get("contents")
             && c != CONTENTS
         {
@@ -387,23 +362,22 @@ impl VgMetadata {
         {
             return Err(merr("version", "unsupported metadata version (expected 1)"));
         }
-        let es = take_u64(vgs, "extent_size", p)?;
+        let es = take_u64(&vgs, "extent_size", p)?;
         let extent_size = ExtentSize::from_metadata(Sectors(es))
             .map_err(|e| merr(&format!("{p}/extent_size"), e.to_string()))?;
         let mut pvs = Vec::new();
-        if let Some(pvsec) = vgs.section("physical_volumes") {
-            for (key, s) in pvsec.sections() {
-                pvs.push(PvMeta::from_config(
-                    key,
-                    s,
-                    &format!("{p}/physical_volumes/{key}"),
-                )?);
+        if let Some(pvsec) = take_section(&mut vgs, "physical_volumes") {
+            for item in pvsec.items {
+                if let Item::Section(key, s) = item {
+                    let path = format!("{p}/physical_volumes/{key}");
+                    pvs.push(PvMeta::from_config(key, s, &path)?);
+                }
             }
         } else {
             return Err(merr(p, "missing section 'physical_volumes'"));
         }
         let mut lvs = Vec::new();
-        if let Some(lvsec) = lv_section {
+        if let Some(lvsec) = take_section(&mut vgs, "logical_volumes") {
             lvs.reserve_exact(lvsec.items.len());
             let mut lv_path = String::new();
             for item in lvsec.items {
@@ -417,31 +391,30 @@ impl VgMetadata {
             }
         }
         let vg = VgMetadata {
-            name: name.to_string(),
-            id: take_uuid(vgs, p)?,
-            seqno: take_u64(vgs, "seqno", p)?,
-            format: opt_str(vgs, "format", p)?,
-            status: str_list(vgs, "status", p)?,
-            flags: str_list(vgs, "flags", p)?,
-            tags: str_list(vgs, "tags", p)?,
+            id: take_uuid(&vgs, p)?,
+            seqno: take_u64(&vgs, "seqno", p)?,
+            format: take_opt_str(&mut vgs, "format", p)?,
+            status: take_str_list(&mut vgs, "status", p)?,
+            flags: take_str_list(&mut vgs, "flags", p)?,
+            tags: take_str_list(&mut vgs, "tags", p)?,
             extent_size,
-            max_lv: take_u64(vgs, "max_lv", p).unwrap_or(0),
-            max_pv: take_u64(vgs, "max_pv", p).unwrap_or(0),
-            metadata_copies: take_u64(vgs, "metadata_copies", p).unwrap_or(0),
-            extra: vg_extras(vgs),
+            max_lv: take_u64(&vgs, "max_lv", p).unwrap_or(0),
+            max_pv: take_u64(&vgs, "max_pv", p).unwrap_or(0),
+            metadata_copies: take_u64(&vgs, "metadata_copies", p).unwrap_or(0),
+            extra: vg_extras(&vgs),
             pvs,
             lvs,
             trailer: Trailer {
-                description: opt_str(root, "description", "")?.unwrap_or_default(),
-                creation_host: opt_str(root, "creation_host", "")?.unwrap_or_default(),
-                creation_time: opt_i64(root, "creation_time", "")?.unwrap_or(0),
+                description: take_opt_str(&mut root, "description", "")?.unwrap_or_default(),
+                creation_host: take_opt_str(&mut root, "creation_host", "")?.unwrap_or_default(),
+                creation_time: opt_i64(&root, "creation_time", "")?.unwrap_or(0),
                 extra: root
                     .items
-                    .iter()
+                    .into_iter()
                     .filter(|i| matches!(i, Item::Assign(..)) && !TRAILER_KNOWN.contains(&i.key()))
-                    .cloned()
                     .collect(),
             },
+            name,
         };
         vg.check()?;
         Ok(vg)
@@ -836,18 +809,18 @@ impl VgMetadata {
 }
 
 impl PvMeta {
-    fn from_config(key: &str, s: &Section, p: &str) -> Result<PvMeta, MetadataError> {
+    fn from_config(key: String, mut s: Section, p: &str) -> Result<PvMeta, MetadataError> {
         Ok(PvMeta {
-            key: key.to_string(),
-            id: take_uuid(s, p)?,
-            device: opt_str(s, "device", p)?,
-            status: str_list(s, "status", p)?,
-            flags: str_list(s, "flags", p)?,
-            tags: str_list(s, "tags", p)?,
-            dev_size: Sectors(take_u64(s, "dev_size", p).unwrap_or(0)),
-            pe_start: Sectors(take_u64(s, "pe_start", p)?),
-            pe_count: take_u64(s, "pe_count", p)?,
-            extra: extras(s, PV_KNOWN, true),
+            id: take_uuid(&s, p)?,
+            device: take_opt_str(&mut s, "device", p)?,
+            status: take_str_list(&mut s, "status", p)?,
+            flags: take_str_list(&mut s, "flags", p)?,
+            tags: take_str_list(&mut s, "tags", p)?,
+            dev_size: Sectors(take_u64(&s, "dev_size", p).unwrap_or(0)),
+            pe_start: Sectors(take_u64(&s, "pe_start", p)?),
+            pe_count: take_u64(&s, "pe_count", p)?,
+            extra: extras(&s, PV_KNOWN, true),
+            key,
         })
     }
     fn write_text(&self, w: &mut Writer) {
