@@ -18,20 +18,6 @@ use std::path::{Path, PathBuf};
 
 const MANY: usize = 300;
 
-/// The console of a `vm run` whose guest script checked records: it must
-/// have succeeded without a MISMATCH.
-fn guest_console(out: &std::process::Output) -> String {
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "guest failed ({:?}):\n{console}\n{stderr}",
-        out.status.code()
-    );
-    assert!(!console.contains("MISMATCH"), "{console}");
-    console
-}
-
 /// A VG as devpool reads it: metadata and each PV's path (metadata order).
 struct DevpoolView {
     meta: std::sync::Arc<VgMetadata>,
@@ -123,19 +109,16 @@ fn records() -> Vec<(&'static str, String, Vec<u64>)> {
     r
 }
 
-/// Guest shell helpers: LVM2 without udev, `check DEV OFFSET TEXT` (a
-/// record reads back, else MISMATCH and bad=1), `put DEV OFFSET TEXT`.
-const HELPERS: &str = "lvm_c() { lvm \"$@\" --config 'activation{udev_sync=0 udev_rules=0} \
-devices{obtain_device_list_from_udev=0} backup{backup=0 archive=0}'; }\n\
-check() { got=$(dd if=$1 bs=512 skip=$(($2/512)) count=1 2>/dev/null | head -c ${#3}); \
+/// Guest shell helpers beside [`DM_GUEST_HELPERS`]: `check DEV OFFSET TEXT`
+/// (a record reads back, else MISMATCH and bad=1), `put DEV OFFSET TEXT`.
+const RECORD_HELPERS: &str = "check() { got=$(dd if=$1 bs=512 skip=$(($2/512)) count=1 2>/dev/null | head -c ${#3}); \
 [ \"$got\" = \"$3\" ] || { echo \"MISMATCH $1 at $2: [$got] wanted [$3]\"; bad=1; }; }\n\
-put() { printf '%s' \"$3\" | dd of=$1 bs=512 seek=$(($2/512)) conv=sync 2>/dev/null || { echo \"WRITE FAILED $1 $2\"; bad=1; }; }\n\
-bad=0\n";
+put() { printf '%s' \"$3\" | dd of=$1 bs=512 seek=$(($2/512)) conv=sync 2>/dev/null || { echo \"WRITE FAILED $1 $2\"; bad=1; }; }\n";
 
 /// The guest: activate, check host records, write guest records (1 KiB
 /// after each host record), create an LV, deactivate.
 fn guest_script() -> String {
-    let mut s = String::from(HELPERS);
+    let mut s = format!("{DM_GUEST_HELPERS}{RECORD_HELPERS}");
     s.push_str(
         "lvm_c vgchange -ay dmproof many || exit 10\n\
          echo \"ACTIVE $(ls /dev/mapper | grep -c -e '^dmproof-' -e '^many-')\"\n\
@@ -353,7 +336,7 @@ fn guest_dm_snapshot_runs_on_a_snapshot_devpool_created() {
             "4M",
         ],
     );
-    let mut script = String::from(HELPERS);
+    let mut script = format!("{DM_GUEST_HELPERS}{RECORD_HELPERS}");
     script.push_str(
         "lvm_c vgchange -ay snapvg || exit 10\n\
          dmsetup status snapvg-snap\n",
@@ -374,7 +357,7 @@ fn guest_dm_snapshot_runs_on_a_snapshot_devpool_created() {
         "sync; echo \"STATUS $(dmsetup status snapvg-snap)\"\n\
          lvm_c vgchange -an snapvg || exit 12\nexit $bad\n",
     );
-    let console = run_dm_snapshot_guest(&lab, &kernel, &a, &script);
+    let console = run_lvm_guest(&lab, &kernel, &[&a], &a, &[], "dm_snapshot", &script);
     // dm reports a valid snapshot: "snapshot <used>/<total> <metadata>".
     let status = console
         .lines()
@@ -415,69 +398,14 @@ fn guest_dm_snapshot_runs_on_a_snapshot_devpool_created() {
     }
 }
 
-/// `vm run` with `disk` attached whole, LVM2 and dm-snapshot in the guest,
-/// running `script`; the console of a run that must succeed.
-fn run_dm_snapshot_guest(
-    lab: &Lab,
-    kernel: &devpool_vm::kernel::Kernel,
-    disk: &Path,
-    script: &str,
-) -> String {
-    let ka = kernel_args(kernel);
-    let d = disk.display().to_string();
-    let mut args: Vec<&str> = vec!["vm", "run"];
-    args.extend(ka.iter().map(String::as_str));
-    args.extend([
-        "--mem",
-        "512M",
-        "--disk",
-        &d,
-        "--add",
-        "/sbin/lvm",
-        "--add",
-        "/sbin/dmsetup",
-        "--load-module",
-        "dm_snapshot",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]);
-    guest_console(&lab.devpool(&[disk], &args))
-}
-
-/// `chk DEV CHUNK OCT`: 4 KiB chunk CHUNK of DEV holds only byte \OCT;
-/// `fill DEV CHUNK OCT` writes such a chunk (direct, past the page cache).
-const CHUNK_HELPERS: &str = "chk() { t=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | wc -c); \
-n=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | tr -d \"\\\\$3\" | wc -c); \
-[ \"$t\" = 4096 ] && [ \"$n\" = 0 ] || { echo \"MISMATCH $1 chunk $2: $n of $t bytes are not \\\\$3\"; bad=1; }; }\n\
-fill() { dd if=/dev/zero bs=4096 count=1 2>/dev/null | tr '\\000' \"\\\\$3\" | \
-dd of=$1 bs=4096 seek=$2 oflag=direct conv=notrunc 2>/dev/null || { echo \"WRITE FAILED $1 $2\"; bad=1; }; }\n";
-
 /// The byte every chunk of the test holds, as an octal escape for the guest.
 fn oct(b: u8) -> String {
     format!("{b:03o}")
 }
 
-/// Each byte of a 4 KiB chunk of a served volume, through qemu-io.
-fn chunk_bytes_over_nbd(sock: &Path, chunk: u64, byte: u8) -> bool {
-    let o = std::process::Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            "-c",
-            &format!("read -P {byte:#04x} {} 4096", chunk * 4096),
-            &common::serving::uri(sock),
-        ])
-        .output()
-        .expect("qemu-io");
-    let out = String::from_utf8_lossy(&o.stdout);
-    o.status.success() && !out.contains("Pattern verification failed")
-}
-
 #[test]
 fn guest_dm_snapshot_and_devpool_read_each_others_copy_outs_and_merge_restores() {
-    use common::serving::{Server, Sleeper, need_tools, window_of};
+    use common::serving::{Server, Sleeper, block_holds, need_tools, window_of};
     let t = "guest_dm_snapshot_and_devpool_read_each_others_copy_outs_and_merge_restores";
     let Some(kernel) = guest_or_skip(t) else {
         return;
@@ -541,8 +469,7 @@ fn guest_dm_snapshot_and_devpool_read_each_others_copy_outs_and_merge_restores()
     // (origin chunks 8..16 overwritten) and writes chunk 20 of the snapshot.
     let vg = format!("devpool-{pool}");
     let (o, s) = (format!("/dev/{vg}/{lv}"), format!("/dev/{vg}/snap"));
-    let mut script = String::from(HELPERS);
-    script.push_str(CHUNK_HELPERS);
+    let mut script = format!("{DM_GUEST_HELPERS}{RECORD_HELPERS}");
     let _ = writeln!(script, "lvm_c vgchange -ay {vg} || exit 10");
     for k in 0..32u64 {
         let now = if k < 8 { 0xa0 + k as u8 } else { old(k) };
@@ -559,7 +486,7 @@ fn guest_dm_snapshot_and_devpool_read_each_others_copy_outs_and_merge_restores()
     }
     script.push_str("sync; echo \"STATUS $(dmsetup status | grep ' snapshot ')\"\n");
     let _ = writeln!(script, "lvm_c vgchange -an {vg} || exit 12\nexit $bad");
-    let console = run_dm_snapshot_guest(&lab, &kernel, &img, &script);
+    let console = run_lvm_guest(&lab, &kernel, &[&img], &img, &[], "dm_snapshot", &script);
     let status = console
         .lines()
         .find(|l| l.starts_with("STATUS "))
@@ -581,7 +508,7 @@ fn guest_dm_snapshot_and_devpool_read_each_others_copy_outs_and_merge_restores()
     );
     for k in 0..32u64 {
         let want = if k == 20 { 0xee } else { old(k) };
-        assert!(chunk_bytes_over_nbd(&ssock, k, want), "snapshot chunk {k}");
+        assert!(block_holds(&ssock, k, want), "snapshot chunk {k}");
     }
     drop(srv);
     // Merge: the origin is the snapshot again (with the guest's write to it).

@@ -27,25 +27,6 @@ fn fill_b(b: &Bench, data: &[u8]) {
     f.sync_all().unwrap();
 }
 
-/// The whole volume behind an NBD socket.
-fn read_all(sock: &Path, out: &Path) -> Vec<u8> {
-    run_ok(Command::new("nbdcopy").arg(uri(sock)).arg(out));
-    std::fs::read(out).unwrap()
-}
-
-fn qemu_io(sock: &Path, script: &[String]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in script {
-        cmd.arg("-c").arg(c);
-    }
-    cmd.arg(uri(sock));
-    let out = run_ok(&mut cmd);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
-    assert!(!out.to_lowercase().contains("error"), "{out}");
-    out
-}
-
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() != b.len() {
         return Some(a.len().min(b.len()));
@@ -112,14 +93,14 @@ fn a_served_origin_copies_out_the_snapshot_keeps_old_data_and_merge_rolls_back()
     // Writes through the origin's server: whole chunks, a range across a
     // chunk boundary at odd offsets, zeroes, a discard.
     let (srv, sock) = serve(&b, pool, &origin, "origin.sock");
-    qemu_io(
+    qemu_io_ok(
         &sock,
         &[
-            "write -P 0xab 0 1048576".into(),
-            "write -P 0xcd 1048575 3000".into(),
-            "write -z 8388608 65536".into(),
-            "discard 12582912 65536".into(),
-            "flush".into(),
+            "write -P 0xab 0 1048576",
+            "write -P 0xcd 1048575 3000",
+            "write -z 8388608 65536",
+            "discard 12582912 65536",
+            "flush",
         ],
     );
     let mut now = old.clone();
@@ -146,13 +127,13 @@ fn a_served_origin_copies_out_the_snapshot_keeps_old_data_and_merge_rolls_back()
     let (srv, ssock) = serve(&b, pool, "before", "snap.sock");
     let snap = read_all(&ssock, &b.lab.path("snap.now"));
     assert_eq!(first_difference(&snap, &old), None, "snapshot contents");
-    qemu_io(
+    qemu_io_ok(
         &ssock,
         &[
-            "write -P 0x11 102400 4096".into(),
-            "read -P 0x11 102400 4096".into(),
-            "write -P 0x12 4194309 10".into(),
-            "read -P 0x12 4194309 10".into(),
+            "write -P 0x11 102400 4096",
+            "read -P 0x11 102400 4096",
+            "write -P 0x12 4194309 10",
+            "read -P 0x12 4194309 10",
         ],
     );
     stop(srv);
@@ -267,12 +248,9 @@ fn a_full_cow_store_invalidates_the_snapshot_and_the_origin_keeps_working() {
         ],
     );
     let (srv, sock) = serve(&b, pool, &origin, "o.sock");
-    qemu_io(
+    qemu_io_ok(
         &sock,
-        &[
-            "write -P 0x77 0 8388608".into(),
-            "read -P 0x77 0 8388608".into(),
-        ],
+        &["write -P 0x77 0 8388608", "read -P 0x77 0 8388608"],
     );
     stop(srv);
     let st = b.lab.dp_json(&[], &["--pool", pool, "pool", "status"]);

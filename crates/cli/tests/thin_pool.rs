@@ -304,35 +304,6 @@ fn serve(lab: &Lab, lv: &str, sock: &str) -> (Server, PathBuf) {
     (srv, path)
 }
 
-fn qemu_io(sock: &Path, script: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in script {
-        cmd.arg("-c").arg(c);
-    }
-    cmd.arg(uri(sock));
-    let o = cmd.output().unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// qemu-io that must succeed: no failed request, no pattern mismatch.
-fn qemu_io_ok(sock: &Path, script: &[&str]) {
-    let out = qemu_io(sock, script);
-    assert!(
-        !out.contains("failed") && !out.contains("verification"),
-        "{out}"
-    );
-}
-
-fn read_all(sock: &Path, out: &Path) -> Vec<u8> {
-    run_ok(Command::new("nbdcopy").arg(uri(sock)).arg(out));
-    std::fs::read(out).unwrap()
-}
-
 fn data_used(lab: &Lab) -> u64 {
     num(&thin_status(lab)["usage"]["data_used"])
 }
@@ -552,26 +523,9 @@ fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
     check_and_dump(&lab, &image);
 }
 
-/// `chk DEV BLK OCT`: 4 KiB block BLK of DEV holds only byte \OCT;
-/// `fill DEV BLK OCT` writes such a block (direct I/O).
-const GUEST_HELPERS: &str = "lvm_c() { lvm \"$@\" --config 'activation{udev_sync=0 udev_rules=0} \
-devices{obtain_device_list_from_udev=0} backup{backup=0 archive=0}'; }\n\
-chk() { t=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | wc -c); \
-n=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | tr -d \"\\\\$3\" | wc -c); \
-[ \"$t\" = 4096 ] && [ \"$n\" = 0 ] || { echo \"MISMATCH $1 block $2: $n of $t bytes are not \\\\$3\"; bad=1; }; }\n\
-fill() { dd if=/dev/zero bs=4096 count=1 2>/dev/null | tr '\\000' \"\\\\$3\" | \
-dd of=$1 bs=4096 seek=$2 oflag=direct conv=notrunc 2>/dev/null || { echo \"WRITE FAILED $1 $2\"; bad=1; }; }\n\
-bad=0\n";
-
-/// Whether 4 KiB block `blk` of a served volume holds only `byte`.
-fn block_is(sock: &Path, blk: u64, byte: u8) -> bool {
-    let out = qemu_io(sock, &[&format!("read -P {byte:#04x} {} 4096", blk * 4096)]);
-    !out.contains("verification failed") && !out.contains("failed")
-}
-
 #[test]
 fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote() {
-    use common::guest::{assert_no_qemu_left, guest_or_skip, kernel_args};
+    use common::guest::{DM_GUEST_HELPERS, assert_no_qemu_left, guest_or_skip, run_lvm_guest};
     let t = "guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote";
     let Some(kernel) = guest_or_skip(t) else {
         return;
@@ -613,7 +567,7 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
     // never written (dm provisions it).
     let vg = format!("devpool-{}", tp(&lab));
     let (o, sn) = (format!("/dev/{vg}/{lv}"), format!("/dev/{vg}/tsnap"));
-    let mut g = String::from(GUEST_HELPERS);
+    let mut g = String::from(DM_GUEST_HELPERS);
     g.push_str(&format!("lvm_c vgchange -ay -K {vg} || exit 10\n"));
     for k in 0..8u64 {
         g.push_str(&format!(
@@ -636,37 +590,15 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
         "lvm_c vgchange -an {vg} >/dev/null 2>&1; dmsetup remove_all\n\
 [ -z \"$(dmsetup ls | grep -v 'No devices')\" ] || {{ dmsetup ls; exit 12; }}\nexit $bad\n"
     ));
-    let ka = kernel_args(&kernel);
-    let img = image.display().to_string();
-    let mut args: Vec<&str> = vec!["vm", "run"];
-    args.extend(ka.iter().map(String::as_str));
-    args.extend([
-        "--mem",
-        "512M",
-        "--disk",
-        &img,
-        "--add",
-        "/sbin/lvm",
-        "--add",
-        "/sbin/dmsetup",
-        "--add",
-        "/usr/sbin/thin_check",
-        "--load-module",
+    let console = run_lvm_guest(
+        &lab,
+        &kernel,
+        &[],
+        &image,
+        &["/usr/sbin/thin_check"],
         "dm_thin_pool",
-        "--",
-        "sh",
-        "-c",
         &g,
-    ]);
-    let out = lab.devpool(&[], &args);
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "guest failed ({:?}):\n{console}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!console.contains("MISMATCH"), "{console}");
     let status = console
         .lines()
         .find(|l| l.starts_with("STATUS "))
@@ -678,14 +610,17 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
     let xml = check_and_dump(&lab, &image);
     assert_eq!(dumped(&xml).len(), 2, "{xml}");
     let (srv, sock) = serve(&lab, &lv, "o.sock");
-    assert!(block_is(&sock, 2, 0xee), "dm's overwrite");
-    assert!(block_is(&sock, 3000, 0xc3), "dm's new block");
-    assert!(block_is(&sock, 1000, 0x77));
-    assert!(block_is(&sock, 500, 0));
+    assert!(block_holds(&sock, 2, 0xee), "dm's overwrite");
+    assert!(block_holds(&sock, 3000, 0xc3), "dm's new block");
+    assert!(block_holds(&sock, 1000, 0x77));
+    assert!(block_holds(&sock, 500, 0));
     stop(srv);
     let (srv, sock) = serve(&lab, "tsnap", "s.sock");
-    assert!(block_is(&sock, 2, 0xa2), "the snapshot kept the old block");
-    assert!(block_is(&sock, 3000, 0));
+    assert!(
+        block_holds(&sock, 2, 0xa2),
+        "the snapshot kept the old block"
+    );
+    assert!(block_holds(&sock, 3000, 0));
     stop(srv);
     assert_no_qemu_left(&lab);
 }

@@ -266,6 +266,66 @@ pub fn image_pool(lab: &super::Lab, name: &str) -> PathBuf {
     lab.image_pool(&format!("{name}.img"), name, "512M", &[])
 }
 
+/// Guest shell helpers for LVM2 and device-mapper checks: `lvm_c` runs LVM2
+/// without udev; `chk DEV BLK OCT` checks that 4 KiB block BLK of DEV holds
+/// only byte \OCT (else prints MISMATCH and sets bad=1); `fill DEV BLK OCT`
+/// writes such a block with direct I/O; `bad=0`.
+pub const DM_GUEST_HELPERS: &str = "lvm_c() { lvm \"$@\" --config 'activation{udev_sync=0 udev_rules=0} \
+devices{obtain_device_list_from_udev=0} backup{backup=0 archive=0}'; }\n\
+chk() { t=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | wc -c); \
+n=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | tr -d \"\\\\$3\" | wc -c); \
+[ \"$t\" = 4096 ] && [ \"$n\" = 0 ] || { echo \"MISMATCH $1 block $2: $n of $t bytes are not \\\\$3\"; bad=1; }; }\n\
+fill() { dd if=/dev/zero bs=4096 count=1 2>/dev/null | tr '\\000' \"\\\\$3\" | \
+dd of=$1 bs=4096 seek=$2 oflag=direct conv=notrunc 2>/dev/null || { echo \"WRITE FAILED $1 $2\"; bad=1; }; }\n\
+bad=0\n";
+
+/// A guest run that must succeed and print no MISMATCH: its console.
+pub fn guest_console(out: &std::process::Output) -> String {
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "guest failed ({:?}):\n{console}\n{stderr}",
+        out.status.code()
+    );
+    assert!(!console.contains("MISMATCH"), "{console}");
+    console
+}
+
+/// `devpool vm run` of `sh -c SCRIPT` on `disk` (512 MiB of guest memory)
+/// with LVM2, dmsetup and the host programs `more` in the guest and `module`
+/// loaded; see [`guest_console`] for what must hold. `devices` are the
+/// lab's `--devices`.
+pub fn run_lvm_guest(
+    lab: &super::Lab,
+    kernel: &Kernel,
+    devices: &[&Path],
+    disk: &Path,
+    more: &[&str],
+    module: &str,
+    script: &str,
+) -> String {
+    let ka = kernel_args(kernel);
+    let d = disk.display().to_string();
+    let mut args: Vec<&str> = vec!["vm", "run"];
+    args.extend(ka.iter().map(String::as_str));
+    args.extend([
+        "--mem",
+        "512M",
+        "--disk",
+        &d,
+        "--add",
+        "/sbin/lvm",
+        "--add",
+        "/sbin/dmsetup",
+    ]);
+    for m in more {
+        args.extend(["--add", m]);
+    }
+    args.extend(["--load-module", module, "--", "sh", "-c", script]);
+    guest_console(&lab.devpool(devices, &args))
+}
+
 /// `--kernel IMAGE --modules DIR` for a kernel from the cache.
 pub fn kernel_args(kernel: &Kernel) -> Vec<String> {
     vec![

@@ -218,6 +218,54 @@ pub fn uri(sock: &Path) -> String {
     format!("nbd+unix:///?socket={}", sock.display())
 }
 
+/// qemu-io on an NBD socket, one `-c` per command: whether it exited 0,
+/// and its stdout and stderr together.
+fn qemu_io_status<S: AsRef<str>>(sock: &Path, script: &[S]) -> (bool, String) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in script {
+        cmd.arg("-c").arg(c.as_ref());
+    }
+    cmd.arg(uri(sock));
+    let o = cmd.output().expect("run qemu-io");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), out)
+}
+
+/// qemu-io's output, whatever happened (for requests expected to fail).
+pub fn qemu_io<S: AsRef<str>>(sock: &Path, script: &[S]) -> String {
+    qemu_io_status(sock, script).1
+}
+
+/// qemu-io that must succeed: exit 0, no failed request, no pattern
+/// mismatch, no error.
+pub fn qemu_io_ok<S: AsRef<str>>(sock: &Path, script: &[S]) -> String {
+    let (ok, out) = qemu_io_status(sock, script);
+    assert!(ok, "qemu-io failed: {out}");
+    assert!(
+        !out.contains("failed") && !out.contains("verification"),
+        "{out}"
+    );
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    out
+}
+
+/// Whether 4 KiB block `blk` of the volume behind `sock` holds only `byte`.
+pub fn block_holds(sock: &Path, blk: u64, byte: u8) -> bool {
+    let (ok, out) = qemu_io_status(sock, &[format!("read -P {byte:#04x} {} 4096", blk * 4096)]);
+    ok && !out.contains("failed")
+}
+
+/// The whole volume behind an NBD socket, copied through `out`.
+pub fn read_all(sock: &Path, out: &Path) -> Vec<u8> {
+    run_ok(Command::new("nbdcopy").arg(uri(sock)).arg(out));
+    std::fs::read(out).unwrap()
+}
+
 pub fn run_ok(cmd: &mut Command) -> String {
     let o = cmd.output().expect("run client");
     assert!(
