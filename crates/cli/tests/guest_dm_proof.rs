@@ -8,7 +8,7 @@
 
 mod common;
 use common::guest::*;
-use common::{Lab, Loop, assert_reports_agree, vgck};
+use common::{Lab, Loop, assert_reports_agree, first_lv, vgck};
 use devpool_engine::engine::{DeviceSource, Engine};
 use devpool_format::metadata::VgMetadata;
 use devpool_serve::map::{PvPlace, VolumeMap};
@@ -430,7 +430,7 @@ fn guest_dm_snapshot_and_devpool_read_each_others_copy_outs_and_merge_restores()
             &owner.pid(),
         ],
     );
-    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let lv = first_lv(&lease);
     let (off, _) = window_of(lease["devices"][0]["device"].as_str().unwrap());
     // Old data: chunk k holds byte 0x10+k.
     let old = |k: u64| 0x10 + k as u8;

@@ -310,7 +310,7 @@ fn serving_refuses_unleased_volumes_and_ends_with_the_lease() {
             ],
         ),
     );
-    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let lv = first_lv(&lease);
     let srv = Server::start(lab, "life", &[&lv, "--nbd", &nbd]);
     let _ = b.owner.0.kill();
     let _ = b.owner.0.wait();

@@ -315,7 +315,7 @@ fn thin_volumes_provision_on_write_snapshots_share_and_discard_gives_back() {
     };
     let owner = Sleeper::new();
     let lease = acquire(&lab, &owner, "t:64M");
-    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let lv = first_lv(&lease);
     let size = 64 * MIB as usize;
     let chunk = num(&thin_status(&lab)["chunk_bytes"]) as usize;
     assert_eq!(data_used(&lab), 0, "nothing written, nothing used");
@@ -423,7 +423,7 @@ fn a_full_thin_pool_fails_writes_with_enospc_and_keeps_what_was_written() {
     };
     let owner = Sleeper::new();
     let lease = acquire(&lab, &owner, "t:64M");
-    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let lv = first_lv(&lease);
     let (srv, sock) = serve(&lab, &lv, "t.sock");
     qemu_io_ok(&sock, &["write -P 0x42 0 6M"]);
     // 4 MiB more needs 64 blocks where 32 are left: refused whole.
@@ -537,7 +537,7 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
     };
     let owner = Sleeper::new();
     let lease = acquire(&lab, &owner, "test:32M");
-    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let lv = first_lv(&lease);
     // The host's data plane writes blocks 0..8 (one thin chunk) and 1000.
     let (srv, sock) = serve(&lab, &lv, "o.sock");
     let mut script: Vec<String> = (0..8u64)
@@ -641,7 +641,7 @@ fn a_thin_snapshot_merge_rolls_the_volume_back_in_one_transaction() {
     };
     let owner = Sleeper::new();
     let lease = acquire(&lab, &owner, "t:16M");
-    let lv = lease["devices"][0]["lv"].as_str().unwrap().to_string();
+    let lv = first_lv(&lease);
     let chunk = num(&thin_status(&lab)["chunk_bytes"]) as usize;
     let size = 16 * MIB as usize;
     let snapshot = |of: &str, name: &str| {

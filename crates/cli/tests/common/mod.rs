@@ -326,6 +326,14 @@ pub fn num(v: &Value) -> u64 {
     }
 }
 
+/// The LV name of a lease's first volume (`lease acquire --json`).
+pub fn first_lv(lease: &Value) -> String {
+    lease["devices"][0]["lv"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no volume in {lease}"))
+        .to_string()
+}
+
 /// A unique VG name per test run (LVM2's lock files are per VG name).
 pub fn vg_name(base: &str) -> String {
     format!("dpt{}_{base}", std::process::id())
