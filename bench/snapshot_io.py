@@ -11,6 +11,9 @@ code:
   - 4k randwrite first writes: every 4k block of the volume written exactly
     once (fio's random map, not time-based), so on the origin every write
     copies a chunk out first; plain vs origin
+  - 4k randrw 70/30 on a fresh snapshot (first writes mixed with reads):
+    IOPS and read latency, plain vs origin (reads must not wait behind
+    copy-outs)
   - 255 snapshots of one origin: time to create them all, the last one's
     latency, and 4k randwrite on the origin with all of them (each first
     write copies out to 255 stores)
@@ -30,13 +33,27 @@ def timed(args, env):
     return (time.perf_counter() - t) * 1000
 
 
-def fio(uri, job, args):
+def fio_job(uri, job, args):
     out = sh(["fio", "--name", job, "--ioengine=nbd", f"--uri={uri}",
               "--output-format=json", "--group_reporting"] + args)
-    j = json.loads(out[out.index("{"):])["jobs"][0]
+    return json.loads(out[out.index("{"):])["jobs"][0]
+
+
+def fio(uri, job, args):
+    j = fio_job(uri, job, args)
     rw = "read" if j["read"]["io_bytes"] > 0 else "write"
     return {"iops": round(j[rw]["iops"]), "ios": j[rw]["total_ios"],
             "clat_p50_us": round(j[rw]["clat_ns"]["percentile"]["50.000000"] / 1000, 1)}
+
+
+def fio_mixed(uri, size):
+    """70/30 random reads and first writes: both IOPS, and read latency."""
+    j = fio_job(uri, "mix", ["--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=32",
+                             f"--size={size}", f"--io_size={size // 4}"])
+    pct = j["read"]["clat_ns"]["percentile"]
+    return {"read_iops": round(j["read"]["iops"]), "write_iops": round(j["write"]["iops"]),
+            "read_clat_p50_us": round(pct["50.000000"] / 1000, 1),
+            "read_clat_p99_us": round(pct["99.000000"] / 1000, 1)}
 
 
 class Server:
@@ -103,7 +120,7 @@ def main():
         sh([DEVPOOL, "--pool", "bench", "snapshot", "create", lvs["origin"], "--name",
             "snap", "--size", f"{a.size_mib + 16}M"], env)
 
-        results = {}
+        results, copied = {}, None
         for role in ["plain", "origin"]:
             s = Server(work, env, lvs[role])
             servers.append(s)
@@ -117,9 +134,20 @@ def main():
             r["randwrite_4k_first"]["seconds"] = round(time.perf_counter() - t, 2)
             s.stop()
             servers.remove(s)
+            if role == "origin":
+                st = json.loads(sh([DEVPOOL, "--pool", "bench", "--json", "snapshot",
+                                    "list"], env))
+                copied = st[0]["usage"]["used_chunks"] if st and st[0].get("usage") else None
+                # A fresh snapshot, so the mixed run's writes are first writes.
+                sh([DEVPOOL, "--pool", "bench", "snapshot", "delete", "snap"], env)
+                sh([DEVPOOL, "--pool", "bench", "snapshot", "create", lvs["origin"],
+                    "--name", "snap", "--size", f"{a.size_mib + 16}M"], env)
+            s = Server(work, env, lvs[role])
+            servers.append(s)
+            r["randrw_4k_70_30_first"] = fio_mixed(s.uri, size)
+            s.stop()
+            servers.remove(s)
             results[role] = r
-        st = json.loads(sh([DEVPOOL, "--pool", "bench", "--json", "snapshot", "list"], env))
-        copied = st[0]["usage"]["used_chunks"] if st and st[0].get("usage") else None
 
         # Many snapshots of one origin.
         sh([DEVPOOL, "--pool", "bench", "snapshot", "delete", "snap"], env)
@@ -140,8 +168,8 @@ def main():
         s.stop()
         servers.remove(s)
 
-        ratio = lambda job: round(results["origin"][job]["iops"] /
-                                  max(results["plain"][job]["iops"], 1), 2)
+        ratio = lambda job, k="iops": round(results["origin"][job][k] /
+                                           max(results["plain"][job][k], 1), 2)
         print(json.dumps({
             "benchmark": "snapshot_io",
             "volume_mib": a.size_mib,
@@ -157,6 +185,9 @@ def main():
             "ratios": {
                 "origin_randread_vs_plain": ratio("randread_4k"),
                 "origin_first_randwrite_vs_plain": ratio("randwrite_4k_first"),
+                "origin_mixed_read_iops_vs_plain": ratio("randrw_4k_70_30_first", "read_iops"),
+                "origin_mixed_read_p50_latency_vs_plain":
+                    ratio("randrw_4k_70_30_first", "read_clat_p50_us"),
             },
             "targets": {"randread": 0.9, "first_randwrite": 0.7},
             "many_snapshots": {

@@ -8,6 +8,7 @@
 //! - [`device`]: the PVs under a volume, opened direct and buffered
 //! - [`batch`]: many transfers in flight, waited for together (copy-out work)
 //! - [`buffer`]: aligned I/O buffers
+//! - [`copier`]: copy-out for origin writes on a helper thread
 //! - [`queue`]: the io_uring core (read, write, flush, discard, write-zeroes, FUA)
 //! - [`snapshot`]: copy-on-write for origins and snapshots (dm-snapshot's store)
 //! - [`thin`]: thin volumes (lookups, provisioning, discard) on a dm-thin pool
@@ -22,6 +23,7 @@
 
 pub mod batch;
 pub mod buffer;
+pub mod copier;
 pub mod device;
 pub mod export;
 pub mod fuse;

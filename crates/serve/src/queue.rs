@@ -6,6 +6,7 @@
 //! their own SQEs (socket receives, wake-ups) to the same ring so one
 //! `io_uring_enter` waits for everything.
 
+use crate::copier::Copier;
 use crate::device::Volume;
 use crate::map::{MapError, Piece};
 use io_uring::{IoUring, opcode, squeue, types};
@@ -57,15 +58,10 @@ pub enum Event {
 }
 
 const FOREIGN: u64 = 1 << 63;
+/// The user data of the poll on the copier's wake descriptor.
+const COPIED: u64 = 1 << 62;
 /// How long [`Queue::wait`] spins for a completion while I/O is in flight.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
-/// How long first writes to a snapshotted origin wait for company, and how
-/// many make a full group (see [`Queue::wait`]).
-const GROUP_WINDOW: std::time::Duration = std::time::Duration::from_micros(500);
-/// A group stops waiting once no first write has joined it for this long
-/// (the client has sent what it had in flight).
-const GROUP_GAP: std::time::Duration = std::time::Duration::from_micros(100);
-const GROUP_MAX: usize = 64;
 
 struct Slot {
     tag: u64,
@@ -87,15 +83,12 @@ pub struct Queue {
     /// SQEs pushed since the last submit.
     unsubmitted: usize,
     /// Origin writes waiting for their chunks to be copied out to the
-    /// snapshots (done for all of them at once in [`Queue::wait`]).
+    /// snapshots (all of them in the next copy-out).
     held: Vec<(u64, Request)>,
-    held_since: Option<std::time::Instant>,
-    /// When the last held write joined.
-    held_last: std::time::Instant,
-    /// Frontend SQEs not completed yet.
-    foreign_in_flight: usize,
-    /// The copy-out's own ring, made on first use.
-    batch: Option<crate::batch::Batch>,
+    /// Origin writes whose chunks the copier is copying out now.
+    copying: Vec<(u64, Request)>,
+    /// The copy-out's helper thread, started on first use.
+    copier: Option<Copier>,
 }
 
 // SAFETY: the raw pointers a Queue holds are iovecs into memory whose
@@ -119,16 +112,14 @@ impl Queue {
             ready: Vec::new(),
             unsubmitted: 0,
             held: Vec::new(),
-            held_since: None,
-            held_last: std::time::Instant::now(),
-            foreign_in_flight: 0,
-            batch: None,
+            copying: Vec::new(),
+            copier: None,
         })
     }
 
     /// Requests submitted and not yet reported.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() + self.ready.len() + self.held.len()
+        self.slots.len() + self.ready.len() + self.held.len() + self.copying.len()
     }
 
     fn push(&mut self, e: squeue::Entry) {
@@ -152,7 +143,6 @@ impl Queue {
     /// Whatever memory the entry points at must stay valid until its
     /// [`Event::Foreign`] is reported.
     pub unsafe fn push_foreign(&mut self, e: squeue::Entry, data: u64) {
-        self.foreign_in_flight += 1;
         self.push(e.user_data(data | FOREIGN));
     }
 
@@ -231,8 +221,6 @@ impl Queue {
                 return Ok(());
             }
             if writes && cow.needs_copy_out(vol.size(), req.offset, req.len) {
-                self.held_since.get_or_insert_with(std::time::Instant::now);
-                self.held_last = std::time::Instant::now();
                 self.held.push((tag, req));
                 return Ok(());
             }
@@ -387,35 +375,11 @@ impl Queue {
         if self.thin_commit_wait(min, out)? {
             return Ok(());
         }
-        if let Some(since) = self.held_since {
-            // Group commit: give more first writes a moment to arrive, so one
-            // copy-out (two syncs) serves many of them.
-            let age = since.elapsed();
-            let gap = self.held_last.elapsed();
-            // Only while the frontend awaits something of its own (a socket
-            // receive) could more requests arrive; else release at once.
-            if min > 0
-                && self.foreign_in_flight > 0
-                && self.held.len() < GROUP_MAX
-                && age < GROUP_WINDOW
-                && gap < GROUP_GAP
-                && self.ready.is_empty()
-            {
-                let left = (GROUP_WINDOW - age).min(GROUP_GAP - gap);
-                let ts = types::Timespec::new().nsec(left.as_nanos() as u32);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                match self.ring.submitter().submit_with_args(1, &args) {
-                    Ok(_) => {}
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
-                    Err(e) => return Err(e),
-                }
-                self.unsubmitted = 0;
-                if self.reap(out) > 0 {
-                    // The frontend may have new requests to add to the group.
-                    return Ok(());
-                }
-            }
-            self.release_held();
+        // First writes to a snapshotted origin: copy them out now if the
+        // copier is free; else they gather for its next copy-out, so a busy
+        // origin copies in groups without waiting for a timer.
+        if !self.held.is_empty() && self.copying.is_empty() {
+            self.start_copy();
         }
         let mut want = if self.ready.is_empty() { min } else { 0 };
         if want > 0 && !self.slots.is_empty() {
@@ -493,8 +457,11 @@ impl Queue {
             .map(|c| (c.user_data(), c.result()))
             .collect();
         for (data, res) in cqes {
+            if data == COPIED {
+                self.copied();
+                continue;
+            }
             if data & FOREIGN != 0 {
-                self.foreign_in_flight = self.foreign_in_flight.saturating_sub(1);
                 out.push(Event::Foreign {
                     data: data & !FOREIGN,
                     result: res,
@@ -534,25 +501,45 @@ impl Drop for Queue {
 }
 
 impl Queue {
-    /// Copy out the chunks the held writes reach (all at once), then start
-    /// them.
-    fn release_held(&mut self) {
-        let vol = Arc::clone(&self.vol);
-        let Some(cow) = &vol.cow else {
+    /// Hand the chunks the held writes reach to the copier (all at once);
+    /// [`Queue::copied`] starts the writes when they are durable.
+    fn start_copy(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        let ranges: Vec<(u64, u64)> = held.iter().map(|(_, r)| (r.offset, r.len)).collect();
+        if self.copier.is_none() {
+            match Copier::start(Arc::clone(&self.vol)) {
+                Ok(c) => self.copier = Some(c),
+                Err(e) => return self.fail(held, e.raw_os_error().unwrap_or(libc::EIO)),
+            }
+        }
+        let Some(copier) = &self.copier else {
             return;
         };
-        let held = std::mem::take(&mut self.held);
-        self.held_since = None;
-        let ranges: Vec<(u64, u64)> = held.iter().map(|(_, r)| (r.offset, r.len)).collect();
-        let copied = match &mut self.batch {
-            Some(b) => cow.copy_out(&vol.devs, &vol.map, &ranges, b),
-            None => match crate::batch::Batch::new() {
-                Ok(b) => cow.copy_out(&vol.devs, &vol.map, &ranges, self.batch.insert(b)),
-                Err(e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
-            },
+        if let Err(errno) = copier.send(ranges) {
+            return self.fail(held, errno);
+        }
+        let poll = opcode::PollAdd::new(types::Fd(copier.wake_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(COPIED);
+        self.push(poll);
+        self.copying = held;
+    }
+
+    /// The copier's descriptor became readable: start the writes it copied
+    /// out for, then hand it the writes held meanwhile.
+    fn copied(&mut self) {
+        let Some(result) = self.copier.as_ref().and_then(Copier::take_result) else {
+            // Not done yet: poll again.
+            if let Some(c) = &self.copier {
+                let poll = opcode::PollAdd::new(types::Fd(c.wake_fd()), libc::POLLIN as u32)
+                    .build()
+                    .user_data(COPIED);
+                self.push(poll);
+            }
+            return;
         };
-        for (tag, req) in held {
-            let r = match copied {
+        for (tag, req) in std::mem::take(&mut self.copying) {
+            let r = match result {
                 // SAFETY: the memory was promised valid until completion.
                 Ok(()) => unsafe { self.submit_mapped(tag, req) },
                 Err(errno) => Err(errno),
@@ -561,6 +548,14 @@ impl Queue {
                 self.ready.push(Completion { tag, errno });
             }
         }
+        if !self.held.is_empty() {
+            self.start_copy();
+        }
+    }
+
+    fn fail(&mut self, reqs: Vec<(u64, Request)>, errno: i32) {
+        self.ready
+            .extend(reqs.into_iter().map(|(tag, _)| Completion { tag, errno }));
     }
 }
 

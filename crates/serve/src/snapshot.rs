@@ -3,10 +3,11 @@
 //!
 //! - An **origin** with snapshots: reads go straight to its extents; before a
 //!   write (or discard, or zeroing) reaches a chunk that a valid snapshot has
-//!   not kept yet ([`Cow::needs_copy_out`]), the write is held; once per
-//!   batch of requests, [`Cow::copy_out`] reads every such chunk (all at
-//!   once), writes it into the stores, and makes the records durable, as dm
-//!   batches its commits; then the held writes go to the origin.
+//!   not kept yet ([`Cow::needs_copy_out`]), the write is held; the queue's
+//!   copier (see `copier`) runs [`Cow::copy_out`] for all held writes at
+//!   once: it reads every such chunk, writes it into the stores, and makes
+//!   the records durable, as dm batches its commits; then the held writes
+//!   go to the origin. Writes held while a copy-out runs form the next one.
 //! - A **snapshot**: every request is answered here, synchronously, under
 //!   the lock: reads come from the COW store where the chunk was kept, else
 //!   from the origin; writes go to the store (a chunk not kept yet is copied
@@ -18,7 +19,8 @@
 //! An origin and its snapshots are never served by two processes at once
 //! (see `export`): the exception tables live in this process.
 
-use crate::batch::{Batch, BatchOp};
+use crate::batch::{Batch, BatchOp, ChainOp};
+use crate::buffer::AlignedBuf;
 use crate::device::PvDevice;
 use crate::queue::Op;
 use devpool_engine::cowstore::{
@@ -64,11 +66,16 @@ pub enum Role {
 #[derive(Debug)]
 struct State {
     role: Role,
+    /// The origin byte ranges `(offset, len)` of the chunks a copy-out is
+    /// copying now: writes to them wait until it is durable.
+    copying: Vec<(u64, u64)>,
 }
 
 #[derive(Debug)]
 pub struct Cow {
     state: Mutex<State>,
+    /// Held for a whole copy-out (and while a store leaves the set).
+    commit: Mutex<()>,
     /// This volume is a snapshot (not an origin).
     pub snapshot: bool,
     /// The uuids of the origin and of every COW store of its snapshots: no
@@ -88,7 +95,11 @@ impl Cow {
     pub fn new(role: Role, family: Vec<String>) -> Cow {
         Cow {
             snapshot: matches!(role, Role::Snapshot { .. }),
-            state: Mutex::new(State { role }),
+            state: Mutex::new(State {
+                role,
+                copying: Vec::new(),
+            }),
+            commit: Mutex::new(()),
             family,
         }
     }
@@ -104,6 +115,11 @@ impl Cow {
     /// Take an origin's store `name` out of its copy-on-write set (a merge
     /// reads from it and must not copy into it).
     pub fn take_store(&self, name: &str) -> Option<CowStore> {
+        // Not in the middle of a copy-out (it indexes the stores).
+        let _no_copy_out = self
+            .commit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut st = self.lock();
         let Role::Origin { stores } = &mut st.role else {
             return None;
@@ -113,14 +129,22 @@ impl Cow {
     }
 
     /// Whether a write to `offset..offset+len` of the origin reaches a chunk
-    /// some valid snapshot has not kept yet. Waits while another thread
-    /// copies out (it holds the lock), so a `false` is final.
+    /// some valid snapshot has not kept yet, or one a copy-out is copying
+    /// now. A `false` is final: only a copy-out adds chunks, and it takes
+    /// none away.
     pub fn needs_copy_out(&self, origin_size: u64, offset: u64, len: u64) -> bool {
         let st = self.lock();
         let Role::Origin { stores } = &st.role else {
             return false;
         };
         let end = offset.saturating_add(len).min(origin_size);
+        if st
+            .copying
+            .iter()
+            .any(|&(at, n)| offset < at + n && at < end)
+        {
+            return true;
+        }
         stores.iter().filter(|s| s.is_valid()).any(|s| {
             let cb = s.chunk_bytes();
             end > offset && (offset / cb..end.div_ceil(cb)).any(|c| s.lookup(c).is_none())
@@ -134,6 +158,12 @@ impl Cow {
     /// synced; exception areas written, synced. A store that fills up, or
     /// whose writes fail, invalidates its snapshot and the writes go on (as
     /// dm does); an origin that cannot be read fails them (an errno).
+    ///
+    /// One copy-out runs at a time (the records a commit writes are those of
+    /// the chunks it copied), and the tables are locked only between its
+    /// transfers: while it runs, [`Cow::needs_copy_out`] answers at once
+    /// (`true` for the chunks in flight, so writes to them wait for the next
+    /// copy-out, which finds them kept).
     pub fn copy_out(
         &self,
         devs: &[PvDevice],
@@ -141,96 +171,149 @@ impl Cow {
         ranges: &[(u64, u64)],
         batch: &mut Batch,
     ) -> Result<(), i32> {
-        let io = DevsIo(devs);
-        let mut st = self.lock();
-        let Role::Origin { stores } = &mut st.role else {
-            return Ok(());
-        };
-        // Which chunks of which stores, each once.
+        let _one_at_a_time = self
+            .commit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Which chunks of which stores, each once; their origin bytes.
         let mut wants: Vec<(usize, u64)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for &(offset, len) in ranges {
-            let end = offset.saturating_add(len).min(origin.size());
-            for (i, s) in stores.iter().enumerate().filter(|(_, s)| s.is_valid()) {
-                let cb = s.chunk_bytes();
-                for c in offset / cb..end.div_ceil(cb).max(offset / cb) {
-                    if s.lookup(c).is_none() && seen.insert((i, c)) {
-                        wants.push((i, c));
+        // Aligned, so that the copy goes around the page cache like the
+        // client's own writes do (buffered io_uring transfers are punted to
+        // worker threads, and a sync would have to write the pages back).
+        let mut data: HashMap<(u64, u64), AlignedBuf> = HashMap::new();
+        {
+            let mut st = self.lock();
+            let State { role, copying } = &mut *st;
+            let Role::Origin { stores } = role else {
+                return Ok(());
+            };
+            let mut seen = std::collections::HashSet::new();
+            for &(offset, len) in ranges {
+                let end = offset.saturating_add(len).min(origin.size());
+                for (i, s) in stores.iter().enumerate().filter(|(_, s)| s.is_valid()) {
+                    let cb = s.chunk_bytes();
+                    for c in offset / cb..end.div_ceil(cb).max(offset / cb) {
+                        if s.lookup(c).is_none() && seen.insert((i, c)) {
+                            wants.push((i, c));
+                            data.entry((c * cb, cb))
+                                .or_insert_with(|| AlignedBuf::new(cb as usize));
+                        }
                     }
                 }
             }
+            copying.extend(data.keys().copied());
         }
         if wants.is_empty() {
             return Ok(());
         }
-        // The origin's chunks, each read once.
-        let mut data: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-        for &(i, c) in &wants {
-            let cb = stores[i].chunk_bytes();
-            data.entry((c * cb, cb))
-                .or_insert_with(|| vec![0u8; cb as usize]);
-        }
+        let result = self.copy_chunks(devs, origin, &wants, &mut data, batch);
+        self.lock().copying.clear();
+        result
+    }
+
+    /// [`Cow::copy_out`] of the chunks `wants` (store, origin chunk), whose
+    /// origin bytes go through `data` (keyed by origin byte range).
+    fn copy_chunks(
+        &self,
+        devs: &[PvDevice],
+        origin: &VolumeMap,
+        wants: &[(usize, u64)],
+        data: &mut HashMap<(u64, u64), AlignedBuf>,
+        batch: &mut Batch,
+    ) -> Result<(), i32> {
+        let io = DevsIo(devs);
+        // The origin's chunks, each read once, all at once. Nothing else
+        // writes them meanwhile: writes to chunks in `copying` are held.
         let mut ops = Vec::new();
         for (&(at, cb), buf) in data.iter_mut() {
             let n = cb.min(origin.size() - at);
-            pieces_ops(devs, origin, at, &mut buf[..n as usize], false, &mut ops)
-                .map_err(|_| libc::EIO)?;
+            pieces_ops(
+                devs,
+                origin,
+                at,
+                &mut buf.as_mut_slice()[..n as usize],
+                false,
+                &mut ops,
+            )
+            .map_err(|_| libc::EIO)?;
         }
         // SAFETY: every buffer lives in `data` until the run returns.
         unsafe { batch.run(&ops) }.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-        // Allocate, write the data chunks.
-        let mut touched = vec![false; stores.len()];
+        // Under the lock: allocate the store chunks, and take the metadata
+        // that records them, `before` (header, zeroed next area) and the
+        // areas. The transfers run after it.
         ops.clear();
-        for &(i, c) in &wants {
-            let s = &mut stores[i];
-            if !s.is_valid() {
-                continue;
+        let mut pending: Vec<[Vec<(u64, AlignedBuf)>; 2]> = Vec::new();
+        let mut steps: [Vec<BatchOp>; 2] = Default::default();
+        let mut touched = Vec::new();
+        {
+            let mut st = self.lock();
+            let Role::Origin { stores } = &mut st.role else {
+                return Ok(());
+            };
+            for &(i, c) in wants {
+                let s = &mut stores[i];
+                if !s.is_valid() {
+                    continue;
+                }
+                let cb = s.chunk_bytes();
+                match s.allocate(c) {
+                    Ok(new) => {
+                        if !touched.contains(&i) {
+                            touched.push(i);
+                        }
+                        let Some(buf) = data.get_mut(&(c * cb, cb)) else {
+                            continue;
+                        };
+                        let buf = buf.as_mut_slice();
+                        if pieces_ops(devs, &s.map, new * cb, buf, true, &mut ops).is_err() {
+                            let e = io::Error::other("COW chunk outside its store");
+                            invalidate(s, &io, &store_io(s, e));
+                        }
+                    }
+                    Err(e) => invalidate(s, &io, &e),
+                }
             }
-            let cb = s.chunk_bytes();
-            match s.allocate(c) {
-                Ok(new) => {
-                    touched[i] = true;
-                    let Some(buf) = data.get_mut(&(c * cb, cb)) else {
-                        continue;
-                    };
-                    if pieces_ops(devs, &s.map, new * cb, buf, true, &mut ops).is_err() {
-                        let e = io::Error::other("COW chunk outside its store");
-                        invalidate(s, &io, &store_io(s, e));
+            for &i in &touched {
+                let s = &mut stores[i];
+                if !s.is_valid() {
+                    continue;
+                }
+                let PendingMetadata { before, areas } = s.pending_metadata();
+                let mut p = [aligned(before), aligned(areas)];
+                for (step, list) in p.iter_mut().enumerate() {
+                    for (at, b) in list.iter_mut() {
+                        let b = b.as_mut_slice();
+                        let _ = pieces_ops(devs, &s.map, *at, b, true, &mut steps[step]);
                     }
                 }
-                Err(e) => invalidate(s, &io, &e),
+                // The buffers' memory stays put when `p` moves.
+                pending.push(p);
             }
         }
-        let fds: Vec<_> = devs.iter().map(|d| d.any_fd()).collect();
-        // SAFETY: the buffers live in `data` until the run returns.
-        let mut result = unsafe { batch.run(&ops) }.and_then(|()| batch.sync(&fds));
-        // The metadata, in two durable steps.
-        let mut pending: Vec<(usize, PendingMetadata)> = stores
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, s)| touched[*i] && s.is_valid())
-            .map(|(i, s)| (i, s.pending_metadata()))
-            .collect();
-        for before in [true, false] {
-            if result.is_err() {
-                break;
-            }
-            ops.clear();
-            for (i, p) in pending.iter_mut() {
-                let s = &stores[*i];
-                let list = if before { &mut p.before } else { &mut p.areas };
-                for (at, b) in list.iter_mut() {
-                    let _ = pieces_ops(devs, &s.map, *at, b, true, &mut ops);
-                }
-            }
-            if !ops.is_empty() {
-                // SAFETY: the buffers live in `pending` until the run returns.
-                result = unsafe { batch.run(&ops) }.and_then(|()| batch.sync(&fds));
+        // One ordered chain, each step durable before the next starts (the
+        // kernel moves along it): data chunks, sync; `before`, sync; areas,
+        // sync.
+        let syncs = || devs.iter().map(|d| ChainOp::Sync { fd: d.any_fd() });
+        let mut chain = ChainOp::gather(&ops);
+        chain.extend(syncs());
+        for step in &steps {
+            if !step.is_empty() {
+                chain.extend(ChainOp::gather(step));
+                chain.extend(syncs());
             }
         }
+        // SAFETY: the buffers live in `data` and `pending` until it returns.
+        let result = unsafe { batch.run_chain(&chain) };
+        drop(pending);
         if let Err(e) = result {
-            for (i, s) in stores.iter_mut().enumerate() {
-                if touched[i] && s.is_valid() {
+            let mut st = self.lock();
+            let Role::Origin { stores } = &mut st.role else {
+                return Ok(());
+            };
+            for &i in &touched {
+                let s = &mut stores[i];
+                if s.is_valid() {
                     let why = store_io(s, io::Error::new(e.kind(), e.to_string()));
                     invalidate(s, &io, &why);
                 }
@@ -286,6 +369,17 @@ impl Cow {
     }
 }
 
+/// Metadata buffers copied into aligned memory (for direct I/O).
+fn aligned(list: Vec<(u64, Vec<u8>)>) -> Vec<(u64, AlignedBuf)> {
+    list.into_iter()
+        .map(|(at, b)| {
+            let mut a = AlignedBuf::new(b.len());
+            a.as_mut_slice().copy_from_slice(&b);
+            (at, a)
+        })
+        .collect()
+}
+
 /// A store's I/O failure as a [`StoreError`].
 fn store_io(s: &CowStore, source: io::Error) -> StoreError {
     StoreError::Io {
@@ -306,11 +400,15 @@ fn pieces_ops(
     let mut ps = Vec::new();
     map.pieces(offset, buf.len() as u64, &mut ps)?;
     for p in ps {
+        // SAFETY: p.at + p.len lies inside buf.
+        let ptr = unsafe { buf.as_mut_ptr().add(p.at as usize) };
+        let fd = devs[p.dev].fd_for(|a| {
+            p.offset.is_multiple_of(a) && p.len.is_multiple_of(a) && (ptr as u64).is_multiple_of(a)
+        });
         out.push(BatchOp {
-            fd: devs[p.dev].any_fd(),
+            fd,
             offset: p.offset,
-            // SAFETY: p.at + p.len lies inside buf.
-            buf: unsafe { buf.as_mut_ptr().add(p.at as usize) },
+            buf: ptr,
             len: p.len as usize,
             write,
         });
