@@ -18,8 +18,8 @@ pub struct BatchOp {
     pub write: bool,
 }
 
-/// One link of a [`Batch::run_chain`]: a gathered write, or `fdatasync`.
-#[derive(Debug)]
+/// One op of a [`Batch::run_steps`] step: a gathered write, or `fdatasync`.
+#[derive(Debug, Clone)]
 pub enum ChainOp {
     /// `iov` must describe memory valid for the whole run.
     Write {
@@ -59,6 +59,25 @@ impl ChainOp {
         }
         out
     }
+}
+
+/// The SQE for `op` (user data `i`) and the byte count it must transfer.
+fn entry(op: &ChainOp, i: usize) -> (squeue::Entry, i32) {
+    let (e, want) = match op {
+        ChainOp::Write { fd, offset, iov } => (
+            opcode::Writev::new(types::Fd(*fd), iov.as_ptr(), iov.len() as u32)
+                .offset(*offset)
+                .build(),
+            iov.iter().map(|v| v.iov_len).sum::<usize>() as i32,
+        ),
+        ChainOp::Sync { fd } => (
+            opcode::Fsync::new(types::Fd(*fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            0,
+        ),
+    };
+    (e.user_data(i as u64), want)
 }
 
 /// Fewer iovecs per gathered write than any kernel's `UIO_MAXIOV`.
@@ -104,15 +123,42 @@ impl Batch {
         self.submit_all(entries)
     }
 
-    /// Run `chain` in order, each link only once the one before it has
-    /// succeeded (io_uring links: the kernel starts the next one, no round
-    /// trip through this thread); the first error, and nothing after it runs.
-    /// A chain longer than the ring runs in ring-sized pieces, each waited
-    /// for before the next starts.
+    /// Run `steps` in order, each only once the one before it has
+    /// succeeded; the first error, and no step after it runs. A step's ops
+    /// run at once; consecutive single-op steps (one store's data, sync,
+    /// records, sync) go to the kernel as one io_uring link chain, so it
+    /// moves along them without a round trip through this thread.
     ///
     /// # Safety
     /// Every write's iovecs must describe memory valid for the whole run.
-    pub unsafe fn run_chain(&mut self, chain: &[ChainOp]) -> io::Result<()> {
+    pub unsafe fn run_steps(&mut self, steps: &[Vec<ChainOp>]) -> io::Result<()> {
+        let mut chain: Vec<&ChainOp> = Vec::new();
+        for step in steps {
+            if let [one] = step.as_slice() {
+                chain.push(one);
+                continue;
+            }
+            // SAFETY: passed on from our caller.
+            unsafe { self.run_linked(&chain) }?;
+            chain.clear();
+            let entries = step
+                .iter()
+                .enumerate()
+                .map(|(i, op)| entry(op, i))
+                .collect();
+            self.submit_all(entries)?;
+        }
+        // SAFETY: passed on from our caller.
+        unsafe { self.run_linked(&chain) }
+    }
+
+    /// `chain` in order, each link once the one before it succeeded. A chain
+    /// longer than the ring runs in ring-sized pieces, each waited for
+    /// before the next starts.
+    ///
+    /// # Safety
+    /// As [`Batch::run_steps`].
+    unsafe fn run_linked(&mut self, chain: &[&ChainOp]) -> io::Result<()> {
         let cap = self.ring.params().sq_entries() as usize;
         for window in chain.chunks(cap) {
             let last = window.len() - 1;
@@ -120,26 +166,12 @@ impl Batch {
                 .iter()
                 .enumerate()
                 .map(|(i, op)| {
-                    let (e, want) = match op {
-                        ChainOp::Write { fd, offset, iov } => (
-                            opcode::Writev::new(types::Fd(*fd), iov.as_ptr(), iov.len() as u32)
-                                .offset(*offset)
-                                .build(),
-                            iov.iter().map(|v| v.iov_len).sum::<usize>() as i32,
-                        ),
-                        ChainOp::Sync { fd } => (
-                            opcode::Fsync::new(types::Fd(*fd))
-                                .flags(types::FsyncFlags::DATASYNC)
-                                .build(),
-                            0,
-                        ),
-                    };
-                    let e = if i < last {
-                        e.flags(squeue::Flags::IO_LINK)
+                    let (e, want) = entry(op, i);
+                    if i < last {
+                        (e.flags(squeue::Flags::IO_LINK), want)
                     } else {
-                        e
-                    };
-                    (e.user_data(i as u64), want)
+                        (e, want)
+                    }
                 })
                 .collect();
             self.submit_all(entries)?;
@@ -246,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn a_chain_runs_in_order_and_stops_at_its_first_failure() {
+    fn steps_run_in_order_and_stop_at_the_first_failure() {
         let f = tempfile::tempfile().unwrap();
         f.set_len(8192).unwrap();
         let (mut a, mut b) = (vec![1u8; 512], vec![2u8; 512]);
@@ -259,12 +291,12 @@ mod tests {
         };
         // Adjacent writes become one gathered write.
         let ops = [op(&mut b, 512), op(&mut a, 0)];
-        let mut chain = ChainOp::gather(&ops);
-        assert_eq!(chain.len(), 1);
-        chain.push(ChainOp::Sync { fd: f.as_raw_fd() });
+        let data = ChainOp::gather(&ops);
+        assert_eq!(data.len(), 1);
+        let steps = [data, vec![ChainOp::Sync { fd: f.as_raw_fd() }]];
         let mut batch = Batch::new().unwrap();
         // SAFETY: a and b outlive the call.
-        unsafe { batch.run_chain(&chain) }.unwrap();
+        unsafe { batch.run_steps(&steps) }.unwrap();
         let mut back = vec![0u8; 1024];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 0).unwrap();
         assert!(back[..512].iter().all(|&x| x == 1) && back[512..].iter().all(|&x| x == 2));
@@ -281,12 +313,34 @@ mod tests {
                 iov_len: 512,
             }],
         };
-        let mut after = ChainOp::gather(&[op(&mut c, 4096)]);
-        after.insert(0, bad);
+        let mut d = vec![4u8; 512];
+        // Linked (single-op steps), and a parallel step after a failed one.
+        let good = |c: &mut Vec<u8>, at| ChainOp::gather(&[op(c, at)]);
+        let linked = [vec![bad], good(&mut c, 4096)];
         // SAFETY: c outlives the call.
-        assert!(unsafe { batch.run_chain(&after) }.is_err());
-        let mut tail = vec![9u8; 512];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut tail, 4096).unwrap();
-        assert!(tail.iter().all(|&x| x == 0), "a link after the failure ran");
+        assert!(unsafe { batch.run_steps(&linked) }.is_err());
+        let bad = |c: &mut Vec<u8>| ChainOp::Write {
+            fd: ro.as_raw_fd(),
+            offset: 0,
+            iov: vec![libc::iovec {
+                iov_base: c.as_mut_ptr().cast(),
+                iov_len: 512,
+            }],
+        };
+        let mut e = vec![5u8; 512];
+        let parallel = [
+            vec![bad(&mut e), ChainOp::Sync { fd: f.as_raw_fd() }],
+            good(&mut d, 6144),
+        ];
+        // SAFETY: d and e outlive the call.
+        assert!(unsafe { batch.run_steps(&parallel) }.is_err());
+        for at in [4096, 6144] {
+            let mut tail = vec![9u8; 512];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut tail, at).unwrap();
+            assert!(
+                tail.iter().all(|&x| x == 0),
+                "a step after the failure ran ({at})"
+            );
+        }
     }
 }

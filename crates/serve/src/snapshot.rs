@@ -291,20 +291,20 @@ impl Cow {
                 pending.push(p);
             }
         }
-        // One ordered chain, each step durable before the next starts (the
-        // kernel moves along it): data chunks, sync; `before`, sync; areas,
-        // sync.
-        let syncs = || devs.iter().map(|d| ChainOp::Sync { fd: d.any_fd() });
-        let mut chain = ChainOp::gather(&ops);
-        chain.extend(syncs());
-        for step in &steps {
-            if !step.is_empty() {
-                chain.extend(ChainOp::gather(step));
-                chain.extend(syncs());
-            }
+        // In order, each step durable before the next starts: data chunks,
+        // sync; `before`, sync; areas, sync.
+        let syncs: Vec<ChainOp> = devs
+            .iter()
+            .map(|d| ChainOp::Sync { fd: d.any_fd() })
+            .collect();
+        let mut run = vec![ChainOp::gather(&ops)];
+        for step in steps.iter().filter(|s| !s.is_empty()) {
+            run.push(syncs.clone());
+            run.push(ChainOp::gather(step));
         }
+        run.push(syncs);
         // SAFETY: the buffers live in `data` and `pending` until it returns.
-        let result = unsafe { batch.run_chain(&chain) };
+        let result = unsafe { batch.run_steps(&run) };
         drop(pending);
         if let Err(e) = result {
             let mut st = self.lock();
