@@ -304,21 +304,6 @@ mod tests {
         // A write that fails (a read-only descriptor): nothing after it runs.
         let path = tempfile::NamedTempFile::new().unwrap();
         let ro = std::fs::File::open(path.path()).unwrap();
-        let mut c = vec![3u8; 512];
-        let bad = ChainOp::Write {
-            fd: ro.as_raw_fd(),
-            offset: 0,
-            iov: vec![libc::iovec {
-                iov_base: c.as_mut_ptr().cast(),
-                iov_len: 512,
-            }],
-        };
-        let mut d = vec![4u8; 512];
-        // Linked (single-op steps), and a parallel step after a failed one.
-        let good = |c: &mut Vec<u8>, at| ChainOp::gather(&[op(c, at)]);
-        let linked = [vec![bad], good(&mut c, 4096)];
-        // SAFETY: c outlives the call.
-        assert!(unsafe { batch.run_steps(&linked) }.is_err());
         let bad = |c: &mut Vec<u8>| ChainOp::Write {
             fd: ro.as_raw_fd(),
             offset: 0,
@@ -327,6 +312,12 @@ mod tests {
                 iov_len: 512,
             }],
         };
+        let (mut c, mut d) = (vec![3u8; 512], vec![4u8; 512]);
+        // Linked (single-op steps), and a parallel step after a failed one.
+        let good = |c: &mut Vec<u8>, at| ChainOp::gather(&[op(c, at)]);
+        let linked = [vec![bad(&mut c)], good(&mut c, 4096)];
+        // SAFETY: c outlives the call.
+        assert!(unsafe { batch.run_steps(&linked) }.is_err());
         let mut e = vec![5u8; 512];
         let parallel = [
             vec![bad(&mut e), ChainOp::Sync { fd: f.as_raw_fd() }],
