@@ -71,6 +71,25 @@ pub fn ask_to_confirm(g: &Global, what: &str, reasons: &[String]) -> Result<()> 
     crate::ask_yes()
 }
 
+/// What `pool setup` did, in one line (CLI and MCP).
+pub fn setup_text(out: &devpool_pool::pool::SetupOutcome) -> String {
+    if out.already {
+        format!(
+            "pool '{}' is already set up on {}",
+            out.pool,
+            out.device.display()
+        )
+    } else {
+        format!(
+            "pool '{}' set up on {} ({}, VG {})",
+            out.pool,
+            out.device.display(),
+            gib(out.size_bytes),
+            out.vg
+        )
+    }
+}
+
 pub fn gib(b: u64) -> String {
     format!("{:.1}G", b as f64 / (1u64 << 30) as f64)
 }
@@ -89,7 +108,7 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 .map(|s| parse_bytes("--image-size", s))
                 .transpose()?;
             let out = confirmed(g, |ok| p.setup(&device, &name, size, ok))?;
-            let thin_pool = if thin && !g.dry_run && p.thin_status(&name)?.is_none() {
+            let thin_pool = if thin && !g.dry_run && p.thin_pool_lv(&name)?.is_none() {
                 Some(p.thin_enable(&name, None, None, devpool_pool::thin::DEFAULT_THIN_CHUNK)?)
             } else {
                 None
@@ -102,21 +121,7 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             if let Some(t) = &thin_pool {
                 print_thin_enabled(t);
             }
-            if out.already {
-                println!(
-                    "pool '{}' is already set up on {}",
-                    out.pool,
-                    out.device.display()
-                );
-            } else {
-                println!(
-                    "pool '{}' set up on {} ({}, VG {})",
-                    out.pool,
-                    out.device.display(),
-                    gib(out.size_bytes),
-                    out.vg
-                );
-            }
+            println!("{}", setup_text(&out));
         }
         PoolCmd::Thin(cmd) => thin(g, &p, cmd)?,
         PoolCmd::List => {

@@ -155,13 +155,24 @@ pub fn module_test(
         spec::parse_volumes(volumes)?
     };
     let r = module_test_run(g, vm, module, cycles, params, &specs, Extras::default())?;
-    if g.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        print!("{}", r.text());
-    }
-    print_report_summary(&r.run);
+    print_suite(g, &r, || r.text(), &r.run)?;
     Ok(r.status())
+}
+
+/// A suite's result as JSON or text, then the VM run's summary line.
+fn print_suite(
+    g: &Global,
+    r: &impl Serialize,
+    text: impl FnOnce() -> String,
+    run: &RunReport,
+) -> Result<()> {
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print!("{}", text());
+    }
+    print_report_summary(run);
+    Ok(())
 }
 
 /// Host programs fstests needs in the guest, where the host has them.
@@ -531,11 +542,6 @@ pub fn fstests(
         check_args: check_args.to_vec(),
     };
     let r = fstests_run(g, vm, job, Extras::default(), true)?;
-    if g.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        print!("{}", r.text());
-    }
-    print_report_summary(&r.run);
+    print_suite(g, &r, || r.text(), &r.run)?;
     Ok(r.status())
 }

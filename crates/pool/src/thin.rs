@@ -266,12 +266,7 @@ impl Pools {
                 },
                 true,
             )?;
-            let after = self
-                .read_vg(name)
-                .ok()
-                .and_then(|v| status(&v))
-                .and_then(|s| s.usage)
-                .map(|u| u.data_used);
+            let after = self.thin_usage(name).map(|u| u.data_used);
             Ok(ThinSnapshotMerged {
                 pool: name.to_string(),
                 name: snap.to_string(),
@@ -312,12 +307,7 @@ impl Pools {
                 .new_metadata()
                 .ok_or_else(|| PoolError::Invalid("thin extend: no metadata".into()))?;
             let after = meta.lv(&link.tdata).map_or(0, |l| l.extent_count() * es);
-            let blocks = self
-                .read_vg(name)
-                .ok()
-                .and_then(|v| status(&v))
-                .and_then(|s| s.usage)
-                .map(|u| u.data_blocks);
+            let blocks = self.thin_usage(name).map(|u| u.data_blocks);
             Ok(ThinExtended {
                 pool: name.to_string(),
                 pool_lv: link.pool.clone(),
@@ -346,6 +336,15 @@ impl Pools {
 
     pub fn is_thin_volume(&self, name: &str, lv: &str) -> Result<bool> {
         Ok(thin_volume(&self.read_vg(name)?.meta, lv).is_some())
+    }
+
+    /// The thin pool's usage as it is on disk now (`None` when it cannot
+    /// be read).
+    fn thin_usage(&self, name: &str) -> Option<ThinUsage> {
+        self.read_vg(name)
+            .ok()
+            .and_then(|v| status(&v))
+            .and_then(|s| s.usage)
     }
 
     pub fn thin_status(&self, name: &str) -> Result<Option<ThinStatus>> {

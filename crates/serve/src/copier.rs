@@ -9,10 +9,11 @@
 use crate::batch::Batch;
 use crate::device::Volume;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 type Ranges = Vec<(u64, u64)>;
 
@@ -20,20 +21,14 @@ pub struct Copier {
     jobs: Option<Sender<Ranges>>,
     results: Receiver<Result<(), i32>>,
     /// Readable once a job is done.
-    wake: Arc<OwnedFd>,
+    wake: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Copier {
     /// A copier for `vol` (an origin with snapshots).
     pub fn start(vol: Arc<Volume>) -> io::Result<Copier> {
-        // SAFETY: eventfd returns a new descriptor or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is ours alone.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let wake = Arc::new(EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK)?);
         let (jobs, job_rx) = channel::<Ranges>();
         let (result_tx, results) = channel();
         let woken = Arc::clone(&wake);
@@ -46,9 +41,8 @@ impl Copier {
                     if result_tx.send(r).is_err() {
                         return;
                     }
-                    let one = 1u64.to_ne_bytes();
-                    // SAFETY: writing 8 bytes to our eventfd.
-                    unsafe { libc::write(woken.as_raw_fd(), one.as_ptr().cast(), 8) };
+                    // Cannot fail short of a counter overflow (2^64 jobs).
+                    let _ = woken.write(1);
                 }
             })?;
         Ok(Copier {
@@ -75,9 +69,8 @@ impl Copier {
     /// The result of the job that made the wake descriptor readable, if it
     /// is done (the descriptor is reset).
     pub fn take_result(&self) -> Option<Result<(), i32>> {
-        let mut count = [0u8; 8];
-        // SAFETY: reading 8 bytes from our nonblocking eventfd.
-        unsafe { libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        // EAGAIN (not readable yet) leaves nothing to reset.
+        let _ = self.wake.read();
         self.results.try_recv().ok()
     }
 }

@@ -3,13 +3,14 @@
 //! SIGHUP or by the lease watch when the lease is released or its owner dies.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EventFd};
 
 pub struct Stopper {
-    efd: OwnedFd,
+    efd: EventFd,
     stopped: AtomicBool,
     wake: Mutex<Vec<RawFd>>,
     reason: Mutex<Option<String>>,
@@ -17,14 +18,8 @@ pub struct Stopper {
 
 impl Stopper {
     pub fn new() -> io::Result<Arc<Stopper>> {
-        // SAFETY: eventfd returns a new descriptor or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Arc::new(Stopper {
-            // SAFETY: fd is ours.
-            efd: unsafe { OwnedFd::from_raw_fd(fd) },
+            efd: EventFd::new(EFD_CLOEXEC)?,
             stopped: AtomicBool::new(false),
             wake: Mutex::new(Vec::new()),
             reason: Mutex::new(None),
@@ -54,9 +49,8 @@ impl Stopper {
         if let Ok(mut r) = self.reason.lock() {
             *r = Some(reason.to_string());
         }
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes to our eventfd.
-        unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
+        // Cannot fail short of a counter overflow.
+        let _ = self.efd.write(1);
         if let Ok(w) = self.wake.lock() {
             for fd in w.iter() {
                 // SAFETY: as above.

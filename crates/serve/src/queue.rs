@@ -518,11 +518,18 @@ impl Queue {
         if let Err(errno) = copier.send(ranges) {
             return self.fail(held, errno);
         }
-        let poll = opcode::PollAdd::new(types::Fd(copier.wake_fd()), libc::POLLIN as u32)
-            .build()
-            .user_data(COPIED);
-        self.push(poll);
         self.copying = held;
+        self.poll_copier();
+    }
+
+    /// Wake up when the copier's job is done (its descriptor readable).
+    fn poll_copier(&mut self) {
+        if let Some(c) = &self.copier {
+            let poll = opcode::PollAdd::new(types::Fd(c.wake_fd()), libc::POLLIN as u32)
+                .build()
+                .user_data(COPIED);
+            self.push(poll);
+        }
     }
 
     /// The copier's descriptor became readable: start the writes it copied
@@ -530,13 +537,7 @@ impl Queue {
     fn copied(&mut self) {
         let Some(result) = self.copier.as_ref().and_then(Copier::take_result) else {
             // Not done yet: poll again.
-            if let Some(c) = &self.copier {
-                let poll = opcode::PollAdd::new(types::Fd(c.wake_fd()), libc::POLLIN as u32)
-                    .build()
-                    .user_data(COPIED);
-                self.push(poll);
-            }
-            return;
+            return self.poll_copier();
         };
         for (tag, req) in std::mem::take(&mut self.copying) {
             let r = match result {

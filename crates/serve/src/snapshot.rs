@@ -71,6 +71,16 @@ struct State {
     copying: Vec<(u64, u64)>,
 }
 
+impl State {
+    /// An origin's stores (`None` for a snapshot).
+    fn stores(&mut self) -> Option<&mut Vec<CowStore>> {
+        match &mut self.role {
+            Role::Origin { stores } => Some(stores),
+            Role::Snapshot { .. } => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Cow {
     state: Mutex<State>,
@@ -121,9 +131,7 @@ impl Cow {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut st = self.lock();
-        let Role::Origin { stores } = &mut st.role else {
-            return None;
-        };
+        let stores = st.stores()?;
         let i = stores.iter().position(|s| s.name == name)?;
         Some(stores.remove(i))
     }
@@ -248,7 +256,7 @@ impl Cow {
         let mut touched = Vec::new();
         {
             let mut st = self.lock();
-            let Role::Origin { stores } = &mut st.role else {
+            let Some(stores) = st.stores() else {
                 return Ok(());
             };
             for &(i, c) in wants {
@@ -308,7 +316,7 @@ impl Cow {
         drop(pending);
         if let Err(e) = result {
             let mut st = self.lock();
-            let Role::Origin { stores } = &mut st.role else {
+            let Some(stores) = st.stores() else {
                 return Ok(());
             };
             for &i in &touched {

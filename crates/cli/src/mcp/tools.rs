@@ -3,7 +3,7 @@
 
 use super::{Call, Reply};
 use crate::args::{AccelArg, AttachArg, VmArgs};
-use crate::pool_cmds::{gib, pools};
+use crate::pool_cmds::{gib, pools, setup_text};
 use anyhow::{Context, Result, anyhow, bail};
 use devpool_format::units::{Bytes, SizeArg};
 use devpool_pool::PoolError;
@@ -496,24 +496,7 @@ fn setup(a: Setup, c: &Call) -> Result<Reply> {
     let mut v = serde_json::to_value(&out)?;
     v["thin"] = serde_json::to_value(&thin)?;
     v["confirmed"] = json!(true);
-    reply(
-        if out.already {
-            format!(
-                "pool '{}' is already set up on {}",
-                out.pool,
-                out.device.display()
-            )
-        } else {
-            format!(
-                "pool '{}' set up on {} ({}, VG {})",
-                out.pool,
-                out.device.display(),
-                gib(out.size_bytes),
-                out.vg
-            )
-        },
-        v,
-    )
+    reply(setup_text(&out), v)
 }
 
 fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
