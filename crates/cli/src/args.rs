@@ -48,6 +48,10 @@ pub struct Global {
     /// The pool to use (else $DEVPOOL_POOL, else $KERNELDEV_DEVICE_POOL, else `default`).
     #[arg(long, global = true, env = "DEVPOOL_POOL")]
     pub pool: Option<String>,
+    /// Take and give back leases in this process even when `devpool daemon`
+    /// runs (by default they go through it: its commits are shared).
+    #[arg(long, global = true, env = "DEVPOOL_NO_DAEMON")]
+    pub no_daemon: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -222,6 +226,25 @@ pub enum Command {
         after_help = "Tools: device_pool_setup, device_pool_status, device_pool_list, device_pool_resize, device_pool_snapshot, device_pool_cleanup, device_pool_teardown, device_pool_lease_acquire, device_pool_lease_release, vm_run, vm_module_test, fstests_vm_boot_and_run.\nDestructive calls return their plan unless given confirm: true."
     )]
     Mcp,
+    /// Serve lease requests on a Unix socket, sharing commits between
+    /// concurrent requests; `lease acquire`, `lease release` and `run` use it
+    /// while it runs. Stops on SIGINT/SIGTERM.
+    #[command(
+        after_help = "The socket is STATE_DIR/daemon.sock (mode 0600). Any program can \
+speak to it: one JSON object per line each way, e.g.\n\
+  {\"op\":\"acquire\",\"pool\":\"default\",\"profile\":\"fstests\",\"size\":\"10G\"}\n\
+  {\"op\":\"release\",\"pool\":\"default\",\"session\":\"SESSION\"}\n\
+  {\"op\":\"ping\"}\n\
+answered with {\"ok\":true,\"result\":…} or {\"ok\":false,\"error\":\"…\"}. A lease belongs to \
+\"owner_pid\", else to the connecting process, and is reaped when that process dies.\n\n\
+Example:\n  devpool daemon &\n  devpool lease acquire --profile fstests   # through the daemon\n  devpool daemon --status"
+    )]
+    Daemon {
+        /// Ask the running daemon for its PID and how many requests its
+        /// commits carried, and exit.
+        #[arg(long)]
+        status: bool,
+    },
     /// Physical volumes: label devices or image files for LVM2.
     #[command(subcommand)]
     Pv(PvCmd),

@@ -134,6 +134,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             return serve_cmds::serve(&g, &volume, &what);
         }
+        Command::Daemon { status } => return pool_cmds::daemon(&g, status),
         Command::Mcp => {
             let code = mcp::serve(&g)?;
             std::process::exit(code);

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use devpool_format::units::{Bytes, SizeArg};
 use devpool_pool::owner::{Liveness, Owner};
 use devpool_pool::pool::{Acquired, Pools};
-use devpool_pool::{PoolError, spec};
+use devpool_pool::{PoolError, daemon, spec};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -33,6 +33,64 @@ pub fn pool_name(g: &Global) -> String {
         .or_else(|| std::env::var("KERNELDEV_DEVICE_POOL").ok())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".into())
+}
+
+/// Where leases are taken: through `devpool daemon` when one answers on
+/// the state directory's socket (its commits are shared with concurrent
+/// requests), else in this process.
+pub struct Leases {
+    pools: Pools,
+    daemon: Option<std::cell::RefCell<daemon::Client>>,
+}
+
+impl Leases {
+    pub fn new(g: &Global) -> Result<Leases> {
+        let daemon = if g.no_daemon {
+            None
+        } else {
+            daemon::Client::connect(&g.state_dir).map(std::cell::RefCell::new)
+        };
+        Ok(Leases {
+            pools: pools(g)?,
+            daemon,
+        })
+    }
+
+    pub fn acquire(
+        &self,
+        name: &str,
+        w: &Want,
+        specs: &[spec::VolumeSpec],
+        owner: &Owner,
+        keep: bool,
+    ) -> Result<Acquired> {
+        let Some(d) = &self.daemon else {
+            return Ok(self.pools.acquire(name, specs, owner, keep)?);
+        };
+        let v = d.borrow_mut().call(&daemon::Request::Acquire {
+            pool: name.to_string(),
+            volumes: w.volumes.clone(),
+            profile: w.profile.clone(),
+            size: w.size.clone(),
+            keep,
+            owner_pid: Some(owner.pid),
+            chown: devpool_pool::loopdev::sudo_user(),
+            loop_devices: true,
+        })?;
+        serde_json::from_value(v).context("the daemon's acquire answer")
+    }
+
+    pub fn release(&self, name: &str, session: &str) -> Result<Vec<String>> {
+        let Some(d) = &self.daemon else {
+            return Ok(self.pools.release(name, session)?);
+        };
+        let v = d.borrow_mut().call(&daemon::Request::Release {
+            pool: name.to_string(),
+            session: session.to_string(),
+        })?;
+        let removed = v.get("removed").cloned().unwrap_or_default();
+        serde_json::from_value(removed).context("the daemon's release answer")
+    }
 }
 
 pub fn json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -252,7 +310,6 @@ fn print_acquired(g: &Global, a: &Acquired) -> Result<()> {
 }
 
 pub fn lease(g: &Global, cmd: LeaseCmd) -> Result<()> {
-    let p = pools(g)?;
     let name = pool_name(g);
     match cmd {
         LeaseCmd::Acquire {
@@ -265,11 +322,11 @@ pub fn lease(g: &Global, cmd: LeaseCmd) -> Result<()> {
             let pid = owner_pid.unwrap_or_else(|| unsafe { libc::getppid() } as u32);
             let owner =
                 Owner::of_pid(pid).ok_or_else(|| anyhow!("--owner-pid {pid}: no such process"))?;
-            let a = p.acquire(&name, &specs, &owner, keep)?;
+            let a = Leases::new(g)?.acquire(&name, &w, &specs, &owner, keep)?;
             print_acquired(g, &a)
         }
         LeaseCmd::Release { session } => {
-            let lvs = p.release(&name, &session)?;
+            let lvs = Leases::new(g)?.release(&name, &session)?;
             if g.json {
                 return json(
                     &serde_json::json!({"pool": name, "session": session, "removed": lvs}),
@@ -279,7 +336,7 @@ pub fn lease(g: &Global, cmd: LeaseCmd) -> Result<()> {
             Ok(())
         }
         LeaseCmd::List => {
-            let leases = p.leases(&name)?;
+            let leases = pools(g)?.leases(&name)?;
             if g.json {
                 return json(&leases);
             }
@@ -390,7 +447,8 @@ pub fn run(
             libc::signal(sig, forward as *const () as libc::sighandler_t);
         }
     }
-    let a = p.acquire(&name, &specs, &owner, keep)?;
+    let leases = Leases::new(g)?;
+    let a = leases.acquire(&name, w, &specs, &owner, keep)?;
     let devs: Vec<(String, String)> = a
         .devices
         .iter()
@@ -407,7 +465,7 @@ pub fn run(
     // Servers for the run's volumes, owned by this process.
     let exports = match export.map(|k| crate::serve_cmds::export_lease(&p, &name, &a, k)) {
         Some(Err(e)) => {
-            let _ = p.release(&name, &a.session);
+            let _ = leases.release(&name, &a.session);
             return Err(e);
         }
         Some(Ok(x)) => Some(x),
@@ -441,7 +499,7 @@ pub fn run(
             "devpool: kept lease {} (release it with 'devpool lease release {}')",
             a.session, a.session
         );
-    } else if let Err(e) = p.release(&name, &a.session) {
+    } else if let Err(e) = leases.release(&name, &a.session) {
         eprintln!(
             "devpool: releasing {} failed: {e}; 'devpool cleanup' will reap it",
             a.session
@@ -553,5 +611,49 @@ fn thin(g: &Global, p: &Pools, cmd: crate::args::ThinCmd) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `devpool daemon`: serve lease requests until SIGINT/SIGTERM; with
+/// `--status`, ask the running one.
+pub fn daemon(g: &Global, status: bool) -> Result<()> {
+    use devpool_serve::lifetime::{self, Stopper};
+    use std::os::fd::AsRawFd;
+    let path = daemon::socket_path(&g.state_dir);
+    if status {
+        let mut c = daemon::Client::connect(&g.state_dir)
+            .ok_or_else(|| anyhow!("no daemon answers on {}", path.display()))?;
+        let v = c.call(&daemon::Request::Ping)?;
+        let info: daemon::DaemonInfo = serde_json::from_value(v)?;
+        if g.json {
+            return json(&info);
+        }
+        println!(
+            "devpool daemon {} (PID {}) on {}: {} lease requests in {} commits",
+            info.version,
+            info.pid,
+            path.display(),
+            info.stats.requests,
+            info.stats.commits
+        );
+        return Ok(());
+    }
+    let stopper = Stopper::new()?;
+    lifetime::stop_on_signals(stopper.clone())?;
+    let listener = daemon::bind(&path)?;
+    stopper.shutdown_on_stop(listener.as_raw_fd());
+    let service = std::sync::Arc::new(devpool_pool::group::LeaseService::new(pools(g)?));
+    eprintln!(
+        "devpool daemon: PID {} listening on {}",
+        std::process::id(),
+        path.display()
+    );
+    let served = daemon::serve(&listener, service, &|| stopper.is_stopped());
+    let _ = std::fs::remove_file(&path);
+    served?;
+    eprintln!(
+        "devpool daemon: stopped ({})",
+        stopper.reason().unwrap_or_default()
+    );
     Ok(())
 }

@@ -20,6 +20,7 @@ use devpool_format::signature;
 use devpool_format::units::{Bytes, ExtentSize, Extents, Sectors, SizeArg};
 use devpool_format::uuid::LvmUuid;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Where the engine looks for PVs.
 #[derive(Debug, Clone)]
@@ -537,14 +538,86 @@ impl Engine {
         Ok(())
     }
 
+    /// [`Self::apply`], with `work` running beside the commit: it starts
+    /// on its own thread once the plan's data writes (a new volume's wiped
+    /// start) are done, while the metadata commit is written. The locks
+    /// are held until the commit is durable, so no one sees `work`'s
+    /// effects before the commit (a lease's loop devices attach during its
+    /// commit, not after it); `work` may go on after that, and the caller
+    /// joins it. When the commit fails, `undo` gets what `work` returned
+    /// before the locks are released.
+    pub fn apply_overlapped<T: Send + 'static>(
+        &self,
+        op: &Operation,
+        confirmed: bool,
+        work: impl FnOnce(&Plan) -> T + Send + 'static,
+        undo: impl FnOnce(T),
+    ) -> Result<(Arc<Plan>, Executed, Overlapped<T>)> {
+        let _l = self.take_locks(&op.locks(), true)?;
+        let scan = self.scan();
+        let plan = self.build(op, &scan)?;
+        if !plan.confirm.is_empty() && !confirmed {
+            return Err(EngineError::NeedsConfirmation(Box::new(plan)));
+        }
+        let plan = Arc::new(plan);
+        let mut work = Some(work);
+        let mut start = || {
+            work.take().map(|w| {
+                let plan = Arc::clone(&plan);
+                std::thread::spawn(move || w(&plan))
+            })
+        };
+        let mut handle = None;
+        let done = self.run_observed(&plan, &mut || {
+            if handle.is_none() {
+                handle = start();
+            }
+        });
+        match done {
+            Ok(done) => {
+                // No commit to overlap with: the work follows the steps.
+                let handle = match handle.or_else(start) {
+                    Some(h) => h,
+                    None => {
+                        return Err(EngineError::Invalid("overlapped work did not start".into()));
+                    }
+                };
+                Ok((plan, done, Overlapped(handle)))
+            }
+            Err(e) => {
+                if let Some(h) = handle {
+                    undo(Overlapped(h).join());
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn run(&self, plan: &Plan) -> Result<Executed> {
+        self.run_observed(plan, &mut || {})
+    }
+
+    /// Run the plan's steps; `at_commit` is called once, just before the
+    /// first metadata commit starts (when every earlier step succeeded).
+    fn run_observed(&self, plan: &Plan, at_commit: &mut dyn FnMut()) -> Result<Executed> {
         let started = journal::now_rfc3339();
         let mut result = Ok(());
-        for (i, step) in plan.steps.iter().enumerate() {
-            result = self.run_step(plan, i, step);
+        let mut i = 0;
+        while i < plan.steps.len() {
+            if matches!(plan.steps[i], Step::CommitMetadata { .. }) {
+                at_commit();
+            }
+            // Wipes of several new volumes' starts go to the device together.
+            let zeros = zero_run(&plan.steps[i..]);
+            result = if zeros > 1 {
+                self.run_zero_ranges(plan, i, zeros)
+            } else {
+                self.run_step(plan, i, &plan.steps[i])
+            };
             if result.is_err() {
                 break;
             }
+            i += zeros.max(1);
         }
         let touched_labels = plan
             .steps
@@ -583,6 +656,35 @@ impl Engine {
         })
     }
 
+    /// Steps `first..first + n`, all `ZeroRange` on one device.
+    fn run_zero_ranges(&self, plan: &Plan, first: usize, n: usize) -> Result<()> {
+        let steps = &plan.steps[first..first + n];
+        let mut ranges = Vec::with_capacity(n);
+        let mut device = None;
+        for s in steps {
+            if let Step::ZeroRange {
+                device: d,
+                offset,
+                len,
+                ..
+            } = s
+            {
+                device = Some(d);
+                ranges.push((*offset, *len));
+            }
+        }
+        let Some(device) = device else {
+            return Ok(());
+        };
+        let dev = Device::open(device, true)?;
+        dev.zero_ranges(&self.gate, &ranges)?;
+        if flushed_by_later_commit(&plan.steps[first + n..], device) {
+            Ok(())
+        } else {
+            dev.sync()
+        }
+    }
+
     fn run_step(&self, plan: &Plan, index: usize, step: &Step) -> Result<()> {
         let gate = &self.gate;
         match step {
@@ -596,26 +698,7 @@ impl Engine {
                     .map_err(|e| EngineError::io(path, "set image size", e))?;
                 self.register_image(path, true)
             }
-            Step::ZeroRange {
-                device,
-                offset,
-                len,
-                ..
-            } => {
-                let dev = Device::open(device, true)?;
-                let chunk = vec![0u8; (*len).min(1 << 20) as usize];
-                let mut done = 0;
-                while done < *len {
-                    let n = (len - done).min(chunk.len() as u64);
-                    dev.write_at(gate, offset + done, &chunk[..n as usize])?;
-                    done += n;
-                }
-                if flushed_by_later_commit(&plan.steps[index + 1..], device) {
-                    Ok(())
-                } else {
-                    dev.sync()
-                }
-            }
+            Step::ZeroRange { .. } => self.run_zero_ranges(plan, index, 1),
             Step::InitCowStore {
                 device,
                 offset,
@@ -720,17 +803,13 @@ impl Engine {
                 let mut opened = Vec::new();
                 for p in devices {
                     let dev = Device::open(p, true)?;
-                    let label = scan::read_label(&dev)?.ok_or_else(|| {
+                    let head = scan::Head::read(&dev)?;
+                    let label = head.label(&dev)?.ok_or_else(|| {
                         EngineError::Refused(format!("{}: the PV label is gone", p.display()))
                     })?;
                     let mut headers = Vec::new();
                     for a in &label.metadata_areas {
-                        let buf = dev.read_at(a.offset, 512)?;
-                        let h =
-                            MdaHeader::parse(&buf, a.offset).map_err(|e| EngineError::Format {
-                                path: p.clone(),
-                                source: e,
-                            })?;
+                        let h = head.area_header(&dev, a.offset)?;
                         if !h.committed.is_ignored() {
                             headers.push(h);
                         }
@@ -1741,6 +1820,29 @@ fn invalidate_lvm_hints() {
 /// every PV after writing the text and before any header names it, so data
 /// written earlier (a new LV's wiped first blocks) is durable before the VG
 /// that exposes it. One flush then serves all of a lease's wipes and the text.
+/// Work started beside a commit ([`Engine::apply_overlapped`]).
+pub struct Overlapped<T>(std::thread::JoinHandle<T>);
+
+impl<T> Overlapped<T> {
+    /// Wait for the work (a panic in it goes on in the caller).
+    pub fn join(self) -> T {
+        self.0
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+}
+
+/// How many `ZeroRange` steps on one device `steps` starts with.
+fn zero_run(steps: &[Step]) -> usize {
+    let Some(Step::ZeroRange { device: first, .. }) = steps.first() else {
+        return 0;
+    };
+    steps
+        .iter()
+        .take_while(|s| matches!(s, Step::ZeroRange { device, .. } if device == first))
+        .count()
+}
+
 fn flushed_by_later_commit(later: &[Step], device: &Path) -> bool {
     later.iter().any(|s| match s {
         Step::CommitMetadata { devices, .. } => devices.iter().any(|d| same_file(d, device)),
@@ -1759,6 +1861,102 @@ mod tests {
             devices: devices.iter().map(|d| d.to_path_buf()).collect(),
             bytes: 1,
         }
+    }
+
+    fn image_vg(dir: &Path) -> (Engine, PathBuf) {
+        let img = dir.join("pv.img");
+        let e = Engine::new(DeviceSource::List(vec![img.clone()]), dir.join("state"));
+        let create = Operation::VgCreate {
+            name: "vg".into(),
+            pvs: vec![img.clone()],
+            extent_size: Bytes(4 << 20),
+            pv_options: PvOptions {
+                metadata_size: None,
+                metadata_copies: 1,
+                image_size: Some(Bytes(64 << 20)),
+            },
+        };
+        e.apply(&create, true).unwrap();
+        (e, img)
+    }
+
+    fn two_volumes(a: &str, b: &str) -> Operation {
+        let vol = |name: &str| NewVolume {
+            name: name.into(),
+            size: SizeArg::parse("8M").unwrap(),
+            tags: vec![],
+        };
+        Operation::LvCreateBatch {
+            vg: "vg".into(),
+            volumes: vec![vol(a), vol(b)],
+            wipe: true,
+            contiguous: true,
+            thin_when_pooled: false,
+        }
+    }
+
+    #[test]
+    fn overlapped_work_sees_the_wiped_volumes_and_is_undone_when_the_commit_fails() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut e, img) = image_vg(dir.path());
+        // Old data where the volumes will go.
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&vec![0xaa; 60 << 20], 4 << 20).unwrap();
+
+        let (plan, _, work) = e
+            .apply_overlapped(
+                &two_volumes("a", "b"),
+                true,
+                |plan: &Plan| {
+                    // Runs once the wipes are done: each start reads zero.
+                    let meta = plan.new_metadata().unwrap();
+                    ["a", "b"].map(|lv| {
+                        let (path, off, _) = lv_start_in(plan, meta, lv);
+                        let mut b = [1u8; 4096];
+                        std::fs::File::open(path)
+                            .unwrap()
+                            .read_exact_at(&mut b, off)
+                            .unwrap();
+                        b.iter().all(|&x| x == 0)
+                    })
+                },
+                |_| panic!("a commit that succeeded is not undone"),
+            )
+            .unwrap();
+        assert_eq!(work.join(), [true, true]);
+        assert!(plan.new_metadata().unwrap().lv("b").is_some());
+
+        // Cut the next commit after its two wipes: the work ran, and is undone.
+        e.gate = WriteGate::crash_after(2);
+        let undone = std::cell::Cell::new(None);
+        let r = e.apply_overlapped(
+            &two_volumes("c", "d"),
+            true,
+            |_| 42,
+            |v| undone.set(Some(v)),
+        );
+        assert!(
+            matches!(r, Err(EngineError::InjectedCrash(2))),
+            "{:?}",
+            r.err()
+        );
+        assert_eq!(undone.get(), Some(42));
+        e.gate = WriteGate::unlimited();
+        let (v, _) = e.read_vg("vg").unwrap();
+        assert!(v.meta.lv("b").is_some() && v.meta.lv("c").is_none());
+    }
+
+    fn lv_start_in(plan: &Plan, meta: &VgMetadata, lv: &str) -> (PathBuf, u64, u64) {
+        let l = meta.lv(lv).unwrap();
+        let devpool_format::metadata::SegmentKind::Striped { stripes, .. } = &l.segments[0].kind
+        else {
+            panic!("not linear")
+        };
+        let pv = meta.pv(&stripes[0].pv).unwrap();
+        let es = meta.extent_size.bytes().0;
+        let path = plan.pv_path(&stripes[0].pv).unwrap().to_path_buf();
+        (path, pv.pe_start.0 * 512 + stripes[0].start * es, 4096)
     }
 
     #[test]

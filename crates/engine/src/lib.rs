@@ -30,6 +30,7 @@ pub mod report;
 pub mod scan;
 pub mod thinplan;
 pub mod thinstore;
+mod uring;
 pub mod vg;
 
 pub use engine::{DeviceSource, Engine, Executed, NewVolume, Operation, PvOptions};

@@ -219,6 +219,13 @@ impl Plan {
         self.new_meta.as_deref()
     }
 
+    /// [`Self::new_metadata`], shared.
+    pub fn new_metadata_shared(
+        &self,
+    ) -> Option<std::sync::Arc<devpool_format::metadata::VgMetadata>> {
+        self.new_meta.clone()
+    }
+
     /// The device that carries PV `key` (`pv0`) of the new metadata.
     pub fn pv_path(&self, key: &str) -> Option<&std::path::Path> {
         self.pv_paths.get(key).map(|p| p.as_path())

@@ -50,22 +50,52 @@ impl ScannedPv {
 #[derive(Default)]
 pub struct ParseCache(HashMap<(u32, u64), Arc<VgMetadata>>);
 
+/// The first bytes of a device, read once: the label (in the first 2 KiB)
+/// and, at LVM2's default layout, the first metadata area's header (at
+/// 4 KiB) come from one read instead of one round trip each.
+pub struct Head(Vec<u8>);
+
+const HEAD_LEN: u64 = 8192;
+
+impl Head {
+    pub fn read(dev: &Device) -> Result<Head> {
+        Ok(Head(dev.read_at(0, dev.size.min(HEAD_LEN) as usize)?))
+    }
+
+    /// The label. `Ok(None)`: not a PV.
+    pub fn label(&self, dev: &Device) -> Result<Option<PvLabel>> {
+        find_label(&self.0[..self.0.len().min(2048)]).map_err(|e| EngineError::Format {
+            path: dev.path.clone(),
+            source: e,
+        })
+    }
+
+    /// The metadata area header at `start` (from the head when it holds it).
+    pub fn area_header(&self, dev: &Device, start: u64) -> Result<MdaHeader> {
+        let bytes = match self.0.get(start as usize..start as usize + 512) {
+            Some(b) => b.to_vec(),
+            None => dev.read_at(start, 512)?,
+        };
+        MdaHeader::parse(&bytes, start).map_err(|e| EngineError::Format {
+            path: dev.path.clone(),
+            source: e,
+        })
+    }
+}
+
 /// Read the label of a device. `Ok(None)`: not a PV.
 pub fn read_label(dev: &Device) -> Result<Option<PvLabel>> {
-    let head = dev.read_at(0, dev.size.min(2048) as usize)?;
-    find_label(&head).map_err(|e| EngineError::Format {
-        path: dev.path.clone(),
-        source: e,
-    })
+    Head::read(dev)?.label(dev)
 }
 
 pub fn scan_device(dev: &Device, cache: &mut ParseCache) -> Result<Option<ScannedPv>> {
-    let Some(label) = read_label(dev)? else {
+    let head = Head::read(dev)?;
+    let Some(label) = head.label(dev)? else {
         return Ok(None);
     };
     let mut mdas = Vec::new();
     for area in &label.metadata_areas {
-        mdas.push(read_area(dev, area.offset, area.size, cache).map_err(|e| e.to_string()));
+        mdas.push(read_area(dev, &head, area.offset, area.size, cache).map_err(|e| e.to_string()));
     }
     Ok(Some(ScannedPv {
         path: dev.path.clone(),
@@ -75,7 +105,13 @@ pub fn scan_device(dev: &Device, cache: &mut ParseCache) -> Result<Option<Scanne
     }))
 }
 
-fn read_area(dev: &Device, start: u64, size: u64, cache: &mut ParseCache) -> Result<MdaState> {
+fn read_area(
+    dev: &Device,
+    head: &Head,
+    start: u64,
+    size: u64,
+    cache: &mut ParseCache,
+) -> Result<MdaState> {
     let fmt = |reason: String| EngineError::Format {
         path: dev.path.clone(),
         source: devpool_format::FormatError::new("metadata area", start, reason),
@@ -86,11 +122,7 @@ fn read_area(dev: &Device, start: u64, size: u64, cache: &mut ParseCache) -> Res
             dev.size
         )));
     }
-    let hbuf = dev.read_at(start, 512)?;
-    let header = MdaHeader::parse(&hbuf, start).map_err(|e| EngineError::Format {
-        path: dev.path.clone(),
-        source: e,
-    })?;
+    let header = head.area_header(dev, start)?;
     if header.size != size {
         return Err(fmt(format!(
             "header says {} bytes, PV header says {size}",

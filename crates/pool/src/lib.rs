@@ -6,6 +6,8 @@
 //!
 //! - [`pool`][mod@pool]: pools (setup, list, status, teardown, the embedded default)
 //! - [`lease`]: leases recorded in LV tags in the commit that creates them
+//! - [`daemon`]: `devpool daemon`, leases over a Unix socket (protocol, server, client)
+//! - [`group`]: group commit of concurrent lease requests in a resident process
 //! - [`owner`]: owner identity (PID, its start time, boot id, host) and liveness
 //! - [`spec`]: volume lists and profiles (`test:10G,scratch:10G`, `fstests`)
 //! - [`safety`] and [`sysblk`]: the checks before setup and the block-device
@@ -15,7 +17,9 @@
 //! - [`thin`]: the thin pool (enable, status), thin leases and thin snapshots
 //! - [`servers`]: which processes serve a volume, stopped before its extents are freed
 
+pub mod daemon;
 pub mod error;
+pub mod group;
 pub mod lease;
 pub mod loopdev;
 pub mod owner;

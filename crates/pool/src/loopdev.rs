@@ -5,7 +5,7 @@
 
 use crate::{PoolError, Result};
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -67,7 +67,7 @@ fn zero_info() -> LoopInfo64 {
 }
 
 /// A loop device devpool attached, as read back from the kernel.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attached {
     pub device: PathBuf,
     /// The file or device it is attached to.
@@ -92,58 +92,103 @@ fn open_rw(path: &Path) -> std::io::Result<File> {
 
 /// Attach a loop device to `size` bytes of `backing` at `offset`.
 pub fn attach(backing: &Path, offset: u64, size: u64, lv_uuid: &str) -> Result<PathBuf> {
-    let file = open_rw(backing).map_err(|e| PoolError::io(backing, "open loop backing", e))?;
-    let ctl = open_rw(Path::new("/dev/loop-control"))
-        .map_err(|e| PoolError::io("/dev/loop-control", "open", e))?;
-    let mut info = zero_info();
-    info.lo_offset = offset;
-    info.lo_sizelimit = size;
-    let name = format!("{MARK}{lv_uuid}");
-    let n = name.len().min(LO_NAME_SIZE - 1);
-    info.lo_file_name[..n].copy_from_slice(&name.as_bytes()[..n]);
-    // Another process may take the free device between GET_FREE and
-    // CONFIGURE (EBUSY): ask again.
-    for _ in 0..64 {
-        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
-        let nr = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
-        if nr < 0 {
-            return Err(ioctl_err(
-                Path::new("/dev/loop-control"),
-                "LOOP_CTL_GET_FREE",
-            ));
-        }
-        let dev = PathBuf::from(format!("/dev/loop{nr}"));
-        let lo = match open_rw(&dev) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(PoolError::io(&dev, "open", e)),
+    Attacher::default().attach(backing, offset, size, lv_uuid)
+}
+
+/// Attaches several loop devices (a lease's) with one open descriptor per
+/// backing file and one on `/dev/loop-control`, instead of two opens each.
+#[derive(Default)]
+pub struct Attacher {
+    ctl: Option<File>,
+    backing: Vec<(PathBuf, File)>,
+}
+
+impl Attacher {
+    fn backing(&mut self, path: &Path) -> Result<&File> {
+        let at = match self.backing.iter().position(|(p, _)| p == path) {
+            Some(i) => i,
+            None => {
+                let f = open_rw(path).map_err(|e| PoolError::io(path, "open loop backing", e))?;
+                self.backing.push((path.to_path_buf(), f));
+                self.backing.len() - 1
+            }
         };
-        for flags in [LO_FLAGS_DIRECT_IO, 0] {
-            let mut cfg = LoopConfig {
-                fd: file.as_raw_fd() as u32,
-                block_size: 0,
-                info,
-                reserved: [0; 8],
-            };
-            cfg.info.lo_flags = flags;
-            // SAFETY: cfg is a valid struct loop_config that outlives the call.
-            let r =
-                unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) };
-            if r == 0 {
-                return Ok(dev);
+        Ok(&self.backing[at].1)
+    }
+
+    fn control(&mut self) -> Result<RawFd> {
+        if self.ctl.is_none() {
+            let f = open_rw(Path::new("/dev/loop-control"))
+                .map_err(|e| PoolError::io("/dev/loop-control", "open", e))?;
+            self.ctl = Some(f);
+        }
+        self.ctl
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+            .ok_or_else(|| PoolError::Invalid("/dev/loop-control is not open".into()))
+    }
+
+    /// Attach a loop device to `size` bytes of `backing` at `offset`.
+    pub fn attach(
+        &mut self,
+        backing: &Path,
+        offset: u64,
+        size: u64,
+        lv_uuid: &str,
+    ) -> Result<PathBuf> {
+        let ctl = self.control()?;
+        let file = self.backing(backing)?.as_raw_fd();
+        let mut info = zero_info();
+        info.lo_offset = offset;
+        info.lo_sizelimit = size;
+        let name = format!("{MARK}{lv_uuid}");
+        let n = name.len().min(LO_NAME_SIZE - 1);
+        info.lo_file_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        // Another process may take the free device between GET_FREE and
+        // CONFIGURE (EBUSY): ask again.
+        for _ in 0..64 {
+            // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+            let nr = unsafe { libc::ioctl(ctl, LOOP_CTL_GET_FREE) };
+            if nr < 0 {
+                return Err(ioctl_err(
+                    Path::new("/dev/loop-control"),
+                    "LOOP_CTL_GET_FREE",
+                ));
             }
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                // Backing file system without O_DIRECT: retry buffered.
-                Some(libc::EINVAL) if flags != 0 => continue,
-                Some(libc::EBUSY) => break,
-                _ => return Err(PoolError::io(&dev, "LOOP_CONFIGURE", e)),
+            let dev = PathBuf::from(format!("/dev/loop{nr}"));
+            let lo = match open_rw(&dev) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(PoolError::io(&dev, "open", e)),
+            };
+            for flags in [LO_FLAGS_DIRECT_IO, 0] {
+                let mut cfg = LoopConfig {
+                    fd: file as u32,
+                    block_size: 0,
+                    info,
+                    reserved: [0; 8],
+                };
+                cfg.info.lo_flags = flags;
+                // SAFETY: cfg is a valid struct loop_config that outlives the call.
+                let r = unsafe {
+                    libc::ioctl(lo.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig)
+                };
+                if r == 0 {
+                    return Ok(dev);
+                }
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    // Backing file system without O_DIRECT: retry buffered.
+                    Some(libc::EINVAL) if flags != 0 => continue,
+                    Some(libc::EBUSY) => break,
+                    _ => return Err(PoolError::io(&dev, "LOOP_CONFIGURE", e)),
+                }
             }
         }
+        Err(PoolError::Refused(
+            "could not find a free loop device after 64 attempts".into(),
+        ))
     }
-    Err(PoolError::Refused(
-        "could not find a free loop device after 64 attempts".into(),
-    ))
 }
 
 fn status(dev: &Path) -> Option<LoopInfo64> {
@@ -163,19 +208,35 @@ fn status_of(f: &File) -> Option<LoopInfo64> {
     (r == 0).then_some(info)
 }
 
-/// Every loop device devpool attached (found by its mark).
-pub fn list() -> Vec<Attached> {
+/// Names of the loop devices that may be bound. `/proc/partitions` lists
+/// only devices with a size, so a host with a hundred idle loop devices
+/// costs one read, not a hundred sysfs lookups (a bound device of size 0
+/// is never devpool's); `/sys/block` when it cannot be read.
+fn bound_candidates() -> Vec<String> {
+    if let Ok(text) = std::fs::read_to_string("/proc/partitions") {
+        return text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .filter(|n| n.starts_with("loop"))
+            .map(str::to_string)
+            .collect();
+    }
     let Ok(dir) = std::fs::read_dir("/sys/block") else {
         return vec![];
     };
+    dir.flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("loop"))
+        .collect()
+}
+
+/// Every loop device devpool attached (found by its mark).
+pub fn list() -> Vec<Attached> {
     let mut out = Vec::new();
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
+    for name in bound_candidates() {
         // Bound devices have a loop/ directory with a backing_file.
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+        let Ok(backing) = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        else {
             continue;
         };
         let dev = PathBuf::from(format!("/dev/{name}"));
@@ -313,10 +374,20 @@ pub fn set_window(a: &Attached, offset: u64, size: u64) -> Result<()> {
 
 /// Give a device node to the user who ran devpool through sudo.
 pub fn chown_to_sudo_user(dev: &Path) {
-    let id = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
-    if let (Some(uid), Some(gid)) = (id("SUDO_UID"), id("SUDO_GID")) {
-        let _ = std::os::unix::fs::chown(dev, Some(uid), Some(gid));
+    if let Some((uid, gid)) = sudo_user() {
+        chown_to(dev, uid, gid);
     }
+}
+
+/// The user and group who ran devpool through sudo (`SUDO_UID`/`SUDO_GID`).
+pub fn sudo_user() -> Option<(u32, u32)> {
+    let id = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+    Some((id("SUDO_UID")?, id("SUDO_GID")?))
+}
+
+/// Best effort: the device still works for root if this fails.
+pub fn chown_to(dev: &Path, uid: u32, gid: u32) {
+    let _ = std::os::unix::fs::chown(dev, Some(uid), Some(gid));
 }
 
 /// Give a device node back to root:disk before it is reused.

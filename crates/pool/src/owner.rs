@@ -2,9 +2,9 @@
 //! the PID's start time (clock ticks since boot, `/proc/PID/stat` field 22),
 //! the boot id and the host. An owner is alive only if all of them match.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     pub pid: u32,
     pub start_ticks: u64,

@@ -11,6 +11,7 @@ use crate::servers;
 use crate::spec::VolumeSpec;
 use crate::{PoolError, Result};
 use devpool_engine::engine::{DeviceSource, Engine, Operation, PvOptions, same_file};
+use devpool_engine::plan::Plan;
 use devpool_engine::vg::LoadedVg;
 use devpool_engine::{EngineError, NewVolume};
 use devpool_format::metadata::{SegmentKind, VgMetadata};
@@ -38,12 +39,117 @@ pub(crate) struct PoolRecord {
 }
 
 /// What one acquire asks for.
-struct LeaseRequest<'a> {
-    specs: &'a [VolumeSpec],
-    owner: &'a Owner,
-    keep: bool,
+pub(crate) struct LeaseRequest<'a> {
+    pub specs: &'a [VolumeSpec],
+    pub owner: &'a Owner,
+    pub keep: bool,
+    pub devices: DeviceOptions,
+}
+
+/// How a lease's volumes become host devices.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceOptions {
     /// Attach a host loop device to each volume.
-    loops: bool,
+    pub loops: bool,
+    /// Give the loop devices to this user and group (who ran devpool
+    /// through sudo).
+    pub chown: Option<(u32, u32)>,
+}
+
+/// A lease about to be committed.
+pub(crate) struct NewLease {
+    pub session: String,
+    /// (role, LV name) per volume.
+    pub names: Vec<(String, String)>,
+    pub volumes: Vec<NewVolume>,
+}
+
+/// The commit that creates leased volumes.
+pub(crate) fn lease_op(vg: &str, volumes: Vec<NewVolume>) -> Operation {
+    Operation::LvCreateBatch {
+        vg: vg.to_string(),
+        volumes,
+        wipe: true,
+        // Every leased volume gets one loop device over one range.
+        contiguous: true,
+        // Thin volumes when the pool has a thin pool (served, no loop).
+        thin_when_pooled: true,
+    }
+}
+
+/// A lease's devices, made while its commit is written.
+pub(crate) struct Exposed {
+    devices: Result<Vec<LeasedDevice>>,
+    /// Everything attached, also when a later attach failed.
+    attached: Vec<loopdev::Attached>,
+}
+
+impl Exposed {
+    /// The devices of the lease named `names` in `plan`: a loop device per
+    /// volume, none for thin volumes (they are served) or without
+    /// `opts.loops`.
+    pub(crate) fn make(plan: &Plan, names: &[(String, String)], opts: DeviceOptions) -> Exposed {
+        let mut attached = Vec::new();
+        let devices = match plan.new_metadata() {
+            Some(meta) => expose(plan, meta, names, opts, &mut attached),
+            None => Err(PoolError::Invalid(
+                "acquire: the plan has no metadata".into(),
+            )),
+        };
+        Exposed { devices, attached }
+    }
+
+    /// Detach what was attached (the commit failed).
+    pub(crate) fn undo(self) {
+        for a in &self.attached {
+            let _ = loopdev::detach_attached(a);
+        }
+    }
+}
+
+fn expose(
+    plan: &Plan,
+    meta: &VgMetadata,
+    names: &[(String, String)],
+    opts: DeviceOptions,
+    attached: &mut Vec<loopdev::Attached>,
+) -> Result<Vec<LeasedDevice>> {
+    let thin = names
+        .first()
+        .is_some_and(|(_, lv)| devpool_engine::ops::thin::thin_volume(meta, lv).is_some());
+    let es = meta.extent_size.bytes().0;
+    let mut attacher = loopdev::Attacher::default();
+    let mut devices: Vec<LeasedDevice> = Vec::with_capacity(names.len());
+    for (role, lv) in names {
+        let mut d = LeasedDevice {
+            role: role.clone(),
+            lv: lv.clone(),
+            device: None,
+            size_bytes: meta.lv(lv).map_or(0, |l| l.extent_count() * es),
+        };
+        if !thin {
+            let (path, offset, size) =
+                contiguous_extent(meta, lv, |k| plan.pv_path(k).map(Path::to_path_buf))?;
+            d.size_bytes = size;
+            if opts.loops {
+                let uuid = meta.lv(lv).map(|l| l.id.raw_str()).unwrap_or_default();
+                let dev = attacher.attach(&path, offset, size, uuid)?;
+                if let Some((uid, gid)) = opts.chown {
+                    loopdev::chown_to(&dev, uid, gid);
+                }
+                attached.push(loopdev::Attached {
+                    device: dev.clone(),
+                    backing: path,
+                    lv_uuid: uuid.to_string(),
+                    offset,
+                    size,
+                });
+                d.device = Some(dev);
+            }
+        }
+        devices.push(d);
+    }
+    Ok(devices)
 }
 
 /// Settings and entry points for pools.
@@ -58,7 +164,7 @@ pub struct Pools {
     pub prefix: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeasedDevice {
     pub role: String,
     pub lv: String,
@@ -78,7 +184,7 @@ impl LeasedDevice {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Acquired {
     pub pool: String,
     pub session: String,
@@ -87,6 +193,10 @@ pub struct Acquired {
     pub devices: Vec<LeasedDevice>,
     /// Orphans reaped because the pool was too full.
     pub reaped: Vec<String>,
+    /// The loop devices attached, as the kernel knows them (so that a
+    /// resident process can detach them without a scan).
+    #[serde(skip)]
+    pub attached: Vec<loopdev::Attached>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -622,15 +732,28 @@ impl Pools {
         keep: bool,
         loops: bool,
     ) -> Result<Acquired> {
-        let req = LeaseRequest {
-            specs,
-            owner,
-            keep,
-            loops,
-        };
-        self.with_pool(name, |e, rec| self.acquire_on(e, rec, name, &req))
+        self.acquire_request(
+            name,
+            &LeaseRequest {
+                specs,
+                owner,
+                keep,
+                devices: DeviceOptions {
+                    loops,
+                    chown: loopdev::sudo_user(),
+                },
+            },
+        )
     }
 
+    pub(crate) fn acquire_request(&self, name: &str, req: &LeaseRequest) -> Result<Acquired> {
+        self.with_pool(name, |e, rec| self.acquire_on(e, rec, name, req))
+    }
+
+    /// One commit creates the lease's volumes, with the owner in their
+    /// tags; their loop devices attach while it is written (under the
+    /// VG's lock, so a cleanup never sees them before their volumes).
+    /// Reaps orphans once if the pool is full.
     fn acquire_on(
         &self,
         e: &Engine,
@@ -638,15 +761,37 @@ impl Pools {
         name: &str,
         req: &LeaseRequest,
     ) -> Result<Acquired> {
-        let LeaseRequest {
-            specs,
-            owner,
-            keep,
-            loops,
-        } = *req;
+        let lease = self.new_lease(req.specs, req.owner, req.keep);
+        let op = lease_op(&rec.vg, lease.volumes.clone());
+        let attempt = || {
+            let (names, opts) = (lease.names.clone(), req.devices);
+            e.apply_overlapped(
+                &op,
+                true,
+                move |plan| Exposed::make(plan, &names, opts),
+                Exposed::undo,
+            )
+        };
+        let mut reaped = Vec::new();
+        let (_, _, attaching) = match attempt() {
+            Ok(done) => done,
+            Err(EngineError::NoSpace { .. } | EngineError::NoContiguousSpace { .. }) => {
+                let report = self.cleanup(name, false)?;
+                reaped = report.removed.iter().map(|l| l.session.clone()).collect();
+                attempt()?
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let mut acquired = self.finish_acquire(name, lease, req, attaching.join())?;
+        acquired.reaped = reaped;
+        Ok(acquired)
+    }
+
+    /// Session id, LV names and volumes of a lease about to be committed.
+    pub(crate) fn new_lease(&self, specs: &[VolumeSpec], owner: &Owner, keep: bool) -> NewLease {
         let session = lease::new_session_id(unix_now(), random_u32());
         let names = lease_names(specs, &self.prefix, &session);
-        let volumes: Vec<NewVolume> = specs
+        let volumes = specs
             .iter()
             .zip(&names)
             .map(|(s, (role, lv))| NewVolume {
@@ -655,79 +800,37 @@ impl Pools {
                 tags: lease::tags(&session, role, owner, keep),
             })
             .collect();
-        let op = Operation::LvCreateBatch {
-            vg: rec.vg.clone(),
-            volumes,
-            wipe: true,
-            // Every leased volume gets one loop device over one range.
-            contiguous: true,
-            // Thin volumes when the pool has a thin pool (served, no loop).
-            thin_when_pooled: true,
-        };
-        let mut reaped = Vec::new();
-        let plan = match e.apply(&op, true) {
-            Ok((plan, _)) => plan,
-            Err(EngineError::NoSpace { .. } | EngineError::NoContiguousSpace { .. }) => {
-                let report = self.cleanup(name, false)?;
-                reaped = report.removed.iter().map(|l| l.session.clone()).collect();
-                e.apply(&op, true)?.0
-            }
-            Err(err) => return Err(err.into()),
-        };
-        let meta = plan
-            .new_metadata()
-            .ok_or_else(|| PoolError::Invalid("acquire: the plan has no metadata".into()))?;
-        let thin = names
-            .first()
-            .is_some_and(|(_, lv)| devpool_engine::ops::thin::thin_volume(meta, lv).is_some());
-        let mut devices = Vec::new();
-        let exposed: Result<()> = (|| {
-            for (role, lv) in &names {
-                if thin {
-                    let es = meta.extent_size.bytes().0;
-                    devices.push(LeasedDevice {
-                        role: role.clone(),
-                        lv: lv.clone(),
-                        device: None,
-                        size_bytes: meta.lv(lv).map_or(0, |l| l.extent_count() * es),
-                    });
-                    continue;
-                }
-                let (path, offset, size) =
-                    contiguous_extent(meta, lv, |k| plan.pv_path(k).map(Path::to_path_buf))?;
-                let uuid = meta
-                    .lv(lv)
-                    .map(|l| l.id.raw_str().to_string())
-                    .unwrap_or_default();
-                let dev = if loops {
-                    let dev = loopdev::attach(&path, offset, size, &uuid)?;
-                    loopdev::chown_to_sudo_user(&dev);
-                    Some(dev)
-                } else {
-                    None
-                };
-                devices.push(LeasedDevice {
-                    role: role.clone(),
-                    lv: lv.clone(),
-                    device: dev,
-                    size_bytes: size,
-                });
-            }
-            Ok(())
-        })();
-        if let Err(err) = exposed {
-            // Give everything back: a lease is usable whole or not at all.
-            let _ = self.release(name, &session);
-            return Err(err);
-        }
-        Ok(Acquired {
-            pool: name.to_string(),
+        NewLease {
             session,
-            owner: owner.clone(),
-            kept: keep,
-            devices,
-            reaped,
-        })
+            names,
+            volumes,
+        }
+    }
+
+    /// The lease, once committed with its devices. A lease is usable whole
+    /// or not at all: if a device could not be attached, it is released.
+    pub(crate) fn finish_acquire(
+        &self,
+        name: &str,
+        lease: NewLease,
+        req: &LeaseRequest,
+        exposed: Exposed,
+    ) -> Result<Acquired> {
+        match exposed.devices {
+            Ok(devices) => Ok(Acquired {
+                pool: name.to_string(),
+                session: lease.session,
+                owner: req.owner.clone(),
+                kept: req.keep,
+                devices,
+                reaped: Vec::new(),
+                attached: exposed.attached,
+            }),
+            Err(err) => {
+                let _ = self.release(name, &lease.session);
+                Err(err)
+            }
+        }
     }
 
     pub fn release(&self, name: &str, session: &str) -> Result<Vec<String>> {
@@ -743,29 +846,48 @@ impl Pools {
     ) -> Result<Vec<String>> {
         for _ in 0..3 {
             let (v, _) = e.read_vg(&rec.vg)?;
-            let lvs: Vec<String> = v
-                .meta
-                .lvs
-                .iter()
-                .filter(|l| lease::session_of(l) == Some(session))
-                .map(|l| l.name.clone())
-                .collect();
-            if lvs.is_empty() {
-                return Err(PoolError::Invalid(format!(
-                    "no lease '{session}' in pool '{name}' (see 'devpool lease list')"
-                )));
-            }
-            detach_loops(&v, &lvs, false);
-            let thin_snaps = crate::thin::thin_snapshots_of(&v.meta, &lvs);
-            let all: Vec<String> = lvs.iter().chain(&thin_snaps).cloned().collect();
-            self.stop_servers(&v, &all)?;
-            if remove_with_snapshots(e, &rec.vg, &v.meta, all)? {
-                return Ok(lvs);
+            let r = release_targets(&v.meta, name, session)?;
+            self.let_go(&v.meta, &r)?;
+            if remove_all(e, &rec.vg, r.remove)? {
+                return Ok(r.lvs);
             }
         }
         Err(PoolError::Refused(format!(
             "lease '{session}' kept changing while it was released; try again"
         )))
+    }
+
+    /// Before a release's commit: detach the loop devices of its volumes
+    /// and stop the servers of everything it removes.
+    pub(crate) fn let_go(&self, meta: &VgMetadata, r: &ReleaseTargets) -> Result<()> {
+        self.let_go_known(meta, r, &[])
+    }
+
+    /// [`Self::let_go`], detaching the loop devices in `known` directly;
+    /// only volumes whose device is not among them cost a scan of every
+    /// attached loop device.
+    pub(crate) fn let_go_known(
+        &self,
+        meta: &VgMetadata,
+        r: &ReleaseTargets,
+        known: &[loopdev::Attached],
+    ) -> Result<()> {
+        let unknown: Vec<String> = r
+            .lvs
+            .iter()
+            .filter(|lv| {
+                let Some(l) = meta.lv(lv) else {
+                    return false;
+                };
+                let a = known.iter().find(|a| a.lv_uuid == l.id.raw_str());
+                !a.is_some_and(|a| loopdev::detach_attached(a).is_ok_and(|d| d))
+            })
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            detach_volumes(meta, &unknown);
+        }
+        self.stop_servers(meta, &r.remove)
     }
 
     pub fn leases(&self, name: &str) -> Result<Vec<Lease>> {
@@ -816,12 +938,12 @@ impl Pools {
             report.detached = detach_loops(&v, &lvs, true);
             let thin_snaps = crate::thin::thin_snapshots_of(&v.meta, &lvs);
             lvs.extend(thin_snaps);
-            self.stop_servers(&v, &lvs)?;
+            self.stop_servers(&v.meta, &lvs)?;
             drop(lock);
             if lvs.is_empty() {
                 return Ok(report);
             }
-            if remove_with_snapshots(e, &rec.vg, &v.meta, lvs)? {
+            if remove_all(e, &rec.vg, with_snapshots(&v.meta, lvs))? {
                 return Ok(report);
             }
         }
@@ -941,8 +1063,8 @@ impl Pools {
             });
         }
         let all: Vec<String> = v.meta.lvs.iter().map(|l| l.name.clone()).collect();
-        detach_loops(&v, &all, false);
-        self.stop_servers(&v, &all)?;
+        detach_volumes(&v.meta, &all);
+        self.stop_servers(&v.meta, &all)?;
         e.apply(
             &Operation::VgRemove {
                 name: rec.vg.clone(),
@@ -970,10 +1092,10 @@ impl Pools {
     /// Stop devpool's servers of `lvs` (NBD, vhost-user-blk, FUSE) and wait
     /// until they have flushed and let go, before their extents are freed.
     /// Stop the servers of `lvs` and of their snapshots.
-    pub(crate) fn stop_servers(&self, v: &LoadedVg, lvs: &[String]) -> Result<()> {
-        let snapshots = devpool_engine::ops::snapshot::snapshots_of(&v.meta, lvs);
+    pub(crate) fn stop_servers(&self, meta: &VgMetadata, lvs: &[String]) -> Result<()> {
+        let snapshots = devpool_engine::ops::snapshot::snapshots_of(meta, lvs);
         for lv in lvs.iter().chain(&snapshots) {
-            if let Some(l) = v.meta.lv(lv) {
+            if let Some(l) = meta.lv(lv) {
                 servers::stop(&self.state_dir, l.id.raw_str(), SERVER_STOP_TIMEOUT)?;
             }
         }
@@ -1045,23 +1167,31 @@ const SERVER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// device over the VG's PVs whose volume no longer exists; one pass over the
 /// attached devices.
 fn detach_loops(v: &LoadedVg, lvs: &[String], strays: bool) -> Vec<PathBuf> {
-    let meta = &v.meta;
-    let doomed: Vec<String> = lvs
-        .iter()
-        .filter_map(|n| meta.lv(n).map(|l| l.id.raw_str().to_string()))
-        .collect();
     let pv_files: Vec<&Path> = v
         .devices
         .iter()
         .flatten()
         .map(|d| d.path.as_path())
         .collect();
+    detach_marked(&v.meta, lvs, strays.then_some(&pv_files[..]))
+}
+
+/// Detach the loop devices of `lvs`.
+fn detach_volumes(meta: &VgMetadata, lvs: &[String]) -> Vec<PathBuf> {
+    detach_marked(meta, lvs, None)
+}
+
+fn detach_marked(meta: &VgMetadata, lvs: &[String], strays_on: Option<&[&Path]>) -> Vec<PathBuf> {
+    let doomed: Vec<String> = lvs
+        .iter()
+        .filter_map(|n| meta.lv(n).map(|l| l.id.raw_str().to_string()))
+        .collect();
     let live: std::collections::HashSet<&str> = meta.lvs.iter().map(|l| l.id.raw_str()).collect();
     let mut done = Vec::new();
     for a in loopdev::list() {
-        let stray = strays
-            && !live.contains(a.lv_uuid.as_str())
-            && pv_files.iter().any(|p| same_file(p, &a.backing));
+        let stray = strays_on.is_some_and(|pvs| {
+            !live.contains(a.lv_uuid.as_str()) && pvs.iter().any(|p| same_file(p, &a.backing))
+        });
         if (stray || doomed.contains(&a.lv_uuid)) && loopdev::detach_attached(&a).is_ok_and(|d| d) {
             loopdev::chown_back(&a.device);
             done.push(a.device);
@@ -1124,17 +1254,50 @@ impl Backup {
     }
 }
 
-/// Remove `lvs` and their copy-on-write snapshots (first: an origin with
-/// snapshots cannot go) in one commit; false when someone (a cleanup)
-/// removed part of them meanwhile, so the caller looks again.
-fn remove_with_snapshots(
-    e: &Engine,
-    vg: &str,
-    meta: &devpool_format::metadata::VgMetadata,
-    lvs: Vec<String>,
-) -> Result<bool> {
+/// What releasing one lease removes.
+#[derive(Debug, Clone)]
+pub(crate) struct ReleaseTargets {
+    /// The lease's own volumes.
+    pub lvs: Vec<String>,
+    /// Those, their thin snapshots and their copy-on-write snapshots
+    /// (snapshots first: an origin with snapshots cannot go).
+    pub remove: Vec<String>,
+}
+
+pub(crate) fn release_targets(
+    meta: &VgMetadata,
+    name: &str,
+    session: &str,
+) -> Result<ReleaseTargets> {
+    let lvs: Vec<String> = meta
+        .lvs
+        .iter()
+        .filter(|l| lease::session_of(l) == Some(session))
+        .map(|l| l.name.clone())
+        .collect();
+    if lvs.is_empty() {
+        return Err(PoolError::Invalid(format!(
+            "no lease '{session}' in pool '{name}' (see 'devpool lease list')"
+        )));
+    }
+    let mut all = lvs.clone();
+    all.extend(crate::thin::thin_snapshots_of(meta, &lvs));
+    Ok(ReleaseTargets {
+        remove: with_snapshots(meta, all),
+        lvs,
+    })
+}
+
+/// `lvs` preceded by their copy-on-write snapshots.
+fn with_snapshots(meta: &VgMetadata, lvs: Vec<String>) -> Vec<String> {
     let mut names = devpool_engine::ops::snapshot::snapshots_of(meta, &lvs);
     names.extend(lvs);
+    names
+}
+
+/// Remove `names` in one commit; false when someone (a cleanup) removed
+/// part of them meanwhile, so the caller looks again.
+fn remove_all(e: &Engine, vg: &str, names: Vec<String>) -> Result<bool> {
     let op = Operation::LvRemove {
         vg: vg.to_string(),
         names,

@@ -207,7 +207,7 @@ impl Pools {
                 })?;
             let mut names = vec![snap.to_string()];
             names.extend(thin_snapshots_of(&v.meta, &names));
-            self.stop_servers(&v, &names)?;
+            self.stop_servers(&v.meta, &names)?;
             let es = v.meta.extent_size.bytes().0;
             e.apply(
                 &Operation::LvRemove {

@@ -1,0 +1,365 @@
+//! `devpool daemon` through its socket, on a real loop device: concurrent
+//! clients get leases whose loop devices never overlap, their requests
+//! share commits, the CLI goes through the daemon (and `--no-daemon` does
+//! not), the fallbacks (a full pool with an orphan to reap, a release of a
+//! lease the daemon never saw) work, nothing leaks and `vgck` passes.
+
+mod common;
+use common::serving::{Sleeper, window_of};
+use common::*;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CLIENTS: usize = 8;
+const CYCLES: usize = 6;
+
+/// A running `devpool daemon`, stopped by SIGTERM (by its PID) when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(lab: &Lab) -> Daemon {
+        let socket = lab.state_dir().join("daemon.sock");
+        let child = devpool_command(&lab.state_dir())
+            .arg("daemon")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn devpool daemon");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "daemon socket never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { child, socket }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM; the exit status and what it printed.
+    fn stop(mut self) -> (bool, String) {
+        // SAFETY: kill with a valid signal on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        let st = self.child.wait().expect("wait daemon");
+        (st.success(), err)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One connection speaking the line protocol.
+struct Conn {
+    out: UnixStream,
+    input: BufReader<UnixStream>,
+}
+
+impl Conn {
+    fn open(socket: &Path) -> Conn {
+        let out = UnixStream::connect(socket).expect("connect");
+        let input = BufReader::new(out.try_clone().expect("clone"));
+        Conn { out, input }
+    }
+    fn raw(&mut self, line: &str) -> Value {
+        self.out.write_all(line.as_bytes()).expect("send");
+        self.out.write_all(b"\n").expect("send");
+        let mut answer = String::new();
+        self.input.read_line(&mut answer).expect("answer");
+        serde_json::from_str(&answer).expect("answer is JSON")
+    }
+    fn call(&mut self, req: Value) -> Value {
+        let a = self.raw(&req.to_string());
+        assert_eq!(a["ok"], true, "{req} -> {a}");
+        a["result"].clone()
+    }
+}
+
+/// The first `len` bytes of a device, past any page cache (O_DIRECT).
+fn read_direct(dev: &str, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .expect("open O_DIRECT");
+    let mut buf = vec![0u8; len + 4096];
+    let shift = buf.as_ptr().align_offset(4096);
+    f.read_exact_at(&mut buf[shift..shift + len], 0)
+        .expect("read");
+    buf[shift..shift + len].to_vec()
+}
+
+fn journal_pids(lab: &Lab) -> Vec<u64> {
+    std::fs::read_to_string(lab.state_dir().join("journal.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|e| e["pid"].as_u64())
+        .collect()
+}
+
+/// (backing device, offset, size) of a lease's loop devices, from sysfs.
+fn windows(lease: &Value) -> Vec<(String, u64, u64)> {
+    lease["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| {
+            let dev = d["device"].as_str().expect("a loop device");
+            let name = Path::new(dev)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+                .expect("bound")
+                .trim()
+                .to_string();
+            let (off, size) = window_of(dev);
+            assert_eq!(size, d["size_bytes"].as_u64().unwrap(), "{dev}");
+            (backing, off, size)
+        })
+        .collect()
+}
+
+#[test]
+fn concurrent_clients_share_commits_and_get_disjoint_devices() {
+    if skip_unless_real("pool_daemon") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let pool = format!("d{}", std::process::id());
+    let dev = lab.loop_dev("pool.img", 1024);
+    let d = dev.display().to_string();
+    lab.dp(&[], &["pool", "setup", &d, "--name", &pool, "--yes"]);
+    let vg = format!("devpool-{pool}");
+    let start_free = lab.dp_json(&[], &["--pool", &pool, "pool", "status"])["free_bytes"].clone();
+    let daemon = Daemon::start(&lab);
+    let mode = std::fs::metadata(&daemon.socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    let owner = Sleeper::new();
+
+    // Every live lease's windows: a new lease's must overlap none of them.
+    let live: Arc<Mutex<Vec<(String, u64, u64)>>> = Arc::default();
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (socket, pool, live) = (daemon.socket.clone(), pool.clone(), live.clone());
+            let owner = owner.pid();
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(&socket);
+                for i in 0..CYCLES {
+                    let want = if (c + i) % 2 == 0 {
+                        json!({"op": "acquire", "pool": pool, "profile": "fstests", "size": "8M",
+                               "owner_pid": owner.parse::<u32>().unwrap()})
+                    } else {
+                        json!({"op": "acquire", "pool": pool, "volumes": "test:12M,scratch:4M"})
+                    };
+                    let lease = conn.call(want);
+                    let mine = windows(&lease);
+                    {
+                        let mut l = live.lock().unwrap();
+                        for (b, o, s) in &mine {
+                            for (b2, o2, s2) in l.iter() {
+                                assert!(
+                                    b != b2 || o + s <= *o2 || o2 + s2 <= *o,
+                                    "lease {} overlaps a live one at {o}+{s} / {o2}+{s2}",
+                                    lease["session"]
+                                );
+                            }
+                        }
+                        l.extend(mine.iter().cloned());
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                    live.lock().unwrap().retain(|w| !mine.contains(w));
+                    let session = lease["session"].as_str().unwrap();
+                    let r = conn.call(json!({"op": "release", "pool": pool, "session": session}));
+                    assert_eq!(r["session"], session);
+                    assert_eq!(
+                        r["removed"].as_array().unwrap().len(),
+                        lease["devices"].as_array().unwrap().len()
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("client");
+    }
+
+    // The requests shared commits, and the daemon made them all.
+    let st = lab.dp_json(&[], &["daemon", "--status"]);
+    let requests = st["requests"].as_u64().unwrap();
+    let commits = st["commits"].as_u64().unwrap();
+    assert_eq!(requests, (2 * CLIENTS * CYCLES) as u64, "{st}");
+    assert!(commits < requests, "no commit was shared: {st}");
+    let pids = journal_pids(&lab);
+    assert_eq!(
+        pids.iter()
+            .filter(|&&p| p == u64::from(daemon.pid()))
+            .count() as u64,
+        commits,
+        "journal pids {pids:?}"
+    );
+
+    // The CLI goes through the daemon; --no-daemon does the work itself.
+    let before = journal_pids(&lab).len();
+    let lease = lab.dp_json(
+        &[],
+        &["--pool", &pool, "lease", "acquire", "--volumes", "a:4M"],
+    );
+    assert!(
+        lease["devices"][0]["device"]
+            .as_str()
+            .unwrap()
+            .starts_with("/dev/loop")
+    );
+    let session = lease["session"].as_str().unwrap();
+    lab.dp(&[], &["--pool", &pool, "lease", "release", session]);
+    let after = journal_pids(&lab);
+    assert_eq!(after.len(), before + 2);
+    assert!(
+        after[before..]
+            .iter()
+            .all(|&p| p == u64::from(daemon.pid())),
+        "{after:?}"
+    );
+    let lease = lab.dp_json(
+        &[],
+        &[
+            "--pool",
+            &pool,
+            "--no-daemon",
+            "lease",
+            "acquire",
+            "--volumes",
+            "a:4M",
+        ],
+    );
+    let own = journal_pids(&lab);
+    assert_ne!(own.last().copied(), Some(u64::from(daemon.pid())));
+    // A lease the daemon never saw is released through it all the same.
+    let session = lease["session"].as_str().unwrap();
+    lab.dp(&[], &["--pool", &pool, "lease", "release", session]);
+
+    // Bad input gets an error answer, and the connection goes on.
+    let mut conn = Conn::open(&daemon.socket);
+    let a = conn.raw("{\"op\": \"acquire\", \"pool\": \"nope\"}");
+    assert_eq!(a["ok"], false);
+    assert!(a["error"].as_str().unwrap().contains("\"volumes\""), "{a}");
+    let a = conn.raw("not json");
+    assert!(
+        a["error"].as_str().unwrap().starts_with("bad request"),
+        "{a}"
+    );
+    let a = conn.raw(&json!({"op": "release", "pool": pool, "session": "x-1"}).to_string());
+    assert!(
+        a["error"].as_str().unwrap().contains("no lease 'x-1'"),
+        "{a}"
+    );
+    assert_eq!(conn.call(json!({"op": "ping"}))["pid"], daemon.pid());
+    drop(conn);
+
+    let (clean, log) = daemon.stop();
+    assert!(clean, "daemon exit: {log}");
+    assert!(log.contains("stopped (received SIGTERM)"), "{log}");
+    assert!(!lab.state_dir().join("daemon.sock").exists());
+
+    // Nothing leaked.
+    let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
+    assert_eq!(st["volumes"], 0, "{st}");
+    assert_eq!(st["free_bytes"], start_free);
+    let loops = Command::new("losetup")
+        .args(["--list", "--noheadings", "--output", "BACK-FILE"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&loops.stdout)
+            .lines()
+            .any(|l| l.trim() == d),
+        "loop devices left over {d}"
+    );
+    let (good, why) = vgck(&[&dev], &vg);
+    assert!(good, "vgck: {why}");
+    lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
+}
+
+#[test]
+fn a_full_pool_reaps_an_orphan_through_the_daemon() {
+    if skip_unless_real("pool_daemon") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let pool = format!("f{}", std::process::id());
+    // 64 MiB (15 extents of 4 MiB): room for 40M, or for 20M + 20M, not both.
+    let dev = lab.loop_dev("pool.img", 64);
+    let d = dev.display().to_string();
+    // Old data everywhere: a lease's volumes must start wiped.
+    std::fs::write(lab.path("pool.img"), vec![0xaau8; 64 << 20]).unwrap();
+    lab.dp(&[], &["pool", "setup", &d, "--name", &pool, "--yes"]);
+    let mut dead = Sleeper::new();
+    let orphan = lab.dp_json(
+        &[],
+        &[
+            "--pool",
+            &pool,
+            "lease",
+            "acquire",
+            "--volumes",
+            "big:40M",
+            "--owner-pid",
+            &dead.pid(),
+        ],
+    );
+    let _ = dead.0.kill();
+    let _ = dead.0.wait();
+    let daemon = Daemon::start(&lab);
+    let mut conn = Conn::open(&daemon.socket);
+    let lease = conn.call(json!({"op": "acquire", "pool": pool, "volumes": "a:20M,b:20M"}));
+    assert_eq!(lease["reaped"], json!([orphan["session"]]), "{lease}");
+    for dv in lease["devices"].as_array().unwrap() {
+        let head = read_direct(dv["device"].as_str().unwrap(), 8192);
+        assert!(
+            head[..4096].iter().all(|&b| b == 0),
+            "{dv}: start not wiped"
+        );
+        assert!(
+            head[4096..].iter().all(|&b| b == 0xaa),
+            "{dv}: wiped too much"
+        );
+    }
+    // Owned by the connecting process (this test), which is alive.
+    assert_eq!(lease["owner"]["pid"], std::process::id());
+    let session = lease["session"].as_str().unwrap().to_string();
+    // Still full: a second lease fails with the numbers, and nothing changes.
+    let a = conn.raw(&json!({"op": "acquire", "pool": pool, "volumes": "c:20M,d:20M"}).to_string());
+    assert_eq!(a["ok"], false);
+    assert!(a["error"].as_str().unwrap().contains("free space"), "{a}");
+    conn.call(json!({"op": "release", "pool": pool, "session": session}));
+    let (clean, log) = daemon.stop();
+    assert!(clean, "{log}");
+    let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
+    assert_eq!(st["volumes"], 0, "{st}");
+    let (good, why) = vgck(&[&dev], &format!("devpool-{pool}"));
+    assert!(good, "vgck: {why}");
+    lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
+}
