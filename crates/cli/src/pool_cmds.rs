@@ -642,6 +642,9 @@ pub fn daemon(g: &Global, status: bool) -> Result<()> {
     lifetime::stop_on_signals(stopper.clone())?;
     let listener = daemon::bind(&path)?;
     stopper.shutdown_on_stop(listener.as_raw_fd());
+    // Resident: VG texts parsed or committed here are not read and parsed
+    // again while the area headers still name them.
+    devpool_engine::scan::keep_parsed_metadata();
     let service = std::sync::Arc::new(devpool_pool::group::LeaseService::new(pools(g)?));
     eprintln!(
         "devpool daemon: PID {} listening on {}",

@@ -145,6 +145,9 @@ pub enum Operation {
         /// When the VG has a thin pool, make thin volumes there instead
         /// (leases of a thin pool).
         thin_when_pooled: bool,
+        /// LVs removed in the same commit, first (leases given back while
+        /// others are taken; not in a VG with a thin pool).
+        remove_first: Vec<String>,
     },
     LvRemove {
         vg: String,
@@ -237,14 +240,25 @@ impl Operation {
             } => {
                 format!("lv create {vg}/{name}-0..{}", c.saturating_sub(1))
             }
-            Operation::LvCreateBatch { vg, volumes, .. } => format!(
-                "lv create {}",
-                volumes
-                    .iter()
-                    .map(|v| format!("{vg}/{}", v.name))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ),
+            Operation::LvCreateBatch {
+                vg,
+                volumes,
+                remove_first,
+                ..
+            } => {
+                let names = |v: &mut dyn Iterator<Item = &String>| {
+                    v.map(|n| format!("{vg}/{n}")).collect::<Vec<_>>().join(" ")
+                };
+                let created = names(&mut volumes.iter().map(|v| &v.name));
+                if remove_first.is_empty() {
+                    format!("lv create {created}")
+                } else {
+                    format!(
+                        "lv remove {}; lv create {created}",
+                        names(&mut remove_first.iter())
+                    )
+                }
+            }
             Operation::LvRemove { vg, names } => format!(
                 "lv remove {}",
                 names
@@ -830,7 +844,17 @@ impl Engine {
                         "no PV of this VG has a metadata area".into(),
                     ));
                 }
-                commit::commit_text(gate, &mut targets, text)
+                commit::commit_text(gate, &mut targets, text)?;
+                if let Some(meta) = plan.new_meta.as_ref().filter(|_| scan::keeping()) {
+                    // What this commit wrote is what the next scan would parse.
+                    debug_assert_eq!(
+                        VgMetadata::parse(text).ok().as_ref(),
+                        Some(meta.as_ref()),
+                        "committed text does not parse back to the planned metadata"
+                    );
+                    scan::keep(lvm_crc(text), text.len() as u64, meta);
+                }
+                Ok(())
             }
             Step::ClearMetadata { device } => {
                 let dev = Device::open(device, true)?;
@@ -1054,8 +1078,23 @@ impl Engine {
                 wipe,
                 contiguous,
                 thin_when_pooled,
+                remove_first,
             } => {
                 let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
+                if !remove_first.is_empty() && ops::thin::the_thin_pool(&meta).is_some() {
+                    return Err(EngineError::Refused(format!(
+                        "VG {vg} has a thin pool: remove its volumes in a commit of their own"
+                    )));
+                }
+                for n in remove_first {
+                    if meta.lv(n).is_none() {
+                        return Err(EngineError::LvNotFound {
+                            vg: vg.clone(),
+                            lv: n.clone(),
+                        });
+                    }
+                    ops::remove_lv(&mut meta, n)?;
+                }
                 if *thin_when_pooled && ops::thin::the_thin_pool(&meta).is_some() {
                     self.plan_thin_create(&mut plan, loaded, meta, volumes, None)?;
                     return Ok(plan);
@@ -1892,6 +1931,7 @@ mod tests {
             wipe: true,
             contiguous: true,
             thin_when_pooled: false,
+            remove_first: vec![],
         }
     }
 
@@ -1945,6 +1985,37 @@ mod tests {
         e.gate = WriteGate::unlimited();
         let (v, _) = e.read_vg("vg").unwrap();
         assert!(v.meta.lv("b").is_some() && v.meta.lv("c").is_none());
+    }
+
+    #[test]
+    fn a_batch_removes_and_creates_in_one_commit_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = image_vg(dir.path());
+        e.apply(&two_volumes("a", "b"), true).unwrap();
+        let seqno = e.read_vg("vg").unwrap().0.meta.seqno;
+        let mut op = two_volumes("c", "d");
+        if let Operation::LvCreateBatch { remove_first, .. } = &mut op {
+            *remove_first = vec!["a".into(), "b".into()];
+        }
+        assert_eq!(op.describe(), "lv remove vg/a vg/b; lv create vg/c vg/d");
+        e.apply(&op, true).unwrap();
+        let (v, _) = e.read_vg("vg").unwrap();
+        assert_eq!(v.meta.seqno, seqno + 1);
+        let names: Vec<&str> = v.meta.lvs.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["c", "d"]);
+        // A volume already gone: nothing is removed and nothing created.
+        let mut op = two_volumes("e", "f");
+        if let Operation::LvCreateBatch { remove_first, .. } = &mut op {
+            *remove_first = vec!["c".into(), "a".into()];
+        }
+        let err = e.apply(&op, true).unwrap_err();
+        assert!(
+            matches!(err, EngineError::LvNotFound { ref lv, .. } if lv == "a"),
+            "{err}"
+        );
+        let (after, _) = e.read_vg("vg").unwrap();
+        assert_eq!(after.meta.seqno, seqno + 1);
+        assert!(after.meta.lv("c").is_some() && after.meta.lv("e").is_none());
     }
 
     fn lv_start_in(plan: &Plan, meta: &VgMetadata, lv: &str) -> (PathBuf, u64, u64) {

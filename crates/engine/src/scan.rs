@@ -10,7 +10,7 @@ use devpool_format::mda::{MdaHeader, RingSpan};
 use devpool_format::metadata::VgMetadata;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The committed text copy of one metadata area.
 #[derive(Debug, Clone)]
@@ -49,6 +49,44 @@ impl ScannedPv {
 /// Parsed texts by checksum, so a VG stored on many areas is parsed once.
 #[derive(Default)]
 pub struct ParseCache(HashMap<(u32, u64), Arc<VgMetadata>>);
+
+/// Texts parsed by earlier scans of this process, when it keeps them
+/// ([`keep_parsed_metadata`]).
+static KEPT: Mutex<Option<ParseCache>> = Mutex::new(None);
+/// How many parsed texts are kept (the newest commits of a few VGs).
+const KEPT_LIMIT: usize = 16;
+
+/// Make later scans of this process (a resident one: `devpool daemon`)
+/// take an area's text from what an earlier scan or commit parsed when the
+/// area header names the same checksum and size, instead of reading and
+/// parsing it again. A header is still read on every scan, so a change by
+/// anyone else is seen. (LVM2 trusts its cached metadata the same way.)
+pub fn keep_parsed_metadata() {
+    let mut k = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    k.get_or_insert_with(ParseCache::default);
+}
+
+/// Whether this process keeps parsed texts.
+pub fn keeping() -> bool {
+    KEPT.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+}
+
+/// The kept text for an area header's committed slot, if any.
+fn kept(checksum: u32, size: u64) -> Option<Arc<VgMetadata>> {
+    let k = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    k.as_ref()?.0.get(&(checksum, size)).cloned()
+}
+
+/// Remember a parsed (or committed) text, when this process keeps them.
+pub fn keep(checksum: u32, size: u64, meta: &Arc<VgMetadata>) {
+    let mut k = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(cache) = k.as_mut() {
+        if cache.0.len() >= KEPT_LIMIT {
+            cache.0.clear();
+        }
+        cache.0.insert((checksum, size), Arc::clone(meta));
+    }
+}
 
 /// The first bytes of a device, read once: the label (in the first 2 KiB)
 /// and, at LVM2's default layout, the first metadata area's header (at
@@ -133,6 +171,16 @@ fn read_area(
     if slot.is_empty() || slot.is_ignored() {
         return Ok(MdaState { header, text: None });
     }
+    if let Some(meta) = kept(slot.checksum, slot.size) {
+        return Ok(MdaState {
+            header,
+            text: Some(Ok(MdaText {
+                meta,
+                checksum: slot.checksum,
+                size: slot.size,
+            })),
+        });
+    }
     let text = read_text(dev, &header).map_err(|e| e.to_string());
     let text = match text {
         Ok((bytes, abs)) => {
@@ -147,6 +195,7 @@ fn read_area(
                     Ok(meta) => {
                         let meta = Arc::new(meta);
                         cache.0.insert(key, meta.clone());
+                        keep(slot.checksum, slot.size, &meta);
                         Ok(MdaText {
                             meta,
                             checksum: slot.checksum,

@@ -238,13 +238,15 @@ impl LeaseService {
         }
     }
 
-    /// One commit for the round's releases, then one for its acquires
-    /// (releases first: they free the space acquires may need). The
-    /// acquires' loop devices attach, one lease after another, while their
-    /// commit is written.
+    /// One commit for the round: its releases' volumes removed, its
+    /// acquires' created (removals first: they free the space acquires may
+    /// need). The acquires' loop devices attach, one lease after another,
+    /// while it is written. If that commit fails, the releases and the
+    /// acquires each get a commit of their own, and what fails then runs
+    /// alone.
     fn commit_round(&self, name: &str, round: Vec<(u64, Job)>) -> RoundOutcome {
         let mut removes: Vec<(u64, Vec<String>)> = Vec::new();
-        let mut creates = Vec::new();
+        let mut creates: Vec<Creation> = Vec::new();
         for (id, job) in round {
             match job {
                 Job::Remove(v) => removes.push((id, v)),
@@ -252,19 +254,34 @@ impl LeaseService {
                     volumes,
                     names,
                     devices,
-                } => creates.push((id, volumes, names, devices)),
+                } => creates.push(Creation {
+                    id,
+                    volumes,
+                    names,
+                    devices,
+                }),
             }
         }
+        // Two releases of one lease in a round: the commit fails (LV not
+        // found) and each runs alone, so one of them says there is no
+        // such lease.
+        let removed: Vec<String> = removes.iter().flat_map(|(_, n)| n.clone()).collect();
         let mut out = RoundOutcome::default();
+        if !removes.is_empty()
+            && !creates.is_empty()
+            && let Ok(attaching) = self.commit_creations(name, &creates, &removed)
+        {
+            out.commits += 1;
+            out.done
+                .extend(removes.iter().map(|(id, _)| (*id, Outcome::Removed)));
+            out.attaching = Some((creates.iter().map(|c| c.id).collect(), attaching));
+            return out;
+        }
         if !removes.is_empty() {
-            // Two releases of one lease in a round: the commit fails (LV
-            // not found) and each runs alone, so one of them says there is
-            // no such lease.
-            let names: Vec<String> = removes.iter().flat_map(|(_, n)| n.clone()).collect();
             let done = self.pools.with_pool(name, |e, rec| {
                 let op = Operation::LvRemove {
                     vg: rec.vg.clone(),
-                    names: names.clone(),
+                    names: removed.clone(),
                 };
                 Ok(e.apply(&op, true)?)
             });
@@ -275,49 +292,66 @@ impl LeaseService {
             {
                 self.remember(name, &m);
             }
-            out.commits += u64::from(done.is_ok());
-            for (id, _) in removes {
-                let o = if done.is_ok() {
-                    Outcome::Removed
-                } else {
-                    Outcome::Alone
-                };
-                out.done.push((id, o));
-            }
+            let ok = done.is_ok();
+            out.commits += u64::from(ok);
+            out.done.extend(removes.iter().map(|(id, _)| {
+                let o = if ok { Outcome::Removed } else { Outcome::Alone };
+                (*id, o)
+            }));
         }
         if !creates.is_empty() {
-            let volumes: Vec<NewVolume> = creates.iter().flat_map(|c| c.1.clone()).collect();
-            let done = self.pools.with_pool(name, |e, rec| {
-                let leases: Vec<(Vec<(String, String)>, DeviceOptions)> =
-                    creates.iter().map(|c| (c.2.clone(), c.3)).collect();
-                let (plan, _, attaching) = e.apply_overlapped(
-                    &pool::lease_op(&rec.vg, volumes.clone()),
-                    true,
-                    move |plan| {
-                        leases
-                            .iter()
-                            .map(|(names, opts)| Exposed::make(plan, names, *opts))
-                            .collect::<Vec<_>>()
-                    },
-                    |all| all.into_iter().for_each(Exposed::undo),
-                )?;
-                if let Some(m) = plan.new_metadata_shared() {
-                    self.remember(name, &m);
-                }
-                Ok(attaching)
-            });
-            match done {
+            match self.commit_creations(name, &creates, &[]) {
                 Ok(attaching) => {
                     out.commits += 1;
-                    out.attaching = Some((creates.iter().map(|c| c.0).collect(), attaching));
+                    out.attaching = Some((creates.iter().map(|c| c.id).collect(), attaching));
                 }
                 Err(_) => out
                     .done
-                    .extend(creates.iter().map(|c| (c.0, Outcome::Alone))),
+                    .extend(creates.iter().map(|c| (c.id, Outcome::Alone))),
             }
         }
         out
     }
+
+    /// One commit creating `creates`' volumes (after removing `removed`),
+    /// their devices attaching beside it.
+    fn commit_creations(
+        &self,
+        name: &str,
+        creates: &[Creation],
+        removed: &[String],
+    ) -> Result<Overlapped<Vec<Exposed>>> {
+        let volumes: Vec<NewVolume> = creates.iter().flat_map(|c| c.volumes.clone()).collect();
+        self.pools.with_pool(name, |e, rec| {
+            let leases: Vec<(Vec<(String, String)>, DeviceOptions)> = creates
+                .iter()
+                .map(|c| (c.names.clone(), c.devices))
+                .collect();
+            let (plan, _, attaching) = e.apply_overlapped(
+                &pool::lease_op(&rec.vg, volumes.clone(), removed.to_vec()),
+                true,
+                move |plan| {
+                    leases
+                        .iter()
+                        .map(|(names, opts)| Exposed::make(plan, names, *opts))
+                        .collect::<Vec<_>>()
+                },
+                |all| all.into_iter().for_each(Exposed::undo),
+            )?;
+            if let Some(m) = plan.new_metadata_shared() {
+                self.remember(name, &m);
+            }
+            Ok(attaching)
+        })
+    }
+}
+
+/// A queued acquire, taken into a round.
+struct Creation {
+    id: u64,
+    volumes: Vec<NewVolume>,
+    names: Vec<(String, String)>,
+    devices: DeviceOptions,
 }
 
 #[derive(Default)]

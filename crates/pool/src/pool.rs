@@ -64,8 +64,8 @@ pub(crate) struct NewLease {
     pub volumes: Vec<NewVolume>,
 }
 
-/// The commit that creates leased volumes.
-pub(crate) fn lease_op(vg: &str, volumes: Vec<NewVolume>) -> Operation {
+/// The commit that creates leased volumes (after removing `released`).
+pub(crate) fn lease_op(vg: &str, volumes: Vec<NewVolume>, released: Vec<String>) -> Operation {
     Operation::LvCreateBatch {
         vg: vg.to_string(),
         volumes,
@@ -74,6 +74,7 @@ pub(crate) fn lease_op(vg: &str, volumes: Vec<NewVolume>) -> Operation {
         contiguous: true,
         // Thin volumes when the pool has a thin pool (served, no loop).
         thin_when_pooled: true,
+        remove_first: released,
     }
 }
 
@@ -762,7 +763,7 @@ impl Pools {
         req: &LeaseRequest,
     ) -> Result<Acquired> {
         let lease = self.new_lease(req.specs, req.owner, req.keep);
-        let op = lease_op(&rec.vg, lease.volumes.clone());
+        let op = lease_op(&rec.vg, lease.volumes.clone(), vec![]);
         let attempt = || {
             let (names, opts) = (lease.names.clone(), req.devices);
             e.apply_overlapped(
