@@ -50,7 +50,12 @@ pub struct Global {
     pub pool: Option<String>,
     /// Take and give back leases in this process even when `devpool daemon`
     /// runs (by default they go through it: its commits are shared).
-    #[arg(long, global = true, env = "DEVPOOL_NO_DAEMON")]
+    #[arg(
+        long,
+        global = true,
+        env = "DEVPOOL_NO_DAEMON",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub no_daemon: bool,
 }
 

@@ -5,7 +5,6 @@
 
 mod common;
 use common::*;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -132,20 +131,6 @@ fn sixteen_clients_and_lvm2_share_one_pool_without_leaks() {
     assert_eq!(ok + failures.len(), CLIENTS * CYCLES);
 
     // Nothing leaked: no volumes, all space back, no devpool loop device left.
-    let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
-    assert_eq!(st["volumes"], 0, "{st}");
-    assert_eq!(st["free_bytes"], start_free);
-    let loops = Command::new("losetup")
-        .args(["--list", "--noheadings", "--output", "BACK-FILE"])
-        .output()
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&loops.stdout)
-            .lines()
-            .any(|l| l.trim() == d),
-        "loop devices left over {d}"
-    );
-    let (good, why) = vgck(&[&dev], &vg);
-    assert!(good, "vgck: {why}");
+    assert_nothing_leaked(&lab, &pool, &start_free, &dev);
     lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
 }

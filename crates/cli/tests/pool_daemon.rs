@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -149,7 +149,6 @@ fn concurrent_clients_share_commits_and_get_disjoint_devices() {
     let dev = lab.loop_dev("pool.img", 1024);
     let d = dev.display().to_string();
     lab.dp(&[], &["pool", "setup", &d, "--name", &pool, "--yes"]);
-    let vg = format!("devpool-{pool}");
     let start_free = lab.dp_json(&[], &["--pool", &pool, "pool", "status"])["free_bytes"].clone();
     let daemon = Daemon::start(&lab);
     let mode = std::fs::metadata(&daemon.socket).unwrap();
@@ -257,6 +256,25 @@ fn concurrent_clients_share_commits_and_get_disjoint_devices() {
     );
     let own = journal_pids(&lab);
     assert_ne!(own.last().copied(), Some(u64::from(daemon.pid())));
+    let o = lab.devpool_env(
+        &[],
+        &[
+            "--pool",
+            &pool,
+            "--json",
+            "lease",
+            "acquire",
+            "--volumes",
+            "b:4M",
+        ],
+        &[("DEVPOOL_NO_DAEMON", "1")],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let by_env: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let own = journal_pids(&lab);
+    assert_ne!(own.last().copied(), Some(u64::from(daemon.pid())));
+    let session = by_env["session"].as_str().unwrap();
+    lab.dp(&[], &["--pool", &pool, "lease", "release", session]);
     // A lease the daemon never saw is released through it all the same.
     let session = lease["session"].as_str().unwrap();
     lab.dp(&[], &["--pool", &pool, "lease", "release", session]);
@@ -285,21 +303,7 @@ fn concurrent_clients_share_commits_and_get_disjoint_devices() {
     assert!(!lab.state_dir().join("daemon.sock").exists());
 
     // Nothing leaked.
-    let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
-    assert_eq!(st["volumes"], 0, "{st}");
-    assert_eq!(st["free_bytes"], start_free);
-    let loops = Command::new("losetup")
-        .args(["--list", "--noheadings", "--output", "BACK-FILE"])
-        .output()
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&loops.stdout)
-            .lines()
-            .any(|l| l.trim() == d),
-        "loop devices left over {d}"
-    );
-    let (good, why) = vgck(&[&dev], &vg);
-    assert!(good, "vgck: {why}");
+    assert_nothing_leaked(&lab, &pool, &start_free, &dev);
     lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
 }
 

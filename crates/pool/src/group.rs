@@ -1,18 +1,22 @@
 //! Group commit for a resident process (`devpool daemon`): lease acquires
 //! and releases that arrive on one pool while a commit is running wait for
 //! it, then share the next one. With 16 clients this turns 16 commits (each
-//! two syncs under the VG's lock) into one or two.
+//! two syncs under the VG's lock) into a handful.
 //!
 //! The first request to find no commit under way leads: it takes every
-//! queued request, runs one commit for the releases and one for the
-//! acquires, hands each request its outcome and wakes the others; a request
-//! that arrived meanwhile leads the next round. When a shared commit fails
-//! (no space, a lease changed, the pool is gone), nothing was written and
-//! each of its requests runs alone through the ordinary path, which reaps
-//! orphans when the pool is full and reports its own error.
+//! queued request and runs one commit that removes the released volumes and
+//! creates the acquired ones, hands each request its outcome and wakes the
+//! others; a request that arrived meanwhile leads the next round. If that
+//! commit fails, the releases and the acquires get a commit each; when one
+//! of those fails (no space, a lease changed, the pool is gone), nothing was
+//! written and each of its requests runs alone through the ordinary path,
+//! which reaps orphans when the pool is full and reports its own error.
 //!
-//! Loop devices are attached and detached by each request's own thread,
-//! outside the group: only the metadata commit is shared.
+//! The acquired volumes' loop devices attach on one thread, lease after
+//! lease, while their commit is written; the lock is free again once the
+//! commit is durable, so the next round commits while they finish. A
+//! release detaches its volumes' devices on its own thread before it is
+//! queued.
 
 use crate::Result;
 use crate::loopdev;
@@ -90,10 +94,6 @@ impl LeaseService {
             attached: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn pools(&self) -> &Pools {
-        &self.pools
     }
 
     /// [`Pools::acquire`], its commit shared with concurrent requests.

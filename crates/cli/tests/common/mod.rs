@@ -487,3 +487,25 @@ pub fn assert_reports_agree(lab: &Lab, devs: &[&Path], vg: &str) {
         "LVM2 and devpool list the same segments: {rows:?}"
     );
 }
+
+/// After a run on pool `pool` (VG `devpool-<pool>` on `dev`): no volumes
+/// left, all the space back (`start_free`), no loop device over `dev`, and
+/// LVM2's `vgck` content with the VG.
+pub fn assert_nothing_leaked(lab: &Lab, pool: &str, start_free: &Value, dev: &Path) {
+    let st = lab.dp_json(&[], &["--pool", pool, "pool", "status"]);
+    assert_eq!(st["volumes"], 0, "{st}");
+    assert_eq!(&st["free_bytes"], start_free);
+    let loops = Command::new("losetup")
+        .args(["--list", "--noheadings", "--output", "BACK-FILE"])
+        .output()
+        .expect("losetup --list");
+    let d = dev.display().to_string();
+    assert!(
+        !String::from_utf8_lossy(&loops.stdout)
+            .lines()
+            .any(|l| l.trim() == d),
+        "loop devices left over {d}"
+    );
+    let (good, why) = vgck(&[dev], &format!("devpool-{pool}"));
+    assert!(good, "vgck: {why}");
+}
