@@ -237,9 +237,10 @@ pub enum Command {
     #[command(
         after_help = "The socket is STATE_DIR/daemon.sock (mode 0600). Any program can \
 speak to it: one JSON object per line each way, e.g.\n\
-  {\"op\":\"acquire\",\"pool\":\"default\",\"profile\":\"fstests\",\"size\":\"10G\"}\n\
-  {\"op\":\"release\",\"pool\":\"default\",\"session\":\"SESSION\"}\n\
-  {\"op\":\"ping\"}\n\
+\x20 {\"op\":\"acquire\",\"pool\":\"default\",\"profile\":\"fstests\",\"size\":\"10G\"}\n\
+\x20 {\"op\":\"acquire\",\"volumes\":\"vda:20G\",\"loop_devices\":false}\n\
+\x20 {\"op\":\"release\",\"pool\":\"default\",\"session\":\"SESSION\"}\n\
+\x20 {\"op\":\"ping\"}\n\
 answered with {\"ok\":true,\"result\":…} or {\"ok\":false,\"error\":\"…\"}. A lease belongs to \
 \"owner_pid\", else to the connecting process, and is reaped when that process dies.\n\n\
 Example:\n  devpool daemon &\n  devpool lease acquire --profile fstests   # through the daemon\n  devpool daemon --status"

@@ -53,8 +53,9 @@ pub struct ParseCache(HashMap<(u32, u64), Arc<VgMetadata>>);
 /// Texts parsed by earlier scans of this process, when it keeps them
 /// ([`keep_parsed_metadata`]).
 static KEPT: Mutex<Option<ParseCache>> = Mutex::new(None);
-/// How many parsed texts are kept (the newest commits of a few VGs).
-const KEPT_LIMIT: usize = 16;
+/// How many parsed texts are kept: the newest commit of a few VGs (a VG
+/// of 65,536 volumes takes tens of MB parsed; older versions are garbage).
+const KEPT_LIMIT: usize = 4;
 
 /// Make later scans of this process (a resident one: `devpool daemon`)
 /// take an area's text from what an earlier scan or commit parsed when the
