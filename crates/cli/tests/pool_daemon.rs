@@ -78,8 +78,10 @@ impl Conn {
         Conn { out, input }
     }
     fn raw(&mut self, line: &str) -> Value {
-        self.out.write_all(line.as_bytes()).expect("send");
-        self.out.write_all(b"\n").expect("send");
+        // One write: the daemon may close a connection after a bad line.
+        let mut bytes = line.as_bytes().to_vec();
+        bytes.push(b'\n');
+        self.out.write_all(&bytes).expect("send");
         let mut answer = String::new();
         self.input.read_line(&mut answer).expect("answer");
         serde_json::from_str(&answer).expect("answer is JSON")
@@ -295,6 +297,9 @@ fn concurrent_clients_share_commits_and_get_disjoint_devices() {
         "{a}"
     );
     assert_eq!(conn.call(json!({"op": "ping"}))["pid"], daemon.pid());
+    // A line without end gets an error and the connection is closed.
+    let a = conn.raw(&"x".repeat(100 << 10));
+    assert!(a["error"].as_str().unwrap().contains("longer than"), "{a}");
     drop(conn);
 
     let (clean, log) = daemon.stop();

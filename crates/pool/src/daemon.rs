@@ -26,7 +26,7 @@ use crate::spec;
 use crate::{PoolError, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -36,6 +36,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub const SOCKET_NAME: &str = "daemon.sock";
+/// The longest request line accepted.
+const MAX_REQUEST: u64 = 64 << 10;
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_NAME)
@@ -180,8 +182,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn answer(service: &LeaseService, conn: UnixStream) -> std::io::Result<()> {
     let peer = peer_pid(&conn);
     let mut out = conn.try_clone()?;
-    for line in BufReader::new(conn).lines() {
-        let line = line?;
+    let mut input = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        // A request is a few hundred bytes: a longer line is refused, and
+        // the connection closed, instead of growing without bound.
+        let n = (&mut input).take(MAX_REQUEST).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if !line.ends_with('\n') && n as u64 == MAX_REQUEST {
+            let resp = failure(format!("request longer than {MAX_REQUEST} bytes"));
+            let mut text = serde_json::to_vec(&resp).map_err(std::io::Error::other)?;
+            text.push(b'\n');
+            return out.write_all(&text);
+        }
         if line.trim().is_empty() {
             continue;
         }
@@ -200,7 +215,6 @@ fn answer(service: &LeaseService, conn: UnixStream) -> std::io::Result<()> {
         text.push(b'\n');
         out.write_all(&text)?;
     }
-    Ok(())
 }
 
 fn failure(error: String) -> Response {
