@@ -212,7 +212,7 @@ pub fn serve(g: &Global) -> Result<i32> {
     }
     rt.shutdown_timeout(std::time::Duration::from_secs(30));
     let left = std::mem::take(&mut *owned.lock().unwrap_or_else(|p| p.into_inner()));
-    let p = crate::pool_cmds::pools(g)?;
+    let p = crate::pool_cmds::Leases::new(g)?;
     let mut status = 0;
     for (pool, session) in left {
         match p.release(&pool, &session) {

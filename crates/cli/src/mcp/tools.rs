@@ -446,7 +446,7 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
         "device_pool_lease_release" => {
             let a: Release = args(name, a)?;
             let pool = pool_of(c, a.pool_name);
-            let lvs = pools(&c.g)?.release(&pool, &a.session)?;
+            let lvs = crate::pool_cmds::Leases::new(&c.g)?.release(&pool, &a.session)?;
             c.owned
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -664,7 +664,13 @@ fn acquire(a: Acquire, c: &Call) -> Result<Reply> {
         (None, None) => bail!("device_pool_lease_acquire: give volumes (ROLE:SIZE,…) or profile"),
     };
     let owner = Owner::of_pid(std::process::id()).context("reading /proc/self/stat")?;
-    let l = pools(&c.g)?.acquire(&pool, &specs, &owner, a.keep)?;
+    // Through `devpool daemon` when it runs, as the CLI does.
+    let want = crate::args::Want {
+        volumes: a.volumes.clone(),
+        profile: a.profile.clone(),
+        size: a.size.clone(),
+    };
+    let l = crate::pool_cmds::Leases::new(&c.g)?.acquire(&pool, &want, &specs, &owner, a.keep)?;
     if !a.keep {
         c.owned
             .lock()
