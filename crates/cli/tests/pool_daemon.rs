@@ -364,11 +364,23 @@ fn a_full_pool_reaps_an_orphan_through_the_daemon() {
     assert_eq!(a["ok"], false);
     assert!(a["error"].as_str().unwrap().contains("free space"), "{a}");
     conn.call(json!({"op": "release", "pool": pool, "session": session}));
-    let (clean, log) = daemon.stop();
-    assert!(clean, "{log}");
     let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
     assert_eq!(st["volumes"], 0, "{st}");
     let (good, why) = vgck(&[&dev], &format!("devpool-{pool}"));
     assert!(good, "vgck: {why}");
+
+    // The pool torn down and set up again under the same name: the daemon
+    // serves the new VG, not what it remembers of the old one.
+    lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
+    lab.dp(&[], &["pool", "setup", &d, "--name", &pool, "--yes"]);
+    let lease = conn.call(json!({"op": "acquire", "pool": pool, "volumes": "e:8M"}));
+    let session = lease["session"].as_str().unwrap().to_string();
+    let leases = lab.dp_json(&[], &["--pool", &pool, "lease", "list"]);
+    assert_eq!(leases[0]["session"], session.as_str(), "{leases}");
+    conn.call(json!({"op": "release", "pool": pool, "session": session}));
+    let (clean, log) = daemon.stop();
+    assert!(clean, "{log}");
+    let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
+    assert_eq!(st["volumes"], 0, "{st}");
     lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
 }

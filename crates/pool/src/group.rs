@@ -171,10 +171,13 @@ impl LeaseService {
         }
     }
 
-    /// Keep `meta` as the pool's view if it is newer than the one kept.
+    /// Keep `meta` as the pool's view if it is newer than the one kept (or
+    /// of another VG: the pool was torn down and set up again).
     fn remember(&self, name: &str, meta: &Arc<VgMetadata>) {
         let mut views = lock(&self.views);
-        let newer = views.get(name).is_none_or(|m| m.seqno < meta.seqno);
+        let newer = views
+            .get(name)
+            .is_none_or(|m| m.id != meta.id || m.seqno < meta.seqno);
         if newer {
             views.insert(name.to_string(), Arc::clone(meta));
         }
