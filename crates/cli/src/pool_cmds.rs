@@ -76,6 +76,7 @@ impl Leases {
             owner_pid: Some(owner.pid),
             chown: devpool_pool::loopdev::sudo_user(),
             loop_devices: true,
+            prefix: Some(self.pools.prefix.clone()),
         })?;
         serde_json::from_value(v).context("the daemon's acquire answer")
     }

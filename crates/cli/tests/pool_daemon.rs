@@ -244,6 +244,30 @@ fn concurrent_clients_share_commits_and_get_disjoint_devices() {
             .all(|&p| p == u64::from(daemon.pid())),
         "{after:?}"
     );
+    // The client's own LV name prefix goes along.
+    let o = lab.devpool_env(
+        &[],
+        &[
+            "--pool",
+            &pool,
+            "--json",
+            "lease",
+            "acquire",
+            "--volumes",
+            "p:4M",
+        ],
+        &[("DEVPOOL_PREFIX", "mine")],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mine: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let lv = mine["devices"][0]["lv"].as_str().unwrap();
+    assert!(lv.starts_with("mine-"), "{mine}");
+    assert_eq!(
+        journal_pids(&lab).last().copied(),
+        Some(u64::from(daemon.pid()))
+    );
+    let session = mine["session"].as_str().unwrap();
+    lab.dp(&[], &["--pool", &pool, "lease", "release", session]);
     let lease = lab.dp_json(
         &[],
         &[

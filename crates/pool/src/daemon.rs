@@ -17,7 +17,8 @@
 //! or `{"ok":false,"error":"…"}`. A lease is owned by `owner_pid`, or by the
 //! connecting process when it is absent, exactly as `lease acquire` records
 //! it: it stays when the connection closes and is reaped when its owner
-//! dies.
+//! dies. `"prefix"` sets the first part of the LV names (the CLI sends its
+//! `DEVPOOL_PREFIX`); without it the daemon's own settings apply.
 
 use crate::group::{GroupStats, LeaseService};
 use crate::owner::Owner;
@@ -70,6 +71,10 @@ pub enum Request {
         /// them itself, or for a server).
         #[serde(default = "yes")]
         loop_devices: bool,
+        /// First part of the LV names (the client's `DEVPOOL_PREFIX`),
+        /// else the daemon's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefix: Option<String>,
     },
     Release {
         #[serde(default = "default_pool")]
@@ -241,6 +246,7 @@ fn handle(service: &LeaseService, req: Request, peer: Option<u32>) -> Result<ser
             owner_pid,
             chown,
             loop_devices,
+            prefix,
         } => {
             let specs = match (&volumes, &profile) {
                 (Some(v), _) => spec::parse_volumes(v)?,
@@ -260,7 +266,8 @@ fn handle(service: &LeaseService, req: Request, peer: Option<u32>) -> Result<ser
                 loops: loop_devices,
                 chown,
             };
-            to_json(&service.acquire(&pool, &specs, &owner, keep, devices)?)
+            let lease = service.acquire(&pool, &specs, &owner, keep, devices, prefix.as_deref())?;
+            to_json(&lease)
         }
         Request::Release { pool, session } => {
             let removed = service.release(&pool, &session)?;

@@ -96,7 +96,8 @@ impl LeaseService {
         }
     }
 
-    /// [`Pools::acquire`], its commit shared with concurrent requests.
+    /// [`Pools::acquire`], its commit shared with concurrent requests;
+    /// `prefix` replaces the LV name prefix of the daemon's settings.
     pub fn acquire(
         &self,
         name: &str,
@@ -104,6 +105,7 @@ impl LeaseService {
         owner: &Owner,
         keep: bool,
         devices: DeviceOptions,
+        prefix: Option<&str>,
     ) -> Result<Acquired> {
         let req = LeaseRequest {
             specs,
@@ -111,15 +113,27 @@ impl LeaseService {
             keep,
             devices,
         };
-        let lease = self.pools.new_lease(specs, owner, keep);
+        // The client's LV name prefix, when it has its own.
+        let own;
+        let pools = match prefix {
+            Some(p) if p != self.pools.prefix => {
+                own = Pools {
+                    prefix: p.to_string(),
+                    ..self.pools.clone()
+                };
+                &own
+            }
+            _ => &self.pools,
+        };
+        let lease = pools.new_lease(specs, owner, keep);
         let job = Job::Create {
             volumes: lease.volumes.clone(),
             names: lease.names.clone(),
             devices: req.devices,
         };
         let a = match self.submit(name, job) {
-            Outcome::Created(exposed) => self.pools.finish_acquire(name, lease, &req, exposed)?,
-            _ => self.pools.acquire_request(name, &req)?,
+            Outcome::Created(exposed) => pools.finish_acquire(name, lease, &req, exposed)?,
+            _ => pools.acquire_request(name, &req)?,
         };
         let mut known = lock(&self.attached);
         // Leases released elsewhere (the CLI, a cleanup) leave entries
