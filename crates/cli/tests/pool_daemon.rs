@@ -108,6 +108,16 @@ fn read_direct(dev: &str, len: usize) -> Vec<u8> {
     buf[shift..shift + len].to_vec()
 }
 
+/// `devpool [FLAGS] lease acquire --volumes VOLUMES` with `env`; its JSON.
+fn cli_lease(lab: &Lab, pool: &str, volumes: &str, flags: &[&str], env: &[(&str, &str)]) -> Value {
+    let mut args = vec!["--pool", pool, "--json"];
+    args.extend_from_slice(flags);
+    args.extend(["lease", "acquire", "--volumes", volumes]);
+    let o = lab.devpool_env(&[], &args, env);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("lease JSON")
+}
+
 fn journal_pids(lab: &Lab) -> Vec<u64> {
     std::fs::read_to_string(lab.state_dir().join("journal.jsonl"))
         .unwrap_or_default()
@@ -224,10 +234,7 @@ fn concurrent_clients_share_commits_and_get_disjoint_devices() {
 
     // The CLI goes through the daemon; --no-daemon does the work itself.
     let before = journal_pids(&lab).len();
-    let lease = lab.dp_json(
-        &[],
-        &["--pool", &pool, "lease", "acquire", "--volumes", "a:4M"],
-    );
+    let lease = cli_lease(&lab, &pool, "a:4M", &[], &[]);
     assert!(
         lease["devices"][0]["device"]
             .as_str()
@@ -245,21 +252,7 @@ fn concurrent_clients_share_commits_and_get_disjoint_devices() {
         "{after:?}"
     );
     // The client's own LV name prefix goes along.
-    let o = lab.devpool_env(
-        &[],
-        &[
-            "--pool",
-            &pool,
-            "--json",
-            "lease",
-            "acquire",
-            "--volumes",
-            "p:4M",
-        ],
-        &[("DEVPOOL_PREFIX", "mine")],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mine: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mine = cli_lease(&lab, &pool, "p:4M", &[], &[("DEVPOOL_PREFIX", "mine")]);
     let lv = mine["devices"][0]["lv"].as_str().unwrap();
     assert!(lv.starts_with("mine-"), "{mine}");
     assert_eq!(
@@ -268,35 +261,26 @@ fn concurrent_clients_share_commits_and_get_disjoint_devices() {
     );
     let session = mine["session"].as_str().unwrap();
     lab.dp(&[], &["--pool", &pool, "lease", "release", session]);
-    let lease = lab.dp_json(
-        &[],
-        &[
-            "--pool",
-            &pool,
-            "--no-daemon",
-            "lease",
-            "acquire",
-            "--volumes",
-            "a:4M",
-        ],
-    );
+    // Through sudo: the devices go to the invoking user while leased, and
+    // back to root when released.
+    let sudo = [("SUDO_UID", "4242"), ("SUDO_GID", "4243")];
+    let theirs = cli_lease(&lab, &pool, "s:4M", &[], &sudo);
+    let node = theirs["devices"][0]["device"].as_str().unwrap().to_string();
+    let owner_of = |p: &str| {
+        let m = std::fs::metadata(p).unwrap();
+        (
+            std::os::unix::fs::MetadataExt::uid(&m),
+            std::os::unix::fs::MetadataExt::gid(&m),
+        )
+    };
+    assert_eq!(owner_of(&node), (4242, 4243), "{node}");
+    let session = theirs["session"].as_str().unwrap();
+    lab.dp(&[], &["--pool", &pool, "lease", "release", session]);
+    assert_eq!(owner_of(&node).0, 0, "{node} kept its leased owner");
+    let lease = cli_lease(&lab, &pool, "a:4M", &["--no-daemon"], &[]);
     let own = journal_pids(&lab);
     assert_ne!(own.last().copied(), Some(u64::from(daemon.pid())));
-    let o = lab.devpool_env(
-        &[],
-        &[
-            "--pool",
-            &pool,
-            "--json",
-            "lease",
-            "acquire",
-            "--volumes",
-            "b:4M",
-        ],
-        &[("DEVPOOL_NO_DAEMON", "1")],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let by_env: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let by_env = cli_lease(&lab, &pool, "b:4M", &[], &[("DEVPOOL_NO_DAEMON", "1")]);
     let own = journal_pids(&lab);
     assert_ne!(own.last().copied(), Some(u64::from(daemon.pid())));
     let session = by_env["session"].as_str().unwrap();

@@ -130,16 +130,7 @@ impl Device {
 
     /// Read `len` bytes at `off`; a short read past the device end is an error.
     pub fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
-        let end = off
-            .checked_add(len as u64)
-            .filter(|&e| e <= self.size)
-            .ok_or_else(|| {
-                EngineError::Invalid(format!(
-                    "{}: read of {len} bytes at byte {off} runs past the device end ({} bytes)",
-                    self.path.display(),
-                    self.size
-                ))
-            })?;
+        let end = self.check_range(off, len as u64, "read")?;
         if !self.is_block {
             let mut v = vec![0u8; len];
             self.file
@@ -158,17 +149,7 @@ impl Device {
 
     /// Write `data` at `off` (read-modify-write of the aligned blocks on block devices).
     pub fn write_at(&self, gate: &WriteGate, off: u64, data: &[u8]) -> Result<()> {
-        let end = off
-            .checked_add(data.len() as u64)
-            .filter(|&e| e <= self.size)
-            .ok_or_else(|| {
-                EngineError::Invalid(format!(
-                    "{}: write of {} bytes at byte {off} runs past the device end ({} bytes)",
-                    self.path.display(),
-                    data.len(),
-                    self.size
-                ))
-            })?;
+        let end = self.check_range(off, data.len() as u64, "write")?;
         gate.admit()?;
         let io = |e| EngineError::io(&self.path, format!("write at byte {off}"), e);
         if !self.is_block {
@@ -251,15 +232,18 @@ impl Device {
         Ok(())
     }
 
-    fn check_range(&self, off: u64, len: u64, what: &str) -> Result<()> {
-        if off.checked_add(len).is_none_or(|e| e > self.size) {
-            return Err(EngineError::Invalid(format!(
-                "{}: {what} of {len} bytes at byte {off} runs past the device end ({} bytes)",
-                self.path.display(),
-                self.size
-            )));
-        }
-        Ok(())
+    /// The end of `len` bytes at `off`, or an error naming the device when
+    /// they run past its end.
+    fn check_range(&self, off: u64, len: u64, what: &str) -> Result<u64> {
+        off.checked_add(len)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "{}: {what} of {len} bytes at byte {off} runs past the device end ({} bytes)",
+                    self.path.display(),
+                    self.size
+                ))
+            })
     }
 
     /// Make every completed write durable.

@@ -521,14 +521,21 @@ impl Engine {
     /// Plan and execute under one exclusive lock. Plans that need confirmation
     /// run only with `confirmed`.
     pub fn apply(&self, op: &Operation, confirmed: bool) -> Result<(Plan, Executed)> {
-        let _l = self.take_locks(&op.locks(), true)?;
+        let (_l, plan) = self.plan_locked(op, confirmed)?;
+        let done = self.run(&plan)?;
+        Ok((plan, done))
+    }
+
+    /// The exclusive locks `op` needs, and its plan built under them
+    /// (refused when it needs a confirmation not given).
+    fn plan_locked(&self, op: &Operation, confirmed: bool) -> Result<(Held, Plan)> {
+        let held = self.take_locks(&op.locks(), true)?;
         let scan = self.scan();
         let plan = self.build(op, &scan)?;
         if !plan.confirm.is_empty() && !confirmed {
             return Err(EngineError::NeedsConfirmation(Box::new(plan)));
         }
-        let done = self.run(&plan)?;
-        Ok((plan, done))
+        Ok((held, plan))
     }
 
     fn verify(&self, plan: &Plan) -> Result<()> {
@@ -567,12 +574,7 @@ impl Engine {
         work: impl FnOnce(&Plan) -> T + Send + 'static,
         undo: impl FnOnce(T),
     ) -> Result<(Arc<Plan>, Executed, Overlapped<T>)> {
-        let _l = self.take_locks(&op.locks(), true)?;
-        let scan = self.scan();
-        let plan = self.build(op, &scan)?;
-        if !plan.confirm.is_empty() && !confirmed {
-            return Err(EngineError::NeedsConfirmation(Box::new(plan)));
-        }
+        let (_l, plan) = self.plan_locked(op, confirmed)?;
         let plan = Arc::new(plan);
         let mut work = Some(work);
         let mut start = || {
@@ -623,7 +625,7 @@ impl Engine {
             }
             // Wipes of several new volumes' starts go to the device together.
             let zeros = zero_run(&plan.steps[i..]);
-            result = if zeros > 1 {
+            result = if zeros > 0 {
                 self.run_zero_ranges(plan, i, zeros)
             } else {
                 self.run_step(plan, i, &plan.steps[i])
@@ -1087,12 +1089,6 @@ impl Engine {
                     )));
                 }
                 for n in remove_first {
-                    if meta.lv(n).is_none() {
-                        return Err(EngineError::LvNotFound {
-                            vg: vg.clone(),
-                            lv: n.clone(),
-                        });
-                    }
                     ops::remove_lv(&mut meta, n)?;
                 }
                 if *thin_when_pooled && ops::thin::the_thin_pool(&meta).is_some() {
@@ -1855,10 +1851,6 @@ fn invalidate_lvm_hints() {
     }
 }
 
-/// Whether a later step commits VG metadata on `device`: the commit flushes
-/// every PV after writing the text and before any header names it, so data
-/// written earlier (a new LV's wiped first blocks) is durable before the VG
-/// that exposes it. One flush then serves all of a lease's wipes and the text.
 /// Work started beside a commit ([`Engine::apply_overlapped`]).
 pub struct Overlapped<T>(std::thread::JoinHandle<T>);
 
@@ -1882,6 +1874,10 @@ fn zero_run(steps: &[Step]) -> usize {
         .count()
 }
 
+/// Whether a later step commits VG metadata on `device`: the commit flushes
+/// every PV after writing the text and before any header names it, so data
+/// written earlier (a new LV's wiped first blocks) is durable before the VG
+/// that exposes it. One flush then serves all of a lease's wipes and the text.
 fn flushed_by_later_commit(later: &[Step], device: &Path) -> bool {
     later.iter().any(|s| match s {
         Step::CommitMetadata { devices, .. } => devices.iter().any(|d| same_file(d, device)),

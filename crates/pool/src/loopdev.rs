@@ -67,7 +67,7 @@ fn zero_info() -> LoopInfo64 {
 }
 
 /// A loop device devpool attached, as read back from the kernel.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Attached {
     pub device: PathBuf,
     /// The file or device it is attached to.
@@ -117,15 +117,12 @@ impl Attacher {
     }
 
     fn control(&mut self) -> Result<RawFd> {
-        if self.ctl.is_none() {
-            let f = open_rw(Path::new("/dev/loop-control"))
-                .map_err(|e| PoolError::io("/dev/loop-control", "open", e))?;
-            self.ctl = Some(f);
-        }
-        self.ctl
-            .as_ref()
-            .map(|f| f.as_raw_fd())
-            .ok_or_else(|| PoolError::Invalid("/dev/loop-control is not open".into()))
+        let f = match self.ctl.take() {
+            Some(f) => f,
+            None => open_rw(Path::new("/dev/loop-control"))
+                .map_err(|e| PoolError::io("/dev/loop-control", "open", e))?,
+        };
+        Ok(self.ctl.insert(f).as_raw_fd())
     }
 
     /// Attach a loop device to `size` bytes of `backing` at `offset`.
@@ -307,6 +304,17 @@ pub fn detach_attached(a: &Attached) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Detach a device [`list`] reported (or devpool attached) unless it has
+/// changed hands since, and give its node back to root; true when it was
+/// detached here.
+pub fn give_back(a: &Attached) -> bool {
+    let done = detach_attached(a).is_ok_and(|d| d);
+    if done {
+        chown_back(&a.device);
+    }
+    done
 }
 
 /// Who uses a block device besides this process: a mount or another

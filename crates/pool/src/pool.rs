@@ -103,7 +103,7 @@ impl Exposed {
     /// Detach what was attached (the commit failed).
     pub(crate) fn undo(self) {
         for a in &self.attached {
-            let _ = loopdev::detach_attached(a);
+            loopdev::give_back(a);
         }
     }
 }
@@ -881,7 +881,7 @@ impl Pools {
                     return false;
                 };
                 let a = known.iter().find(|a| a.lv_uuid == l.id.raw_str());
-                !a.is_some_and(|a| loopdev::detach_attached(a).is_ok_and(|d| d))
+                !a.is_some_and(loopdev::give_back)
             })
             .cloned()
             .collect();
@@ -1193,8 +1193,7 @@ fn detach_marked(meta: &VgMetadata, lvs: &[String], strays_on: Option<&[&Path]>)
         let stray = strays_on.is_some_and(|pvs| {
             !live.contains(a.lv_uuid.as_str()) && pvs.iter().any(|p| same_file(p, &a.backing))
         });
-        if (stray || doomed.contains(&a.lv_uuid)) && loopdev::detach_attached(&a).is_ok_and(|d| d) {
-            loopdev::chown_back(&a.device);
+        if (stray || doomed.contains(&a.lv_uuid)) && loopdev::give_back(&a) {
             done.push(a.device);
         }
     }
