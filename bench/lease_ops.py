@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Acquire + release of the fstests profile (7 volumes), devpool vs LVM2.
 
-devpool, three ways, all on one pool on a loop device:
+devpool, three ways, all on one pool: on a sparse image file (`--pool-on
+image`, the kind the embedded default pool is) or on a loop device over one
+(`--pool-on loop`, like LVM2's here; a loop device backed by another loop
+device attaches under the kernel's global loop lock, one at a time):
 - cli: `devpool lease acquire --profile fstests` and `lease release`, one
   process each (one commit with the owner in LV tags, 7 loop devices; the
   release detaches them and commits once);
@@ -129,6 +132,9 @@ def main():
     ap.add_argument("--cycles", type=int, default=40, help="acquire+release cycles, single client")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--per-client", type=int, default=15)
+    ap.add_argument("--pool-on", choices=["loop", "image"], default="image",
+                    help="devpool's pool on a loop device (like LVM2's) or on the image file "
+                         "itself (the embedded default pool's kind)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: loop devices and LVM2 need it")
@@ -141,13 +147,18 @@ def main():
             with open(img, "wb") as f:
                 f.truncate(64 << 30)
             imgs.append(img)
-            devs.append(sh(["losetup", "--find", "--show", img]).strip())
+            if name == "lvm" or a.pool_on == "loop":
+                devs.append(sh(["losetup", "--find", "--show", img]).strip())
+            else:
+                devs.append(None)
         daemon = None
         result = {"benchmark": "lease acquire+release, fstests profile (7 volumes)",
                   "targets": {"acquire_p50_ms": 2, "cycles_per_s_16_clients": 500}}
         try:
             pool = f"bench{os.getpid()}"
-            sh([DEVPOOL, "pool", "setup", devs[0], "--name", pool, "--yes"], env)
+            pv = devs[0] if a.pool_on == "loop" else imgs[0]
+            result["devpool_pool_on"] = a.pool_on
+            sh([DEVPOOL, "pool", "setup", pv, "--name", pool, "--yes"], env)
             result["devpool_cli"] = measure(Cli(env, pool), a.cycles, a.clients, a.per_client)
             daemon = subprocess.Popen([DEVPOOL, "daemon"], env=env, stderr=subprocess.DEVNULL)
             sock = os.path.join(state, "daemon.sock")
@@ -182,7 +193,8 @@ def main():
                 daemon.kill()
                 daemon.wait()
             for d in devs:
-                subprocess.run(["losetup", "-d", d])
+                if d:
+                    subprocess.run(["losetup", "-d", d])
         result["lvm2_single"] = {"acquire_p50_ms": pct(lvm_acq, 50),
                                  "release_p50_ms": pct(lvm_rel, 50), "cycles": len(lvm_acq)}
         lvm_cycle = result["lvm2_single"]["acquire_p50_ms"] + result["lvm2_single"]["release_p50_ms"]

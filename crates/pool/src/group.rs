@@ -27,6 +27,7 @@ use devpool_engine::NewVolume;
 use devpool_engine::engine::{Operation, Overlapped};
 use devpool_format::metadata::VgMetadata;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// How many attached loop devices [`LeaseService`] remembers.
@@ -41,6 +42,24 @@ pub struct LeaseService {
     attached: Mutex<HashMap<String, loopdev::Attached>>,
     /// Each pool's VG as last committed or read here.
     views: Mutex<HashMap<String, Arc<VgMetadata>>>,
+    /// Requests being served now (how busy the process is).
+    serving: AtomicUsize,
+}
+
+/// Counts a request in [`LeaseService::serving`] while it lives.
+struct Serving<'a>(&'a AtomicUsize);
+
+impl<'a> Serving<'a> {
+    fn new(n: &'a AtomicUsize) -> Serving<'a> {
+        n.fetch_add(1, Ordering::Relaxed);
+        Serving(n)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What one queued request needs committed.
@@ -93,6 +112,7 @@ impl LeaseService {
             groups: Mutex::new(HashMap::new()),
             attached: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
+            serving: AtomicUsize::new(0),
         }
     }
 
@@ -107,6 +127,7 @@ impl LeaseService {
         devices: DeviceOptions,
         prefix: Option<&str>,
     ) -> Result<Acquired> {
+        let _serving = Serving::new(&self.serving);
         let req = LeaseRequest {
             specs,
             owner,
@@ -153,6 +174,7 @@ impl LeaseService {
     /// fails (a volume is gone, or has a snapshot now) and the release
     /// runs alone on a fresh read.
     pub fn release(&self, name: &str, session: &str) -> Result<Vec<String>> {
+        let _serving = Serving::new(&self.serving);
         let cached = lock(&self.views).get(name).cloned();
         let found = cached.and_then(|m| {
             let t = pool::release_targets(&m, name, session).ok()?;
@@ -339,6 +361,14 @@ impl LeaseService {
         removed: &[String],
     ) -> Result<Overlapped<Vec<Exposed>>> {
         let volumes: Vec<NewVolume> = creates.iter().flat_map(|c| c.volumes.clone()).collect();
+        // The only request in the process: its devices attach side by side.
+        // Under load they attach one after another, while other rounds'
+        // attaches and commits keep the other CPUs busy.
+        let threads = if self.serving.load(Ordering::Relaxed) <= 1 {
+            loopdev::ATTACH_THREADS
+        } else {
+            1
+        };
         self.pools.with_pool(name, |e, rec| {
             let leases: Vec<(Vec<(String, String)>, DeviceOptions)> = creates
                 .iter()
@@ -350,7 +380,7 @@ impl LeaseService {
                 move |plan| {
                     leases
                         .iter()
-                        .map(|(names, opts)| Exposed::make(plan, names, *opts))
+                        .map(|(names, opts)| Exposed::make(plan, names, *opts, threads))
                         .collect::<Vec<_>>()
                 },
                 |all| all.into_iter().for_each(Exposed::undo),

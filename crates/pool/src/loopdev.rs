@@ -4,16 +4,19 @@
 //! find exactly the devices of a volume, whoever attached them.
 
 use crate::{PoolError, Result};
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_ADD: libc::c_ulong = 0x4C80;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
@@ -95,6 +98,145 @@ pub fn attach(backing: &Path, offset: u64, size: u64, lv_uuid: &str) -> Result<P
     Attacher::default().attach(backing, offset, size, lv_uuid)
 }
 
+/// A loop device to make: `size` bytes of `backing` at `offset`, marked
+/// with the volume's LV uuid.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub backing: PathBuf,
+    pub offset: u64,
+    pub size: u64,
+    pub lv_uuid: String,
+}
+
+/// How many threads attach one lease's loop devices. Each attach waits for
+/// a flush of its backing file; attaches to different devices overlap
+/// those waits (a lease of 7 acquired 0.2-0.8 ms sooner than on one thread).
+pub const ATTACH_THREADS: usize = 4;
+
+/// Attach a loop device for every window, on up to `threads` threads; each
+/// one's result, in order. All are tried even when one fails, so the
+/// caller knows everything that was attached.
+pub fn attach_all(windows: &[Window], threads: usize) -> Vec<Result<Attached>> {
+    let one = |a: &mut Attacher, w: &Window| {
+        a.attach(&w.backing, w.offset, w.size, &w.lv_uuid)
+            .map(|device| Attached {
+                device,
+                backing: w.backing.clone(),
+                lv_uuid: w.lv_uuid.clone(),
+                offset: w.offset,
+                size: w.size,
+            })
+    };
+    let threads = threads.min(windows.len());
+    if threads <= 1 {
+        let mut a = Attacher::default();
+        return windows.iter().map(|w| one(&mut a, w)).collect();
+    }
+    let mut out: Vec<Option<Result<Attached>>> = windows.iter().map(|_| None).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut a = Attacher::default();
+                    windows
+                        .iter()
+                        .enumerate()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|(i, w)| (i, one(&mut a, w)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            for (i, r) in h.join().unwrap_or_default() {
+                out[i] = Some(r);
+            }
+        }
+    });
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| Err(PoolError::Invalid("a loop attach thread panicked".into())))
+        })
+        .collect()
+}
+
+/// Which loop devices this process's attaches should try. The kernel's
+/// GET_FREE names the lowest free device; concurrent attaches (the daemon's
+/// rounds, its releases freeing devices meanwhile) would all race for it,
+/// queue on its mutex behind the winner's backing-file flush, and all but
+/// one fail and ask again. So each attach claims a number no other attach
+/// here is configuring, preferring the devices this process detached.
+static CANDIDATES: Mutex<Candidates> = Mutex::new(Candidates {
+    claimed: BTreeSet::new(),
+    detached: VecDeque::new(),
+});
+
+/// How many detached device numbers are remembered.
+const DETACHED_LIMIT: usize = 1024;
+
+struct Candidates {
+    /// Being configured by an attach of this process.
+    claimed: BTreeSet<u32>,
+    /// Detached here, so probably free (oldest first: a device just let go
+    /// is slower to configure again).
+    detached: VecDeque<u32>,
+}
+
+fn candidates() -> std::sync::MutexGuard<'static, Candidates> {
+    CANDIDATES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Remember that loop device `dev` was detached here.
+fn freed(dev: &Path) {
+    let nr = dev
+        .to_str()
+        .and_then(|d| d.strip_prefix("/dev/loop"))
+        .and_then(|n| n.parse().ok());
+    if let Some(nr) = nr {
+        let mut c = candidates();
+        if c.detached.len() >= DETACHED_LIMIT {
+            c.detached.pop_front();
+        }
+        c.detached.push_back(nr);
+    }
+}
+
+/// A claimed loop number, given back when dropped.
+struct Claim(u32);
+
+impl Claim {
+    /// A device this process detached, else the kernel's first free one
+    /// (`free`), else the next one up that is neither bound nor claimed;
+    /// never one in `tried`.
+    fn take(free: u32, tried: &[u32]) -> Claim {
+        let mut c = candidates();
+        while let Some(n) = c.detached.pop_front() {
+            if !c.claimed.contains(&n) && !tried.contains(&n) {
+                c.claimed.insert(n);
+                return Claim(n);
+            }
+        }
+        let mut n = free;
+        while c.claimed.contains(&n) || tried.contains(&n) || (n != free && is_bound(n)) {
+            n += 1;
+        }
+        c.claimed.insert(n);
+        Claim(n)
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        candidates().claimed.remove(&self.0);
+    }
+}
+
+/// Whether loop device `nr` has a backing file (its sysfs `loop` directory).
+fn is_bound(nr: u32) -> bool {
+    Path::new(&format!("/sys/block/loop{nr}/loop")).exists()
+}
+
 /// Attaches several loop devices (a lease's) with one open descriptor per
 /// backing file and one on `/dev/loop-control`, instead of two opens each.
 #[derive(Default)]
@@ -142,20 +284,32 @@ impl Attacher {
         let n = name.len().min(LO_NAME_SIZE - 1);
         info.lo_file_name[..n].copy_from_slice(&name.as_bytes()[..n]);
         // Another process may take the free device between GET_FREE and
-        // CONFIGURE (EBUSY): ask again.
+        // CONFIGURE (EBUSY): try another.
+        let mut tried = Vec::new();
         for _ in 0..64 {
             // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
-            let nr = unsafe { libc::ioctl(ctl, LOOP_CTL_GET_FREE) };
-            if nr < 0 {
+            let free = unsafe { libc::ioctl(ctl, LOOP_CTL_GET_FREE) };
+            if free < 0 {
                 return Err(ioctl_err(
                     Path::new("/dev/loop-control"),
                     "LOOP_CTL_GET_FREE",
                 ));
             }
-            let dev = PathBuf::from(format!("/dev/loop{nr}"));
+            let claim = Claim::take(free as u32, &tried);
+            tried.push(claim.0);
+            let dev = PathBuf::from(format!("/dev/loop{}", claim.0));
             let lo = match open_rw(&dev) {
                 Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // Past the last device: make this one (EEXIST: someone did).
+                    // SAFETY: LOOP_CTL_ADD takes the device number.
+                    unsafe { libc::ioctl(ctl, LOOP_CTL_ADD, claim.0 as libc::c_ulong) };
+                    match open_rw(&dev) {
+                        Ok(f) => f,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(PoolError::io(&dev, "open", e)),
+                    }
+                }
                 Err(e) => return Err(PoolError::io(&dev, "open", e)),
             };
             for flags in [LO_FLAGS_DIRECT_IO, 0] {
@@ -270,6 +424,8 @@ pub fn detach(dev: &Path) -> Result<()> {
             return Err(PoolError::io(dev, "LOOP_CLR_FD", e));
         }
     }
+    drop(f);
+    freed(dev);
     Ok(())
 }
 
@@ -303,6 +459,9 @@ pub fn detach_attached(a: &Attached) -> Result<bool> {
             return Err(PoolError::io(&a.device, "LOOP_CLR_FD", e));
         }
     }
+    // The device is let go at this last close (unless someone else holds it).
+    drop(f);
+    freed(&a.device);
     Ok(true)
 }
 

@@ -89,10 +89,16 @@ impl Exposed {
     /// The devices of the lease named `names` in `plan`: a loop device per
     /// volume, none for thin volumes (they are served) or without
     /// `opts.loops`.
-    pub(crate) fn make(plan: &Plan, names: &[(String, String)], opts: DeviceOptions) -> Exposed {
+    /// `threads` attach the loop devices.
+    pub(crate) fn make(
+        plan: &Plan,
+        names: &[(String, String)],
+        opts: DeviceOptions,
+        threads: usize,
+    ) -> Exposed {
         let mut attached = Vec::new();
         let devices = match plan.new_metadata() {
-            Some(meta) => expose(plan, meta, names, opts, &mut attached),
+            Some(meta) => expose(plan, meta, names, opts, threads, &mut attached),
             None => Err(PoolError::Invalid(
                 "acquire: the plan has no metadata".into(),
             )),
@@ -113,14 +119,16 @@ fn expose(
     meta: &VgMetadata,
     names: &[(String, String)],
     opts: DeviceOptions,
+    threads: usize,
     attached: &mut Vec<loopdev::Attached>,
 ) -> Result<Vec<LeasedDevice>> {
     let thin = names
         .first()
         .is_some_and(|(_, lv)| devpool_engine::ops::thin::thin_volume(meta, lv).is_some());
     let es = meta.extent_size.bytes().0;
-    let mut attacher = loopdev::Attacher::default();
     let mut devices: Vec<LeasedDevice> = Vec::with_capacity(names.len());
+    // (index in devices, window) of each loop device to make.
+    let mut windows: Vec<(usize, loopdev::Window)> = Vec::new();
     for (role, lv) in names {
         let mut d = LeasedDevice {
             role: role.clone(),
@@ -129,26 +137,42 @@ fn expose(
             size_bytes: meta.lv(lv).map_or(0, |l| l.extent_count() * es),
         };
         if !thin {
-            let (path, offset, size) =
+            let (backing, offset, size) =
                 contiguous_extent(meta, lv, |k| plan.pv_path(k).map(Path::to_path_buf))?;
             d.size_bytes = size;
             if opts.loops {
-                let uuid = meta.lv(lv).map(|l| l.id.raw_str()).unwrap_or_default();
-                let dev = attacher.attach(&path, offset, size, uuid)?;
-                if let Some((uid, gid)) = opts.chown {
-                    loopdev::chown_to(&dev, uid, gid);
-                }
-                attached.push(loopdev::Attached {
-                    device: dev.clone(),
-                    backing: path,
-                    lv_uuid: uuid.to_string(),
-                    offset,
-                    size,
-                });
-                d.device = Some(dev);
+                let lv_uuid = meta.lv(lv).map(|l| l.id.raw_str()).unwrap_or_default();
+                windows.push((
+                    devices.len(),
+                    loopdev::Window {
+                        backing,
+                        offset,
+                        size,
+                        lv_uuid: lv_uuid.to_string(),
+                    },
+                ));
             }
         }
         devices.push(d);
+    }
+    let (at, windows): (Vec<usize>, Vec<loopdev::Window>) = windows.into_iter().unzip();
+    let mut failed = None;
+    for (i, r) in at.into_iter().zip(loopdev::attach_all(&windows, threads)) {
+        match r {
+            Ok(a) => {
+                if let Some((uid, gid)) = opts.chown {
+                    loopdev::chown_to(&a.device, uid, gid);
+                }
+                devices[i].device = Some(a.device.clone());
+                attached.push(a);
+            }
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     Ok(devices)
 }
@@ -769,7 +793,7 @@ impl Pools {
             e.apply_overlapped(
                 &op,
                 true,
-                move |plan| Exposed::make(plan, &names, opts),
+                move |plan| Exposed::make(plan, &names, opts, loopdev::ATTACH_THREADS),
                 Exposed::undo,
             )
         };
