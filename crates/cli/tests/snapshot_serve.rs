@@ -310,6 +310,15 @@ fn paths_that_would_bypass_copy_on_write_are_refused() {
     let _ = holder.kill();
     let _ = holder.wait();
     assert!(snapshots(&b, pool).is_empty());
+    // The refused create left the device attached, and not marked to be
+    // cleared at its holder's last close (which has happened now).
+    let sys = format!(
+        "/sys/block/{}/loop",
+        Path::new(&loopdev).file_name().unwrap().to_string_lossy()
+    );
+    let autoclear = std::fs::read_to_string(format!("{sys}/autoclear"))
+        .unwrap_or_else(|e| panic!("{loopdev} was detached by a refused snapshot: {e}"));
+    assert_eq!(autoclear.trim(), "0", "{loopdev} is marked to go");
 
     // A server that does not know the snapshot serves the origin.
     let (srv, _) = serve(&b, pool, &origin, "o.sock");

@@ -18,6 +18,7 @@ const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_ADD: libc::c_ulong = 0x4C80;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
 const MARK: &str = "devpool:";
@@ -436,14 +437,18 @@ pub fn detach(dev: &Path) -> Result<()> {
 fn open_same(a: &Attached) -> Option<(File, LoopInfo64)> {
     let f = File::open(&a.device).ok()?;
     let info = status_of(&f)?;
+    is_same(a, &info).then_some((f, info))
+}
+
+/// Whether `info` (a bound loop device's status) is still `a`'s binding.
+fn is_same(a: &Attached, info: &LoopInfo64) -> bool {
     let end = info
         .lo_file_name
         .iter()
         .position(|&b| b == 0)
         .unwrap_or(LO_NAME_SIZE);
-    let same = info.lo_file_name[..end].strip_prefix(MARK.as_bytes()) == Some(a.lv_uuid.as_bytes())
-        && info.lo_offset == a.offset;
-    same.then_some((f, info))
+    info.lo_file_name[..end].strip_prefix(MARK.as_bytes()) == Some(a.lv_uuid.as_bytes())
+        && info.lo_offset == a.offset
 }
 
 /// Detach a loop device [`list`] reported, unless it has changed hands
@@ -474,6 +479,72 @@ pub fn give_back(a: &Attached) -> bool {
         chown_back(&a.device);
     }
     done
+}
+
+/// What [`detach_unless_used`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detach {
+    /// Detached (it was bound to this volume and nobody else had it open).
+    Done,
+    /// Left attached: these use it (a mount, a holder, open descriptors).
+    InUse(Vec<String>),
+    /// Not this volume's device any more (detached, or taken by someone else).
+    Gone,
+}
+
+/// Detach a device [`list`] reported unless anyone else uses it. The test
+/// is the kernel's own, so nothing can open the device between the check
+/// and the detach: held here exclusively (which fails when it is mounted or
+/// claimed), LOOP_CLR_FD runs the device down at once when this is its
+/// only opener, and otherwise only marks it to be cleared at the last
+/// close, which is undone here. Only a refusal scans /proc to name the users.
+pub fn detach_unless_used(a: &Attached) -> Result<Detach> {
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(&a.device)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            return Ok(Detach::InUse(in_use_by(&a.device)));
+        }
+        Err(_) => return Ok(Detach::Gone),
+    };
+    if !status_of(&f).is_some_and(|info| is_same(a, &info)) {
+        return Ok(Detach::Gone);
+    }
+    // SAFETY: LOOP_CLR_FD takes no argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(Detach::Gone);
+        }
+        return Err(PoolError::io(&a.device, "LOOP_CLR_FD", e));
+    }
+    // Run down (no status any more): ours alone, cleared when we close it.
+    let Some(mut info) = status_of(&f) else {
+        drop(f);
+        freed(&a.device);
+        return Ok(Detach::Done);
+    };
+    // Still bound: someone else has it open. Keep it attached.
+    info.lo_flags &= !LO_FLAGS_AUTOCLEAR;
+    // SAFETY: info is a valid struct loop_info64 read from this device.
+    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_SET_STATUS64, &info as *const LoopInfo64) } != 0 {
+        return Err(ioctl_err(&a.device, "LOOP_SET_STATUS64 (keep attached)"));
+    }
+    drop(f);
+    Ok(Detach::InUse(in_use_by(&a.device)))
+}
+
+/// [`users`], or a generic answer when they are gone already.
+fn in_use_by(dev: &Path) -> Vec<String> {
+    let who = users(dev);
+    if who.is_empty() {
+        vec!["open by another process".into()]
+    } else {
+        who
+    }
 }
 
 /// Who uses a block device besides this process: a mount or another

@@ -179,22 +179,32 @@ impl Pools {
                 .into_iter()
                 .filter(|a| a.lv_uuid == uuid)
                 .collect();
+            // Detached only when nobody else uses it: checked and done in
+            // one step, so no one opens it in between.
+            let mut detached = Vec::new();
+            let give_back = |detached: &[loopdev::Attached]| {
+                for d in detached {
+                    let _ = loopdev::attach(&d.backing, d.offset, d.size, &d.lv_uuid);
+                }
+            };
             for a in &loops {
-                let users = loopdev::users(&a.device);
-                if !users.is_empty() {
-                    return Err(PoolError::Refused(format!(
-                        "{} (the loop device of '{volume}') is in use: {}. A volume with snapshots \
+                match loopdev::detach_unless_used(a) {
+                    Ok(loopdev::Detach::Done) => detached.push(a.clone()),
+                    Ok(loopdev::Detach::Gone) => {}
+                    Err(e) => {
+                        give_back(&detached);
+                        return Err(e);
+                    }
+                    Ok(loopdev::Detach::InUse(users)) => {
+                        give_back(&detached);
+                        return Err(PoolError::Refused(format!(
+                            "{} (the loop device of '{volume}') is in use: {}. A volume with snapshots \
 is served by devpool (writes through a plain loop device would bypass copy-on-write), so the loop \
 device must be detached: unmount or close it, then snapshot again",
-                        a.device.display(),
-                        users.join("; ")
-                    )));
-                }
-            }
-            let mut detached = Vec::new();
-            for a in &loops {
-                if loopdev::detach_attached(a)? {
-                    detached.push(a.device.clone());
+                            a.device.display(),
+                            users.join("; ")
+                        )));
+                    }
                 }
             }
             let op = Operation::SnapshotCreate {
@@ -208,9 +218,7 @@ device must be detached: unmount or close it, then snapshot again",
                 Ok((plan, _)) => plan,
                 Err(err) => {
                     // Give the origin its devices back: nothing changed.
-                    for a in &loops {
-                        let _ = loopdev::attach(&a.backing, a.offset, a.size, &a.lv_uuid);
-                    }
+                    give_back(&detached);
                     return Err(err.into());
                 }
             };
@@ -229,7 +237,7 @@ device must be detached: unmount or close it, then snapshot again",
                 size_bytes: new.lv(snap).map_or(0, |l| l.extent_count() * es),
                 chunk_bytes: u64::from(link.chunk_sectors.unwrap_or(0)) * 512,
                 snapshot_lv: link.snapshot_lv,
-                detached,
+                detached: detached.into_iter().map(|a| a.device).collect(),
             })
         })
     }
