@@ -89,7 +89,7 @@ impl Exposed {
     /// The devices of the lease named `names` in `plan`: a loop device per
     /// volume, none for thin volumes (they are served) or without
     /// `opts.loops`.
-    /// `threads` attach the loop devices.
+    /// The loop devices attach on up to `threads` threads.
     pub(crate) fn make(
         plan: &Plan,
         names: &[(String, String)],

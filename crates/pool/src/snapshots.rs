@@ -182,7 +182,7 @@ impl Pools {
             // Detached only when nobody else uses it: checked and done in
             // one step, so no one opens it in between.
             let mut detached = Vec::new();
-            let give_back = |detached: &[loopdev::Attached]| {
+            let reattach = |detached: &[loopdev::Attached]| {
                 for d in detached {
                     let _ = loopdev::attach(&d.backing, d.offset, d.size, &d.lv_uuid);
                 }
@@ -192,11 +192,11 @@ impl Pools {
                     Ok(loopdev::Detach::Done) => detached.push(a.clone()),
                     Ok(loopdev::Detach::Gone) => {}
                     Err(e) => {
-                        give_back(&detached);
+                        reattach(&detached);
                         return Err(e);
                     }
                     Ok(loopdev::Detach::InUse(users)) => {
-                        give_back(&detached);
+                        reattach(&detached);
                         return Err(PoolError::Refused(format!(
                             "{} (the loop device of '{volume}') is in use: {}. A volume with snapshots \
 is served by devpool (writes through a plain loop device would bypass copy-on-write), so the loop \
@@ -218,7 +218,7 @@ device must be detached: unmount or close it, then snapshot again",
                 Ok((plan, _)) => plan,
                 Err(err) => {
                     // Give the origin its devices back: nothing changed.
-                    give_back(&detached);
+                    reattach(&detached);
                     return Err(err.into());
                 }
             };
