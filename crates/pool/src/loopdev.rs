@@ -525,6 +525,8 @@ pub fn detach_unless_used(a: &Attached) -> Result<Detach> {
     let Some(mut info) = status_of(&f) else {
         drop(f);
         freed(&a.device);
+        // A leased node may belong to the sudo user: root's again before reuse.
+        chown_back(&a.device);
         return Ok(Detach::Done);
     };
     // Still bound: someone else has it open. Keep it attached.

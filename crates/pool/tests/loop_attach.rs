@@ -159,3 +159,63 @@ fn a_failed_attach_does_not_stop_the_others() {
         assert!(loopdev::give_back(a));
     }
 }
+
+#[test]
+fn detach_unless_used_keeps_a_device_someone_holds_and_gives_a_free_one_back_to_root() {
+    if skip("detach_unless_used_keeps_a_device_someone_holds_and_gives_a_free_one_back_to_root") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let image = Image::new("detach-used", 16 * MIB);
+    let window = Window {
+        backing: image.0.clone(),
+        offset: MIB,
+        size: 4 * MIB,
+        lv_uuid: "held".into(),
+    };
+    let a = loopdev::attach_all(std::slice::from_ref(&window), 1)
+        .pop()
+        .unwrap()
+        .expect("attach");
+    loopdev::chown_to(&a.device, 4242, 4243);
+    let sys = format!(
+        "/sys/block/{}/loop",
+        a.device.file_name().unwrap().to_string_lossy()
+    );
+
+    // Open elsewhere: refused, still attached, not marked to go at the
+    // holder's last close.
+    let holder = std::fs::File::open(&a.device).unwrap();
+    match loopdev::detach_unless_used(&a).unwrap() {
+        loopdev::Detach::InUse(who) => assert!(!who.is_empty()),
+        other => panic!("{} detached while held: {other:?}", a.device.display()),
+    }
+    drop(holder);
+    let autoclear = std::fs::read_to_string(format!("{sys}/autoclear"))
+        .unwrap_or_else(|e| panic!("{} went at the holder's close: {e}", a.device.display()));
+    assert_eq!(autoclear.trim(), "0");
+    assert_eq!(bound_window(&a.device).1, window.offset);
+
+    // Nobody else: detached, and the node is root's again.
+    assert_eq!(
+        loopdev::detach_unless_used(&a).unwrap(),
+        loopdev::Detach::Done
+    );
+    assert!(
+        !Path::new(&sys).exists(),
+        "{} is still bound",
+        a.device.display()
+    );
+    let m = std::fs::metadata(&a.device).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (0, 6),
+        "{} kept the lease's owner",
+        a.device.display()
+    );
+    // Not this volume's any more.
+    assert_eq!(
+        loopdev::detach_unless_used(&a).unwrap(),
+        loopdev::Detach::Gone
+    );
+}
