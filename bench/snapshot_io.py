@@ -10,7 +10,9 @@ code:
   - 4k randread (iodepth 32, time-based) on plain vs on origin with a snapshot
   - 4k randwrite first writes: every 4k block of the volume written exactly
     once (fio's random map, not time-based), so on the origin every write
-    copies a chunk out first; plain vs origin
+    copies a chunk out first; plain vs origin. The job ends with a flush
+    (`end_fsync`), so writes the origin's server answered before their
+    copy-out count only once they are on the volume
   - 4k randrw 70/30 on a fresh snapshot (first writes mixed with reads):
     IOPS and read latency, plain vs origin (reads must not wait behind
     copy-outs)
@@ -49,7 +51,7 @@ def fio(uri, job, args):
 def fio_mixed(uri, size):
     """70/30 random reads and first writes: both IOPS, and read latency."""
     j = fio_job(uri, "mix", ["--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=32",
-                             f"--size={size}", f"--io_size={size // 4}"])
+                             f"--size={size}", f"--io_size={size // 4}", "--end_fsync=1"])
     pct = j["read"]["clat_ns"]["percentile"]
     return {"read_iops": round(j["read"]["iops"]), "write_iops": round(j["write"]["iops"]),
             "read_clat_p50_us": round(pct["50.000000"] / 1000, 1),
@@ -130,7 +132,8 @@ def main():
             # Every block once: on the origin, every write is a first write.
             t = time.perf_counter()
             r["randwrite_4k_first"] = fio(s.uri, "fw", [
-                "--rw=randwrite", "--bs=4k", "--iodepth=32", f"--size={size}"])
+                "--rw=randwrite", "--bs=4k", "--iodepth=32", f"--size={size}",
+                "--end_fsync=1"])
             r["randwrite_4k_first"]["seconds"] = round(time.perf_counter() - t, 2)
             s.stop()
             servers.remove(s)
@@ -164,7 +167,7 @@ def main():
         # 1000 first writes: fewer than each 4 MiB store holds (1019 chunks),
         # so every one copies out to every snapshot.
         many_w = fio(s.uri, "many", ["--rw=randwrite", "--bs=4k", "--iodepth=32",
-                                      f"--size={size}", "--io_size=4000k"])
+                                      f"--size={size}", "--io_size=4000k", "--end_fsync=1"])
         s.stop()
         servers.remove(s)
 

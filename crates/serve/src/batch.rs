@@ -83,6 +83,10 @@ fn entry(op: &ChainOp, i: usize) -> (squeue::Entry, i32) {
 /// Fewer iovecs per gathered write than any kernel's `UIO_MAXIOV`.
 const IOV_MAX: usize = 1024;
 
+/// Transfers in flight at once (the copy-out of a large group of first
+/// writes reads hundreds of chunks).
+const RING_ENTRIES: u32 = 256;
+
 pub struct Batch {
     ring: IoUring,
 }
@@ -94,7 +98,7 @@ unsafe impl Send for Batch {}
 impl Batch {
     pub fn new() -> io::Result<Batch> {
         Ok(Batch {
-            ring: IoUring::new(64)?,
+            ring: IoUring::new(RING_ENTRIES)?,
         })
     }
 
@@ -195,33 +199,35 @@ impl Batch {
         self.submit_all(entries)
     }
 
+    /// Run `entries`, keeping as many in flight as the ring holds (each
+    /// one freed is refilled at once); the first error.
     fn submit_all(&mut self, entries: Vec<(io_uring::squeue::Entry, i32)>) -> io::Result<()> {
         let cap = self.ring.params().sq_entries() as usize;
         let mut first_err = None;
-        for window in entries.chunks(cap) {
-            for (e, _) in window {
+        let (mut next, mut in_flight) = (0, 0);
+        while next < entries.len() || in_flight > 0 {
+            while next < entries.len() && in_flight < cap {
                 // SAFETY: the caller keeps every buffer valid until we
-                // return, and we wait for every entry of the window below.
-                if unsafe { self.ring.submission().push(e) }.is_err() {
-                    return Err(io::Error::other("io_uring submission queue full"));
+                // return, and we wait for every entry pushed.
+                if unsafe { self.ring.submission().push(&entries[next].0) }.is_err() {
+                    break;
                 }
+                next += 1;
+                in_flight += 1;
             }
-            let mut left = window.len();
-            while left > 0 {
-                match self.ring.submit_and_wait(left) {
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                    Err(e) => return Err(e),
-                }
-                for c in self.ring.completion() {
-                    left -= 1;
-                    let want = entries.get(c.user_data() as usize).map_or(0, |(_, w)| *w);
-                    let r = c.result();
-                    if r < 0 {
-                        first_err.get_or_insert(io::Error::from_raw_os_error(-r));
-                    } else if want > 0 && r != want {
-                        first_err.get_or_insert(io::Error::from_raw_os_error(libc::EIO));
-                    }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+            for c in self.ring.completion() {
+                in_flight -= 1;
+                let want = entries.get(c.user_data() as usize).map_or(0, |(_, w)| *w);
+                let r = c.result();
+                if r < 0 {
+                    first_err.get_or_insert(io::Error::from_raw_os_error(-r));
+                } else if want > 0 && r != want {
+                    first_err.get_or_insert(io::Error::from_raw_os_error(libc::EIO));
                 }
             }
         }

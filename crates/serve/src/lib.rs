@@ -9,6 +9,8 @@
 //! - [`batch`]: many transfers in flight, waited for together (copy-out work)
 //! - [`buffer`]: aligned I/O buffers
 //! - [`copier`]: copy-out for origin writes on a helper thread
+//! - [`deferred`]: origin writes answered before their copy-out, and what
+//!   other requests wait for because of them
 //! - [`queue`]: the io_uring core (read, write, flush, discard, write-zeroes, FUA)
 //! - [`snapshot`]: copy-on-write for origins and snapshots (dm-snapshot's store)
 //! - [`thin`]: thin volumes (lookups, provisioning, discard) on a dm-thin pool
@@ -24,6 +26,7 @@
 pub mod batch;
 pub mod buffer;
 pub mod copier;
+pub mod deferred;
 pub mod device;
 pub mod export;
 pub mod fuse;

@@ -6,12 +6,17 @@
 //! their own SQEs (socket receives, wake-ups) to the same ring so one
 //! `io_uring_enter` waits for everything.
 
+use crate::buffer::AlignedBuf;
 use crate::copier::Copier;
+use crate::deferred::Wait;
 use crate::device::Volume;
 use crate::map::{MapError, Piece};
 use io_uring::{IoUring, opcode, squeue, types};
 use slab::Slab;
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -28,6 +33,16 @@ pub enum Op {
         may_trim: bool,
         fua: bool,
     },
+}
+
+impl Op {
+    /// Whether it changes the volume's contents.
+    pub fn writes(self) -> bool {
+        matches!(
+            self,
+            Op::Write { .. } | Op::WriteZeroes { .. } | Op::Discard
+        )
+    }
 }
 
 /// One request on the volume. For reads and writes `iov` describes `len`
@@ -60,6 +75,12 @@ pub enum Event {
 const FOREIGN: u64 = 1 << 63;
 /// The user data of the poll on the copier's wake descriptor.
 const COPIED: u64 = 1 << 62;
+/// The user data of the poll on the descriptor that says a deferred write
+/// ended (see `deferred`).
+const WOKEN: u64 = 1 << 61;
+/// The tag of a write this queue answered early: `EARLY | its entry number`
+/// (frontend tags are small).
+const EARLY: u64 = 1 << 63;
 /// How long [`Queue::wait`] spins for a completion while I/O is in flight.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
@@ -89,6 +110,17 @@ pub struct Queue {
     copying: Vec<(u64, Request)>,
     /// The copy-out's helper thread, started on first use.
     copier: Option<Copier>,
+    /// Requests waiting for writes answered early to reach the origin.
+    waiting: Vec<(u64, Request, Wait)>,
+    /// The data of this queue's writes answered early, by entry number.
+    early: HashMap<u64, AlignedBuf>,
+    /// Whether origin writes may be answered before their copy-out: only for
+    /// a frontend that keeps calling [`Queue::wait`] while anything is in
+    /// flight (an NBD connection), so their chains always move on.
+    answer_early: bool,
+    /// Made readable when a deferred write ends while `waiting` is not empty.
+    woken: Option<Arc<EventFd>>,
+    woken_polled: bool,
 }
 
 // SAFETY: the raw pointers a Queue holds are iovecs into memory whose
@@ -114,12 +146,30 @@ impl Queue {
             held: Vec::new(),
             copying: Vec::new(),
             copier: None,
+            waiting: Vec::new(),
+            early: HashMap::new(),
+            answer_early: false,
+            woken: None,
+            woken_polled: false,
         })
     }
 
-    /// Requests submitted and not yet reported.
+    /// Let this queue answer plain (non-FUA) first writes to a snapshotted
+    /// origin once it holds their data, before their copy-out (see
+    /// `deferred`). The frontend must keep calling [`Queue::wait`] while
+    /// [`Queue::in_flight`] is not zero, answered writes included.
+    pub fn answer_writes_early(&mut self) {
+        self.answer_early = true;
+    }
+
+    /// Requests submitted and not yet reported, and writes answered early
+    /// that have not reached the volume yet.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() + self.ready.len() + self.held.len() + self.copying.len()
+        self.slots.len()
+            + self.ready.len()
+            + self.held.len()
+            + self.copying.len()
+            + self.waiting.len()
     }
 
     fn push(&mut self, e: squeue::Entry) {
@@ -153,15 +203,37 @@ impl Queue {
     /// `req.iov` must describe memory valid (and, for reads, writable) until
     /// the request's completion is reported.
     pub unsafe fn submit(&mut self, tag: u64, req: Request) -> Result<(), i32> {
-        let writes = matches!(
-            req.op,
-            Op::Write { .. } | Op::WriteZeroes { .. } | Op::Discard
-        );
+        let writes = req.op.writes();
         if writes && self.vol.read_only {
             return Err(libc::EPERM);
         }
         let vol = Arc::clone(&self.vol);
+        if let Some(cow) = vol.cow.as_ref().filter(|c| !c.snapshot) {
+            // Nothing may pass a write answered early that it overlaps (a
+            // flush: any write answered before it).
+            let all = req.op == Op::Flush;
+            if let Some(w) = cow.deferred.wait_for(req.offset, req.len, all) {
+                self.waiting.push((tag, req, w));
+                return Ok(());
+            }
+        }
+        // SAFETY: passed on from our caller.
+        unsafe { self.submit_now(tag, req) }
+    }
+
+    /// [`Queue::submit`] of a request that waits for no deferred write.
+    ///
+    /// # Safety
+    /// As [`Queue::submit`].
+    unsafe fn submit_now(&mut self, tag: u64, req: Request) -> Result<(), i32> {
+        let writes = req.op.writes();
+        let vol = Arc::clone(&self.vol);
         if req.op == Op::Flush {
+            // A write answered early that failed fails the flush after it.
+            if let Some(errno) = vol.cow.as_ref().and_then(|c| c.deferred.take_failure()) {
+                self.ready.push(Completion { tag, errno });
+                return Ok(());
+            }
             // A thin volume's provisioned mappings are part of its data.
             if let Some(Err(errno)) = vol.thin.as_ref().map(|t| t.flush(&vol.devs)) {
                 self.ready.push(Completion { tag, errno });
@@ -221,6 +293,26 @@ impl Queue {
                 return Ok(());
             }
             if writes && cow.needs_copy_out(vol.size(), req.offset, req.len) {
+                // Their completions must fit the completion queue (twice
+                // the submission queue) beside the frontend's own requests.
+                let room = self.early.len() < self.ring.params().sq_entries() as usize;
+                let early = self.answer_early && room && req.op == (Op::Write { fua: false });
+                if let Some(id) = early
+                    .then(|| cow.deferred.admit(req.offset, req.len))
+                    .flatten()
+                {
+                    // SAFETY: the caller's iovecs are valid now.
+                    let buf = unsafe { copy_in(&req.iov, req.len as usize) };
+                    let iov = vec![libc::iovec {
+                        iov_base: buf.as_ptr() as *mut _,
+                        iov_len: req.len as usize,
+                    }];
+                    // The buffer's memory stays put while `early` owns it.
+                    self.early.insert(id, buf);
+                    self.held.push((EARLY | id, Request { iov, ..req }));
+                    self.ready.push(Completion { tag, errno: 0 });
+                    return Ok(());
+                }
                 self.held.push((tag, req));
                 return Ok(());
             }
@@ -234,10 +326,7 @@ impl Queue {
     /// # Safety
     /// As [`Queue::submit`].
     unsafe fn submit_mapped(&mut self, tag: u64, req: Request) -> Result<(), i32> {
-        let writes = matches!(
-            req.op,
-            Op::Write { .. } | Op::WriteZeroes { .. } | Op::Discard
-        );
+        let writes = req.op.writes();
         let vol = Arc::clone(&self.vol);
         let mut pieces = std::mem::take(&mut self.scratch);
         pieces.clear();
@@ -363,15 +452,75 @@ impl Queue {
             return;
         }
         let slot = self.slots.remove(key);
-        self.ready.push(Completion {
-            tag: slot.tag,
-            errno: slot.errno,
-        });
+        self.complete(slot.tag, slot.errno);
+    }
+
+    /// Report a request done; a write answered early is only recorded.
+    fn complete(&mut self, tag: u64, errno: i32) {
+        if tag & EARLY == 0 {
+            self.ready.push(Completion { tag, errno });
+            return;
+        }
+        let id = tag & !EARLY;
+        self.early.remove(&id);
+        if let Some(cow) = &self.vol.cow {
+            if errno != 0 {
+                eprintln!(
+                    "devpool: {}: a write answered before its copy-out failed ({}); the next flush reports it",
+                    self.vol.name,
+                    std::io::Error::from_raw_os_error(errno)
+                );
+            }
+            cow.deferred.finish(id, errno);
+        }
+    }
+
+    /// Start the waiting requests whose deferred writes have landed; be
+    /// woken when one of the others' does.
+    fn release_waiting(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let vol = Arc::clone(&self.vol);
+        let Some(cow) = &vol.cow else {
+            return;
+        };
+        let waker = match &self.woken {
+            Some(w) => Arc::clone(w),
+            None => match EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK) {
+                Ok(e) => Arc::clone(self.woken.insert(Arc::new(e))),
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    for (tag, _, _) in std::mem::take(&mut self.waiting) {
+                        self.complete(tag, errno);
+                    }
+                    return;
+                }
+            },
+        };
+        for (tag, req, w) in std::mem::take(&mut self.waiting) {
+            if cow.deferred.still_waits(&w, &waker) {
+                self.waiting.push((tag, req, w));
+                continue;
+            }
+            // SAFETY: the frontend keeps the memory valid until completion.
+            if let Err(errno) = unsafe { self.submit_now(tag, req) } {
+                self.complete(tag, errno);
+            }
+        }
+        if !self.waiting.is_empty() && !self.woken_polled {
+            let poll = opcode::PollAdd::new(types::Fd(waker.as_raw_fd()), libc::POLLIN as u32)
+                .build()
+                .user_data(WOKEN);
+            self.push(poll);
+            self.woken_polled = true;
+        }
     }
 
     /// Submit what is queued and wait until at least `min` events are
     /// available (0: do not wait); append them to `out`.
     pub fn wait(&mut self, min: usize, out: &mut Vec<Event>) -> std::io::Result<()> {
+        self.release_waiting();
         if self.thin_commit_wait(min, out)? {
             return Ok(());
         }
@@ -461,6 +610,14 @@ impl Queue {
                 self.copied();
                 continue;
             }
+            if data == WOKEN {
+                self.woken_polled = false;
+                if let Some(w) = &self.woken {
+                    // Reset it (EAGAIN: already reset).
+                    let _ = w.read();
+                }
+                continue;
+            }
             if data & FOREIGN != 0 {
                 out.push(Event::Foreign {
                     data: data & !FOREIGN,
@@ -496,6 +653,15 @@ impl Drop for Queue {
     fn drop(&mut self) {
         if let Some(thin) = &self.vol.thin {
             let _ = thin.flush(&self.vol.devs);
+        }
+        // Writes answered early that never landed (the frontend gave up on
+        // its ring): the next flush on the volume fails, and their buffers
+        // are left alone, since the kernel may still be using them.
+        for (id, buf) in std::mem::take(&mut self.early) {
+            std::mem::forget(buf);
+            if let Some(cow) = &self.vol.cow {
+                cow.deferred.finish(id, libc::EIO);
+            }
         }
     }
 }
@@ -546,7 +712,7 @@ impl Queue {
                 Err(errno) => Err(errno),
             };
             if let Err(errno) = r {
-                self.ready.push(Completion { tag, errno });
+                self.complete(tag, errno);
             }
         }
         if !self.held.is_empty() {
@@ -555,9 +721,29 @@ impl Queue {
     }
 
     fn fail(&mut self, reqs: Vec<(u64, Request)>, errno: i32) {
-        self.ready
-            .extend(reqs.into_iter().map(|(tag, _)| Completion { tag, errno }));
+        for (tag, _) in reqs {
+            self.complete(tag, errno);
+        }
     }
+}
+
+/// The `len` bytes `iov` describes, in a buffer of their own.
+///
+/// # Safety
+/// `iov` must describe valid memory.
+unsafe fn copy_in(iov: &[libc::iovec], len: usize) -> AlignedBuf {
+    let mut buf = AlignedBuf::new(len);
+    let out = buf.as_mut_slice();
+    let mut at = 0;
+    for v in iov {
+        let n = v.iov_len.min(len - at);
+        // SAFETY: the caller's iovec, and `n` bytes fit in `out` from `at`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(v.iov_base as *const u8, out[at..].as_mut_ptr(), n)
+        };
+        at += n;
+    }
+    buf
 }
 
 /// A thin request that provisions, discards or zeroes: synchronous.

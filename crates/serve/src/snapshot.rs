@@ -91,6 +91,8 @@ pub struct Cow {
     /// The uuids of the origin and of every COW store of its snapshots: no
     /// other process may serve any of them while this one does.
     pub family: Vec<String>,
+    /// An origin's writes answered before their copy-out (see `deferred`).
+    pub deferred: crate::deferred::Deferred,
 }
 
 /// A COW failure as the client sees it.
@@ -111,6 +113,7 @@ impl Cow {
             }),
             commit: Mutex::new(()),
             family,
+            deferred: Default::default(),
         }
     }
 

@@ -17,8 +17,10 @@ use std::sync::Arc;
 const RECV: u64 = 1;
 const STOP: u64 = 2;
 const RBUF: usize = 256 << 10;
-/// Enough queue entries for deep client queues without waiting on the ring.
-const RING_DEPTH: u32 = 256;
+/// Enough queue entries for deep client queues without waiting on the ring;
+/// it also bounds the writes a connection answers ahead of their copy-out
+/// (see `deferred`): 1024 of them make copy-outs of several hundred chunks.
+const RING_DEPTH: u32 = 1024;
 /// iovecs per sendmsg (IOV_MAX is 1024).
 const SEND_BATCH: usize = 512;
 
@@ -59,9 +61,12 @@ pub struct Connection {
 /// `stop_fd` (an eventfd) becomes readable. In-flight requests are finished
 /// and answered before returning.
 pub fn serve(fd: RawFd, vol: Arc<Volume>, stop_fd: RawFd) -> io::Result<()> {
+    let mut q = Queue::new(vol, RING_DEPTH)?;
+    // This loop drives the ring for as long as anything is in flight.
+    q.answer_writes_early();
     let mut c = Connection {
         fd,
-        q: Queue::new(vol, RING_DEPTH)?,
+        q,
         bufs: BufPool::default(),
         pending: Slab::new(),
         rbuf: vec![0; RBUF],
