@@ -302,7 +302,7 @@ impl Queue {
                     .flatten()
                 {
                     // SAFETY: the caller's iovecs are valid now.
-                    let buf = unsafe { copy_in(&req.iov, req.len as usize) };
+                    let buf = unsafe { gather(&req.iov) };
                     let iov = vec![libc::iovec {
                         iov_base: buf.as_ptr() as *mut _,
                         iov_len: req.len as usize,
@@ -727,33 +727,17 @@ impl Queue {
     }
 }
 
-/// The `len` bytes `iov` describes, in a buffer of their own.
-///
-/// # Safety
-/// `iov` must describe valid memory.
-unsafe fn copy_in(iov: &[libc::iovec], len: usize) -> AlignedBuf {
-    let mut buf = AlignedBuf::new(len);
-    let out = buf.as_mut_slice();
-    let mut at = 0;
-    for v in iov {
-        let n = v.iov_len.min(len - at);
-        // SAFETY: the caller's iovec, and `n` bytes fit in `out` from `at`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(v.iov_base as *const u8, out[at..].as_mut_ptr(), n)
-        };
-        at += n;
-    }
-    buf
-}
-
 /// A thin request that provisions, discards or zeroes: synchronous.
 ///
 /// # Safety
 /// `req.iov` must describe valid memory (writable for reads).
 unsafe fn thin_request(thin: &crate::thin::Thin, vol: &Volume, req: &Request) -> i32 {
     let r = match req.op {
-        // SAFETY: passed on from our caller.
-        Op::Write { fua } => thin.write(&vol.devs, req.offset, &unsafe { gather(&req.iov) }, fua),
+        Op::Write { fua } => {
+            // SAFETY: passed on from our caller.
+            let mut data = unsafe { gather(&req.iov) };
+            thin.write(&vol.devs, req.offset, data.as_mut_slice(), fua)
+        }
         Op::Discard => thin.discard(&vol.devs, req.offset, req.len, false, false),
         Op::WriteZeroes { fua, .. } => thin.discard(&vol.devs, req.offset, req.len, true, fua),
         // A read the fast path could not place (a mapping outside the data
@@ -772,10 +756,11 @@ unsafe fn snapshot_request(cow: &crate::snapshot::Cow, vol: &Volume, req: &Reque
     let mut buf = match req.op {
         // SAFETY: passed on from our caller.
         Op::Write { .. } => unsafe { gather(&req.iov) },
-        Op::Flush => Vec::new(),
-        _ => vec![0u8; req.len as usize],
+        Op::Flush => AlignedBuf::new(0),
+        _ => AlignedBuf::new(req.len as usize),
     };
-    let errno = cow.snapshot_io(&vol.devs, req.op, req.offset, req.len, &mut buf);
+    let buf = buf.as_mut_slice();
+    let errno = cow.snapshot_io(&vol.devs, req.op, req.offset, req.len, buf);
     if errno == 0 && req.op == Op::Read {
         let mut at = 0;
         for v in &req.iov {
@@ -788,17 +773,22 @@ unsafe fn snapshot_request(cow: &crate::snapshot::Cow, vol: &Volume, req: &Reque
     errno
 }
 
-/// The bytes a write's iovecs describe, in one buffer.
+/// The bytes a write's iovecs describe, in one aligned buffer of their own
+/// (direct I/O can take it).
 ///
 /// # Safety
 /// Each iovec must describe `iov_len` readable bytes.
-unsafe fn gather(iov: &[libc::iovec]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(iov.iter().map(|v| v.iov_len).sum());
+unsafe fn gather(iov: &[libc::iovec]) -> AlignedBuf {
+    let mut buf = AlignedBuf::new(iov.iter().map(|v| v.iov_len).sum());
+    let out = buf.as_mut_slice();
+    let mut at = 0;
     for v in iov {
-        // SAFETY: the caller promises v.iov_len readable bytes.
-        buf.extend_from_slice(unsafe {
+        // SAFETY: the caller promises v.iov_len readable bytes, and the
+        // buffer holds them all from `at`.
+        out[at..at + v.iov_len].copy_from_slice(unsafe {
             std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
         });
+        at += v.iov_len;
     }
     buf
 }
