@@ -1,13 +1,19 @@
-//! Copy-out on a helper thread. A [`Queue`](crate::queue::Queue) whose
+//! Copy-out on helper threads. A [`Queue`](crate::queue::Queue) whose
 //! origin writes must wait for their chunks to be copied to the snapshots
 //! hands the byte ranges to its copier and goes on receiving and completing
-//! requests; the copier runs [`Cow::copy_out`](crate::snapshot::Cow::copy_out)
-//! and makes its eventfd readable, which the queue's ring polls. Writes that
-//! arrive meanwhile gather for the next copy-out, so a busy origin copies
-//! in large groups without waiting for a timer.
+//! requests. The copier is a two-stage pipeline: one thread reads a group's
+//! origin chunks ([`Cow::copy_read`](crate::snapshot::Cow::copy_read)) while
+//! the other writes and syncs the group before it
+//! ([`Cow::copy_commit`](crate::snapshot::Cow::copy_commit)); the disk
+//! reads for the next group instead of idling through the syncs. Results
+//! come back in the order the jobs were sent, each making the eventfd
+//! readable, which the queue's ring polls. Writes that arrive meanwhile
+//! gather for the next job, so a busy origin copies in large groups without
+//! waiting for a timer.
 
 use crate::batch::Batch;
 use crate::device::Volume;
+use crate::snapshot::CopyGroup;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -17,12 +23,16 @@ use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 type Ranges = Vec<(u64, u64)>;
 
+/// Jobs the queue keeps in the pipeline at once: one reading, one
+/// committing.
+pub const DEPTH: usize = 2;
+
 pub struct Copier {
     jobs: Option<Sender<Ranges>>,
     results: Receiver<Result<(), i32>>,
     /// Readable once a job is done.
     wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Copier {
@@ -30,26 +40,64 @@ impl Copier {
     pub fn start(vol: Arc<Volume>) -> io::Result<Copier> {
         let wake = Arc::new(EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK)?);
         let (jobs, job_rx) = channel::<Ranges>();
+        let (read_tx, read_rx) = channel::<Result<Option<CopyGroup>, i32>>();
         let (result_tx, results) = channel();
-        let woken = Arc::clone(&wake);
-        let thread = std::thread::Builder::new()
-            .name("devpool-copy-out".into())
+        let reader_vol = Arc::clone(&vol);
+        let reader = std::thread::Builder::new()
+            .name("devpool-copy-read".into())
             .spawn(move || {
                 let mut batch = None;
                 while let Ok(ranges) = job_rx.recv() {
-                    let r = copy_out(&vol, &ranges, &mut batch);
+                    let v = &reader_vol;
+                    let r = match (&v.cow, ring(&mut batch)) {
+                        (None, _) => Ok(None),
+                        (Some(_), Err(errno)) => Err(errno),
+                        (Some(cow), Ok(b)) => cow.copy_read(&v.devs, &v.map, &ranges, b),
+                    };
+                    if read_tx.send(r).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        let woken = Arc::clone(&wake);
+        let committer = std::thread::Builder::new()
+            .name("devpool-copy-commit".into())
+            .spawn(move || {
+                let mut batch = None;
+                // Ends when the reader does (its sender dropped).
+                while let Ok(read) = read_rx.recv() {
+                    let r = match (read, &vol.cow) {
+                        (Ok(Some(group)), Some(cow)) => match ring(&mut batch) {
+                            Ok(b) => cow.copy_commit(&vol.devs, group, b),
+                            Err(errno) => {
+                                cow.copy_abandon(&group);
+                                Err(errno)
+                            }
+                        },
+                        (Ok(_), _) => Ok(()),
+                        (Err(errno), _) => Err(errno),
+                    };
                     if result_tx.send(r).is_err() {
                         return;
                     }
                     // Cannot fail short of a counter overflow (2^64 jobs).
                     let _ = woken.write(1);
                 }
-            })?;
+            });
+        let committer = match committer {
+            Ok(t) => t,
+            Err(e) => {
+                // The reader ends once its job channel is gone.
+                drop(jobs);
+                let _ = reader.join();
+                return Err(e);
+            }
+        };
         Ok(Copier {
             jobs: Some(jobs),
             results,
             wake,
-            thread: Some(thread),
+            threads: vec![reader, committer],
         })
     }
 
@@ -66,31 +114,29 @@ impl Copier {
         }
     }
 
-    /// The result of the job that made the wake descriptor readable, if it
-    /// is done (the descriptor is reset).
-    pub fn take_result(&self) -> Option<Result<(), i32>> {
+    /// The results of the jobs done since the last call, oldest first (the
+    /// wake descriptor is reset).
+    pub fn take_results(&self) -> Vec<Result<(), i32>> {
+        // Reset first: a job that ends after this makes it readable again.
         // EAGAIN (not readable yet) leaves nothing to reset.
         let _ = self.wake.read();
-        self.results.try_recv().ok()
+        self.results.try_iter().collect()
     }
 }
 
-fn copy_out(vol: &Volume, ranges: &[(u64, u64)], batch: &mut Option<Batch>) -> Result<(), i32> {
-    let Some(cow) = &vol.cow else {
-        return Ok(());
-    };
-    let b = match batch {
-        Some(b) => b,
-        None => batch.insert(Batch::new().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?),
-    };
-    cow.copy_out(&vol.devs, &vol.map, ranges, b)
+/// This thread's batch ring, made on first use.
+fn ring(batch: &mut Option<Batch>) -> Result<&mut Batch, i32> {
+    match batch {
+        Some(b) => Ok(b),
+        None => Ok(batch.insert(Batch::new().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?)),
+    }
 }
 
 impl Drop for Copier {
-    /// The thread ends after the job it runs, if any.
+    /// The threads end after the jobs they run, if any.
     fn drop(&mut self) {
         self.jobs = None;
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

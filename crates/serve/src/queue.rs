@@ -7,13 +7,13 @@
 //! `io_uring_enter` waits for everything.
 
 use crate::buffer::AlignedBuf;
-use crate::copier::Copier;
+use crate::copier::{self, Copier};
 use crate::deferred::Wait;
 use crate::device::Volume;
 use crate::map::{MapError, Piece};
 use io_uring::{IoUring, opcode, squeue, types};
 use slab::Slab;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
@@ -97,6 +97,9 @@ struct Slot {
 
 pub struct Queue {
     ring: IoUring,
+    /// The ring defers completion work and flags it (see
+    /// [`Queue::new_for_this_thread`]).
+    taskrun_flag: bool,
     vol: Arc<Volume>,
     slots: Slab<Slot>,
     scratch: Vec<Piece>,
@@ -106,8 +109,11 @@ pub struct Queue {
     /// Origin writes waiting for their chunks to be copied out to the
     /// snapshots (all of them in the next copy-out).
     held: Vec<(u64, Request)>,
-    /// Origin writes whose chunks the copier is copying out now.
-    copying: Vec<(u64, Request)>,
+    /// Origin writes whose chunks the copier is copying out now, a group
+    /// per job, oldest first (at most [`copier::DEPTH`] groups).
+    copying: VecDeque<Vec<(u64, Request)>>,
+    /// A poll on the copier's wake descriptor is in the ring.
+    copier_polled: bool,
     /// The copy-out's helper thread, started on first use.
     copier: Option<Copier>,
     /// Requests waiting for writes answered early to reach the origin.
@@ -136,22 +142,48 @@ const BLKDISCARD: libc::c_ulong = 0x1277;
 
 impl Queue {
     pub fn new(vol: Arc<Volume>, depth: u32) -> std::io::Result<Queue> {
-        Ok(Queue {
-            ring: IoUring::new(depth.next_power_of_two().max(8))?,
+        let ring = IoUring::new(depth.next_power_of_two().max(8))?;
+        Ok(Queue::with_ring(vol, ring, false))
+    }
+
+    /// A queue that only the calling thread ever submits to and waits on
+    /// (an NBD connection's). Its ring defers completion work until that
+    /// thread asks for events: no interrupt of the thread per completion,
+    /// and a wait that spins reads a flag instead of entering the kernel.
+    /// Kernels before 6.1 get an ordinary ring.
+    pub fn new_for_this_thread(vol: Arc<Volume>, depth: u32) -> std::io::Result<Queue> {
+        let entries = depth.next_power_of_two().max(8);
+        let deferred = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .build(entries);
+        match deferred {
+            Ok(ring) => Ok(Queue::with_ring(vol, ring, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Queue::new(vol, depth),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn with_ring(vol: Arc<Volume>, ring: IoUring, taskrun_flag: bool) -> Queue {
+        Queue {
+            ring,
+            taskrun_flag,
             vol,
             slots: Slab::new(),
             scratch: Vec::new(),
             ready: Vec::new(),
             unsubmitted: 0,
             held: Vec::new(),
-            copying: Vec::new(),
+            copying: VecDeque::new(),
+            copier_polled: false,
             copier: None,
             waiting: Vec::new(),
             early: HashMap::new(),
             answer_early: false,
             woken: None,
             woken_polled: false,
-        })
+        }
     }
 
     /// Let this queue answer plain (non-FUA) first writes to a snapshotted
@@ -168,7 +200,7 @@ impl Queue {
         self.slots.len()
             + self.ready.len()
             + self.held.len()
-            + self.copying.len()
+            + self.copying.iter().map(Vec::len).sum::<usize>()
             + self.waiting.len()
     }
 
@@ -525,9 +557,10 @@ impl Queue {
             return Ok(());
         }
         // First writes to a snapshotted origin: copy them out now if the
-        // copier is free; else they gather for its next copy-out, so a busy
-        // origin copies in groups without waiting for a timer.
-        if !self.held.is_empty() && self.copying.is_empty() {
+        // copier's pipeline has room; else they gather for its next
+        // copy-out, so a busy origin copies in groups without waiting for a
+        // timer.
+        if !self.held.is_empty() && self.copying.len() < copier::DEPTH {
             self.start_copy();
         }
         let mut want = if self.ready.is_empty() { min } else { 0 };
@@ -538,8 +571,11 @@ impl Queue {
             // never while idle.
             let t = std::time::Instant::now();
             while t.elapsed() < SPIN {
-                // A submit with no wait also runs pending completion work.
-                if self.ring.submit().is_ok() {
+                // A submit with no wait also runs pending completion work;
+                // a deferring ring says when there is some.
+                let enter =
+                    !self.taskrun_flag || self.unsubmitted > 0 || self.ring.submission().taskrun();
+                if enter && self.ring.submit().is_ok() {
                     self.unsubmitted = 0;
                 }
                 if !self.ring.completion().is_empty() {
@@ -684,39 +720,50 @@ impl Queue {
         if let Err(errno) = copier.send(ranges) {
             return self.fail(held, errno);
         }
-        self.copying = held;
+        self.copying.push_back(held);
         self.poll_copier();
     }
 
-    /// Wake up when the copier's job is done (its descriptor readable).
+    /// Wake up when a copier job is done (its descriptor readable).
     fn poll_copier(&mut self) {
+        if self.copier_polled {
+            return;
+        }
         if let Some(c) = &self.copier {
             let poll = opcode::PollAdd::new(types::Fd(c.wake_fd()), libc::POLLIN as u32)
                 .build()
                 .user_data(COPIED);
             self.push(poll);
+            self.copier_polled = true;
         }
     }
 
-    /// The copier's descriptor became readable: start the writes it copied
-    /// out for, then hand it the writes held meanwhile.
+    /// The copier's descriptor became readable: start the writes of each
+    /// job it finished, oldest first, then hand it the writes held
+    /// meanwhile.
     fn copied(&mut self) {
-        let Some(result) = self.copier.as_ref().and_then(Copier::take_result) else {
-            // Not done yet: poll again.
-            return self.poll_copier();
-        };
-        for (tag, req) in std::mem::take(&mut self.copying) {
-            let r = match result {
-                // SAFETY: the memory was promised valid until completion.
-                Ok(()) => unsafe { self.submit_mapped(tag, req) },
-                Err(errno) => Err(errno),
+        self.copier_polled = false;
+        let results = self.copier.as_ref().map(Copier::take_results);
+        for result in results.unwrap_or_default() {
+            let Some(group) = self.copying.pop_front() else {
+                break;
             };
-            if let Err(errno) = r {
-                self.complete(tag, errno);
+            for (tag, req) in group {
+                let r = match result {
+                    // SAFETY: the memory was promised valid until completion.
+                    Ok(()) => unsafe { self.submit_mapped(tag, req) },
+                    Err(errno) => Err(errno),
+                };
+                if let Err(errno) = r {
+                    self.complete(tag, errno);
+                }
             }
         }
-        if !self.held.is_empty() {
+        if !self.held.is_empty() && self.copying.len() < copier::DEPTH {
             self.start_copy();
+        }
+        if !self.copying.is_empty() {
+            self.poll_copier();
         }
     }
 

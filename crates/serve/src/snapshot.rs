@@ -4,10 +4,11 @@
 //! - An **origin** with snapshots: reads go straight to its extents; before a
 //!   write (or discard, or zeroing) reaches a chunk that a valid snapshot has
 //!   not kept yet ([`Cow::needs_copy_out`]), the write is held; the queue's
-//!   copier (see `copier`) runs [`Cow::copy_out`] for all held writes at
-//!   once: it reads every such chunk, writes it into the stores, and makes
-//!   the records durable, as dm batches its commits; then the held writes
-//!   go to the origin. Writes held while a copy-out runs form the next one.
+//!   copier (see `copier`) copies out for all held writes at once: it
+//!   reads every such chunk ([`Cow::copy_read`]), writes it into the stores
+//!   and makes the records durable ([`Cow::copy_commit`]), as dm batches its
+//!   commits; then the held writes go to the origin. Writes held meanwhile
+//!   form the next group, whose read runs while this one commits.
 //! - A **snapshot**: every request is answered here, synchronously, under
 //!   the lock: reads come from the COW store where the chunk was kept, else
 //!   from the origin; writes go to the store (a chunk not kept yet is copied
@@ -27,7 +28,7 @@ use devpool_engine::cowstore::{
     CowStore, DevIo, PendingMetadata, StoreError, read_mapped, write_mapped,
 };
 use devpool_format::map::VolumeMap;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
@@ -66,12 +67,30 @@ pub enum Role {
 #[derive(Debug)]
 struct State {
     role: Role,
-    /// The origin byte ranges `(offset, len)` of the chunks a copy-out is
-    /// copying now: writes to them wait until it is durable.
-    copying: Vec<(u64, u64)>,
+    /// The origin chunks `(offset, len)` that copy-outs are copying now, with
+    /// how many copy-outs have each (two in a row may both have read one):
+    /// writes to them wait until the copy-outs are durable.
+    copying: BTreeMap<(u64, u64), u32>,
+    /// The longest `len` in `copying` (bounds an overlap search).
+    copying_max: u64,
+    /// Bumped when a store leaves an origin's set (copy-outs name stores by
+    /// position between their read and their commit).
+    stores_changed: u64,
 }
 
 impl State {
+    /// Whether a chunk in `copying` overlaps `offset..end`.
+    fn copying_overlaps(&self, offset: u64, end: u64) -> bool {
+        // Only chunks starting less than the longest chunk before `offset`
+        // can reach it.
+        let from = (offset.saturating_sub(self.copying_max), 0);
+        end > offset
+            && self
+                .copying
+                .range(from..(end, 0))
+                .any(|(&(at, n), _)| offset < at + n)
+    }
+
     /// An origin's stores (`None` for a snapshot).
     fn stores(&mut self) -> Option<&mut Vec<CowStore>> {
         match &mut self.role {
@@ -84,7 +103,7 @@ impl State {
 #[derive(Debug)]
 pub struct Cow {
     state: Mutex<State>,
-    /// Held for a whole copy-out (and while a store leaves the set).
+    /// Held for a copy-out's commit (and while a store leaves the set).
     commit: Mutex<()>,
     /// This volume is a snapshot (not an origin).
     pub snapshot: bool,
@@ -93,6 +112,19 @@ pub struct Cow {
     pub family: Vec<String>,
     /// An origin's writes answered before their copy-out (see `deferred`).
     pub deferred: crate::deferred::Deferred,
+}
+
+/// Origin chunks read for a copy-out and not yet in the stores (see
+/// [`Cow::copy_read`]).
+#[derive(Default)]
+pub struct CopyGroup {
+    /// (store position at the read, origin chunk).
+    wants: Vec<(usize, u64)>,
+    /// The origin bytes of the chunks, by origin byte range.
+    data: HashMap<(u64, u64), AlignedBuf>,
+    /// The stores' names at the read, and `State::stores_changed` then.
+    store_names: Vec<String>,
+    stores_seen: u64,
 }
 
 /// A COW failure as the client sees it.
@@ -109,7 +141,9 @@ impl Cow {
             snapshot: matches!(role, Role::Snapshot { .. }),
             state: Mutex::new(State {
                 role,
-                copying: Vec::new(),
+                copying: BTreeMap::new(),
+                copying_max: 0,
+                stores_changed: 0,
             }),
             commit: Mutex::new(()),
             family,
@@ -128,7 +162,8 @@ impl Cow {
     /// Take an origin's store `name` out of its copy-on-write set (a merge
     /// reads from it and must not copy into it).
     pub fn take_store(&self, name: &str) -> Option<CowStore> {
-        // Not in the middle of a copy-out (it indexes the stores).
+        // Not in the middle of a commit (it indexes the stores; a read
+        // finds its stores again by name, see `stores_changed`).
         let _no_copy_out = self
             .commit
             .lock()
@@ -136,7 +171,9 @@ impl Cow {
         let mut st = self.lock();
         let stores = st.stores()?;
         let i = stores.iter().position(|s| s.name == name)?;
-        Some(stores.remove(i))
+        let store = stores.remove(i);
+        st.stores_changed += 1;
+        Some(store)
     }
 
     /// Whether a write to `offset..offset+len` of the origin reaches a chunk
@@ -149,11 +186,7 @@ impl Cow {
             return false;
         };
         let end = offset.saturating_add(len).min(origin_size);
-        if st
-            .copying
-            .iter()
-            .any(|&(at, n)| offset < at + n && at < end)
-        {
+        if st.copying_overlaps(offset, end) {
             return true;
         }
         stores.iter().filter(|s| s.is_valid()).any(|s| {
@@ -164,17 +197,7 @@ impl Cow {
 
     /// Copy every chunk the writes to `ranges` of the origin reach, and that
     /// a valid snapshot has not kept yet, into that snapshot's store, and make
-    /// it durable, in dm's order: origin chunks read (each once, all at once),
-    /// COW data chunks written, synced; header / zeroed next areas written,
-    /// synced; exception areas written, synced. A store that fills up, or
-    /// whose writes fail, invalidates its snapshot and the writes go on (as
-    /// dm does); an origin that cannot be read fails them (an errno).
-    ///
-    /// One copy-out runs at a time (the records a commit writes are those of
-    /// the chunks it copied), and the tables are locked only between its
-    /// transfers: while it runs, [`Cow::needs_copy_out`] answers at once
-    /// (`true` for the chunks in flight, so writes to them wait for the next
-    /// copy-out, which finds them kept).
+    /// it durable: [`Cow::copy_read`], then [`Cow::copy_commit`].
     pub fn copy_out(
         &self,
         devs: &[PvDevice],
@@ -182,22 +205,44 @@ impl Cow {
         ranges: &[(u64, u64)],
         batch: &mut Batch,
     ) -> Result<(), i32> {
-        let _one_at_a_time = self
-            .commit
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Which chunks of which stores, each once; their origin bytes.
-        let mut wants: Vec<(usize, u64)> = Vec::new();
-        // Aligned, so that the copy goes around the page cache like the
-        // client's own writes do (buffered io_uring transfers are punted to
-        // worker threads, and a sync would have to write the pages back).
-        let mut data: HashMap<(u64, u64), AlignedBuf> = HashMap::new();
+        match self.copy_read(devs, origin, ranges, batch)? {
+            Some(group) => self.copy_commit(devs, group, batch),
+            None => Ok(()),
+        }
+    }
+
+    /// The first half of a copy-out: which chunks the writes to `ranges` of
+    /// the origin reach that a valid snapshot has not kept yet, each read
+    /// from the origin once, all at once. From here until the group's
+    /// [`Cow::copy_commit`] ends, writes to those chunks wait
+    /// ([`Cow::needs_copy_out`]), so the origin cannot change under the
+    /// read. `None`: nothing to copy.
+    ///
+    /// It may run while another copy-out commits (the copier's pipeline):
+    /// a chunk that both read is recorded once, by the first commit, and
+    /// stays held until both have ended. An origin that cannot be read
+    /// fails the group (an errno).
+    pub fn copy_read(
+        &self,
+        devs: &[PvDevice],
+        origin: &VolumeMap,
+        ranges: &[(u64, u64)],
+        batch: &mut Batch,
+    ) -> Result<Option<CopyGroup>, i32> {
+        let mut group = CopyGroup::default();
         {
             let mut st = self.lock();
-            let State { role, copying } = &mut *st;
+            group.stores_seen = st.stores_changed;
+            let State {
+                role,
+                copying,
+                copying_max,
+                ..
+            } = &mut *st;
             let Role::Origin { stores } = role else {
-                return Ok(());
+                return Ok(None);
             };
+            group.store_names = stores.iter().map(|s| s.name.clone()).collect();
             let mut seen = std::collections::HashSet::new();
             for &(offset, len) in ranges {
                 let end = offset.saturating_add(len).min(origin.size());
@@ -205,66 +250,142 @@ impl Cow {
                     let cb = s.chunk_bytes();
                     for c in offset / cb..end.div_ceil(cb).max(offset / cb) {
                         if s.lookup(c).is_none() && seen.insert((i, c)) {
-                            wants.push((i, c));
-                            data.entry((c * cb, cb))
+                            group.wants.push((i, c));
+                            // Aligned, so that the copy goes around the page
+                            // cache like the client's own writes do (buffered
+                            // io_uring transfers are punted to worker threads,
+                            // and a sync would have to write the pages back).
+                            group
+                                .data
+                                .entry((c * cb, cb))
                                 .or_insert_with(|| AlignedBuf::new(cb as usize));
                         }
                     }
                 }
             }
-            copying.extend(data.keys().copied());
+            for &(at, n) in group.data.keys() {
+                *copying.entry((at, n)).or_default() += 1;
+                *copying_max = (*copying_max).max(n);
+            }
         }
-        if wants.is_empty() {
-            return Ok(());
+        if group.wants.is_empty() {
+            return Ok(None);
         }
-        let result = self.copy_chunks(devs, origin, &wants, &mut data, batch);
-        self.lock().copying.clear();
+        let mut ops = Vec::new();
+        let mut read = Ok(());
+        for (&(at, cb), buf) in group.data.iter_mut() {
+            let n = cb.min(origin.size() - at);
+            let buf = &mut buf.as_mut_slice()[..n as usize];
+            if pieces_ops(devs, origin, at, buf, false, &mut ops).is_err() {
+                read = Err(libc::EIO);
+                break;
+            }
+        }
+        if read.is_ok() {
+            // SAFETY: every buffer lives in `group.data` until the run returns.
+            read = unsafe { batch.run(&ops) }.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        match read {
+            Ok(()) => Ok(Some(group)),
+            Err(errno) => {
+                self.release(&group);
+                Err(errno)
+            }
+        }
+    }
+
+    /// The second half of a copy-out: the chunks of `group` (read by
+    /// [`Cow::copy_read`]) written into their stores and made durable, in
+    /// dm's order: COW data chunks (and the header, and zeroed next areas)
+    /// written, synced; then the exception areas that name them written,
+    /// synced. A store
+    /// that fills up, or whose writes fail, invalidates its snapshot and the
+    /// writes go on (as dm does). Commits run one at a time, in the order
+    /// their reads ended for one copier (the records a commit writes are
+    /// those of the chunks it allocated).
+    pub fn copy_commit(
+        &self,
+        devs: &[PvDevice],
+        mut group: CopyGroup,
+        batch: &mut Batch,
+    ) -> Result<(), i32> {
+        let one_at_a_time = self
+            .commit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = self.commit_chunks(devs, &mut group, batch);
+        drop(one_at_a_time);
+        self.release(&group);
         result
     }
 
-    /// [`Cow::copy_out`] of the chunks `wants` (store, origin chunk), whose
-    /// origin bytes go through `data` (keyed by origin byte range).
-    fn copy_chunks(
+    /// Give up a group read by [`Cow::copy_read`] without committing it
+    /// (its writes fail): writes to its chunks need no longer wait for it.
+    pub fn copy_abandon(&self, group: &CopyGroup) {
+        self.release(group);
+    }
+
+    /// Writes to the chunks of `group` need no longer wait for it.
+    fn release(&self, group: &CopyGroup) {
+        let mut st = self.lock();
+        for key in group.data.keys() {
+            if let Some(n) = st.copying.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    st.copying.remove(key);
+                }
+            }
+        }
+        if st.copying.is_empty() {
+            st.copying_max = 0;
+        }
+    }
+
+    /// [`Cow::copy_commit`] under the commit lock.
+    fn commit_chunks(
         &self,
         devs: &[PvDevice],
-        origin: &VolumeMap,
-        wants: &[(usize, u64)],
-        data: &mut HashMap<(u64, u64), AlignedBuf>,
+        group: &mut CopyGroup,
         batch: &mut Batch,
     ) -> Result<(), i32> {
         let io = DevsIo(devs);
-        // The origin's chunks, each read once, all at once. Nothing else
-        // writes them meanwhile: writes to chunks in `copying` are held.
-        let mut ops = Vec::new();
-        for (&(at, cb), buf) in data.iter_mut() {
-            let n = cb.min(origin.size() - at);
-            pieces_ops(
-                devs,
-                origin,
-                at,
-                &mut buf.as_mut_slice()[..n as usize],
-                false,
-                &mut ops,
-            )
-            .map_err(|_| libc::EIO)?;
-        }
-        // SAFETY: every buffer lives in `data` until the run returns.
-        unsafe { batch.run(&ops) }.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         // Under the lock: allocate the store chunks, and take the metadata
         // that records them, `before` (header, zeroed next area) and the
         // areas. The transfers run after it.
-        ops.clear();
+        let mut ops = Vec::new();
         let mut pending: Vec<[Vec<(u64, AlignedBuf)>; 2]> = Vec::new();
-        let mut steps: [Vec<BatchOp>; 2] = Default::default();
+        let mut records: Vec<BatchOp> = Vec::new();
         let mut touched = Vec::new();
         {
             let mut st = self.lock();
+            // A store left the set since the read: find the others by name.
+            let moved: Option<Vec<Option<usize>>> =
+                (st.stores_changed != group.stores_seen).then(|| {
+                    let stores = match &st.role {
+                        Role::Origin { stores } => stores.as_slice(),
+                        Role::Snapshot { .. } => &[],
+                    };
+                    group
+                        .store_names
+                        .iter()
+                        .map(|n| stores.iter().position(|s| &s.name == n))
+                        .collect()
+                });
             let Some(stores) = st.stores() else {
                 return Ok(());
             };
-            for &(i, c) in wants {
-                let s = &mut stores[i];
-                if !s.is_valid() {
+            for &(was, c) in &group.wants {
+                let Some(i) = moved
+                    .as_ref()
+                    .map_or(Some(was), |m| m.get(was).copied().flatten())
+                else {
+                    continue;
+                };
+                let Some(s) = stores.get_mut(i) else {
+                    continue;
+                };
+                // Kept meanwhile by the commit of a copy-out that read it too.
+                if !s.is_valid() || s.lookup(c).is_some() {
                     continue;
                 }
                 let cb = s.chunk_bytes();
@@ -273,7 +394,7 @@ impl Cow {
                         if !touched.contains(&i) {
                             touched.push(i);
                         }
-                        let Some(buf) = data.get_mut(&(c * cb, cb)) else {
+                        let Some(buf) = group.data.get_mut(&(c * cb, cb)) else {
                             continue;
                         };
                         let buf = buf.as_mut_slice();
@@ -292,29 +413,35 @@ impl Cow {
                 }
                 let PendingMetadata { before, areas } = s.pending_metadata();
                 let mut p = [aligned(before), aligned(areas)];
+                // The header and zeroed next areas need only be durable
+                // before the records (a full area's successor must read as
+                // empty), not after the data: they go with the data.
                 for (step, list) in p.iter_mut().enumerate() {
+                    let to = if step == 0 { &mut ops } else { &mut records };
                     for (at, b) in list.iter_mut() {
-                        let b = b.as_mut_slice();
-                        let _ = pieces_ops(devs, &s.map, *at, b, true, &mut steps[step]);
+                        let _ = pieces_ops(devs, &s.map, *at, b.as_mut_slice(), true, to);
                     }
                 }
                 // The buffers' memory stays put when `p` moves.
                 pending.push(p);
             }
         }
-        // In order, each step durable before the next starts: data chunks,
-        // sync; `before`, sync; areas, sync.
+        if touched.is_empty() {
+            return Ok(());
+        }
+        // In order, each step durable before the next starts: data chunks
+        // (with the header and zeroed next areas), sync; areas, sync.
         let syncs: Vec<ChainOp> = devs
             .iter()
             .map(|d| ChainOp::Sync { fd: d.any_fd() })
             .collect();
         let mut run = vec![ChainOp::gather(&ops)];
-        for step in steps.iter().filter(|s| !s.is_empty()) {
+        if !records.is_empty() {
             run.push(syncs.clone());
-            run.push(ChainOp::gather(step));
+            run.push(ChainOp::gather(&records));
         }
         run.push(syncs);
-        // SAFETY: the buffers live in `data` and `pending` until it returns.
+        // SAFETY: the buffers live in `group.data` and `pending` until it returns.
         let result = unsafe { batch.run_steps(&run) };
         drop(pending);
         if let Err(e) = result {
@@ -510,6 +637,29 @@ fn snapshot_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_in_flight_holds_exactly_the_bytes_of_its_chunks() {
+        let mut st = State {
+            role: Role::Origin { stores: Vec::new() },
+            copying: BTreeMap::new(),
+            copying_max: 0,
+            stores_changed: 0,
+        };
+        assert!(!st.copying_overlaps(0, u64::MAX));
+        // A 64 KiB chunk of one store and a 4 KiB chunk of another.
+        st.copying.insert((65536, 65536), 1);
+        st.copying.insert((4096, 4096), 2);
+        st.copying_max = 65536;
+        let at = |offset: u64, len: u64| st.copying_overlaps(offset, offset + len);
+        assert!(at(131071, 1), "the last byte of the long chunk");
+        assert!(!at(131072, 4096), "just past it");
+        assert!(at(65535, 2), "straddling its start");
+        assert!(!at(65532, 4), "just before it");
+        assert!(at(8191, 1) && !at(8192, 1) && !at(0, 4096));
+        assert!(at(0, 1 << 20), "a range covering both");
+        assert!(!at(5000, 0), "an empty range");
+    }
 
     #[test]
     fn chunks_cut_a_range_at_chunk_boundaries() {
