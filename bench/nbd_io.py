@@ -12,9 +12,14 @@ same bytes are then read and written by fio:
               the first GiB)
   - nbdkit:   fio's nbd engine -> `nbdkit --filter=offset file …`
 Jobs: 4k randread and randwrite at iodepth 32, 1M sequential read and write
-(iodepth 8), each time-based. Reports IOPS / MiB/s, ratios to qemu-nbd and
-to raw, and CPU per I/O of the server process (utime+stime from /proc), plus
-the server's CPU use while idle.
+(iodepth 8), each time-based. All servers run for the whole benchmark; each
+job runs on the four targets back to back, `--rounds` times, because this
+machine's disk speed drifts by half within minutes: a target measured once,
+minutes apart from the raw file, says more about the drift than about the
+target. Reports each target's median IOPS / MiB/s over the rounds, ratios to
+qemu-nbd, nbdkit and raw as medians of the per-round ratios, CPU per I/O of
+the server process (utime+stime from /proc), and the server's CPU use while
+idle.
 
 Prints one JSON object. Usage (root): cargo build --release && bench/nbd_io.py
 """
@@ -61,26 +66,56 @@ def fio(target, job, args, runtime, size):
     }
 
 
-def measure(name, target, pid, runtime, size):
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def measure_rounds(targets, runtime, size, rounds, image):
+    """targets: name -> (fio target, server pid or None). Every job on every
+    target, back to back, `rounds` times. Per target and job: the median
+    round (by IOPS) with the server's CPU over all rounds; and the rounds'
+    IOPS."""
+    runs = {name: {job: [] for job, _ in JOBS} for name in targets}
+    cpu = {name: {job: 0.0 for job, _ in JOBS} for name in targets}
+    for _ in range(rounds):
+        for job, args in JOBS:
+            for name, (target, pid) in targets.items():
+                cached = image if name == "nbdkit" else None
+                before = cpu_ticks(pid) if pid else 0
+                runs[name][job].append(fio(target, job, args, runtime, size))
+                if pid:
+                    cpu[name][job] += (cpu_ticks(pid) - before) / HZ
+                if cached:
+                    # nbdkit writes through the page cache: leave no dirty
+                    # or cached pages for the next target's run.
+                    os.sync()
+                    fd = os.open(cached, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
     res = {}
-    for job, args in JOBS:
-        before = cpu_ticks(pid) if pid else 0
-        r = fio(target, job, args, runtime, size)
+    for name, (_, pid) in targets.items():
+        res[name] = {}
+        for job, _ in JOBS:
+            rs = runs[name][job]
+            r = dict(sorted(rs, key=lambda x: x["iops"])[len(rs) // 2])
+            r["rounds_iops"] = [x["iops"] for x in rs]
+            if pid:
+                ios = sum(x["ios"] for x in rs)
+                r["server_cpu_s"] = round(cpu[name][job], 2)
+                r["server_cpu_us_per_io"] = round(cpu[name][job] * 1e6 / max(ios, 1), 2)
+            res[name][job] = r
         if pid:
-            used = (cpu_ticks(pid) - before) / HZ
-            r["server_cpu_s"] = round(used, 2)
-            r["server_cpu_us_per_io"] = round(used * 1e6 / max(r["ios"], 1), 2)
-        res[job] = r
-    if pid:
-        before = cpu_ticks(pid)
-        time.sleep(2)
-        res["idle_cpu_percent"] = round((cpu_ticks(pid) - before) / HZ / 2 * 100, 1)
+            before = cpu_ticks(pid)
+            time.sleep(2)
+            res[name]["idle_cpu_percent"] = round((cpu_ticks(pid) - before) / HZ / 2 * 100, 1)
     return res
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runtime", type=int, default=8)
+    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size-mib", type=int, default=1024)
     a = ap.parse_args()
     for tool in ["fio", "qemu-nbd", "nbdkit"]:
@@ -106,41 +141,45 @@ def main():
         sh(["fio", "--name=fill", "--ioengine=io_uring", "--direct=1", f"--filename={image}",
             f"--offset={offset}", f"--size={size}", "--rw=write", "--bs=1M",
             "--iodepth=8"])
-        results = {"raw": measure("raw", ("file", image, offset), None, a.runtime, size)}
-
-        def served(name, argv, sock, env=None):
+        def serve(argv, sock, env=None):
             p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
             procs.append(p)
             wait_socket(sock, p)
-            r = measure(name, ("nbd", f"nbd+unix:///?socket={sock}"), p.pid, a.runtime, size)
-            p.terminate(); p.wait()
-            return r
+            return (("nbd", f"nbd+unix:///?socket={sock}"), p.pid)
 
         sock = os.path.join(work, "devpool.sock")
-        results["devpool"] = served("devpool", [DEVPOOL, "--pool", "bench", "serve", dev["lv"],
-                                                "--nbd", f"unix:{sock}"], sock, env)
         qsock = os.path.join(work, "qemu.sock")
-        results["qemu_nbd"] = served("qemu-nbd", [
-            "qemu-nbd", "--cache=none", "--aio=io_uring", "-f", "raw", "--offset", str(offset),
-            "--shared=8", "--persistent", "--socket", qsock, image], qsock)
         ksock = os.path.join(work, "nbdkit.sock")
-        results["nbdkit"] = served("nbdkit", [
-            "nbdkit", "-f", "-U", ksock, "--filter=offset", "file", f"file={image}",
-            f"offset={offset}", f"range={size}"], ksock)
+        targets = {
+            "raw": (("file", image, offset), None),
+            "devpool": serve([DEVPOOL, "--pool", "bench", "serve", dev["lv"], "--nbd",
+                              f"unix:{sock}"], sock, env),
+            "qemu_nbd": serve([
+                "qemu-nbd", "--cache=none", "--aio=io_uring", "-f", "raw", "--offset",
+                str(offset), "--shared=8", "--persistent", "--socket", qsock, image], qsock),
+            "nbdkit": serve([
+                "nbdkit", "-f", "-U", ksock, "--filter=offset", "file", f"file={image}",
+                f"offset={offset}", f"range={size}"], ksock),
+        }
+        results = measure_rounds(targets, a.runtime, size, a.rounds, image)
+
+        def ratio(job, peer):
+            d, p = results["devpool"][job]["rounds_iops"], results[peer][job]["rounds_iops"]
+            return round(median([x / max(y, 1) for x, y in zip(d, p)]), 2)
 
         ratios = {}
         for job, _ in JOBS:
-            d = results["devpool"][job]["iops"]
             ratios[job] = {
-                "devpool_vs_qemu_nbd": round(d / max(results["qemu_nbd"][job]["iops"], 1), 2),
-                "devpool_vs_nbdkit": round(d / max(results["nbdkit"][job]["iops"], 1), 2),
-                "devpool_vs_raw": round(d / max(results["raw"][job]["iops"], 1), 2),
+                "devpool_vs_qemu_nbd": ratio(job, "qemu_nbd"),
+                "devpool_vs_nbdkit": ratio(job, "nbdkit"),
+                "devpool_vs_raw": ratio(job, "raw"),
             }
         print(json.dumps({
             "benchmark": "nbd_io",
             "volume_mib": a.size_mib,
             "runtime_s": a.runtime,
+            "rounds": a.rounds,
             "cpus": os.cpu_count(),
             "results": results,
             "ratios": ratios,
