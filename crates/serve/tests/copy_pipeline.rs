@@ -5,7 +5,9 @@
 //! ended; a store that leaves the set between a read and its commit must not
 //! make the commit record into the wrong store (or none); a group whose read
 //! fails, or that is given up before its commit, must not hold its chunks
-//! for good.
+//! for good. Last, the whole path: two queues (two copiers, one answering
+//! early) write into shared chunks in waves, and every chunk's old data is
+//! kept exactly once while the origin ends up with every write.
 
 use devpool_engine::cowstore::CowStore;
 use devpool_format::map::VolumeMap;
@@ -17,8 +19,10 @@ use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 4096;
-/// Where each snapshot's store starts in the file (1 MiB each).
+/// Where the snapshots' stores start in the file, and each one's size (room
+/// for every chunk of the 1 MiB origin).
 const STORES_AT: u64 = 4 * MIB;
+const STORE_LEN: u64 = 2 * MIB;
 
 /// A file whose first MiB is the origin, chunk `i` filled with byte `i % 200 + 1`.
 fn image(dir: &tempfile::TempDir) -> PathBuf {
@@ -33,14 +37,15 @@ fn image(dir: &tempfile::TempDir) -> PathBuf {
 }
 
 fn store_map(i: u64) -> VolumeMap {
-    VolumeMap::linear(0, STORES_AT + i * MIB, MIB)
+    VolumeMap::linear(0, STORES_AT + i * STORE_LEN, STORE_LEN)
 }
 
 fn open_store(devs: &[PvDevice], name: &str, i: u64) -> CowStore {
     CowStore::open(&DevsIo(devs), name, store_map(i), 8).unwrap()
 }
 
-/// The origin's COW state with the stores `names` (store `i` at its MiB).
+/// The origin's COW state with the stores `names` (store `i` at
+/// `STORES_AT + i * STORE_LEN`).
 fn origin(path: &Path, names: &[&str]) -> (Vec<PvDevice>, Cow) {
     let devs = vec![PvDevice::open(path, true).unwrap()];
     let stores = names
@@ -62,7 +67,7 @@ fn kept(path: &Path, name: &str, i: u64) -> Vec<(u64, Vec<u8>)> {
         .iter()
         .map(|e| {
             let mut b = vec![0u8; CHUNK as usize];
-            f.read_exact_at(&mut b, STORES_AT + i * MIB + e.new_chunk * CHUNK)
+            f.read_exact_at(&mut b, STORES_AT + i * STORE_LEN + e.new_chunk * CHUNK)
                 .unwrap();
             (e.old_chunk, b)
         })
@@ -190,4 +195,132 @@ fn an_abandoned_group_records_nothing_and_holds_nothing_for_good() {
         .unwrap();
     assert!(!held(&cow, 5), "the abandoned group's hold is gone");
     assert_eq!(kept(&path, "snap", 0).len(), 1);
+}
+
+/// xorshift64: a fixed, dependency-free sequence.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn two_queues_writing_into_shared_chunks_keep_every_old_chunk_once() {
+    use devpool_serve::buffer::AlignedBuf;
+    use devpool_serve::device::Volume;
+    use devpool_serve::queue::{Op, Queue, Request};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(&dir);
+    let original = std::fs::read(&path).unwrap()[..MIB as usize].to_vec();
+    let (devs, cow) = origin(&path, &["snap"]);
+    let vol = Arc::new(Volume {
+        name: "origin".into(),
+        uuid: "origin-uuid".into(),
+        map: VolumeMap::linear(0, 0, MIB),
+        devs,
+        read_only: false,
+        cow: Some(cow),
+        thin: None,
+    });
+    // One queue answers first writes early (an NBD connection's way), the
+    // other does not (vhost-user-blk's); each has its own copier.
+    let mut queues = [
+        Queue::new(Arc::clone(&vol), 256).unwrap(),
+        Queue::new(Arc::clone(&vol), 256).unwrap(),
+    ];
+    queues[0].answer_writes_early();
+
+    let mut model = original.clone();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut touched = std::collections::BTreeSet::new();
+    let mut tag = 0u64;
+    for round in 0..40 {
+        // A round's writes do not overlap each other, so their order does
+        // not matter; many share a chunk, across both queues.
+        let mut taken = vec![false; (MIB / 512) as usize];
+        let mut bufs: Vec<AlignedBuf> = Vec::new();
+        let mut reqs = Vec::new();
+        for _ in 0..48 {
+            let sectors = 1 + next(&mut rng) % 4;
+            let first = next(&mut rng) % (MIB / 512 - sectors);
+            let span = first as usize..(first + sectors) as usize;
+            if taken[span.clone()].iter().any(|&t| t) {
+                continue;
+            }
+            taken[span].iter_mut().for_each(|t| *t = true);
+            let (at, len) = (first * 512, sectors * 512);
+            let byte = 0xa0 + (round % 0x50) as u8;
+            let mut b = AlignedBuf::new(len as usize);
+            b.as_mut_slice().fill(byte);
+            model[at as usize..(at + len) as usize].fill(byte);
+            touched.extend(at / CHUNK..(at + len).div_ceil(CHUNK));
+            bufs.push(b);
+            reqs.push((at, len));
+        }
+        for (i, (b, &(at, len))) in bufs.iter_mut().zip(&reqs).enumerate() {
+            let req = Request {
+                op: Op::Write { fua: false },
+                offset: at,
+                len,
+                iov: vec![libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: len as usize,
+                }],
+            };
+            tag += 1;
+            // SAFETY: `bufs` outlives the round, which waits for every
+            // request below.
+            unsafe { queues[i % 2].submit(tag, req) }.unwrap();
+            if i % 8 == 7 {
+                // Start a copy-out with what each queue holds, so the
+                // next writes form a second group while it runs.
+                for q in queues.iter_mut() {
+                    q.wait(0, &mut Vec::new()).unwrap();
+                }
+            }
+        }
+        let mut events = Vec::new();
+        let mut spins = 0;
+        while queues.iter().any(|q| q.in_flight() > 0) {
+            for q in queues.iter_mut() {
+                events.clear();
+                q.wait(0, &mut events).unwrap();
+                assert!(events.iter().all(|e| match e {
+                    devpool_serve::queue::Event::Done(c) => c.errno == 0,
+                    _ => true,
+                }));
+            }
+            spins += 1;
+            assert!(spins < 10_000_000, "round {round} never finished");
+            std::thread::yield_now();
+        }
+    }
+    drop(queues);
+
+    let now = std::fs::read(&path).unwrap();
+    assert!(
+        now[..MIB as usize] == model[..],
+        "the origin holds every write"
+    );
+    let kept = kept(&path, "snap", 0);
+    let chunks: Vec<u64> = kept.iter().map(|(c, _)| *c).collect();
+    let mut sorted = chunks.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), chunks.len(), "no chunk recorded twice");
+    assert_eq!(
+        sorted,
+        touched.iter().copied().collect::<Vec<_>>(),
+        "every chunk written is kept"
+    );
+    for (c, data) in &kept {
+        let at = (c * CHUNK) as usize;
+        assert!(
+            data[..] == original[at..at + CHUNK as usize],
+            "chunk {c} keeps its data from before the snapshot"
+        );
+    }
 }
