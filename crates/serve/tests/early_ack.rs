@@ -71,32 +71,61 @@ fn request(op: Op, offset: u64, buf: Option<&mut AlignedBuf>) -> Request {
     }
 }
 
-/// The errno of every request done in one non-blocking round, by tag.
-fn poll(q: &mut Queue) -> HashMap<u64, i32> {
-    let mut ev = Vec::new();
-    q.wait(0, &mut ev).unwrap();
-    ev.iter()
-        .filter_map(|e| match e {
-            Event::Done(c) => Some((c.tag, c.errno)),
-            _ => None,
-        })
-        .collect()
+/// A queue, and the completions it reported that the test has not taken
+/// yet (one wait may report several requests; none may be lost).
+struct Driven {
+    q: Queue,
+    done: HashMap<u64, i32>,
 }
 
-/// Drive `q` until `tag` is done; its errno.
-fn until_done(q: &mut Queue, tag: u64) -> i32 {
-    for _ in 0..10_000 {
+impl Driven {
+    fn new(q: Queue) -> Driven {
+        Driven {
+            q,
+            done: HashMap::new(),
+        }
+    }
+
+    fn round(&mut self, min: usize) {
         let mut ev = Vec::new();
-        q.wait(1, &mut ev).unwrap();
+        self.q.wait(min, &mut ev).unwrap();
         for e in ev {
-            if let Event::Done(c) = e
-                && c.tag == tag
-            {
-                return c.errno;
+            if let Event::Done(c) = e {
+                self.done.insert(c.tag, c.errno);
             }
         }
     }
-    panic!("request {tag} never completed");
+
+    /// After one non-blocking round: the errno of every request done and
+    /// not taken yet, by tag.
+    fn poll(&mut self) -> HashMap<u64, i32> {
+        self.round(0);
+        std::mem::take(&mut self.done)
+    }
+
+    /// Drive the queue until `tag` is done; its errno.
+    fn until_done(&mut self, tag: u64) -> i32 {
+        for _ in 0..10_000 {
+            if let Some(errno) = self.done.remove(&tag) {
+                return errno;
+            }
+            self.round(1);
+        }
+        panic!("request {tag} never completed");
+    }
+}
+
+impl std::ops::Deref for Driven {
+    type Target = Queue;
+    fn deref(&self) -> &Queue {
+        &self.q
+    }
+}
+
+impl std::ops::DerefMut for Driven {
+    fn deref_mut(&mut self) -> &mut Queue {
+        &mut self.q
+    }
 }
 
 fn filled(byte: u8) -> AlignedBuf {
@@ -110,9 +139,9 @@ fn an_answered_write_holds_overlapping_requests_on_every_queue_until_it_lands() 
     let dir = tempfile::tempdir().unwrap();
     let (path, vol) = origin(&dir, true);
     let deferred = &vol.cow.as_ref().unwrap().deferred;
-    let mut a = Queue::new(Arc::clone(&vol), 64).unwrap();
+    let mut a = Driven::new(Queue::new(Arc::clone(&vol), 64).unwrap());
     a.answer_writes_early();
-    let mut b = Queue::new(Arc::clone(&vol), 64).unwrap();
+    let mut b = Driven::new(Queue::new(Arc::clone(&vol), 64).unwrap());
 
     let mut data = filled(0x22);
     // SAFETY: every buffer here outlives the queues' use of it (each
@@ -120,7 +149,7 @@ fn an_answered_write_holds_overlapping_requests_on_every_queue_until_it_lands() 
     unsafe { a.submit(1, request(Op::Write { fua: false }, 8192, Some(&mut data))) }.unwrap();
     // The client's buffer is not needed once the write is answered.
     data.as_mut_slice().fill(0xee);
-    assert_eq!(poll(&mut a).get(&1), Some(&0), "answered at once");
+    assert_eq!(a.poll().get(&1), Some(&0), "answered at once");
     assert_eq!(
         deferred.pending(),
         1,
@@ -136,9 +165,9 @@ fn an_answered_write_holds_overlapping_requests_on_every_queue_until_it_lands() 
         b.submit(9, request(Op::Read, 16384, Some(&mut other)))
             .unwrap();
     }
-    assert_eq!(until_done(&mut b, 9), 0, "a read elsewhere goes ahead");
+    assert_eq!(b.until_done(9), 0, "a read elsewhere goes ahead");
     assert!(other.as_mut_slice().iter().all(|&x| x == 0x11));
-    let early = poll(&mut b);
+    let early = b.poll();
     assert!(
         !early.contains_key(&7) && !early.contains_key(&8),
         "the overlapping read and the flush waited: {early:?}"
@@ -147,15 +176,15 @@ fn an_answered_write_holds_overlapping_requests_on_every_queue_until_it_lands() 
 
     // Queue a runs the copy-out and the write; b is woken.
     while a.in_flight() > 0 {
-        poll(&mut a);
+        a.poll();
     }
     assert_eq!(deferred.pending(), 0);
-    assert_eq!(until_done(&mut b, 7), 0);
+    assert_eq!(b.until_done(7), 0);
     assert!(
         same.as_mut_slice().iter().all(|&x| x == 0x22),
         "the read sees the answered write"
     );
-    assert_eq!(until_done(&mut b, 8), 0);
+    assert_eq!(b.until_done(8), 0);
 
     // On disk: the new data on the origin, the old in the store's first
     // data chunk (chunk 2: after the header and the first exception area).
@@ -177,16 +206,16 @@ fn a_deferred_write_that_fails_fails_the_next_flush() {
     // The same volume, its device opened read-only behind the queue's back:
     // the copy-out and the origin write both fail after the answer.
     let (_, vol) = origin(&dir, false);
-    let mut q = Queue::new(Arc::clone(&vol), 64).unwrap();
+    let mut q = Driven::new(Queue::new(Arc::clone(&vol), 64).unwrap());
     q.answer_writes_early();
     let mut data = filled(0x33);
     // SAFETY: data outlives the request.
     unsafe { q.submit(1, request(Op::Write { fua: false }, 0, Some(&mut data))) }.unwrap();
-    assert_eq!(poll(&mut q).get(&1), Some(&0), "answered at once");
+    assert_eq!(q.poll().get(&1), Some(&0), "answered at once");
     // SAFETY: a flush points at no memory.
     unsafe { q.submit(2, request(Op::Flush, 0, None)) }.unwrap();
-    assert_ne!(until_done(&mut q, 2), 0, "the lost write is reported");
+    assert_ne!(q.until_done(2), 0, "the lost write is reported");
     // SAFETY: as above.
     unsafe { q.submit(3, request(Op::Flush, 0, None)) }.unwrap();
-    assert_eq!(until_done(&mut q, 3), 0, "reported once");
+    assert_eq!(q.until_done(3), 0, "reported once");
 }
