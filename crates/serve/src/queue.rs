@@ -541,10 +541,7 @@ impl Queue {
             }
         }
         if !self.waiting.is_empty() && !self.woken_polled {
-            let poll = opcode::PollAdd::new(types::Fd(waker.as_raw_fd()), libc::POLLIN as u32)
-                .build()
-                .user_data(WOKEN);
-            self.push(poll);
+            self.poll_readable(waker.as_raw_fd(), WOKEN);
             self.woken_polled = true;
         }
     }
@@ -556,13 +553,7 @@ impl Queue {
         if self.thin_commit_wait(min, out)? {
             return Ok(());
         }
-        // First writes to a snapshotted origin: copy them out now if the
-        // copier's pipeline has room; else they gather for its next
-        // copy-out, so a busy origin copies in groups without waiting for a
-        // timer.
-        if !self.held.is_empty() && self.copying.len() < copier::DEPTH {
-            self.start_copy();
-        }
+        self.start_copy();
         let mut want = if self.ready.is_empty() { min } else { 0 };
         if want > 0 && !self.slots.is_empty() {
             // I/O is in flight: spin briefly before sleeping. On a virtual
@@ -703,9 +694,15 @@ impl Drop for Queue {
 }
 
 impl Queue {
-    /// Hand the chunks the held writes reach to the copier (all at once);
-    /// [`Queue::copied`] starts the writes when they are durable.
+    /// First writes to a snapshotted origin: hand the chunks the held
+    /// writes reach to the copier (all at once) if its pipeline has room;
+    /// else they gather for a later copy-out, so a busy origin copies in
+    /// groups without waiting for a timer. [`Queue::copied`] starts the
+    /// writes when they are durable.
     fn start_copy(&mut self) {
+        if self.held.is_empty() || self.copying.len() >= copier::DEPTH {
+            return;
+        }
         let held = std::mem::take(&mut self.held);
         let ranges: Vec<(u64, u64)> = held.iter().map(|(_, r)| (r.offset, r.len)).collect();
         if self.copier.is_none() {
@@ -729,13 +726,19 @@ impl Queue {
         if self.copier_polled {
             return;
         }
-        if let Some(c) = &self.copier {
-            let poll = opcode::PollAdd::new(types::Fd(c.wake_fd()), libc::POLLIN as u32)
-                .build()
-                .user_data(COPIED);
-            self.push(poll);
+        if let Some(fd) = self.copier.as_ref().map(Copier::wake_fd) {
+            self.poll_readable(fd, COPIED);
             self.copier_polled = true;
         }
+    }
+
+    /// One completion with user data `data` once `fd` (an eventfd) is
+    /// readable.
+    fn poll_readable(&mut self, fd: std::os::fd::RawFd, data: u64) {
+        let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(data);
+        self.push(poll);
     }
 
     /// The copier's descriptor became readable: start the writes of each
@@ -759,9 +762,7 @@ impl Queue {
                 }
             }
         }
-        if !self.held.is_empty() && self.copying.len() < copier::DEPTH {
-            self.start_copy();
-        }
+        self.start_copy();
         if !self.copying.is_empty() {
             self.poll_copier();
         }
