@@ -396,3 +396,102 @@ fn a_read_only_export_refuses_writes_and_still_reads() {
     assert!(buf.iter().all(|&x| x == SENTINEL));
     b.assert_neighbours_intact();
 }
+
+/// A minimal NBD client: the fixed newstyle handshake with `NBD_OPT_GO` on
+/// the default export, then simple requests.
+struct RawClient(std::os::unix::net::UnixStream);
+
+impl RawClient {
+    fn connect(sock: &Path) -> RawClient {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        let mut greet = [0u8; 18];
+        s.read_exact(&mut greet).unwrap();
+        assert_eq!(&greet[..8], b"NBDMAGIC");
+        // Client flags: fixed newstyle, no zeroes.
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut opt = Vec::new();
+        opt.extend_from_slice(b"IHAVEOPT");
+        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+        opt.extend_from_slice(&6u32.to_be_bytes()); // name length + name + no info requests
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        opt.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&opt).unwrap();
+        loop {
+            let mut head = [0u8; 20];
+            s.read_exact(&mut head).unwrap();
+            let typ = u32::from_be_bytes(head[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(head[16..20].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data).unwrap();
+            assert!(
+                typ & 0x8000_0000 == 0,
+                "option GO refused: reply type {typ:#x}"
+            );
+            if typ == 1 {
+                return RawClient(s); // NBD_REP_ACK
+            }
+        }
+    }
+
+    /// `count` 4 KiB reads spread over the first `span` bytes, `depth` in
+    /// flight at a time.
+    fn reads(&mut self, count: u64, depth: u64, span: u64) {
+        use std::io::{Read, Write};
+        let mut sent = 0u64;
+        let mut done = 0u64;
+        while done < count {
+            while sent < count && sent - done < depth {
+                let mut req = Vec::with_capacity(28);
+                req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+                req.extend_from_slice(&0u16.to_be_bytes());
+                req.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+                req.extend_from_slice(&sent.to_be_bytes());
+                req.extend_from_slice(&((sent * 7919 * 4096) % span).to_be_bytes());
+                req.extend_from_slice(&4096u32.to_be_bytes());
+                self.0.write_all(&req).unwrap();
+                sent += 1;
+            }
+            let mut reply = [0u8; 16 + 4096];
+            self.0.read_exact(&mut reply).unwrap();
+            assert_eq!(&reply[4..8], &[0, 0, 0, 0], "read failed");
+            done += 1;
+        }
+    }
+}
+
+/// The CPU time a process has used, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_busy_connection_spins_briefly_and_an_idle_one_costs_no_cpu() {
+    if need_tools("idle cpu", &[]) {
+        return;
+    }
+    let b = Bench::new("idlecpu", 16);
+    let sock = b.lab.path("idle.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let srv = Server::start(&b.lab, "idlecpu", &[&b.lv(1), "--nbd", &nbd]);
+    let mut client = RawClient::connect(&sock);
+    // Busy: the connection's thread spins between requests and completions.
+    client.reads(4000, 8, 16 << 20);
+    // Idle, still connected: each spin ends and the thread sleeps.
+    std::thread::sleep(Duration::from_millis(100));
+    let before = cpu_ticks(srv.pid());
+    std::thread::sleep(Duration::from_millis(1500));
+    let idle = cpu_ticks(srv.pid()) - before;
+    // A thread that kept spinning would use all 150 ticks of a CPU.
+    assert!(
+        idle <= 8,
+        "the server used {idle} ticks of CPU in 1.5 s idle"
+    );
+    // The connection still answers after sleeping.
+    client.reads(16, 4, 16 << 20);
+    drop(client);
+    drop(srv);
+    b.assert_neighbours_intact();
+}

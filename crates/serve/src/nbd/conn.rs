@@ -66,6 +66,7 @@ pub fn serve(fd: RawFd, vol: Arc<Volume>, stop_fd: RawFd) -> io::Result<()> {
     let mut q = Queue::new_for_this_thread(vol, RING_DEPTH)?;
     // This loop drives the ring for as long as anything is in flight.
     q.answer_writes_early();
+    q.spin_for_requests();
     let mut c = Connection {
         fd,
         q,
