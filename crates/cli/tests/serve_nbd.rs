@@ -403,16 +403,17 @@ struct RawClient(std::os::unix::net::UnixStream);
 
 impl RawClient {
     fn connect(sock: &Path) -> RawClient {
+        use devpool_serve::nbd::proto::{CLIENT_NO_ZEROES, IHAVEOPT, NBDMAGIC, OPT_GO, REP_ACK};
         use std::io::{Read, Write};
         let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
         let mut greet = [0u8; 18];
         s.read_exact(&mut greet).unwrap();
-        assert_eq!(&greet[..8], b"NBDMAGIC");
+        assert_eq!(&greet[..8], NBDMAGIC);
         // Client flags: fixed newstyle, no zeroes.
-        s.write_all(&3u32.to_be_bytes()).unwrap();
+        s.write_all(&(1 | CLIENT_NO_ZEROES).to_be_bytes()).unwrap();
         let mut opt = Vec::new();
-        opt.extend_from_slice(b"IHAVEOPT");
-        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        opt.extend_from_slice(&OPT_GO.to_be_bytes());
         opt.extend_from_slice(&6u32.to_be_bytes()); // name length + name + no info requests
         opt.extend_from_slice(&0u32.to_be_bytes());
         opt.extend_from_slice(&0u16.to_be_bytes());
@@ -428,8 +429,8 @@ impl RawClient {
                 typ & 0x8000_0000 == 0,
                 "option GO refused: reply type {typ:#x}"
             );
-            if typ == 1 {
-                return RawClient(s); // NBD_REP_ACK
+            if typ == REP_ACK {
+                return RawClient(s);
             }
         }
     }
@@ -437,15 +438,16 @@ impl RawClient {
     /// `count` 4 KiB reads spread over the first `span` bytes, `depth` in
     /// flight at a time.
     fn reads(&mut self, count: u64, depth: u64, span: u64) {
+        use devpool_serve::nbd::proto::{CMD_READ, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC};
         use std::io::{Read, Write};
         let mut sent = 0u64;
         let mut done = 0u64;
         while done < count {
             while sent < count && sent - done < depth {
                 let mut req = Vec::with_capacity(28);
-                req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+                req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
                 req.extend_from_slice(&0u16.to_be_bytes());
-                req.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+                req.extend_from_slice(&CMD_READ.to_be_bytes());
                 req.extend_from_slice(&sent.to_be_bytes());
                 req.extend_from_slice(&((sent * 7919 * 4096) % span).to_be_bytes());
                 req.extend_from_slice(&4096u32.to_be_bytes());
@@ -454,6 +456,7 @@ impl RawClient {
             }
             let mut reply = [0u8; 16 + 4096];
             self.0.read_exact(&mut reply).unwrap();
+            assert_eq!(reply[..4], SIMPLE_REPLY_MAGIC.to_be_bytes(), "reply magic");
             assert_eq!(&reply[4..8], &[0, 0, 0, 0], "read failed");
             done += 1;
         }

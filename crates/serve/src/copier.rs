@@ -43,47 +43,42 @@ impl Copier {
         let (read_tx, read_rx) = channel::<Result<Option<CopyGroup>, i32>>();
         let (result_tx, results) = channel();
         let reader_vol = Arc::clone(&vol);
-        let reader = std::thread::Builder::new()
-            .name("devpool-copy-read".into())
-            .spawn(move || {
-                let mut batch = None;
-                while let Ok(ranges) = job_rx.recv() {
-                    let v = &reader_vol;
-                    let r = match (&v.cow, ring(&mut batch)) {
-                        (None, _) => Ok(None),
-                        (Some(_), Err(errno)) => Err(errno),
-                        (Some(cow), Ok(b)) => cow.copy_read(&v.devs, &v.map, &ranges, b),
-                    };
-                    if read_tx.send(r).is_err() {
-                        return;
-                    }
+        let reader = stage(
+            "devpool-copy-read",
+            job_rx,
+            read_tx,
+            move |ranges, batch| {
+                let v = &reader_vol;
+                match (&v.cow, ring(batch)) {
+                    (None, _) => Ok(None),
+                    (Some(_), Err(errno)) => Err(errno),
+                    (Some(cow), Ok(b)) => cow.copy_read(&v.devs, &v.map, &ranges, b),
                 }
-            })?;
+            },
+            || {},
+        )?;
         let woken = Arc::clone(&wake);
-        let committer = std::thread::Builder::new()
-            .name("devpool-copy-commit".into())
-            .spawn(move || {
-                let mut batch = None;
-                // Ends when the reader does (its sender dropped).
-                while let Ok(read) = read_rx.recv() {
-                    let r = match (read, &vol.cow) {
-                        (Ok(Some(group)), Some(cow)) => match ring(&mut batch) {
-                            Ok(b) => cow.copy_commit(&vol.devs, group, b),
-                            Err(errno) => {
-                                cow.copy_abandon(&group);
-                                Err(errno)
-                            }
-                        },
-                        (Ok(_), _) => Ok(()),
-                        (Err(errno), _) => Err(errno),
-                    };
-                    if result_tx.send(r).is_err() {
-                        return;
+        // Ends when the reader does (its sender dropped).
+        let committer = stage(
+            "devpool-copy-commit",
+            read_rx,
+            result_tx,
+            move |read, batch| match (read, &vol.cow) {
+                (Ok(Some(group)), Some(cow)) => match ring(batch) {
+                    Ok(b) => cow.copy_commit(&vol.devs, group, b),
+                    Err(errno) => {
+                        cow.copy_abandon(&group);
+                        Err(errno)
                     }
-                    // Cannot fail short of a counter overflow (2^64 jobs).
-                    let _ = woken.write(1);
-                }
-            });
+                },
+                (Ok(_), _) => Ok(()),
+                (Err(errno), _) => Err(errno),
+            },
+            move || {
+                // Cannot fail short of a counter overflow (2^64 jobs).
+                let _ = woken.write(1);
+            },
+        );
         let committer = match committer {
             Ok(t) => t,
             Err(e) => {
@@ -122,6 +117,29 @@ impl Copier {
         let _ = self.wake.read();
         self.results.try_iter().collect()
     }
+}
+
+/// One stage of the pipeline on a thread of its own: `work` on each item
+/// from `input`, with the thread's batch ring, its outcome sent on, then
+/// `sent`. Ends when either neighbour is gone.
+fn stage<I: Send + 'static, O: Send + 'static>(
+    name: &str,
+    input: Receiver<I>,
+    output: Sender<O>,
+    mut work: impl FnMut(I, &mut Option<Batch>) -> O + Send + 'static,
+    sent: impl Fn() + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let mut batch = None;
+            while let Ok(item) = input.recv() {
+                if output.send(work(item, &mut batch)).is_err() {
+                    return;
+                }
+                sent();
+            }
+        })
 }
 
 /// This thread's batch ring, made on first use.

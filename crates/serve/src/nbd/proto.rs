@@ -13,17 +13,17 @@ pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 // Handshake flags (server) and client flags.
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
-const CLIENT_NO_ZEROES: u32 = 2;
+pub const CLIENT_NO_ZEROES: u32 = 2;
 
 // Options.
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
+pub const OPT_GO: u32 = 7;
 
 // Option replies.
-const REP_ACK: u32 = 1;
+pub const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
