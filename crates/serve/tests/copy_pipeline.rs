@@ -56,6 +56,15 @@ fn origin(path: &Path, names: &[&str]) -> (Vec<PvDevice>, Cow) {
     (devs, Cow::new(Role::Origin { stores }, Vec::new()))
 }
 
+/// A fresh image (see [`image`]) whose origin has one snapshot, "snap":
+/// the directory (keep it), the image, its devices, the origin's COW state.
+fn snapshotted_origin() -> (tempfile::TempDir, PathBuf, Vec<PvDevice>, Cow) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(&dir);
+    let (devs, cow) = origin(&path, &["snap"]);
+    (dir, path, devs, cow)
+}
+
 /// Store `i` as it is on disk now: (origin chunk, the data it keeps), in
 /// record order.
 fn kept(path: &Path, name: &str, i: u64) -> Vec<(u64, Vec<u8>)> {
@@ -80,9 +89,7 @@ fn held(cow: &Cow, chunk: u64) -> bool {
 
 #[test]
 fn two_groups_that_read_the_same_chunk_record_it_once_and_hold_it_until_both_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = image(&dir);
-    let (devs, cow) = origin(&path, &["snap"]);
+    let (_dir, path, devs, cow) = snapshotted_origin();
     let map = VolumeMap::linear(0, 0, MIB);
     let (mut ra, mut rb, mut c) = (
         Batch::new().unwrap(),
@@ -159,9 +166,7 @@ fn a_store_that_leaves_between_read_and_commit_does_not_shift_the_others() {
 
 #[test]
 fn a_failed_read_leaves_no_chunk_held_for_good() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = image(&dir);
-    let (devs, cow) = origin(&path, &["snap"]);
+    let (_dir, path, devs, cow) = snapshotted_origin();
     let mut batch = Batch::new().unwrap();
     // An origin map that reaches past the end of the file: its last chunk
     // cannot be read.
@@ -179,9 +184,7 @@ fn a_failed_read_leaves_no_chunk_held_for_good() {
 
 #[test]
 fn an_abandoned_group_records_nothing_and_holds_nothing_for_good() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = image(&dir);
-    let (devs, cow) = origin(&path, &["snap"]);
+    let (_dir, path, devs, cow) = snapshotted_origin();
     let map = VolumeMap::linear(0, 0, MIB);
     let mut batch = Batch::new().unwrap();
     let group = cow
@@ -223,10 +226,8 @@ fn two_queues_writing_into_shared_chunks_keep_every_old_chunk_once() {
     use devpool_serve::queue::{Op, Queue, Request};
     use std::sync::Arc;
 
-    let dir = tempfile::tempdir().unwrap();
-    let path = image(&dir);
+    let (_dir, path, devs, cow) = snapshotted_origin();
     let original = std::fs::read(&path).unwrap()[..MIB as usize].to_vec();
-    let (devs, cow) = origin(&path, &["snap"]);
     let vol = Arc::new(Volume {
         name: "origin".into(),
         uuid: "origin-uuid".into(),
