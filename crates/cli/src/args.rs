@@ -532,6 +532,11 @@ pub struct VmArgs {
     /// Kill the VM after this many seconds (boot included).
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Boot again, up to this many times, when QEMU itself crashes (dies of
+    /// SIGABRT, SIGSEGV, ...) before the guest's command starts. The command
+    /// never runs twice: a crash after it started is reported, not retried.
+    #[arg(long, default_value_t = 2)]
+    pub boot_retries: u32,
     /// Keep the volumes afterwards (never reaped; `cleanup --kept` removes them).
     #[arg(long)]
     pub keep: bool,

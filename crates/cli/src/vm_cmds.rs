@@ -72,6 +72,15 @@ pub struct Timings {
     pub total_ms: u64,
 }
 
+/// A boot QEMU did not survive, before the guest's command started.
+#[derive(Debug, Clone, Serialize)]
+pub struct QemuCrash {
+    pub signal: String,
+    /// QEMU start to its death.
+    pub after_ms: u64,
+    pub qemu_error: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     pub kernel: PathBuf,
@@ -90,6 +99,14 @@ pub struct RunReport {
     pub release_error: Option<String>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub qemu_error: String,
+    /// The signal that ended QEMU, when one did (a crash, or the kill of a
+    /// timed-out or cancelled run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu_signal: Option<String>,
+    /// Boots that QEMU crashed in before the command started, each followed
+    /// by a fresh boot (see --boot-retries).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub qemu_crashes: Vec<QemuCrash>,
 }
 
 impl RunReport {
@@ -115,10 +132,13 @@ impl RunReport {
                 secs(Some(self.timings.total_ms))
             ),
             Ending::Cancelled => "cancelled: the VM was killed".into(),
-            Ending::Died => {
-                "the guest stopped without reporting an exit status (kernel panic, or init failed)"
-                    .into()
-            }
+            Ending::Died => match &self.qemu_signal {
+                Some(sig) => format!(
+                    "QEMU crashed ({sig}) without the guest reporting an exit status: a QEMU bug, not the guest's doing"
+                ),
+                None => "the guest stopped without reporting an exit status (kernel panic, or init failed)"
+                    .into(),
+            },
         };
         let lease = match (&self.session, self.kept, self.released) {
             (None, _, _) => String::new(),
@@ -129,8 +149,20 @@ impl RunReport {
                 self.release_error.as_deref().unwrap_or("?")
             ),
         };
+        let retried = match self.qemu_crashes.len() {
+            0 => String::new(),
+            n => format!(
+                "; booted {} times: QEMU crashed before the command started ({})",
+                n + 1,
+                self.qemu_crashes
+                    .iter()
+                    .map(|c| c.signal.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         format!(
-            "{what} (boot {}, command {}, {}){lease}",
+            "{what} (boot {}, command {}, {}){lease}{retried}",
             secs(self.timings.boot_ms),
             secs(self.timings.command_ms),
             self.accel.to_uppercase(),
@@ -538,17 +570,41 @@ pub fn boot(
             eprintln!("{text}");
         }
     };
-    let outcome = runner::run(
-        &machine,
-        Duration::from_secs(vm.timeout),
-        &|| {
-            CANCEL.load(Ordering::SeqCst)
-                || cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst))
-        },
-        &mut on_line,
-    )?;
-    let released = leased.finish();
     let ms = |d: Duration| d.as_millis() as u64;
+    let deadline = Instant::now() + Duration::from_secs(vm.timeout);
+    let mut crashes = Vec::new();
+    let outcome = loop {
+        let o = runner::run(
+            &machine,
+            deadline.saturating_duration_since(Instant::now()),
+            &|| {
+                CANCEL.load(Ordering::SeqCst)
+                    || cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst))
+            },
+            &mut on_line,
+        )?;
+        if !o.qemu_crashed_before_command() || crashes.len() >= vm.boot_retries as usize {
+            break o;
+        }
+        let crash = QemuCrash {
+            signal: o.signal.map(runner::signal_name).unwrap_or_default(),
+            after_ms: ms(o.total),
+            qemu_error: o.qemu_stderr.trim().to_string(),
+        };
+        if !crash.qemu_error.is_empty() {
+            eprintln!("devpool: QEMU said: {}", crash.qemu_error);
+        }
+        eprintln!(
+            "devpool: QEMU crashed ({}) {:.1} s into the boot, before the command started: a QEMU bug, not the guest's; booting again ({} of {} retries)",
+            crash.signal,
+            o.total.as_secs_f64(),
+            crashes.len() + 1,
+            vm.boot_retries
+        );
+        crashes.push(crash);
+    };
+    let released = leased.finish();
+    let crashed_ms: u64 = crashes.iter().map(|c| c.after_ms).sum();
     let report = RunReport {
         kernel: k.image.clone(),
         kernel_version: k.version.clone(),
@@ -566,6 +622,7 @@ pub fn boot(
             command_ms: outcome.command.map(ms),
             report_ms: ms(t0.elapsed())
                 .saturating_sub(ms(prepare))
+                .saturating_sub(crashed_ms)
                 .saturating_sub(outcome.boot.map(ms).unwrap_or(0))
                 .saturating_sub(outcome.command.map(ms).unwrap_or(0)),
             total_ms: ms(t0.elapsed()),
@@ -577,6 +634,8 @@ pub fn boot(
         } else {
             outcome.qemu_stderr.trim().to_string()
         },
+        qemu_signal: outcome.signal.map(runner::signal_name),
+        qemu_crashes: crashes,
     };
     Ok((report, outcome))
 }

@@ -477,7 +477,9 @@ pub fn bind(path: &Path) -> io::Result<Bound> {
     })
 }
 
-/// Serve one QEMU connection until it disconnects or `stopper` is set.
+/// Serve QEMU until `stopper` is set: one connection at a time (vhost-user
+/// has one frontend), and a new one after each disconnect, so a restarted or
+/// reconnecting QEMU finds the device again.
 pub fn serve(
     mut bound: Bound,
     vol: Arc<Volume>,
@@ -485,45 +487,61 @@ pub fn serve(
     stopper: Arc<Stopper>,
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
+    stopper.shutdown_on_stop(bound.listener.as_raw_fd());
+    while !stopper.is_stopped() {
+        serve_connection(&mut bound, Arc::clone(&vol), queues, &stopper)?;
+    }
+    Ok(())
+}
+
+/// Accept one QEMU connection and serve it until it disconnects or `stopper`
+/// is set. Each connection gets a fresh backend: no virtqueue, memory table
+/// or feature state outlives the frontend that set it up.
+fn serve_connection(
+    bound: &mut Bound,
+    vol: Arc<Volume>,
+    queues: usize,
+    stopper: &Arc<Stopper>,
+) -> io::Result<()> {
     let backend = Arc::new(BlkBackend::new(vol, queues));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("devpool-vhost-user-blk".into(), backend, mem)
         .map_err(|e| io::Error::other(format!("vhost-user daemon: {e}")))?;
-    stopper.shutdown_on_stop(bound.listener.as_raw_fd());
     if let Err(e) = daemon.start(&mut bound.listener) {
         if stopper.is_stopped() {
             return Ok(());
         }
         return Err(io::Error::other(format!("vhost-user accept: {e}")));
     }
+    let Some(h) = daemon.shutdown_handle() else {
+        return Ok(());
+    };
     // Stop the connection when asked to; the daemon's own thread exits then.
-    if let Some(h) = daemon.shutdown_handle() {
-        let s = Arc::clone(&stopper);
-        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let f2 = Arc::clone(&finished);
-        std::thread::spawn(move || {
-            while !s.wait_timeout(Duration::from_millis(200)) {
-                if f2.load(std::sync::atomic::Ordering::SeqCst) {
-                    return;
-                }
+    let s = Arc::clone(stopper);
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f2 = Arc::clone(&finished);
+    let watcher = std::thread::spawn(move || {
+        while !s.wait_timeout(Duration::from_millis(200)) {
+            if f2.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
             }
-            h.shutdown();
-        });
-        let r = daemon.wait();
-        finished.store(true, std::sync::atomic::Ordering::SeqCst);
-        return match r {
-            Ok(()) => Ok(()),
-            Err(_) if stopper.is_stopped() => Ok(()),
-            Err(e) => {
-                // QEMU going away mid-message is the normal end of a guest.
-                let msg = e.to_string();
-                if msg.contains("isconnect") || msg.contains("artial") || msg.contains("broken") {
-                    Ok(())
-                } else {
-                    Err(io::Error::other(format!("vhost-user: {e}")))
-                }
+        }
+        h.shutdown();
+    });
+    let r = daemon.wait();
+    finished.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = watcher.join();
+    match r {
+        Ok(()) => Ok(()),
+        Err(_) if stopper.is_stopped() => Ok(()),
+        Err(e) => {
+            // QEMU going away mid-message is the normal end of a guest.
+            let msg = e.to_string();
+            if msg.contains("isconnect") || msg.contains("artial") || msg.contains("broken") {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!("vhost-user: {e}")))
             }
-        };
+        }
     }
-    Ok(())
 }

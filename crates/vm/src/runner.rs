@@ -41,9 +41,45 @@ pub struct Outcome {
     pub command: Option<Duration>,
     /// QEMU start to QEMU gone.
     pub total: Duration,
+    /// The signal that ended QEMU, if one did.
+    pub signal: Option<i32>,
+}
+
+/// Signals that mean QEMU itself crashed (a failed assertion aborts; a bad
+/// pointer faults), as opposed to being stopped by someone.
+const CRASH_SIGNALS: [i32; 5] = [
+    libc::SIGABRT,
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+];
+
+/// A signal's name, for reports.
+pub fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGABRT => "SIGABRT".into(),
+        libc::SIGSEGV => "SIGSEGV".into(),
+        libc::SIGBUS => "SIGBUS".into(),
+        libc::SIGILL => "SIGILL".into(),
+        libc::SIGFPE => "SIGFPE".into(),
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
 }
 
 impl Outcome {
+    /// QEMU crashed before the guest's command started: the command never
+    /// ran, so booting again cannot run it twice. (Multi-threaded TCG in
+    /// QEMU 10.0 sometimes aborts in `iotlb_to_section` while devices set up
+    /// their memory regions during boot.)
+    pub fn qemu_crashed_before_command(&self) -> bool {
+        self.ending == Ending::Died
+            && self.boot.is_none()
+            && self.signal.is_some_and(|s| CRASH_SIGNALS.contains(&s))
+    }
+
     /// The console between the ready and exit markers: the command's output
     /// (with any kernel messages printed meanwhile).
     pub fn command_output(&self) -> &str {
@@ -170,7 +206,10 @@ pub fn run(
             break;
         }
     }
-    let _ = child.wait();
+    let signal = child.wait().ok().and_then(|s| {
+        use std::os::unix::process::ExitStatusExt;
+        s.signal()
+    });
     let total = start.elapsed();
     // Lines still buffered after a kill are part of the record.
     while let Ok(Msg::Line(line)) = rx.recv_timeout(Duration::from_millis(200)) {
@@ -193,6 +232,7 @@ pub fn run(
         boot,
         command,
         total,
+        signal,
     })
 }
 
@@ -218,7 +258,47 @@ mod tests {
             boot: None,
             command: None,
             total: Duration::ZERO,
+            signal: None,
         };
         assert_eq!(o.command_output(), "hello\nworld");
+    }
+
+    #[test]
+    fn only_a_qemu_crash_before_the_command_started_counts_as_one() {
+        let crashed = Outcome {
+            ending: Ending::Died,
+            exit: None,
+            console: "SeaBIOS\n".into(),
+            qemu_stderr: "iotlb_to_section: Assertion failed.".into(),
+            boot: None,
+            command: None,
+            total: Duration::from_secs(4),
+            signal: Some(libc::SIGABRT),
+        };
+        assert!(crashed.qemu_crashed_before_command());
+        // The command had started: booting again could run it twice.
+        let started = Outcome {
+            boot: Some(Duration::from_secs(8)),
+            ..crashed.clone()
+        };
+        assert!(!started.qemu_crashed_before_command());
+        // A guest panic ends QEMU normally (-no-reboot), not by a signal.
+        let panicked = Outcome {
+            signal: None,
+            ..crashed.clone()
+        };
+        assert!(!panicked.qemu_crashed_before_command());
+        // Someone stopped QEMU on purpose.
+        let terminated = Outcome {
+            signal: Some(libc::SIGTERM),
+            ..crashed.clone()
+        };
+        assert!(!terminated.qemu_crashed_before_command());
+        let timed_out = Outcome {
+            ending: Ending::TimedOut,
+            signal: Some(libc::SIGKILL),
+            ..crashed
+        };
+        assert!(!timed_out.qemu_crashed_before_command());
     }
 }

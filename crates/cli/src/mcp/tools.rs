@@ -726,6 +726,7 @@ fn vm_settings(
         add: Vec::new(),
         mem: a.memory.unwrap_or_else(|| "2G".into()),
         cpus: a.cpus.unwrap_or(2),
+        boot_retries: 2,
         timeout: a.timeout.unwrap_or(default_timeout),
         keep: a.keep_volumes,
         accel: AccelArg::Auto,
