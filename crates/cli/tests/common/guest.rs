@@ -140,6 +140,7 @@ pub fn initramfs(kernel: &Kernel, modules: &[&str], host_bins: &[&str], script: 
          mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
          for m in {}; do insmod $m || echo \"DEVPOOL-INSMOD-FAILED $m\"; done\n\
          n=0; while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n+1)); done\n\
+         echo DEVPOOL-GUEST-START\n\
          {script}\n\
          echo DEVPOOL-GUEST-DONE\n\
          sync; poweroff -f\n",
@@ -149,7 +150,10 @@ pub fn initramfs(kernel: &Kernel, modules: &[&str], host_bins: &[&str], script: 
     std::fs::write(out, i.finish().unwrap()).unwrap();
 }
 
-/// Boot and return the console; the VM is killed after `limit`.
+/// Boot and return the console; the VM is killed after `limit`. QEMU 10.0's
+/// multi-threaded TCG now and then aborts while the guest boots: like
+/// `devpool vm run`, boot again (twice at most) when QEMU crashed before the
+/// script started.
 pub fn boot(kernel: &Kernel, initrd: &Path, disks: Vec<Disk>, limit: Duration) -> String {
     let m = Machine {
         kernel: kernel.image.clone(),
@@ -161,6 +165,22 @@ pub fn boot(kernel: &Kernel, initrd: &Path, disks: Vec<Disk>, limit: Duration) -
         disks,
         shares: Vec::new(),
     };
+    let mut retries = 2;
+    loop {
+        let (console, signal) = boot_once(&m, limit);
+        let crashed = signal.is_some_and(|s| [libc::SIGABRT, libc::SIGSEGV].contains(&s));
+        if retries == 0 || !crashed || console.contains("DEVPOOL-GUEST-START") {
+            return console;
+        }
+        retries -= 1;
+        eprintln!(
+            "QEMU crashed (signal {signal:?}) before the script started; booting again:\n{console}"
+        );
+    }
+}
+
+fn boot_once(m: &Machine, limit: Duration) -> (String, Option<i32>) {
+    use std::os::unix::process::ExitStatusExt;
     let mut child = m
         .command()
         .stdin(Stdio::null())
@@ -176,18 +196,18 @@ pub fn boot(kernel: &Kernel, initrd: &Path, disks: Vec<Disk>, limit: Duration) -
     });
     let t = Instant::now();
     let mut timed_out = false;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
+    let signal = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.signal();
         }
         if t.elapsed() > limit {
             timed_out = true;
             let _ = child.kill();
             let _ = child.wait();
-            break;
+            break None;
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);
@@ -197,7 +217,7 @@ pub fn boot(kernel: &Kernel, initrd: &Path, disks: Vec<Disk>, limit: Duration) -
         !timed_out,
         "guest timed out after {limit:?}:\n{console}\n{err}"
     );
-    console + &err
+    (console + &err, signal)
 }
 
 /// Debian's headers for `kernel` (linux-headers-<ver>, its -common part and
