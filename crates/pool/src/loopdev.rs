@@ -118,48 +118,94 @@ pub const ATTACH_THREADS: usize = 4;
 /// one's result, in order. All are tried even when one fails, so the
 /// caller knows everything that was attached.
 pub fn attach_all(windows: &[Window], threads: usize) -> Vec<Result<Attached>> {
-    let one = |a: &mut Attacher, w: &Window| {
-        a.attach(&w.backing, w.offset, w.size, &w.lv_uuid)
-            .map(|device| Attached {
-                device,
-                backing: w.backing.clone(),
-                lv_uuid: w.lv_uuid.clone(),
-                offset: w.offset,
-                size: w.size,
-            })
-    };
     let threads = threads.min(windows.len());
     if threads <= 1 {
         let mut a = Attacher::default();
-        return windows.iter().map(|w| one(&mut a, w)).collect();
+        return windows.iter().map(|w| attach_one(&mut a, w)).collect();
     }
-    let mut out: Vec<Option<Result<Attached>>> = windows.iter().map(|_| None).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    let mut a = Attacher::default();
-                    windows
-                        .iter()
-                        .enumerate()
-                        .skip(t)
-                        .step_by(threads)
-                        .map(|(i, w)| (i, one(&mut a, w)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        for h in handles {
-            for (i, r) in h.join().unwrap_or_default() {
-                out[i] = Some(r);
+    let windows = std::sync::Arc::new(windows.to_vec());
+    let (tx, rx) = std::sync::mpsc::channel();
+    for t in 0..threads {
+        let (windows, tx) = (std::sync::Arc::clone(&windows), tx.clone());
+        attach_workers().run(Box::new(move || {
+            let mut a = Attacher::default();
+            for (i, w) in windows.iter().enumerate().skip(t).step_by(threads) {
+                let _ = tx.send((i, attach_one(&mut a, w)));
             }
-        }
-    });
+        }));
+    }
+    drop(tx);
+    let mut out: Vec<Option<Result<Attached>>> = windows.iter().map(|_| None).collect();
+    // Ends when every job has sent its results and dropped its sender.
+    for (i, r) in rx {
+        out[i] = Some(r);
+    }
     out.into_iter()
         .map(|r| {
             r.unwrap_or_else(|| Err(PoolError::Invalid("a loop attach thread panicked".into())))
         })
         .collect()
+}
+
+fn attach_one(a: &mut Attacher, w: &Window) -> Result<Attached> {
+    a.attach(&w.backing, w.offset, w.size, &w.lv_uuid)
+        .map(|device| Attached {
+            device,
+            backing: w.backing.clone(),
+            lv_uuid: w.lv_uuid.clone(),
+            offset: w.offset,
+            size: w.size,
+        })
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that attach side by side, started once per process: a thread
+/// started per lease cost as much as one of its attaches.
+struct Workers {
+    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+impl Workers {
+    fn run(&self, job: Job) {
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job);
+        // Every worker gone (they never exit): run it here.
+        if let Err(std::sync::mpsc::SendError(job)) = sent {
+            job();
+        }
+    }
+}
+
+fn attach_workers() -> &'static Workers {
+    static WORKERS: std::sync::OnceLock<Workers> = std::sync::OnceLock::new();
+    WORKERS.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        for n in 0..ATTACH_THREADS {
+            let rx = std::sync::Arc::clone(&rx);
+            let _ = std::thread::Builder::new()
+                .name(format!("loop-attach-{n}"))
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        match job {
+                            // A panicking attach loses its results only.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                });
+        }
+        Workers {
+            jobs: Mutex::new(tx),
+        }
+    })
 }
 
 /// Which loop devices this process's attaches should try. The kernel's
