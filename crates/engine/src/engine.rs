@@ -357,10 +357,25 @@ pub fn random_uuid() -> LvmUuid {
     LvmUuid::from_random(crate::plan::random_bytes::<32>())
 }
 
+/// This host's name (uname's nodename: one system call, where reading
+/// /proc/sys/kernel/hostname took five; a lease asks for it several times).
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
+    // SAFETY: utsname is plain bytes; uname fills it or fails.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: u is a valid, writable utsname.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "localhost".into();
+    }
+    let name: Vec<u8> = u
+        .nodename
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    match String::from_utf8_lossy(&name).trim() {
+        "" => "localhost".into(),
+        n => n.to_string(),
+    }
 }
 
 fn unix_now() -> i64 {
@@ -1888,6 +1903,14 @@ fn flushed_by_later_commit(later: &[Step], device: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostname_is_the_kernels() {
+        let Ok(kernel) = std::fs::read_to_string("/proc/sys/kernel/hostname") else {
+            return;
+        };
+        assert_eq!(hostname(), kernel.trim());
+    }
 
     fn commit(devices: &[&Path]) -> Step {
         Step::CommitMetadata {

@@ -29,14 +29,28 @@ impl Liveness {
 }
 
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    // It cannot change while this process runs: read once.
+    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        })
+        .clone()
 }
 
 /// Start time of `pid` in clock ticks since boot, if the process exists.
 pub fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // One read (a stat line is far shorter than the buffer); read_to_string
+    // would stat the file and read it in growing pieces.
+    let mut buf = [0u8; 4096];
+    let n = std::io::Read::read(
+        &mut std::fs::File::open(format!("/proc/{pid}/stat")).ok()?,
+        &mut buf,
+    )
+    .ok()?;
+    let stat = std::str::from_utf8(&buf[..n]).ok()?;
     // The command name (field 2) may hold spaces and ')': fields resume after
     // the last ')'. Field 3 is the first one after it; field 22 is starttime.
     let rest = &stat[stat.rfind(')')? + 1..];
