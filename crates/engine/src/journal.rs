@@ -25,17 +25,26 @@ pub fn now_rfc3339() -> String {
 }
 
 pub fn append(state_dir: &Path, entry: &JournalEntry<'_>) -> Result<()> {
-    std::fs::create_dir_all(state_dir)
-        .map_err(|e| EngineError::io(state_dir, "create state directory", e))?;
     let path = state_dir.join("journal.jsonl");
     let mut line = serde_json::to_vec(entry)
         .map_err(|e| EngineError::Invalid(format!("journal entry: {e}")))?;
     line.push(b'\n');
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|e| EngineError::io(&path, "open journal", e))?;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+    };
+    // The directory is made only when missing (every commit appends).
+    let mut f = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(state_dir)
+                .map_err(|e| EngineError::io(state_dir, "create state directory", e))?;
+            open()
+        }
+        r => r,
+    }
+    .map_err(|e| EngineError::io(&path, "open journal", e))?;
     // One write of the whole line: O_APPEND keeps concurrent lines whole.
     f.write_all(&line)
         .map_err(|e| EngineError::io(&path, "append to journal", e))

@@ -22,17 +22,27 @@ pub struct LockGuard {
 /// fresh file of the same name. Like LVM2, retry until the locked file is
 /// still the one the path names.
 fn take(dir: &Path, name: &str, exclusive: bool) -> Result<LockGuard> {
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, "create lock directory", e))?;
     let path = dir.join(name);
-    loop {
-        let file = OpenOptions::new()
+    let open = || {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| EngineError::io(&path, "open lock file", e))?;
+    };
+    loop {
+        // The directory is made only when missing (every commit takes a lock).
+        let file = match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| EngineError::io(dir, "create lock directory", e))?;
+                open()
+            }
+            r => r,
+        }
+        .map_err(|e| EngineError::io(&path, "open lock file", e))?;
         let r = if exclusive {
             file.lock()
         } else {

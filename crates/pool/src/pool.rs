@@ -1119,10 +1119,13 @@ impl Pools {
     /// Stop the servers of `lvs` and of their snapshots.
     pub(crate) fn stop_servers(&self, meta: &VgMetadata, lvs: &[String]) -> Result<()> {
         let snapshots = devpool_engine::ops::snapshot::snapshots_of(meta, lvs);
-        for lv in lvs.iter().chain(&snapshots) {
-            if let Some(l) = meta.lv(lv) {
-                servers::stop(&self.state_dir, l.id.raw_str(), SERVER_STOP_TIMEOUT)?;
-            }
+        let uuids: Vec<&str> = lvs
+            .iter()
+            .chain(&snapshots)
+            .filter_map(|lv| meta.lv(lv).map(|l| l.id.raw_str()))
+            .collect();
+        if !uuids.is_empty() {
+            servers::stop(&self.state_dir, &uuids, SERVER_STOP_TIMEOUT)?;
         }
         Ok(())
     }

@@ -65,18 +65,20 @@ pub fn serving(state_dir: &Path, lv_uuid: &str) -> Vec<u32> {
 }
 
 fn entries(state_dir: &Path, lv_uuid: &str) -> Vec<(PathBuf, u32)> {
+    entries_of(state_dir, &[lv_uuid])
+}
+
+/// The registrations of any of `lv_uuids`, from one read of the directory.
+fn entries_of(state_dir: &Path, lv_uuids: &[&str]) -> Vec<(PathBuf, u32)> {
     let Ok(rd) = std::fs::read_dir(dir(state_dir)) else {
         return Vec::new();
     };
     rd.flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let pid = name
-                .strip_prefix(lv_uuid)?
-                .strip_prefix('.')?
-                .parse()
-                .ok()?;
-            Some((e.path(), pid))
+            let (uuid, pid) = name.rsplit_once('.')?;
+            let pid = pid.parse().ok()?;
+            lv_uuids.contains(&uuid).then(|| (e.path(), pid))
         })
         .collect()
 }
@@ -90,12 +92,13 @@ fn held(path: &Path) -> bool {
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
 }
 
-/// Stop every server of `lv_uuid` (other than this process) and wait until
-/// each has let go of the volume. Stale registrations are removed.
-pub fn stop(state_dir: &Path, lv_uuid: &str, timeout: Duration) -> Result<Vec<u32>> {
+/// Stop every server of the volumes `lv_uuids` (other than this process)
+/// and wait until each has let go of its volume. Stale registrations are
+/// removed.
+pub fn stop(state_dir: &Path, lv_uuids: &[&str], timeout: Duration) -> Result<Vec<u32>> {
     let me = std::process::id();
     let mut stopped = Vec::new();
-    for (path, pid) in entries(state_dir, lv_uuid) {
+    for (path, pid) in entries_of(state_dir, lv_uuids) {
         if pid == me {
             continue;
         }
@@ -134,7 +137,25 @@ mod tests {
         assert_eq!(serving(&d, "u1"), vec![std::process::id()]);
         assert!(serving(&d, "u2").is_empty());
         // Our own registration is never signalled.
-        assert!(stop(&d, "u1", Duration::from_secs(1)).unwrap().is_empty());
+        assert!(
+            stop(&d, &["u1"], Duration::from_secs(1))
+                .unwrap()
+                .is_empty()
+        );
+        // A stale registration (nobody holds its lock) of one of the volumes
+        // asked for goes; another volume's, or a longer uuid's, stays.
+        let stale = d.join("servers").join("u2.4242");
+        let other = d.join("servers").join("u22.4242");
+        std::fs::write(&stale, "").unwrap();
+        std::fs::write(&other, "").unwrap();
+        assert!(
+            stop(&d, &["u1", "u2"], Duration::from_secs(1))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(!stale.exists());
+        assert!(other.exists());
+        assert_eq!(serving(&d, "u1"), vec![std::process::id()]);
         drop(r);
         assert!(serving(&d, "u1").is_empty());
         let _ = std::fs::remove_dir_all(&d);
