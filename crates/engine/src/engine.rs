@@ -595,7 +595,7 @@ impl Engine {
         let mut start = || {
             work.take().map(|w| {
                 let plan = Arc::clone(&plan);
-                std::thread::spawn(move || w(&plan))
+                crate::workers::spawn(move || w(&plan))
             })
         };
         let mut handle = None;
@@ -1867,14 +1867,12 @@ fn invalidate_lvm_hints() {
 }
 
 /// Work started beside a commit ([`Engine::apply_overlapped`]).
-pub struct Overlapped<T>(std::thread::JoinHandle<T>);
+pub struct Overlapped<T>(crate::workers::Handle<T>);
 
 impl<T> Overlapped<T> {
     /// Wait for the work (a panic in it goes on in the caller).
     pub fn join(self) -> T {
-        self.0
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        self.0.join()
     }
 }
 

@@ -32,6 +32,7 @@ pub mod thinplan;
 pub mod thinstore;
 mod uring;
 pub mod vg;
+pub mod workers;
 
 pub use engine::{DeviceSource, Engine, Executed, NewVolume, Operation, PvOptions};
 pub use error::{EngineError, Result};

@@ -124,21 +124,28 @@ pub fn attach_all(windows: &[Window], threads: usize) -> Vec<Result<Attached>> {
         return windows.iter().map(|w| attach_one(&mut a, w)).collect();
     }
     let windows = std::sync::Arc::new(windows.to_vec());
-    let (tx, rx) = std::sync::mpsc::channel();
-    for t in 0..threads {
-        let (windows, tx) = (std::sync::Arc::clone(&windows), tx.clone());
-        attach_workers().run(Box::new(move || {
-            let mut a = Attacher::default();
-            for (i, w) in windows.iter().enumerate().skip(t).step_by(threads) {
-                let _ = tx.send((i, attach_one(&mut a, w)));
-            }
-        }));
-    }
-    drop(tx);
+    let shards: Vec<_> = (0..threads)
+        .map(|t| {
+            let windows = std::sync::Arc::clone(&windows);
+            devpool_engine::workers::spawn(move || {
+                let mut a = Attacher::default();
+                windows
+                    .iter()
+                    .enumerate()
+                    .skip(t)
+                    .step_by(threads)
+                    .map(|(i, w)| (i, attach_one(&mut a, w)))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
     let mut out: Vec<Option<Result<Attached>>> = windows.iter().map(|_| None).collect();
-    // Ends when every job has sent its results and dropped its sender.
-    for (i, r) in rx {
-        out[i] = Some(r);
+    for shard in shards {
+        // A panicking attach loses its shard's results only.
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.join()));
+        for (i, r) in done.unwrap_or_default() {
+            out[i] = Some(r);
+        }
     }
     out.into_iter()
         .map(|r| {
@@ -156,56 +163,6 @@ fn attach_one(a: &mut Attacher, w: &Window) -> Result<Attached> {
             offset: w.offset,
             size: w.size,
         })
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Threads that attach side by side, started once per process: a thread
-/// started per lease cost as much as one of its attaches.
-struct Workers {
-    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
-}
-
-impl Workers {
-    fn run(&self, job: Job) {
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job);
-        // Every worker gone (they never exit): run it here.
-        if let Err(std::sync::mpsc::SendError(job)) = sent {
-            job();
-        }
-    }
-}
-
-fn attach_workers() -> &'static Workers {
-    static WORKERS: std::sync::OnceLock<Workers> = std::sync::OnceLock::new();
-    WORKERS.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let rx = std::sync::Arc::new(Mutex::new(rx));
-        for n in 0..ATTACH_THREADS {
-            let rx = std::sync::Arc::clone(&rx);
-            let _ = std::thread::Builder::new()
-                .name(format!("loop-attach-{n}"))
-                .spawn(move || {
-                    loop {
-                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        match job {
-                            // A panicking attach loses its results only.
-                            Ok(job) => {
-                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                            }
-                            Err(_) => return,
-                        }
-                    }
-                });
-        }
-        Workers {
-            jobs: Mutex::new(tx),
-        }
-    })
 }
 
 /// Which loop devices this process's attaches should try. The kernel's

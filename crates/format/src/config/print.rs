@@ -6,12 +6,16 @@ use std::fmt::Write;
 
 fn push_str_escaped(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
+    // Whole runs between the characters that need a backslash (metadata
+    // strings rarely hold any): a commit prints every LV's name and tags.
+    let mut rest = s;
+    while let Some(i) = rest.find(['"', '\\']) {
+        out.push_str(&rest[..i]);
+        out.push('\\');
+        out.push_str(&rest[i..i + 1]);
+        rest = &rest[i + 1..];
     }
+    out.push_str(rest);
     out.push('"');
 }
 
@@ -169,6 +173,22 @@ mod tests {
             )
             .prop_map(|items| Section { items })
         })
+    }
+
+    #[test]
+    fn quotes_and_backslashes_are_escaped_and_nothing_else() {
+        for (s, want) in [
+            ("", r#""""#),
+            ("plain", r#""plain""#),
+            (r#"a"b\c"#, r#""a\"b\\c""#),
+            (r#"""#, r#""\"""#),
+            ("\\", r#""\\""#),
+            ("é\"", r#""é\"""#),
+        ] {
+            let mut out = String::new();
+            push_str_escaped(&mut out, s);
+            assert_eq!(out, want, "{s:?}");
+        }
     }
 
     proptest! {
