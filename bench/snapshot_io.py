@@ -76,6 +76,18 @@ class Server:
         self.p.wait()
 
 
+def ratios(pairs):
+    """origin / plain for each (plain, origin) pair."""
+    return [round(o / max(p, 1), 2) for p, o in pairs]
+
+
+def pairs_report(pairs, how):
+    return {"plain_iops": [p for p, _ in pairs], "origin_iops": [o for _, o in pairs],
+            "ratios": ratios(pairs),
+            "note": f"each pair back to back (the order alternates), {how}; "
+                    "the ratio above is their median"}
+
+
 def median(xs):
     xs = sorted(xs)
     return round(xs[len(xs) // 2], 2)
@@ -197,8 +209,8 @@ def main():
             # Reads first: they leave the fresh snapshot untouched.
             read_pairs.append(pair(reads, i))
             pairs.append(pair(first_writes, i))
-        pair_ratios = [round(o / max(p, 1), 2) for p, o in pairs]
-        read_ratios = [round(o / max(p, 1), 2) for p, o in read_pairs]
+        pair_ratios = ratios(pairs)
+        read_ratios = ratios(read_pairs)
 
         # Many snapshots of one origin.
         sh([DEVPOOL, "--pool", "bench", "snapshot", "delete", "snap"], env)
@@ -240,20 +252,8 @@ def main():
                 "origin_mixed_read_p50_latency_vs_plain":
                     ratio("randrw_4k_70_30_first", "read_clat_p50_us"),
             },
-            "randread_pairs": {
-                "plain_iops": [p for p, _ in read_pairs],
-                "origin_iops": [o for _, o in read_pairs],
-                "ratios": read_ratios,
-                "note": "each pair back to back (the order alternates), with the snapshot; "
-                        "the ratio above is their median",
-            },
-            "first_randwrite_pairs": {
-                "plain_iops": [p for p, _ in pairs],
-                "origin_iops": [o for _, o in pairs],
-                "ratios": pair_ratios,
-                "note": "each pair back to back (the order alternates), the origin on a fresh snapshot; "
-                        "the ratio above is their median",
-            },
+            "randread_pairs": pairs_report(read_pairs, "with the snapshot"),
+            "first_randwrite_pairs": pairs_report(pairs, "the origin on a fresh snapshot"),
             "targets": {"randread": 0.9, "first_randwrite": 0.7},
             "many_snapshots": {
                 "count": a.many,

@@ -25,6 +25,22 @@ const WRITE_BOTH: &str = "echo \"guest sees TEST_DEV=$TEST_DEV SCRATCH_DEV=$SCRA
 for d in $TEST_DEV $SCRATCH_DEV; do printf 'devpool-vm %s' $d | dd of=$d bs=512 seek=8 conv=sync 2>/dev/null; done; \
 echo sizes $(cat /sys/block/vda/size) $(cat /sys/block/vdb/size); exit 7";
 
+/// `vm run` arguments: WRITE_BOTH with two volumes over vhost-user-blk.
+fn vhost_write_both(kernel_args: &[String]) -> Vec<&str> {
+    let mut args: Vec<&str> = kernel_args.iter().map(String::as_str).collect();
+    args.extend([
+        "--attach",
+        "vhost-user-blk",
+        "--volumes",
+        "test:16M,scratch:8M",
+        "--",
+        "sh",
+        "-c",
+        WRITE_BOTH,
+    ]);
+    args
+}
+
 fn assert_written(report: &Value, img: &Path) {
     for (i, dev) in ["/dev/vda", "/dev/vdb"].iter().enumerate() {
         let d = &report["disks"][i];
@@ -116,17 +132,7 @@ fn guest_vm_run_serves_vhost_user_blk_and_kills_a_vm_that_overruns() {
     let img = image_pool(&lab, "vmvhost");
     let k = kernel_args(&kernel);
     let base: Vec<&str> = k.iter().map(String::as_str).collect();
-    let mut args = base.clone();
-    args.extend([
-        "--attach",
-        "vhost-user-blk",
-        "--volumes",
-        "test:16M,scratch:8M",
-        "--",
-        "sh",
-        "-c",
-        WRITE_BOTH,
-    ]);
+    let args = vhost_write_both(&k);
     let (code, report, stderr) = vm_json(&lab, &img, "vmvhost", "run", &args);
     assert_eq!(code, 7, "{report}\n{stderr}");
     for d in report["disks"].as_array().unwrap() {
@@ -203,24 +209,10 @@ exec {real} \"$@\"\n",
     );
 
     let k = kernel_args(&kernel);
-    let mut args = vec!["--pool", "vmcrash", "--json", "vm", "run", "--mem", "512M"];
-    args.extend(k.iter().map(String::as_str));
-    args.extend([
-        "--attach",
-        "vhost-user-blk",
-        "--volumes",
-        "test:16M,scratch:8M",
-        "--",
-        "sh",
-        "-c",
-        WRITE_BOTH,
-    ]);
-    let out = lab.devpool_env(&[&img], &args, &[("PATH", &path)]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{stdout}\n{stderr}"));
-    assert_eq!(out.status.code(), Some(7), "{report}\n{stderr}");
+    let args = vhost_write_both(&k);
+    let env = [("PATH", path.as_str())];
+    let (code, report, stderr) = vm_json_env(&lab, &img, "vmcrash", "run", &args, &env);
+    assert_eq!(code, 7, "{report}\n{stderr}");
     assert_eq!(
         std::fs::read_to_string(&boots).unwrap().lines().count(),
         2,
@@ -243,12 +235,9 @@ exec {real} \"$@\"\n",
     // With retries off, the crash is the run's end: 125, and it says QEMU crashed.
     std::fs::remove_file(&boots).unwrap();
     let mut args = args.clone();
-    args.splice(7..7, ["--boot-retries", "0"]);
-    let out = lab.devpool_env(&[&img], &args, &[("PATH", &path)]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(125), "{stdout}\n{stderr}");
-    let report: Value = serde_json::from_str(&stdout).unwrap();
+    args.splice(0..0, ["--boot-retries", "0"]);
+    let (code, report, stderr) = vm_json_env(&lab, &img, "vmcrash", "run", &args, &env);
+    assert_eq!(code, 125, "{report}\n{stderr}");
     assert_eq!(report["ending"], "died");
     assert_eq!(report["qemu_signal"], "SIGABRT");
     assert!(report.get("qemu_crashes").is_none(), "{report}");

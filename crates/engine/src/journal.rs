@@ -35,16 +35,7 @@ pub fn append(state_dir: &Path, entry: &JournalEntry<'_>) -> Result<()> {
             .append(true)
             .open(&path)
     };
-    // The directory is made only when missing (every commit appends).
-    let mut f = match open() {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(state_dir)
-                .map_err(|e| EngineError::io(state_dir, "create state directory", e))?;
-            open()
-        }
-        r => r,
-    }
-    .map_err(|e| EngineError::io(&path, "open journal", e))?;
+    let mut f = crate::lock::open_making_dir(state_dir, "journal", &path, open)?;
     // One write of the whole line: O_APPEND keeps concurrent lines whole.
     f.write_all(&line)
         .map_err(|e| EngineError::io(&path, "append to journal", e))

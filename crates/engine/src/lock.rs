@@ -33,16 +33,7 @@ fn take(dir: &Path, name: &str, exclusive: bool) -> Result<LockGuard> {
             .open(&path)
     };
     loop {
-        // The directory is made only when missing (every commit takes a lock).
-        let file = match open() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| EngineError::io(dir, "create lock directory", e))?;
-                open()
-            }
-            r => r,
-        }
-        .map_err(|e| EngineError::io(&path, "open lock file", e))?;
+        let file = open_making_dir(dir, "lock", &path, open)?;
         let r = if exclusive {
             file.lock()
         } else {
@@ -59,6 +50,27 @@ fn take(dir: &Path, name: &str, exclusive: bool) -> Result<LockGuard> {
             _ => continue, // unlinked or replaced while we waited: lock the new file
         }
     }
+}
+
+/// `open()` a file (`path`) in `dir`; when that fails because `dir` is
+/// missing, make it and open again. Checking the directory first would cost
+/// every commit two more system calls (each commit takes a lock and appends
+/// to the journal).
+pub(crate) fn open_making_dir(
+    dir: &Path,
+    what: &str,
+    path: &Path,
+    open: impl Fn() -> std::io::Result<File>,
+) -> Result<File> {
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| EngineError::io(dir, format!("create {what} directory"), e))?;
+            open()
+        }
+        r => r,
+    }
+    .map_err(|e| EngineError::io(path, format!("open {what} file"), e))
 }
 
 pub fn lock_vg(dir: &Path, vg: &str, exclusive: bool) -> Result<LockGuard> {

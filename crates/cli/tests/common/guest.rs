@@ -369,9 +369,21 @@ pub fn vm_json(
     sub: &str,
     args: &[&str],
 ) -> (i32, serde_json::Value, String) {
+    vm_json_env(lab, img, pool, sub, args, &[])
+}
+
+/// [`vm_json`] with more environment for devpool.
+pub fn vm_json_env(
+    lab: &super::Lab,
+    img: &Path,
+    pool: &str,
+    sub: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, serde_json::Value, String) {
     let mut a = vec!["--pool", pool, "--json", "vm", sub, "--mem", "512M"];
     a.extend_from_slice(args);
-    let out = lab.devpool(&[img], &a);
+    let out = lab.devpool_env(&[img], &a, env);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let report = serde_json::from_str(&stdout)
