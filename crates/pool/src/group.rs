@@ -12,7 +12,7 @@
 //! written and each of its requests runs alone through the ordinary path,
 //! which reaps orphans when the pool is full and reports its own error.
 //!
-//! The acquired volumes' loop devices attach on one thread, lease after
+//! The acquired volumes' loop devices attach on two threads, lease after
 //! lease, while their commit is written; the lock is free again once the
 //! commit is durable, so the next round commits while they finish. A
 //! release detaches its volumes' devices on its own thread before it is
@@ -29,6 +29,10 @@ use devpool_format::metadata::VgMetadata;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// How many threads attach a round's loop devices while other requests
+/// are being served.
+const LOADED_ATTACH_THREADS: usize = 2;
 
 /// How many attached loop devices [`LeaseService`] remembers.
 const KNOWN_LIMIT: usize = 4096;
@@ -362,12 +366,15 @@ impl LeaseService {
     ) -> Result<Overlapped<Vec<Exposed>>> {
         let volumes: Vec<NewVolume> = creates.iter().flat_map(|c| c.volumes.clone()).collect();
         // The only request in the process: its devices attach side by side.
-        // Under load they attach one after another, while other rounds'
-        // attaches and commits keep the other CPUs busy.
+        // Under load, two at a time: each attach waits for a flush of the
+        // backing file, and two waiting together share it, while other
+        // rounds' attaches and commits keep the CPUs busy (16 clients:
+        // 5% more cycles/s than one at a time, in 9 of 13 interleaved
+        // pairs; four at a time did no better than two).
         let threads = if self.serving.load(Ordering::Relaxed) <= 1 {
             loopdev::ATTACH_THREADS
         } else {
-            1
+            LOADED_ATTACH_THREADS
         };
         self.pools.with_pool(name, |e, rec| {
             let leases: Vec<(Vec<(String, String)>, DeviceOptions)> = creates
