@@ -107,6 +107,9 @@ pub struct RunReport {
     /// by a fresh boot (see --boot-retries).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub qemu_crashes: Vec<QemuCrash>,
+    /// Whether `qemu_signal` means QEMU crashed (rather than was killed).
+    #[serde(skip)]
+    pub qemu_crashed: bool,
 }
 
 impl RunReport {
@@ -132,11 +135,14 @@ impl RunReport {
                 secs(Some(self.timings.total_ms))
             ),
             Ending::Cancelled => "cancelled: the VM was killed".into(),
-            Ending::Died => match &self.qemu_signal {
-                Some(sig) => format!(
+            Ending::Died => match (&self.qemu_signal, self.qemu_crashed) {
+                (Some(sig), true) => format!(
                     "QEMU crashed ({sig}) without the guest reporting an exit status: a QEMU bug, not the guest's doing"
                 ),
-                None => "the guest stopped without reporting an exit status (kernel panic, or init failed)"
+                (Some(sig), false) => format!(
+                    "QEMU was killed ({sig}) before the guest reported an exit status"
+                ),
+                (None, _) => "the guest stopped without reporting an exit status (kernel panic, or init failed)"
                     .into(),
             },
         };
@@ -636,6 +642,7 @@ pub fn boot(
         },
         qemu_signal: outcome.signal.map(runner::signal_name),
         qemu_crashes: crashes,
+        qemu_crashed: outcome.qemu_crashed(),
     };
     Ok((report, outcome))
 }
@@ -694,4 +701,60 @@ pub fn print_report_summary(r: &RunReport) {
         eprintln!("devpool: QEMU said: {}", r.qemu_error);
     }
     eprintln!("devpool: {}", r.summary());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn died(signal: Option<&str>, crashed: bool) -> RunReport {
+        RunReport {
+            kernel: PathBuf::from("/boot/vmlinuz"),
+            kernel_version: "6.12".into(),
+            accel: "tcg",
+            accel_reason: String::new(),
+            pool: None,
+            session: None,
+            kept: false,
+            disks: Vec::new(),
+            ending: Ending::Died,
+            exit_code: None,
+            timings: Timings {
+                prepare_ms: 1,
+                boot_ms: None,
+                command_ms: None,
+                report_ms: 1,
+                total_ms: 2,
+            },
+            released: false,
+            release_error: None,
+            qemu_error: String::new(),
+            qemu_signal: signal.map(String::from),
+            qemu_crashes: Vec::new(),
+            qemu_crashed: crashed,
+        }
+    }
+
+    #[test]
+    fn a_died_run_says_whether_qemu_crashed_was_killed_or_the_guest_stopped() {
+        let s = died(Some("SIGABRT"), true).summary();
+        assert!(s.starts_with("QEMU crashed (SIGABRT)"), "{s}");
+        let s = died(Some("SIGTERM"), false).summary();
+        assert!(s.starts_with("QEMU was killed (SIGTERM)"), "{s}");
+        let s = died(None, false).summary();
+        assert!(s.starts_with("the guest stopped"), "{s}");
+        let mut r = died(None, false);
+        r.ending = Ending::Exited;
+        r.exit_code = Some(3);
+        r.qemu_crashes = vec![QemuCrash {
+            signal: "SIGABRT".into(),
+            after_ms: 3000,
+            qemu_error: String::new(),
+        }];
+        let s = r.summary();
+        assert!(
+            s.contains("status 3") && s.contains("booted 2 times"),
+            "{s}"
+        );
+    }
 }

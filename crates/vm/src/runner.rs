@@ -75,9 +75,12 @@ impl Outcome {
     /// QEMU 10.0 sometimes aborts in `iotlb_to_section` while devices set up
     /// their memory regions during boot.)
     pub fn qemu_crashed_before_command(&self) -> bool {
-        self.ending == Ending::Died
-            && self.boot.is_none()
-            && self.signal.is_some_and(|s| CRASH_SIGNALS.contains(&s))
+        self.ending == Ending::Died && self.boot.is_none() && self.qemu_crashed()
+    }
+
+    /// QEMU died of a signal that means it crashed.
+    pub fn qemu_crashed(&self) -> bool {
+        self.signal.is_some_and(|s| CRASH_SIGNALS.contains(&s))
     }
 
     /// The console between the ready and exit markers: the command's output
