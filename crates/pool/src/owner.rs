@@ -50,10 +50,15 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
         &mut buf,
     )
     .ok()?;
-    let stat = std::str::from_utf8(&buf[..n]).ok()?;
-    // The command name (field 2) may hold spaces and ')': fields resume after
-    // the last ')'. Field 3 is the first one after it; field 22 is starttime.
-    let rest = &stat[stat.rfind(')')? + 1..];
+    ticks_in_stat(&buf[..n])
+}
+
+/// The start time in a /proc/PID/stat line. The command name (field 2) may
+/// hold spaces, ')' and bytes that are not UTF-8: the fields resume after the
+/// last ')'. Field 3 is the first one after it; field 22 is starttime.
+fn ticks_in_stat(stat: &[u8]) -> Option<u64> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
@@ -124,5 +129,13 @@ mod tests {
         // Our own stat parses; a name with ") (" cannot confuse rfind.
         assert!(start_ticks(std::process::id()).is_some());
         assert!(start_ticks(u32::MAX).is_none());
+        // A name with ") (", spaces and a byte that is not UTF-8.
+        let fields: Vec<String> = (3..=22).map(|f| f.to_string()).collect();
+        let mut line = b"4242 (a) (b \xff c) ".to_vec();
+        line.extend_from_slice(fields.join(" ").as_bytes());
+        line.extend_from_slice(b" 23 24\n");
+        assert_eq!(ticks_in_stat(&line), Some(22));
+        assert_eq!(ticks_in_stat(b"4242 (no closing paren"), None);
+        assert_eq!(ticks_in_stat(b"4242 (x) 3 4"), None);
     }
 }
