@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,7 +20,7 @@ fn ends(dev: &Path) -> (Vec<u8>, Vec<u8>) {
     (head, tail)
 }
 
-fn sh(cmd: &str, args: &[&str]) {
+fn sh<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(cmd: &str, args: &[S]) {
     let o = Command::new(cmd).args(args).output().expect(cmd);
     assert!(
         o.status.success(),
@@ -38,7 +39,7 @@ fn stdout(cmd: &str, args: &[&str]) -> String {
 /// `pool setup` (with --yes) must fail with `expect` and leave the device untouched.
 fn refused(lab: &Lab, dev: &Path, expect: &[&str], env: &[(&str, &str)]) -> String {
     // A mounted file system writes its own dirty data at any time: settle it.
-    sh("sync", &[]);
+    sh::<&str>("sync", &[]);
     let before = ends(dev);
     let d = dev.display().to_string();
     let o = lab.devpool_env(
@@ -66,21 +67,33 @@ impl Drop for Mounted {
 struct Frozen(PathBuf);
 impl Frozen {
     fn new(dir: &Path) -> Frozen {
-        sh("fsfreeze", &["--freeze", &dir.display().to_string()]);
+        sh(
+            "fsfreeze",
+            &[std::ffi::OsStr::new("--freeze"), dir.as_os_str()],
+        );
         Frozen(dir.to_path_buf())
     }
 }
 impl Drop for Frozen {
     fn drop(&mut self) {
         let _ = Command::new("fsfreeze")
-            .args(["--unfreeze", &self.0.display().to_string()])
+            .arg("--unfreeze")
+            .arg(&self.0)
             .status();
     }
 }
 
 fn mount(dev: &str, dir: &Path) -> Mounted {
     std::fs::create_dir_all(dir).unwrap();
-    sh("mount", &["-o", "noatime", dev, &dir.display().to_string()]);
+    sh(
+        "mount",
+        &[
+            std::ffi::OsStr::new("-o"),
+            "noatime".as_ref(),
+            dev.as_ref(),
+            dir.as_os_str(),
+        ],
+    );
     Mounted(dir.to_path_buf())
 }
 
@@ -93,7 +106,13 @@ fn mounted_and_stacked_devices_are_refused() {
     let dev = lab.loop_dev("m.img", 64);
     let d = dev.display().to_string();
     sh("mkfs.ext4", &["-q", &d]);
-    let mnt = mount(&d, &lab.path("mnt"));
+    // A mount point whose name is not UTF-8 (this one, or any other on the
+    // host) must not hide the mounts: mountinfo is read as bytes.
+    let mnt = mount(
+        &d,
+        &lab.path("mnt")
+            .join(std::ffi::OsStr::from_bytes(b"not-utf8-\xff")),
+    );
     let err = refused(
         &lab,
         &dev,

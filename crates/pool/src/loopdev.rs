@@ -390,7 +390,8 @@ pub fn list() -> Vec<Attached> {
     let mut out = Vec::new();
     for name in bound_candidates() {
         // Bound devices have a loop/ directory with a backing_file.
-        let Ok(backing) = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        let Some(backing) =
+            crate::sysblk::backing_file(Path::new(&format!("/sys/block/{name}/loop/backing_file")))
         else {
             continue;
         };
@@ -405,7 +406,7 @@ pub fn list() -> Vec<Attached> {
         if let Some(uuid) = fname.strip_prefix(MARK) {
             out.push(Attached {
                 device: dev,
-                backing: PathBuf::from(backing.trim()),
+                backing,
                 lv_uuid: uuid.to_string(),
                 offset: info.lo_offset,
                 size: info.lo_sizelimit,

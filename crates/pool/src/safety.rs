@@ -76,7 +76,7 @@ fn check_block(path: &Path, dev: DevNum, fstab: &Path, f: &mut Findings) {
     for (name, d) in sysblk::swaps() {
         if let Some(a) = by_dev.get(&d) {
             f.refusals
-                .push(format!("{} is in use as swap ({name})", a.how));
+                .push(format!("{} is in use as swap ({})", a.how, name.display()));
         }
     }
     check_fstab(fstab, &stack, None, f);
@@ -107,7 +107,7 @@ fn check_image(path: &Path, meta: &std::fs::Metadata, fstab: &Path, f: &mut Find
         }
     }
     for (name, _) in sysblk::swaps() {
-        if same(Path::new(&name)) {
+        if same(&name) {
             f.refusals
                 .push(format!("{} is in use as swap", path.display()));
         }
@@ -144,9 +144,11 @@ fn check_fstab(
     image: Option<(&Path, &std::fs::Metadata)>,
     f: &mut Findings,
 ) {
-    let Ok(text) = std::fs::read_to_string(fstab) else {
+    // Lossy: one line that is not UTF-8 must not hide the others.
+    let Ok(bytes) = std::fs::read(fstab) else {
         return;
     };
+    let text = String::from_utf8_lossy(&bytes);
     let mut ids: Option<Vec<(&Above, BTreeMap<String, String>)>> = None;
     for (lineno, line) in text.lines().enumerate() {
         let line = line.trim();

@@ -75,10 +75,25 @@ pub fn loops() -> Vec<(DevNum, PathBuf)> {
     };
     rd.flatten()
         .filter_map(|e| {
-            let back = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            Some((read_devnum(&e.path())?, PathBuf::from(back.trim())))
+            let back = backing_file(&e.path().join("loop/backing_file"))?;
+            Some((read_devnum(&e.path())?, back))
         })
         .collect()
+}
+
+/// A loop device's backing file as sysfs names it (`/sys/block/loopN/loop/
+/// backing_file`): the path exactly, whatever bytes it holds.
+pub fn backing_file(attr: &Path) -> Option<PathBuf> {
+    let mut b = std::fs::read(attr).ok()?;
+    if b.last() == Some(&b'\n') {
+        b.pop();
+    }
+    Some(path_of(b))
+}
+
+fn path_of(bytes: Vec<u8>) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(bytes))
 }
 
 #[derive(Debug, Clone)]
@@ -89,16 +104,23 @@ pub struct Mount {
 }
 
 pub fn mounts() -> Vec<Mount> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
+    // Bytes, not a String: one mount point that is not UTF-8 must not hide
+    // every mount.
+    parse_mountinfo(&std::fs::read("/proc/self/mountinfo").unwrap_or_default())
+}
+
+fn parse_mountinfo(text: &[u8]) -> Vec<Mount> {
+    text.split(|&b| b == b'\n')
         .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let (a, b) = f.get(2)?.split_once(':')?;
-            let sep = f.iter().position(|x| *x == "-")?;
+            let f: Vec<&[u8]> = l.split(|&b| b == b' ').collect();
+            let dev = std::str::from_utf8(f.get(2)?).ok()?;
+            let (a, b) = dev.split_once(':')?;
+            let sep = f.iter().position(|x| *x == b"-")?;
+            let text = |b: &[u8]| String::from_utf8_lossy(&unescape_bytes(b)).into_owned();
             Some(Mount {
                 dev: (a.parse().ok()?, b.parse().ok()?),
-                mountpoint: unescape(f.get(4)?),
-                source: unescape(f.get(sep + 2).unwrap_or(&"")),
+                mountpoint: text(f.get(4)?),
+                source: text(f.get(sep + 2).copied().unwrap_or(b"")),
             })
         })
         .collect()
@@ -106,7 +128,10 @@ pub fn mounts() -> Vec<Mount> {
 
 /// mountinfo and fstab escape blanks as `\040` and friends.
 pub fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
+    String::from_utf8_lossy(&unescape_bytes(s.as_bytes())).into_owned()
+}
+
+fn unescape_bytes(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -121,16 +146,14 @@ pub fn unescape(s: &str) -> String {
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// Active swap areas: (name, the device it is, or the device its file is on).
-pub fn swaps() -> Vec<(String, DevNum)> {
-    let text = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let name = unescape(l.split_whitespace().next()?);
+pub fn swaps() -> Vec<(PathBuf, DevNum)> {
+    swap_names(&std::fs::read("/proc/swaps").unwrap_or_default())
+        .into_iter()
+        .filter_map(|name| {
             let m = std::fs::metadata(&name).ok()?;
             let d = if m.file_type().is_block_device() {
                 devnum_of_rdev(m.rdev())
@@ -138,6 +161,20 @@ pub fn swaps() -> Vec<(String, DevNum)> {
                 devnum_of_rdev(m.dev())
             };
             Some((name, d))
+        })
+        .collect()
+}
+
+/// The paths in /proc/swaps, exactly (its first column, escaped like
+/// mountinfo's).
+fn swap_names(text: &[u8]) -> Vec<PathBuf> {
+    text.split(|&b| b == b'\n')
+        .skip(1)
+        .filter_map(|l| {
+            let name = l
+                .split(|b| b.is_ascii_whitespace())
+                .find(|f| !f.is_empty())?;
+            Some(path_of(unescape_bytes(name)))
         })
         .collect()
 }
@@ -216,6 +253,27 @@ mod tests {
     fn unescapes_octal() {
         assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
         assert_eq!(unescape("plain\\"), "plain\\");
+    }
+
+    #[test]
+    fn a_mount_point_or_swap_file_that_is_not_utf8_hides_nothing() {
+        let info = b"22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+            30 22 7:3 / /mnt/\xff\\040x rw - ext4 /dev/loop3 rw\n\
+            31 22 7:4 / /srv rw - xfs /dev/loop4 rw\n";
+        let m = parse_mountinfo(info);
+        assert_eq!(m.len(), 3);
+        assert_eq!((m[1].dev, m[1].source.as_str()), ((7, 3), "/dev/loop3"));
+        assert_eq!(m[1].mountpoint, "/mnt/\u{fffd} x");
+        assert_eq!((m[2].dev, m[2].mountpoint.as_str()), ((7, 4), "/srv"));
+
+        let swaps = b"Filename\tType\tSize\tUsed\tPriority\n\
+            /swap\xfe\\040file                          file\t1024\t0\t-2\n\
+            /dev/vdb2                               partition\t1024\t0\t-3\n";
+        use std::os::unix::ffi::OsStrExt;
+        let names = swap_names(swaps);
+        assert_eq!(names.len(), 2);
+        assert_eq!(names[0].as_os_str().as_bytes(), b"/swap\xfe file");
+        assert_eq!(names[1], PathBuf::from("/dev/vdb2"));
     }
 
     #[test]
