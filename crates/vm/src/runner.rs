@@ -163,11 +163,13 @@ pub fn run(
     });
     let stderr = child.stderr.take();
     let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
+        // Bytes, shown lossily: read_to_string would drop all of it at the
+        // first byte that is not UTF-8.
+        let mut b = Vec::new();
         if let Some(mut e) = stderr {
-            let _ = e.read_to_string(&mut s);
+            let _ = e.read_to_end(&mut b);
         }
-        s
+        String::from_utf8_lossy(&b).into_owned()
     });
     let mut console = String::new();
     let mut boot = None;
