@@ -242,3 +242,61 @@ fn lvm2_vg_is_read_changed_and_read_back_with_untouched_lvs_unchanged() {
     let (ok, out) = vgck(&devs, &vg);
     assert!(ok, "{out}");
 }
+
+/// LVM2 writes its whole command line into the metadata's `description`,
+/// bytes that are not UTF-8 included. devpool still reads the VG, changes
+/// it, and LVM2 checks and reads what devpool wrote.
+#[test]
+fn a_vg_whose_description_is_not_utf8_is_read_and_changed() {
+    if skip_unless_real("a_vg_whose_description_is_not_utf8_is_read_and_changed") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let a = lab.loop_dev("nu.img", 64);
+    let devs = [a.as_path()];
+    let a_s = a.display().to_string();
+    let vg = vg_name("nonutf8");
+    lvm_ok(&devs, &["vgcreate", &vg, &a_s]);
+    // log/prefix is only printed; its value lands in the description.
+    use std::os::unix::ffi::OsStrExt;
+    let mut config = LVM_CONFIG.as_bytes().to_vec();
+    config.extend_from_slice(b" log{prefix=\"\xff \"}");
+    let o = std::process::Command::new("lvm")
+        .args(["vgchange", "--addtag", "from_lvm2", &vg, "--devices", &a_s])
+        .arg("--config")
+        .arg(std::ffi::OsStr::from_bytes(&config))
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let head = std::fs::read(lab.path("nu.img")).unwrap();
+    assert!(
+        head[..1 << 20].windows(4).any(|w| w == b"=\\\"\xff"),
+        "LVM2 did not write the byte into the metadata"
+    );
+
+    let vgs = lab.dp_json(&devs, &["vg", "list"]);
+    assert_eq!(vgs["unreadable"].as_array().map(Vec::len), Some(0), "{vgs}");
+    let row = vgs["vgs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["vg_name"] == vg.as_str()))
+        .unwrap_or_else(|| panic!("devpool does not list {vg}: {vgs}"));
+    assert_eq!(row["vg_tags"][0], "from_lvm2", "{row}");
+    lab.dp(
+        &devs,
+        &[
+            "lv",
+            "create",
+            &format!("{vg}/after"),
+            "--size",
+            "4M",
+            "--no-wipe",
+        ],
+    );
+    lvm_ok(&devs, &["vgck", &vg]);
+    let lvs = lvm_ok(
+        &devs,
+        &["lvs", "--noheadings", "-o", "lv_name,vg_tags", &vg],
+    );
+    assert!(lvs.contains("after") && lvs.contains("from_lvm2"), "{lvs}");
+}

@@ -109,9 +109,7 @@ impl<'a> Lexer<'a> {
             && body[n] == quote
         {
             self.pos += n + 1;
-            return std::str::from_utf8(&body[..n])
-                .map(str::to_owned)
-                .map_err(|_| self.err(start, "string is not valid UTF-8"));
+            return Ok(text_of(&body[..n]));
         }
         let mut out = Vec::with_capacity(end.unwrap_or(0) + 16);
         loop {
@@ -137,8 +135,16 @@ impl<'a> Lexer<'a> {
                 c => out.push(c),
             }
         }
-        String::from_utf8(out).map_err(|_| self.err(start, "string is not valid UTF-8"))
+        Ok(text_of(&out))
     }
+}
+
+/// A string's bytes as text. LVM2 writes whatever bytes its command line
+/// held into `description` (a device path that is not UTF-8, say): those
+/// are read with U+FFFD in their place rather than refusing the whole VG.
+/// Names, uuids and tags, which LVM2 restricts to ASCII, are checked later.
+fn text_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn classify_word(w: &str) -> Tok {
@@ -351,6 +357,23 @@ pub fn parse(text: &[u8]) -> Result<Section, ParseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_that_are_not_utf8_are_read_with_replacement_characters() {
+        let s = parse(b"description = \"vgcreate vg /dev/nu-\xff\"\nx = \"a\\\"\xfe\"\n").unwrap();
+        assert_eq!(
+            s.items,
+            vec![
+                Item::Assign(
+                    "description".into(),
+                    Value::Str("vgcreate vg /dev/nu-\u{fffd}".into())
+                ),
+                Item::Assign("x".into(), Value::Str("a\"\u{fffd}".into())),
+            ]
+        );
+        // A bare word (a key) still has to be text.
+        assert!(parse(b"k\xff = 1\n").is_err());
+    }
 
     #[test]
     fn parses_all_value_kinds() {
