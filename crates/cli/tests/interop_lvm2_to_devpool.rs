@@ -300,3 +300,153 @@ fn a_vg_whose_description_is_not_utf8_is_read_and_changed() {
     );
     assert!(lvs.contains("after") && lvs.contains("from_lvm2"), "{lvs}");
 }
+
+/// What LVM2 will not change on this host, devpool will not either: a VG
+/// of another host (system ID), an exported VG, a read-only VG. Each
+/// refusal says why and leaves the metadata as it was; once LVM2's own
+/// configuration makes the VG this host's (or it is imported, or made
+/// writable), devpool changes it and LVM2 reads the change.
+#[test]
+fn foreign_exported_and_read_only_vgs_are_refused_like_lvm2_does() {
+    if skip_unless_real("foreign_exported_and_read_only_vgs_are_refused_like_lvm2_does") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let a = lab.loop_dev("own.img", 64);
+    let devs = [a.as_path()];
+    let a_s = a.display().to_string();
+    let vg = vg_name("owned");
+    let as_other =
+        "global{system_id_source=\"lvmlocal\"} local{system_id=\"otherhost\"}".to_string();
+    let lvm_as_other = |args: &[&str]| {
+        let o = std::process::Command::new("lvm")
+            .args(args)
+            .args([
+                "--devices",
+                &a_s,
+                "--config",
+                &format!("{LVM_CONFIG} {as_other}"),
+            ])
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "lvm {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    lvm_as_other(&["vgcreate", &vg, &a_s]);
+    let seqno = |lab: &Lab| {
+        let v = lab.dp_json(&devs, &["vg", "list"]);
+        v["vgs"][0]["vg_seqno"].as_u64().unwrap()
+    };
+    let refused = |lab: &Lab, env: &[(&str, &str)], lv: &str, expect: &str| {
+        let before = seqno(lab);
+        let o = lab.devpool_env(
+            &devs,
+            &[
+                "lv",
+                "create",
+                &format!("{vg}/{lv}"),
+                "--size",
+                "4M",
+                "--no-wipe",
+            ],
+            env,
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "devpool changed the VG");
+        assert!(err.contains(expect), "expected '{expect}' in: {err}");
+        assert_eq!(seqno(lab), before, "the metadata changed");
+    };
+
+    // Another host's VG.
+    refused(&lab, &[], "a", "belongs to system ID 'otherhost'");
+    // This host is 'otherhost' by LVM2's configuration: the VG is ours.
+    let etc = lab.path("etc-lvm");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("lvm.conf"),
+        "global {\n  system_id_source = \"lvmlocal\"\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        etc.join("lvmlocal.conf"),
+        "local {\n  system_id = \"otherhost\"\n}\n",
+    )
+    .unwrap();
+    let ours = [("LVM_SYSTEM_DIR", etc.to_str().unwrap())];
+    refused(
+        &lab,
+        &[("LVM_SYSTEM_DIR", "/nonexistent")],
+        "a",
+        "this host has none",
+    );
+    let o = lab.devpool_env(
+        &devs,
+        &[
+            "lv",
+            "create",
+            &format!("{vg}/a"),
+            "--size",
+            "4M",
+            "--no-wipe",
+        ],
+        &ours,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    lvm_as_other(&["vgck", &vg]);
+    assert!(lvm_as_other(&["lvs", "--noheadings", "-o", "lv_name", &vg]).contains('a'));
+    let sysid = lvm_as_other(&["vgs", "--noheadings", "-o", "systemid", &vg]);
+    assert_eq!(sysid.trim(), "otherhost", "devpool kept the system ID");
+
+    // Exported (vgexport drops the system ID): refused until imported.
+    lvm_as_other(&["vgexport", &vg]);
+    refused(&lab, &ours, "b", "is exported (vgexport)");
+    lvm_ok(&devs, &["vgimport", &vg]);
+    lab.dp(
+        &devs,
+        &[
+            "lv",
+            "create",
+            &format!("{vg}/b"),
+            "--size",
+            "4M",
+            "--no-wipe",
+        ],
+    );
+
+    // Read-only: no WRITE in the VG's status (restored from a backup
+    // edited so; LVM2 has no command for it).
+    let file = lab.path("ro.vg");
+    let f = file.display().to_string();
+    lvm_ok(&devs, &["vgcfgbackup", "-f", &f, &vg]);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let writable = "status = [\"RESIZEABLE\", \"READ\", \"WRITE\"]";
+    assert!(text.contains(writable), "{text}");
+    std::fs::write(
+        &file,
+        text.replacen(writable, "status = [\"RESIZEABLE\", \"READ\"]", 1),
+    )
+    .unwrap();
+    lvm_ok(&devs, &["vgcfgrestore", "-f", &f, &vg]);
+    refused(&lab, &[], "c", "is read-only");
+    std::fs::write(&file, text).unwrap();
+    lvm_ok(&devs, &["vgcfgrestore", "-f", &f, &vg]);
+    lab.dp(
+        &devs,
+        &[
+            "lv",
+            "create",
+            &format!("{vg}/c"),
+            "--size",
+            "4M",
+            "--no-wipe",
+        ],
+    );
+    lvm_ok(&devs, &["vgck", &vg]);
+    let lvs = lvm_ok(&devs, &["lvs", "--noheadings", "-o", "lv_name", &vg]);
+    assert_eq!(lvs.split_whitespace().count(), 3, "{lvs}");
+}

@@ -1513,14 +1513,19 @@ impl Engine {
         Ok((loaded, (*loaded.meta).clone()))
     }
 
+    /// A VG this host may change: every PV present, and not exported,
+    /// read-only, foreign or shared (see `access`).
     fn require_complete(&self, vg: &LoadedVg) -> Result<()> {
-        if vg.is_complete() {
-            return Ok(());
+        if !vg.is_complete() {
+            return Err(EngineError::MissingPvs {
+                vg: vg.meta.name.clone(),
+                missing: vg.health.missing_pvs.join(", "),
+            });
         }
-        Err(EngineError::MissingPvs {
-            vg: vg.meta.name.clone(),
-            missing: vg.health.missing_pvs.join(", "),
-        })
+        match crate::access::refusal(&vg.meta, crate::access::local_system_id) {
+            Some(why) => Err(EngineError::Refused(why)),
+            None => Ok(()),
+        }
     }
 
     /// Record what the plan is based on: seqno, and every PV's on-disk state.

@@ -15,6 +15,7 @@
 //! - [`thinstore`]: a thin pool's dm-thin metadata, live (devices, mappings, commits)
 //! - [`report`]: PV/VG/LV/segment rows for tables and JSON
 
+pub mod access;
 pub mod alloc;
 pub mod commit;
 pub mod cowstore;

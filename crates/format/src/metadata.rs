@@ -300,6 +300,15 @@ const TRAILER_KNOWN: &[&str] = &[
 ];
 
 impl VgMetadata {
+    /// A VG-level string item the engine does not type (`system_id`,
+    /// `lock_type`).
+    pub fn str_field(&self, key: &str) -> Option<&str> {
+        self.extra.iter().find_map(|i| match i {
+            Item::Assign(k, Value::Str(v)) if k == key => Some(v.as_str()),
+            _ => None,
+        })
+    }
+
     /// A new VG with no PVs and no LVs, as `vgcreate` starts it (seqno 0:
     /// the first commit writes seqno 1).
     pub fn new_empty(name: &str, id: LvmUuid, extent_size: ExtentSize) -> VgMetadata {

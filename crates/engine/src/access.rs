@@ -1,0 +1,175 @@
+//! Which VGs this host may change, by LVM2's rules: not an exported VG
+//! (`vgexport`), not a read-only one (no WRITE in its status), not one
+//! that belongs to another host (its `system_id` is not this host's), and
+//! not a shared VG (`lock_type`: only lvmlockd's locks make changing it
+//! safe). Reading any of them is fine.
+//!
+//! This host's system ID comes from LVM2's own configuration, as LVM2
+//! reads it: `global/system_id_source` in `lvm.conf` (or `lvmlocal.conf`)
+//! under `$LVM_SYSTEM_DIR` (default `/etc/lvm`), then `local/system_id`,
+//! the host name, `/etc/machine-id` or `global/system_id_file`.
+
+use devpool_format::config::{Section, Value, parse};
+use devpool_format::metadata::VgMetadata;
+use std::path::PathBuf;
+
+/// Why `vg` must not be changed by this host, if it must not.
+/// `local_system_id` is asked only for a VG that has a system ID.
+pub fn refusal(
+    vg: &VgMetadata,
+    local_system_id: impl FnOnce() -> Option<String>,
+) -> Option<String> {
+    let name = &vg.name;
+    let has = |list: &[String], flag: &str| list.iter().any(|s| s == flag);
+    if has(&vg.status, "EXPORTED") {
+        return Some(format!(
+            "VG '{name}' is exported (vgexport): run 'vgimport {name}' before changing it"
+        ));
+    }
+    if let Some(lock) = vg.str_field("lock_type").filter(|l| *l != "none") {
+        return Some(format!(
+            "VG '{name}' is shared (lock_type \"{lock}\"): changing it takes lvmlockd's locks, which devpool does not take; use lvm with lvmlockd"
+        ));
+    }
+    if let Some(id) = vg.str_field("system_id").filter(|s| !s.is_empty()) {
+        let local = local_system_id();
+        if local.as_deref() != Some(id) {
+            let here = match local {
+                Some(l) => format!("this host's is '{l}'"),
+                None => "this host has none (global/system_id_source in lvm.conf)".to_string(),
+            };
+            return Some(format!(
+                "VG '{name}' belongs to system ID '{id}' and {here}: LVM2 treats it as foreign, and so does devpool; change it on its own host"
+            ));
+        }
+        // LVM2 writes a system ID'd VG without WRITE, flagged WRITE_LOCKED
+        // instead, so that older LVM2 leaves it alone: for its owner, that
+        // flag stands for WRITE.
+        if has(&vg.flags, "WRITE_LOCKED") {
+            return None;
+        }
+    }
+    if !has(&vg.status, "WRITE") {
+        return Some(format!(
+            "VG '{name}' is read-only (its metadata status has no WRITE); LVM2 will not change it either"
+        ));
+    }
+    None
+}
+
+/// This host's LVM2 system ID, if LVM2's configuration gives it one.
+pub fn local_system_id() -> Option<String> {
+    let dir = std::env::var_os("LVM_SYSTEM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/lvm"));
+    // lvmlocal.conf is read after lvm.conf and wins.
+    let configs: Vec<Section> = ["lvm.conf", "lvmlocal.conf"]
+        .iter()
+        .filter_map(|f| std::fs::read(dir.join(f)).ok())
+        .filter_map(|text| parse(&text).ok())
+        .collect();
+    let setting = |section: &str, key: &str| {
+        configs
+            .iter()
+            .rev()
+            .find_map(|c| match c.section(section)?.get(key)? {
+                Value::Str(s) => Some(s.clone()),
+                _ => None,
+            })
+    };
+    let source = setting("global", "system_id_source").unwrap_or_else(|| "none".into());
+    let id = match source.as_str() {
+        "lvmlocal" => setting("local", "system_id"),
+        "uname" => Some(crate::engine::hostname()).filter(|h| !h.starts_with("localhost")),
+        "machineid" => first_line(&PathBuf::from("/etc/machine-id")),
+        "file" => setting("global", "system_id_file").and_then(|f| first_line(&PathBuf::from(f))),
+        // "none", and "appmachineid" (a hash this does not compute): no ID,
+        // so every VG with one is refused, never wrongly allowed.
+        _ => None,
+    };
+    id.map(|s| sanitized(&s)).filter(|s| !s.is_empty())
+}
+
+fn first_line(path: &PathBuf) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(text.lines().next()?.trim().to_string())
+}
+
+/// LVM2 keeps only these characters of a system ID.
+fn sanitized(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._-+".contains(*c))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devpool_format::config::Item;
+    use devpool_format::units::ExtentSize;
+    use devpool_format::uuid::LvmUuid;
+
+    fn vg() -> VgMetadata {
+        let mut v = VgMetadata::new_empty(
+            "vg0",
+            LvmUuid::from_random([7; 32]),
+            ExtentSize::from_metadata(devpool_format::units::Sectors(8192)).unwrap(),
+        );
+        v.status = vec!["RESIZEABLE".into(), "READ".into(), "WRITE".into()];
+        v
+    }
+
+    fn with(mut v: VgMetadata, key: &str, value: &str) -> VgMetadata {
+        v.extra
+            .push(Item::Assign(key.into(), Value::Str(value.into())));
+        v
+    }
+
+    #[test]
+    fn exported_shared_foreign_and_read_only_vgs_are_refused() {
+        assert_eq!(refusal(&vg(), || None), None);
+
+        let mut exported = vg();
+        exported.status.push("EXPORTED".into());
+        assert!(
+            refusal(&exported, || None)
+                .unwrap()
+                .contains("vgimport vg0")
+        );
+
+        let shared = with(vg(), "lock_type", "sanlock");
+        assert!(refusal(&shared, || None).unwrap().contains("lvmlockd"));
+        assert_eq!(refusal(&with(vg(), "lock_type", "none"), || None), None);
+
+        // As LVM2 writes a VG with a system ID: no WRITE, WRITE_LOCKED.
+        let mut owned = with(vg(), "system_id", "hostA");
+        owned.status = vec!["RESIZEABLE".into(), "READ".into()];
+        owned.flags = vec!["WRITE_LOCKED".into()];
+        assert_eq!(refusal(&owned, || Some("hostA".into())), None);
+        let r = refusal(&owned, || Some("hostB".into())).unwrap();
+        assert!(r.contains("'hostA'") && r.contains("'hostB'"), "{r}");
+        assert!(refusal(&owned, || None).unwrap().contains("has none"));
+
+        let mut read_only = vg();
+        read_only.status = vec!["RESIZEABLE".into(), "READ".into()];
+        assert!(
+            refusal(&read_only, || None)
+                .unwrap()
+                .contains("is read-only")
+        );
+    }
+
+    #[test]
+    fn lvm2s_own_configuration_files_parse() {
+        for f in ["/etc/lvm/lvm.conf", "/etc/lvm/lvmlocal.conf"] {
+            if let Ok(text) = std::fs::read(f) {
+                assert!(parse(&text).is_ok(), "{f}: {:?}", parse(&text).err());
+            }
+        }
+    }
+
+    #[test]
+    fn system_ids_keep_lvm2s_characters_only() {
+        assert_eq!(sanitized("host a/b:c_d-e.f+g"), "hostabc_d-e.f+g");
+    }
+}
