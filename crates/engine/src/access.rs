@@ -2,7 +2,8 @@
 //! (`vgexport`), not a read-only one (no WRITE in its status), not one
 //! that belongs to another host (its `system_id` is not this host's), and
 //! not a shared VG (`lock_type`: only lvmlockd's locks make changing it
-//! safe). Reading any of them is fine.
+//! safe) nor an old clustered one (clvmd's `CLUSTERED`). Reading any of
+//! them is fine.
 //!
 //! This host's system ID comes from LVM2's own configuration, as LVM2
 //! reads it: `global/system_id_source` in `lvm.conf` (or `lvmlocal.conf`)
@@ -24,6 +25,11 @@ pub fn refusal(
     if has(&vg.status, "EXPORTED") {
         return Some(format!(
             "VG '{name}' is exported (vgexport): run 'vgimport {name}' before changing it"
+        ));
+    }
+    if has(&vg.status, "CLUSTERED") {
+        return Some(format!(
+            "VG '{name}' is clustered (clvmd's): LVM2 changes it only after 'vgchange --lock-type none {name}'"
         ));
     }
     if let Some(lock) = vg.str_field("lock_type").filter(|l| *l != "none") {
@@ -136,6 +142,10 @@ mod tests {
                 .unwrap()
                 .contains("vgimport vg0")
         );
+
+        let mut clustered = vg();
+        clustered.status.push("CLUSTERED".into());
+        assert!(refusal(&clustered, || None).unwrap().contains("clustered"));
 
         let shared = with(vg(), "lock_type", "sanlock");
         assert!(refusal(&shared, || None).unwrap().contains("lvmlockd"));
