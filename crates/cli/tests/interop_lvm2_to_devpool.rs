@@ -450,3 +450,97 @@ fn foreign_exported_and_read_only_vgs_are_refused_like_lvm2_does() {
     let lvs = lvm_ok(&devs, &["lvs", "--noheadings", "-o", "lv_name", &vg]);
     assert_eq!(lvs.split_whitespace().count(), 3, "{lvs}");
 }
+
+/// On a host with an LVM2 system ID, a VG devpool creates carries it, as
+/// `vgcreate`'s would: LVM2 on this host changes it, LVM2 without the ID
+/// (another host) finds it foreign.
+#[test]
+fn a_vg_created_on_a_host_with_a_system_id_is_that_hosts() {
+    if skip_unless_real("a_vg_created_on_a_host_with_a_system_id_is_that_hosts") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let a = lab.loop_dev("stamp.img", 64);
+    let devs = [a.as_path()];
+    let a_s = a.display().to_string();
+    let vg = vg_name("stamped");
+    let etc = lab.path("etc-lvm");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("lvm.conf"),
+        "global {\n  system_id_source = \"lvmlocal\"\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        etc.join("lvmlocal.conf"),
+        "local {\n  system_id = \"hostA\"\n}\n",
+    )
+    .unwrap();
+    let host_a = [("LVM_SYSTEM_DIR", etc.to_str().unwrap())];
+    let o = lab.devpool_env(&devs, &["vg", "create", &vg, &a_s, "--yes"], &host_a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let lvm_as = |config: &str, args: &[&str]| {
+        std::process::Command::new("lvm")
+            .args(args)
+            .args([
+                "--devices",
+                &a_s,
+                "--config",
+                &format!("{LVM_CONFIG} {config}"),
+            ])
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .output()
+            .unwrap()
+    };
+    let a_cfg = "global{system_id_source=\"lvmlocal\"} local{system_id=\"hostA\"}";
+    let o = lvm_as(a_cfg, &["vgs", "--noheadings", "-o", "systemid", &vg]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "hostA");
+    let o = lvm_as(
+        a_cfg,
+        &["lvcreate", "-an", "-Zn", "-L", "4M", "-n", "by_a", &vg],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Another host (no system ID): LVM2 will not touch it, nor will devpool.
+    let o = lvm_as(
+        "",
+        &["lvcreate", "-an", "-Zn", "-L", "4M", "-n", "by_b", &vg],
+    );
+    assert!(!o.status.success(), "LVM2 changed another host's VG");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("system ID hostA"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = lab.devpool_env(
+        &devs,
+        &[
+            "lv",
+            "create",
+            &format!("{vg}/by_b"),
+            "--size",
+            "4M",
+            "--no-wipe",
+        ],
+        &[("LVM_SYSTEM_DIR", "/nonexistent")],
+    );
+    assert!(!o.status.success());
+    // Back on host A, devpool changes it and LVM2 checks the result.
+    lab.devpool_env(
+        &devs,
+        &[
+            "lv",
+            "create",
+            &format!("{vg}/by_devpool"),
+            "--size",
+            "4M",
+            "--no-wipe",
+        ],
+        &host_a,
+    );
+    let o = lvm_as(a_cfg, &["vgck", &vg]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = lvm_as(a_cfg, &["lvs", "--noheadings", "-o", "lv_name", &vg]);
+    let lvs = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(lvs.contains("by_a") && lvs.contains("by_devpool"), "{lvs}");
+}

@@ -63,15 +63,74 @@ pub fn refusal(
     None
 }
 
+/// Make a new VG this host's, as `vgcreate` does on a host with a system
+/// ID: the ID in the metadata, and WRITE replaced by the WRITE_LOCKED flag
+/// so that an LVM2 too old to know system IDs does not change it either.
+pub fn stamp(vg: &mut VgMetadata, system_id: &str) {
+    vg.status.retain(|s| s != "WRITE");
+    if !vg.flags.iter().any(|f| f == "WRITE_LOCKED") {
+        vg.flags.push("WRITE_LOCKED".into());
+    }
+    vg.extra.retain(|i| i.key() != "system_id");
+    vg.extra.push(devpool_format::config::Item::Assign(
+        "system_id".into(),
+        Value::Str(system_id.to_string()),
+    ));
+}
+
 /// This host's LVM2 system ID, if LVM2's configuration gives it one.
 pub fn local_system_id() -> Option<String> {
+    let c = system_id_config();
+    let id = match c.source.as_deref().unwrap_or("none") {
+        "lvmlocal" => c.local_id,
+        "uname" => Some(crate::engine::hostname()).filter(|h| !h.starts_with("localhost")),
+        "machineid" => first_line(&PathBuf::from("/etc/machine-id")),
+        "file" => c.id_file.and_then(|f| first_line(&PathBuf::from(f))),
+        // "none", and "appmachineid" (a hash this does not compute): no ID,
+        // so every VG with one is refused, never wrongly allowed.
+        _ => None,
+    };
+    id.map(|s| sanitized(&s)).filter(|s| !s.is_empty())
+}
+
+/// The settings that decide the system ID.
+#[derive(Clone, Default)]
+struct SystemIdConfig {
+    source: Option<String>,
+    local_id: Option<String>,
+    id_file: Option<String>,
+}
+
+/// The system ID settings of `lvm.conf` and `lvmlocal.conf`, parsed again
+/// only when either file changes (a VG with a system ID asks at every
+/// commit, and lvm.conf is 100 KiB of comments).
+fn system_id_config() -> SystemIdConfig {
+    type Stamp = Vec<Option<(i64, i64, u64, u64)>>;
+    static CACHE: std::sync::Mutex<Option<(PathBuf, Stamp, SystemIdConfig)>> =
+        std::sync::Mutex::new(None);
+    use std::os::unix::fs::MetadataExt;
     let dir = std::env::var_os("LVM_SYSTEM_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/etc/lvm"));
     // lvmlocal.conf is read after lvm.conf and wins.
-    let configs: Vec<Section> = ["lvm.conf", "lvmlocal.conf"]
+    let files = [dir.join("lvm.conf"), dir.join("lvmlocal.conf")];
+    let stamp: Stamp = files
         .iter()
-        .filter_map(|f| std::fs::read(dir.join(f)).ok())
+        .map(|f| {
+            let m = std::fs::metadata(f).ok()?;
+            Some((m.mtime(), m.mtime_nsec(), m.ino(), m.len()))
+        })
+        .collect();
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((d, s, c)) = cache.as_ref()
+        && *d == dir
+        && *s == stamp
+    {
+        return c.clone();
+    }
+    let configs: Vec<Section> = files
+        .iter()
+        .filter_map(|f| std::fs::read(f).ok())
         .filter_map(|text| parse(&text).ok())
         .collect();
     let setting = |section: &str, key: &str| {
@@ -83,17 +142,13 @@ pub fn local_system_id() -> Option<String> {
                 _ => None,
             })
     };
-    let source = setting("global", "system_id_source").unwrap_or_else(|| "none".into());
-    let id = match source.as_str() {
-        "lvmlocal" => setting("local", "system_id"),
-        "uname" => Some(crate::engine::hostname()).filter(|h| !h.starts_with("localhost")),
-        "machineid" => first_line(&PathBuf::from("/etc/machine-id")),
-        "file" => setting("global", "system_id_file").and_then(|f| first_line(&PathBuf::from(f))),
-        // "none", and "appmachineid" (a hash this does not compute): no ID,
-        // so every VG with one is refused, never wrongly allowed.
-        _ => None,
+    let c = SystemIdConfig {
+        source: setting("global", "system_id_source"),
+        local_id: setting("local", "system_id"),
+        id_file: setting("global", "system_id_file"),
     };
-    id.map(|s| sanitized(&s)).filter(|s| !s.is_empty())
+    *cache = Some((dir, stamp, c.clone()));
+    c
 }
 
 fn first_line(path: &PathBuf) -> Option<String> {
@@ -167,6 +222,21 @@ mod tests {
                 .unwrap()
                 .contains("is read-only")
         );
+    }
+
+    #[test]
+    fn a_stamped_vg_is_its_hosts_alone() {
+        let mut v = vg();
+        stamp(&mut v, "hostA");
+        assert_eq!(v.str_field("system_id"), Some("hostA"));
+        assert!(!v.status.iter().any(|s| s == "WRITE"));
+        assert_eq!(refusal(&v, || Some("hostA".into())), None);
+        assert!(refusal(&v, || Some("hostB".into())).is_some());
+        assert!(refusal(&v, || None).is_some());
+        // The text LVM2 reads back says the same.
+        let back = VgMetadata::parse(&v.to_disk_text()).unwrap();
+        assert_eq!(back.str_field("system_id"), Some("hostA"));
+        assert_eq!(back.flags, vec!["WRITE_LOCKED".to_string()]);
     }
 
     #[test]

@@ -955,6 +955,9 @@ impl Engine {
                     return Err(EngineError::Invalid("a VG needs at least one PV".into()));
                 }
                 let mut vg = VgMetadata::new_empty(name, random_uuid(), es);
+                if let Some(id) = crate::access::local_system_id() {
+                    crate::access::stamp(&mut vg, &id);
+                }
                 let new_pvs = self.plan_add_pvs(&mut plan, scan, &mut vg, pvs, pv_options)?;
                 plan.vg = Some(name.clone());
                 plan.seqno_before = Some(0);
