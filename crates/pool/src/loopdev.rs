@@ -590,8 +590,11 @@ pub fn users(dev: &Path) -> Vec<String> {
                 .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == meta.rdev())
         });
         if open {
-            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            out.push(format!("open by pid {pid} ({})", comm.trim()));
+            let comm = std::fs::read(p.path().join("comm")).unwrap_or_default();
+            out.push(format!(
+                "open by pid {pid} ({})",
+                String::from_utf8_lossy(&comm).trim()
+            ));
         }
     }
     out
