@@ -301,6 +301,41 @@ fn a_vg_whose_description_is_not_utf8_is_read_and_changed() {
     assert!(lvs.contains("after") && lvs.contains("from_lvm2"), "{lvs}");
 }
 
+/// An `LVM_SYSTEM_DIR` whose configuration gives this host the system ID `id`.
+fn system_id_dir(lab: &Lab, id: &str) -> std::path::PathBuf {
+    let etc = lab.path(&format!("etc-lvm-{id}"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("lvm.conf"),
+        "global {\n  system_id_source = \"lvmlocal\"\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        etc.join("lvmlocal.conf"),
+        format!("local {{\n  system_id = \"{id}\"\n}}\n"),
+    )
+    .unwrap();
+    etc
+}
+
+/// LVM2 on `dev` as a host whose system ID is `id` (none: no ID).
+fn lvm_as(dev: &str, id: Option<&str>, args: &[&str]) -> std::process::Output {
+    let extra = id
+        .map(|i| format!("global{{system_id_source=\"lvmlocal\"}} local{{system_id=\"{i}\"}}"))
+        .unwrap_or_default();
+    std::process::Command::new("lvm")
+        .args(args)
+        .args([
+            "--devices",
+            dev,
+            "--config",
+            &format!("{LVM_CONFIG} {extra}"),
+        ])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .unwrap()
+}
+
 /// What LVM2 will not change on this host, devpool will not either: a VG
 /// of another host (system ID), an exported VG, a read-only VG. Each
 /// refusal says why and leaves the metadata as it was; once LVM2's own
@@ -316,20 +351,8 @@ fn foreign_exported_and_read_only_vgs_are_refused_like_lvm2_does() {
     let devs = [a.as_path()];
     let a_s = a.display().to_string();
     let vg = vg_name("owned");
-    let as_other =
-        "global{system_id_source=\"lvmlocal\"} local{system_id=\"otherhost\"}".to_string();
     let lvm_as_other = |args: &[&str]| {
-        let o = std::process::Command::new("lvm")
-            .args(args)
-            .args([
-                "--devices",
-                &a_s,
-                "--config",
-                &format!("{LVM_CONFIG} {as_other}"),
-            ])
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .output()
-            .unwrap();
+        let o = lvm_as(&a_s, Some("otherhost"), args);
         assert!(
             o.status.success(),
             "lvm {args:?}: {}",
@@ -365,18 +388,7 @@ fn foreign_exported_and_read_only_vgs_are_refused_like_lvm2_does() {
     // Another host's VG.
     refused(&lab, &[], "a", "belongs to system ID 'otherhost'");
     // This host is 'otherhost' by LVM2's configuration: the VG is ours.
-    let etc = lab.path("etc-lvm");
-    std::fs::create_dir_all(&etc).unwrap();
-    std::fs::write(
-        etc.join("lvm.conf"),
-        "global {\n  system_id_source = \"lvmlocal\"\n}\n",
-    )
-    .unwrap();
-    std::fs::write(
-        etc.join("lvmlocal.conf"),
-        "local {\n  system_id = \"otherhost\"\n}\n",
-    )
-    .unwrap();
+    let etc = system_id_dir(&lab, "otherhost");
     let ours = [("LVM_SYSTEM_DIR", etc.to_str().unwrap())];
     refused(
         &lab,
@@ -464,46 +476,24 @@ fn a_vg_created_on_a_host_with_a_system_id_is_that_hosts() {
     let devs = [a.as_path()];
     let a_s = a.display().to_string();
     let vg = vg_name("stamped");
-    let etc = lab.path("etc-lvm");
-    std::fs::create_dir_all(&etc).unwrap();
-    std::fs::write(
-        etc.join("lvm.conf"),
-        "global {\n  system_id_source = \"lvmlocal\"\n}\n",
-    )
-    .unwrap();
-    std::fs::write(
-        etc.join("lvmlocal.conf"),
-        "local {\n  system_id = \"hostA\"\n}\n",
-    )
-    .unwrap();
+    let etc = system_id_dir(&lab, "hostA");
     let host_a = [("LVM_SYSTEM_DIR", etc.to_str().unwrap())];
     let o = lab.devpool_env(&devs, &["vg", "create", &vg, &a_s, "--yes"], &host_a);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    let lvm_as = |config: &str, args: &[&str]| {
-        std::process::Command::new("lvm")
-            .args(args)
-            .args([
-                "--devices",
-                &a_s,
-                "--config",
-                &format!("{LVM_CONFIG} {config}"),
-            ])
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .output()
-            .unwrap()
-    };
-    let a_cfg = "global{system_id_source=\"lvmlocal\"} local{system_id=\"hostA\"}";
-    let o = lvm_as(a_cfg, &["vgs", "--noheadings", "-o", "systemid", &vg]);
+    let a_cfg = Some("hostA");
+    let o = lvm_as(&a_s, a_cfg, &["vgs", "--noheadings", "-o", "systemid", &vg]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "hostA");
     let o = lvm_as(
+        &a_s,
         a_cfg,
         &["lvcreate", "-an", "-Zn", "-L", "4M", "-n", "by_a", &vg],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Another host (no system ID): LVM2 will not touch it, nor will devpool.
     let o = lvm_as(
-        "",
+        &a_s,
+        None,
         &["lvcreate", "-an", "-Zn", "-L", "4M", "-n", "by_b", &vg],
     );
     assert!(!o.status.success(), "LVM2 changed another host's VG");
@@ -538,9 +528,9 @@ fn a_vg_created_on_a_host_with_a_system_id_is_that_hosts() {
         ],
         &host_a,
     );
-    let o = lvm_as(a_cfg, &["vgck", &vg]);
+    let o = lvm_as(&a_s, a_cfg, &["vgck", &vg]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = lvm_as(a_cfg, &["lvs", "--noheadings", "-o", "lv_name", &vg]);
+    let o = lvm_as(&a_s, a_cfg, &["lvs", "--noheadings", "-o", "lv_name", &vg]);
     let lvs = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(lvs.contains("by_a") && lvs.contains("by_devpool"), "{lvs}");
 }
