@@ -534,3 +534,61 @@ fn a_vg_created_on_a_host_with_a_system_id_is_that_hosts() {
     let lvs = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(lvs.contains("by_a") && lvs.contains("by_devpool"), "{lvs}");
 }
+
+/// On a host where LVM2 uses a devices file, LVM2 does not see a PV until
+/// the file lists it: devpool says so when it creates one, naming the
+/// command, and the command makes LVM2 see it.
+#[test]
+fn a_new_pv_on_a_host_with_an_lvm2_devices_file_comes_with_the_command_to_list_it() {
+    if skip_unless_real(
+        "a_new_pv_on_a_host_with_an_lvm2_devices_file_comes_with_the_command_to_list_it",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new();
+    let listed = lab.loop_dev("listed.img", 64);
+    let new = lab.loop_dev("new.img", 64);
+    let etc = lab.path("etc-lvm-devicesfile");
+    std::fs::create_dir_all(etc.join("devices")).unwrap();
+    std::fs::write(
+        etc.join("lvm.conf"),
+        "devices {\n  use_devicesfile = 1\n  obtain_device_list_from_udev = 0\n}\n\
+         global {\n  activation = 0\n}\nbackup {\n  backup = 0\n  archive = 0\n}\n",
+    )
+    .unwrap();
+    let lvm = |args: &[&str]| {
+        std::process::Command::new("lvm")
+            .args(args)
+            .env("LVM_SYSTEM_DIR", &etc)
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .output()
+            .unwrap()
+    };
+    let pvs = || {
+        String::from_utf8_lossy(&lvm(&["pvs", "--noheadings", "-o", "pv_name"]).stdout).into_owned()
+    };
+    // LVM2 makes the devices file with its own first PV.
+    let o = lvm(&["pvcreate", listed.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(etc.join("devices/system.devices").exists());
+
+    let n = new.display().to_string();
+    let env = [("LVM_SYSTEM_DIR", etc.to_str().unwrap())];
+    let o = lab.devpool_env(&[], &["pv", "create", &n, "--yes"], &env);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let advice = format!("run 'lvmdevices --adddev {n}'");
+    assert!(out.contains(&advice), "{out}");
+    assert!(
+        !pvs().contains(&n),
+        "LVM2 saw the PV before the devices file listed it"
+    );
+    let o = lvm(&["lvmdevices", "--adddev", &n]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(pvs().contains(&n), "{}", pvs());
+
+    // Without a devices file in use, no such note.
+    let other = lab.loop_dev("other.img", 64);
+    let o = lab.dp(&[], &["pv", "create", other.to_str().unwrap(), "--yes"]);
+    assert!(!o.contains("lvmdevices"), "{o}");
+}

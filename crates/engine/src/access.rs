@@ -80,7 +80,7 @@ pub fn stamp(vg: &mut VgMetadata, system_id: &str) {
 
 /// This host's LVM2 system ID, if LVM2's configuration gives it one.
 pub fn local_system_id() -> Option<String> {
-    let c = system_id_config();
+    let c = lvm_config();
     let id = match c.source.as_deref().unwrap_or("none") {
         "lvmlocal" => c.local_id,
         "uname" => Some(crate::engine::hostname()).filter(|h| !h.starts_with("localhost")),
@@ -93,25 +93,46 @@ pub fn local_system_id() -> Option<String> {
     id.map(|s| sanitized(&s)).filter(|s| !s.is_empty())
 }
 
-/// The settings that decide the system ID.
+/// The settings of LVM2's configuration devpool follows.
 #[derive(Clone, Default)]
-struct SystemIdConfig {
+struct LvmConfig {
+    /// `global/system_id_source`, `local/system_id`, `global/system_id_file`.
     source: Option<String>,
     local_id: Option<String>,
     id_file: Option<String>,
+    /// `devices/use_devicesfile`, `devices/devicesfile`.
+    use_devices_file: Option<i64>,
+    devices_file: Option<String>,
 }
 
-/// The system ID settings of `lvm.conf` and `lvmlocal.conf`, parsed again
-/// only when either file changes (a VG with a system ID asks at every
-/// commit, and lvm.conf is 100 KiB of comments).
-fn system_id_config() -> SystemIdConfig {
+/// LVM2's devices file, when LVM2 here uses one (`devices/use_devicesfile
+/// = 1` and the file exists; without the file LVM2 uses every device):
+/// LVM2 then sees a new PV only once `lvmdevices --adddev` lists it.
+pub fn lvm_devices_file() -> Option<PathBuf> {
+    let c = lvm_config();
+    if c.use_devices_file != Some(1) {
+        return None;
+    }
+    let name = c.devices_file.unwrap_or_else(|| "system.devices".into());
+    let file = lvm_system_dir().join("devices").join(name);
+    file.exists().then_some(file)
+}
+
+fn lvm_system_dir() -> PathBuf {
+    std::env::var_os("LVM_SYSTEM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/lvm"))
+}
+
+/// The settings of `lvm.conf` and `lvmlocal.conf`, parsed again only when
+/// either file changes (a VG with a system ID asks at every commit, and
+/// lvm.conf is 100 KiB of comments).
+fn lvm_config() -> LvmConfig {
     type Stamp = Vec<Option<(i64, i64, u64, u64)>>;
-    static CACHE: std::sync::Mutex<Option<(PathBuf, Stamp, SystemIdConfig)>> =
+    static CACHE: std::sync::Mutex<Option<(PathBuf, Stamp, LvmConfig)>> =
         std::sync::Mutex::new(None);
     use std::os::unix::fs::MetadataExt;
-    let dir = std::env::var_os("LVM_SYSTEM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/etc/lvm"));
+    let dir = lvm_system_dir();
     // lvmlocal.conf is read after lvm.conf and wins.
     let files = [dir.join("lvm.conf"), dir.join("lvmlocal.conf")];
     let stamp: Stamp = files
@@ -128,27 +149,38 @@ fn system_id_config() -> SystemIdConfig {
     {
         return c.clone();
     }
+    let c = config_of(&files);
+    *cache = Some((dir, stamp, c.clone()));
+    c
+}
+
+/// The settings in `files`, a later file's winning.
+fn config_of(files: &[PathBuf]) -> LvmConfig {
     let configs: Vec<Section> = files
         .iter()
         .filter_map(|f| std::fs::read(f).ok())
         .filter_map(|text| parse(&text).ok())
         .collect();
-    let setting = |section: &str, key: &str| {
+    let value = |section: &str, key: &str| {
         configs
             .iter()
             .rev()
-            .find_map(|c| match c.section(section)?.get(key)? {
-                Value::Str(s) => Some(s.clone()),
-                _ => None,
-            })
+            .find_map(|c| c.section(section)?.get(key).cloned())
     };
-    let c = SystemIdConfig {
-        source: setting("global", "system_id_source"),
-        local_id: setting("local", "system_id"),
-        id_file: setting("global", "system_id_file"),
+    let text = |section: &str, key: &str| match value(section, key) {
+        Some(Value::Str(s)) => Some(s),
+        _ => None,
     };
-    *cache = Some((dir, stamp, c.clone()));
-    c
+    LvmConfig {
+        source: text("global", "system_id_source"),
+        local_id: text("local", "system_id"),
+        id_file: text("global", "system_id_file"),
+        use_devices_file: match value("devices", "use_devicesfile") {
+            Some(Value::Int(i)) => Some(i),
+            _ => None,
+        },
+        devices_file: text("devices", "devicesfile"),
+    }
 }
 
 fn first_line(path: &PathBuf) -> Option<String> {
@@ -237,6 +269,31 @@ mod tests {
         let back = VgMetadata::parse(&v.to_disk_text()).unwrap();
         assert_eq!(back.str_field("system_id"), Some("hostA"));
         assert_eq!(back.flags, vec!["WRITE_LOCKED".to_string()]);
+    }
+
+    #[test]
+    fn settings_come_from_lvm_conf_with_lvmlocal_conf_winning() {
+        let dir = std::env::temp_dir().join(format!("devpool-access-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (conf, local) = (dir.join("lvm.conf"), dir.join("lvmlocal.conf"));
+        std::fs::write(
+            &conf,
+            "# comment\ndevices {\n\tuse_devicesfile = 1\n}\nglobal {\n\tsystem_id_source = \"uname\"\n}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &local,
+            "global { system_id_source = \"lvmlocal\" }\nlocal { system_id = \"h1\" }\n",
+        )
+        .unwrap();
+        let c = config_of(&[conf.clone(), local]);
+        assert_eq!(c.use_devices_file, Some(1));
+        assert_eq!(c.source.as_deref(), Some("lvmlocal"));
+        assert_eq!(c.local_id.as_deref(), Some("h1"));
+        let c = config_of(&[conf, dir.join("missing.conf")]);
+        assert_eq!(c.source.as_deref(), Some("uname"));
+        assert_eq!(c.local_id, None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

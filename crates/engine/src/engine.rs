@@ -1749,6 +1749,18 @@ impl Engine {
             metadata_areas: layout.mdas.clone(),
             in_vg: false,
         });
+        if let Some(file) = crate::access::lvm_devices_file()
+            && std::fs::metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_block_device()
+            })
+        {
+            plan.notes.push(format!(
+                "LVM2 here uses only the devices {} lists: run 'lvmdevices --adddev {}' so that LVM2 sees this PV",
+                file.display(),
+                path.display()
+            ));
+        }
         if layout.small_device_default {
             plan.notes.push(format!(
                 "{} is smaller than 8 GiB: using LVM2's default metadata area of 1020 KiB (about 1,800 volumes)",
