@@ -180,6 +180,9 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             if let Some(t) = &thin_pool {
                 print_thin_enabled(t);
             }
+            for n in &out.notes {
+                println!("note: {n}");
+            }
             println!("{}", setup_text(&out));
         }
         PoolCmd::Thin(cmd) => thin(g, &p, cmd)?,

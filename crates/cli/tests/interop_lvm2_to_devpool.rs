@@ -567,10 +567,15 @@ fn a_new_pv_on_a_host_with_an_lvm2_devices_file_comes_with_the_command_to_list_i
     let pvs = || {
         String::from_utf8_lossy(&lvm(&["pvs", "--noheadings", "-o", "pv_name"]).stdout).into_owned()
     };
-    // LVM2 makes the devices file with its own first PV.
-    let o = lvm(&["pvcreate", listed.to_str().unwrap()]);
+    // A devices file listing one device (pvcreate makes one only on a host
+    // with no VGs; other tests' VGs may be visible).
+    let o = lvm(&["lvmdevices", "--adddev", listed.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(etc.join("devices/system.devices").exists());
+    assert!(
+        etc.join("devices/system.devices").exists(),
+        "LVM2 made no devices file: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     let n = new.display().to_string();
     let env = [("LVM_SYSTEM_DIR", etc.to_str().unwrap())];
@@ -586,6 +591,22 @@ fn a_new_pv_on_a_host_with_an_lvm2_devices_file_comes_with_the_command_to_list_i
     let o = lvm(&["lvmdevices", "--adddev", &n]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(pvs().contains(&n), "{}", pvs());
+
+    // pool setup on a block device says the same.
+    let disk = lab.loop_dev("pooldisk.img", 64);
+    let d = disk.display().to_string();
+    let o = lab.devpool_env(
+        &[],
+        &["pool", "setup", &d, "--name", "dfile", "--yes"],
+        &env,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!("run 'lvmdevices --adddev {d}'")),
+        "{out}"
+    );
+    lab.dp(&[], &["pool", "teardown", "dfile", "--yes"]);
 
     // Without a devices file in use, no such note.
     let other = lab.loop_dev("other.img", 64);

@@ -231,6 +231,10 @@ pub struct SetupOutcome {
     pub device: PathBuf,
     pub size_bytes: u64,
     pub already: bool,
+    /// What the user should know (the engine's plan notes), e.g. that
+    /// LVM2's devices file must list the device.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -510,6 +514,7 @@ impl Pools {
                         device: device.to_path_buf(),
                         size_bytes: v.meta.extent_count() * v.meta.extent_size.bytes().0,
                         already: true,
+                        notes: Vec::new(),
                     });
                 }
                 let owner = s
@@ -573,6 +578,10 @@ impl Pools {
             },
             true,
         );
+        let notes = match &result {
+            Ok((plan, _)) => plan.notes.clone(),
+            Err(_) => Vec::new(),
+        };
         if let Err(e) = result {
             let restored = match &backup {
                 Some(b) => match b.restore(device) {
@@ -601,6 +610,7 @@ impl Pools {
             device: device.to_path_buf(),
             size_bytes: size,
             already: false,
+            notes,
         })
     }
 
