@@ -577,38 +577,35 @@ pub fn boot(
         }
     };
     let ms = |d: Duration| d.as_millis() as u64;
-    let deadline = Instant::now() + Duration::from_secs(vm.timeout);
     let mut crashes = Vec::new();
-    let outcome = loop {
-        let o = runner::run(
-            &machine,
-            deadline.saturating_duration_since(Instant::now()),
-            &|| {
-                CANCEL.load(Ordering::SeqCst)
-                    || cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst))
-            },
-            &mut on_line,
-        )?;
-        if !o.qemu_crashed_before_command() || crashes.len() >= vm.boot_retries as usize {
-            break o;
-        }
-        let crash = QemuCrash {
-            signal: o.signal.map(runner::signal_name).unwrap_or_default(),
-            after_ms: ms(o.total),
-            qemu_error: o.qemu_stderr.trim().to_string(),
-        };
-        if !crash.qemu_error.is_empty() {
-            eprintln!("devpool: QEMU said: {}", crash.qemu_error);
-        }
-        eprintln!(
-            "devpool: QEMU crashed ({}) {:.1} s into the boot, before the command started: a QEMU bug, not the guest's; booting again ({} of {} retries)",
-            crash.signal,
-            o.total.as_secs_f64(),
-            crashes.len() + 1,
-            vm.boot_retries
-        );
-        crashes.push(crash);
-    };
+    let outcome = runner::run_retrying(
+        &machine,
+        Duration::from_secs(vm.timeout),
+        vm.boot_retries,
+        &|| {
+            CANCEL.load(Ordering::SeqCst)
+                || cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst))
+        },
+        &mut on_line,
+        &mut |o, before| {
+            let crash = QemuCrash {
+                signal: o.signal.map(runner::signal_name).unwrap_or_default(),
+                after_ms: ms(o.total),
+                qemu_error: o.qemu_stderr.trim().to_string(),
+            };
+            if !crash.qemu_error.is_empty() {
+                eprintln!("devpool: QEMU said: {}", crash.qemu_error);
+            }
+            eprintln!(
+                "devpool: QEMU crashed ({}) {:.1} s into the boot, before the command started: a QEMU bug, not the guest's; booting again ({} of {} retries)",
+                crash.signal,
+                o.total.as_secs_f64(),
+                before + 1,
+                vm.boot_retries
+            );
+            crashes.push(crash);
+        },
+    )?;
     let released = leased.finish();
     let crashed_ms: u64 = crashes.iter().map(|c| c.after_ms).sum();
     let report = RunReport {

@@ -955,7 +955,7 @@ impl Engine {
                     return Err(EngineError::Invalid("a VG needs at least one PV".into()));
                 }
                 let mut vg = VgMetadata::new_empty(name, random_uuid(), es);
-                if let Some(id) = crate::access::local_system_id() {
+                if let Some(id) = crate::lvmconf::local_system_id() {
                     crate::access::stamp(&mut vg, &id);
                 }
                 let new_pvs = self.plan_add_pvs(&mut plan, scan, &mut vg, pvs, pv_options)?;
@@ -1525,7 +1525,7 @@ impl Engine {
                 missing: vg.health.missing_pvs.join(", "),
             });
         }
-        match crate::access::refusal(&vg.meta, crate::access::local_system_id) {
+        match crate::access::refusal(&vg.meta, crate::lvmconf::local_system_id) {
             Some(why) => Err(EngineError::Refused(why)),
             None => Ok(()),
         }
@@ -1749,7 +1749,7 @@ impl Engine {
             metadata_areas: layout.mdas.clone(),
             in_vg: false,
         });
-        if let Some(file) = crate::access::lvm_devices_file()
+        if let Some(file) = crate::lvmconf::lvm_devices_file()
             && std::fs::metadata(path).is_ok_and(|m| {
                 use std::os::unix::fs::FileTypeExt;
                 m.file_type().is_block_device()

@@ -24,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod journal;
 pub mod lock;
+pub mod lvmconf;
 pub mod ops;
 pub mod plan;
 pub mod pvlayout;

@@ -578,26 +578,25 @@ impl Pools {
             },
             true,
         );
-        let notes = match &result {
-            Ok((plan, _)) => plan.notes.clone(),
-            Err(_) => Vec::new(),
+        let notes = match result {
+            Ok((plan, _)) => plan.notes,
+            Err(e) => {
+                let restored = match &backup {
+                    Some(b) => match b.restore(device) {
+                        Ok(()) => "the first and last MiB were restored".to_string(),
+                        Err(r) => format!("restoring the first and last MiB failed too: {r}"),
+                    },
+                    None => {
+                        let _ = std::fs::remove_file(device);
+                        "the new image file was removed".to_string()
+                    }
+                };
+                return Err(PoolError::Refused(format!(
+                    "pool setup on {} failed: {e}; {restored}",
+                    device.display()
+                )));
+            }
         };
-        if let Err(e) = result {
-            let restored = match &backup {
-                Some(b) => match b.restore(device) {
-                    Ok(()) => "the first and last MiB were restored".to_string(),
-                    Err(r) => format!("restoring the first and last MiB failed too: {r}"),
-                },
-                None => {
-                    let _ = std::fs::remove_file(device);
-                    "the new image file was removed".to_string()
-                }
-            };
-            return Err(PoolError::Refused(format!(
-                "pool setup on {} failed: {e}; {restored}",
-                device.display()
-            )));
-        }
         self.save_record(&PoolRecord {
             name: name.to_string(),
             vg: vg.clone(),

@@ -116,19 +116,19 @@ fn parse_mountinfo(text: &[u8]) -> Vec<Mount> {
             let dev = std::str::from_utf8(f.get(2)?).ok()?;
             let (a, b) = dev.split_once(':')?;
             let sep = f.iter().position(|x| *x == b"-")?;
-            let text = |b: &[u8]| String::from_utf8_lossy(&unescape_bytes(b)).into_owned();
             Some(Mount {
                 dev: (a.parse().ok()?, b.parse().ok()?),
-                mountpoint: text(f.get(4)?),
-                source: text(f.get(sep + 2).copied().unwrap_or(b"")),
+                mountpoint: unescape(f.get(4)?),
+                source: unescape(f.get(sep + 2).copied().unwrap_or(b"")),
             })
         })
         .collect()
 }
 
-/// mountinfo and fstab escape blanks as `\040` and friends.
-pub fn unescape(s: &str) -> String {
-    String::from_utf8_lossy(&unescape_bytes(s.as_bytes())).into_owned()
+/// mountinfo and fstab escape blanks as `\040` and friends; as text (what
+/// is not UTF-8 shown as U+FFFD).
+pub fn unescape(s: impl AsRef<[u8]>) -> String {
+    String::from_utf8_lossy(&unescape_bytes(s.as_ref())).into_owned()
 }
 
 fn unescape_bytes(b: &[u8]) -> Vec<u8> {

@@ -241,6 +241,31 @@ pub fn run(
     })
 }
 
+/// [`run`], booting again up to `retries` times when QEMU crashes before
+/// the guest's command starts (see [`Outcome::qemu_crashed_before_command`]);
+/// `on_crash` hears of each such boot, with how many came before it. All
+/// boots share `limit`.
+pub fn run_retrying(
+    machine: &Machine,
+    limit: Duration,
+    retries: u32,
+    cancelled: &dyn Fn() -> bool,
+    on_line: &mut dyn FnMut(&str),
+    on_crash: &mut dyn FnMut(&Outcome, u32),
+) -> Result<Outcome> {
+    let deadline = Instant::now() + limit;
+    let mut crashed = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let o = run(machine, left, cancelled, on_line)?;
+        if crashed >= retries || !o.qemu_crashed_before_command() {
+            return Ok(o);
+        }
+        on_crash(&o, crashed);
+        crashed += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,10 +6,10 @@
 use devpool_vm::initramfs::Initramfs;
 use devpool_vm::kernel::Kernel;
 use devpool_vm::qemu::{Accel, Disk, Machine};
-use std::io::Read;
+use devpool_vm::runner::{self, Ending};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("DEVPOOL_TEST_CACHE")
@@ -140,20 +140,22 @@ pub fn initramfs(kernel: &Kernel, modules: &[&str], host_bins: &[&str], script: 
          mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
          for m in {}; do insmod $m || echo \"DEVPOOL-INSMOD-FAILED $m\"; done\n\
          n=0; while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n+1)); done\n\
-         echo DEVPOOL-GUEST-START\n\
+         echo '{ready}'\n\
          {script}\n\
          echo DEVPOOL-GUEST-DONE\n\
          sync; poweroff -f\n",
-        guest_mods.join(" ")
+        guest_mods.join(" "),
+        ready = devpool_vm::guest::READY_MARKER,
     );
     i.bytes("init", init.as_bytes(), 0o755).unwrap();
     std::fs::write(out, i.finish().unwrap()).unwrap();
 }
 
-/// Boot and return the console; the VM is killed after `limit`. QEMU 10.0's
-/// multi-threaded TCG now and then aborts while the guest boots: like
-/// `devpool vm run`, boot again (twice at most) when QEMU crashed before the
-/// script started.
+/// Boot and return the console (QEMU's error output after it); the VM is
+/// killed after `limit`. QEMU 10.0's multi-threaded TCG now and then aborts
+/// while the guest boots: like `devpool vm run`, boot again (twice at most)
+/// when QEMU crashed before the script started (the init prints the ready
+/// marker just before it).
 pub fn boot(kernel: &Kernel, initrd: &Path, disks: Vec<Disk>, limit: Duration) -> String {
     let m = Machine {
         kernel: kernel.image.clone(),
@@ -165,59 +167,19 @@ pub fn boot(kernel: &Kernel, initrd: &Path, disks: Vec<Disk>, limit: Duration) -
         disks,
         shares: Vec::new(),
     };
-    let mut retries = 2;
-    loop {
-        let (console, signal) = boot_once(&m, limit);
-        let crashed = signal.is_some_and(|s| [libc::SIGABRT, libc::SIGSEGV].contains(&s));
-        if retries == 0 || !crashed || console.contains("DEVPOOL-GUEST-START") {
-            return console;
-        }
-        retries -= 1;
+    let o = runner::run_retrying(&m, limit, 2, &|| false, &mut |_| {}, &mut |o, _| {
         eprintln!(
-            "QEMU crashed (signal {signal:?}) before the script started; booting again:\n{console}"
-        );
-    }
-}
-
-fn boot_once(m: &Machine, limit: Duration) -> (String, Option<i32>) {
-    use std::os::unix::process::ExitStatusExt;
-    let mut child = m
-        .command()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start qemu-system-x86_64");
-    let mut out = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let t = Instant::now();
-    let mut timed_out = false;
-    let signal = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.signal();
-        }
-        if t.elapsed() > limit {
-            timed_out = true;
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    let console = reader.join().unwrap_or_default();
+            "QEMU crashed ({:?}) before the script started; booting again:\n{}{}",
+            o.signal, o.console, o.qemu_stderr
+        )
+    })
+    .expect("start qemu-system-x86_64");
+    let console = o.console + &o.qemu_stderr;
     assert!(
-        !timed_out,
-        "guest timed out after {limit:?}:\n{console}\n{err}"
+        o.ending != Ending::TimedOut,
+        "guest timed out after {limit:?}:\n{console}"
     );
-    (console + &err, signal)
+    console
 }
 
 /// Debian's headers for `kernel` (linux-headers-<ver>, its -common part and
