@@ -297,6 +297,23 @@ fn bad_arguments_name_the_argument_and_write_nothing() {
 }
 
 #[test]
+fn a_system_error_names_the_path_and_says_its_cause_once() {
+    let lab = Lab::new();
+    // The state directory is a file: nothing can be made under it.
+    std::fs::write(lab.state_dir(), b"not a directory").unwrap();
+    let err = lab.dp_err(
+        &[],
+        &["--no-daemon", "lease", "acquire", "--volumes", "test:4M"],
+    );
+    let images = lab.state_dir().join("images");
+    assert!(
+        err.contains(&format!("{}: create failed", images.display())),
+        "{err}"
+    );
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
+}
+
+#[test]
 fn pv_create_over_a_filesystem_needs_yes_and_otherwise_writes_nothing() {
     let lab = Lab::new();
     let img = lab.image("fs.img", 64);

@@ -156,10 +156,10 @@ pub enum StoreError {
     },
     #[error("snapshot {name} is invalid (its COW store filled up or was invalidated)")]
     Invalid { name: String },
-    #[error("snapshot {name}: {source}")]
-    Format { name: String, source: FormatError },
-    #[error("snapshot {name}: {source}")]
-    Io { name: String, source: io::Error },
+    #[error("snapshot {name}: {err}")]
+    Format { name: String, err: FormatError },
+    #[error("snapshot {name}: {err}")]
+    Io { name: String, err: io::Error },
 }
 
 /// How full a store is.
@@ -209,11 +209,11 @@ impl CowStore {
     ) -> Result<CowStore, StoreError> {
         let fmt = |source| StoreError::Format {
             name: name.to_string(),
-            source,
+            err: source,
         };
         let ioe = |source| StoreError::Io {
             name: name.to_string(),
-            source,
+            err: source,
         };
         let mut first = [0u8; 512];
         read_mapped(io, &map, 0, &mut first).map_err(ioe)?;
@@ -283,7 +283,7 @@ impl CowStore {
     fn io_err(&self, source: io::Error) -> StoreError {
         StoreError::Io {
             name: self.name.clone(),
-            source,
+            err: source,
         }
     }
 

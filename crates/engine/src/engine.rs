@@ -817,7 +817,7 @@ impl Engine {
                 };
                 let sector = label.to_sector().map_err(|e| EngineError::Format {
                     path: device.clone(),
-                    source: e,
+                    err: e,
                 })?;
                 dev.write_at(gate, 512, &sector)?;
                 dev.sync()?;

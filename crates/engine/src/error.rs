@@ -7,25 +7,19 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum EngineError {
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed: {err}")]
     Io {
         path: PathBuf,
         op: String,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
-    #[error("{path}: {source}")]
-    Format {
-        path: PathBuf,
-        #[source]
-        source: FormatError,
-    },
-    #[error("{path}: metadata text at byte {offset}: {source}")]
+    #[error("{path}: {err}")]
+    Format { path: PathBuf, err: FormatError },
+    #[error("{path}: metadata text at byte {offset}: {err}")]
     Metadata {
         path: PathBuf,
         offset: u64,
-        #[source]
-        source: MetadataError,
+        err: MetadataError,
     },
     #[error("volume group '{0}' not found on the scanned devices (use --devices to name them)")]
     VgNotFound(String),
@@ -77,7 +71,65 @@ impl EngineError {
         EngineError::Io {
             path: path.into(),
             op: op.into(),
-            source,
+            err: source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cowstore::StoreError;
+    use crate::thinstore::ThinError;
+    use std::error::Error;
+
+    /// Each error says its cause in its own message, so it must not also
+    /// hand the cause on as its source: whatever prints the whole chain
+    /// (anyhow's `{:#}`, as the CLI and the MCP server do) would say it twice.
+    #[test]
+    fn an_error_says_its_cause_once() {
+        let io = || std::io::Error::other("the disk said no");
+        let fmt = || FormatError::new("label", 512, "bad magic");
+        let errors: Vec<Box<dyn Error>> = vec![
+            Box::new(EngineError::io("/dev/x", "read", io())),
+            Box::new(EngineError::Format {
+                path: "/dev/x".into(),
+                err: fmt(),
+            }),
+            Box::new(EngineError::Metadata {
+                path: "/dev/x".into(),
+                offset: 4608,
+                err: MetadataError {
+                    path: "vg/id".into(),
+                    reason: "missing".into(),
+                },
+            }),
+            Box::new(StoreError::Io {
+                name: "s".into(),
+                err: io(),
+            }),
+            Box::new(StoreError::Format {
+                name: "s".into(),
+                err: fmt(),
+            }),
+            Box::new(ThinError::Io {
+                pool: "p".into(),
+                err: io(),
+            }),
+            Box::new(ThinError::Format {
+                pool: "p".into(),
+                err: fmt(),
+            }),
+        ];
+        for e in errors {
+            let text = e.to_string();
+            assert!(
+                text.contains("the disk said no")
+                    || text.contains("bad magic")
+                    || text.contains("missing"),
+                "{text}"
+            );
+            assert!(e.source().is_none(), "{text}: its cause is also its source");
         }
     }
 }

@@ -105,7 +105,7 @@ impl Head {
     pub fn label(&self, dev: &Device) -> Result<Option<PvLabel>> {
         find_label(&self.0[..self.0.len().min(2048)]).map_err(|e| EngineError::Format {
             path: dev.path.clone(),
-            source: e,
+            err: e,
         })
     }
 
@@ -117,7 +117,7 @@ impl Head {
         };
         MdaHeader::parse(&bytes, start).map_err(|e| EngineError::Format {
             path: dev.path.clone(),
-            source: e,
+            err: e,
         })
     }
 }
@@ -153,7 +153,7 @@ fn read_area(
 ) -> Result<MdaState> {
     let fmt = |reason: String| EngineError::Format {
         path: dev.path.clone(),
-        source: devpool_format::FormatError::new("metadata area", start, reason),
+        err: devpool_format::FormatError::new("metadata area", start, reason),
     };
     if start.checked_add(size).is_none_or(|end| end > dev.size) {
         return Err(fmt(format!(
@@ -206,7 +206,7 @@ fn read_area(
                     Err(e) => Err(EngineError::Metadata {
                         path: dev.path.clone(),
                         offset: abs,
-                        source: e,
+                        err: e,
                     }
                     .to_string()),
                 },
@@ -234,7 +234,7 @@ pub fn read_text(dev: &Device, header: &MdaHeader) -> Result<(Vec<u8>, u64)> {
     if calc != slot.checksum {
         return Err(EngineError::Format {
             path: dev.path.clone(),
-            source: devpool_format::FormatError::new(
+            err: devpool_format::FormatError::new(
                 "metadata text",
                 abs,
                 format!(

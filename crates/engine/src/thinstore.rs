@@ -26,10 +26,10 @@ use std::io;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ThinError {
-    #[error("thin pool {pool}: {source}")]
-    Format { pool: String, source: FormatError },
-    #[error("thin pool {pool}: {source}")]
-    Io { pool: String, source: io::Error },
+    #[error("thin pool {pool}: {err}")]
+    Format { pool: String, err: FormatError },
+    #[error("thin pool {pool}: {err}")]
+    Io { pool: String, err: io::Error },
     #[error("thin pool {pool}: the metadata LV holds no thin metadata (all-zero superblock)")]
     Unformatted { pool: String },
     #[error("thin pool {pool} is full: all {blocks} data blocks are in use")]
@@ -43,7 +43,7 @@ impl ThinError {
     pub fn errno(&self) -> i32 {
         match self {
             ThinError::DataFull { .. } => libc::ENOSPC,
-            ThinError::Format { source, .. } if source.reason.contains("no free metadata") => {
+            ThinError::Format { err, .. } if err.reason.contains("no free metadata") => {
                 libc::ENOSPC
             }
             _ => libc::EIO,
@@ -102,13 +102,13 @@ impl ThinStore {
     fn fmt_err(&self, source: FormatError) -> ThinError {
         ThinError::Format {
             pool: self.pool.clone(),
-            source,
+            err: source,
         }
     }
     fn io_err(&self, source: io::Error) -> ThinError {
         ThinError::Io {
             pool: self.pool.clone(),
-            source,
+            err: source,
         }
     }
 

@@ -8,12 +8,11 @@ use thiserror::Error;
 pub enum PoolError {
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed: {err}")]
     Io {
         path: PathBuf,
         op: String,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// A safety check refused a device: every finding is listed.
     #[error("refusing to use {device} as a pool:\n  - {}", .findings.join("\n  - "))]
@@ -44,7 +43,21 @@ impl PoolError {
         PoolError::Io {
             path: path.into(),
             op: op.into(),
-            source,
+            err: source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cause is in the message, so it is not the source too (a chain
+    /// printer would say it twice).
+    #[test]
+    fn an_io_error_says_its_cause_once() {
+        let e = PoolError::io("/dev/loop4", "open", std::io::Error::other("gone"));
+        assert_eq!(e.to_string(), "/dev/loop4: open failed: gone");
+        assert!(std::error::Error::source(&e).is_none());
     }
 }

@@ -34,7 +34,11 @@ pub fn register(state_dir: &Path, lv_uuid: &str) -> Result<Registration> {
     let d = dir(state_dir);
     let io = |op: &str, path: &Path| {
         let (op, path) = (op.to_string(), path.to_path_buf());
-        move |source| PoolError::Io { path, op, source }
+        move |source| PoolError::Io {
+            path,
+            op,
+            err: source,
+        }
     };
     std::fs::create_dir_all(&d).map_err(io("create", &d))?;
     let path = d.join(format!("{lv_uuid}.{}", std::process::id()));

@@ -52,7 +52,7 @@ pub enum ExportError {
     Open(#[from] crate::open::OpenError),
     #[error("{0}")]
     Refused(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

@@ -18,7 +18,7 @@ pub enum OpenError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Invalid(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

@@ -130,7 +130,7 @@ pub struct CopyGroup {
 /// A COW failure as the client sees it.
 fn errno_of(e: &StoreError) -> i32 {
     match e {
-        StoreError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        StoreError::Io { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
         _ => libc::EIO,
     }
 }
@@ -522,7 +522,7 @@ fn aligned(list: Vec<(u64, Vec<u8>)>) -> Vec<(u64, AlignedBuf)> {
 fn store_io(s: &CowStore, source: io::Error) -> StoreError {
     StoreError::Io {
         name: s.name.clone(),
-        source,
+        err: source,
     }
 }
 
@@ -590,7 +590,7 @@ fn snapshot_read(
     let cb = store.chunk_bytes();
     let ioe = |source| StoreError::Io {
         name: store.name.clone(),
-        source,
+        err: source,
     };
     for (c, within, n, at) in chunks(cb, offset, buf.len() as u64) {
         let part = &mut buf[at as usize..(at + n) as usize];
@@ -614,7 +614,7 @@ fn snapshot_write(
     let name = store.name.clone();
     let ioe = |source| StoreError::Io {
         name: name.clone(),
-        source,
+        err: source,
     };
     for (c, within, n, at) in chunks(cb, offset, buf.len() as u64) {
         let part = &buf[at as usize..(at + n) as usize];

@@ -31,17 +31,27 @@ pub mod runner;
 pub enum VmError {
     #[error("{0}")]
     Invalid(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{what}: {err}")]
+    Io { what: String, err: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, VmError>;
 
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
     let what = what.into();
-    move |source| VmError::Io { what, source }
+    move |source| VmError::Io { what, err: source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cause is in the message, so it is not the source too (a chain
+    /// printer would say it twice).
+    #[test]
+    fn an_io_error_says_its_cause_once() {
+        let e = io_err("reading the kernel")(std::io::Error::other("gone"));
+        assert_eq!(e.to_string(), "reading the kernel: gone");
+        assert!(std::error::Error::source(&e).is_none());
+    }
 }
