@@ -392,3 +392,105 @@ fn a_full_pool_reaps_an_orphan_through_the_daemon() {
     assert_eq!(st["volumes"], 0, "{st}");
     lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
 }
+
+/// A loop device held in the kernel's run-down state: bound to a file,
+/// then detached (LOOP_CLR_FD) by its only opener, which keeps it open.
+/// Until dropped, any other open of it fails with ENXIO, as it does while
+/// another process detaches it.
+struct RunningDown {
+    /// Closing it lets the device run down.
+    _open: std::fs::File,
+}
+
+impl RunningDown {
+    /// None when `dev` could not be bound (someone else took it meanwhile).
+    fn hold(dev: &str, file: &Path) -> Option<RunningDown> {
+        let bound = std::process::Command::new("losetup")
+            .arg(dev)
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        if !bound.status.success() {
+            return None;
+        }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dev)
+            .expect("open the bound device");
+        // SAFETY: LOOP_CLR_FD (0x4C01) takes no argument.
+        let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), 0x4C01) };
+        assert_eq!(
+            r,
+            0,
+            "{dev}: LOOP_CLR_FD: {}",
+            std::io::Error::last_os_error()
+        );
+        let again = std::fs::File::open(dev)
+            .map(|_| ())
+            .map_err(|e| e.raw_os_error());
+        assert_eq!(again, Err(Some(libc::ENXIO)), "{dev} is not running down");
+        Some(RunningDown { _open: f })
+    }
+}
+
+#[test]
+fn the_daemon_skips_a_loop_device_another_process_is_detaching() {
+    if skip_unless_real("pool_daemon") {
+        return;
+    }
+    let lab = Lab::new();
+    let pool = format!("r{}", std::process::id());
+    lab.image_pool("pool.img", &pool, "256M", &[]);
+    let daemon = Daemon::start(&lab);
+    // The daemon attaches and detaches these; it tries them first next time.
+    let first = cli_lease(&lab, &pool, "a:4M,b:4M,c:4M", &[], &[]);
+    let released: Vec<String> = first["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device"].as_str().unwrap().to_string())
+        .collect();
+    lab.dp(
+        &[],
+        &[
+            "--pool",
+            &pool,
+            "lease",
+            "release",
+            first["session"].as_str().unwrap(),
+        ],
+    );
+    // Another process now binds each of them and is detaching it.
+    let other = lab.image("other.img", 4);
+    let held: Vec<(String, RunningDown)> = released
+        .iter()
+        .filter_map(|d| RunningDown::hold(d, &other).map(|h| (d.clone(), h)))
+        .collect();
+    assert!(!held.is_empty(), "could bind none of {released:?}");
+    let lease = cli_lease(&lab, &pool, "d:4M,e:4M", &[], &[]);
+    for d in lease["devices"].as_array().unwrap() {
+        let dev = d["device"].as_str().unwrap();
+        assert!(
+            !held.iter().any(|(h, _)| h == dev),
+            "{dev} was being detached by another process"
+        );
+    }
+    drop(held);
+    lab.dp(
+        &[],
+        &[
+            "--pool",
+            &pool,
+            "lease",
+            "release",
+            lease["session"].as_str().unwrap(),
+        ],
+    );
+    let (clean, log) = daemon.stop();
+    assert!(clean, "{log}");
+    let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
+    assert_eq!(st["volumes"], 0, "{st}");
+    lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
+}
+

@@ -311,9 +311,13 @@ impl Attacher {
                     match open_rw(&dev) {
                         Ok(f) => f,
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => continue,
                         Err(e) => return Err(PoolError::io(&dev, "open", e)),
                     }
                 }
+                // Another process is detaching (or removing) this device: it
+                // refuses opens until it is run down. Try another.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => continue,
                 Err(e) => return Err(PoolError::io(&dev, "open", e)),
             };
             for flags in [LO_FLAGS_DIRECT_IO, 0] {
