@@ -45,15 +45,28 @@ pub struct Leases {
 
 impl Leases {
     pub fn new(g: &Global) -> Result<Leases> {
+        Leases::reusing(g, None)
+    }
+
+    /// As [`Leases::new`], through `idle` (a daemon connection an earlier
+    /// call kept) while it is still open.
+    pub fn reusing(g: &Global, idle: Option<daemon::Client>) -> Result<Leases> {
         let daemon = if g.no_daemon {
             None
         } else {
-            daemon::Client::connect(&g.state_dir).map(std::cell::RefCell::new)
+            idle.filter(daemon::Client::is_open)
+                .or_else(|| daemon::Client::connect(&g.state_dir))
+                .map(std::cell::RefCell::new)
         };
         Ok(Leases {
             pools: pools(g)?,
             daemon,
         })
+    }
+
+    /// The daemon connection, for the next call to reuse.
+    pub fn into_daemon(self) -> Option<daemon::Client> {
+        self.daemon.map(std::cell::RefCell::into_inner)
     }
 
     pub fn acquire(

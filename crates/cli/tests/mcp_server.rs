@@ -10,7 +10,7 @@
 //! leased volumes and on image files against a baseline.
 
 mod common;
-use common::{LVM_CONFIG, Lab, skip_unless_real};
+use common::{LVM_CONFIG, Lab, devpool_command, skip_unless_real};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -388,6 +388,108 @@ fn an_agent_rolls_a_thin_volume_back_to_its_thin_snapshot_and_grows_the_thin_poo
     assert!(tool_err(&log, "shrink-pool").contains("only grow"));
     ok(&log, "release");
     lab.dp(&[&img], &["pool", "teardown", &pool, "--yes"]);
+}
+
+/// The three messages a client opens with, the last one `tools/list`.
+fn opening_messages() -> String {
+    [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-03-26", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    ]
+    .iter()
+    .map(|m| format!("{m}\n"))
+    .collect()
+}
+
+/// The answers to [`opening_messages`]: the server's name and its tools.
+fn check_opening_answers(lines: &[Value]) {
+    let init = lines
+        .iter()
+        .find(|l| l["id"] == 1)
+        .expect("initialize answer");
+    assert_eq!(init["result"]["serverInfo"]["name"], "devpool", "{init}");
+    let list = lines
+        .iter()
+        .find(|l| l["id"] == 2)
+        .expect("tools/list answer");
+    let tools = list["result"]["tools"].as_array().expect("tools");
+    assert!(
+        tools
+            .iter()
+            .any(|t| t["name"] == "device_pool_lease_acquire"),
+        "{list}"
+    );
+}
+
+#[test]
+fn the_server_speaks_over_a_socket_pair_and_into_a_plain_file() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::process::Stdio;
+    let lab = Lab::new();
+    // Node's clients give a server one end of a socket pair as stdin and stdout.
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let server = devpool_command(&lab.state_dir())
+        .arg("mcp")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(
+            theirs.try_clone().unwrap(),
+        )))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start devpool mcp");
+    ours.write_all(opening_messages().as_bytes()).unwrap();
+    let mut lines = Vec::new();
+    let mut input = BufReader::new(ours.try_clone().unwrap());
+    while lines.len() < 2 {
+        let mut line = String::new();
+        assert!(input.read_line(&mut line).unwrap() > 0, "server hung up");
+        lines.push(serde_json::from_str::<Value>(&line).expect("JSON-RPC line"));
+    }
+    check_opening_answers(&lines);
+    ours.shutdown(std::net::Shutdown::Both).unwrap();
+    let out = server.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Answers into a regular file (the plain, blocking stdout).
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let answers = lab.path("answers.jsonl");
+    let server = devpool_command(&lab.state_dir())
+        .arg("mcp")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stdout(std::fs::File::create(&answers).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start devpool mcp");
+    ours.write_all(opening_messages().as_bytes()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let lines = loop {
+        let text = std::fs::read_to_string(&answers).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= 2 {
+            break lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "no answers: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    check_opening_answers(&lines);
+    drop(ours);
+    let out = server.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

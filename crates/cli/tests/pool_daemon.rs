@@ -494,3 +494,112 @@ fn the_daemon_skips_a_loop_device_another_process_is_detaching() {
     lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
 }
 
+/// `devpool mcp` on pipes, spoken to line by line.
+struct RawMcp {
+    child: Child,
+    out: std::process::ChildStdin,
+    input: BufReader<std::process::ChildStdout>,
+    next: u64,
+}
+
+impl RawMcp {
+    fn start(lab: &Lab) -> RawMcp {
+        let mut child = devpool_command(&lab.state_dir())
+            .arg("mcp")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start devpool mcp");
+        let out = child.stdin.take().unwrap();
+        let input = BufReader::new(child.stdout.take().unwrap());
+        let mut m = RawMcp {
+            child,
+            out,
+            input,
+            next: 0,
+        };
+        m.rpc(
+            "initialize",
+            json!({"protocolVersion": "2025-03-26", "capabilities": {},
+                   "clientInfo": {"name": "raw", "version": "1"}}),
+        );
+        m.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        m
+    }
+
+    fn send(&mut self, msg: Value) {
+        self.out
+            .write_all(format!("{msg}\n").as_bytes())
+            .expect("write to devpool mcp");
+    }
+
+    fn rpc(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        loop {
+            let mut line = String::new();
+            assert!(self.input.read_line(&mut line).unwrap() > 0, "mcp ended");
+            let v: Value = serde_json::from_str(&line).expect("JSON-RPC line");
+            if v["id"] == id {
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// A tool call that must succeed; its structured result.
+    fn tool(&mut self, name: &str, args: Value) -> Value {
+        let r = self.rpc("tools/call", json!({"name": name, "arguments": args}));
+        assert_eq!(r["isError"], false, "{name}: {r}");
+        r["structuredContent"].clone()
+    }
+}
+
+impl Drop for RawMcp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_mcp_server_keeps_its_daemon_connection_and_copes_when_the_daemon_restarts() {
+    if skip_unless_real("pool_daemon") {
+        return;
+    }
+    let lab = Lab::new();
+    let pool = format!("m{}", std::process::id());
+    lab.image_pool("pool.img", &pool, "256M", &[]);
+    let last_committer = || journal_pids(&lab).last().copied();
+    let daemon = Daemon::start(&lab);
+    let mut mcp = RawMcp::start(&lab);
+    let acquire = json!({"volumes": "test:4M", "pool_name": pool});
+    let release = |s: &Value| json!({"session": s["session"], "pool_name": pool});
+    // Several calls over the kept connection, all through the daemon.
+    for _ in 0..3 {
+        let l = mcp.tool("device_pool_lease_acquire", acquire.clone());
+        assert_eq!(last_committer(), Some(u64::from(daemon.pid())));
+        mcp.tool("device_pool_lease_release", release(&l));
+        assert_eq!(last_committer(), Some(u64::from(daemon.pid())));
+    }
+    let l = mcp.tool("device_pool_lease_acquire", acquire.clone());
+    // The daemon stops: the kept connection is closed, so the server does
+    // the work itself.
+    let (clean, log) = daemon.stop();
+    assert!(clean, "{log}");
+    mcp.tool("device_pool_lease_release", release(&l));
+    assert_eq!(last_committer(), Some(u64::from(mcp.child.id())));
+    // A new daemon: the server finds it.
+    let daemon = Daemon::start(&lab);
+    let l = mcp.tool("device_pool_lease_acquire", acquire.clone());
+    assert_eq!(last_committer(), Some(u64::from(daemon.pid())));
+    mcp.tool("device_pool_lease_release", release(&l));
+    assert_eq!(last_committer(), Some(u64::from(daemon.pid())));
+    drop(mcp);
+    let (clean, log) = daemon.stop();
+    assert!(clean, "{log}");
+    let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
+    assert_eq!(st["volumes"], 0, "{st}");
+    lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
+}

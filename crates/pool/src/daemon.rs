@@ -315,6 +315,20 @@ impl Client {
         Some(Client { out: s, input })
     }
 
+    /// Whether this connection can carry another request: the daemon has
+    /// not closed it (it does when it stops) and nothing unasked-for waits
+    /// on it.
+    pub fn is_open(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.out.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd we own, without waiting.
+        let ready = unsafe { libc::poll(&mut p, 1, 0) };
+        ready == 0 && self.input.buffer().is_empty()
+    }
+
     /// Send one request; its result, or the daemon's error message.
     pub fn call(&mut self, req: &Request) -> Result<serde_json::Value> {
         let io = |e: std::io::Error| PoolError::io("devpool daemon socket", "talk to", e);

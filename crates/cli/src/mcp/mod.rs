@@ -34,14 +34,21 @@ type Owned = Arc<Mutex<Vec<(String, String)>>>;
 struct Server {
     g: Global,
     owned: Owned,
+    idle: IdleConnections,
     /// Cancel flags of the calls in flight (set all when the server stops).
     running: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
 }
+
+/// Connections to `devpool daemon` that earlier calls kept for later ones
+/// (a connection costs the daemon a thread, and the server a connect and a
+/// close, per call otherwise).
+type IdleConnections = Arc<Mutex<Vec<devpool_pool::daemon::Client>>>;
 
 /// What a tool call may use besides its arguments.
 pub struct Call {
     pub g: Global,
     pub owned: Owned,
+    pub idle: IdleConnections,
     pub cancel: Arc<AtomicBool>,
     pub progress: Progress,
 }
@@ -76,6 +83,24 @@ impl Progress {
         rt.spawn(async move {
             let _ = peer.notify_progress(p).await;
         });
+    }
+}
+
+impl Call {
+    /// Run `f` on the leases of this call's pools, through a daemon
+    /// connection an earlier call kept when one is still open; the
+    /// connection is kept again for the next call when `f` succeeded.
+    pub fn with_leases<T>(
+        &self,
+        f: impl FnOnce(&crate::pool_cmds::Leases) -> Result<T>,
+    ) -> Result<T> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let leases = crate::pool_cmds::Leases::reusing(&self.g, idle)?;
+        let r = f(&leases)?;
+        if let Some(c) = leases.into_daemon() {
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+        }
+        Ok(r)
     }
 }
 
@@ -135,6 +160,7 @@ their plan unless called with confirm: true.",
         let call = Call {
             g: self.g.clone(),
             owned: self.owned.clone(),
+            idle: self.idle.clone(),
             cancel: cancel.clone(),
             progress: Progress {
                 to: token.map(|t| (context.peer.clone(), t, tokio::runtime::Handle::current())),
@@ -166,6 +192,92 @@ their plan unless called with confirm: true.",
     }
 }
 
+type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+/// stdin and stdout for the protocol. Pipes and Unix sockets (what agents
+/// start servers with: Python's subprocess makes pipes, Node's socket
+/// pairs) are read and written by the runtime itself, without blocking;
+/// tokio's own stdin and stdout hand every read and write to a blocking
+/// thread, more thread switches per message. Anything else (a terminal, a
+/// file) keeps the plain streams: making it non-blocking would change it
+/// for whoever else shares it.
+fn stdio() -> (Reader, Writer) {
+    use tokio::net::UnixStream;
+    use tokio::net::unix::pipe;
+    let reader: Reader = match kind(0) {
+        Kind::Fifo => dup_fd(0)
+            .and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok())
+            .map(|r| Box::new(r) as Reader),
+        Kind::UnixSocket => dup_fd(0)
+            .and_then(unix_stream)
+            .map(|s| Box::new(s) as Reader),
+        Kind::Other => None,
+    }
+    .unwrap_or_else(|| Box::new(tokio::io::stdin()));
+    let writer: Writer = match kind(1) {
+        Kind::Fifo => dup_fd(1)
+            .and_then(|fd| pipe::Sender::from_owned_fd(fd).ok())
+            .map(|w| Box::new(w) as Writer),
+        Kind::UnixSocket => dup_fd(1)
+            .and_then(unix_stream)
+            .map(|s| Box::new(s) as Writer),
+        Kind::Other => None,
+    }
+    .unwrap_or_else(|| Box::new(tokio::io::stdout()));
+    return (reader, writer);
+
+    fn unix_stream(fd: std::os::fd::OwnedFd) -> Option<UnixStream> {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        s.set_nonblocking(true).ok()?;
+        UnixStream::from_std(s).ok()
+    }
+}
+
+enum Kind {
+    Fifo,
+    UnixSocket,
+    Other,
+}
+
+fn kind(fd: i32) -> Kind {
+    // SAFETY: fstat and getsockopt fill buffers we own.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return Kind::Other;
+        }
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => {
+                let mut domain: libc::c_int = 0;
+                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                let r = libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_DOMAIN,
+                    &mut domain as *mut libc::c_int as *mut libc::c_void,
+                    &mut len,
+                );
+                if r == 0 && domain == libc::AF_UNIX {
+                    Kind::UnixSocket
+                } else {
+                    Kind::Other
+                }
+            }
+            _ => Kind::Other,
+        }
+    }
+}
+
+fn dup_fd(fd: i32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we then own.
+    let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    // SAFETY: d is a fresh descriptor owned by nobody else.
+    (d >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(d) })
+}
+
 /// Run the server on stdin/stdout until the client disconnects or a
 /// signal asks it to stop; then release the leases it took.
 pub fn serve(g: &Global) -> Result<i32> {
@@ -174,19 +286,21 @@ pub fn serve(g: &Global) -> Result<i32> {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread is plenty for the protocol (tools run on blocking threads),
+    // and saves the thread switches of handing messages between workers.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let server = Server {
         g: g.clone(),
         owned: Arc::new(Mutex::new(Vec::new())),
+        idle: IdleConnections::default(),
         running: Arc::new(Mutex::new(Vec::new())),
     };
     let owned = server.owned.clone();
     let running = server.running.clone();
     rt.block_on(async move {
-        let service = match server.serve(rmcp::transport::stdio()).await {
+        let service = match server.serve(stdio()).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("devpool mcp: the client's handshake failed: {e}");

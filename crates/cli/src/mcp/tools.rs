@@ -446,7 +446,7 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
         "device_pool_lease_release" => {
             let a: Release = args(name, a)?;
             let pool = pool_of(c, a.pool_name);
-            let lvs = crate::pool_cmds::Leases::new(&c.g)?.release(&pool, &a.session)?;
+            let lvs = c.with_leases(|l| l.release(&pool, &a.session))?;
             c.owned
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -670,7 +670,7 @@ fn acquire(a: Acquire, c: &Call) -> Result<Reply> {
         profile: a.profile.clone(),
         size: a.size.clone(),
     };
-    let l = crate::pool_cmds::Leases::new(&c.g)?.acquire(&pool, &want, &specs, &owner, a.keep)?;
+    let l = c.with_leases(|l| l.acquire(&pool, &want, &specs, &owner, a.keep))?;
     if !a.keep {
         c.owned
             .lock()
