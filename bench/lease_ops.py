@@ -13,7 +13,10 @@ device attaches under the kernel's global loop lock, one at a time):
   requests are shared, the loop devices attach while the commit is written);
 - daemon, no loop devices: the same, for volumes a VM attaches itself
   (`"loop_devices": false`): the commits alone;
-- cli+daemon: the CLI commands while the daemon runs (they go through it).
+- cli+daemon: the CLI commands while the daemon runs (they go through it);
+- mcp: the `device_pool_lease_acquire`/`_release` tool calls of a running
+  `devpool mcp` server (what a coding agent uses), once without the daemon
+  (the server process does the work) and once while the daemon runs.
 Each alone (p50/p99) and from 16 concurrent client processes (cycles/s).
 LVM2 peer in the same run, on the same kind of loop device: 7 x `lvcreate -an
 -Zn` then one `lvremove` of the 7 (metadata only; no device nodes, since this
@@ -70,6 +73,52 @@ class SocketClient:
         self.call({"op": "release", "pool": self.pool, "session": session})
 
 
+class McpClient:
+    """A `devpool mcp` server on pipes, spoken to as an MCP client does."""
+
+    def __init__(self, env, pool):
+        self.pool, self.next_id = pool, 0
+        self.p = subprocess.Popen([DEVPOOL, "mcp"], env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.rpc("initialize", {"protocolVersion": "2025-03-26", "capabilities": {},
+                                "clientInfo": {"name": "lease_ops", "version": "1"}})
+        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def send(self, msg):
+        self.p.stdin.write((json.dumps(msg) + "\n").encode())
+        self.p.stdin.flush()
+
+    def rpc(self, method, params):
+        self.next_id += 1
+        self.send({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params})
+        while True:
+            line = self.p.stdout.readline()
+            if not line:
+                sys.exit("devpool mcp ended")
+            r = json.loads(line)
+            if r.get("id") == self.next_id:
+                if "error" in r:
+                    sys.exit(f"devpool mcp: {r['error']}")
+                return r["result"]
+
+    def tool(self, name, args):
+        r = self.rpc("tools/call", {"name": name, "arguments": args})
+        if r.get("isError"):
+            sys.exit(f"devpool mcp {name}: {r['content']}")
+        return r["structuredContent"]
+
+    def acquire(self):
+        return self.tool("device_pool_lease_acquire", {"profile": "fstests", "size": "64M",
+                                                       "pool_name": self.pool})["session"]
+
+    def release(self, session):
+        self.tool("device_pool_lease_release", {"session": session, "pool_name": self.pool})
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
+
+
 def cycles(client, n):
     acq, rel = [], []
     for _ in range(n):
@@ -83,14 +132,22 @@ def cycles(client, n):
 
 
 def worker(make, n, start, out):
-    c = make()
-    start.wait()
-    out.put(cycles(c, n))
+    try:
+        c = make()
+        start.wait()
+        out.put(cycles(c, n))
+        if hasattr(c, "close"):
+            c.close()
+    except BaseException as e:  # the parent must hear of it, not wait forever
+        out.put(f"a client failed: {e}")
 
 
 def measure(make, single, clients, per_client):
     """Alone, then from `clients` processes at once."""
-    acq, rel = cycles(make(), single)
+    c = make()
+    acq, rel = cycles(c, single)
+    if hasattr(c, "close"):
+        c.close()
     start, out = mp.Event(), mp.Queue()
     procs = [mp.Process(target=worker, args=(make, per_client, start, out)) for _ in range(clients)]
     for p in procs:
@@ -99,6 +156,11 @@ def measure(make, single, clients, per_client):
     t0 = time.perf_counter()
     start.set()
     results = [out.get() for _ in procs]
+    failed = [r for r in results if isinstance(r, str)]
+    if failed:
+        for p in procs:
+            p.kill()
+        sys.exit(failed[0])
     wall = time.perf_counter() - t0
     for p in procs:
         p.join()
@@ -117,6 +179,14 @@ class Cli:  # picklable factories for the worker processes
 
     def __call__(self):
         return CliClient(self.env, self.pool)
+
+
+class Mcp:
+    def __init__(self, env, pool):
+        self.env, self.pool = env, pool
+
+    def __call__(self):
+        return McpClient(self.env, self.pool)
 
 
 class Sock:
@@ -162,6 +232,7 @@ def main():
             result["devpool_pool_on"] = a.pool_on
             sh([DEVPOOL, "pool", "setup", pv, "--name", pool, "--yes"], env)
             result["devpool_cli"] = measure(Cli(env, pool), a.cycles, a.clients, a.per_client)
+            result["devpool_mcp"] = measure(Mcp(env, pool), a.cycles, a.clients, a.per_client)
             daemon = subprocess.Popen([DEVPOOL, "daemon"], env=env, stderr=subprocess.DEVNULL)
             sock = os.path.join(state, "daemon.sock")
             wait_socket(sock, daemon)
@@ -169,6 +240,8 @@ def main():
             result["devpool_daemon_no_loop_devices"] = measure(
                 Sock(sock, pool, loop_devices=False), a.cycles, a.clients, a.per_client)
             result["devpool_cli_via_daemon"] = measure(Cli(env, pool), a.cycles, a.clients,
+                                                       a.per_client)
+            result["devpool_mcp_via_daemon"] = measure(Mcp(env, pool), a.cycles, a.clients,
                                                        a.per_client)
             result["daemon_stats"] = json.loads(sh([DEVPOOL, "--json", "daemon", "--status"], env))
             daemon.terminate()
@@ -200,8 +273,8 @@ def main():
         result["lvm2_single"] = {"acquire_p50_ms": pct(lvm_acq, 50),
                                  "release_p50_ms": pct(lvm_rel, 50), "cycles": len(lvm_acq)}
         lvm_cycle = result["lvm2_single"]["acquire_p50_ms"] + result["lvm2_single"]["release_p50_ms"]
-        for k in ("devpool_cli", "devpool_daemon", "devpool_daemon_no_loop_devices",
-                  "devpool_cli_via_daemon"):
+        for k in ("devpool_cli", "devpool_mcp", "devpool_daemon", "devpool_daemon_no_loop_devices",
+                  "devpool_cli_via_daemon", "devpool_mcp_via_daemon"):
             s = result[k]["single"]
             result[k]["speedup_acquire_p50_vs_lvm2"] = round(
                 result["lvm2_single"]["acquire_p50_ms"] / s["acquire_p50_ms"], 1)
