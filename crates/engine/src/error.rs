@@ -30,23 +30,28 @@ pub enum EngineError {
     #[error("{0}")]
     Refused(String),
     #[error(
-        "not enough free space in VG {vg}: {need} extents ({need_bytes} bytes) requested, {free} free"
+        "not enough free space in VG {vg}: {need} extents ({}) requested, {free} free ({})",
+        size(*.need, *.extent_bytes),
+        size(*.free, *.extent_bytes)
     )]
     NoSpace {
         vg: String,
         need: u64,
-        need_bytes: u64,
         free: u64,
+        extent_bytes: u64,
     },
     #[error(
-        "not enough contiguous free space in VG {vg}: {need} extents ({need_bytes} bytes) requested in one run, the largest free run is {largest} extents ({free} free in all)"
+        "not enough contiguous free space in VG {vg}: {need} extents ({}) requested in one run, the largest free run is {largest} extents ({}), {free} free in all ({})",
+        size(*.need, *.extent_bytes),
+        size(*.largest, *.extent_bytes),
+        size(*.free, *.extent_bytes)
     )]
     NoContiguousSpace {
         vg: String,
         need: u64,
-        need_bytes: u64,
         largest: u64,
         free: u64,
+        extent_bytes: u64,
     },
     #[error(
         "volume group {vg} changed since the plan was built (seqno {planned} -> {now}); build the plan again"
@@ -61,6 +66,13 @@ pub enum EngineError {
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// `extents` extents of `extent_bytes` each, for people: "1.50 GiB".
+fn size(extents: u64, extent_bytes: u64) -> String {
+    devpool_format::units::format_bytes(devpool_format::units::Bytes(
+        extents.saturating_mul(extent_bytes),
+    ))
+}
 
 impl EngineError {
     pub fn io(

@@ -101,8 +101,8 @@ fn no_space(vg: &VgMetadata, need: u64) -> EngineError {
     EngineError::NoSpace {
         vg: vg.name.clone(),
         need,
-        need_bytes: need.saturating_mul(vg.extent_size.bytes().0),
         free: vg_free_extents(vg),
+        extent_bytes: vg.extent_size.bytes().0,
     }
 }
 
@@ -111,9 +111,9 @@ fn no_contiguous_space(vg: &VgMetadata, free: &[alloc::FreeArea], need: u64) -> 
     EngineError::NoContiguousSpace {
         vg: vg.name.clone(),
         need,
-        need_bytes: need.saturating_mul(vg.extent_size.bytes().0),
         largest,
         free: alloc::total_free(free),
+        extent_bytes: vg.extent_size.bytes().0,
     }
 }
 

@@ -71,7 +71,8 @@ fn fewest_segments_when_fragmented() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("largest free run is 62 extents") && e.contains("97 free"),
+        e.contains("largest free run is 62 extents (248.00 MiB)")
+            && e.contains("97 free in all (388.00 MiB)"),
         "{e}"
     );
     create_lv(&mut contiguous, new_lv("fits", 62, Layout::Contiguous)).unwrap();
