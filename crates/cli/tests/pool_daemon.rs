@@ -118,6 +118,21 @@ fn cli_lease(lab: &Lab, pool: &str, volumes: &str, flags: &[&str], env: &[(&str,
     serde_json::from_slice(&o.stdout).expect("lease JSON")
 }
 
+/// `devpool lease release` of `lease` (a `cli_lease` answer).
+fn cli_release(lab: &Lab, pool: &str, lease: &Value) {
+    let session = lease["session"].as_str().expect("session");
+    lab.dp(&[], &["--pool", pool, "lease", "release", session]);
+}
+
+/// Stop the daemon (cleanly), check the pool holds no volume, tear it down.
+fn stop_and_tear_down(lab: &Lab, daemon: Daemon, pool: &str) {
+    let (clean, log) = daemon.stop();
+    assert!(clean, "{log}");
+    let st = lab.dp_json(&[], &["--pool", pool, "pool", "status"]);
+    assert_eq!(st["volumes"], 0, "{st}");
+    lab.dp(&[], &["pool", "teardown", pool, "--yes"]);
+}
+
 fn journal_pids(lab: &Lab) -> Vec<u64> {
     std::fs::read_to_string(lab.state_dir().join("journal.jsonl"))
         .unwrap_or_default()
@@ -386,11 +401,7 @@ fn a_full_pool_reaps_an_orphan_through_the_daemon() {
     let leases = lab.dp_json(&[], &["--pool", &pool, "lease", "list"]);
     assert_eq!(leases[0]["session"], session.as_str(), "{leases}");
     conn.call(json!({"op": "release", "pool": pool, "session": session}));
-    let (clean, log) = daemon.stop();
-    assert!(clean, "{log}");
-    let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
-    assert_eq!(st["volumes"], 0, "{st}");
-    lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
+    stop_and_tear_down(&lab, daemon, &pool);
 }
 
 /// A loop device held in the kernel's run-down state: bound to a file,
@@ -451,16 +462,7 @@ fn the_daemon_skips_a_loop_device_another_process_is_detaching() {
         .iter()
         .map(|d| d["device"].as_str().unwrap().to_string())
         .collect();
-    lab.dp(
-        &[],
-        &[
-            "--pool",
-            &pool,
-            "lease",
-            "release",
-            first["session"].as_str().unwrap(),
-        ],
-    );
+    cli_release(&lab, &pool, &first);
     // Another process now binds each of them and is detaching it.
     let other = lab.image("other.img", 4);
     let held: Vec<(String, RunningDown)> = released
@@ -477,21 +479,8 @@ fn the_daemon_skips_a_loop_device_another_process_is_detaching() {
         );
     }
     drop(held);
-    lab.dp(
-        &[],
-        &[
-            "--pool",
-            &pool,
-            "lease",
-            "release",
-            lease["session"].as_str().unwrap(),
-        ],
-    );
-    let (clean, log) = daemon.stop();
-    assert!(clean, "{log}");
-    let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
-    assert_eq!(st["volumes"], 0, "{st}");
-    lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
+    cli_release(&lab, &pool, &lease);
+    stop_and_tear_down(&lab, daemon, &pool);
 }
 
 /// `devpool mcp` on pipes, spoken to line by line.
@@ -597,9 +586,5 @@ fn an_mcp_server_keeps_its_daemon_connection_and_copes_when_the_daemon_restarts(
     mcp.tool("device_pool_lease_release", release(&l));
     assert_eq!(last_committer(), Some(u64::from(daemon.pid())));
     drop(mcp);
-    let (clean, log) = daemon.stop();
-    assert!(clean, "{log}");
-    let st = lab.dp_json(&[], &["--pool", &pool, "pool", "status"]);
-    assert_eq!(st["volumes"], 0, "{st}");
-    lab.dp(&[], &["pool", "teardown", &pool, "--yes"]);
+    stop_and_tear_down(&lab, daemon, &pool);
 }
