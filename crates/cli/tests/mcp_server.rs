@@ -393,10 +393,8 @@ fn an_agent_rolls_a_thin_volume_back_to_its_thin_snapshot_and_grows_the_thin_poo
 /// The three messages a client opens with, the last one `tools/list`.
 fn opening_messages() -> String {
     [
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-03-26", "capabilities": {},
-            "clientInfo": {"name": "raw", "version": "1"}}}),
-        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        common::mcp_initialize(1),
+        common::mcp_initialized(),
         json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
     ]
     .iter()

@@ -508,12 +508,10 @@ impl RawMcp {
             input,
             next: 0,
         };
-        m.rpc(
-            "initialize",
-            json!({"protocolVersion": "2025-03-26", "capabilities": {},
-                   "clientInfo": {"name": "raw", "version": "1"}}),
-        );
-        m.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        m.next = 1;
+        m.send(mcp_initialize(1));
+        m.answer(1);
+        m.send(mcp_initialized());
         m
     }
 
@@ -527,6 +525,11 @@ impl RawMcp {
         self.next += 1;
         let id = self.next;
         self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        self.answer(id)
+    }
+
+    /// The result of request `id` (notifications before it are skipped).
+    fn answer(&mut self, id: u64) -> Value {
         loop {
             let mut line = String::new();
             assert!(self.input.read_line(&mut line).unwrap() > 0, "mcp ended");

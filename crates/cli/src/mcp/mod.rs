@@ -16,7 +16,8 @@
 mod tools;
 
 use crate::args::Global;
-use anyhow::Result;
+use anyhow::{Context, Result};
+use devpool_pool::owner::Owner;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
     ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ProgressToken,
@@ -33,6 +34,8 @@ type Owned = Arc<Mutex<Vec<(String, String)>>>;
 #[derive(Clone)]
 struct Server {
     g: Global,
+    /// This process, the owner of the leases taken here (read once).
+    owner: Owner,
     owned: Owned,
     idle: IdleConnections,
     /// Cancel flags of the calls in flight (set all when the server stops).
@@ -47,6 +50,8 @@ type IdleConnections = Arc<Mutex<Vec<devpool_pool::daemon::Client>>>;
 /// What a tool call may use besides its arguments.
 pub struct Call {
     pub g: Global,
+    /// The server process: it owns the leases its calls take.
+    pub owner: Owner,
     pub owned: Owned,
     pub idle: IdleConnections,
     pub cancel: Arc<AtomicBool>,
@@ -159,6 +164,7 @@ their plan unless called with confirm: true.",
             .or_else(|| context.meta.get_progress_token());
         let call = Call {
             g: self.g.clone(),
+            owner: self.owner.clone(),
             owned: self.owned.clone(),
             idle: self.idle.clone(),
             cancel: cancel.clone(),
@@ -293,6 +299,7 @@ pub fn serve(g: &Global) -> Result<i32> {
         .build()?;
     let server = Server {
         g: g.clone(),
+        owner: Owner::of_pid(std::process::id()).context("reading /proc/self/stat")?,
         owned: Arc::new(Mutex::new(Vec::new())),
         idle: IdleConnections::default(),
         running: Arc::new(Mutex::new(Vec::new())),

@@ -4,10 +4,9 @@
 use super::{Call, Reply};
 use crate::args::{AccelArg, AttachArg, VmArgs};
 use crate::pool_cmds::{gib, pools, setup_text};
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use devpool_format::units::{Bytes, SizeArg};
 use devpool_pool::PoolError;
-use devpool_pool::owner::Owner;
 use rmcp::model::Tool;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -663,14 +662,13 @@ fn acquire(a: Acquire, c: &Call) -> Result<Reply> {
         (None, Some(pr)) => devpool_pool::spec::profile(pr, a.size.as_deref())?,
         (None, None) => bail!("device_pool_lease_acquire: give volumes (ROLE:SIZE,…) or profile"),
     };
-    let owner = Owner::of_pid(std::process::id()).context("reading /proc/self/stat")?;
     // Through `devpool daemon` when it runs, as the CLI does.
     let want = crate::args::Want {
         volumes: a.volumes.clone(),
         profile: a.profile.clone(),
         size: a.size.clone(),
     };
-    let l = c.with_leases(|l| l.acquire(&pool, &want, &specs, &owner, a.keep))?;
+    let l = c.with_leases(|l| l.acquire(&pool, &want, &specs, &c.owner, a.keep))?;
     if !a.keep {
         c.owned
             .lock()

@@ -509,3 +509,16 @@ pub fn assert_nothing_leaked(lab: &Lab, pool: &str, start_free: &Value, dev: &Pa
     let (good, why) = vgck(&[dev], &format!("devpool-{pool}"));
     assert!(good, "vgck: {why}");
 }
+
+/// The `initialize` request of a minimal MCP client, for tests that speak
+/// JSON-RPC to `devpool mcp` line by line.
+pub fn mcp_initialize(id: u64) -> Value {
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}})
+}
+
+/// The notification a client sends once `initialize` is answered.
+pub fn mcp_initialized() -> Value {
+    serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"})
+}
