@@ -100,6 +100,10 @@ Example:\n  devpool pool setup /dev/sdb --name fast\n  devpool pool setup /var/t
     List,
     /// Devices, size, free space, leases with owners, health.
     Status { name: Option<String> },
+    /// Give the pool's free space back: punch holes over its free extents in
+    /// image files (BLKDISCARD on disks). Releases do this as they go; trim
+    /// catches up after volumes removed by LVM2 or by older devpool.
+    Trim { name: Option<String> },
     /// Remove a pool: reap orphans, refuse while live leases exist, remove VG and PV label.
     Teardown {
         name: String,
@@ -422,6 +426,9 @@ pub enum VgCmd {
     },
     /// Rename a VG.
     Rename { old: String, new: String },
+    /// Discard the VG's free extents: punch holes in image files (their
+    /// space goes back to the filesystem), BLKDISCARD on block devices.
+    Trim { name: String },
     /// List VGs with size, free space and health.
     List { name: Option<String> },
 }

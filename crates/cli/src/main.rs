@@ -38,7 +38,13 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    let code = match run(cli) {
+    let g = cli.global.clone();
+    let result = run(cli).or_else(|e| match dry_run_plan(&e) {
+        // A dry run of a pool command ends at its first change's plan.
+        Some(plan) => output::plan(&g, plan, true),
+        None => Err(e),
+    });
+    let code = match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("devpool: error: {e:#}");
@@ -46,6 +52,22 @@ fn main() {
         }
     };
     exit_now(code)
+}
+
+/// The plan a dry run stopped at, wherever in the chain it was reported.
+fn dry_run_plan(e: &anyhow::Error) -> Option<&devpool_engine::plan::Plan> {
+    e.chain().find_map(|c| {
+        let engine = c.downcast_ref::<EngineError>().or_else(|| {
+            match c.downcast_ref::<devpool_pool::PoolError>() {
+                Some(devpool_pool::PoolError::Engine(inner)) => Some(inner),
+                _ => None,
+            }
+        });
+        match engine {
+            Some(EngineError::DryRun(plan)) => Some(plan.as_ref()),
+            _ => None,
+        }
+    })
 }
 
 /// Leave without the allocator's exit-time work (returning every page to the
@@ -243,6 +265,7 @@ fn run(cli: Cli) -> Result<()> {
         }],
         Command::Vg(VgCmd::Reduce { name, pvs }) => vec![Operation::VgReduce { name, pvs }],
         Command::Vg(VgCmd::Rename { old, new }) => vec![Operation::VgRename { old, new }],
+        Command::Vg(VgCmd::Trim { name }) => vec![Operation::VgTrim { name }],
         Command::Lv(LvCmd::Create {
             lv,
             size,

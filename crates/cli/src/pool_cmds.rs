@@ -22,6 +22,7 @@ pub fn pools(g: &Global) -> Result<Pools> {
             .unwrap_or_else(|| "/etc/fstab".into()),
         default_size,
         prefix: std::env::var("DEVPOOL_PREFIX").unwrap_or_else(|_| "devpool".into()),
+        dry_run: g.dry_run,
     })
 }
 
@@ -51,7 +52,8 @@ impl Leases {
     /// As [`Leases::new`], through `idle` (a daemon connection an earlier
     /// call kept) while it is still open.
     pub fn reusing(g: &Global, idle: Option<daemon::Client>) -> Result<Leases> {
-        let daemon = if g.no_daemon {
+        // A dry run plans here: the daemon would carry the change out.
+        let daemon = if g.no_daemon || g.dry_run {
             None
         } else {
             idle.filter(daemon::Client::is_open)
@@ -221,6 +223,24 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 );
             }
         }
+        PoolCmd::Trim { name } => {
+            let name = name.unwrap_or_else(|| pool_name(g));
+            let r = p.trim(&name)?;
+            if g.json {
+                return json(&r);
+            }
+            println!(
+                "pool {}: discarded {} of free space ({} range(s))",
+                r.pool,
+                devpool_format::units::format_bytes(devpool_format::units::Bytes(
+                    r.discarded_bytes
+                )),
+                r.ranges
+            );
+            for i in &r.images {
+                println!("  image    {}", i.describe());
+            }
+        }
         PoolCmd::Status { name } => {
             let name = name.unwrap_or_else(|| pool_name(g));
             let st = p.status(&name)?;
@@ -234,6 +254,9 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             }
             println!("  size     {} ({} bytes)", gib(s.size_bytes), s.size_bytes);
             println!("  free     {} ({} bytes)", gib(s.free_bytes), s.free_bytes);
+            for i in &st.images {
+                println!("  image    {}", i.describe());
+            }
             println!(
                 "  health   {}",
                 if st.health.is_empty() {

@@ -535,3 +535,376 @@ fn newcomer_walk_on_the_embedded_default_pool_leaves_nothing_behind() {
     );
     assert!(!img.exists(), "teardown removes the image devpool made");
 }
+
+/// Bytes a file occupies on its filesystem (not its apparent size).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// Write `len` bytes of `byte` through a leased volume's loop device.
+fn fill(dev: &str, byte: u8, len: usize) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .expect("open volume");
+    f.write_all_at(&vec![byte; len], 0).expect("write volume");
+    f.sync_all().expect("sync volume");
+}
+
+fn device_of(lease: &Value, role: &str) -> String {
+    lease["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["role"] == role)
+        .and_then(|d| d["device"].as_str())
+        .expect("the role's device")
+        .to_string()
+}
+
+#[test]
+fn released_and_shrunk_volumes_give_their_space_back_to_the_filesystem_under_the_image() {
+    if skip_unless_real(
+        "released_and_shrunk_volumes_give_their_space_back_to_the_filesystem_under_the_image",
+    ) {
+        return;
+    }
+    let lab = Lab::new();
+    let img = lab.image_pool("space.img", "space", "1G", &[]);
+    let owner = Sleeper::new();
+    let gone = acquire(&lab, "space", "big:64M,small:16M", &owner.pid(), &[]);
+    let stays = acquire(&lab, "space", "keep:16M", &owner.pid(), &[]);
+    let base = allocated(&img);
+    fill(&device_of(&gone, "big"), 0xb1, 48 << 20);
+    fill(&device_of(&gone, "small"), 0xb2, 16 << 20);
+    let keep_dev = device_of(&stays, "keep");
+    fill(&keep_dev, 0x5e, 16 << 20);
+    let written = allocated(&img);
+    assert!(
+        written >= base + (79 << 20),
+        "the writes took space: {base} -> {written}"
+    );
+
+    // The plan says what it gives back before anything happens.
+    let session = gone["session"].as_str().unwrap();
+    let plan = ok(
+        pool_cmd(&lab, "space", &["lease", "release", session, "--dry-run"]),
+        "release --dry-run",
+    );
+    assert!(
+        plan.contains("discard") && plan.contains("-big no longer uses"),
+        "{plan}"
+    );
+    assert_eq!(allocated(&img), written, "a dry run changes nothing");
+    assert_eq!(lease_count(&lab, "space"), 2, "the lease is still there");
+    assert_eq!(loops_over(&img).len(), 3, "its loop devices too");
+    let plan = ok(
+        pool_cmd(
+            &lab,
+            "space",
+            &[
+                "lease",
+                "acquire",
+                "--volumes",
+                "more:8M",
+                "--owner-pid",
+                &owner.pid(),
+                "--dry-run",
+            ],
+        ),
+        "acquire --dry-run",
+    );
+    assert!(
+        plan.contains("lv create") && plan.contains("-more"),
+        "{plan}"
+    );
+    assert_eq!(
+        lease_count(&lab, "space"),
+        2,
+        "a dry-run acquire takes nothing"
+    );
+    assert_eq!(loops_over(&img).len(), 3);
+
+    ok(
+        pool_cmd(&lab, "space", &["lease", "release", session]),
+        "release",
+    );
+    let after = allocated(&img);
+    assert!(
+        after + (64 << 20) <= written,
+        "releasing 64 MiB of written volumes gave it back: {written} -> {after}"
+    );
+    // The lease that stays keeps every byte, and LVM2 is content.
+    let mut back = vec![0u8; 16 << 20];
+    std::fs::File::open(&keep_dev)
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0x5e), "the other lease's data");
+    let vg = "devpool-space";
+    {
+        // LVM2 reads PVs on block devices only.
+        let whole = Loop::attach(&img);
+        let (good, out) = vgck(&[&whole.dev], vg);
+        assert!(good, "vgck after the release:\n{out}");
+    }
+    let journal = std::fs::read_to_string(lab.state_dir().join("journal.jsonl")).unwrap();
+    let last: Value = serde_json::from_str(journal.lines().last().unwrap()).unwrap();
+    let discards: Vec<&Value> = last["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["step"] == "discard_range")
+        .collect();
+    assert_eq!(discards.len(), 2, "one per released volume: {last}");
+    let commit_at = last["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|s| s["step"] == "commit_metadata")
+        .unwrap();
+    assert_eq!(commit_at, 2, "the discards run before the commit: {last}");
+
+    // Shrinking an LV gives back its tail only.
+    ok(
+        pool_cmd(
+            &lab,
+            "space",
+            &["lease", "release", stays["session"].as_str().unwrap()],
+        ),
+        "release the second lease",
+    );
+    let lv = format!("{vg}/tail");
+    ok(
+        lab.devpool(&[&img], &["lv", "create", &lv, "--size", "32M"]),
+        "lv create",
+    );
+    let lvs = lab.dp_json(&[&img], &["lv", "list", vg]);
+    let start = num(&lvs["lvs"][0]["segments"][0]["areas"][0]["offset"]);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    f.write_all_at(&vec![0x7au8; 32 << 20], start).unwrap();
+    f.sync_all().unwrap();
+    let full = allocated(&img);
+    ok(
+        lab.devpool(&[&img], &["lv", "resize", &lv, "--size", "8M", "--yes"]),
+        "lv resize down",
+    );
+    assert!(
+        allocated(&img) + (24 << 20) <= full,
+        "the 24 MiB cut off went back"
+    );
+    let mut head = vec![0u8; 8 << 20];
+    f.read_exact_at(&mut head, start).unwrap();
+    assert!(head.iter().all(|&b| b == 0x7a), "the part kept is intact");
+}
+
+/// A small tmpfs mounted in the lab, unmounted (lazily, so a failed test
+/// that left loop devices on it cannot keep it) when dropped.
+struct SmallFs(PathBuf);
+impl SmallFs {
+    fn mount(at: PathBuf, mib: u64) -> SmallFs {
+        std::fs::create_dir_all(&at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs on {}", at.display());
+        SmallFs(at)
+    }
+    fn free(&self) -> u64 {
+        let out = Command::new("stat")
+            .args(["-f", "-c", "%a %S"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout);
+        let v: Vec<u64> = s.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        v[0] * v[1]
+    }
+}
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_pool_image_on_a_filling_filesystem_is_reported_and_released_volumes_make_room() {
+    if skip_unless_real(
+        "a_pool_image_on_a_filling_filesystem_is_reported_and_released_volumes_make_room",
+    ) {
+        return;
+    }
+    let lab = Lab::new();
+    let fs = SmallFs::mount(lab.path("small"), 48);
+    let img = fs.0.join("pool.img");
+    let d = img.display().to_string();
+    let setup = ok(
+        lab.devpool(
+            &[],
+            &[
+                "pool",
+                "setup",
+                &d,
+                "--name",
+                "tight",
+                "--image-size",
+                "1G",
+                "--yes",
+            ],
+        ),
+        "pool setup",
+    );
+    assert!(
+        setup.contains("may grow to 1.00 GiB, but its filesystem has"),
+        "setup says the image can outgrow its filesystem:\n{setup}"
+    );
+    let owner = Sleeper::new();
+    let first = acquire(&lab, "tight", "big:64M", &owner.pid(), &[]);
+    // Fill the filesystem through the volume: the writes past its end fail.
+    let dev = device_of(&first, "big");
+    let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+    let chunk = vec![0xabu8; 1 << 20];
+    let mut failed = None;
+    for i in 0..64u64 {
+        if let Err(e) = f.write_all_at(&chunk, i << 20).and_then(|()| f.sync_data()) {
+            failed = Some(e);
+            break;
+        }
+    }
+    drop(f);
+    assert!(failed.is_some(), "64 MiB cannot fit in 48");
+    assert!(fs.free() < 1 << 20, "the filesystem is full");
+
+    let status = json_of(
+        pool_cmd(&lab, "tight", &["--json", "pool", "status"]),
+        "status",
+    );
+    let image = &status["images"][0];
+    assert_eq!(image["path"], d.as_str());
+    assert!(num(&image["allocated_bytes"]) > 40 << 20, "{image}");
+    assert!(num(&image["host_free_bytes"]) < 1 << 20, "{image}");
+    let health = status["health"].to_string();
+    assert!(
+        health.contains("ENOSPC") && health.contains(&d),
+        "pool status warns: {health}"
+    );
+    let text = ok(pool_cmd(&lab, "tight", &["pool", "status"]), "status");
+    assert!(text.contains(&format!("image    {d}: ")), "{text}");
+
+    // Releasing the lease gives its space back: the next one can write.
+    ok(
+        pool_cmd(
+            &lab,
+            "tight",
+            &["lease", "release", first["session"].as_str().unwrap()],
+        ),
+        "release",
+    );
+    assert!(
+        fs.free() > 40 << 20,
+        "the release freed the space: {}",
+        fs.free()
+    );
+    let status = json_of(
+        pool_cmd(&lab, "tight", &["--json", "pool", "status"]),
+        "status",
+    );
+    assert!(
+        num(&status["images"][0]["host_free_bytes"]) > 40 << 20,
+        "{status}"
+    );
+    let second = acquire(&lab, "tight", "next:24M", &owner.pid(), &[]);
+    let dev = device_of(&second, "next");
+    fill(&dev, 0xcd, 24 << 20);
+    let mut back = vec![0u8; 24 << 20];
+    std::fs::File::open(&dev)
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0xcd));
+    ok(
+        pool_cmd(
+            &lab,
+            "tight",
+            &["lease", "release", second["session"].as_str().unwrap()],
+        ),
+        "release",
+    );
+    ok(
+        pool_cmd(&lab, "tight", &["pool", "teardown", "tight", "--yes"]),
+        "teardown",
+    );
+}
+
+#[test]
+fn pool_trim_gives_back_the_space_of_volumes_lvm2_removed() {
+    if skip_unless_real("pool_trim_gives_back_the_space_of_volumes_lvm2_removed") {
+        return;
+    }
+    let lab = Lab::new();
+    let img = lab.image_pool("trim.img", "trim", "512M", &[]);
+    let owner = Sleeper::new();
+    let lease = acquire(&lab, "trim", "keep:16M", &owner.pid(), &[]);
+    let keep = device_of(&lease, "keep");
+    fill(&keep, 0x4b, 16 << 20);
+    // A volume made by hand, written, then removed by LVM2 (which
+    // discards nothing by default): its data stays in the image.
+    let vg = "devpool-trim";
+    let lv = format!("{vg}/byhand");
+    ok(
+        lab.devpool(&[&img], &["lv", "create", &lv, "--size", "32M"]),
+        "lv create",
+    );
+    let lvs = lab.dp_json(&[&img], &["lv", "list", vg]);
+    let byhand = lvs["lvs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["lv_name"] == "byhand")
+        .unwrap();
+    let at = num(&byhand["segments"][0]["areas"][0]["offset"]);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&vec![0x42u8; 32 << 20], at).unwrap();
+    f.sync_all().unwrap();
+    {
+        let whole = Loop::attach(&img);
+        lvm_ok(&[&whole.dev], &["lvremove", "-y", &lv]);
+    }
+    let before = allocated(&img);
+
+    let plan = ok(
+        pool_cmd(&lab, "trim", &["pool", "trim", "--dry-run"]),
+        "trim --dry-run",
+    );
+    assert!(
+        plan.contains("vg trim devpool-trim") && plan.contains("discard"),
+        "{plan}"
+    );
+    assert_eq!(allocated(&img), before, "a dry run punches nothing");
+
+    let r = json_of(pool_cmd(&lab, "trim", &["--json", "pool", "trim"]), "trim");
+    assert!(num(&r["discarded_bytes"]) >= 32 << 20, "{r}");
+    assert!(
+        allocated(&img) + (32 << 20) <= before,
+        "the 32 MiB LVM2 left went back: {before} -> {}",
+        allocated(&img)
+    );
+    assert_eq!(num(&r["images"][0]["allocated_bytes"]), allocated(&img));
+    // The leased volume keeps its data; the VG is untouched.
+    let mut back = vec![0u8; 16 << 20];
+    std::fs::File::open(&keep)
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0x4b), "the leased volume's data");
+    let whole = Loop::attach(&img);
+    let (good, out) = vgck(&[&whole.dev], vg);
+    assert!(good, "{out}");
+}

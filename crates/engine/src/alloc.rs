@@ -70,6 +70,60 @@ pub fn consume(free: &mut Vec<FreeArea>, runs: &[Run]) {
     free.retain(|a| a.len > 0);
 }
 
+/// Extents an LV used before a change and no LV uses after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Freed {
+    /// The PV, by its uuid (its key may differ between the two versions).
+    pub pv: devpool_format::uuid::LvmUuid,
+    pub start: u64,
+    pub len: u64,
+    /// The LV that used them before.
+    pub lv: String,
+}
+
+/// What `new` frees of what `old` used: per PV, the extents some LV of
+/// `old` used that no LV of `new` uses (extents that moved to another LV
+/// are not freed).
+pub fn freed(old: &VgMetadata, new: &VgMetadata) -> Vec<Freed> {
+    let id_of = |vg: &VgMetadata, key: &str| vg.pv(key).map(|p| p.id);
+    let mut out = Vec::new();
+    for (key, start, len, lv) in old.used_areas() {
+        let Some(pv) = id_of(old, key) else {
+            continue;
+        };
+        let mut still: Vec<(u64, u64)> = new
+            .used_areas()
+            .into_iter()
+            .filter(|u| id_of(new, u.0) == Some(pv))
+            .map(|u| (u.1, u.1.saturating_add(u.2)))
+            .filter(|&(s, e)| s < start.saturating_add(len) && e > start)
+            .collect();
+        still.sort();
+        let end = start.saturating_add(len);
+        let mut cursor = start;
+        for (s, e) in still {
+            if s > cursor {
+                out.push(Freed {
+                    pv,
+                    start: cursor,
+                    len: s - cursor,
+                    lv: lv.to_string(),
+                });
+            }
+            cursor = cursor.max(e);
+        }
+        if cursor < end {
+            out.push(Freed {
+                pv,
+                start: cursor,
+                len: end - cursor,
+                lv: lv.to_string(),
+            });
+        }
+    }
+    out
+}
+
 pub fn total_free(free: &[FreeArea]) -> u64 {
     free.iter().map(|a| a.len).sum()
 }

@@ -20,6 +20,8 @@ struct Zeros([u8; 64 << 10]);
 static ZEROS: Zeros = Zeros([0; 64 << 10]);
 /// `BLKSSZGET`: a block device's logical block size.
 const BLKSSZGET: libc::c_ulong = 0x1268;
+/// `BLKDISCARD`: `_IO(0x12, 119)`.
+const BLKDISCARD: libc::c_ulong = 0x1277;
 
 /// Counts writes and refuses every write past a limit (the fault-injection hook).
 #[derive(Debug, Clone, Default)]
@@ -219,6 +221,48 @@ impl Device {
         crate::uring::write_all(&self.file, &ZEROS.0, &admitted)
             .map_err(|e| EngineError::io(&self.path, "write zeroes", e))?;
         crash.map_or(Ok(()), Err)
+    }
+
+    /// Give `len` bytes at `off` back: punch a hole in an image file (it
+    /// reads as zeroes, its blocks return to the filesystem), `BLKDISCARD`
+    /// on a block device (what it reads afterwards is up to the device).
+    /// A device or filesystem that cannot discard is left as it is: a
+    /// discard only gives space back, nothing depends on it.
+    pub fn discard(&self, gate: &WriteGate, off: u64, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        self.check_range(off, len, "discard")?;
+        if len == 0 {
+            return Ok(());
+        }
+        gate.admit()?;
+        let fd = self.file.as_raw_fd();
+        let r = if self.is_block {
+            let range = [off, len];
+            // SAFETY: BLKDISCARD reads a [start, length] pair of u64s.
+            unsafe { libc::ioctl(fd, BLKDISCARD, range.as_ptr()) }
+        } else {
+            // SAFETY: fallocate on our open descriptor, no memory involved.
+            unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                )
+            }
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL) => Ok(()),
+            _ => Err(EngineError::io(
+                &self.path,
+                format!("discard of {len} bytes at byte {off}"),
+                e,
+            )),
+        }
     }
 
     fn zero(&self, gate: &WriteGate, off: u64, len: u64) -> Result<()> {

@@ -38,6 +38,9 @@ pub struct Engine {
     pub lock_dir: PathBuf,
     pub state_dir: PathBuf,
     pub gate: WriteGate,
+    /// Build plans and stop there: every change ends in
+    /// [`EngineError::DryRun`] with its plan, before any write.
+    pub dry_run: bool,
 }
 
 /// A scan of all devices.
@@ -123,6 +126,13 @@ pub enum Operation {
     VgRename {
         old: String,
         new: String,
+    },
+    /// Discard every free extent of the VG (punch holes in image files,
+    /// `BLKDISCARD` on block devices), as `fstrim` does for a filesystem:
+    /// for space an earlier change did not give back (LVM2's `lvremove`
+    /// without `issue_discards`, devpool before it discarded).
+    VgTrim {
+        name: String,
     },
     LvCreate {
         vg: String,
@@ -226,6 +236,7 @@ impl Operation {
             Operation::VgExtend { name, pvs, .. } => format!("vg extend {name} {}", paths(pvs)),
             Operation::VgReduce { name, pvs } => format!("vg reduce {name} {}", paths(pvs)),
             Operation::VgRename { old, new } => format!("vg rename {old} {new}"),
+            Operation::VgTrim { name } => format!("vg trim {name}"),
             Operation::LvCreate {
                 vg,
                 name,
@@ -314,6 +325,7 @@ impl Operation {
                 l.vgs.push(old.clone());
                 l.vgs.push(new.clone());
             }
+            Operation::VgTrim { name } => l.vgs.push(name.clone()),
             Operation::LvCreate { vg, .. }
             | Operation::LvCreateBatch { vg, .. }
             | Operation::LvRemove { vg, .. }
@@ -394,6 +406,7 @@ impl Engine {
             lock_dir: PathBuf::from(crate::lock::LVM_LOCK_DIR),
             state_dir,
             gate: WriteGate::from_env(),
+            dry_run: false,
         }
     }
 
@@ -528,6 +541,9 @@ impl Engine {
 
     /// Verify a plan against the disks under exclusive locks, then execute it.
     pub fn execute(&self, plan: &Plan) -> Result<Executed> {
+        if self.dry_run {
+            return Err(EngineError::DryRun(Box::new(plan.clone())));
+        }
         let _l = self.take_locks(&plan.locks, true)?;
         self.verify(plan)?;
         self.run(plan)
@@ -547,6 +563,9 @@ impl Engine {
         let held = self.take_locks(&op.locks(), true)?;
         let scan = self.scan();
         let plan = self.build(op, &scan)?;
+        if self.dry_run {
+            return Err(EngineError::DryRun(Box::new(plan)));
+        }
         if !plan.confirm.is_empty() && !confirmed {
             return Err(EngineError::NeedsConfirmation(Box::new(plan)));
         }
@@ -730,6 +749,12 @@ impl Engine {
                 self.register_image(path, true)
             }
             Step::ZeroRange { .. } => self.run_zero_ranges(plan, index, 1),
+            Step::DiscardRange {
+                device,
+                offset,
+                len,
+                ..
+            } => Device::open(device, true)?.discard(gate, *offset, *len),
             Step::InitCowStore {
                 device,
                 offset,
@@ -757,6 +782,7 @@ impl Engine {
                 vg,
                 pool,
                 meta,
+                data,
                 data_bytes,
                 known,
                 known_trans,
@@ -767,6 +793,7 @@ impl Engine {
                     vg,
                     pool,
                     meta,
+                    data,
                     data_bytes: *data_bytes,
                     known,
                     known_trans: *known_trans,
@@ -1049,6 +1076,24 @@ impl Engine {
                 meta.name = new.clone();
                 let devs = self.vg_devices(vg);
                 self.finish_commit(&mut plan, meta, &devs)?;
+            }
+            Operation::VgTrim { name } => {
+                // No commit: the VG's exclusive lock, held from this plan
+                // to its last discard, keeps every free extent free.
+                let (loaded, meta) = self.change_of(&mut plan, scan, name)?;
+                let es = meta.extent_size.bytes().0;
+                for a in crate::alloc::free_areas(&meta) {
+                    let pv = &meta.pvs[a.pv];
+                    let Some(dev) = loaded.device_of(&pv.key) else {
+                        continue;
+                    };
+                    plan.steps.push(Step::DiscardRange {
+                        device: dev.path.clone(),
+                        offset: pv.pe_start.0 * 512 + a.start * es,
+                        len: a.len * es,
+                        reason: format!("{} free extents of PV {}", a.len, pv.key),
+                    });
+                }
             }
             Operation::LvCreate {
                 vg,
@@ -1495,6 +1540,7 @@ impl Engine {
             vg: meta.name.clone(),
             pool: format!("{}/{}", meta.name, pool.pool),
             meta: crate::thinplan::lv_runs(loaded, meta, &pool.tmeta)?,
+            data: crate::thinplan::lv_runs(loaded, meta, &pool.tdata)?,
             data_bytes,
             known,
             known_trans,
@@ -1573,8 +1619,10 @@ impl Engine {
         self.finish_commit(plan, meta, &devs)
     }
 
-    /// The new metadata: seqno + 1, trailer, checks, commit step.
+    /// The new metadata: seqno + 1, trailer, checks, commit step (after
+    /// discarding what it frees, see [`Step::DiscardRange`]).
     fn finish_commit(&self, plan: &mut Plan, mut meta: VgMetadata, devs: &[NewPv]) -> Result<()> {
+        self.push_discards(plan, &meta, devs);
         meta.seqno += 1;
         meta.trailer.description = format!(
             "Written by devpool {}: {}",
@@ -1608,6 +1656,55 @@ impl Engine {
             .collect();
         plan.new_meta = Some(std::sync::Arc::new(meta));
         Ok(())
+    }
+
+    /// Discard steps for the extents `meta` frees of the plan's base VG:
+    /// always on image files (a sparse image then costs only what live
+    /// volumes hold), on block devices when LVM2's `devices/issue_discards`
+    /// is set (as `lvremove` and `lvreduce` do then). Each runs before the
+    /// commit, while its extents still belong to the LV that had them, so
+    /// no LV made by a later change can lose data to it.
+    fn push_discards(&self, plan: &mut Plan, meta: &VgMetadata, devs: &[NewPv]) {
+        let Some(old) = plan.old_meta.clone() else {
+            return;
+        };
+        let on_blocks = crate::lvmconf::issue_discards();
+        let es = old.extent_size.bytes().0;
+        for f in crate::alloc::freed(&old, meta) {
+            let (Some(pv), Some(dev)) = (
+                old.pvs.iter().find(|p| p.id == f.pv),
+                devs.iter().find(|d| d.uuid == f.pv),
+            ) else {
+                continue;
+            };
+            let is_image = std::fs::metadata(&dev.path).is_ok_and(|m| m.is_file());
+            if !is_image && !on_blocks {
+                continue;
+            }
+            let (Some(offset), Some(len)) = (
+                f.start
+                    .checked_mul(es)
+                    .and_then(|b| b.checked_add(pv.pe_start.0 * 512)),
+                f.len.checked_mul(es),
+            ) else {
+                continue;
+            };
+            plan.steps.push(Step::DiscardRange {
+                device: dev.path.clone(),
+                offset,
+                len,
+                reason: format!(
+                    "give back the space LV {}/{} no longer uses{}",
+                    old.name,
+                    f.lv,
+                    if is_image {
+                        " to the filesystem under the image"
+                    } else {
+                        " (devices/issue_discards = 1)"
+                    }
+                ),
+            });
+        }
     }
 
     fn push_label_flags(&self, plan: &mut Plan, devs: &[NewPv], in_vg: bool) {

@@ -63,6 +63,9 @@ pub enum EngineError {
     Invalid(String),
     #[error("{} needs confirmation: {} (answer YES, or pass --yes)", .0.operation, .0.confirm.join("; "))]
     NeedsConfirmation(Box<crate::plan::Plan>),
+    /// A dry run reached its first change: this plan, nothing written.
+    #[error("dry run: {} planned, nothing was changed", .0.operation)]
+    DryRun(Box<crate::plan::Plan>),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -33,6 +33,14 @@ struct LvmConfig {
     /// `devices/use_devicesfile`, `devices/devicesfile`.
     use_devices_file: Option<i64>,
     devices_file: Option<String>,
+    /// `devices/issue_discards`.
+    issue_discards: Option<i64>,
+}
+
+/// Whether LVM2 here discards the extents an LV gives up
+/// (`devices/issue_discards = 1`; LVM2's default is 0).
+pub fn issue_discards() -> bool {
+    lvm_config().issue_discards == Some(1)
 }
 
 /// LVM2's devices file, when LVM2 here uses one (`devices/use_devicesfile
@@ -110,6 +118,10 @@ fn config_of(files: &[PathBuf]) -> LvmConfig {
             _ => None,
         },
         devices_file: text("devices", "devicesfile"),
+        issue_discards: match value("devices", "issue_discards") {
+            Some(Value::Int(i)) => Some(i),
+            _ => None,
+        },
     }
 }
 
@@ -136,7 +148,7 @@ mod tests {
         let (conf, local) = (dir.join("lvm.conf"), dir.join("lvmlocal.conf"));
         std::fs::write(
             &conf,
-            "# comment\ndevices {\n\tuse_devicesfile = 1\n}\nglobal {\n\tsystem_id_source = \"uname\"\n}\n",
+            "# comment\ndevices {\n\tuse_devicesfile = 1\n\tissue_discards = 1\n}\nglobal {\n\tsystem_id_source = \"uname\"\n}\n",
         )
         .unwrap();
         std::fs::write(
@@ -146,6 +158,7 @@ mod tests {
         .unwrap();
         let c = config_of(&[conf.clone(), local]);
         assert_eq!(c.use_devices_file, Some(1));
+        assert_eq!(c.issue_discards, Some(1));
         assert_eq!(c.source.as_deref(), Some("lvmlocal"));
         assert_eq!(c.local_id.as_deref(), Some("h1"));
         let c = config_of(&[conf, dir.join("missing.conf")]);

@@ -17,6 +17,17 @@ pub enum Step {
         len: u64,
         reason: String,
     },
+    /// Give a byte range the VG no longer uses back to the device: punch a
+    /// hole in an image file (its space returns to the host filesystem), or
+    /// `BLKDISCARD` on a block device when LVM2's `devices/issue_discards`
+    /// asks for it. Runs before the commit that frees the range, while the
+    /// extents still belong to the LVs being removed or shrunk.
+    DiscardRange {
+        device: PathBuf,
+        offset: u64,
+        len: u64,
+        reason: String,
+    },
     /// Write a dm-snapshot COW header and an empty first exception area.
     InitCowStore {
         device: PathBuf,
@@ -39,6 +50,10 @@ pub enum Step {
         vg: String,
         pool: String,
         meta: Vec<(PathBuf, u64, u64)>,
+        /// The data LV's runs, where data blocks the change frees are
+        /// punched out of image files after its commit.
+        #[serde(default)]
+        data: Vec<(PathBuf, u64, u64)>,
         data_bytes: u64,
         known: Vec<u64>,
         known_trans: u64,
@@ -89,6 +104,15 @@ impl Step {
                     device.display()
                 )
             }
+            Step::DiscardRange {
+                device,
+                offset,
+                len,
+                reason,
+            } => format!(
+                "discard {len} bytes of {} at byte {offset} ({reason})",
+                device.display()
+            ),
             Step::InitMetadataArea {
                 device,
                 offset,

@@ -155,6 +155,7 @@ pub struct Update<'a> {
     pub vg: &'a str,
     pub pool: &'a str,
     pub meta: &'a [(PathBuf, u64, u64)],
+    pub data: &'a [(PathBuf, u64, u64)],
     pub data_bytes: u64,
     pub known: &'a [u64],
     pub known_trans: u64,
@@ -172,5 +173,39 @@ pub fn run_update(u: Update, gate: &WriteGate) -> Result<()> {
     store.reconcile(&known, u.known_trans);
     store.grow_data();
     store.apply(u.changes).map_err(|e| thin_err(&io, e))?;
-    store.commit(&io).map_err(|e| thin_err(&io, e))
+    let freed = store.freed_blocks();
+    store.commit(&io).map_err(|e| thin_err(&io, e))?;
+    // Still under the thin lock: no process can have been given these
+    // blocks since the commit freed them.
+    for b in freed {
+        punch_data(u.data, store.data_offset(b), store.chunk_bytes());
+    }
+    Ok(())
+}
+
+/// Best effort: punch `len` bytes at `at` of the data LV (laid out as
+/// `runs`) out of the image files under it; block devices are left as
+/// they are (their blocks are simply reused).
+fn punch_data(runs: &[(PathBuf, u64, u64)], at: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let end = at.saturating_add(len);
+    let mut lv_at = 0u64;
+    for (path, offset, n) in runs {
+        let (from, to) = (at.max(lv_at), end.min(lv_at.saturating_add(*n)));
+        if from < to
+            && let Ok(f) = std::fs::OpenOptions::new().write(true).open(path)
+            && f.metadata().is_ok_and(|m| m.is_file())
+        {
+            // SAFETY: fallocate on an open descriptor, integers only.
+            unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (offset + (from - lv_at)) as libc::off_t,
+                    (to - from) as libc::off_t,
+                );
+            }
+        }
+        lv_at = lv_at.saturating_add(*n);
+    }
 }

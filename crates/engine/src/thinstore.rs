@@ -297,6 +297,13 @@ impl ThinStore {
         })
     }
 
+    /// The data blocks no device maps any more since the last commit.
+    pub fn freed_blocks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.freed.iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Whether blocks freed since the last commit wait for it (a commit
     /// would make them available to [`ThinStore::allocate`]).
     pub fn frees_pending(&self) -> bool {

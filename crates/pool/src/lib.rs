@@ -16,10 +16,12 @@
 //! - [`snapshots`]: snapshots of pool volumes (create, list, delete), owned by their origin's lease
 //! - [`thin`]: the thin pool (enable, status), thin leases and thin snapshots
 //! - [`servers`]: which processes serve a volume, stopped before its extents are freed
+//! - [`hostspace`]: a pool image's written bytes and its filesystem's free space
 
 pub mod daemon;
 pub mod error;
 pub mod group;
+pub mod hostspace;
 pub mod lease;
 pub mod loopdev;
 pub mod owner;

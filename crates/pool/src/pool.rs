@@ -187,6 +187,9 @@ pub struct Pools {
     pub default_size: Bytes,
     /// First part of leased LV names.
     pub prefix: String,
+    /// Stop at the first change's plan ([`EngineError::DryRun`]), touching
+    /// nothing before it either (loop devices, servers).
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -268,7 +271,20 @@ pub struct PoolStatus {
     pub thin: Option<crate::thin::ThinStatus>,
     /// Thin snapshots (listed with their origin and its lease).
     pub thin_snapshots: Vec<ThinSnapshotStatus>,
+    /// The pool's image files: written bytes, their filesystem's free space.
+    pub images: Vec<crate::hostspace::ImageSpace>,
     pub health: Vec<String>,
+}
+
+/// What `pool trim` gave back.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrimReport {
+    pub pool: String,
+    /// Free space discarded (all of it, whether it held data or not).
+    pub discarded_bytes: u64,
+    pub ranges: usize,
+    /// The pool's image files afterwards.
+    pub images: Vec<crate::hostspace::ImageSpace>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -377,11 +393,15 @@ impl Pools {
     }
 
     fn system_engine(&self) -> Engine {
-        Engine::new(DeviceSource::System, self.state_dir.clone())
+        let mut e = Engine::new(DeviceSource::System, self.state_dir.clone());
+        e.dry_run = self.dry_run;
+        e
     }
 
     fn list_engine(&self, devices: Vec<PathBuf>) -> Engine {
-        Engine::new(DeviceSource::List(devices), self.state_dir.clone())
+        let mut e = Engine::new(DeviceSource::List(devices), self.state_dir.clone());
+        e.dry_run = self.dry_run;
+        e
     }
 
     /// Run `f` on an engine that sees pool `name`'s devices: the remembered
@@ -579,7 +599,13 @@ impl Pools {
             true,
         );
         let notes = match result {
-            Ok((plan, _)) => plan.notes,
+            Ok((plan, _)) => {
+                let mut notes = plan.notes;
+                let grows = image_size.filter(|_| new_image).map(|b| b.0);
+                notes.extend(grows.and_then(|n| crate::hostspace::overcommit_note(device, n)));
+                notes
+            }
+            Err(e @ EngineError::DryRun(_)) => return Err(e.into()),
             Err(e) => {
                 let restored = match &backup {
                     Some(b) => match b.restore(device) {
@@ -724,6 +750,12 @@ impl Pools {
                 s.free_bytes, s.size_bytes
             ));
         }
+        let images: Vec<_> = s
+            .devices
+            .iter()
+            .filter_map(|d| crate::hostspace::ImageSpace::of(d))
+            .collect();
+        health.extend(images.iter().filter_map(|i| i.health()));
         Ok(PoolStatus {
             summary: s,
             leases,
@@ -731,6 +763,7 @@ impl Pools {
             snapshots,
             thin,
             thin_snapshots,
+            images,
             health,
         })
     }
@@ -906,6 +939,9 @@ impl Pools {
         r: &ReleaseTargets,
         known: &[loopdev::Attached],
     ) -> Result<()> {
+        if self.dry_run {
+            return Ok(());
+        }
         let unknown: Vec<String> = r
             .lvs
             .iter()
@@ -1048,6 +1084,36 @@ impl Pools {
             }
         }
         Ok(after * meta.extent_size.bytes().0)
+    }
+
+    /// Discard the free extents of pool `name` (see `Operation::VgTrim`).
+    pub fn trim(&self, name: &str) -> Result<TrimReport> {
+        self.with_pool(name, |e, rec| {
+            let (plan, _) = e.apply(
+                &Operation::VgTrim {
+                    name: rec.vg.clone(),
+                },
+                true,
+            )?;
+            let lens: Vec<u64> = plan
+                .steps
+                .iter()
+                .filter_map(|s| match s {
+                    devpool_engine::plan::Step::DiscardRange { len, .. } => Some(*len),
+                    _ => None,
+                })
+                .collect();
+            Ok(TrimReport {
+                pool: name.to_string(),
+                discarded_bytes: lens.iter().sum(),
+                ranges: lens.len(),
+                images: rec
+                    .devices
+                    .iter()
+                    .filter_map(|d| crate::hostspace::ImageSpace::of(d))
+                    .collect(),
+            })
+        })
     }
 
     /// Remove pool `name`: reap orphans, refuse while live leases exist

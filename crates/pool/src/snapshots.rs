@@ -187,7 +187,8 @@ impl Pools {
                     let _ = loopdev::attach(&d.backing, d.offset, d.size, &d.lv_uuid);
                 }
             };
-            for a in &loops {
+            // A dry run stops at the plan: the devices stay.
+            for a in loops.iter().filter(|_| !self.dry_run) {
                 match loopdev::detach_unless_used(a) {
                     Ok(loopdev::Detach::Done) => detached.push(a.clone()),
                     Ok(loopdev::Detach::Gone) => {}

@@ -188,6 +188,24 @@ proptest! {
             if result.is_err() {
                 prop_assert_eq!(&vg, &before, "a failed operation must not change the VG");
             }
+            // What the change frees is exactly what was used and is not now,
+            // each extent once, named by the LV that had it.
+            let owners = |v: &VgMetadata| -> std::collections::BTreeMap<(LvmUuid, u64), String> {
+                v.used_areas().iter().flat_map(|&(pv, start, len, lv)| {
+                    let id = v.pv(pv).unwrap().id;
+                    (start..start + len).map(move |e| ((id, e), lv.to_string()))
+                }).collect()
+            };
+            let (was, is) = (owners(&before), owners(&vg));
+            let mut freed = std::collections::BTreeMap::new();
+            for f in crate::alloc::freed(&before, &vg) {
+                for e in f.start..f.start + f.len {
+                    prop_assert!(freed.insert((f.pv, e), f.lv.clone()).is_none(), "extent {} freed twice", e);
+                }
+            }
+            let expected: std::collections::BTreeMap<_, _> =
+                was.into_iter().filter(|(k, _)| !is.contains_key(k)).collect();
+            prop_assert_eq!(freed, expected);
             vg.check().map_err(|e| TestCaseError::fail(e.to_string()))?;
             let used: u64 = vg.used_areas().iter().map(|u| u.2).sum();
             prop_assert_eq!(used + vg_free_extents(&vg), total);
