@@ -235,6 +235,9 @@ impl Device {
             return Ok(());
         }
         gate.admit()?;
+        if self.is_hole(off, len) {
+            return Ok(());
+        }
         let fd = self.file.as_raw_fd();
         let r = if self.is_block {
             let range = [off, len];
@@ -265,7 +268,58 @@ impl Device {
         }
     }
 
+    /// Punch a hole in an image file; false where the filesystem cannot.
+    fn punch(&self, off: u64, len: u64) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate on our open descriptor, no memory involved.
+        unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            ) == 0
+        }
+    }
+
+    /// Whether `len` bytes at `off` of an image file are all a hole (read
+    /// as zeroes without occupying space): nothing to zero or discard there.
+    fn is_hole(&self, off: u64, len: u64) -> bool {
+        use std::os::fd::AsRawFd;
+        if self.is_block {
+            return false;
+        }
+        // SAFETY: lseek on our open descriptor.
+        let data =
+            unsafe { libc::lseek(self.file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data at or after `off`. Anything else: unknown.
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        data as u64 >= off.saturating_add(len)
+    }
+
     fn zero(&self, gate: &WriteGate, off: u64, len: u64) -> Result<()> {
+        // An image file: a hole already reads as zeroes, and punching one
+        // zeroes a range without writing (or occupying) anything.
+        if !self.is_block {
+            self.check_range(off, len, "write")?;
+            gate.admit()?;
+            if self.is_hole(off, len) || self.punch(off, len) {
+                return Ok(());
+            }
+            // A filesystem without holes: write the zeroes.
+            let chunk = vec![0u8; len.min(1 << 20) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(chunk.len() as u64);
+                self.file
+                    .write_all_at(&chunk[..n as usize], off + done)
+                    .map_err(|e| EngineError::io(&self.path, format!("write at byte {off}"), e))?;
+                done += n;
+            }
+            return Ok(());
+        }
         let chunk = vec![0u8; len.min(1 << 20) as usize];
         let mut done = 0;
         while done < len {
@@ -305,4 +359,48 @@ fn logical_block_size(f: &File) -> Option<u64> {
     let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKSSZGET, &mut n as *mut libc::c_int) };
     (r == 0 && n > 0 && (n as u64).is_power_of_two() && n as u64 <= DIRECT_ALIGN)
         .then_some(n as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allocated(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn on_an_image_file_zeroing_and_discarding_punch_holes_and_skip_holes() {
+        let dir = std::env::temp_dir().join(format!("devpool-dev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("pv.img");
+        let f = File::create(&img).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.write_all_at(&[0x55u8; 4 << 20], 1 << 20).unwrap();
+        f.sync_all().unwrap();
+        let dev = Device::open(&img, true).unwrap();
+        let gate = WriteGate::crash_after(3);
+        // Zeroing 4 KiB of data punches it: it reads as zeroes, the rest stays.
+        dev.zero_ranges(&gate, &[(1 << 20, 4096)]).unwrap();
+        let mut b = vec![1u8; 8192];
+        dev.file.read_exact_at(&mut b, 1 << 20).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 0) && b[4096..].iter().all(|&x| x == 0x55));
+        // A hole needs nothing, but still counts as a write for the gate.
+        assert!(dev.is_hole(8 << 20, 4096));
+        let before = allocated(&img);
+        dev.zero_ranges(&gate, &[(8 << 20, 4096)]).unwrap();
+        assert_eq!(allocated(&img), before, "nothing written into the hole");
+        // Discarding gives the space back.
+        dev.discard(&gate, 1 << 20, 4 << 20).unwrap();
+        assert!(allocated(&img) + (4 << 20) - 8192 <= before, "punched");
+        dev.file.read_exact_at(&mut b, 2 << 20).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        // The gate's limit holds: the fourth write is refused before it happens.
+        assert!(matches!(
+            dev.discard(&gate, 0, 4096),
+            Err(EngineError::InjectedCrash(3))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
