@@ -31,6 +31,7 @@ fn vhost_write_both(kernel_args: &[String]) -> Vec<&str> {
     args.extend([
         "--attach",
         "vhost-user-blk",
+        "--keep",
         "--volumes",
         "test:16M,scratch:8M",
         "--",
@@ -39,6 +40,25 @@ fn vhost_write_both(kernel_args: &[String]) -> Vec<&str> {
         WRITE_BOTH,
     ]);
     args
+}
+
+/// After a `--keep` run: the guest's data is where its volumes are in the
+/// image; releasing the kept lease then gives the volumes' space back
+/// (their ranges read as zeroes) and leaves no lease.
+fn assert_written_then_release(lab: &Lab, img: &Path, pool: &str, report: &Value) {
+    assert_eq!(report["kept"], true, "{report}");
+    assert_eq!(report["released"], false, "{report}");
+    assert_written(report, img);
+    let session = report["session"].as_str().expect("the kept session");
+    lab.dp(&[img], &["--pool", pool, "lease", "release", session]);
+    for d in report["disks"].as_array().unwrap() {
+        let off = d["extent"]["offset"].as_u64().unwrap();
+        assert!(
+            read_at(img, off, 8192).iter().all(|&b| b == 0),
+            "the release discarded {d}"
+        );
+    }
+    no_leases(lab, img, pool);
 }
 
 fn assert_written(report: &Value, img: &Path) {
@@ -95,6 +115,7 @@ fn guest_vm_run_attaches_raw_ranges_and_returns_the_exit_status() {
         &[
             "--kernel-deb",
             &deb,
+            "--keep",
             "--volumes",
             "test:16M,scratch:8M",
             "--",
@@ -107,7 +128,6 @@ fn guest_vm_run_attaches_raw_ranges_and_returns_the_exit_status() {
     assert_eq!(report["ending"], "exited");
     assert_eq!(report["exit_code"], 7);
     assert_eq!(report["accel"], "tcg");
-    assert_eq!(report["released"], true);
     for d in report["disks"].as_array().unwrap() {
         assert_eq!(d["attach"], "raw", "{d}");
     }
@@ -118,8 +138,7 @@ fn guest_vm_run_attaches_raw_ranges_and_returns_the_exit_status() {
     );
     assert!(stderr.contains("sizes 32768 16384"), "{stderr}");
     assert!(report["timings"]["boot_ms"].as_u64().unwrap() > 0);
-    assert_written(&report, &img);
-    no_leases(&lab, &img, "vmraw");
+    assert_written_then_release(&lab, &img, "vmraw", &report);
 }
 
 #[test]
@@ -138,8 +157,7 @@ fn guest_vm_run_serves_vhost_user_blk_and_kills_a_vm_that_overruns() {
     for d in report["disks"].as_array().unwrap() {
         assert_eq!(d["attach"], "vhost-user-blk", "{d}");
     }
-    assert_written(&report, &img);
-    no_leases(&lab, &img, "vmvhost");
+    assert_written_then_release(&lab, &img, "vmvhost", &report);
 
     // A command that outlives --timeout: the VM is killed, 124, released.
     let mut args = base.clone();
@@ -229,12 +247,12 @@ exec {real} \"$@\"\n",
         1,
         "{stderr}"
     );
-    assert_written(&report, &img);
-    no_leases(&lab, &img, "vmcrash");
+    assert_written_then_release(&lab, &img, "vmcrash", &report);
 
     // With retries off, the crash is the run's end: 125, and it says QEMU crashed.
     std::fs::remove_file(&boots).unwrap();
     let mut args = args.clone();
+    args.retain(|a| *a != "--keep");
     args.splice(0..0, ["--boot-retries", "0"]);
     let (code, report, stderr) = vm_json_env(&lab, &img, "vmcrash", "run", &args, &env);
     assert_eq!(code, 125, "{report}\n{stderr}");

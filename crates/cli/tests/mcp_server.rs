@@ -136,6 +136,7 @@ fn tools_are_listed_with_kerneldev_mcp_names_and_schemas_an_agent_can_act_on() {
             &["device_path", "pool_name", "confirm"][..],
         ),
         ("device_pool_status", &["pool_name"][..]),
+        ("device_pool_trim", &["pool_name"][..]),
         ("device_pool_list", &[][..]),
         (
             "device_pool_resize",
@@ -293,6 +294,12 @@ fn an_agent_sets_up_leases_resizes_snapshots_and_tears_down_a_pool_on_a_loop_dev
         after["snapshots"],
         json!([]),
         "the lease's snapshot went with it"
+    );
+    let trim = ok(&log, "trim");
+    assert_eq!(
+        trim["discarded_bytes"].as_u64(),
+        after["free_bytes"].as_u64(),
+        "trim discards all the free space: {trim}"
     );
     assert_eq!(ok(&log, "teardown-plan")["confirmed"], false);
     assert_eq!(step(&log, "after-teardown-plan")["vg"], true);
@@ -567,12 +574,20 @@ fn guest_mcp_vm_run_boots_a_kernel_with_a_leased_volume_and_cancels_cleanly() {
             .contains("mcp-guest-sees /dev/vda"),
         "{run:#}"
     );
-    assert_eq!(run["released"], true);
-    // What the guest wrote is on the volume's range of the pool image.
+    assert_eq!(run["kept"], true, "{run:#}");
+    assert_eq!(run["released"], false);
+    // What the guest wrote is on the volume's range of the pool image
+    // (read while kept); the release then gave that range back.
+    assert_eq!(step(&log, "vm-data")["data"], "devpool-mc");
+    ok(&log, "vm-release");
     let d = &run["disks"][0];
     let off = d["extent"]["offset"].as_u64().unwrap() + 8 * 512;
     let data = std::fs::read(&img).unwrap();
-    assert_eq!(&data[off as usize..off as usize + 10], b"devpool-mc");
+    assert!(
+        data[off as usize..off as usize + 10]
+            .iter()
+            .all(|&b| b == 0)
+    );
     let progress = step(&log, "vm-run")["progress"].as_array().unwrap().clone();
     assert!(
         progress.iter().any(|p| p["message"]

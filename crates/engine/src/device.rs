@@ -63,6 +63,26 @@ impl WriteGate {
     }
 }
 
+/// Punch a hole of `len` bytes at `off` in a regular file (it reads as
+/// zeroes and gives its blocks back); the OS error where the filesystem
+/// cannot (EOPNOTSUPP) or the descriptor is no regular file.
+pub fn punch_hole(fd: std::os::fd::RawFd, off: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a descriptor with plain integer arguments.
+    let r = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[derive(Debug)]
 pub struct Device {
     pub path: PathBuf,
@@ -242,22 +262,16 @@ impl Device {
         let r = if self.is_block {
             let range = [off, len];
             // SAFETY: BLKDISCARD reads a [start, length] pair of u64s.
-            unsafe { libc::ioctl(fd, BLKDISCARD, range.as_ptr()) }
-        } else {
-            // SAFETY: fallocate on our open descriptor, no memory involved.
-            unsafe {
-                libc::fallocate(
-                    fd,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off as libc::off_t,
-                    len as libc::off_t,
-                )
+            match unsafe { libc::ioctl(fd, BLKDISCARD, range.as_ptr()) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
             }
+        } else {
+            punch_hole(fd, off, len)
         };
-        if r == 0 {
+        let Err(e) = r else {
             return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
+        };
         match e.raw_os_error() {
             Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL) => Ok(()),
             _ => Err(EngineError::io(
@@ -271,15 +285,7 @@ impl Device {
     /// Punch a hole in an image file; false where the filesystem cannot.
     fn punch(&self, off: u64, len: u64) -> bool {
         use std::os::fd::AsRawFd;
-        // SAFETY: fallocate on our open descriptor, no memory involved.
-        unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            ) == 0
-        }
+        punch_hole(self.file.as_raw_fd(), off, len).is_ok()
     }
 
     /// Whether `len` bytes at `off` of an image file are all a hole (read

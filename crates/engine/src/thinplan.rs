@@ -196,15 +196,7 @@ fn punch_data(runs: &[(PathBuf, u64, u64)], at: u64, len: u64) {
             && let Ok(f) = std::fs::OpenOptions::new().write(true).open(path)
             && f.metadata().is_ok_and(|m| m.is_file())
         {
-            // SAFETY: fallocate on an open descriptor, integers only.
-            unsafe {
-                libc::fallocate(
-                    f.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    (offset + (from - lv_at)) as libc::off_t,
-                    (to - from) as libc::off_t,
-                );
-            }
+            let _ = crate::device::punch_hole(f.as_raw_fd(), offset + (from - lv_at), to - from);
         }
         lv_at = lv_at.saturating_add(*n);
     }

@@ -25,16 +25,7 @@ pub fn wipe(path: &Path, progress: &dyn Fn(u64, u64)) -> Result<()> {
     };
     progress(0, size);
     if meta.is_file() {
-        // SAFETY: plain fallocate on an open file descriptor.
-        let r = unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                0,
-                size as libc::off_t,
-            )
-        };
-        if r == 0 {
+        if devpool_engine::device::punch_hole(f.as_raw_fd(), 0, size).is_ok() {
             progress(size, size);
             return Ok(());
         }

@@ -397,14 +397,6 @@ fn punch(devs: &[PvDevice], map: &VolumeMap, offset: u64, len: u64) {
         if d.is_block {
             continue;
         }
-        // SAFETY: fallocate on an open descriptor with plain integer arguments.
-        unsafe {
-            libc::fallocate(
-                d.any_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                p.offset as libc::off_t,
-                p.len as libc::off_t,
-            );
-        }
+        let _ = devpool_engine::device::punch_hole(d.any_fd(), p.offset, p.len);
     }
 }

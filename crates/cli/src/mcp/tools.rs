@@ -250,6 +250,10 @@ pub fn list() -> Vec<Tool> {
             "device_pool_status",
             "A pool's devices, size, free space, health, leases (owner alive or not), volumes, snapshots and thin pool usage.",
         ),
+        tool::<PoolOnly>(
+            "device_pool_trim",
+            "Give a pool's free space back: discard every free extent (holes in an image file, so its filesystem gets the space back; BLKDISCARD on a disk). Releases already do this for their own volumes; trim catches up on space left written by volumes removed outside devpool.",
+        ),
         tool::<Nothing>(
             "device_pool_list",
             "Every pool on this host with size, free space, lease and volume counts.",
@@ -368,6 +372,22 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
                     st.leases.len()
                 ),
                 &st,
+            )
+        }
+        "device_pool_trim" => {
+            let a: PoolOnly = args(name, a)?;
+            let pool = pool_of(c, a.pool_name);
+            let r = pools(&c.g)?.trim(&pool)?;
+            reply(
+                format!(
+                    "pool {}: discarded {} of free space ({} range(s))",
+                    r.pool,
+                    devpool_format::units::format_bytes(devpool_format::units::Bytes(
+                        r.discarded_bytes
+                    )),
+                    r.ranges
+                ),
+                &r,
             )
         }
         "device_pool_list" => {

@@ -110,6 +110,7 @@ async def lifecycle(run, s):
                    {"session": lease.get("structured", {}).get("session", "?"),
                     "pool_name": pool})
     await run.call("status-after", "device_pool_status", {"pool_name": pool})
+    await run.call("trim", "device_pool_trim", {"pool_name": pool})
     await run.call("teardown-plan", "device_pool_teardown", {"pool_name": pool})
     run.note("after-teardown-plan", vg=vg_exists(vg))
     await run.call("teardown", "device_pool_teardown",
@@ -161,7 +162,17 @@ async def vm(run, s):
                "command": "echo mcp-guest-sees $TEST_DEV; "
                           "printf devpool-mcp | dd of=$TEST_DEV bs=512 seek=8 conv=sync 2>/dev/null; "
                           "exit 3"}
-    await run.call("vm-run", "vm_run", vm_args)
+    # Kept, so the guest's data can be read where the volume lies in the
+    # image; then released (which discards it).
+    r = await run.call("vm-run", "vm_run", dict(vm_args, keep_volumes=True))
+    st = r.get("structured") or {}
+    disks = st.get("disks") or []
+    if disks:
+        with open(ARGS["device"], "rb") as f:
+            f.seek(disks[0]["extent"]["offset"] + 8 * 512)
+            run.note("vm-data", data=f.read(10).decode("latin-1"))
+    await run.call("vm-release", "device_pool_lease_release",
+                   {"session": st.get("session", "?"), "pool_name": ARGS["pool"]})
     # Cancelled: the client gives up after a while (the SDK then sends
     # notifications/cancelled); the VM is killed and its volumes released.
     long = dict(vm_args, command="sleep 600", timeout=600)
