@@ -128,7 +128,8 @@ pub enum Operation {
         new: String,
     },
     /// Discard every free extent of the VG (punch holes in image files,
-    /// `BLKDISCARD` on block devices), as `fstrim` does for a filesystem:
+    /// `BLKDISCARD` on block devices), and a thin pool's unmapped data
+    /// blocks in image files, as `fstrim` does for a filesystem:
     /// for space an earlier change did not give back (LVM2's `lvremove`
     /// without `issue_discards`, devpool before it discarded).
     VgTrim {
@@ -755,6 +756,13 @@ impl Engine {
                 len,
                 ..
             } => Device::open(device, true)?.discard(gate, *offset, *len),
+            Step::TrimThinPool {
+                vg,
+                pool,
+                meta,
+                data,
+                data_bytes,
+            } => crate::thinplan::run_trim(&self.lock_dir, vg, pool, meta, data, *data_bytes, gate),
             Step::InitCowStore {
                 device,
                 offset,
@@ -1092,6 +1100,16 @@ impl Engine {
                         offset: pv.pe_start.0 * 512 + a.start * es,
                         len: a.len * es,
                         reason: format!("{} free extents of PV {}", a.len, pv.key),
+                    });
+                }
+                if let Some(pool) = ops::thin::the_thin_pool(&meta) {
+                    let data_bytes = meta.lv(&pool.tdata).map_or(0, |l| l.extent_count() * es);
+                    plan.steps.push(Step::TrimThinPool {
+                        vg: name.clone(),
+                        pool: format!("{name}/{}", pool.pool),
+                        meta: crate::thinplan::lv_runs(loaded, &meta, &pool.tmeta)?,
+                        data: crate::thinplan::lv_runs(loaded, &meta, &pool.tdata)?,
+                        data_bytes,
                     });
                 }
             }

@@ -59,6 +59,16 @@ pub enum Step {
         known_trans: u64,
         changes: crate::ops::thin::ThinChanges,
     },
+    /// Punch the thin pool's unmapped data blocks out of the image files
+    /// under its data LV, under the thin lock (no process can map a block
+    /// meanwhile): the thin part of `vg trim`.
+    TrimThinPool {
+        vg: String,
+        pool: String,
+        meta: Vec<(PathBuf, u64, u64)>,
+        data: Vec<(PathBuf, u64, u64)>,
+        data_bytes: u64,
+    },
     /// Write an empty metadata area header.
     InitMetadataArea {
         device: PathBuf,
@@ -103,6 +113,9 @@ impl Step {
                     "zero {len} bytes of {} at byte {offset} ({reason})",
                     device.display()
                 )
+            }
+            Step::TrimThinPool { pool, .. } => {
+                format!("punch the unmapped data blocks of thin pool {pool} out of its image files")
             }
             Step::DiscardRange {
                 device,

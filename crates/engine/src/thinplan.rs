@@ -183,6 +183,40 @@ pub fn run_update(u: Update, gate: &WriteGate) -> Result<()> {
     Ok(())
 }
 
+/// The thin part of `vg trim`: under the thin lock, punch every data block
+/// no thin device maps out of the image files under the data LV (runs of
+/// such blocks at once).
+pub fn run_trim(
+    lock_dir: &Path,
+    vg: &str,
+    pool: &str,
+    meta: &[(PathBuf, u64, u64)],
+    data: &[(PathBuf, u64, u64)],
+    data_bytes: u64,
+    gate: &WriteGate,
+) -> Result<()> {
+    let _thin = crate::lock::lock_thin(lock_dir, vg)?;
+    let (io, map) = open_runs(meta, gate)?;
+    let store = ThinStore::open(&io, pool, map, VolumeMap::linear(0, 0, data_bytes))
+        .map_err(|e| thin_err(&io, e))?;
+    let chunk = store.chunk_bytes();
+    let blocks = data_bytes / chunk.max(1);
+    let mut run: Option<(u64, u64)> = None;
+    for b in 0..=blocks {
+        let free = b < blocks && !store.in_use(b);
+        match (&mut run, free) {
+            (Some((_, n)), true) => *n += 1,
+            (None, true) => run = Some((b, 1)),
+            (Some((first, n)), false) => {
+                punch_data(data, store.data_offset(*first), *n * chunk);
+                run = None;
+            }
+            (None, false) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Best effort: punch `len` bytes at `at` of the data LV (laid out as
 /// `runs`) out of the image files under it; block devices are left as
 /// they are (their blocks are simply reused).
