@@ -536,12 +536,6 @@ fn newcomer_walk_on_the_embedded_default_pool_leaves_nothing_behind() {
     assert!(!img.exists(), "teardown removes the image devpool made");
 }
 
-/// Bytes a file occupies on its filesystem (not its apparent size).
-fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).expect("stat").blocks() * 512
-}
-
 /// Write `len` bytes of `byte` through a leased volume's loop device.
 fn fill(dev: &str, byte: u8, len: usize) {
     let f = std::fs::OpenOptions::new()

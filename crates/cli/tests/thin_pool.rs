@@ -304,12 +304,6 @@ fn serve(lab: &Lab, lv: &str, sock: &str) -> (Server, PathBuf) {
     (srv, path)
 }
 
-/// Bytes a file occupies on its filesystem.
-fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).unwrap().blocks() * 512
-}
-
 fn data_used(lab: &Lab) -> u64 {
     num(&thin_status(lab)["usage"]["data_used"])
 }

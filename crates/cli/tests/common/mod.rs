@@ -318,6 +318,12 @@ pub fn vgck(devices: &[&Path], vg: &str) -> (bool, String) {
     )
 }
 
+/// Bytes a file occupies on its filesystem (not its apparent size).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
 pub fn num(v: &Value) -> u64 {
     match v {
         Value::Number(n) => n.as_u64().expect("u64"),
