@@ -483,6 +483,50 @@ fn the_daemon_skips_a_loop_device_another_process_is_detaching() {
     stop_and_tear_down(&lab, daemon, &pool);
 }
 
+/// Through the daemon too, a release gives the space its volumes wrote back
+/// to the filesystem under the pool's image (ahead of its commit).
+#[test]
+fn a_release_through_the_daemon_gives_the_written_space_back() {
+    if skip_unless_real("pool_daemon") {
+        return;
+    }
+    let lab = Lab::new();
+    let pool = format!("g{}", std::process::id());
+    let img = lab.image_pool("pool.img", &pool, "256M", &[]);
+    let daemon = Daemon::start(&lab);
+    let lease = cli_lease(&lab, &pool, "w:32M,k:8M", &[], &[]);
+    let dev = |role: &str| {
+        lease["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["role"] == role)
+            .and_then(|d| d["device"].as_str())
+            .unwrap()
+            .to_string()
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev("w"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x3cu8; 32 << 20], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let written = allocated(&img);
+    cli_release(&lab, &pool, &lease);
+    assert!(
+        allocated(&img) + (31 << 20) <= written,
+        "{written} -> {}",
+        allocated(&img)
+    );
+    assert_eq!(
+        journal_pids(&lab).last().copied(),
+        Some(u64::from(daemon.child.id())),
+        "the daemon committed the release"
+    );
+    stop_and_tear_down(&lab, daemon, &pool);
+}
+
 /// `devpool mcp` on pipes, spoken to line by line.
 struct RawMcp {
     child: Child,

@@ -288,6 +288,38 @@ impl Device {
         punch_hole(self.file.as_raw_fd(), off, len).is_ok()
     }
 
+    /// The first byte of data at or after `off` and before `end` in an
+    /// image file (`None`: only holes there). Block devices have no holes.
+    pub fn next_data(&self, off: u64, end: u64) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        if self.is_block {
+            return (off < end).then_some(off);
+        }
+        // SAFETY: lseek on our open descriptor.
+        let d = unsafe { libc::lseek(self.file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if d < 0 {
+            // ENXIO: no data past `off`; anything else: assume data.
+            let none = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+            return (!none && off < end).then_some(off);
+        }
+        ((d as u64) < end).then_some(d as u64)
+    }
+
+    /// Punch `len` bytes at `off` of an image file, through the gate.
+    pub fn punch_gated(&self, gate: &WriteGate, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len, "discard")?;
+        gate.admit()?;
+        use std::os::fd::AsRawFd;
+        match punch_hole(self.file.as_raw_fd(), off, len) {
+            Err(e) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => Err(EngineError::io(
+                &self.path,
+                format!("discard of {len} bytes at byte {off}"),
+                e,
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether `len` bytes at `off` of an image file are all a hole (read
     /// as zeroes without occupying space): nothing to zero or discard there.
     fn is_hole(&self, off: u64, len: u64) -> bool {

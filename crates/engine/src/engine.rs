@@ -496,7 +496,7 @@ impl Engine {
         }
     }
 
-    fn take_locks(&self, l: &Locks, exclusive: bool) -> Result<Held> {
+    pub(crate) fn take_locks(&self, l: &Locks, exclusive: bool) -> Result<Held> {
         let mut held = Vec::new();
         if l.global {
             held.push(lock::lock_global(&self.lock_dir, exclusive)?);

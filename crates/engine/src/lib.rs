@@ -10,6 +10,7 @@
 //! - [`engine`]: device sources, operations, planning and execution
 //! - [`ops`] and [`alloc`]: pure volume operations and extent allocation
 //! - [`scan`], [`vg`]: reading PVs and assembling VGs
+//! - [`giveback`]: a release's image-file space given back ahead of its commit, in bounded rounds
 //! - [`commit`], [`device`], [`lock`], [`journal`]: the write path
 //! - [`cowstore`]: a snapshot's COW store, live (load, look up, append, invalidate)
 //! - [`thinstore`]: a thin pool's dm-thin metadata, live (devices, mappings, commits)
@@ -22,6 +23,7 @@ pub mod cowstore;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod giveback;
 pub mod journal;
 pub mod lock;
 pub mod lvmconf;

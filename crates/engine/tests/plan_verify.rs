@@ -122,3 +122,62 @@ fn every_plan_step_is_journaled_with_seqnos() {
     assert_eq!(steps, ["zero_range", "commit_metadata"]);
     assert_eq!(entries[0]["transaction"].as_str().unwrap().len(), 16);
 }
+
+fn allocated(p: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+fn lv_offset(e: &Engine, lv: &str) -> u64 {
+    let (v, _) = e.read_vg("vp").unwrap();
+    let a = v
+        .meta
+        .used_areas()
+        .into_iter()
+        .find(|u| u.3 == lv)
+        .map(|u| (u.0.to_string(), u.1))
+        .unwrap();
+    v.meta.pv(&a.0).unwrap().pe_start.0 * 512 + a.1 * (4 << 20)
+}
+
+/// A release's data goes back in bounded rounds before its commit: all of
+/// it, and nothing of the volumes that stay.
+#[test]
+fn give_back_punches_only_the_named_volumes_in_rounds() {
+    use std::os::unix::fs::FileExt;
+    let (_dir, e, img) = setup();
+    e.apply(&lv_create("vp", "b", "8M"), false).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let (a, b) = (lv_offset(&e, "a"), lv_offset(&e, "b"));
+    f.write_all_at(&vec![0xaau8; 16 << 20], a).unwrap();
+    f.write_all_at(&vec![0xbbu8; 8 << 20], b).unwrap();
+    f.sync_all().unwrap();
+    let path_of = |_: &str| Some(img.clone());
+    let (v, _) = e.read_vg("vp").unwrap();
+    let names = vec!["a".to_string()];
+    assert!(devpool_engine::giveback::lvs_hold_data(
+        &v.meta, &path_of, &names
+    ));
+    let before = allocated(&img);
+    // 1 MiB rounds: sixteen of them (and one that finds nothing left).
+    let punched = e.give_back_in_rounds("vp", &names, 1 << 20).unwrap();
+    assert_eq!(punched, 16 << 20);
+    assert!(allocated(&img) + (16 << 20) <= before);
+    assert!(!devpool_engine::giveback::lvs_hold_data(
+        &v.meta, &path_of, &names
+    ));
+    let mut buf = vec![0u8; 8 << 20];
+    f.read_exact_at(&mut buf, b).unwrap();
+    assert!(
+        buf.iter().all(|&x| x == 0xbb),
+        "the other volume keeps its data"
+    );
+    f.read_exact_at(&mut buf, a).unwrap();
+    assert!(buf.iter().all(|&x| x == 0));
+    // A volume that is gone by now is skipped.
+    assert_eq!(e.give_back("vp", &["nope".to_string()]).unwrap(), 0);
+}

@@ -205,6 +205,7 @@ impl LeaseService {
                 .collect()
         };
         self.pools.let_go_known(&meta, &targets, &known)?;
+        self.pools.give_back(name, &meta, &targets.remove)?;
         match self.submit(name, Job::Remove(targets.remove)) {
             Outcome::Removed => Ok(targets.lvs),
             _ => self.pools.release(name, session),

@@ -915,6 +915,10 @@ impl Pools {
             let (v, _) = e.read_vg(&rec.vg)?;
             let r = release_targets(&v.meta, name, session)?;
             self.let_go(&v.meta, &r)?;
+            let path_of = |key: &str| v.device_of(key).map(|d| d.path.clone());
+            if devpool_engine::giveback::lvs_hold_data(&v.meta, &path_of, &r.remove) {
+                e.give_back(&rec.vg, &r.remove)?;
+            }
             if remove_all(e, &rec.vg, r.remove)? {
                 return Ok(r.lvs);
             }
@@ -1084,6 +1088,20 @@ impl Pools {
             }
         }
         Ok(after * meta.extent_size.bytes().0)
+    }
+
+    /// Punch the written data of `lvs` (being released) out of the pool's
+    /// image files in bounded rounds before their commit (see
+    /// `devpool_engine::giveback`); `meta` is the view the release used.
+    pub(crate) fn give_back(&self, name: &str, meta: &VgMetadata, lvs: &[String]) -> Result<()> {
+        // devpool writes each PV's device path into the metadata.
+        let path_of = |key: &str| meta.pv(key)?.device.as_ref().map(PathBuf::from);
+        if self.dry_run || !devpool_engine::giveback::lvs_hold_data(meta, &path_of, lvs) {
+            return Ok(());
+        }
+        self.with_pool(name, |e, rec| {
+            e.give_back(&rec.vg, lvs).map(|_| ()).map_err(Into::into)
+        })
     }
 
     /// Discard the free extents of pool `name` (see `Operation::VgTrim`).
