@@ -495,19 +495,9 @@ fn a_release_through_the_daemon_gives_the_written_space_back() {
     let img = lab.image_pool("pool.img", &pool, "256M", &[]);
     let daemon = Daemon::start(&lab);
     let lease = cli_lease(&lab, &pool, "w:32M,k:8M", &[], &[]);
-    let dev = |role: &str| {
-        lease["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["role"] == role)
-            .and_then(|d| d["device"].as_str())
-            .unwrap()
-            .to_string()
-    };
     let f = std::fs::OpenOptions::new()
         .write(true)
-        .open(dev("w"))
+        .open(device_of(&lease, "w"))
         .unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x3cu8; 32 << 20], 0).unwrap();
     f.sync_all().unwrap();

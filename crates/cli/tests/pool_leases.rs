@@ -546,17 +546,6 @@ fn fill(dev: &str, byte: u8, len: usize) {
     f.sync_all().expect("sync volume");
 }
 
-fn device_of(lease: &Value, role: &str) -> String {
-    lease["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["role"] == role)
-        .and_then(|d| d["device"].as_str())
-        .expect("the role's device")
-        .to_string()
-}
-
 #[test]
 fn released_and_shrunk_volumes_give_their_space_back_to_the_filesystem_under_the_image() {
     if skip_unless_real(

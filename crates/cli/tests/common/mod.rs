@@ -318,6 +318,18 @@ pub fn vgck(devices: &[&Path], vg: &str) -> (bool, String) {
     )
 }
 
+/// The host device of `role` in a `lease acquire --json` answer.
+pub fn device_of(lease: &Value, role: &str) -> String {
+    lease["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["role"] == role)
+        .and_then(|d| d["device"].as_str())
+        .expect("the role's device")
+        .to_string()
+}
+
 /// Bytes a file occupies on its filesystem (not its apparent size).
 pub fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
