@@ -181,7 +181,13 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 .as_deref()
                 .map(|s| parse_bytes("--image-size", s))
                 .transpose()?;
-            let out = confirmed(g, |ok| p.setup(&device, &name, size, ok))?;
+            // A dry run goes through the safety checks (they only read) to
+            // the plan, and stops there: nothing to confirm.
+            let out = if g.dry_run {
+                p.setup(&device, &name, size, true)?
+            } else {
+                confirmed(g, |ok| p.setup(&device, &name, size, ok))?
+            };
             let thin_pool = if thin && !g.dry_run && p.thin_pool_lv(&name)?.is_none() {
                 Some(p.thin_enable(&name, None, None, devpool_pool::thin::DEFAULT_THIN_CHUNK)?)
             } else {

@@ -301,6 +301,33 @@ fn signatures_need_confirmation_and_a_failed_setup_restores_the_device() {
     assert!(err.contains("ext2/3/4 signature at byte 1080"), "{err}");
     assert!(err.contains("needs confirmation"), "{err}");
     assert!(ends(&dev) == before);
+    // A dry run shows the whole plan, the signature among what it wipes.
+    let plan = lab.dp(
+        &[],
+        &["pool", "setup", &d, "--name", "confirm", "--dry-run"],
+    );
+    assert!(
+        plan.contains("vg create devpool-confirm") && plan.contains("ext2/3/4 signature"),
+        "{plan}"
+    );
+    assert!(ends(&dev) == before, "a dry run writes nothing");
+    let img = lab.path("new.img");
+    let i = img.display().to_string();
+    let plan = lab.dp(
+        &[],
+        &[
+            "pool",
+            "setup",
+            &i,
+            "--name",
+            "n",
+            "--image-size",
+            "64M",
+            "--dry-run",
+        ],
+    );
+    assert!(plan.contains("create sparse image"), "{plan}");
+    assert!(!img.exists(), "a dry run creates no image");
 
     // Setup cut after its second write: the first and last MiB come back.
     let o = lab.devpool_env(

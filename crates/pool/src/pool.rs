@@ -521,6 +521,12 @@ impl Pools {
                 let own = self.list_engine(vec![device.to_path_buf()]);
                 let s = own.scan();
                 if let Ok(v) = s.vg(&vg) {
+                    if self.dry_run {
+                        return Err(PoolError::Refused(format!(
+                            "dry run: pool '{name}' is already set up on {}; nothing to do",
+                            device.display()
+                        )));
+                    }
                     let rec = PoolRecord {
                         name: name.to_string(),
                         vg: vg.clone(),
