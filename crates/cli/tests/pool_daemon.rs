@@ -108,6 +108,20 @@ fn read_direct(dev: &str, len: usize) -> Vec<u8> {
     buf[shift..shift + len].to_vec()
 }
 
+/// A lab with pool `<prefix><pid>` on a 256 MiB image file and a daemon
+/// serving it; `None` (the test skips, saying why) without root and loop
+/// devices.
+fn image_pool_with_daemon(prefix: &str) -> Option<(Lab, String, PathBuf, Daemon)> {
+    if skip_unless_real("pool_daemon") {
+        return None;
+    }
+    let lab = Lab::new();
+    let pool = format!("{prefix}{}", std::process::id());
+    let img = lab.image_pool("pool.img", &pool, "256M", &[]);
+    let daemon = Daemon::start(&lab);
+    Some((lab, pool, img, daemon))
+}
+
 /// `devpool [FLAGS] lease acquire --volumes VOLUMES` with `env`; its JSON.
 fn cli_lease(lab: &Lab, pool: &str, volumes: &str, flags: &[&str], env: &[(&str, &str)]) -> Value {
     let mut args = vec!["--pool", pool, "--json"];
@@ -447,13 +461,9 @@ impl RunningDown {
 
 #[test]
 fn the_daemon_skips_a_loop_device_another_process_is_detaching() {
-    if skip_unless_real("pool_daemon") {
+    let Some((lab, pool, _img, daemon)) = image_pool_with_daemon("r") else {
         return;
-    }
-    let lab = Lab::new();
-    let pool = format!("r{}", std::process::id());
-    lab.image_pool("pool.img", &pool, "256M", &[]);
-    let daemon = Daemon::start(&lab);
+    };
     // The daemon attaches and detaches these; it tries them first next time.
     let first = cli_lease(&lab, &pool, "a:4M,b:4M,c:4M", &[], &[]);
     let released: Vec<String> = first["devices"]
@@ -487,13 +497,9 @@ fn the_daemon_skips_a_loop_device_another_process_is_detaching() {
 /// to the filesystem under the pool's image (ahead of its commit).
 #[test]
 fn a_release_through_the_daemon_gives_the_written_space_back() {
-    if skip_unless_real("pool_daemon") {
+    let Some((lab, pool, img, daemon)) = image_pool_with_daemon("g") else {
         return;
-    }
-    let lab = Lab::new();
-    let pool = format!("g{}", std::process::id());
-    let img = lab.image_pool("pool.img", &pool, "256M", &[]);
-    let daemon = Daemon::start(&lab);
+    };
     let lease = cli_lease(&lab, &pool, "w:32M,k:8M", &[], &[]);
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -591,14 +597,10 @@ impl Drop for RawMcp {
 
 #[test]
 fn an_mcp_server_keeps_its_daemon_connection_and_copes_when_the_daemon_restarts() {
-    if skip_unless_real("pool_daemon") {
+    let Some((lab, pool, _img, daemon)) = image_pool_with_daemon("m") else {
         return;
-    }
-    let lab = Lab::new();
-    let pool = format!("m{}", std::process::id());
-    lab.image_pool("pool.img", &pool, "256M", &[]);
+    };
     let last_committer = || journal_pids(&lab).last().copied();
-    let daemon = Daemon::start(&lab);
     let mut mcp = RawMcp::start(&lab);
     let acquire = json!({"volumes": "test:4M", "pool_name": pool});
     let release = |s: &Value| json!({"session": s["session"], "pool_name": pool});

@@ -305,58 +305,25 @@ impl Device {
         ((d as u64) < end).then_some(d as u64)
     }
 
-    /// Punch `len` bytes at `off` of an image file, through the gate.
-    pub fn punch_gated(&self, gate: &WriteGate, off: u64, len: u64) -> Result<()> {
-        self.check_range(off, len, "discard")?;
-        gate.admit()?;
-        use std::os::fd::AsRawFd;
-        match punch_hole(self.file.as_raw_fd(), off, len) {
-            Err(e) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => Err(EngineError::io(
-                &self.path,
-                format!("discard of {len} bytes at byte {off}"),
-                e,
-            )),
-            _ => Ok(()),
-        }
-    }
-
     /// Whether `len` bytes at `off` of an image file are all a hole (read
     /// as zeroes without occupying space): nothing to zero or discard there.
     fn is_hole(&self, off: u64, len: u64) -> bool {
-        use std::os::fd::AsRawFd;
-        if self.is_block {
-            return false;
-        }
-        // SAFETY: lseek on our open descriptor.
-        let data =
-            unsafe { libc::lseek(self.file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            // ENXIO: no data at or after `off`. Anything else: unknown.
-            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-        }
-        data as u64 >= off.saturating_add(len)
+        !self.is_block && self.next_data(off, off.saturating_add(len)).is_none()
     }
 
     fn zero(&self, gate: &WriteGate, off: u64, len: u64) -> Result<()> {
         // An image file: a hole already reads as zeroes, and punching one
-        // zeroes a range without writing (or occupying) anything.
+        // zeroes a range without writing (or occupying) anything. Where
+        // the filesystem cannot punch, the zeroes are written below.
         if !self.is_block {
             self.check_range(off, len, "write")?;
+            if self.is_hole(off, len) {
+                return gate.admit();
+            }
             gate.admit()?;
-            if self.is_hole(off, len) || self.punch(off, len) {
+            if self.punch(off, len) {
                 return Ok(());
             }
-            // A filesystem without holes: write the zeroes.
-            let chunk = vec![0u8; len.min(1 << 20) as usize];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(chunk.len() as u64);
-                self.file
-                    .write_all_at(&chunk[..n as usize], off + done)
-                    .map_err(|e| EngineError::io(&self.path, format!("write at byte {off}"), e))?;
-                done += n;
-            }
-            return Ok(());
         }
         let chunk = vec![0u8; len.min(1 << 20) as usize];
         let mut done = 0;

@@ -510,24 +510,12 @@ impl Engine {
     /// Hold VG `name`'s shared lock (LVM2's `V_<vg>` flock) until the guard
     /// drops: no commit can happen meanwhile.
     pub fn hold_vg_shared(&self, name: &str) -> Result<Held> {
-        self.take_locks(
-            &Locks {
-                global: false,
-                vgs: vec![name.to_string()],
-            },
-            false,
-        )
+        self.take_locks(&Locks::vg(name), false)
     }
 
     /// Read-only access to one VG under its shared lock.
     pub fn read_vg(&self, name: &str) -> Result<(LoadedVg, Scan)> {
-        let _l = self.take_locks(
-            &Locks {
-                global: false,
-                vgs: vec![name.to_string()],
-            },
-            false,
-        )?;
+        let _l = self.take_locks(&Locks::vg(name), false)?;
         let scan = self.scan();
         let vg = scan.vg(name)?.clone();
         Ok((vg, scan))

@@ -14,8 +14,10 @@ use crate::device::Device;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::plan::Locks;
+use devpool_format::metadata::VgMetadata;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::rc::Rc;
 
 /// Bytes punched per hold of the VG lock (about 25 ms of ext4's work here).
 /// 7 volumes with 256 MiB written each, released while another process
@@ -23,41 +25,64 @@ use std::path::PathBuf;
 /// 308-389 ms when the commit punched it all under one hold.
 pub const ROUND_BYTES: u64 = 128 << 20;
 
+/// A byte range of an image file, with the file opened.
+struct ImageRange {
+    dev: Rc<Device>,
+    begin: u64,
+    end: u64,
+}
+
+/// The byte ranges `lvs` occupy in image files (each path opened once,
+/// for writing if `write`; `path_of` gives a PV's path). Block devices are skipped; a PV whose
+/// path is unknown or cannot be opened gives `None`.
+fn image_ranges(
+    meta: &VgMetadata,
+    path_of: &dyn Fn(&str) -> Option<PathBuf>,
+    lvs: &[String],
+    write: bool,
+) -> Vec<Option<ImageRange>> {
+    let es = meta.extent_size.bytes().0;
+    let mut devs: HashMap<PathBuf, Option<Rc<Device>>> = HashMap::new();
+    let mut out = Vec::new();
+    for (key, start, len, lv) in meta.used_areas() {
+        if !lvs.iter().any(|l| l == lv) {
+            continue;
+        }
+        let (Some(pv), Some(path)) = (meta.pv(key), path_of(key)) else {
+            out.push(None);
+            continue;
+        };
+        let dev = devs
+            .entry(path)
+            .or_insert_with_key(|p| Device::open(p, write).ok().map(Rc::new));
+        match dev {
+            None => out.push(None),
+            Some(d) if d.is_block => {}
+            Some(d) => {
+                let begin = pv.pe_start.0 * 512 + start * es;
+                out.push(Some(ImageRange {
+                    dev: Rc::clone(d),
+                    begin,
+                    end: begin + len * es,
+                }));
+            }
+        }
+    }
+    out
+}
+
 /// Whether any of `lvs` has written data in an image file, as far as
 /// `meta` (possibly stale: this only decides whether [`Engine::give_back`]
 /// is worth its lock) and `path_of` (a PV's device) tell. A PV whose
 /// device is unknown counts as holding data.
 pub fn lvs_hold_data(
-    meta: &devpool_format::metadata::VgMetadata,
+    meta: &VgMetadata,
     path_of: &dyn Fn(&str) -> Option<PathBuf>,
     lvs: &[String],
 ) -> bool {
-    use std::os::fd::AsRawFd;
-    let es = meta.extent_size.bytes().0;
-    // Each device opened once: `None` for one that is no image file.
-    let mut files: HashMap<PathBuf, Option<std::fs::File>> = HashMap::new();
-    meta.used_areas().into_iter().any(|(key, start, len, lv)| {
-        if !lvs.iter().any(|l| l == lv) {
-            return false;
-        }
-        let (Some(pv), Some(path)) = (meta.pv(key), path_of(key)) else {
-            return true;
-        };
-        if !files.contains_key(&path) {
-            let Ok(f) = std::fs::File::open(&path) else {
-                return true;
-            };
-            let image = f.metadata().is_ok_and(|m| m.is_file());
-            files.insert(path.clone(), image.then_some(f));
-        }
-        let Some(Some(f)) = files.get(&path) else {
-            return false;
-        };
-        let begin = pv.pe_start.0 * 512 + start * es;
-        // SAFETY: lseek on a descriptor we own.
-        let d = unsafe { libc::lseek(f.as_raw_fd(), begin as libc::off_t, libc::SEEK_DATA) };
-        d >= 0 && (d as u64) < begin + len * es
-    })
+    image_ranges(meta, path_of, lvs, false)
+        .into_iter()
+        .any(|r| r.is_none_or(|r| r.dev.next_data(r.begin, r.end).is_some()))
 }
 
 impl Engine {
@@ -76,48 +101,23 @@ impl Engine {
             return Ok(0);
         }
         loop {
-            let _held = self.take_locks(
-                &Locks {
-                    global: false,
-                    vgs: vec![vg.to_string()],
-                },
-                true,
-            )?;
+            let _held = self.take_locks(&Locks::vg(vg), true)?;
             let scan = self.scan();
             let Ok(loaded) = scan.vg(vg) else {
                 return Ok(total);
             };
-            let meta = &loaded.meta;
-            let es = meta.extent_size.bytes().0;
+            let path_of = |key: &str| loaded.device_of(key).map(|d| d.path.clone());
             let mut budget = round.max(1);
-            let mut devs: HashMap<PathBuf, Device> = HashMap::new();
-            for (key, start, len, lv) in meta.used_areas() {
-                if budget == 0 {
-                    break;
-                }
-                if !lvs.iter().any(|l| l == lv) {
-                    continue;
-                }
-                let (Some(pv), Some(dev)) = (meta.pv(key), loaded.device_of(key)) else {
-                    continue;
-                };
-                if !std::fs::metadata(&dev.path).is_ok_and(|m| m.is_file()) {
-                    continue;
-                }
-                if !devs.contains_key(&dev.path) {
-                    devs.insert(dev.path.clone(), Device::open(&dev.path, true)?);
-                }
-                let Some(d) = devs.get(&dev.path) else {
-                    continue;
-                };
-                let begin = pv.pe_start.0 * 512 + start * es;
-                let end = begin + len * es;
-                let mut at = begin;
+            for r in image_ranges(&loaded.meta, &path_of, lvs, true)
+                .into_iter()
+                .flatten()
+            {
+                let mut at = r.begin;
                 while budget > 0
-                    && let Some(from) = d.next_data(at, end)
+                    && let Some(from) = r.dev.next_data(at, r.end)
                 {
-                    let n = (end - from).min(budget);
-                    d.punch_gated(&self.gate, from, n)?;
+                    let n = (r.end - from).min(budget);
+                    r.dev.discard(&self.gate, from, n)?;
                     budget -= n;
                     total += n;
                     at = from + n;

@@ -245,6 +245,16 @@ pub(crate) struct Locks {
     pub vgs: Vec<String>,
 }
 
+impl Locks {
+    /// One VG's lock.
+    pub fn vg(name: &str) -> Locks {
+        Locks {
+            global: false,
+            vgs: vec![name.to_string()],
+        }
+    }
+}
+
 impl Plan {
     /// The VG as this plan found it (for changes to an existing VG).
     pub fn old_metadata(&self) -> Option<&devpool_format::metadata::VgMetadata> {

@@ -177,9 +177,7 @@ pub fn run_update(u: Update, gate: &WriteGate) -> Result<()> {
     store.commit(&io).map_err(|e| thin_err(&io, e))?;
     // Still under the thin lock: no process can have been given these
     // blocks since the commit freed them.
-    for b in freed {
-        punch_data(u.data, store.data_offset(b), store.chunk_bytes());
-    }
+    punch_blocks(u.data, &store, freed.into_iter());
     Ok(())
 }
 
@@ -199,39 +197,54 @@ pub fn run_trim(
     let (io, map) = open_runs(meta, gate)?;
     let store = ThinStore::open(&io, pool, map, VolumeMap::linear(0, 0, data_bytes))
         .map_err(|e| thin_err(&io, e))?;
-    let chunk = store.chunk_bytes();
-    let blocks = data_bytes / chunk.max(1);
-    let mut run: Option<(u64, u64)> = None;
-    for b in 0..=blocks {
-        let free = b < blocks && !store.in_use(b);
-        match (&mut run, free) {
-            (Some((_, n)), true) => *n += 1,
-            (None, true) => run = Some((b, 1)),
-            (Some((first, n)), false) => {
-                punch_data(data, store.data_offset(*first), *n * chunk);
-                run = None;
-            }
-            (None, false) => {}
-        }
-    }
+    let blocks = data_bytes / store.chunk_bytes().max(1);
+    punch_blocks(data, &store, (0..blocks).filter(|&b| !store.in_use(b)));
     Ok(())
 }
 
-/// Best effort: punch `len` bytes at `at` of the data LV (laid out as
-/// `runs`) out of the image files under it; block devices are left as
-/// they are (their blocks are simply reused).
-fn punch_data(runs: &[(PathBuf, u64, u64)], at: u64, len: u64) {
+/// Best effort: punch data `blocks` (ascending) of the data LV, laid out as
+/// `runs`, out of the image files under it, consecutive blocks at once and
+/// each file opened once; block devices are left as they are (their
+/// blocks are simply reused).
+fn punch_blocks(
+    runs: &[(PathBuf, u64, u64)],
+    store: &ThinStore,
+    blocks: impl Iterator<Item = u64>,
+) {
     use std::os::fd::AsRawFd;
-    let end = at.saturating_add(len);
-    let mut lv_at = 0u64;
-    for (path, offset, n) in runs {
-        let (from, to) = (at.max(lv_at), end.min(lv_at.saturating_add(*n)));
-        if from < to
-            && let Ok(f) = std::fs::OpenOptions::new().write(true).open(path)
-            && f.metadata().is_ok_and(|m| m.is_file())
-        {
-            let _ = crate::device::punch_hole(f.as_raw_fd(), offset + (from - lv_at), to - from);
+    let files: Vec<Option<std::fs::File>> = runs
+        .iter()
+        .map(|(path, _, _)| {
+            let f = std::fs::OpenOptions::new().write(true).open(path).ok()?;
+            f.metadata().is_ok_and(|m| m.is_file()).then_some(f)
+        })
+        .collect();
+    let punch = |first: u64, n: u64| {
+        let (at, end) = (store.data_offset(first), store.data_offset(first + n));
+        let mut lv_at = 0u64;
+        for ((_, offset, len), f) in runs.iter().zip(&files) {
+            let (from, to) = (at.max(lv_at), end.min(lv_at.saturating_add(*len)));
+            if let Some(f) = f
+                && from < to
+            {
+                let _ =
+                    crate::device::punch_hole(f.as_raw_fd(), offset + (from - lv_at), to - from);
+            }
+            lv_at = lv_at.saturating_add(*len);
         }
-        lv_at = lv_at.saturating_add(*n);
+    };
+    let mut run: Option<(u64, u64)> = None;
+    for b in blocks {
+        run = match run {
+            Some((first, n)) if first + n == b => Some((first, n + 1)),
+            Some((first, n)) => {
+                punch(first, n);
+                Some((b, 1))
+            }
+            None => Some((b, 1)),
+        };
+    }
+    if let Some((first, n)) = run {
+        punch(first, n);
     }
 }

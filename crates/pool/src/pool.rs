@@ -1102,7 +1102,7 @@ impl Pools {
     pub(crate) fn give_back(&self, name: &str, meta: &VgMetadata, lvs: &[String]) -> Result<()> {
         // devpool writes each PV's device path into the metadata.
         let path_of = |key: &str| meta.pv(key)?.device.as_ref().map(PathBuf::from);
-        if self.dry_run || !devpool_engine::giveback::lvs_hold_data(meta, &path_of, lvs) {
+        if !devpool_engine::giveback::lvs_hold_data(meta, &path_of, lvs) {
             return Ok(());
         }
         self.with_pool(name, |e, rec| {
