@@ -428,15 +428,19 @@ struct RunningDown {
 }
 
 impl RunningDown {
-    /// None when `dev` could not be bound (someone else took it meanwhile).
-    fn hold(dev: &str, file: &Path) -> Option<RunningDown> {
+    /// Err (losetup's complaint) when `dev` could not be bound: a test
+    /// running alongside took it meanwhile.
+    fn hold(dev: &str, file: &Path) -> Result<RunningDown, String> {
         let bound = std::process::Command::new("losetup")
             .arg(dev)
             .arg(file)
             .output()
             .expect("run losetup");
         if !bound.status.success() {
-            return None;
+            return Err(format!(
+                "{dev}: {}",
+                String::from_utf8_lossy(&bound.stderr).trim()
+            ));
         }
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -455,7 +459,7 @@ impl RunningDown {
             .map(|_| ())
             .map_err(|e| e.raw_os_error());
         assert_eq!(again, Err(Some(libc::ENXIO)), "{dev} is not running down");
-        Some(RunningDown { _open: f })
+        Ok(RunningDown { _open: f })
     }
 }
 
@@ -465,21 +469,32 @@ fn the_daemon_skips_a_loop_device_another_process_is_detaching() {
         return;
     };
     // The daemon attaches and detaches these; it tries them first next time.
-    let first = cli_lease(&lab, &pool, "a:4M,b:4M,c:4M", &[], &[]);
-    let released: Vec<String> = first["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["device"].as_str().unwrap().to_string())
-        .collect();
-    cli_release(&lab, &pool, &first);
-    // Another process now binds each of them and is detaching it.
+    // Another process then binds each of them and is detaching it. Tests
+    // running alongside may take the released devices first: try again.
     let other = lab.image("other.img", 4);
-    let held: Vec<(String, RunningDown)> = released
-        .iter()
-        .filter_map(|d| RunningDown::hold(d, &other).map(|h| (d.clone(), h)))
-        .collect();
-    assert!(!held.is_empty(), "could bind none of {released:?}");
+    let mut held: Vec<(String, RunningDown)> = Vec::new();
+    let mut missed = Vec::new();
+    for _ in 0..10 {
+        let first = cli_lease(&lab, &pool, "a:4M,b:4M,c:4M", &[], &[]);
+        let released: Vec<String> = first["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["device"].as_str().unwrap().to_string())
+            .collect();
+        cli_release(&lab, &pool, &first);
+        for d in &released {
+            match RunningDown::hold(d, &other) {
+                Ok(h) => held.push((d.clone(), h)),
+                Err(why) => missed.push(why),
+            }
+        }
+        if !held.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(!held.is_empty(), "could bind no released device: {missed:?}");
     let lease = cli_lease(&lab, &pool, "d:4M,e:4M", &[], &[]);
     for d in lease["devices"].as_array().unwrap() {
         let dev = d["device"].as_str().unwrap();
