@@ -494,7 +494,10 @@ fn the_daemon_skips_a_loop_device_another_process_is_detaching() {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    assert!(!held.is_empty(), "could bind no released device: {missed:?}");
+    assert!(
+        !held.is_empty(),
+        "could bind no released device: {missed:?}"
+    );
     let lease = cli_lease(&lab, &pool, "d:4M,e:4M", &[], &[]);
     for d in lease["devices"].as_array().unwrap() {
         let dev = d["device"].as_str().unwrap();

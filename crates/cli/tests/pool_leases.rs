@@ -295,6 +295,27 @@ fn orphans_are_found_through_pid_reuse_and_reboots_but_kept_and_live_leases_stay
     assert_eq!(report["removed"].as_array().unwrap().len(), 1);
     assert_eq!(report["removed"][0]["session"], kept["session"]);
 
+    // A dry run of a forced teardown shows the VG removal with what comes
+    // before (the live lease's devices detached) and after it, and changes
+    // nothing.
+    let plan = json_of(
+        lab.devpool(
+            &[],
+            &["--json", "pool", "teardown", &pool, "--force", "--dry-run"],
+        ),
+        "teardown --dry-run",
+    );
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    let notes = plan["notes"].to_string();
+    let live_dev = live["devices"][0]["device"].as_str().unwrap();
+    assert!(notes.contains(&format!("detach {live_dev} ")), "{notes}");
+    assert!(notes.contains("remove the PV label of"), "{notes}");
+    assert!(notes.contains("no --wipe"), "{notes}");
+    assert!(Path::new(live_dev).exists());
+    assert_eq!(lease_count(&lab, &pool), 1);
+    let (good, why) = vgck(&[&dev], &vg);
+    assert!(good, "vgck after the dry run: {why}");
+
     // Teardown refuses while the live lease exists; --force removes it.
     let e = String::from_utf8_lossy(
         &lab.devpool(&[], &["pool", "teardown", &pool, "--yes"])
@@ -529,6 +550,15 @@ fn newcomer_walk_on_the_embedded_default_pool_leaves_nothing_behind() {
     assert_eq!(st["volumes"], 0);
     assert_eq!(st["leases"].as_array().unwrap().len(), 0);
     assert!(loops_over(&img).is_empty());
+    let plan = json_of(
+        lab.devpool(&[], &["--json", "pool", "teardown", "default", "--dry-run"]),
+        "teardown --dry-run",
+    );
+    assert!(
+        plan["notes"].to_string().contains("delete the image file"),
+        "{plan}"
+    );
+    assert!(img.exists(), "a dry run deletes nothing");
     ok(
         lab.devpool(&[], &["pool", "teardown", "default", "--yes"]),
         "teardown",

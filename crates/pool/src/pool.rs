@@ -1150,6 +1150,9 @@ impl Pools {
         confirmed: bool,
         progress: &dyn Fn(u64, u64),
     ) -> Result<CleanupReport> {
+        if self.dry_run {
+            return Err(self.teardown_plan(name, force, wipe)?.into());
+        }
         let report = self.cleanup(name, false)?;
         self.with_pool(name, |e, rec| {
         let (v, _) = e.read_vg(&rec.vg)?;
@@ -1213,6 +1216,75 @@ impl Pools {
 }
 
 impl Pools {
+    /// What `teardown` would do, as the VG removal's plan with the steps
+    /// around it (devices detached, servers stopped, PV labels removed, the
+    /// image deleted or the device wiped) in its notes; nothing is changed.
+    /// Orphan leases are not reaped first: the VG's removal takes them.
+    fn teardown_plan(&self, name: &str, force: bool, wipe: bool) -> Result<EngineError> {
+        self.with_pool(name, |e, rec| {
+            let (v, _) = e.read_vg(&rec.vg)?;
+            let live: Vec<String> = lease::leases(&v.meta)
+                .into_iter()
+                .filter(|l| !matches!(l.liveness, Liveness::Dead(_)) || l.kept)
+                .map(|l| l.session)
+                .collect();
+            if !live.is_empty() && !force {
+                return Err(PoolError::Refused(format!(
+                    "pool '{name}' has {} live or kept lease(s): {} (release them, or pass --force)",
+                    live.len(),
+                    live.join(", ")
+                )));
+            }
+            let mut plan = e.plan(&Operation::VgRemove {
+                name: rec.vg.clone(),
+            })?;
+            let last = plan.steps.len();
+            let mut before = Vec::new();
+            let uuids: std::collections::HashMap<&str, &str> = v
+                .meta
+                .lvs
+                .iter()
+                .map(|l| (l.id.raw_str(), l.name.as_str()))
+                .collect();
+            for a in loopdev::list() {
+                if let Some(lv) = uuids.get(a.lv_uuid.as_str()) {
+                    before.push(format!("before step 1: detach {} ({lv})", a.device.display()));
+                }
+            }
+            for l in &v.meta.lvs {
+                let pids = servers::serving(&self.state_dir, l.id.raw_str());
+                if !pids.is_empty() {
+                    before.push(format!(
+                        "before step 1: stop the server(s) of {} (pid {})",
+                        l.name,
+                        pids.iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+            let mut after = Vec::new();
+            for d in &rec.devices {
+                after.push(format!("after step {last}: remove the PV label of {}", d.display()));
+                after.push(if rec.created_image {
+                    format!("after step {last}: delete the image file {} (devpool created it)", d.display())
+                } else if wipe {
+                    format!("after step {last}: discard (wipe) all of {}", d.display())
+                } else {
+                    format!("after step {last}: leave the rest of {} as it is (no --wipe)", d.display())
+                });
+            }
+            after.push(format!(
+                "after step {last}: forget the pool record {}",
+                self.record_path(name).display()
+            ));
+            plan.notes.splice(0..0, before);
+            plan.notes.extend(after);
+            Ok(EngineError::DryRun(Box::new(plan)))
+        })
+    }
+
     /// Stop devpool's servers of `lvs` (NBD, vhost-user-blk, FUSE) and wait
     /// until they have flushed and let go, before their extents are freed.
     /// Stop the servers of `lvs` and of their snapshots.
