@@ -83,7 +83,9 @@ LVM PV, not open exclusively by anyone; file systems and partition tables need Y
 Example:\n  devpool pool setup /dev/sdb --name fast\n  devpool pool setup /var/tmp/pool.img --name img --image-size 200G"
     )]
     Setup {
+        /// The disk, partition or image file the pool takes over whole.
         device: PathBuf,
+        /// The pool's name (its VG is devpool-NAME).
         #[arg(long)]
         name: String,
         /// Create the image file with this size when it does not exist (sparse).
@@ -99,13 +101,20 @@ Example:\n  devpool pool setup /dev/sdb --name fast\n  devpool pool setup /var/t
     /// Every pool found on this machine.
     List,
     /// Devices, size, free space, leases with owners, health.
-    Status { name: Option<String> },
+    Status {
+        /// The pool (default: --pool, $DEVPOOL_POOL, … or `default`).
+        name: Option<String>,
+    },
     /// Give the pool's free space back: punch holes over its free extents in
     /// image files (BLKDISCARD on disks). Releases do this as they go; trim
     /// catches up after volumes removed by LVM2 or by older devpool.
-    Trim { name: Option<String> },
+    Trim {
+        /// The pool (default: --pool, $DEVPOOL_POOL, … or `default`).
+        name: Option<String>,
+    },
     /// Remove a pool: reap orphans, refuse while live leases exist, remove VG and PV label.
     Teardown {
+        /// The pool to remove.
         name: String,
         /// Discard the device afterwards (or zero it where discard is unsupported).
         #[arg(long)]
@@ -143,7 +152,10 @@ Example:\n  devpool pool thin enable default --data-size 50G\n  devpool lease ac
         chunk_size: String,
     },
     /// Data and metadata use of the pool's thin pool.
-    Status { name: Option<String> },
+    Status {
+        /// The pool (default: --pool, $DEVPOOL_POOL, … or `default`).
+        name: Option<String>,
+    },
     /// Grow the thin pool's data space (a full pool takes writes again).
     #[command(
         after_help = "The data LV grows into the VG's free space (add a disk first with \
@@ -193,7 +205,10 @@ devpool snapshot delete before        # or keep the volume as it is"
     /// Snapshots of the pool with origin, lease and how full each is.
     List,
     /// Delete a snapshot; its volume stays as it is now.
-    Delete { name: String },
+    Delete {
+        /// The snapshot (as `snapshot list` shows it).
+        name: String,
+    },
     /// Roll the volume back to the snapshot (as lvconvert --merge), then
     /// delete the snapshot. Asks first (or --yes).
     #[command(
@@ -203,7 +218,10 @@ leaves the snapshot in place: run it again to finish.\n\n\
 A thin snapshot merges in one transaction without copying: the volume takes the snapshot's \
 thin device and its own is deleted."
     )]
-    Merge { name: String },
+    Merge {
+        /// The snapshot to roll its volume back to.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -220,7 +238,11 @@ pub enum LeaseCmd {
         owner_pid: Option<u32>,
     },
     /// Detach and remove a lease's volumes in one commit.
-    Release { session: String },
+    Release {
+        /// The lease's session id (as `lease acquire` printed it and
+        /// `lease list` shows it).
+        session: String,
+    },
     /// Leases of the pool with their owners and whether each is alive.
     List,
 }
@@ -283,6 +305,7 @@ Example:\n  devpool daemon &\n  devpool lease acquire --profile fstests   # thro
     Resize {
         /// The volume's LV name (as `lease list` shows it).
         volume: String,
+        /// +SIZE grows by SIZE, -SIZE shrinks by it, SIZE sets it (K, M, G, T).
         #[arg(allow_hyphen_values = true)]
         size: String,
     },
@@ -341,6 +364,7 @@ devpool serve VOLUME --nbd tcp:127.0.0.1:10809"
     Vm(Box<VmCmd>),
     /// Write an fstests local.config for a lease.
     FstestsConfig {
+        /// The lease whose volumes become TEST_DEV and SCRATCH_DEV_POOL.
         session: String,
         /// Where the file systems get mounted.
         #[arg(long, default_value = "/mnt/devpool")]
@@ -381,6 +405,7 @@ pub struct PvArgs {
 pub enum PvCmd {
     /// Write an LVM2 PV label and metadata area on devices or image files.
     Create {
+        /// Devices or image files (a missing image file is made with --image-size).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         #[command(flatten)]
@@ -388,6 +413,7 @@ pub enum PvCmd {
     },
     /// Remove the PV label from devices that belong to no VG.
     Remove {
+        /// Devices or image files that are PVs of no VG.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -399,7 +425,9 @@ pub enum PvCmd {
 pub enum VgCmd {
     /// Create a VG; devices that are not PVs yet become PVs.
     Create {
+        /// The new VG's name.
         name: String,
+        /// Its devices or image files.
         #[arg(required = true)]
         pvs: Vec<PathBuf>,
         /// Extent size: a power of two, 1K to 16G.
@@ -409,10 +437,15 @@ pub enum VgCmd {
         pv: PvArgs,
     },
     /// Remove a VG (its LVs' data is lost: asks for YES when it has LVs).
-    Remove { name: String },
+    Remove {
+        /// The VG to remove.
+        name: String,
+    },
     /// Add devices to a VG.
     Extend {
+        /// The VG.
         name: String,
+        /// Devices or image files to add.
         #[arg(required = true)]
         pvs: Vec<PathBuf>,
         #[command(flatten)]
@@ -420,17 +453,30 @@ pub enum VgCmd {
     },
     /// Remove unused PVs from a VG.
     Reduce {
+        /// The VG.
         name: String,
+        /// Its PVs to take out (no extent of them in use).
         #[arg(required = true)]
         pvs: Vec<PathBuf>,
     },
     /// Rename a VG.
-    Rename { old: String, new: String },
+    Rename {
+        /// The VG's name now.
+        old: String,
+        /// Its new name.
+        new: String,
+    },
     /// Discard the VG's free extents: punch holes in image files (their
     /// space goes back to the filesystem), BLKDISCARD on block devices.
-    Trim { name: String },
+    Trim {
+        /// The VG.
+        name: String,
+    },
     /// List VGs with size, free space and health.
-    List { name: Option<String> },
+    List {
+        /// Only this VG.
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -439,6 +485,7 @@ pub enum LvCmd {
     Create {
         /// VG/NAME
         lv: String,
+        /// Size: 10G, 512M, 4096B, 25e (extents), 50%FREE, 100%VG.
         #[arg(long, short = 'L', allow_hyphen_values = true)]
         size: String,
         /// Stripe across this many PVs.
@@ -459,22 +506,33 @@ pub enum LvCmd {
     },
     /// Remove LVs (VG/NAME...).
     Remove {
+        /// VG/NAME of each LV.
         #[arg(required = true)]
         lvs: Vec<String>,
     },
     /// Rename an LV: VG/OLD NEW.
-    Rename { lv: String, new: String },
+    Rename {
+        /// VG/OLD
+        lv: String,
+        /// The new name (in the same VG).
+        new: String,
+    },
     /// Resize an LV: +20G, -5G or 30G (shrinking asks for YES).
     Resize {
+        /// VG/NAME
         lv: String,
+        /// +SIZE grows by SIZE, -SIZE shrinks by it, SIZE sets it.
         #[arg(long, short = 'L', allow_hyphen_values = true)]
         size: String,
     },
     /// Add or remove tags.
     Tag {
+        /// VG/NAME
         lv: String,
+        /// A tag to add (repeatable).
         #[arg(long)]
         add: Vec<String>,
+        /// A tag to remove (repeatable).
         #[arg(long)]
         remove: Vec<String>,
     },
@@ -488,6 +546,7 @@ it with dm-snapshot.\n\nExample:\n  devpool lv snapshot demo/test --name before-
     Snapshot {
         /// VG/ORIGIN
         lv: String,
+        /// The snapshot's LV name (in the origin's VG).
         #[arg(long)]
         name: String,
         /// COW store size (default: a fifth of the origin).
@@ -499,7 +558,9 @@ it with dm-snapshot.\n\nExample:\n  devpool lv snapshot demo/test --name before-
     },
     /// List LVs (of one VG, or all), with --segments for the extent map.
     List {
+        /// Only this VG.
         vg: Option<String>,
+        /// One row per segment: type, stripes and PV extent ranges.
         #[arg(long)]
         segments: bool,
     },
@@ -660,4 +721,29 @@ devpool vm fstests … --baseline last.json -- generic/001 generic/002"
         #[arg(last = true)]
         check_args: Vec<String>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every argument of every command says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin && !a.is_hide_set() && a.get_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for s in c.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "devpool", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
 }
