@@ -535,14 +535,15 @@ fn a_vg_created_on_a_host_with_a_system_id_is_that_hosts() {
     assert!(lvs.contains("by_a") && lvs.contains("by_devpool"), "{lvs}");
 }
 
-/// On a host where LVM2 uses a devices file, LVM2 does not see a PV until
-/// the file lists it: devpool says so when it creates one, naming the
-/// command, and the command makes LVM2 see it.
+/// On a host where LVM2 uses a devices file, LVM2 sees only the devices it
+/// lists: devpool lists each PV it creates there as `pvcreate` does (same
+/// ID type and name as LVM2's own entry for such a device), so LVM2 sees
+/// devpool's PVs and pools at once, and a removed PV's entry loses its PVID
+/// as `pvremove` leaves it.
 #[test]
-fn a_new_pv_on_a_host_with_an_lvm2_devices_file_comes_with_the_command_to_list_it() {
-    if skip_unless_real(
-        "a_new_pv_on_a_host_with_an_lvm2_devices_file_comes_with_the_command_to_list_it",
-    ) {
+fn pvs_devpool_creates_are_listed_in_lvm2s_devices_file_where_lvm2_keeps_one() {
+    if skip_unless_real("pvs_devpool_creates_are_listed_in_lvm2s_devices_file_where_lvm2_keeps_one")
+    {
         return;
     }
     let mut lab = Lab::new();
@@ -556,6 +557,7 @@ fn a_new_pv_on_a_host_with_an_lvm2_devices_file_comes_with_the_command_to_list_i
          global {\n  activation = 0\n}\nbackup {\n  backup = 0\n  archive = 0\n}\n",
     )
     .unwrap();
+    let file = etc.join("devices/system.devices");
     let lvm = |args: &[&str]| {
         std::process::Command::new("lvm")
             .args(args)
@@ -564,35 +566,76 @@ fn a_new_pv_on_a_host_with_an_lvm2_devices_file_comes_with_the_command_to_list_i
             .output()
             .unwrap()
     };
-    let pvs = || {
-        String::from_utf8_lossy(&lvm(&["pvs", "--noheadings", "-o", "pv_name"]).stdout).into_owned()
+    let report = |what: &str, field: &str| {
+        String::from_utf8_lossy(&lvm(&[what, "--noheadings", "-o", field]).stdout).into_owned()
     };
-    // A devices file listing one device (pvcreate makes one only on a host
-    // with no VGs; other tests' VGs may be visible).
+    let entry_of = |dev: &Path| -> String {
+        let text = std::fs::read_to_string(&file).unwrap();
+        text.lines()
+            .find(|l| l.contains(&format!("DEVNAME={} ", dev.display())))
+            .unwrap_or_else(|| panic!("no entry for {}: {text}", dev.display()))
+            .to_string()
+    };
+    let id_of = |line: &str| -> String {
+        line.split_whitespace()
+            .filter(|t| t.starts_with("IDTYPE=") || t.starts_with("IDNAME="))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // A devices file listing one device, written by LVM2 (pvcreate makes
+    // one only on a host with no VGs; other tests' VGs may be visible).
     let o = lvm(&["lvmdevices", "--adddev", listed.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        etc.join("devices/system.devices").exists(),
-        "LVM2 made no devices file: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(file.exists(), "LVM2 made no devices file");
+    let o = lvm(&["pvcreate", listed.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lvm2_entry = entry_of(&listed);
 
     let n = new.display().to_string();
     let env = [("LVM_SYSTEM_DIR", etc.to_str().unwrap())];
     let o = lab.devpool_env(&[], &["pv", "create", &n, "--yes"], &env);
-    let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let advice = format!("run 'lvmdevices --adddev {n}'");
-    assert!(out.contains(&advice), "{out}");
-    assert!(
-        !pvs().contains(&n),
-        "LVM2 saw the PV before the devices file listed it"
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
     );
-    let o = lvm(&["lvmdevices", "--adddev", &n]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(pvs().contains(&n), "{}", pvs());
+    assert!(
+        out.contains("devices file"),
+        "the plan shows the step: {out}"
+    );
+    let pvs = report("pvs", "pv_name,pv_uuid");
+    assert!(pvs.contains(&n), "LVM2 does not see devpool's PV: {pvs}");
+    // The same kind of ID as LVM2 gives such a device (loop_file and the
+    // backing file here), and the PV's uuid.
+    let ours = entry_of(&new);
+    let expected = id_of(&lvm2_entry).replace("listed.img", "new.img");
+    assert_eq!(id_of(&ours), expected, "{ours} vs LVM2's {lvm2_entry}");
+    let uuid = pvs
+        .lines()
+        .find(|l| l.contains(&n))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .replace('-', "");
+    assert!(ours.ends_with(&format!("PVID={uuid}")), "{ours}");
+    assert!(
+        entry_of(&listed) == lvm2_entry,
+        "LVM2's own entry is kept as it was"
+    );
+    // LVM2 finds nothing wrong with the file devpool rewrote.
+    let o = lvm(&["lvmdevices", "--check"]);
+    let complaints: Vec<String> = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .chain(String::from_utf8_lossy(&o.stdout).lines())
+        .filter(|l| !l.contains("Activation disabled"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        o.status.success() && complaints.is_empty(),
+        "{complaints:?}"
+    );
 
-    // pool setup on a block device says the same.
+    // A whole pool on a block device: LVM2 sees its VG and finds it sound.
     let disk = lab.loop_dev("pooldisk.img", 64);
     let d = disk.display().to_string();
     let o = lab.devpool_env(
@@ -601,15 +644,32 @@ fn a_new_pv_on_a_host_with_an_lvm2_devices_file_comes_with_the_command_to_list_i
         &env,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(report("vgs", "vg_name").contains("devpool-dfile"));
+    let o = lvm(&["vgck", "devpool-dfile"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Teardown removes the PV: its entry stays, without a PVID, exactly as
+    // LVM2's pvremove leaves its own.
+    let o = lab.devpool_env(&[], &["pool", "teardown", "dfile", "--yes"], &env);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(entry_of(&disk).ends_with(" PVID=."), "{}", entry_of(&disk));
+    let o = lvm(&["pvremove", listed.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        out.contains(&format!("run 'lvmdevices --adddev {d}'")),
-        "{out}"
+        entry_of(&listed).ends_with(" PVID=."),
+        "{}",
+        entry_of(&listed)
     );
-    lab.dp(&[], &["pool", "teardown", "dfile", "--yes"]);
 
-    // Without a devices file in use, no such note.
+    // Without a devices file in use, devpool leaves LVM2's files alone.
+    let before = std::fs::read_to_string(&file).unwrap();
     let other = lab.loop_dev("other.img", 64);
-    let o = lab.dp(&[], &["pv", "create", other.to_str().unwrap(), "--yes"]);
-    assert!(!o.contains("lvmdevices"), "{o}");
+    let o = lab.devpool(&[], &["pv", "create", other.to_str().unwrap(), "--yes"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out.contains("devices file"), "{out}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
 }

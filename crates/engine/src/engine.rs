@@ -908,6 +908,24 @@ impl Engine {
                 }
                 Ok(())
             }
+            Step::ListInDevicesFile {
+                file,
+                device,
+                pv_uuid,
+                idtype,
+                idname,
+                part,
+            } => {
+                let id = crate::devicesfile::DeviceId {
+                    idtype: idtype.clone(),
+                    idname: idname.clone(),
+                    part: *part,
+                };
+                crate::devicesfile::list_pv(&self.lock_dir, file, device, &id, pv_uuid)
+            }
+            Step::UnlistInDevicesFile { file, pv_uuid, .. } => {
+                crate::devicesfile::unlist_pv(&self.lock_dir, file, pv_uuid)
+            }
             Step::WipeLabel { device } => {
                 let dev = Device::open(device, true)?;
                 dev.write_at(gate, 0, &[0u8; 2048][..dev.size.min(2048) as usize])?;
@@ -960,6 +978,15 @@ impl Engine {
                 plan.steps.push(Step::WipeLabel {
                     device: pv.path.clone(),
                 });
+                if let Some(file) = crate::lvmconf::lvm_devices_file()
+                    && crate::devicesfile::device_id(&pv.path).is_some()
+                {
+                    plan.steps.push(Step::UnlistInDevicesFile {
+                        file,
+                        device: pv.path.clone(),
+                        pv_uuid: pv.label.uuid.raw_str().to_string(),
+                    });
+                }
                 plan.fingerprint.push((pv.path.clone(), scanned_state(pv)));
             }
             Operation::VgCreate {
@@ -1853,16 +1880,23 @@ impl Engine {
             in_vg: false,
         });
         if let Some(file) = crate::lvmconf::lvm_devices_file()
-            && std::fs::metadata(path).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_block_device()
-            })
+            && let Some(id) = crate::devicesfile::device_id(path)
         {
             plan.notes.push(format!(
-                "LVM2 here uses only the devices {} lists: run 'lvmdevices --adddev {}' so that LVM2 sees this PV",
+                "LVM2 here uses only the devices its devices file {} lists: {} is listed there as {} {}",
                 file.display(),
-                path.display()
+                path.display(),
+                id.idtype,
+                id.idname
             ));
+            plan.steps.push(Step::ListInDevicesFile {
+                file,
+                device: path.to_path_buf(),
+                pv_uuid: uuid.raw_str().to_string(),
+                idtype: id.idtype,
+                idname: id.idname,
+                part: id.part,
+            });
         }
         if layout.small_device_default {
             plan.notes.push(format!(

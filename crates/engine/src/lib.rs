@@ -12,6 +12,7 @@
 //! - [`scan`], [`vg`]: reading PVs and assembling VGs
 //! - [`giveback`]: a release's image-file space given back ahead of its commit, in bounded rounds
 //! - [`commit`], [`device`], [`lock`], [`journal`]: the write path
+//! - [`devicesfile`], [`lvmconf`]: LVM2's devices file and configuration, followed
 //! - [`cowstore`]: a snapshot's COW store, live (load, look up, append, invalidate)
 //! - [`thinstore`]: a thin pool's dm-thin metadata, live (devices, mappings, commits)
 //! - [`report`]: PV/VG/LV/segment rows for tables and JSON
@@ -21,6 +22,7 @@ pub mod alloc;
 pub mod commit;
 pub mod cowstore;
 pub mod device;
+pub mod devicesfile;
 pub mod engine;
 pub mod error;
 pub mod giveback;

@@ -81,6 +81,12 @@ pub fn lock_global(dir: &Path, exclusive: bool) -> Result<LockGuard> {
     take(dir, "P_global", exclusive)
 }
 
+/// LVM2's lock on its devices file `name` (`D_<name>`), held while the
+/// file is read and rewritten.
+pub fn lock_devices_file(dir: &Path, name: &str) -> Result<LockGuard> {
+    take(dir, &format!("D_{name}"), true)
+}
+
 /// devpool's own lock on a VG's thin pool metadata: every process that
 /// changes it (the engine, each data-plane server) holds it exclusively
 /// from reading the live copy to committing the next. LVM2 ignores it.

@@ -45,7 +45,8 @@ pub fn issue_discards() -> bool {
 
 /// LVM2's devices file, when LVM2 here uses one (`devices/use_devicesfile
 /// = 1` and the file exists; without the file LVM2 uses every device):
-/// LVM2 then sees a new PV only once `lvmdevices --adddev` lists it.
+/// LVM2 then sees a new PV only once the file lists it
+/// ([`crate::devicesfile`]).
 pub fn lvm_devices_file() -> Option<PathBuf> {
     let c = lvm_config();
     if c.use_devices_file != Some(1) {

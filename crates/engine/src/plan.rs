@@ -95,6 +95,23 @@ pub enum Step {
     ClearMetadata { device: PathBuf },
     /// Zero the label sectors.
     WipeLabel { device: PathBuf },
+    /// List a new PV in LVM2's devices file (where LVM2 uses one), under
+    /// the device ID LVM2 would give it.
+    ListInDevicesFile {
+        file: PathBuf,
+        device: PathBuf,
+        pv_uuid: String,
+        idtype: String,
+        idname: String,
+        part: Option<u32>,
+    },
+    /// A removed PV's entry in LVM2's devices file keeps its device and
+    /// loses its PVID (as `pvremove` leaves it).
+    UnlistInDevicesFile {
+        file: PathBuf,
+        device: PathBuf,
+        pv_uuid: String,
+    },
 }
 
 impl Step {
@@ -207,6 +224,22 @@ impl Step {
                 )
             }
             Step::WipeLabel { device } => format!("wipe the PV label on {}", device.display()),
+            Step::ListInDevicesFile {
+                file,
+                device,
+                idtype,
+                idname,
+                ..
+            } => format!(
+                "list {} in LVM2's devices file {} ({idtype} {idname})",
+                device.display(),
+                file.display()
+            ),
+            Step::UnlistInDevicesFile { file, device, .. } => format!(
+                "clear the PVID of {} in LVM2's devices file {}",
+                device.display(),
+                file.display()
+            ),
         }
     }
 }
