@@ -13,8 +13,28 @@ pub const LVM_LOCK_DIR: &str = "/run/lock/lvm";
 /// Held until dropped.
 #[derive(Debug)]
 pub struct LockGuard {
-    _file: File,
+    file: File,
     pub path: PathBuf,
+}
+
+/// On release, as LVM2 does: when no one else holds the lock (it converts
+/// to exclusive without waiting) and the path still names the locked file,
+/// unlink it, so `/run/lock/lvm` does not keep a file for every VG ever
+/// locked. A waiter granted the lock on the unlinked file notices in
+/// [`take`] and locks a fresh one.
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if self.file.try_lock().is_err() {
+            return;
+        }
+        let same = match (self.file.metadata(), std::fs::metadata(&self.path)) {
+            (Ok(held), Ok(now)) => (held.dev(), held.ino()) == (now.dev(), now.ino()),
+            _ => false,
+        };
+        if same {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// LVM2 unlinks a lock file when it releases it, so a waiter may be granted
@@ -45,7 +65,7 @@ fn take(dir: &Path, name: &str, exclusive: bool) -> Result<LockGuard> {
             .map_err(|e| EngineError::io(&path, "fstat lock file", e))?;
         match std::fs::metadata(&path) {
             Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
-                return Ok(LockGuard { _file: file, path });
+                return Ok(LockGuard { file, path });
             }
             _ => continue, // unlinked or replaced while we waited: lock the new file
         }
@@ -92,4 +112,52 @@ pub fn lock_devices_file(dir: &Path, name: &str) -> Result<LockGuard> {
 /// from reading the live copy to committing the next. LVM2 ignores it.
 pub fn lock_thin(dir: &Path, vg: &str) -> Result<LockGuard> {
     take(dir, &format!("devpool_thin_{vg}"), true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_holder_removes_the_lock_file_and_waiters_lock_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("V_vg");
+        let a = lock_vg(dir.path(), "vg", false).unwrap();
+        let b = lock_vg(dir.path(), "vg", false).unwrap();
+        drop(a);
+        assert!(file.exists(), "another shared holder keeps it");
+        drop(b);
+        assert!(!file.exists(), "the last holder removes it");
+
+        // A waiter blocked on the file the holder unlinks ends up holding
+        // the file the path names, exclusively against a newcomer.
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let inside = std::sync::Arc::new(AtomicBool::new(false));
+        let held = lock_vg(dir.path(), "vg", true).unwrap();
+        let (d, flag) = (dir.path().to_path_buf(), inside.clone());
+        let waiter = std::thread::spawn(move || {
+            let g = lock_vg(&d, "vg", true).unwrap();
+            let named = std::fs::metadata(&g.path).unwrap();
+            let locked = g.file.metadata().unwrap();
+            assert_eq!((named.dev(), named.ino()), (locked.dev(), locked.ino()));
+            flag.store(true, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            flag.store(false, Ordering::SeqCst);
+            drop(g);
+        });
+        // Let the waiter block on the file first.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(held);
+        while !inside.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        let late = lock_vg(dir.path(), "vg", true).unwrap();
+        assert!(
+            !inside.load(Ordering::SeqCst),
+            "the newcomer got the lock while the waiter held it"
+        );
+        drop(late);
+        waiter.join().unwrap();
+        assert!(!file.exists());
+    }
 }
