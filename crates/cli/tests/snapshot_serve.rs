@@ -297,7 +297,21 @@ fn paths_that_would_bypass_copy_on_write_are_refused() {
         .args(["-c", &format!("exec sleep 600 < {loopdev}")])
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Wait until the shell has the device open (a fixed pause can be too
+    // short on a loaded machine).
+    let fd0 = format!("/proc/{}/fd/0", holder.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_link(&fd0)
+        .map(|p| p.display().to_string())
+        .ok()
+        != Some(loopdev.clone())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder never opened {loopdev}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let create = [
         "--pool", pool, "snapshot", "create", &origin, "--name", "s", "--size", "4M",
     ];
