@@ -647,6 +647,25 @@ fn pvs_devpool_creates_are_listed_in_lvm2s_devices_file_where_lvm2_keeps_one() {
     assert!(report("vgs", "vg_name").contains("devpool-dfile"));
     let o = lvm(&["vgck", "devpool-dfile"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Taken out of the file behind devpool's back: `pool status` says LVM2
+    // cannot see the pool's device, and how to list it again.
+    let health = |lab: &Lab| {
+        let o = lab.devpool_env(&[], &["--pool", "dfile", "--json", "pool", "status"], &env);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        st["health"].to_string()
+    };
+    assert!(!health(&lab).contains("does not see"), "{}", health(&lab));
+    let o = lvm(&["lvmdevices", "--deldev", &d]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let h = health(&lab);
+    assert!(
+        h.contains(&format!("LVM2 does not see PV {d}")) && h.contains("lvmdevices --adddev"),
+        "{h}"
+    );
+    let o = lvm(&["lvmdevices", "--adddev", &d]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!health(&lab).contains("does not see"), "{}", health(&lab));
     // Teardown removes the PV: its entry stays, without a PVID, exactly as
     // LVM2's pvremove leaves its own.
     let o = lab.devpool_env(&[], &["pool", "teardown", "dfile", "--yes"], &env);

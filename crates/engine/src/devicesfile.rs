@@ -97,6 +97,27 @@ pub fn kernel_name(dev: &Path) -> PathBuf {
     std::fs::canonicalize(dev).unwrap_or_else(|_| dev.to_path_buf())
 }
 
+/// Which of `pvs` (device, PV uuid without dashes) the devices `file`
+/// does not list, so that LVM2 here does not see them: no entry carries the
+/// PV's uuid or the device's ID. Image files are not asked about (LVM2
+/// sees them only through loop devices). An unreadable file lists nothing.
+pub fn unlisted<'a>(file: &Path, pvs: &[(&'a Path, &str)]) -> Vec<&'a Path> {
+    let f = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| DevicesFile::parse(&t).ok())
+        .unwrap_or_default();
+    pvs.iter()
+        .filter_map(|&(dev, pvid)| {
+            let id = device_id(dev)?;
+            let listed = f.entries.iter().any(|e| {
+                e.pvid == pvid
+                    || (e.idtype == id.idtype && e.idname == id.idname && e.part == id.part)
+            });
+            (!listed).then_some(dev)
+        })
+        .collect()
+}
+
 fn read_sys(dir: &Path, suffix: &str) -> Option<String> {
     let s = std::fs::read_to_string(dir.join(suffix)).ok()?;
     let s = s.trim();

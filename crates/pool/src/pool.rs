@@ -756,6 +756,23 @@ impl Pools {
                 s.free_bytes, s.size_bytes
             ));
         }
+        if let Some(file) = devpool_engine::lvmconf::lvm_devices_file() {
+            let pvs: Vec<(&Path, String)> = v
+                .devices
+                .iter()
+                .flatten()
+                .map(|d| (d.path.as_path(), d.label.uuid.raw_str().to_string()))
+                .collect();
+            let asked: Vec<(&Path, &str)> = pvs.iter().map(|(d, u)| (*d, u.as_str())).collect();
+            for d in devpool_engine::devicesfile::unlisted(&file, &asked) {
+                health.push(format!(
+                    "LVM2 does not see PV {} of this pool: LVM2 here uses only the devices its devices file {} lists (run 'lvmdevices --adddev {}')",
+                    d.display(),
+                    file.display(),
+                    d.display()
+                ));
+            }
+        }
         let images: Vec<_> = s
             .devices
             .iter()
