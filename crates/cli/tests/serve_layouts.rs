@@ -276,16 +276,45 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
     let _ = owner.wait();
 }
 
-/// In a guest whose kernel has an NBD client, `serve --block-device` of a
-/// two-segment volume picks the kernel's NBD client (connected to devpool's
-/// server); data written to /dev/nbdN lands where LVM2 says.
+/// In a guest whose kernel has an NBD client (and no ublk), `serve
+/// --block-device` of a two-segment volume picks the kernel's NBD client
+/// (connected to devpool's server); data written to /dev/nbdN lands where
+/// LVM2 says.
 #[test]
 fn guest_with_nbd_gives_a_multi_segment_volume_a_kernel_nbd_device() {
+    guest_block_device_for_a_multi_segment_volume(
+        "kernel NBD client in a guest",
+        &["virtio_blk", "loop", "nbd"],
+        "nbd",
+        "/dev/nbd",
+    );
+}
+
+/// In a guest whose kernel has ublk, `serve --block-device` of a two-segment
+/// volume makes a ublk device served by devpool itself (before the NBD
+/// client, which this guest has too); data written to /dev/ublkbN lands
+/// where LVM2 says, and the device is gone after the server stops.
+#[test]
+fn guest_with_ublk_gives_a_multi_segment_volume_a_ublk_device() {
+    guest_block_device_for_a_multi_segment_volume(
+        "ublk in a guest",
+        &["virtio_blk", "loop", "nbd", "ublk_drv"],
+        "ublk",
+        "/dev/ublkb",
+    );
+}
+
+fn guest_block_device_for_a_multi_segment_volume(
+    what: &str,
+    modules: &[&str],
+    path: &str,
+    dev_prefix: &str,
+) {
     use common::guest::*;
-    if skip_unless_real("kernel NBD client in a guest") {
+    if skip_unless_real(what) {
         return;
     }
-    let Some(kernel) = guest_or_skip("kernel NBD client in a guest") else {
+    let Some(kernel) = guest_or_skip(what) else {
         return;
     };
     let mut lab = Lab::new();
@@ -322,17 +351,12 @@ dd if=/tmp/data of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-
 dd if=$DEV of=/tmp/back bs=1M iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED read
 echo "BACKSUM $(sha256sum /tmp/back)"
 kill -TERM $SRV; wait $SRV; echo "SERVER-EXIT $?"
-echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)"
+case $DEV in /dev/ublkb*) test -e $DEV && GONE=" $DEV exists" ;; esac
+echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)$GONE"
 "#;
     let initrd = lab.path("initrd.cpio");
     let bin = format!("{}=/usr/bin/devpool", stripped.display());
-    initramfs(
-        &kernel,
-        &["virtio_blk", "loop", "nbd"],
-        &[&bin],
-        script,
-        &initrd,
-    );
+    initramfs(&kernel, modules, &[&bin], script, &initrd);
     let size = 256u64 << 20;
     let console = boot(
         &kernel,
@@ -350,8 +374,11 @@ echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)"
         .lines()
         .find(|l| l.starts_with("SERVE "))
         .unwrap_or_else(|| panic!("no serve line:\n{console}"));
-    assert!(serve_line.contains(r#""path":"nbd""#), "{console}");
-    assert!(serve_line.contains("/dev/nbd"), "{console}");
+    assert!(
+        serve_line.contains(&format!(r#""path":"{path}""#)),
+        "{console}"
+    );
+    assert!(serve_line.contains(dev_prefix), "{console}");
     let sum = |tag: &str| {
         console
             .lines()
@@ -364,7 +391,7 @@ echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)"
     assert!(console.contains("SERVER-EXIT 0"), "{console}");
     assert!(
         console.lines().any(|l| l.trim() == "STILL"),
-        "nbd device still connected:\n{console}"
+        "the block device is still there:\n{console}"
     );
     // The host reads the volume back where LVM2 says its extents are.
     let lv = console

@@ -1,10 +1,9 @@
 //! A host block device for a volume of any layout, by the fastest path this
 //! host offers, in order:
 //! 1. a loop device straight over the PV (the volume is one contiguous range);
-//! 2. the kernel's NBD client, connected to devpool's server over a socketpair
-//!    (ublk would come first where the kernel has it; devpool has no ublk
-//!    server yet, so it is reported and skipped);
-//! 3. the volume as a file in a FUSE mount, with a loop device on that file.
+//! 2. ublk: `/dev/ublkbN` served by devpool's block-I/O core (no socket);
+//! 3. the kernel's NBD client, connected to devpool's server over a socketpair;
+//! 4. the volume as a file in a FUSE mount, with a loop device on that file.
 //!
 //! The loop device carries the volume's mark (`devpool:<LV uuid>`), so
 //! release and cleanup detach it before they stop the server and free the
@@ -21,6 +20,7 @@ use std::sync::Arc;
 #[serde(rename_all = "kebab-case")]
 pub enum HostPath {
     Loop,
+    Ublk,
     Nbd,
     FuseLoop,
 }
@@ -39,6 +39,7 @@ pub struct HostDevice {
     ours: bool,
     mount: Option<Mounted>,
     nbd: Option<crate::nbd::kernel::KernelNbd>,
+    ublk: Option<crate::ublk::UblkDevice>,
 }
 
 impl HostDevice {
@@ -47,6 +48,9 @@ impl HostDevice {
         self.teardown();
     }
     fn teardown(&mut self) {
+        if let Some(u) = self.ublk.take() {
+            u.close();
+        }
         if let Some(n) = self.nbd.take() {
             n.close();
         }
@@ -70,12 +74,10 @@ fn kernel_has(module: &str, dev: &str) -> bool {
     Path::new(&format!("/sys/module/{module}")).exists() || Path::new(dev).exists()
 }
 
-/// Which faster paths this host lacks (or devpool cannot use yet), and why.
+/// Which faster paths this host lacks, and why.
 pub fn unavailable_fast_paths() -> Vec<String> {
     let mut v = Vec::new();
-    if kernel_has("ublk_drv", "/dev/ublk-control") {
-        v.push("ublk: the kernel has it, devpool's ublk server is not written yet".into());
-    } else {
+    if !kernel_has("ublk_drv", "/dev/ublk-control") {
         v.push("ublk: this kernel has no ublk driver (/dev/ublk-control)".into());
     }
     if !crate::nbd::kernel::available() {
@@ -104,6 +106,7 @@ pub fn attach(
                 ours: false,
                 mount: None,
                 nbd: None,
+                ublk: None,
             });
         }
         let d = loopdev::attach(&vol.devs[dev].path, phys, vol.size(), &vol.uuid).map_err(err)?;
@@ -113,26 +116,48 @@ pub fn attach(
             ours: true,
             mount: None,
             nbd: None,
+            ublk: None,
         });
     }
+    let mut skipped = Vec::new();
+    if crate::ublk::available() {
+        match crate::ublk::connect(vol) {
+            Ok(u) => {
+                return Ok(HostDevice {
+                    device: u.device.clone(),
+                    choice: Choice {
+                        path: HostPath::Ublk,
+                        skipped,
+                    },
+                    ours: false,
+                    mount: None,
+                    nbd: None,
+                    ublk: Some(u),
+                });
+            }
+            Err(e) => skipped.push(format!("ublk: {e}")),
+        }
+    }
+    skipped.extend(unavailable_fast_paths());
     if crate::nbd::kernel::available() {
         let n = crate::nbd::kernel::connect(vol)?;
         return Ok(HostDevice {
             device: n.device.clone(),
             choice: Choice {
                 path: HostPath::Nbd,
-                skipped: unavailable_fast_paths(),
+                skipped,
             },
             ours: false,
             mount: None,
             nbd: Some(n),
+            ublk: None,
         });
     }
     if !Path::new("/dev/fuse").exists() {
         return Err(std::io::Error::other(format!(
             "volume {} is not one contiguous range and this host offers no path for it: {}; no /dev/fuse",
             vol.name,
-            unavailable_fast_paths().join("; ")
+            skipped.join("; ")
         )));
     }
     let mountpoint = fuse_dir.join(format!("{}.{}", vol.uuid, std::process::id()));
@@ -148,10 +173,11 @@ pub fn attach(
         device: d,
         choice: Choice {
             path: HostPath::FuseLoop,
-            skipped: unavailable_fast_paths(),
+            skipped,
         },
         ours: true,
         mount: Some(m),
         nbd: None,
+        ublk: None,
     })
 }

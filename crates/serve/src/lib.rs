@@ -17,8 +17,9 @@
 //! - [`merge`]: `snapshot merge`, rolling an origin back to a snapshot
 //! - [`nbd`]: the NBD server (fixed newstyle handshake, transmission)
 //! - [`vhost`]: the vhost-user-blk server for QEMU (rust-vmm's vhost-user-backend)
+//! - [`ublk`]: a volume as the kernel's ublk device (`/dev/ublkbN`), served by the core
 //! - [`fuse`]: a volume as one file in a FUSE mount
-//! - [`hostdev`]: a host block device for any layout (loop, or FUSE + loop)
+//! - [`hostdev`]: a host block device for any layout (loop, ublk, kernel NBD, or FUSE + loop)
 //! - [`export`]: serving a leased volume, watched so it ends with its lease
 //! - [`open`]: a leased volume from a pool, ready to serve
 //! - [`lifetime`]: stop signals, and the watch that stops serving when the lease ends
@@ -38,6 +39,7 @@ pub mod open;
 pub mod queue;
 pub mod snapshot;
 pub mod thin;
+pub mod ublk;
 pub mod vhost;
 
 /// Volume maps live with the format (pure), so the pool can read COW stores too.
