@@ -350,13 +350,34 @@ echo "DATASUM $(sha256sum /tmp/data)"
 dd if=/tmp/data of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write
 dd if=$DEV of=/tmp/back bs=1M iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED read
 echo "BACKSUM $(sha256sum /tmp/back)"
+# Through ublk, also write zeroes (a MiB at 1 MiB) and a FUA write: what
+# the host finds on disk is the data with that MiB zeroed.
+case $DEV in /dev/ublkb*)
+  /opt/blkdiscard -z -o 1048576 -l 1048576 $DEV || echo GUEST-STEP-FAILED write-zeroes
+  dd if=/dev/zero of=/tmp/data bs=1M seek=1 count=1 conv=notrunc 2>/dev/null
+  /opt/dd if=/tmp/data of=$DEV bs=4k count=1 seek=8 skip=8 oflag=direct,dsync conv=notrunc status=none || echo GUEST-STEP-FAILED fua-write
+  ;;
+esac
+echo "FINALSUM $(sha256sum /tmp/data)"
 kill -TERM $SRV; wait $SRV; echo "SERVER-EXIT $?"
 case $DEV in /dev/ublkb*) test -e $DEV && GONE=" $DEV exists" ;; esac
 echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)$GONE"
 "#;
     let initrd = lab.path("initrd.cpio");
     let bin = format!("{}=/usr/bin/devpool", stripped.display());
-    initramfs(&kernel, modules, &[&bin], script, &initrd);
+    // util-linux's blkdiscard (-z: write zeroes) and coreutils' dd (dsync:
+    // FUA writes), beside busybox's.
+    initramfs(
+        &kernel,
+        modules,
+        &[
+            &bin,
+            "/usr/sbin/blkdiscard=/opt/blkdiscard",
+            "/usr/bin/dd=/opt/dd",
+        ],
+        script,
+        &initrd,
+    );
     let size = 256u64 << 20;
     let console = boot(
         &kernel,
@@ -417,5 +438,8 @@ echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)$GONE"
         .next()
         .unwrap_or_default()
         .to_string();
-    assert_eq!(host_sum, sum("DATASUM "));
+    assert_eq!(host_sum, sum("FINALSUM "));
+    if path == "ublk" {
+        assert_ne!(sum("FINALSUM "), sum("DATASUM "), "the zeroed MiB");
+    }
 }
