@@ -70,6 +70,20 @@ impl Drop for HostDevice {
     }
 }
 
+/// Whether `marker` exists, after loading `module` if it did not (the
+/// kernel NBD client and ublk are modules on most kernels).
+pub(crate) fn loaded_or_probed(module: &str, marker: &Path) -> bool {
+    if marker.exists() {
+        return true;
+    }
+    let _ = std::process::Command::new("modprobe")
+        .arg(module)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    marker.exists()
+}
+
 fn kernel_has(module: &str, dev: &str) -> bool {
     Path::new(&format!("/sys/module/{module}")).exists() || Path::new(dev).exists()
 }

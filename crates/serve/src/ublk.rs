@@ -133,15 +133,7 @@ struct IoDesc {
 
 /// Whether this kernel has the ublk driver (loading the module if it can).
 pub fn available() -> bool {
-    if Path::new(CONTROL).exists() {
-        return true;
-    }
-    let _ = std::process::Command::new("modprobe")
-        .arg("ublk_drv")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    Path::new(CONTROL).exists()
+    crate::hostdev::loaded_or_probed("ublk_drv", Path::new(CONTROL))
 }
 
 /// `/dev/ublk-control` and a ring for its 128-byte commands.

@@ -24,15 +24,7 @@ const BLOCK: u64 = 4096;
 
 /// Whether this kernel has an NBD client (loading the module if it can).
 pub fn available() -> bool {
-    if Path::new("/sys/module/nbd").exists() {
-        return true;
-    }
-    let _ = std::process::Command::new("modprobe")
-        .arg("nbd")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    Path::new("/sys/module/nbd").exists()
+    crate::hostdev::loaded_or_probed("nbd", Path::new("/sys/module/nbd"))
 }
 
 /// A free `/dev/nbdN`: present, not connected (no `pid`), size 0.
