@@ -448,7 +448,8 @@ echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)$GONE"
 /// serve: a snapshotted origin and its snapshot (copy-on-write), and a thin
 /// volume. In a guest with ublk each becomes a /dev/ublkbN: a write through
 /// the origin's device leaves the snapshot's device showing the old data,
-/// and a thin volume's data is there again when it is served again.
+/// and a thin volume's data is there again when it is served again. The
+/// ublk device a killed server leaves behind is deleted by the next one.
 #[test]
 fn guest_with_ublk_serves_snapshots_and_thin_volumes_as_block_devices() {
     use common::guest::*;
@@ -522,6 +523,15 @@ dd if=$DEV of=/tmp/tback bs=1M skip=8 count=4 iflag=direct 2>/dev/null || echo G
 stop
 echo "TDATA $(sha256sum < /tmp/tdata)"
 echo "TBACK $(sha256sum < /tmp/tback)"
+# A server killed outright leaves its ublk device stopped but not deleted;
+# the next server deletes it.
+serve $T
+kill -9 $SRV; wait $SRV
+echo "LEFT $(ls /sys/class/ublk-char | tr '\n' ' ')"
+serve $T
+echo "BESIDE $(ls /sys/class/ublk-char | tr '\n' ' ')"
+stop
+echo "FINALLY $(ls /sys/class/ublk-char | tr '\n' ' ')."
 devpool --pool g --json pool status > /tmp/status.json
 echo "THINUSED $(sed -n 's/.*"data_used": *\([0-9]*\).*/\1/p' /tmp/status.json | head -1)"
 "#;
@@ -550,7 +560,7 @@ echo "THINUSED $(sed -n 's/.*"data_used": *\([0-9]*\).*/\1/p' /tmp/status.json |
         .lines()
         .filter(|l| l.starts_with("SERVE "))
         .collect();
-    assert_eq!(serves.len(), 4, "{console}");
+    assert_eq!(serves.len(), 6, "{console}");
     for s in &serves {
         assert!(s.contains(r#""path":"ublk""#), "{s}\n{console}");
     }
@@ -566,6 +576,21 @@ echo "THINUSED $(sed -n 's/.*"data_used": *\([0-9]*\).*/\1/p' /tmp/status.json |
     assert_eq!(sum("ORIGIN "), sum("NEW "), "the origin shows the new data");
     assert_eq!(sum("SNAP "), sum("OLD "), "the snapshot keeps the old data");
     assert_eq!(sum("TBACK "), sum("TDATA "), "the thin volume's data");
+    let line = |tag: &str| {
+        console
+            .lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(line("LEFT "), "ublkc0", "the killed server's device stays");
+    assert_eq!(
+        line("BESIDE "),
+        "ublkc0",
+        "the next server deleted it (and took its id)"
+    );
+    assert_eq!(line("FINALLY "), ".", "no device after a clean stop");
     // 4 MiB written: at least 64 of the pool's 64 KiB blocks provisioned.
     let used: u64 = sum("THINUSED ").parse().unwrap();
     assert!(used >= 64, "4 MiB provisioned, {used} blocks used");

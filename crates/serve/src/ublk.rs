@@ -32,7 +32,12 @@ const CONTROL: &str = "/dev/ublk-control";
 const fn iowr(nr: u32, size: u32) -> u32 {
     (3 << 30) | (size << 16) | ((b'u' as u32) << 8) | nr
 }
+/// `_IOR('u', nr, size)`.
+const fn ior(nr: u32, size: u32) -> u32 {
+    (2 << 30) | (size << 16) | ((b'u' as u32) << 8) | nr
+}
 const CTRL_CMD_LEN: u32 = 32;
+const CMD_GET_DEV_INFO: u32 = ior(0x02, CTRL_CMD_LEN);
 const IO_CMD_LEN: u32 = 16;
 const CMD_ADD_DEV: u32 = iowr(0x04, CTRL_CMD_LEN);
 const CMD_DEL_DEV: u32 = iowr(0x05, CTRL_CMD_LEN);
@@ -61,6 +66,12 @@ const PARAM_DISCARD: u32 = 1 << 1;
 /// Requests in flight on the one queue, and the largest request (bytes).
 const DEPTH: u16 = 64;
 const BUF_BYTES: u32 = 256 << 10;
+/// What devpool puts in the high half of a device's `ublksrv_flags` (the
+/// driver keeps them for the server and ignores them); the low half is the
+/// serving process's pid. A device left behind by a killed server is
+/// recognised by both and deleted by the next one.
+const OURS: u64 = 0x6470_6f6f << 32; // "dpoo"
+const DEV_DEAD: u16 = 0;
 /// The queue thread's foreign user data for the stop signal (tags are < 2^16).
 const STOP: u64 = 1 << 32;
 
@@ -235,8 +246,10 @@ pub fn connect(vol: &Arc<Volume>) -> io::Result<UblkDevice> {
         dev_id: u32::MAX,
         ublksrv_pid: -1,
         flags: F_CMD_IOCTL_ENCODE,
+        ublksrv_flags: OURS | u64::from(std::process::id()),
         ..Default::default()
     };
+    reap_left_behind(&mut ctrl);
     let info_buf = Some((
         &mut info as *mut DevInfo as u64,
         size_of::<DevInfo>() as u16,
@@ -304,6 +317,41 @@ pub fn connect(vol: &Arc<Volume>) -> io::Result<UblkDevice> {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     Ok(dev)
+}
+
+/// Delete the devices a devpool server that was killed left behind: the
+/// driver stops a device whose server died (its disk goes) but keeps it,
+/// and its id, until someone deletes it. Only devices marked as devpool's,
+/// dead, and whose serving process is gone.
+fn reap_left_behind(ctrl: &mut Control) {
+    let Ok(entries) = std::fs::read_dir("/sys/class/ublk-char") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name
+            .strip_prefix("ublkc")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let mut info = DevInfo::default();
+        let buf = Some((
+            &mut info as *mut DevInfo as u64,
+            size_of::<DevInfo>() as u16,
+        ));
+        if ctrl
+            .command("GET_DEV_INFO", CMD_GET_DEV_INFO, id, buf, 0)
+            .is_err()
+        {
+            continue;
+        }
+        let owner = (info.ublksrv_flags & 0xffff_ffff) as i32;
+        let gone = owner > 0 && !Path::new(&format!("/proc/{owner}")).exists();
+        if info.ublksrv_flags & !0xffff_ffff == OURS && info.state == DEV_DEAD && gone {
+            let _ = ctrl.command("DEL_DEV", CMD_DEL_DEV, id, None, 0);
+        }
+    }
 }
 
 impl UblkDevice {
@@ -558,6 +606,7 @@ mod tests {
         // Values from include/uapi/linux/ublk_cmd.h's _IOWR encodings.
         assert_eq!(CMD_ADD_DEV, 0xc020_7504);
         assert_eq!(CMD_START_DEV, 0xc020_7506);
+        assert_eq!(CMD_GET_DEV_INFO, 0x8020_7502);
         assert_eq!(IO_FETCH_REQ, 0xc010_7520);
         assert_eq!(IO_COMMIT_AND_FETCH_REQ, 0xc010_7521);
         assert_eq!(size_of::<DevInfo>(), 64);
