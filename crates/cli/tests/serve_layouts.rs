@@ -1,6 +1,8 @@
 //! Volumes no loop device can cover — striped over two PVs, and split into
 //! several segments — served over NBD: data written through devpool lands
 //! exactly where LVM2 (the oracle, `lvs --segments`) says each extent is.
+//! In Debian 6.12 guests, `serve --block-device` of such volumes (and of
+//! snapshots and thin volumes) through ublk and the kernel's NBD client.
 
 mod common;
 use common::serving::{Server, need_tools, pattern};
