@@ -355,7 +355,9 @@ devpool serve VOLUME --nbd tcp:127.0.0.1:10809"
         #[arg(long, default_value_t = 2)]
         queues: usize,
         /// Also give the host a block device for the volume, whatever its
-        /// layout: a loop device when it is one range, else FUSE + loop.
+        /// layout: a loop device when it is one range, else the fastest path
+        /// the kernel offers: ublk (/dev/ublkbN), the NBD client
+        /// (/dev/nbdN), or FUSE + loop. The output names the path taken.
         #[arg(long)]
         block_device: bool,
     },
