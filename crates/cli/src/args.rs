@@ -22,18 +22,34 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `/var/lib/devpool`, or for a user who cannot write there, a directory
+/// of that user's (`$XDG_STATE_HOME/devpool`, `~/.local/state/devpool`).
+fn default_state_dir() -> PathBuf {
+    let system = PathBuf::from("/var/lib/devpool");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return system;
+    }
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .map(|d| d.join("devpool"))
+        .unwrap_or(system)
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct Global {
     /// Scan only these devices or image files (comma separated). Default: all
     /// block devices plus the image files devpool created PVs on.
     #[arg(long, global = true, value_delimiter = ',', env = "DEVPOOL_DEVICES")]
     pub devices: Option<Vec<PathBuf>>,
-    /// Where devpool keeps its journal and the list of image-file PVs.
+    /// Where devpool keeps its journal and the list of image-file PVs
+    /// (without root: $XDG_STATE_HOME/devpool or ~/.local/state/devpool).
     #[arg(
         long,
         global = true,
         env = "DEVPOOL_STATE_DIR",
-        default_value = "/var/lib/devpool"
+        default_value_os_t = default_state_dir()
     )]
     pub state_dir: PathBuf,
     /// Print machine-readable JSON.

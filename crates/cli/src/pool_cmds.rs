@@ -352,6 +352,9 @@ fn print_acquired(g: &Global, a: &Acquired) -> Result<()> {
     for d in &a.devices {
         println!("{} {} {}", d.role, d.device_name(), d.lv);
     }
+    if a.devices.iter().any(|d| d.device.is_none()) && !devpool_pool::loopdev::usable() {
+        eprintln!("note: {}", devpool_pool::loopdev::NOT_USABLE);
+    }
     Ok(())
 }
 
@@ -493,20 +496,30 @@ pub fn run(
             libc::signal(sig, forward as *const () as libc::sighandler_t);
         }
     }
+    if export.is_none() && !devpool_pool::loopdev::usable() {
+        bail!("{}", devpool_pool::loopdev::NOT_USABLE);
+    }
     let leases = Leases::new(g)?;
     let a = leases.acquire(&name, w, &specs, &owner, keep)?;
+    // Volumes without a loop device (a user who may not attach them) are
+    // reached through the exports alone.
     let devs: Vec<(String, String)> = a
         .devices
         .iter()
+        .filter(|d| d.device.is_some())
         .map(|d| (d.role.clone(), d.device_name()))
         .collect();
     eprintln!(
         "devpool: lease {} in pool '{name}': {}",
         a.session,
-        devs.iter()
-            .map(|(r, d)| format!("{r}={d}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        if devs.is_empty() {
+            "no loop devices (served only)".to_string()
+        } else {
+            devs.iter()
+                .map(|(r, d)| format!("{r}={d}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
     );
     // Servers for the run's volumes, owned by this process.
     let exports = match export.map(|k| crate::serve_cmds::export_lease(&p, &name, &a, k)) {

@@ -404,7 +404,7 @@ impl Engine {
     pub fn new(devices: DeviceSource, state_dir: PathBuf) -> Engine {
         Engine {
             devices,
-            lock_dir: PathBuf::from(crate::lock::LVM_LOCK_DIR),
+            lock_dir: crate::lock::default_dir(),
             state_dir,
             gate: WriteGate::from_env(),
             dry_run: false,

@@ -4,11 +4,51 @@
 
 use crate::error::{EngineError, Result};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Where LVM2 keeps its lock files.
 pub const LVM_LOCK_DIR: &str = "/run/lock/lvm";
+
+/// Where this process takes its locks: LVM2's directory, shared with LVM2
+/// itself; or, for a user who may not write there (devpool without root,
+/// on image files that user owns), a directory of that user's own:
+/// `$XDG_RUNTIME_DIR/devpool-locks`, else `/tmp/devpool-locks-<uid>`
+/// (made mode 0700; refused unless it is a directory the user owns).
+pub fn default_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        let lvm = PathBuf::from(LVM_LOCK_DIR);
+        if uid == 0 || writable(&lvm) {
+            return lvm;
+        }
+        let own = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(|d| PathBuf::from(d).join("devpool-locks"))
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/devpool-locks-{uid}")));
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&own);
+        match std::fs::symlink_metadata(&own) {
+            Ok(m) if m.is_dir() && m.uid() == uid => own,
+            // Someone else's, or not a directory: LVM2's, whose error
+            // (permission denied) then names the problem.
+            _ => lvm,
+        }
+    })
+    .clone()
+}
+
+fn writable(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
 
 /// Held until dropped.
 #[derive(Debug)]

@@ -389,6 +389,17 @@ fn bound_candidates() -> Vec<String> {
         .collect()
 }
 
+/// Whether this process may attach loop devices: root, or a user allowed
+/// to write `/dev/loop-control` (without it, devpool still leases volumes
+/// and serves them over NBD or vhost-user-blk).
+pub fn usable() -> bool {
+    // SAFETY: geteuid has no preconditions; access gets a NUL-terminated path.
+    unsafe { libc::geteuid() == 0 || libc::access(c"/dev/loop-control".as_ptr(), libc::W_OK) == 0 }
+}
+
+/// Why a lease has no loop devices, for a user who may not attach them.
+pub const NOT_USABLE: &str = "this user may not attach loop devices (not root, no write access to /dev/loop-control): serve the volumes instead (`devpool serve LV --nbd unix:PATH`, or `devpool run --export nbd`)";
+
 /// Every loop device devpool attached (found by its mark).
 pub fn list() -> Vec<Attached> {
     let mut out = Vec::new();

@@ -800,7 +800,8 @@ impl Pools {
         owner: &Owner,
         keep: bool,
     ) -> Result<Acquired> {
-        self.acquire_as(name, specs, owner, keep, true)
+        // Without the right to attach loop devices: the volumes alone.
+        self.acquire_as(name, specs, owner, keep, loopdev::usable())
     }
 
     /// Lease volumes without host loop devices (a VM attaches them itself).

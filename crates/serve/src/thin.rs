@@ -96,7 +96,7 @@ impl Thin {
             None => {
                 let pool = Arc::new(SharedPool {
                     vg: vg.to_string(),
-                    lock_dir: PathBuf::from(devpool_engine::lock::LVM_LOCK_DIR),
+                    lock_dir: devpool_engine::lock::default_dir(),
                     state: Mutex::new(State {
                         store,
                         held: None,
