@@ -352,8 +352,8 @@ fn print_acquired(g: &Global, a: &Acquired) -> Result<()> {
     for d in &a.devices {
         println!("{} {} {}", d.role, d.device_name(), d.lv);
     }
-    if a.devices.iter().any(|d| d.device.is_none()) && !devpool_pool::loopdev::usable() {
-        eprintln!("note: {}", devpool_pool::loopdev::NOT_USABLE);
+    for n in &a.notes {
+        eprintln!("note: {n}");
     }
     Ok(())
 }

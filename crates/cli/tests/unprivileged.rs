@@ -96,6 +96,32 @@ fn without_root_a_pool_on_the_users_image_leases_and_serves_volumes_over_nbd() {
         .unwrap()
         .to_string();
     assert!(out.contains("a - "), "no loop device: {out}");
+    // The JSON (and so the MCP tool's answer) carries the same note.
+    let o = run(&[
+        "--pool",
+        "u",
+        "--json",
+        "lease",
+        "acquire",
+        "--volumes",
+        "b:4M",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&ok(o, "lease acquire --json")).unwrap();
+    assert!(j["devices"][0].get("device").is_none(), "{j}");
+    assert!(
+        j["notes"][0].as_str().unwrap().contains("devpool serve"),
+        "{j}"
+    );
+    ok(
+        run(&[
+            "--pool",
+            "u",
+            "lease",
+            "release",
+            j["session"].as_str().unwrap(),
+        ]),
+        "release b",
+    );
 
     // Served over NBD by the user's own server.
     let sock = home.join("a.sock");

@@ -221,6 +221,9 @@ pub struct Acquired {
     pub devices: Vec<LeasedDevice>,
     /// Orphans reaped because the pool was too full.
     pub reaped: Vec<String>,
+    /// What the caller should know (why the volumes have no loop devices).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// The loop devices attached, as the kernel knows them (so that a
     /// resident process can detach them without a scan).
     #[serde(skip)]
@@ -801,7 +804,12 @@ impl Pools {
         keep: bool,
     ) -> Result<Acquired> {
         // Without the right to attach loop devices: the volumes alone.
-        self.acquire_as(name, specs, owner, keep, loopdev::usable())
+        let loops = loopdev::usable();
+        let mut a = self.acquire_as(name, specs, owner, keep, loops)?;
+        if !loops {
+            a.notes.push(loopdev::NOT_USABLE.to_string());
+        }
+        Ok(a)
     }
 
     /// Lease volumes without host loop devices (a VM attaches them itself).
@@ -915,6 +923,7 @@ impl Pools {
                 kept: req.keep,
                 devices,
                 reaped: Vec::new(),
+                notes: Vec::new(),
                 attached: exposed.attached,
             }),
             Err(err) => {
