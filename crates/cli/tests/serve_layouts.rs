@@ -321,18 +321,6 @@ fn guest_block_device_for_a_multi_segment_volume(
     };
     let mut lab = Lab::new();
     let disk = lab.loop_dev("guest-pool.img", 256);
-    let stripped = lab.path("devpool");
-    let o = Command::new("strip")
-        .arg("-o")
-        .arg(&stripped)
-        .arg(env!("CARGO_BIN_EXE_devpool"))
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "strip: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
     let script = r#"
 export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
 touch /tmp/fstab
@@ -365,34 +353,13 @@ kill -TERM $SRV; wait $SRV; echo "SERVER-EXIT $?"
 case $DEV in /dev/ublkb*) test -e $DEV && GONE=" $DEV exists" ;; esac
 echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)$GONE"
 "#;
-    let initrd = lab.path("initrd.cpio");
-    let bin = format!("{}=/usr/bin/devpool", stripped.display());
     // util-linux's blkdiscard (-z: write zeroes) and coreutils' dd (dsync:
     // FUA writes), beside busybox's.
-    initramfs(
-        &kernel,
-        modules,
-        &[
-            &bin,
-            "/usr/sbin/blkdiscard=/opt/blkdiscard",
-            "/usr/bin/dd=/opt/dd",
-        ],
-        script,
-        &initrd,
-    );
-    let size = 256u64 << 20;
-    let console = boot(
-        &kernel,
-        &initrd,
-        vec![devpool_vm::qemu::Disk::Raw {
-            path: disk.clone(),
-            offset: 0,
-            size,
-        }],
-        std::time::Duration::from_secs(300),
-    );
-    assert!(!console.contains("GUEST-STEP-FAILED"), "{console}");
-    assert!(!console.contains("DEVPOOL-INSMOD-FAILED"), "{console}");
+    let bins = [
+        "/usr/sbin/blkdiscard=/opt/blkdiscard",
+        "/usr/bin/dd=/opt/dd",
+    ];
+    let console = devpool_in_guest(&lab, &kernel, &disk, modules, &bins, script);
     let serve_line = console
         .lines()
         .find(|l| l.starts_with("SERVE "))
@@ -464,18 +431,6 @@ fn guest_with_ublk_serves_snapshots_and_thin_volumes_as_block_devices() {
     };
     let mut lab = Lab::new();
     let disk = lab.loop_dev("guest-cow.img", 256);
-    let stripped = lab.path("devpool");
-    let o = Command::new("strip")
-        .arg("-o")
-        .arg(&stripped)
-        .arg(env!("CARGO_BIN_EXE_devpool"))
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "strip: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
     let script = r#"
 export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
 touch /tmp/fstab
@@ -537,27 +492,8 @@ echo "FINALLY $(ls /sys/class/ublk-char | tr '\n' ' ')."
 devpool --pool g --json pool status > /tmp/status.json
 echo "THINUSED $(sed -n 's/.*"data_used": *\([0-9]*\).*/\1/p' /tmp/status.json | head -1)"
 "#;
-    let initrd = lab.path("initrd.cpio");
-    let bin = format!("{}=/usr/bin/devpool", stripped.display());
-    initramfs(
-        &kernel,
-        &["virtio_blk", "loop", "ublk_drv"],
-        &[&bin],
-        script,
-        &initrd,
-    );
-    let console = boot(
-        &kernel,
-        &initrd,
-        vec![devpool_vm::qemu::Disk::Raw {
-            path: disk.clone(),
-            offset: 0,
-            size: 256 << 20,
-        }],
-        std::time::Duration::from_secs(300),
-    );
-    assert!(!console.contains("GUEST-STEP-FAILED"), "{console}");
-    assert!(!console.contains("DEVPOOL-INSMOD-FAILED"), "{console}");
+    let modules = ["virtio_blk", "loop", "ublk_drv"];
+    let console = devpool_in_guest(&lab, &kernel, &disk, &modules, &[], script);
     let serves: Vec<&str> = console
         .lines()
         .filter(|l| l.starts_with("SERVE "))
@@ -596,4 +532,48 @@ echo "THINUSED $(sed -n 's/.*"data_used": *\([0-9]*\).*/\1/p' /tmp/status.json |
     // 4 MiB written: at least 64 of the pool's 64 KiB blocks provisioned.
     let used: u64 = sum("THINUSED ").parse().unwrap();
     assert!(used >= 64, "4 MiB provisioned, {used} blocks used");
+}
+
+/// Boot a guest with `disk` (256 MiB) as /dev/vda, `modules` loaded, devpool (this
+/// build, stripped) as /usr/bin/devpool and `bins` ("SRC=DST"); run
+/// `script` and return the console, checked for failed steps and modules.
+fn devpool_in_guest(
+    lab: &Lab,
+    kernel: &devpool_vm::kernel::Kernel,
+    disk: &Path,
+    modules: &[&str],
+    bins: &[&str],
+    script: &str,
+) -> String {
+    use common::guest::*;
+    let stripped = lab.path("devpool");
+    let o = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(env!("CARGO_BIN_EXE_devpool"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "strip: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let bin = format!("{}=/usr/bin/devpool", stripped.display());
+    let mut all = vec![bin.as_str()];
+    all.extend_from_slice(bins);
+    let initrd = lab.path("initrd.cpio");
+    initramfs(kernel, modules, &all, script, &initrd);
+    let console = boot(
+        kernel,
+        &initrd,
+        vec![devpool_vm::qemu::Disk::Raw {
+            path: disk.to_path_buf(),
+            offset: 0,
+            size: 256 << 20,
+        }],
+        std::time::Duration::from_secs(300),
+    );
+    assert!(!console.contains("GUEST-STEP-FAILED"), "{console}");
+    assert!(!console.contains("DEVPOOL-INSMOD-FAILED"), "{console}");
+    console
 }
