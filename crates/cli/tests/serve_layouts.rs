@@ -335,6 +335,7 @@ n=0; while [ ! -s /tmp/serve.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); 
 cat /tmp/serve.err
 echo "SERVE $(cat /tmp/serve.out)"
 DEV=$(sed 's/.*"block_device":"\([^"]*\)".*/\1/' /tmp/serve.out)
+echo "HWQUEUES $(ls /sys/block/${DEV#/dev/}/mq | wc -l)"
 dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
 echo "DATASUM $(sha256sum /tmp/data)"
 dd if=/tmp/data of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write
@@ -409,6 +410,8 @@ echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)$GONE"
         .to_string();
     assert_eq!(host_sum, sum("FINALSUM "));
     if path == "ublk" {
+        // One queue per guest vCPU (two).
+        assert_eq!(sum("HWQUEUES "), "2", "{console}");
         assert_ne!(sum("FINALSUM "), sum("DATASUM "), "the zeroed MiB");
     }
 }

@@ -8,8 +8,9 @@
 //! the driver shares by `mmap` of `/dev/ublkcN`.
 //!
 //! Control (`/dev/ublk-control`, 128-byte uring commands): `ADD_DEV` with
-//! one queue, `SET_PARAMS` (size, block sizes, flush/FUA, discard and
-//! write-zeroes limits), `START_DEV` once the queue thread has fetched
+//! a queue per CPU (up to four, each a thread sharing the one descriptor of
+//! `/dev/ublkcN` the driver allows), `SET_PARAMS` (size, block sizes, flush/FUA, discard and
+//! write-zeroes limits), `START_DEV` once the queue threads have fetched
 //! every tag; to close, `STOP_DEV` (the driver finishes the disk's I/O
 //! through the queue, then aborts its fetches), then `DEL_DEV`. Commands
 //! use the ioctl encoding (`UBLK_F_CMD_IOCTL_ENCODE`), as new kernels
@@ -63,8 +64,13 @@ const ATTR_FUA: u32 = 1 << 3;
 const PARAM_BASIC: u32 = 1 << 0;
 const PARAM_DISCARD: u32 = 1 << 1;
 
-/// Requests in flight on the one queue, and the largest request (bytes).
+/// Requests in flight on each queue, and the largest request (bytes).
 const DEPTH: u16 = 64;
+/// Queues (one thread each): one per CPU, up to this many.
+const MAX_QUEUES: u16 = 4;
+/// The driver's stride between queues' descriptor tables in the mmap
+/// offsets of `/dev/ublkcN`: a table for its largest depth (4,096), pages.
+const TABLE_STRIDE: usize = 4096 * size_of::<IoDesc>();
 const BUF_BYTES: u32 = 256 << 10;
 /// What devpool puts in the high half of a device's `ublksrv_flags` (the
 /// driver keeps them for the server and ignores them); the low half is the
@@ -231,7 +237,7 @@ pub struct UblkDevice {
     pub device: PathBuf,
     dev_id: u32,
     ctrl: Control,
-    queue: Option<JoinHandle<io::Result<()>>>,
+    queues: Vec<JoinHandle<io::Result<()>>>,
     stop: Arc<crate::lifetime::Stopper>,
     started: bool,
 }
@@ -239,8 +245,11 @@ pub struct UblkDevice {
 /// Add a ublk device for `vol` and start serving it.
 pub fn connect(vol: &Arc<Volume>) -> io::Result<UblkDevice> {
     let mut ctrl = Control::open()?;
+    let nr_queues = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, usize::from(MAX_QUEUES)) as u16;
     let mut info = DevInfo {
-        nr_hw_queues: 1,
+        nr_hw_queues: nr_queues,
         queue_depth: DEPTH,
         max_io_buf_bytes: BUF_BYTES,
         dev_id: u32::MAX,
@@ -261,7 +270,7 @@ pub fn connect(vol: &Arc<Volume>) -> io::Result<UblkDevice> {
         device: PathBuf::from(format!("/dev/ublkb{dev_id}")),
         dev_id,
         ctrl,
-        queue: None,
+        queues: Vec::new(),
         stop,
         started: false,
     };
@@ -291,22 +300,38 @@ pub fn connect(vol: &Arc<Volume>) -> io::Result<UblkDevice> {
     let params_buf = Some((&mut params as *mut Params as u64, params.len as u16));
     dev.ctrl
         .command("SET_PARAMS", CMD_SET_PARAMS, dev_id, params_buf, 0)?;
-    let (v, stop_fd) = (Arc::clone(vol), dev.stop.fd());
-    let queue = std::thread::Builder::new()
-        .name("ublk-queue".into())
-        .spawn(move || serve_queue(v, dev_id, stop_fd))?;
-    // Completes once the queue has fetched every tag (the disk then appears).
+    // The driver lets one process open the character device once: the
+    // queues share that descriptor.
+    let cdev = Arc::new(open_char_device(dev_id)?);
+    let mut queues = Vec::new();
+    for q_id in 0..nr_queues {
+        let (v, c, stop_fd) = (Arc::clone(vol), Arc::clone(&cdev), dev.stop.fd());
+        queues.push(
+            std::thread::Builder::new()
+                .name(format!("ublk-queue-{q_id}"))
+                .spawn(move || serve_queue(v, &c, q_id, stop_fd))?,
+        );
+    }
+    drop(cdev);
+    // Completes once every queue has fetched every tag (the disk then appears).
     let pid = u64::from(std::process::id());
     let started = dev
         .ctrl
         .command_while("START_DEV", CMD_START_DEV, dev_id, None, pid, || {
-            !queue.is_finished()
+            queues.iter().all(|q| !q.is_finished())
         });
-    dev.queue = Some(queue);
+    dev.queues = queues;
     if let Err(e) = started {
         // A queue thread that failed says why.
         dev.stop.stop("ublk START_DEV failed");
-        if let Some(Err(q)) = dev.queue.take().map(|h| h.join().unwrap_or(Ok(()))) {
+        // Join every queue, then report the first that failed.
+        let failed: Vec<io::Error> = dev
+            .queues
+            .drain(..)
+            .filter_map(|h| h.join().ok()?.err())
+            .collect();
+        let failed = failed.into_iter().next();
+        if let Some(q) = failed {
             return Err(io::Error::new(q.kind(), format!("{e} (queue: {q})")));
         }
         return Err(e);
@@ -369,7 +394,7 @@ impl UblkDevice {
             self.started = false;
         }
         self.stop.stop("the ublk device was stopped");
-        if let Some(h) = self.queue.take() {
+        for h in self.queues.drain(..) {
             let _ = h.join();
         }
         if self.dev_id != u32::MAX {
@@ -387,19 +412,20 @@ impl Drop for UblkDevice {
     }
 }
 
-/// The driver's table of request descriptions for queue 0, mapped.
+/// The driver's table of request descriptions for one queue, mapped.
 struct DescTable {
     ptr: *const IoDesc,
     len: usize,
 }
 
 impl DescTable {
-    fn map(cdev: &File) -> io::Result<DescTable> {
+    fn map(cdev: &File, q_id: u16) -> io::Result<DescTable> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let len = (usize::from(DEPTH) * size_of::<IoDesc>()).div_ceil(page) * page;
+        let stride = TABLE_STRIDE.div_ceil(page) * page;
         // SAFETY: a read-only shared mapping of the driver's table for queue
-        // 0 (offset 0); checked for failure below and unmapped on drop.
+        // `q_id`; checked for failure below and unmapped on drop.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -407,7 +433,7 @@ impl DescTable {
                 libc::PROT_READ,
                 libc::MAP_SHARED | libc::MAP_POPULATE,
                 cdev.as_raw_fd(),
-                0,
+                (usize::from(q_id) * stride) as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -433,9 +459,9 @@ impl Drop for DescTable {
     }
 }
 
-fn io_cmd(tag: u16, result: i32, addr: u64) -> [u8; 16] {
+fn io_cmd(q_id: u16, tag: u16, result: i32, addr: u64) -> [u8; 16] {
     let mut c = [0u8; 16];
-    // q_id 0 in bytes 0..2.
+    c[0..2].copy_from_slice(&q_id.to_le_bytes());
     c[2..4].copy_from_slice(&tag.to_le_bytes());
     c[4..8].copy_from_slice(&result.to_le_bytes());
     c[8..16].copy_from_slice(&addr.to_le_bytes());
@@ -462,9 +488,8 @@ fn open_char_device(dev_id: u32) -> io::Result<File> {
 /// block-I/O core, answer it (and fetch the next) until the driver aborts
 /// the fetches after STOP_DEV, or the stop signal comes with nothing in
 /// flight.
-fn serve_queue(vol: Arc<Volume>, dev_id: u32, stop_fd: i32) -> io::Result<()> {
-    let cdev = open_char_device(dev_id)?;
-    let table = DescTable::map(&cdev)?;
+fn serve_queue(vol: Arc<Volume>, cdev: &File, q_id: u16, stop_fd: i32) -> io::Result<()> {
+    let table = DescTable::map(cdev, q_id)?;
     let fd = types::Fd(cdev.as_raw_fd());
     let mut q = Queue::new_for_this_thread(vol, 1024)?;
     let mut bufs: Vec<AlignedBuf> = (0..DEPTH)
@@ -474,7 +499,7 @@ fn serve_queue(vol: Arc<Volume>, dev_id: u32, stop_fd: i32) -> io::Result<()> {
     let addr = |bufs: &mut Vec<AlignedBuf>, tag: u16| bufs[usize::from(tag)].as_mut_ptr() as u64;
     for tag in 0..DEPTH {
         let e = opcode::UringCmd16::new(fd, IO_FETCH_REQ)
-            .cmd(io_cmd(tag, 0, addr(&mut bufs, tag)))
+            .cmd(io_cmd(q_id, tag, 0, addr(&mut bufs, tag)))
             .build();
         // SAFETY: the buffer lives in `bufs` until this function returns,
         // after every fetch has completed or the ring is gone.
@@ -527,7 +552,7 @@ fn serve_queue(vol: Arc<Volume>, dev_id: u32, stop_fd: i32) -> io::Result<()> {
         }
         for (tag, res) in answers {
             let e = opcode::UringCmd16::new(fd, IO_COMMIT_AND_FETCH_REQ)
-                .cmd(io_cmd(tag, res, addr(&mut bufs, tag)))
+                .cmd(io_cmd(q_id, tag, res, addr(&mut bufs, tag)))
                 .build();
             // SAFETY: as for the first fetch.
             unsafe { q.push_foreign(e, u64::from(tag)) };
