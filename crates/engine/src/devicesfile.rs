@@ -101,13 +101,16 @@ pub fn kernel_name(dev: &Path) -> PathBuf {
 /// does not list, so that LVM2 here does not see them: no entry carries the
 /// PV's uuid or the device's ID. Image files are not asked about (LVM2
 /// sees them only through loop devices). An unreadable file lists nothing.
-pub fn unlisted<'a>(file: &Path, pvs: &[(&'a Path, &str)]) -> Vec<&'a Path> {
+pub fn unlisted<'a, 'b>(
+    file: &Path,
+    pvs: impl IntoIterator<Item = (&'a Path, &'b str)>,
+) -> Vec<&'a Path> {
     let f = std::fs::read_to_string(file)
         .ok()
         .and_then(|t| DevicesFile::parse(&t).ok())
         .unwrap_or_default();
-    pvs.iter()
-        .filter_map(|&(dev, pvid)| {
+    pvs.into_iter()
+        .filter_map(|(dev, pvid)| {
             let id = device_id(dev)?;
             let listed = f.entries.iter().any(|e| {
                 e.pvid == pvid

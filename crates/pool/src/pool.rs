@@ -760,14 +760,12 @@ impl Pools {
             ));
         }
         if let Some(file) = devpool_engine::lvmconf::lvm_devices_file() {
-            let pvs: Vec<(&Path, String)> = v
+            let pvs = v
                 .devices
                 .iter()
                 .flatten()
-                .map(|d| (d.path.as_path(), d.label.uuid.raw_str().to_string()))
-                .collect();
-            let asked: Vec<(&Path, &str)> = pvs.iter().map(|(d, u)| (*d, u.as_str())).collect();
-            for d in devpool_engine::devicesfile::unlisted(&file, &asked) {
+                .map(|d| (d.path.as_path(), d.label.uuid.raw_str()));
+            for d in devpool_engine::devicesfile::unlisted(&file, pvs) {
                 health.push(format!(
                     "LVM2 does not see PV {} of this pool: LVM2 here uses only the devices its devices file {} lists (run 'lvmdevices --adddev {}')",
                     d.display(),
@@ -1182,61 +1180,48 @@ impl Pools {
         }
         let report = self.cleanup(name, false)?;
         self.with_pool(name, |e, rec| {
-        let (v, _) = e.read_vg(&rec.vg)?;
-        let live: Vec<Lease> = lease::leases(&v.meta)
-            .into_iter()
-            .filter(|l| !matches!(l.liveness, Liveness::Dead(_)) || l.kept)
-            .collect();
-        if !live.is_empty() && !force {
-            return Err(PoolError::Refused(format!(
-                "pool '{name}' has {} live or kept lease(s): {} (release them, or pass --force)",
-                live.len(),
-                live.iter()
-                    .map(|l| l.session.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        if !confirmed {
-            let mut reasons = vec![format!(
-                "pool '{name}' (VG {}) on {} is removed with its {} volume(s)",
-                rec.vg,
-                rec.devices
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                v.meta.lvs.len()
-            )];
-            if wipe {
-                reasons.push("the device's contents are discarded".into());
+            let (v, _) = e.read_vg(&rec.vg)?;
+            refuse_live_leases(name, &v.meta, force)?;
+            if !confirmed {
+                let mut reasons = vec![format!(
+                    "pool '{name}' (VG {}) on {} is removed with its {} volume(s)",
+                    rec.vg,
+                    rec.devices
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    v.meta.lvs.len()
+                )];
+                if wipe {
+                    reasons.push("the device's contents are discarded".into());
+                }
+                return Err(PoolError::NeedsConfirmation {
+                    what: format!("pool teardown {name}"),
+                    reasons,
+                });
             }
-            return Err(PoolError::NeedsConfirmation {
-                what: format!("pool teardown {name}"),
-                reasons,
-            });
-        }
-        let all: Vec<String> = v.meta.lvs.iter().map(|l| l.name.clone()).collect();
-        detach_volumes(&v.meta, &all);
-        self.stop_servers(&v.meta, &all)?;
-        e.apply(
-            &Operation::VgRemove {
-                name: rec.vg.clone(),
-            },
-            true,
-        )?;
-        for d in &rec.devices {
-            e.apply(&Operation::PvRemove { path: d.clone() }, true)?;
-        }
-        for d in &rec.devices {
-            if rec.created_image {
-                std::fs::remove_file(d).map_err(|err| PoolError::io(d, "remove image", err))?;
-            } else if wipe {
-                crate::wipe::wipe(d, progress)?;
+            let all: Vec<String> = v.meta.lvs.iter().map(|l| l.name.clone()).collect();
+            detach_volumes(&v.meta, &all);
+            self.stop_servers(&v.meta, &all)?;
+            e.apply(
+                &Operation::VgRemove {
+                    name: rec.vg.clone(),
+                },
+                true,
+            )?;
+            for d in &rec.devices {
+                e.apply(&Operation::PvRemove { path: d.clone() }, true)?;
             }
-        }
-        let _ = std::fs::remove_file(self.record_path(name));
-        Ok(())
+            for d in &rec.devices {
+                if rec.created_image {
+                    std::fs::remove_file(d).map_err(|err| PoolError::io(d, "remove image", err))?;
+                } else if wipe {
+                    crate::wipe::wipe(d, progress)?;
+                }
+            }
+            let _ = std::fs::remove_file(self.record_path(name));
+            Ok(())
         })?;
         Ok(report)
     }
@@ -1250,18 +1235,7 @@ impl Pools {
     fn teardown_plan(&self, name: &str, force: bool, wipe: bool) -> Result<EngineError> {
         self.with_pool(name, |e, rec| {
             let (v, _) = e.read_vg(&rec.vg)?;
-            let live: Vec<String> = lease::leases(&v.meta)
-                .into_iter()
-                .filter(|l| !matches!(l.liveness, Liveness::Dead(_)) || l.kept)
-                .map(|l| l.session)
-                .collect();
-            if !live.is_empty() && !force {
-                return Err(PoolError::Refused(format!(
-                    "pool '{name}' has {} live or kept lease(s): {} (release them, or pass --force)",
-                    live.len(),
-                    live.join(", ")
-                )));
-            }
+            refuse_live_leases(name, &v.meta, force)?;
             let mut plan = e.plan(&Operation::VgRemove {
                 name: rec.vg.clone(),
             })?;
@@ -1275,7 +1249,10 @@ impl Pools {
                 .collect();
             for a in loopdev::list() {
                 if let Some(lv) = uuids.get(a.lv_uuid.as_str()) {
-                    before.push(format!("before step 1: detach {} ({lv})", a.device.display()));
+                    before.push(format!(
+                        "before step 1: detach {} ({lv})",
+                        a.device.display()
+                    ));
                 }
             }
             for l in &v.meta.lvs {
@@ -1293,13 +1270,22 @@ impl Pools {
             }
             let mut after = Vec::new();
             for d in &rec.devices {
-                after.push(format!("after step {last}: remove the PV label of {}", d.display()));
+                after.push(format!(
+                    "after step {last}: remove the PV label of {}",
+                    d.display()
+                ));
                 after.push(if rec.created_image {
-                    format!("after step {last}: delete the image file {} (devpool created it)", d.display())
+                    format!(
+                        "after step {last}: delete the image file {} (devpool created it)",
+                        d.display()
+                    )
                 } else if wipe {
                     format!("after step {last}: discard (wipe) all of {}", d.display())
                 } else {
-                    format!("after step {last}: leave the rest of {} as it is (no --wipe)", d.display())
+                    format!(
+                        "after step {last}: leave the rest of {} as it is (no --wipe)",
+                        d.display()
+                    )
                 });
             }
             after.push(format!(
@@ -1372,6 +1358,23 @@ impl Pools {
             meta,
         })
     }
+}
+
+/// Teardown's refusal (unless `force`) while `meta` has live or kept leases.
+fn refuse_live_leases(name: &str, meta: &VgMetadata, force: bool) -> Result<()> {
+    let live: Vec<String> = lease::leases(meta)
+        .into_iter()
+        .filter(|l| !matches!(l.liveness, Liveness::Dead(_)) || l.kept)
+        .map(|l| l.session)
+        .collect();
+    if live.is_empty() || force {
+        return Ok(());
+    }
+    Err(PoolError::Refused(format!(
+        "pool '{name}' has {} live or kept lease(s): {} (release them, or pass --force)",
+        live.len(),
+        live.join(", ")
+    )))
 }
 
 /// See [`Pools::locate`].

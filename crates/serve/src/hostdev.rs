@@ -35,31 +35,39 @@ pub struct Choice {
 pub struct HostDevice {
     pub device: PathBuf,
     pub choice: Choice,
-    /// Attached by us (detached on drop) rather than the lease's own device.
-    ours: bool,
-    mount: Option<Mounted>,
-    nbd: Option<crate::nbd::kernel::KernelNbd>,
-    ublk: Option<crate::ublk::UblkDevice>,
+    held: Held,
+}
+
+/// What a [`HostDevice`] keeps alive, and undoes when it goes.
+enum Held {
+    /// The lease's own loop device: nothing of ours.
+    Nothing,
+    /// A loop device we attached over the PV.
+    Loop,
+    Ublk(Box<crate::ublk::UblkDevice>),
+    Nbd(crate::nbd::kernel::KernelNbd),
+    /// A loop device we attached over the volume's file in a FUSE mount.
+    FuseLoop(Mounted),
 }
 
 impl HostDevice {
-    /// Detach the loop device (if we attached it), then unmount FUSE.
+    /// Stop serving the device: stop ublk or disconnect NBD, or detach the
+    /// loop device we attached (then unmount FUSE).
     pub fn close(mut self) {
         self.teardown();
     }
     fn teardown(&mut self) {
-        if let Some(u) = self.ublk.take() {
-            u.close();
-        }
-        if let Some(n) = self.nbd.take() {
-            n.close();
-        }
-        if self.ours {
-            let _ = loopdev::detach(&self.device);
-            self.ours = false;
-        }
-        if let Some(m) = self.mount.take() {
-            let _ = m.unmount();
+        match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Nothing => {}
+            Held::Loop => {
+                let _ = loopdev::detach(&self.device);
+            }
+            Held::Ublk(u) => u.close(),
+            Held::Nbd(n) => n.close(),
+            Held::FuseLoop(m) => {
+                let _ = loopdev::detach(&self.device);
+                let _ = m.unmount();
+            }
         }
     }
 }
@@ -84,22 +92,6 @@ pub(crate) fn loaded_or_probed(module: &str, marker: &Path) -> bool {
     marker.exists()
 }
 
-fn kernel_has(module: &str, dev: &str) -> bool {
-    Path::new(&format!("/sys/module/{module}")).exists() || Path::new(dev).exists()
-}
-
-/// Which faster paths this host lacks, and why.
-pub fn unavailable_fast_paths() -> Vec<String> {
-    let mut v = Vec::new();
-    if !kernel_has("ublk_drv", "/dev/ublk-control") {
-        v.push("ublk: this kernel has no ublk driver (/dev/ublk-control)".into());
-    }
-    if !crate::nbd::kernel::available() {
-        v.push("nbd: this kernel has no NBD client (no nbd module)".into());
-    }
-    v
-}
-
 /// A block device for `vol`. `existing` is a loop device the lease already
 /// has over the whole volume (contiguous volumes get one at acquire).
 pub fn attach(
@@ -108,65 +100,45 @@ pub fn attach(
     fuse_dir: &Path,
 ) -> std::io::Result<HostDevice> {
     let err = |e: devpool_pool::PoolError| std::io::Error::other(e.to_string());
+    let device = |device, path, skipped, held| HostDevice {
+        device,
+        choice: Choice { path, skipped },
+        held,
+    };
     if let Some((dev, phys)) = vol.plain_range() {
-        let choice = Choice {
-            path: HostPath::Loop,
-            skipped: Vec::new(),
-        };
         if let Some(d) = existing {
-            return Ok(HostDevice {
-                device: d,
-                choice,
-                ours: false,
-                mount: None,
-                nbd: None,
-                ublk: None,
-            });
+            return Ok(device(d, HostPath::Loop, Vec::new(), Held::Nothing));
         }
         let d = loopdev::attach(&vol.devs[dev].path, phys, vol.size(), &vol.uuid).map_err(err)?;
-        return Ok(HostDevice {
-            device: d,
-            choice,
-            ours: true,
-            mount: None,
-            nbd: None,
-            ublk: None,
-        });
+        return Ok(device(d, HostPath::Loop, Vec::new(), Held::Loop));
     }
+    // Why the faster paths were not taken, each probed once.
     let mut skipped = Vec::new();
     if crate::ublk::available() {
         match crate::ublk::connect(vol) {
             Ok(u) => {
-                return Ok(HostDevice {
-                    device: u.device.clone(),
-                    choice: Choice {
-                        path: HostPath::Ublk,
-                        skipped,
-                    },
-                    ours: false,
-                    mount: None,
-                    nbd: None,
-                    ublk: Some(u),
-                });
+                return Ok(device(
+                    u.device.clone(),
+                    HostPath::Ublk,
+                    skipped,
+                    Held::Ublk(Box::new(u)),
+                ));
             }
             Err(e) => skipped.push(format!("ublk: {e}")),
         }
+    } else {
+        skipped.push("ublk: this kernel has no ublk driver (/dev/ublk-control)".into());
     }
-    skipped.extend(unavailable_fast_paths());
     if crate::nbd::kernel::available() {
         let n = crate::nbd::kernel::connect(vol)?;
-        return Ok(HostDevice {
-            device: n.device.clone(),
-            choice: Choice {
-                path: HostPath::Nbd,
-                skipped,
-            },
-            ours: false,
-            mount: None,
-            nbd: Some(n),
-            ublk: None,
-        });
+        return Ok(device(
+            n.device.clone(),
+            HostPath::Nbd,
+            skipped,
+            Held::Nbd(n),
+        ));
     }
+    skipped.push("nbd: this kernel has no NBD client (no nbd module)".into());
     if !Path::new("/dev/fuse").exists() {
         return Err(std::io::Error::other(format!(
             "volume {} is not one contiguous range and this host offers no path for it: {}; no /dev/fuse",
@@ -183,15 +155,5 @@ pub fn attach(
             return Err(err(e));
         }
     };
-    Ok(HostDevice {
-        device: d,
-        choice: Choice {
-            path: HostPath::FuseLoop,
-            skipped,
-        },
-        ours: true,
-        mount: Some(m),
-        nbd: None,
-        ublk: None,
-    })
+    Ok(device(d, HostPath::FuseLoop, skipped, Held::FuseLoop(m)))
 }

@@ -166,8 +166,15 @@ impl Control {
             .write(true)
             .open(CONTROL)
             .map_err(|e| io::Error::new(e.kind(), format!("{CONTROL}: {e}")))?;
-        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(4)?;
-        Ok(Control { file, ring })
+        Ok(Control {
+            file,
+            ring: Self::ring()?,
+        })
+    }
+
+    /// A ring for 128-byte commands.
+    fn ring() -> io::Result<IoUring<squeue::Entry128, cqueue::Entry>> {
+        IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(4)
     }
 
     /// One control command for device `dev_id`; its result (>= 0).
@@ -217,7 +224,7 @@ impl Control {
             }
             if !alive() {
                 // Closing the ring cancels the command (it waits in io-wq).
-                self.ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(4)?;
+                self.ring = Self::ring()?;
                 return Err(io::Error::other(format!(
                     "ublk {what}: the queue thread ended first"
                 )));
