@@ -62,6 +62,9 @@ pub fn serve(g: &Global, volume: &str, e: &Exports) -> Result<()> {
         if let (Some(d), Some(c)) = (&info.block_device, &info.block_device_path) {
             let how = match c.path {
                 devpool_serve::hostdev::HostPath::Loop => "a loop device over the PV".to_string(),
+                devpool_serve::hostdev::HostPath::Dm => {
+                    "device-mapper, served by the kernel".to_string()
+                }
                 devpool_serve::hostdev::HostPath::Ublk => "ublk, served by devpool".to_string(),
                 devpool_serve::hostdev::HostPath::Nbd => {
                     format!("the kernel's NBD client ({})", c.skipped.join("; "))

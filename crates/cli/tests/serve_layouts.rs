@@ -306,6 +306,22 @@ fn guest_with_ublk_gives_a_multi_segment_volume_a_ublk_device() {
     );
 }
 
+/// In a guest whose kernel has device-mapper, `serve --block-device` of a
+/// two-segment volume activates it as LVM2 would (`dm-linear`, LVM2's name
+/// and uuid), before ublk and NBD, which this guest has too: no server
+/// sits in the I/O path. Data written to /dev/dm-N lands where LVM2 says;
+/// the device goes when the server stops, and one a killed server left
+/// behind goes when the lease is released.
+#[test]
+fn guest_with_device_mapper_gives_a_multi_segment_volume_a_dm_device() {
+    guest_block_device_for_a_multi_segment_volume(
+        "device-mapper in a guest",
+        &["virtio_blk", "loop", "nbd", "ublk_drv", "dm_mod"],
+        "dm",
+        "/dev/dm-",
+    );
+}
+
 fn guest_block_device_for_a_multi_segment_volume(
     what: &str,
     modules: &[&str],
@@ -336,6 +352,7 @@ cat /tmp/serve.err
 echo "SERVE $(cat /tmp/serve.out)"
 DEV=$(sed 's/.*"block_device":"\([^"]*\)".*/\1/' /tmp/serve.out)
 echo "HWQUEUES $(ls /sys/block/${DEV#/dev/}/mq | wc -l)"
+test -e /sys/block/${DEV#/dev/}/dm && echo "DMNAME $(cat /sys/block/${DEV#/dev/}/dm/name) $(cat /sys/block/${DEV#/dev/}/dm/uuid)"
 dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
 echo "DATASUM $(sha256sum /tmp/data)"
 dd if=/tmp/data of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write
@@ -351,8 +368,27 @@ case $DEV in /dev/ublkb*)
 esac
 echo "FINALSUM $(sha256sum /tmp/data)"
 kill -TERM $SRV; wait $SRV; echo "SERVER-EXIT $?"
-case $DEV in /dev/ublkb*) test -e $DEV && GONE=" $DEV exists" ;; esac
+case $DEV in /dev/ublkb*|/dev/dm-*) test -e /sys/block/${DEV#/dev/} && GONE=" $DEV exists" ;; esac
 echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)$GONE"
+# Through device-mapper: LVM2's name and uuid. A killed server leaves its
+# device; releasing the lease (a second one, with its own two-segment
+# volume) removes it before the extents are freed.
+case $DEV in /dev/dm-*)
+  devpool --pool g --json lease acquire --volumes c:4M,d:4M --owner-pid $$ > /tmp/lease2.json || echo GUEST-STEP-FAILED acquire2
+  C=$(grep '"lv"' /tmp/lease2.json | head -1 | sed 's/.*"lv": *"\([^"]*\)".*/\1/')
+  devpool --devices /dev/vda lv resize devpool-g/$C --size +4M --yes > /dev/null || echo GUEST-STEP-FAILED resize2
+  devpool --pool g --json serve $C --block-device > /tmp/serve2.out 2>/tmp/serve2.err &
+  SRV=$!
+  n=0; while [ ! -s /tmp/serve2.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+  DEV2=$(sed 's/.*"block_device":"\([^"]*\)".*/\1/' /tmp/serve2.out)
+  kill -9 $SRV; wait $SRV
+  test -e /sys/block/${DEV2#/dev/} && echo "LEFT-BEHIND $DEV2"
+  S=$(grep '"session"' /tmp/lease2.json | head -1 | sed 's/.*"session": *"\([^"]*\)".*/\1/')
+  devpool --pool g lease release $S > /tmp/release.log 2>&1 || { cat /tmp/release.log; echo GUEST-STEP-FAILED release; }
+  test -e /sys/block/${DEV2#/dev/} && echo "AFTER-RELEASE $DEV2 exists"
+  echo "DM-DEVICES-LEFT $(ls /sys/block | grep -c '^dm-')"
+  ;;
+esac
 "#;
     // util-linux's blkdiscard (-z: write zeroes) and coreutils' dd (dsync:
     // FUA writes), beside busybox's.
@@ -360,7 +396,7 @@ echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)$GONE"
         "/usr/sbin/blkdiscard=/opt/blkdiscard",
         "/usr/bin/dd=/opt/dd",
     ];
-    let console = devpool_in_guest(&lab, &kernel, &disk, modules, &bins, script);
+    let console = devpool_in_guest(&lab, &kernel, &[&disk], modules, &bins, script);
     let serve_line = console
         .lines()
         .find(|l| l.starts_with("SERVE "))
@@ -409,11 +445,160 @@ echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)$GONE"
         .unwrap_or_default()
         .to_string();
     assert_eq!(host_sum, sum("FINALSUM "));
+    if path == "dm" {
+        let lvm2_name = format!("devpool--g-{}", lv.replace('-', "--"));
+        let dm = sum("DMNAME ");
+        assert_eq!(dm, lvm2_name, "{console}");
+        assert!(
+            console
+                .lines()
+                .any(|l| l.starts_with("DMNAME ") && l.contains(" LVM-")),
+            "{console}"
+        );
+        assert!(console.contains("LEFT-BEHIND /dev/dm-"), "{console}");
+        assert!(!console.contains("AFTER-RELEASE"), "{console}");
+        assert_eq!(sum("DM-DEVICES-LEFT "), "0", "{console}");
+    }
     if path == "ublk" {
         // One queue per guest vCPU (two).
         assert_eq!(sum("HWQUEUES "), "2", "{console}");
         assert_ne!(sum("FINALSUM "), sum("DATASUM "), "the zeroed MiB");
     }
+}
+
+/// In a guest with device-mapper: a two-segment volume of a pool on an
+/// image file becomes a dm device over a loop window of the image (the
+/// window starts at the volume's first extent, so no PV label shows), and
+/// its data lands in the image where the metadata says; a striped volume
+/// over /dev/vda and /dev/vdb becomes a `dm-stripe` device, and the host
+/// finds its data where LVM2 says.
+#[test]
+fn guest_with_device_mapper_serves_image_file_pools_and_striped_volumes() {
+    use common::guest::*;
+    let what = "device-mapper over image files and stripes in a guest";
+    if skip_unless_real(what) {
+        return;
+    }
+    let Some(kernel) = guest_or_skip(what) else {
+        return;
+    };
+    let mut lab = Lab::new();
+    let a = lab.loop_dev("guest-a.img", 256);
+    let b = lab.loop_dev("guest-b.img", 256);
+    let script = r#"
+export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
+touch /tmp/fstab
+serve_bd() {
+  rm -f /tmp/serve.out
+  devpool --pool $2 --json serve $1 --block-device > /tmp/serve.out 2>/tmp/serve.err &
+  SRV=$!
+  n=0; while [ ! -s /tmp/serve.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+  cat /tmp/serve.err
+  echo "SERVE-$2 $(cat /tmp/serve.out)"
+  DEV=$(sed 's/.*"block_device":"\([^"]*\)".*/\1/' /tmp/serve.out)
+}
+# 1. A pool on an image file.
+devpool pool setup /tmp/pool.img --name img --image-size 64M --yes > /tmp/s1.log 2>&1 || { cat /tmp/s1.log; echo GUEST-STEP-FAILED setup-image; }
+devpool --pool img --json lease acquire --volumes a:8M,b:4M --owner-pid $$ > /tmp/l1.json || echo GUEST-STEP-FAILED acquire-image
+A=$(grep '"lv"' /tmp/l1.json | head -1 | sed 's/.*"lv": *"\([^"]*\)".*/\1/')
+devpool lv resize devpool-img/$A --size +8M --yes > /dev/null || echo GUEST-STEP-FAILED resize-image
+LOOPS=$(ls -d /sys/block/loop*/loop 2>/dev/null | wc -l)
+serve_bd $A img
+for u in /sys/block/${DEV#/dev/}/slaves/*; do echo "UNDER ${u##*/} $(cat $u/loop/offset)"; done
+dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
+echo "IMG-DATASUM $(sha256sum < /tmp/data)"
+dd if=/tmp/data of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write-image
+kill -TERM $SRV; wait $SRV; echo "IMG-SERVER-EXIT $?"
+echo "IMG-LOOPS-LEFT $(( $(ls -d /sys/block/loop*/loop 2>/dev/null | wc -l) - LOOPS ))"
+# Each segment's bytes of the image, where the metadata says they are.
+devpool --json lv list devpool-img --segments > /tmp/segs.json || echo GUEST-STEP-FAILED segments
+awk -v lv="$A" '/"lv_name"/ { inlv = index($0, "\"" lv "\"") > 0 } inlv && /"offset"/ { gsub(/[^0-9]/, ""); off = $0 } inlv && /"seg_size"/ { gsub(/[^0-9]/, ""); print off, $0 }' /tmp/segs.json > /tmp/segs.txt
+: > /tmp/back
+while read off size; do dd if=/tmp/pool.img bs=1M skip=$((off / 1048576)) count=$((size / 1048576)) >> /tmp/back 2>/dev/null; done < /tmp/segs.txt
+echo "IMG-SEGMENTS $(wc -l < /tmp/segs.txt)"
+echo "IMG-BACKSUM $(sha256sum < /tmp/back)"
+# 2. A striped volume over two disks, leased to this shell.
+devpool pool setup /dev/vda --name s --yes > /tmp/s2.log 2>&1 || { cat /tmp/s2.log; echo GUEST-STEP-FAILED setup-disk; }
+devpool --devices /dev/vda,/dev/vdb vg extend devpool-s /dev/vdb > /tmp/ext.log 2>&1 || { cat /tmp/ext.log; echo GUEST-STEP-FAILED extend; }
+START=$(sed 's/^.*) //' /proc/$$/stat | cut -d' ' -f20)
+# The host tag as devpool writes it, from a lease of its own.
+devpool --pool s --json lease acquire --volumes x:4M --owner-pid $$ > /dev/null || echo GUEST-STEP-FAILED acquire-disk
+HOST=$(devpool --devices /dev/vda,/dev/vdb --json lv list devpool-s | grep -o 'devpool.host=[^"]*' | head -1 | cut -d= -f2)
+devpool --devices /dev/vda,/dev/vdb lv create devpool-s/striped --size 16M --stripes 2 --stripe-size 64K \
+  --tag devpool.lease=20261122000000-abcdef --tag devpool.role=test --tag devpool.pid=$$ \
+  --tag devpool.start=$START --tag devpool.boot=$(cat /proc/sys/kernel/random/boot_id) \
+  --tag devpool.host=$HOST > /tmp/c.log 2>&1 || { cat /tmp/c.log; echo GUEST-STEP-FAILED create-striped; }
+serve_bd striped s
+echo "STRIPED-UNDER $(ls /sys/block/${DEV#/dev/}/slaves | tr '\n' ' ')"
+dd if=/dev/urandom of=/tmp/data2 bs=1M count=16 2>/dev/null
+echo "STRIPED-DATASUM $(sha256sum < /tmp/data2)"
+dd if=/tmp/data2 of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write-striped
+kill -TERM $SRV; wait $SRV; echo "STRIPED-SERVER-EXIT $?"
+echo "DM-DEVICES-LEFT $(ls /sys/block | grep -c '^dm-')"
+"#;
+    let modules = ["virtio_blk", "loop", "dm_mod"];
+    let console = devpool_in_guest(&lab, &kernel, &[&a, &b], &modules, &[], script);
+    let line = |tag: &str| {
+        console
+            .lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
+            .trim()
+            .to_string()
+    };
+    let first = |tag: &str| {
+        line(tag)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    // The image-file pool: dm over one loop window that starts past the label.
+    assert!(line("SERVE-img ").contains(r#""path":"dm""#), "{console}");
+    let under: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("UNDER loop"))
+        .collect();
+    assert_eq!(
+        under.len(),
+        1,
+        "one loop device under the dm device:\n{console}"
+    );
+    let offset: u64 = under[0].split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(
+        offset >= 1 << 20,
+        "the window starts at the first extent: {offset}"
+    );
+    assert_eq!(line("IMG-SERVER-EXIT "), "0", "{console}");
+    assert_eq!(line("IMG-LOOPS-LEFT "), "0", "{console}");
+    assert_eq!(line("IMG-SEGMENTS "), "2", "{console}");
+    assert_eq!(first("IMG-DATASUM "), first("IMG-BACKSUM "), "{console}");
+    // The striped volume: dm-stripe over both disks, data where LVM2 says.
+    assert!(line("SERVE-s ").contains(r#""path":"dm""#), "{console}");
+    let slaves = line("STRIPED-UNDER ");
+    assert!(
+        slaves.contains("vda") && slaves.contains("vdb"),
+        "{console}"
+    );
+    assert_eq!(line("STRIPED-SERVER-EXIT "), "0", "{console}");
+    assert_eq!(line("DM-DEVICES-LEFT "), "0", "{console}");
+    let devs = [a.as_path(), b.as_path()];
+    let layout = Layout::of(&devs, "devpool-s", "striped");
+    let mut data = vec![0u8; 16 << 20];
+    for (i, chunk) in data.chunks_mut(4096).enumerate() {
+        let (d, off) = layout.locate(i as u64 * 4096);
+        let f = std::fs::File::open(&d).unwrap();
+        f.read_exact_at(chunk, off).unwrap();
+    }
+    let tmp = lab.path("striped.bin");
+    std::fs::write(&tmp, &data).unwrap();
+    let host = Command::new("sha256sum").arg(&tmp).output().unwrap();
+    let host_sum = String::from_utf8_lossy(&host.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(host_sum, first("STRIPED-DATASUM "), "{console}");
 }
 
 /// `serve --block-device` of the volumes only devpool's data plane can
@@ -496,7 +681,7 @@ devpool --pool g --json pool status > /tmp/status.json
 echo "THINUSED $(sed -n 's/.*"data_used": *\([0-9]*\).*/\1/p' /tmp/status.json | head -1)"
 "#;
     let modules = ["virtio_blk", "loop", "ublk_drv"];
-    let console = devpool_in_guest(&lab, &kernel, &disk, &modules, &[], script);
+    let console = devpool_in_guest(&lab, &kernel, &[&disk], &modules, &[], script);
     let serves: Vec<&str> = console
         .lines()
         .filter(|l| l.starts_with("SERVE "))
@@ -537,13 +722,14 @@ echo "THINUSED $(sed -n 's/.*"data_used": *\([0-9]*\).*/\1/p' /tmp/status.json |
     assert!(used >= 64, "4 MiB provisioned, {used} blocks used");
 }
 
-/// Boot a guest with `disk` (256 MiB) as /dev/vda, `modules` loaded, devpool (this
-/// build, stripped) as /usr/bin/devpool and `bins` ("SRC=DST"); run
-/// `script` and return the console, checked for failed steps and modules.
+/// Boot a guest with `disks` (each 256 MiB) as /dev/vda, /dev/vdb…, `modules`
+/// loaded, devpool (this build, stripped) as /usr/bin/devpool and `bins`
+/// ("SRC=DST"); run `script` and return the console, checked for failed
+/// steps and modules.
 fn devpool_in_guest(
     lab: &Lab,
     kernel: &devpool_vm::kernel::Kernel,
-    disk: &Path,
+    disks: &[&Path],
     modules: &[&str],
     bins: &[&str],
     script: &str,
@@ -569,11 +755,14 @@ fn devpool_in_guest(
     let console = boot(
         kernel,
         &initrd,
-        vec![devpool_vm::qemu::Disk::Raw {
-            path: disk.to_path_buf(),
-            offset: 0,
-            size: 256 << 20,
-        }],
+        disks
+            .iter()
+            .map(|d| devpool_vm::qemu::Disk::Raw {
+                path: d.to_path_buf(),
+                offset: 0,
+                size: 256 << 20,
+            })
+            .collect(),
         std::time::Duration::from_secs(300),
     );
     assert!(!console.contains("GUEST-STEP-FAILED"), "{console}");

@@ -13,6 +13,7 @@
 //! - [`cow`]: dm-snapshot's persistent exception store (the COW volume of a snapshot)
 //! - [`thin`]: dm-thin's metadata (superblock, B-trees, space maps, checksums)
 //! - [`signature`]: recognising what else a device may hold (filesystems, partition tables…)
+//! - [`dm`]: device-mapper tables and LVM2's names for activated LVs
 //! - [`devices_file`]: LVM2's devices file (the devices LVM2 uses when it keeps one)
 //!
 //! This crate is where fuzzing and property tests concentrate: every parser
@@ -22,6 +23,7 @@ pub mod config;
 pub mod cow;
 pub mod crc;
 pub mod devices_file;
+pub mod dm;
 pub mod error;
 pub mod label;
 pub mod map;

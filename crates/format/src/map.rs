@@ -57,6 +57,17 @@ pub struct PvPlace {
     pub pe_count: u64,
 }
 
+/// One run of a [`VolumeMap`]: logical bytes `start..start+len` on one
+/// area (linear) or striped over several, `stripe` bytes at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunView {
+    pub start: u64,
+    pub len: u64,
+    pub stripe: Option<u64>,
+    /// `(device index, byte offset)` of each area.
+    pub areas: Vec<(usize, u64)>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeMap {
     size: u64,
@@ -255,6 +266,24 @@ impl VolumeMap {
             }
         }
         Ok(())
+    }
+
+    /// The runs in logical order, as a device-mapper table needs them.
+    pub fn runs_view(&self) -> impl Iterator<Item = RunView> + '_ {
+        self.runs.iter().map(|r| match &r.run {
+            Run::Linear { dev, phys } => RunView {
+                start: r.start,
+                len: r.len,
+                stripe: None,
+                areas: vec![(*dev, *phys)],
+            },
+            Run::Striped { stripe, areas } => RunView {
+                start: r.start,
+                len: r.len,
+                stripe: Some(*stripe),
+                areas: areas.clone(),
+            },
+        })
     }
 
     /// Every physical byte range the volume owns, per device (used to prove

@@ -16,19 +16,7 @@ const BOOT: &str = "devpool.boot=";
 const HOST: &str = "devpool.host=";
 pub const KEPT: &str = "devpool.kept";
 
-/// LVM2 tags allow `[A-Za-z0-9_+.\-/=!:#&]`; anything else in a host name
-/// becomes `_`.
-fn tag_safe(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_+.-/=!:#&".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
+use crate::owner::tag_safe;
 
 /// The tags of one leased volume.
 pub fn tags(session: &str, role: &str, owner: &Owner, kept: bool) -> Vec<String> {

@@ -62,6 +62,20 @@ fn ticks_in_stat(stat: &[u8]) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// LVM2 tags allow `[A-Za-z0-9_+.\-/=!:#&]`; anything else (in a host
+/// name) becomes `_`.
+pub(crate) fn tag_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_+.-/=!:#&".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 impl Owner {
     /// The owner record for a live process on this host.
     pub fn of_pid(pid: u32) -> Option<Owner> {
@@ -79,7 +93,9 @@ impl Owner {
 
     /// Liveness as seen from `host` in boot `boot` (read once for many owners).
     pub fn liveness_on(&self, host: &str, boot: &str) -> Liveness {
-        if self.host != host {
+        // Tags keep LVM2's alphabet: a host called `(none)` (an initramfs)
+        // was recorded as `_none_`.
+        if tag_safe(&self.host) != tag_safe(host) {
             return Liveness::OtherHost(format!("owner is on host {}", self.host));
         }
         if self.boot_id != boot {
@@ -122,6 +138,21 @@ mod tests {
             ..me
         };
         assert!(elsewhere.liveness().is_alive());
+    }
+
+    #[test]
+    fn a_host_name_outside_the_tag_alphabet_is_still_this_host() {
+        let me = Owner::of_pid(std::process::id()).unwrap();
+        let recorded = Owner {
+            host: tag_safe("(none)"),
+            ..me.clone()
+        };
+        assert_eq!(recorded.host, "_none_");
+        assert_eq!(recorded.liveness_on("(none)", &me.boot_id), Liveness::Alive);
+        assert!(matches!(
+            recorded.liveness_on("other", &me.boot_id),
+            Liveness::OtherHost(_)
+        ));
     }
 
     #[test]

@@ -992,7 +992,9 @@ impl Pools {
         if !unknown.is_empty() {
             detach_volumes(meta, &unknown);
         }
-        self.stop_servers(meta, &r.remove)
+        self.stop_servers(meta, &r.remove)?;
+        remove_dm_devices(meta, &r.remove)?;
+        Ok(())
     }
 
     pub fn leases(&self, name: &str) -> Result<Vec<Lease>> {
@@ -1044,6 +1046,7 @@ impl Pools {
             let thin_snaps = crate::thin::thin_snapshots_of(&v.meta, &lvs);
             lvs.extend(thin_snaps);
             self.stop_servers(&v.meta, &lvs)?;
+            report.detached.extend(remove_dm_devices(&v.meta, &lvs)?);
             drop(lock);
             if lvs.is_empty() {
                 return Ok(report);
@@ -1204,6 +1207,7 @@ impl Pools {
             let all: Vec<String> = v.meta.lvs.iter().map(|l| l.name.clone()).collect();
             detach_volumes(&v.meta, &all);
             self.stop_servers(&v.meta, &all)?;
+            remove_dm_devices(&v.meta, &all)?;
             e.apply(
                 &Operation::VgRemove {
                     name: rec.vg.clone(),
@@ -1403,6 +1407,28 @@ fn detach_loops(v: &LoadedVg, lvs: &[String], strays: bool) -> Vec<PathBuf> {
         .map(|d| d.path.as_path())
         .collect();
     detach_marked(&v.meta, lvs, strays.then_some(&pv_files[..]))
+}
+
+/// Remove the device-mapper devices of `lvs` (after their servers stopped:
+/// a server that was killed leaves its device behind), then the loop
+/// devices under them; their nodes. One still open goes at its last close,
+/// as a detached loop device does; one the kernel will not remove stops
+/// the release before its commit.
+fn remove_dm_devices(meta: &VgMetadata, lvs: &[String]) -> Result<Vec<PathBuf>> {
+    let uuids: Vec<String> = lvs
+        .iter()
+        .filter_map(|n| meta.lv(n))
+        .map(|l| devpool_format::dm::uuid(meta.id.raw_str(), l.id.raw_str()))
+        .collect();
+    let mut gone = Vec::new();
+    for (name, r) in crate::dmdev::remove_for(&uuids) {
+        r?;
+        gone.push(PathBuf::from("/dev/mapper").join(name));
+    }
+    if !gone.is_empty() {
+        detach_volumes(meta, lvs);
+    }
+    Ok(gone)
 }
 
 /// Detach the loop devices of `lvs`.

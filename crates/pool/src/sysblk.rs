@@ -245,6 +245,20 @@ pub fn is_file_type_block(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether `marker` exists, after loading `module` if it did not (the
+/// kernel NBD client, ublk and device-mapper are modules on most kernels).
+pub fn loaded_or_probed(module: &str, marker: &Path) -> bool {
+    if marker.exists() {
+        return true;
+    }
+    let _ = std::process::Command::new("modprobe")
+        .arg(module)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    marker.exists()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

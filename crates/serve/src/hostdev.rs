@@ -1,9 +1,11 @@
 //! A host block device for a volume of any layout, by the fastest path this
 //! host offers, in order:
 //! 1. a loop device straight over the PV (the volume is one contiguous range);
-//! 2. ublk: `/dev/ublkbN` served by devpool's block-I/O core (no socket);
-//! 3. the kernel's NBD client, connected to devpool's server over a socketpair;
-//! 4. the volume as a file in a FUSE mount, with a loop device on that file.
+//! 2. device-mapper (`dm-linear`, `dm-stripe`) for other linear and striped
+//!    volumes, as LVM2 activates them: the kernel serves every request;
+//! 3. ublk: `/dev/ublkbN` served by devpool's block-I/O core (no socket);
+//! 4. the kernel's NBD client, connected to devpool's server over a socketpair;
+//! 5. the volume as a file in a FUSE mount, with a loop device on that file.
 //!
 //! The loop device carries the volume's mark (`devpool:<LV uuid>`), so
 //! release and cleanup detach it before they stop the server and free the
@@ -20,6 +22,7 @@ use std::sync::Arc;
 #[serde(rename_all = "kebab-case")]
 pub enum HostPath {
     Loop,
+    Dm,
     Ublk,
     Nbd,
     FuseLoop,
@@ -44,6 +47,8 @@ enum Held {
     Nothing,
     /// A loop device we attached over the PV.
     Loop,
+    /// A device-mapper device (and the loop devices under it).
+    Dm(devpool_pool::dmdev::Activated),
     Ublk(Box<crate::ublk::UblkDevice>),
     Nbd(crate::nbd::kernel::KernelNbd),
     /// A loop device we attached over the volume's file in a FUSE mount.
@@ -62,6 +67,9 @@ impl HostDevice {
             Held::Loop => {
                 let _ = loopdev::detach(&self.device);
             }
+            Held::Dm(a) => {
+                let _ = a.deactivate();
+            }
             Held::Ublk(u) => u.close(),
             Held::Nbd(n) => n.close(),
             Held::FuseLoop(m) => {
@@ -78,18 +86,34 @@ impl Drop for HostDevice {
     }
 }
 
-/// Whether `marker` exists, after loading `module` if it did not (the
-/// kernel NBD client and ublk are modules on most kernels).
+/// Whether `marker` exists, after loading `module` if it did not.
 pub(crate) fn loaded_or_probed(module: &str, marker: &Path) -> bool {
-    if marker.exists() {
-        return true;
+    devpool_pool::sysblk::loaded_or_probed(module, marker)
+}
+
+/// `vol` activated with device-mapper, or why not.
+fn dm_device(vol: &Volume) -> Result<devpool_pool::dmdev::Activated, String> {
+    use devpool_pool::dmdev;
+    if vol.cow.is_some() || vol.thin.is_some() {
+        return Err(
+            "snapshots, origins with snapshots and thin volumes go through devpool's own copy-on-write and thin mappings"
+                .into(),
+        );
     }
-    let _ = std::process::Command::new("modprobe")
-        .arg(module)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    marker.exists()
+    if !dmdev::available() {
+        return Err(format!(
+            "this kernel has no device-mapper ({})",
+            dmdev::CONTROL
+        ));
+    }
+    let lv = dmdev::LvIdentity {
+        vg: &vol.vg.name,
+        vg_uuid: &vol.vg.uuid,
+        lv: &vol.name,
+        lv_uuid: &vol.uuid,
+    };
+    let pvs: Vec<PathBuf> = vol.devs.iter().map(|d| d.path.clone()).collect();
+    dmdev::activate(&lv, &vol.map, &pvs, vol.read_only).map_err(|e| e.to_string())
 }
 
 /// A block device for `vol`. `existing` is a loop device the lease already
@@ -114,6 +138,13 @@ pub fn attach(
     }
     // Why the faster paths were not taken, each probed once.
     let mut skipped = Vec::new();
+    match dm_device(vol) {
+        Ok(a) => {
+            let node = a.device.node();
+            return Ok(device(node, HostPath::Dm, skipped, Held::Dm(a)));
+        }
+        Err(why) => skipped.push(format!("dm: {why}")),
+    }
     if crate::ublk::available() {
         match crate::ublk::connect(vol) {
             Ok(u) => {

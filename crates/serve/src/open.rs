@@ -74,6 +74,7 @@ pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> 
     Ok(Volume {
         name,
         uuid,
+        vg: vg_id(meta),
         map,
         devs,
         read_only,
@@ -114,6 +115,7 @@ fn open_thin(
     Ok(Volume {
         name: loc.lv.name.clone(),
         uuid: loc.lv.id.raw_str().to_string(),
+        vg: vg_id(meta),
         map: tdata,
         devs,
         read_only,
@@ -125,6 +127,13 @@ fn open_thin(
             &meta.name,
         )),
     })
+}
+
+fn vg_id(meta: &VgMetadata) -> crate::device::VgId {
+    crate::device::VgId {
+        name: meta.name.clone(),
+        uuid: meta.id.raw_str().to_string(),
+    }
 }
 
 fn open_devs(loc: &Located, index: &PvIndex, writable: bool) -> Result<Vec<PvDevice>, OpenError> {
