@@ -529,6 +529,10 @@ devpool --devices /dev/vda,/dev/vdb lv create devpool-s/striped --size 16M --str
   --tag devpool.start=$START --tag devpool.boot=$(cat /proc/sys/kernel/random/boot_id) \
   --tag devpool.host=$HOST > /tmp/c.log 2>&1 || { cat /tmp/c.log; echo GUEST-STEP-FAILED create-striped; }
 serve_bd striped s
+# LVM2 sees the LV devpool activated as active (lv_attr's fifth letter).
+mkdir -p /run/lock/lvm /run/lvm
+echo "LVM2-ATTR $(lvm lvs --noheadings -o lv_attr devpool-s/striped --config 'activation{udev_sync=0 udev_rules=0} devices{obtain_device_list_from_udev=0} backup{backup=0 archive=0}' 2>/tmp/lvs.err)"
+cat /tmp/lvs.err
 echo "STRIPED-UNDER $(ls /sys/block/${DEV#/dev/}/slaves | tr '\n' ' ')"
 dd if=/dev/urandom of=/tmp/data2 bs=1M count=16 2>/dev/null
 echo "STRIPED-DATASUM $(sha256sum < /tmp/data2)"
@@ -537,7 +541,7 @@ kill -TERM $SRV; wait $SRV; echo "STRIPED-SERVER-EXIT $?"
 echo "DM-DEVICES-LEFT $(ls /sys/block | grep -c '^dm-')"
 "#;
     let modules = ["virtio_blk", "loop", "dm_mod"];
-    let console = devpool_in_guest(&lab, &kernel, &[&a, &b], &modules, &[], script);
+    let console = devpool_in_guest(&lab, &kernel, &[&a, &b], &modules, &["/sbin/lvm"], script);
     let line = |tag: &str| {
         console
             .lines()
@@ -575,6 +579,8 @@ echo "DM-DEVICES-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert_eq!(first("IMG-DATASUM "), first("IMG-BACKSUM "), "{console}");
     // The striped volume: dm-stripe over both disks, data where LVM2 says.
     assert!(line("SERVE-s ").contains(r#""path":"dm""#), "{console}");
+    let attr = line("LVM2-ATTR ");
+    assert_eq!(attr.chars().nth(4), Some('a'), "LVM2 sees it active: {attr}\n{console}");
     let slaves = line("STRIPED-UNDER ");
     assert!(
         slaves.contains("vda") && slaves.contains("vdb"),
