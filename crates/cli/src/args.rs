@@ -453,6 +453,11 @@ pub enum VgCmd {
         /// Extent size: a power of two, 1K to 16G.
         #[arg(long, short = 's', default_value = "4M")]
         extent_size: String,
+        /// Keep LVM2 from activating the VG's LVs by itself (at boot, or
+        /// when its PVs appear): LVM2's `NOAUTOACTIVATE` flag, as
+        /// `vgcreate --setautoactivation n` writes it. Pools always have it.
+        #[arg(long)]
+        no_autoactivation: bool,
         #[command(flatten)]
         pv: PvArgs,
     },

@@ -250,12 +250,14 @@ fn run(cli: Cli) -> Result<()> {
             name,
             pvs,
             extent_size,
+            no_autoactivation,
             pv,
         }) => vec![Operation::VgCreate {
             name,
             pvs,
             extent_size: parse_bytes("--extent-size", &extent_size)?,
             pv_options: pv_options(&pv)?,
+            autoactivation: !no_autoactivation,
         }],
         Command::Vg(VgCmd::Remove { name }) => vec![Operation::VgRemove { name }],
         Command::Vg(VgCmd::Extend { name, pvs, pv }) => vec![Operation::VgExtend {

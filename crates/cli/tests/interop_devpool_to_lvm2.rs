@@ -205,3 +205,47 @@ fn vg_reduce_rename_remove_and_pv_remove_are_seen_by_lvm2() {
     let pvs = lvm_report(&devs, "pvs", "pv_name");
     assert!(pvs.is_empty(), "LVM2 sees no PV left: {pvs:?}");
 }
+
+/// `vg create --no-autoactivation` writes LVM2's `NOAUTOACTIVATE` flag
+/// (LVM2 reports autoactivation off and keeps it through devpool's later
+/// commits); without it the VG is LVM2's default, autoactivated.
+#[test]
+fn vg_create_no_autoactivation_is_lvm2s_setautoactivation_n() {
+    if skip_unless_real("vg_create_no_autoactivation_is_lvm2s_setautoactivation_n") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let a = lab.loop_dev("a.img", 64);
+    let b = lab.loop_dev("b.img", 64);
+    let (off, on) = (vg_name("noauto"), vg_name("auto"));
+    lab.dp(
+        &[&a],
+        &[
+            "vg",
+            "create",
+            &off,
+            &a.display().to_string(),
+            "--no-autoactivation",
+        ],
+    );
+    lab.dp(&[&b], &["vg", "create", &on, &b.display().to_string()]);
+    lab.dp(
+        &[&a],
+        &["lv", "create", &format!("{off}/l"), "--size", "8M"],
+    );
+    let devs = [a.as_path(), b.as_path()];
+    let vgs = lvm_report(&devs, "vgs", "vg_name,autoactivation");
+    let auto = |vg: &str| {
+        vgs.iter()
+            .find(|r| r["vg_name"] == vg)
+            .and_then(|r| r["vg_autoactivation"].as_str())
+            .unwrap_or_else(|| panic!("{vg} missing: {vgs:?}"))
+            .to_string()
+    };
+    assert_eq!(auto(&off), "", "{vgs:?}");
+    assert_eq!(auto(&on), "enabled", "{vgs:?}");
+    for vg in [&off, &on] {
+        let (ok, out) = vgck(&devs, vg);
+        assert!(ok, "{out}");
+    }
+}

@@ -125,6 +125,10 @@ fn lease_lifecycle_places_data_where_lvm2_says_and_cleans_up_dead_owners() {
     // LVM2 sees the volumes with their lease tags, and the VG passes vgck.
     let (good, why) = vgck(&[&dev], &vg);
     assert!(good, "vgck: {why}");
+    // LVM2 never activates a pool by itself (at boot, or when udev sees
+    // its PVs): dm-snapshot and dm-thin would then work behind devpool.
+    let vgs = lvm_report(&[&dev], "vgs", "vg_name,autoactivation");
+    assert_eq!(vgs[0]["vg_autoactivation"], "", "{vgs:?}");
     let lvs = lvm_report(&[&dev], "lvs", "lv_name,lv_size,lv_tags,seg_pe_ranges");
     let pe_start = num(&lvm_report(&[&dev], "pvs", "pe_start")[0]["pe_start"]);
     for d in &devices {
@@ -201,6 +205,22 @@ fn lease_lifecycle_places_data_where_lvm2_says_and_cleans_up_dead_owners() {
     let e = String::from_utf8_lossy(&pool_cmd(&lab, &pool, &["lease", "release", "nope"]).stderr)
         .to_string();
     assert!(e.contains("no lease 'nope'"), "{e}");
+    // A pool LVM2 may autoactivate (set up by an older devpool, or switched
+    // on with LVM2's own tool) is reported, with the command that fixes it.
+    let health = || {
+        json_of(
+            pool_cmd(&lab, &pool, &["--json", "pool", "status"]),
+            "status",
+        )["health"]
+            .to_string()
+    };
+    assert!(!health().contains("setautoactivation"), "{}", health());
+    lvm_ok(&[&dev], &["vgchange", "--setautoactivation", "y", &vg]);
+    let h = health();
+    assert!(
+        h.contains(&format!("vgchange --setautoactivation n {vg}")),
+        "{h}"
+    );
     ok(
         lab.devpool(&[], &["pool", "teardown", &pool, "--yes"]),
         "teardown",

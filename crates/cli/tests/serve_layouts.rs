@@ -580,7 +580,11 @@ echo "DM-DEVICES-LEFT $(ls /sys/block | grep -c '^dm-')"
     // The striped volume: dm-stripe over both disks, data where LVM2 says.
     assert!(line("SERVE-s ").contains(r#""path":"dm""#), "{console}");
     let attr = line("LVM2-ATTR ");
-    assert_eq!(attr.chars().nth(4), Some('a'), "LVM2 sees it active: {attr}\n{console}");
+    assert_eq!(
+        attr.chars().nth(4),
+        Some('a'),
+        "LVM2 sees it active: {attr}\n{console}"
+    );
     let slaves = line("STRIPED-UNDER ");
     assert!(
         slaves.contains("vda") && slaves.contains("vdb"),

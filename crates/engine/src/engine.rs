@@ -110,6 +110,10 @@ pub enum Operation {
         pvs: Vec<PathBuf>,
         extent_size: Bytes,
         pv_options: PvOptions,
+        /// Whether LVM2 may activate the VG's LVs by itself (`vgchange
+        /// -aay`, at boot and when its PVs appear); `false` writes LVM2's
+        /// `NOAUTOACTIVATE` VG flag (`vgcreate --setautoactivation n`).
+        autoactivation: bool,
     },
     VgRemove {
         name: String,
@@ -372,6 +376,9 @@ pub fn random_uuid() -> LvmUuid {
 
 /// This host's name (uname's nodename: one system call, where reading
 /// /proc/sys/kernel/hostname took five; a lease asks for it several times).
+/// LVM2's VG flag that keeps `vgchange -aay` (boot, udev's pvscan) off it.
+pub const NOAUTOACTIVATE: &str = "NOAUTOACTIVATE";
+
 pub fn hostname() -> String {
     // SAFETY: utsname is plain bytes; uname fills it or fails.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
@@ -994,6 +1001,7 @@ impl Engine {
                 pvs,
                 extent_size,
                 pv_options,
+                autoactivation,
             } => {
                 names::validate_vg_name(name).map_err(|e| EngineError::Invalid(e.to_string()))?;
                 if scan.vg(name).is_ok() {
@@ -1005,6 +1013,9 @@ impl Engine {
                     return Err(EngineError::Invalid("a VG needs at least one PV".into()));
                 }
                 let mut vg = VgMetadata::new_empty(name, random_uuid(), es);
+                if !autoactivation {
+                    vg.flags.push(NOAUTOACTIVATE.into());
+                }
                 if let Some(id) = crate::lvmconf::local_system_id() {
                     crate::access::stamp(&mut vg, &id);
                 }
@@ -2102,6 +2113,7 @@ mod tests {
                 metadata_copies: 1,
                 image_size: Some(Bytes(64 << 20)),
             },
+            autoactivation: true,
         };
         e.apply(&create, true).unwrap();
         (e, img)

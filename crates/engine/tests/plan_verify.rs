@@ -42,6 +42,7 @@ fn setup() -> (tempfile::TempDir, Engine, PathBuf) {
             pvs: vec![img.clone()],
             extent_size: Bytes(4 << 20),
             pv_options: opts,
+            autoactivation: true,
         },
         false,
     )

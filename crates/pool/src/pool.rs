@@ -465,6 +465,7 @@ impl Pools {
                     metadata_copies: 1,
                     image_size: Some(self.default_size),
                 },
+                autoactivation: false,
             },
             true,
         )?;
@@ -604,6 +605,7 @@ impl Pools {
                     metadata_copies: 1,
                     image_size,
                 },
+                autoactivation: false,
             },
             true,
         );
@@ -757,6 +759,17 @@ impl Pools {
             health.push(format!(
                 "free space is low: {} of {} bytes free",
                 s.free_bytes, s.size_bytes
+            ));
+        }
+        if !v
+            .meta
+            .flags
+            .iter()
+            .any(|f| f == devpool_engine::engine::NOAUTOACTIVATE)
+        {
+            health.push(format!(
+                "LVM2 may activate this pool's volumes by itself (at boot, or when udev sees its PVs), and its dm-snapshot and dm-thin would then change them behind devpool: run 'vgchange --setautoactivation n {}'",
+                v.meta.name
             ));
         }
         if let Some(file) = devpool_engine::lvmconf::lvm_devices_file() {
