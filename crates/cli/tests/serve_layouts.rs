@@ -522,7 +522,7 @@ devpool pool setup /dev/vda --name s --yes > /tmp/s2.log 2>&1 || { cat /tmp/s2.l
 devpool --devices /dev/vda,/dev/vdb vg extend devpool-s /dev/vdb > /tmp/ext.log 2>&1 || { cat /tmp/ext.log; echo GUEST-STEP-FAILED extend; }
 START=$(sed 's/^.*) //' /proc/$$/stat | cut -d' ' -f20)
 # The host tag as devpool writes it, from a lease of its own.
-devpool --pool s --json lease acquire --volumes x:4M --owner-pid $$ > /dev/null || echo GUEST-STEP-FAILED acquire-disk
+devpool --pool s --json lease acquire --volumes x:4M --owner-pid $$ > /tmp/l2.json || echo GUEST-STEP-FAILED acquire-disk
 HOST=$(devpool --devices /dev/vda,/dev/vdb --json lv list devpool-s | grep -o 'devpool.host=[^"]*' | head -1 | cut -d= -f2)
 devpool --devices /dev/vda,/dev/vdb lv create devpool-s/striped --size 16M --stripes 2 --stripe-size 64K \
   --tag devpool.lease=20261122000000-abcdef --tag devpool.role=test --tag devpool.pid=$$ \
@@ -539,9 +539,24 @@ echo "STRIPED-DATASUM $(sha256sum < /tmp/data2)"
 dd if=/tmp/data2 of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write-striped
 kill -TERM $SRV; wait $SRV; echo "STRIPED-SERVER-EXIT $?"
 echo "DM-DEVICES-LEFT $(ls /sys/block | grep -c '^dm-')"
+# 3. A snapshotted volume LVM2 has active (dm-snapshot) is not served by
+# devpool's own copy-on-write beside the kernel's; once LVM2 lets go, it is.
+X=$(grep '"lv"' /tmp/l2.json | head -1 | sed 's/.*"lv": *"\([^"]*\)".*/\1/')
+devpool --pool s snapshot create $X --name before --size 4M > /tmp/snap.log 2>&1 || { cat /tmp/snap.log; echo GUEST-STEP-FAILED snapshot; }
+lvm_c vgchange -ay devpool-s > /tmp/vgc.log 2>&1 || { cat /tmp/vgc.log; echo GUEST-STEP-FAILED vgchange-ay; }
+echo "LVM2-ACTIVE $(ls /sys/block | grep -c '^dm-')"
+timeout 20 devpool --pool s serve $X --nbd unix:/tmp/x.sock > /tmp/refused.out 2>&1 && echo "SERVED-BESIDE-DM"
+echo "REFUSED $(tr '\n' ' ' < /tmp/refused.out)"
+lvm_c vgchange -an devpool-s > /tmp/vgc.log 2>&1 || { cat /tmp/vgc.log; echo GUEST-STEP-FAILED vgchange-an; }
+devpool --pool s --json serve $X --nbd unix:/tmp/x.sock > /tmp/x.out 2>&1 &
+SRV=$!
+n=0; while [ ! -s /tmp/x.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+echo "SERVED-AFTER $(cat /tmp/x.out)"
+kill -TERM $SRV; wait $SRV
 "#;
-    let modules = ["virtio_blk", "loop", "dm_mod"];
-    let console = devpool_in_guest(&lab, &kernel, &[&a, &b], &modules, &["/sbin/lvm"], script);
+    let script = format!("{DM_GUEST_HELPERS}{script}");
+    let modules = ["virtio_blk", "loop", "dm_mod", "dm_snapshot"];
+    let console = devpool_in_guest(&lab, &kernel, &[&a, &b], &modules, &["/sbin/lvm"], &script);
     let line = |tag: &str| {
         console
             .lines()
@@ -609,6 +624,16 @@ echo "DM-DEVICES-LEFT $(ls /sys/block | grep -c '^dm-')"
         .unwrap_or_default()
         .to_string();
     assert_eq!(host_sum, first("STRIPED-DATASUM "), "{console}");
+    // LVM2 activated the VG (origin, -real, snapshot, -cow, striped, x's
+    // neighbours…): devpool refused to serve the origin beside dm-snapshot.
+    assert!(line("LVM2-ACTIVE ").parse::<u32>().unwrap() >= 4, "{console}");
+    assert!(!console.contains("SERVED-BESIDE-DM"), "{console}");
+    let refused = line("REFUSED ");
+    assert!(
+        refused.contains("dm-snapshot") && refused.contains("vgchange -an devpool-s"),
+        "{refused}"
+    );
+    assert!(line("SERVED-AFTER ").contains(r#""nbd""#), "{console}");
 }
 
 /// `serve --block-device` of the volumes only devpool's data plane can

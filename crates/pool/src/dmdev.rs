@@ -289,23 +289,31 @@ pub fn list() -> Vec<DmDevice> {
     out
 }
 
-/// Remove the devices whose uuid is one of `uuids`, or one of them followed
-/// by `-` and a layer (LVM2's `-real`, `-cow`, `-tpool`…): the devices that
-/// map extents about to be freed. Each is named with whether it went at
-/// once (`true`) or stays until its last user closes it (`false`, as a
-/// detached loop device does).
+/// Whether dm uuid `u` is one of `uuids`, or one of them followed by `-`
+/// and a layer (LVM2's `-real`, `-cow`, `-tpool`…).
+fn is_of(uuids: &[String], u: &str) -> bool {
+    uuids.iter().any(|w| {
+        u.strip_prefix(w.as_str())
+            .is_some_and(|r| r.is_empty() || r.starts_with('-'))
+    })
+}
+
+/// The devices of `uuids` (see [`is_of`]), visible ones first (LVM2 stacks
+/// an LV's visible device over its layers).
+pub fn active_for(uuids: &[String]) -> Vec<DmDevice> {
+    let mut found: Vec<DmDevice> = list()
+        .into_iter()
+        .filter(|d| is_of(uuids, &d.uuid))
+        .collect();
+    found.sort_by_key(|d| d.uuid.len());
+    found
+}
+
+/// Remove the devices of `uuids`: the devices that map extents about to be
+/// freed. Each is named with whether it went at once (`true`) or stays
+/// until its last user closes it (`false`, as a detached loop device does).
 pub fn remove_for(uuids: &[String]) -> Vec<(String, Result<bool>)> {
-    let mine = |u: &str| {
-        uuids.iter().any(|w| {
-            u.strip_prefix(w.as_str())
-                .is_some_and(|r| r.is_empty() || r.starts_with('-'))
-        })
-    };
-    let mut doomed: Vec<DmDevice> = list().into_iter().filter(|d| mine(&d.uuid)).collect();
-    // LVM2 stacks an LV's visible device (the uuid without a layer) over
-    // its layers: the visible one goes first.
-    doomed.sort_by_key(|d| d.uuid.len());
-    doomed
+    active_for(uuids)
         .into_iter()
         .map(|d| {
             let r = remove(&d.name);
@@ -455,6 +463,16 @@ pub fn activate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_lvs_devices_are_its_uuid_and_its_layers_not_a_longer_uuid() {
+        let mine = vec!["LVM-vgAlvB".to_string()];
+        assert!(is_of(&mine, "LVM-vgAlvB"));
+        assert!(is_of(&mine, "LVM-vgAlvB-real"));
+        assert!(is_of(&mine, "LVM-vgAlvB-tpool"));
+        assert!(!is_of(&mine, "LVM-vgAlvBx"));
+        assert!(!is_of(&mine, "LVM-vgAlv"));
+    }
 
     #[test]
     fn ioctl_numbers_match_the_kernel_header() {

@@ -69,7 +69,9 @@ pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> 
     let cow = if stores.is_empty() {
         None
     } else {
-        Some(open_cow(meta, &devs, as_snapshot.is_some(), &map, stores)?)
+        let cow = open_cow(meta, &devs, as_snapshot.is_some(), &map, stores)?;
+        refuse_if_dm_active(meta, &cow.family, "dm-snapshot")?;
+        Some(cow)
     };
     Ok(Volume {
         name,
@@ -94,6 +96,12 @@ fn open_thin(
         .into_iter()
         .find(|p| p.pool == t.pool)
         .ok_or_else(|| OpenError::Invalid(format!("thin pool {} is missing", t.pool)))?;
+    let pool_lvs = [&pool.pool, &pool.tdata, &pool.tmeta];
+    let uuids: Vec<String> = pool_lvs
+        .iter()
+        .map(|n| Ok(lv(meta, n)?.id.raw_str().to_string()))
+        .collect::<Result<_, OpenError>>()?;
+    refuse_if_dm_active(meta, &uuids, "dm-thin")?;
     let mut index = PvIndex::default();
     let tdata = index.map_lv(meta, lv(meta, &pool.tdata)?)?;
     let tmeta = index.map_lv(meta, lv(meta, &pool.tmeta)?)?;
@@ -127,6 +135,34 @@ fn open_thin(
             &meta.name,
         )),
     })
+}
+
+/// Refuse when device-mapper has any of the LVs `lv_uuids` active (LVM2
+/// activated them, `vgchange -ay`): the kernel's `target` then changes
+/// their COW stores or thin metadata, and devpool's own mappings beside it
+/// would corrupt them.
+fn refuse_if_dm_active(
+    meta: &VgMetadata,
+    lv_uuids: &[String],
+    target: &str,
+) -> Result<(), OpenError> {
+    let uuids: Vec<String> = lv_uuids
+        .iter()
+        .map(|u| devpool_format::dm::uuid(meta.id.raw_str(), u))
+        .collect();
+    let active = devpool_pool::dmdev::active_for(&uuids);
+    if active.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = active
+        .iter()
+        .map(|d| format!("{} ({})", d.name, d.node().display()))
+        .collect();
+    Err(OpenError::Invalid(format!(
+        "device-mapper has this volume's {target} devices active: {}; the kernel works on its copy-on-write or thin metadata, so devpool will not serve it beside the kernel (deactivate them first: 'vgchange -an {}')",
+        names.join(", "),
+        meta.name
+    )))
 }
 
 fn vg_id(meta: &VgMetadata) -> crate::device::VgId {
