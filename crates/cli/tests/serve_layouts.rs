@@ -626,7 +626,10 @@ kill -TERM $SRV; wait $SRV
     assert_eq!(host_sum, first("STRIPED-DATASUM "), "{console}");
     // LVM2 activated the VG (origin, -real, snapshot, -cow, striped, x's
     // neighbours…): devpool refused to serve the origin beside dm-snapshot.
-    assert!(line("LVM2-ACTIVE ").parse::<u32>().unwrap() >= 4, "{console}");
+    assert!(
+        line("LVM2-ACTIVE ").parse::<u32>().unwrap() >= 4,
+        "{console}"
+    );
     assert!(!console.contains("SERVED-BESIDE-DM"), "{console}");
     let refused = line("REFUSED ");
     assert!(
@@ -634,6 +637,125 @@ kill -TERM $SRV; wait $SRV
         "{refused}"
     );
     assert!(line("SERVED-AFTER ").contains(r#""nbd""#), "{console}");
+}
+
+/// The start of the snapshot guest tests: helpers (`step CMD…` reports a
+/// failed step, `field NAME FILE` reads a JSON string, `serve LV` serves it
+/// as a block device in the background and sets DEV and SRV, `stop` ends
+/// it), a pool on /dev/vda, a leased 8 MiB volume A (loop device LOOP)
+/// filled with /tmp/old, and its snapshot `s`. (A COW store for all 8 MiB
+/// of the volume needs room for its header and exception areas too: 12M.)
+const SNAPSHOT_PRELUDE: &str = r#"
+export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
+touch /tmp/fstab
+step() { "$@" > /tmp/step.log 2>&1 || { cat /tmp/step.log; echo "GUEST-STEP-FAILED $*"; }; }
+field() { sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p" $2 | head -1; }
+# Serve $1 as a block device in the background: sets DEV and SRV.
+serve() {
+  rm -f /tmp/serve.out
+  devpool --pool g --json serve $1 --block-device > /tmp/serve.out 2>/tmp/serve.err &
+  SRV=$!
+  n=0; while [ ! -s /tmp/serve.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+  cat /tmp/serve.err
+  echo "SERVE $1 $(cat /tmp/serve.out)"
+  DEV=$(sed 's/.*"block_device":"\([^"]*\)".*/\1/' /tmp/serve.out)
+}
+stop() { kill -TERM $SRV; wait $SRV || echo "GUEST-STEP-FAILED server exit $?"; }
+step devpool pool setup /dev/vda --name g --yes
+devpool --pool g --json lease acquire --volumes a:8M --owner-pid $$ > /tmp/lease.json || echo GUEST-STEP-FAILED acquire
+A=$(field lv /tmp/lease.json); LOOP=$(field device /tmp/lease.json)
+dd if=/dev/urandom of=/tmp/old bs=1M count=8 2>/dev/null
+dd if=/tmp/old of=$LOOP bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED fill
+step devpool --pool g snapshot create $A --name s --size 12M
+"#;
+
+/// In a guest with device-mapper, a snapshotted origin and its snapshot
+/// served as block devices are the kernel's dm-snapshot, stacked as LVM2
+/// stacks them (`-real`, `-cow`, `snapshot`, `snapshot-origin`): a write
+/// through the origin leaves the snapshot showing the old data, every
+/// device goes with its server, and devpool's own copy-on-write then takes
+/// the store over as the kernel left it (a merge rolls the origin back).
+#[test]
+fn guest_with_device_mapper_serves_snapshots_with_dm_snapshot() {
+    use common::guest::*;
+    let what = "dm-snapshot for devpool snapshots in a guest";
+    if skip_unless_real(what) {
+        return;
+    }
+    let Some(kernel) = guest_or_skip(what) else {
+        return;
+    };
+    let mut lab = Lab::new();
+    let disk = lab.loop_dev("guest-dmsnap.img", 256);
+    let script = format!(
+        "{SNAPSHOT_PRELUDE}{}",
+        r#"
+dd if=/dev/urandom of=/tmp/new bs=1M count=8 2>/dev/null
+serve $A
+echo "STACK $(for d in /sys/block/dm-*/dm/name; do cat $d; done | sort | tr '\n' ' ')"
+dd if=/tmp/new of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED origin-write
+dd if=$DEV of=/tmp/origin bs=1M iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED origin-read
+stop
+echo "AFTER-ORIGIN $(ls /sys/block | grep -c '^dm-')"
+serve s
+dd if=$DEV of=/tmp/snap bs=1M iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED snapshot-read
+stop
+echo "AFTER-SNAPSHOT $(ls /sys/block | grep -c '^dm-')"
+# devpool's own copy-on-write reads the store dm-snapshot wrote.
+step devpool --pool g snapshot merge s --yes
+serve $A
+dd if=$DEV of=/tmp/merged bs=1M count=8 iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED merged-read
+stop
+echo "OLD $(sha256sum < /tmp/old)"
+echo "NEW $(sha256sum < /tmp/new)"
+echo "ORIGIN $(sha256sum < /tmp/origin)"
+echo "SNAP $(sha256sum < /tmp/snap)"
+echo "MERGED $(sha256sum < /tmp/merged)"
+"#
+    );
+    let modules = ["virtio_blk", "loop", "dm_mod", "dm_snapshot"];
+    let console = devpool_in_guest(&lab, &kernel, &[&disk], &modules, &[], &script);
+    let line = |tag: &str| {
+        console
+            .lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
+            .trim()
+            .to_string()
+    };
+    let sum = |tag: &str| {
+        line(tag)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    let serves: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("SERVE "))
+        .collect();
+    assert_eq!(serves.len(), 3, "{console}");
+    assert!(serves[0].contains(r#""path":"dm""#), "{console}");
+    assert!(serves[1].contains(r#""path":"dm""#), "{console}");
+    // The stack LVM2 would make, with its names.
+    let stack = line("STACK ");
+    for part in ["-real", "-s-cow", "devpool--g-s"] {
+        assert!(stack.contains(part), "{part} missing from {stack}");
+    }
+    assert_eq!(stack.split_whitespace().count(), 4, "{stack}");
+    assert_eq!(line("AFTER-ORIGIN "), "0", "{console}");
+    assert_eq!(line("AFTER-SNAPSHOT "), "0", "{console}");
+    assert_eq!(sum("ORIGIN "), sum("NEW "), "{console}");
+    assert_eq!(
+        sum("SNAP "),
+        sum("OLD "),
+        "the snapshot keeps the old data:\n{console}"
+    );
+    assert_eq!(
+        sum("MERGED "),
+        sum("OLD "),
+        "the merge rolled back:\n{console}"
+    );
 }
 
 /// `serve --block-device` of the volumes only devpool's data plane can
@@ -654,31 +776,9 @@ fn guest_with_ublk_serves_snapshots_and_thin_volumes_as_block_devices() {
     };
     let mut lab = Lab::new();
     let disk = lab.loop_dev("guest-cow.img", 256);
-    let script = r#"
-export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
-touch /tmp/fstab
-step() { "$@" > /tmp/step.log 2>&1 || { cat /tmp/step.log; echo "GUEST-STEP-FAILED $*"; }; }
-field() { sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p" $2 | head -1; }
-# (A COW store for all 8 MiB of the volume needs room for its header and
-# exception areas too: 12M.)
-# Serve $1 as a block device in the background: sets DEV and SRV.
-serve() {
-  rm -f /tmp/serve.out
-  devpool --pool g --json serve $1 --block-device > /tmp/serve.out 2>/tmp/serve.err &
-  SRV=$!
-  n=0; while [ ! -s /tmp/serve.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
-  cat /tmp/serve.err
-  echo "SERVE $1 $(cat /tmp/serve.out)"
-  DEV=$(sed 's/.*"block_device":"\([^"]*\)".*/\1/' /tmp/serve.out)
-}
-stop() { kill -TERM $SRV; wait $SRV || echo "GUEST-STEP-FAILED server exit $?"; }
-step devpool pool setup /dev/vda --name g --yes
-devpool --pool g --json lease acquire --volumes a:8M --owner-pid $$ > /tmp/lease.json || echo GUEST-STEP-FAILED acquire
-A=$(field lv /tmp/lease.json); LOOP=$(field device /tmp/lease.json)
-dd if=/dev/urandom of=/tmp/old bs=1M count=8 2>/dev/null
-dd if=/tmp/old of=$LOOP bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED fill
-step devpool --pool g snapshot create $A --name s --size 12M
-dd if=/dev/urandom of=/tmp/new bs=1M count=8 2>/dev/null
+    let script = format!(
+        "{SNAPSHOT_PRELUDE}{}",
+        r#"dd if=/dev/urandom of=/tmp/new bs=1M count=8 2>/dev/null
 serve $A
 dd if=/tmp/new of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED origin-write
 dd if=$DEV of=/tmp/origin bs=1M iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED origin-read
@@ -714,9 +814,10 @@ stop
 echo "FINALLY $(ls /sys/class/ublk-char | tr '\n' ' ')."
 devpool --pool g --json pool status > /tmp/status.json
 echo "THINUSED $(sed -n 's/.*"data_used": *\([0-9]*\).*/\1/p' /tmp/status.json | head -1)"
-"#;
+"#
+    );
     let modules = ["virtio_blk", "loop", "ublk_drv"];
-    let console = devpool_in_guest(&lab, &kernel, &[&disk], &modules, &[], script);
+    let console = devpool_in_guest(&lab, &kernel, &[&disk], &modules, &[], &script);
     let serves: Vec<&str> = console
         .lines()
         .filter(|l| l.starts_with("SERVE "))

@@ -340,25 +340,72 @@ impl LvIdentity<'_> {
     pub fn uuid(&self) -> String {
         devpool_format::dm::uuid(self.vg_uuid, self.lv_uuid)
     }
+    /// A layer under the LV's device, as LVM2 names it (`-real`, `-cow`).
+    pub fn layer(&self, layer: &str) -> (String, String) {
+        (
+            format!("{}-{layer}", self.name()),
+            format!("{}-{layer}", self.uuid()),
+        )
+    }
 }
 
-/// A volume activated with device-mapper.
+/// What one device of a stack maps.
+#[derive(Debug, Clone)]
+pub enum Table<'a> {
+    /// A linear or striped volume on the PVs.
+    Map(&'a devpool_format::map::VolumeMap),
+    /// One target of `sectors` whose parameters name devices made before it
+    /// in the same stack (by index).
+    Over {
+        kind: &'static str,
+        sectors: u64,
+        params: Vec<Param>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum Param {
+    Text(String),
+    /// `MAJ:MIN` of the stack's device at this index.
+    Layer(usize),
+}
+
+/// One device of a stack, made after the ones before it.
+#[derive(Debug, Clone)]
+pub struct Layer<'a> {
+    pub name: String,
+    pub uuid: String,
+    pub table: Table<'a>,
+    pub read_only: bool,
+}
+
+/// A volume activated with device-mapper: one device, or a stack (an
+/// origin with its snapshots).
 #[derive(Debug)]
 pub struct Activated {
-    pub device: DmDevice,
-    /// Loop devices made under it (one per image-file PV, over the span of
-    /// the volume's extents there: the PV's label stays out of sight).
+    /// The devices, in the order they were made.
+    pub devices: Vec<DmDevice>,
+    /// Loop devices made under them (one per image-file PV, over the span of
+    /// the extents the stack maps there: the PV's label stays out of sight).
     loops: Vec<PathBuf>,
-    /// Whether this activation made the device (else it was active already,
-    /// with the volume's size, and is left as it is).
+    /// Whether this activation made the devices (else they were active
+    /// already, with the volume's size, and are left as they are).
     pub made: bool,
 }
 
 impl Activated {
-    /// Remove the device (if this activation made it), then its loop devices.
+    /// The device called `name`.
+    pub fn device(&self, name: &str) -> Option<&DmDevice> {
+        self.devices.iter().find(|d| d.name == name)
+    }
+
+    /// Remove the devices (if this activation made them), top first, then
+    /// their loop devices.
     pub fn deactivate(self) -> Result<()> {
         if self.made {
-            remove(&self.device.name)?;
+            for d in self.devices.iter().rev() {
+                remove(&d.name)?;
+            }
         }
         for l in &self.loops {
             crate::loopdev::detach(l)?;
@@ -376,8 +423,7 @@ fn major_minor(path: &Path) -> Result<String> {
 }
 
 /// Activate `map` (a linear or striped volume on the PVs `pvs`, by index)
-/// as the device LVM2 would make for `lv`. An image-file PV gets a loop
-/// device first, marked with the LV's uuid. A device of that name that is
+/// as the device LVM2 would make for `lv`. A device of that name that is
 /// already active with the LV's uuid and size is used as it is.
 pub fn activate(
     lv: &LvIdentity,
@@ -385,7 +431,6 @@ pub fn activate(
     pvs: &[PathBuf],
     read_only: bool,
 ) -> Result<Activated> {
-    use devpool_format::dm::KernelDev;
     let (name, uuid) = (lv.name(), lv.uuid());
     if let Some(d) = info(&name)? {
         let size = std::fs::read_to_string(format!("/sys/block/dm-{}/size", d.minor))
@@ -393,7 +438,7 @@ pub fn activate(
             .and_then(|s| s.trim().parse::<u64>().ok());
         if d.uuid == uuid && size == Some(map.size() / 512) {
             return Ok(Activated {
-                device: d,
+                devices: vec![d],
                 loops: Vec::new(),
                 made: false,
             });
@@ -403,58 +448,113 @@ pub fn activate(
             d.uuid
         )));
     }
-    let ranges = map.physical_ranges();
-    let mut places: Vec<Option<KernelDev>> = vec![None; pvs.len()];
-    let mut loops = Vec::new();
-    let undo = |loops: &[PathBuf]| {
-        for l in loops {
-            let _ = crate::loopdev::detach(l);
-        }
+    let layer = Layer {
+        name,
+        uuid,
+        table: Table::Map(map),
+        read_only,
     };
-    for (i, pv) in pvs.iter().enumerate() {
-        let mine = ranges.iter().filter(|r| r.0 == i);
-        let (Some(start), Some(end)) = (
-            mine.clone().map(|r| r.1).min(),
-            mine.map(|r| r.1 + r.2).max(),
-        ) else {
-            continue;
-        };
-        let is_block = std::fs::metadata(pv)
-            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
-            .map_err(|e| PoolError::io(pv, "stat", e))?;
-        let place = if is_block {
-            major_minor(pv).map(|mm| KernelDev {
-                major_minor: mm,
-                base: 0,
-            })
-        } else {
-            crate::loopdev::attach(pv, start, end - start, lv.lv_uuid).and_then(|l| {
-                loops.push(l.clone());
-                major_minor(&l).map(|mm| KernelDev {
-                    major_minor: mm,
-                    base: start,
-                })
-            })
-        };
-        match place {
-            Ok(p) => places[i] = Some(p),
-            Err(e) => {
-                undo(&loops);
-                return Err(e);
+    activate_stack(&[layer], pvs, lv.lv_uuid)
+}
+
+/// Make the devices `layers`, in order, over the PVs `pvs` (by index). An
+/// image-file PV gets a loop device first, marked `loop_mark` (an LV uuid,
+/// so release finds it). Any device of the stack that exists already
+/// refuses it; a failed step removes what the stack made.
+pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Result<Activated> {
+    use devpool_format::dm::{KernelDev, Target};
+    for l in layers {
+        if let Some(d) = info(&l.name)? {
+            return Err(PoolError::Refused(format!(
+                "device-mapper device {} ({}) exists already: LVM2 has the volume active, or a devpool server was killed before it could remove it ('vgchange -an' or a release removes it)",
+                d.name,
+                d.node().display()
+            )));
+        }
+    }
+    // Each PV's span over every mapped layer.
+    let mut spans: Vec<Option<(u64, u64)>> = vec![None; pvs.len()];
+    for l in layers {
+        if let Table::Map(map) = &l.table {
+            for (d, off, len) in map.physical_ranges() {
+                if let Some(s) = spans.get_mut(d) {
+                    let (a, b) = s.unwrap_or((off, off + len));
+                    *s = Some((a.min(off), b.max(off + len)));
+                }
             }
         }
     }
-    let made = devpool_format::dm::table(map, |d| places.get(d).cloned().flatten())
-        .map_err(|e| PoolError::Invalid(format!("{name}: {e}")))
-        .and_then(|t| create(&name, &uuid, &t, read_only));
-    match made {
-        Ok(device) => Ok(Activated {
-            device,
-            loops,
-            made: true,
-        }),
+    let mut done = Activated {
+        devices: Vec::new(),
+        loops: Vec::new(),
+        made: true,
+    };
+    let mut places: Vec<Option<KernelDev>> = vec![None; pvs.len()];
+    let result = (|| -> Result<()> {
+        for (i, pv) in pvs.iter().enumerate() {
+            let Some((start, end)) = spans[i] else {
+                continue;
+            };
+            let is_block = std::fs::metadata(pv)
+                .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+                .map_err(|e| PoolError::io(pv, "stat", e))?;
+            places[i] = Some(if is_block {
+                KernelDev {
+                    major_minor: major_minor(pv)?,
+                    base: 0,
+                }
+            } else {
+                let l = crate::loopdev::attach(pv, start, end - start, loop_mark)?;
+                done.loops.push(l.clone());
+                KernelDev {
+                    major_minor: major_minor(&l)?,
+                    base: start,
+                }
+            });
+        }
+        for l in layers {
+            let targets = match &l.table {
+                Table::Map(map) => {
+                    devpool_format::dm::table(map, |d| places.get(d).cloned().flatten())
+                        .map_err(|e| PoolError::Invalid(format!("{}: {e}", l.name)))?
+                }
+                Table::Over {
+                    kind,
+                    sectors,
+                    params,
+                } => {
+                    let mut p = Vec::new();
+                    for part in params {
+                        p.push(match part {
+                            Param::Text(t) => t.clone(),
+                            Param::Layer(i) => {
+                                let d = done.devices.get(*i).ok_or_else(|| {
+                                    PoolError::Invalid(format!(
+                                        "{}: layer {i} is not made before it",
+                                        l.name
+                                    ))
+                                })?;
+                                format!("{}:{}", d.major, d.minor)
+                            }
+                        });
+                    }
+                    vec![Target {
+                        start: 0,
+                        sectors: *sectors,
+                        kind,
+                        params: p.join(" "),
+                    }]
+                }
+            };
+            done.devices
+                .push(create(&l.name, &l.uuid, &targets, l.read_only)?);
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(done),
         Err(e) => {
-            undo(&loops);
+            let _ = done.deactivate();
             Err(e)
         }
     }

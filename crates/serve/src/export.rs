@@ -194,7 +194,14 @@ pub fn start(
             .into_iter()
             .find(|a| a.lv_uuid == uuid && a.size == volume.size())
             .map(|a| a.device);
-        let h = crate::hostdev::attach(&volume, existing, &pools.state_dir.join("fuse"))?;
+        let alone = spec.nbd.is_none() && spec.vhost_user_blk.is_none();
+        let h = crate::hostdev::attach(
+            &volume,
+            &loc,
+            alone,
+            existing,
+            &pools.state_dir.join("fuse"),
+        )?;
         info.block_device = Some(h.device.clone());
         info.block_device_path = Some(h.choice.clone());
         host = Some(h);

@@ -1,8 +1,10 @@
 //! A host block device for a volume of any layout, by the fastest path this
 //! host offers, in order:
 //! 1. a loop device straight over the PV (the volume is one contiguous range);
-//! 2. device-mapper (`dm-linear`, `dm-stripe`) for other linear and striped
-//!    volumes, as LVM2 activates them: the kernel serves every request;
+//! 2. device-mapper, as LVM2 activates volumes: `dm-linear`/`dm-stripe` for
+//!    other linear and striped volumes, the dm-snapshot stack for an origin
+//!    with snapshots or a snapshot (see `dmsnap`, only when no other
+//!    frontend serves it); the kernel serves every request;
 //! 3. ublk: `/dev/ublkbN` served by devpool's block-I/O core (no socket);
 //! 4. the kernel's NBD client, connected to devpool's server over a socketpair;
 //! 5. the volume as a file in a FUSE mount, with a loop device on that file.
@@ -14,6 +16,7 @@
 use crate::device::Volume;
 use crate::fuse::{self, Mounted};
 use devpool_pool::loopdev;
+use devpool_pool::pool::Located;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,13 +94,22 @@ pub(crate) fn loaded_or_probed(module: &str, marker: &Path) -> bool {
     devpool_pool::sysblk::loaded_or_probed(module, marker)
 }
 
-/// `vol` activated with device-mapper, or why not.
-fn dm_device(vol: &Volume) -> Result<devpool_pool::dmdev::Activated, String> {
+/// `vol` activated with device-mapper, or why not: its node and what to
+/// remove later. `loc` is where it was found; `alone` says no other
+/// frontend serves it (devpool's own copy-on-write must not run beside the
+/// kernel's).
+fn dm_device(
+    vol: &Volume,
+    loc: &Located,
+    alone: bool,
+) -> Result<(PathBuf, devpool_pool::dmdev::Activated), String> {
     use devpool_pool::dmdev;
-    if vol.cow.is_some() || vol.thin.is_some() {
+    if vol.thin.is_some() {
+        return Err("thin volumes go through devpool's own thin mappings".into());
+    }
+    if vol.cow.is_some() && !alone {
         return Err(
-            "snapshots, origins with snapshots and thin volumes go through devpool's own copy-on-write and thin mappings"
-                .into(),
+            "the volume is served over NBD or vhost-user-blk too, through devpool's own copy-on-write".into(),
         );
     }
     if !dmdev::available() {
@@ -106,6 +118,9 @@ fn dm_device(vol: &Volume) -> Result<devpool_pool::dmdev::Activated, String> {
             dmdev::CONTROL
         ));
     }
+    if vol.cow.is_some() {
+        return crate::dmsnap::activate(vol, loc).map_err(|e| e.to_string());
+    }
     let lv = dmdev::LvIdentity {
         vg: &vol.vg.name,
         vg_uuid: &vol.vg.uuid,
@@ -113,13 +128,22 @@ fn dm_device(vol: &Volume) -> Result<devpool_pool::dmdev::Activated, String> {
         lv_uuid: &vol.uuid,
     };
     let pvs: Vec<PathBuf> = vol.devs.iter().map(|d| d.path.clone()).collect();
-    dmdev::activate(&lv, &vol.map, &pvs, vol.read_only).map_err(|e| e.to_string())
+    let a = dmdev::activate(&lv, &vol.map, &pvs, vol.read_only).map_err(|e| e.to_string())?;
+    let node = a
+        .devices
+        .last()
+        .map(|d| d.node())
+        .ok_or("device-mapper made no device")?;
+    Ok((node, a))
 }
 
-/// A block device for `vol`. `existing` is a loop device the lease already
-/// has over the whole volume (contiguous volumes get one at acquire).
+/// A block device for `vol`, found at `loc`. `existing` is a loop device
+/// the lease already has over the whole volume (contiguous volumes get one
+/// at acquire); `alone` says no other frontend serves the volume.
 pub fn attach(
     vol: &Arc<Volume>,
+    loc: &Located,
+    alone: bool,
     existing: Option<PathBuf>,
     fuse_dir: &Path,
 ) -> std::io::Result<HostDevice> {
@@ -138,9 +162,8 @@ pub fn attach(
     }
     // Why the faster paths were not taken, each probed once.
     let mut skipped = Vec::new();
-    match dm_device(vol) {
-        Ok(a) => {
-            let node = a.device.node();
+    match dm_device(vol, loc, alone) {
+        Ok((node, a)) => {
             return Ok(device(node, HostPath::Dm, skipped, Held::Dm(a)));
         }
         Err(why) => skipped.push(format!("dm: {why}")),

@@ -19,7 +19,8 @@
 //! - [`vhost`]: the vhost-user-blk server for QEMU (rust-vmm's vhost-user-backend)
 //! - [`ublk`]: a volume as the kernel's ublk device (`/dev/ublkbN`), served by the core
 //! - [`fuse`]: a volume as one file in a FUSE mount
-//! - [`hostdev`]: a host block device for any layout (loop, ublk, kernel NBD, or FUSE + loop)
+//! - [`dmsnap`]: an origin and its snapshots activated as LVM2 does (dm-snapshot)
+//! - [`hostdev`]: a host block device for any layout (loop, device-mapper, ublk, kernel NBD, or FUSE + loop)
 //! - [`export`]: serving a leased volume, watched so it ends with its lease
 //! - [`open`]: a leased volume from a pool, ready to serve
 //! - [`lifetime`]: stop signals, and the watch that stops serving when the lease ends
@@ -29,6 +30,7 @@ pub mod buffer;
 pub mod copier;
 pub mod deferred;
 pub mod device;
+pub mod dmsnap;
 pub mod export;
 pub mod fuse;
 pub mod hostdev;
