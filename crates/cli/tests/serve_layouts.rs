@@ -711,6 +711,16 @@ echo "NEW $(sha256sum < /tmp/new)"
 echo "ORIGIN $(sha256sum < /tmp/origin)"
 echo "SNAP $(sha256sum < /tmp/snap)"
 echo "MERGED $(sha256sum < /tmp/merged)"
+# A stack a killed server leaves behind: no new snapshot joins the origin
+# (the kernel would not copy out for it), and the release removes it all.
+step devpool --pool g snapshot create $A --name t --size 12M
+serve $A
+kill -9 $SRV; wait $SRV
+echo "KILLED-LEFT $(ls /sys/block | grep -c '^dm-')"
+devpool --pool g snapshot create $A --name u --size 4M > /tmp/u.log 2>&1 && echo "SNAPSHOT-BESIDE-DM"
+echo "REFUSED $(tr '\n' ' ' < /tmp/u.log)"
+step devpool --pool g lease release $(field session /tmp/lease.json)
+echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
 "#
     );
     let modules = ["virtio_blk", "loop", "dm_mod", "dm_snapshot"];
@@ -734,7 +744,7 @@ echo "MERGED $(sha256sum < /tmp/merged)"
         .lines()
         .filter(|l| l.starts_with("SERVE "))
         .collect();
-    assert_eq!(serves.len(), 3, "{console}");
+    assert_eq!(serves.len(), 4, "{console}");
     assert!(serves[0].contains(r#""path":"dm""#), "{console}");
     assert!(serves[1].contains(r#""path":"dm""#), "{console}");
     // The stack LVM2 would make, with its names.
@@ -756,6 +766,10 @@ echo "MERGED $(sha256sum < /tmp/merged)"
         sum("OLD "),
         "the merge rolled back:\n{console}"
     );
+    assert_eq!(line("KILLED-LEFT "), "4", "{console}");
+    assert!(!console.contains("SNAPSHOT-BESIDE-DM"), "{console}");
+    assert!(line("REFUSED ").contains("device-mapper has"), "{console}");
+    assert_eq!(line("RELEASED-LEFT "), "0", "{console}");
 }
 
 /// `serve --block-device` of the volumes only devpool's data plane can
