@@ -380,8 +380,46 @@ pub fn ask_yes() -> Result<()> {
     Ok(())
 }
 
+/// Refuse to remove, resize or rename LVs (or remove or rename their VG)
+/// that device-mapper has active: the kernel would go on mapping the old
+/// extents (LVM2 refuses these for open LVs too).
+fn refuse_while_dm_active(eng: &Engine, op: &Operation) -> Result<()> {
+    use devpool_pool::dmdev;
+    let (vg, lvs): (&str, Option<Vec<&str>>) = match op {
+        Operation::LvRemove { vg, names } => (vg, Some(names.iter().map(String::as_str).collect())),
+        Operation::LvResize { vg, name, .. } => (vg, Some(vec![name])),
+        Operation::LvRename { vg, old, .. } => (vg, Some(vec![old])),
+        Operation::VgRemove { name } => (name, None),
+        Operation::VgRename { old, .. } => (old, None),
+        _ => return Ok(()),
+    };
+    // Hosts without device-mapper (or without LVM2's devices) stop here,
+    // before any scan.
+    if !dmdev::list().iter().any(|d| d.uuid.starts_with("LVM-")) {
+        return Ok(());
+    }
+    let (v, _) = eng.read_vg(vg)?;
+    let uuids: Vec<String> = v
+        .meta
+        .lvs
+        .iter()
+        .filter(|l| lvs.as_ref().is_none_or(|n| n.contains(&l.name.as_str())))
+        .map(|l| devpool_format::dm::uuid(v.meta.id.raw_str(), l.id.raw_str()))
+        .collect();
+    if let Some(d) = dmdev::active_for(&uuids).first() {
+        bail!(
+            "{} refused: device-mapper has it active as {} ({}); stop the devpool server that serves it, or deactivate it ('lvchange -an' / 'vgchange -an {vg}')",
+            op.describe(),
+            d.name,
+            d.node().display()
+        );
+    }
+    Ok(())
+}
+
 /// Plan → (dry run) → confirm → execute.
 fn perform(g: &Global, eng: &Engine, op: &Operation) -> Result<()> {
+    refuse_while_dm_active(eng, op)?;
     if g.dry_run {
         let plan = eng.plan(op)?;
         return output::plan(g, &plan, true);

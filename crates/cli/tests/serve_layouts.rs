@@ -367,6 +367,13 @@ case $DEV in /dev/ublkb*)
   ;;
 esac
 echo "FINALSUM $(sha256sum /tmp/data)"
+# While device-mapper maps the volume, its extents stay as they are.
+case $DEV in /dev/dm-*)
+  devpool --devices /dev/vda lv resize devpool-g/$A --size +4M --yes > /tmp/r1.log 2>&1 && echo "RESIZED-UNDER-DM"
+  devpool --pool g resize $A +4M > /tmp/r2.log 2>&1 && echo "RESIZED-UNDER-DM"
+  echo "RESIZE-REFUSED $(grep -c 'device-mapper has it active' /tmp/r1.log /tmp/r2.log | grep -c ':1')"
+  ;;
+esac
 kill -TERM $SRV; wait $SRV; echo "SERVER-EXIT $?"
 case $DEV in /dev/ublkb*|/dev/dm-*) test -e /sys/block/${DEV#/dev/} && GONE=" $DEV exists" ;; esac
 echo "STILL $(cat /sys/block/${DEV#/dev/}/pid 2>/dev/null)$GONE"
@@ -458,6 +465,8 @@ esac
         assert!(console.contains("LEFT-BEHIND /dev/dm-"), "{console}");
         assert!(!console.contains("AFTER-RELEASE"), "{console}");
         assert_eq!(sum("DM-DEVICES-LEFT "), "0", "{console}");
+        assert!(!console.contains("RESIZED-UNDER-DM"), "{console}");
+        assert_eq!(sum("RESIZE-REFUSED "), "2", "{console}");
     }
     if path == "ublk" {
         // One queue per guest vCPU (two).

@@ -1116,6 +1116,14 @@ impl Pools {
             .lv(lv)
             .map(|l| l.id.raw_str().to_string())
             .unwrap_or_default();
+        let dm = devpool_format::dm::uuid(meta.id.raw_str(), &uuid);
+        if let Some(d) = crate::dmdev::active_for(&[dm]).first() {
+            return Err(PoolError::Refused(format!(
+                "resize of {lv} refused: device-mapper has it active as {} ({}), which would go on mapping the old extents; stop the server that serves it first",
+                d.name,
+                d.node().display()
+            )));
+        }
         let attached: Vec<_> = loopdev::list()
             .into_iter()
             .filter(|a| a.lv_uuid == uuid)
