@@ -554,7 +554,7 @@ X=$(grep '"lv"' /tmp/l2.json | head -1 | sed 's/.*"lv": *"\([^"]*\)".*/\1/')
 devpool --pool s snapshot create $X --name before --size 4M > /tmp/snap.log 2>&1 || { cat /tmp/snap.log; echo GUEST-STEP-FAILED snapshot; }
 lvm_c vgchange -ay devpool-s > /tmp/vgc.log 2>&1 || { cat /tmp/vgc.log; echo GUEST-STEP-FAILED vgchange-ay; }
 echo "LVM2-ACTIVE $(ls /sys/block | grep -c '^dm-')"
-timeout 20 devpool --pool s serve $X --nbd unix:/tmp/x.sock > /tmp/refused.out 2>&1 && echo "SERVED-BESIDE-DM"
+timeout -s KILL 20 devpool --pool s serve $X --nbd unix:/tmp/x.sock > /tmp/refused.out 2>&1 && echo "SERVED-BESIDE-DM"
 echo "REFUSED $(tr '\n' ' ' < /tmp/refused.out)"
 lvm_c vgchange -an devpool-s > /tmp/vgc.log 2>&1 || { cat /tmp/vgc.log; echo GUEST-STEP-FAILED vgchange-an; }
 devpool --pool s --json serve $X --nbd unix:/tmp/x.sock > /tmp/x.out 2>&1 &
@@ -779,6 +779,64 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert!(!console.contains("SNAPSHOT-BESIDE-DM"), "{console}");
     assert!(line("REFUSED ").contains("device-mapper has"), "{console}");
     assert_eq!(line("RELEASED-LEFT "), "0", "{console}");
+}
+
+/// A thin volume whose pool LVM2 has activated (dm-thin holds the pool's
+/// metadata in the kernel) is not served by devpool's own thin mappings
+/// beside it; once LVM2 lets go, it is.
+#[test]
+fn guest_a_thin_volume_lvm2_activated_is_not_served_beside_dm_thin() {
+    use common::guest::*;
+    let what = "dm-thin activated by LVM2 in a guest";
+    if skip_unless_real(what) {
+        return;
+    }
+    let Some(kernel) = guest_or_skip(what) else {
+        return;
+    };
+    let mut lab = Lab::new();
+    let disk = lab.loop_dev("guest-thin.img", 256);
+    let script = r#"
+export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
+touch /tmp/fstab
+mkdir -p /run/lock/lvm /run/lvm
+devpool pool setup /dev/vda --name g --yes > /tmp/s.log 2>&1 || { cat /tmp/s.log; echo GUEST-STEP-FAILED setup; }
+devpool --pool g pool thin enable --data-size 64M > /tmp/t.log 2>&1 || { cat /tmp/t.log; echo GUEST-STEP-FAILED thin; }
+devpool --pool g --json lease acquire --volumes t:16M --owner-pid $$ > /tmp/lease.json || echo GUEST-STEP-FAILED acquire
+T=$(grep '"lv"' /tmp/lease.json | head -1 | sed 's/.*"lv": *"\([^"]*\)".*/\1/')
+lvm_c vgchange -ay -K devpool-g > /tmp/vgc.log 2>&1 || { cat /tmp/vgc.log; echo GUEST-STEP-FAILED vgchange-ay; }
+echo "ACTIVE $(ls /sys/block | grep -c '^dm-')"
+timeout -s KILL 20 devpool --pool g serve $T --nbd unix:/tmp/t.sock > /tmp/refused.out 2>&1 && echo "SERVED-BESIDE-DM"
+echo "REFUSED $(tr '\n' ' ' < /tmp/refused.out)"
+lvm_c vgchange -an devpool-g > /dev/null 2>&1; dmsetup remove_all
+echo "INACTIVE $(ls /sys/block | grep -c '^dm-')"
+devpool --pool g --json serve $T --nbd unix:/tmp/t.sock > /tmp/ok.out 2>&1 &
+SRV=$!
+n=0; while [ ! -s /tmp/ok.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+echo "SERVED-AFTER $(cat /tmp/ok.out)"
+kill -TERM $SRV; wait $SRV
+"#;
+    let script = format!("{DM_GUEST_HELPERS}{script}");
+    let modules = ["virtio_blk", "loop", "crc32c_generic", "dm_mod", "dm_thin_pool"];
+    let bins = ["/sbin/lvm", "/sbin/dmsetup", "/usr/sbin/thin_check"];
+    let console = devpool_in_guest(&lab, &kernel, &[&disk], &modules, &bins, &script);
+    let line = |tag: &str| {
+        console
+            .lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
+            .trim()
+            .to_string()
+    };
+    assert!(line("ACTIVE ").parse::<u32>().unwrap() >= 3, "{console}");
+    assert!(!console.contains("SERVED-BESIDE-DM"), "{console}");
+    let refused = line("REFUSED ");
+    assert!(
+        refused.contains("dm-thin") && refused.contains("vgchange -an devpool-g"),
+        "{refused}"
+    );
+    assert_eq!(line("INACTIVE "), "0", "{console}");
+    assert!(line("SERVED-AFTER ").contains(r#""nbd""#), "{console}");
 }
 
 /// `serve --block-device` of the volumes only devpool's data plane can
