@@ -328,14 +328,9 @@ fn guest_block_device_for_a_multi_segment_volume(
     path: &str,
     dev_prefix: &str,
 ) {
-    use common::guest::*;
-    if skip_unless_real(what) {
-        return;
-    }
-    let Some(kernel) = guest_or_skip(what) else {
+    let Some((kernel, mut lab)) = guest_lab(what) else {
         return;
     };
-    let mut lab = Lab::new();
     let disk = lab.loop_dev("guest-pool.img", 256);
     let script = r#"
 export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
@@ -413,14 +408,7 @@ esac
         "{console}"
     );
     assert!(serve_line.contains(dev_prefix), "{console}");
-    let sum = |tag: &str| {
-        console
-            .lines()
-            .find_map(|l| l.strip_prefix(tag))
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
-            .to_string()
-    };
+    let sum = |tag: &str| first_word(&tagged(&console, tag));
     assert_eq!(sum("DATASUM "), sum("BACKSUM "), "{console}");
     assert!(console.contains("SERVER-EXIT 0"), "{console}");
     assert!(
@@ -484,14 +472,11 @@ esac
 #[test]
 fn guest_with_device_mapper_serves_image_file_pools_and_striped_volumes() {
     use common::guest::*;
-    let what = "device-mapper over image files and stripes in a guest";
-    if skip_unless_real(what) {
-        return;
-    }
-    let Some(kernel) = guest_or_skip(what) else {
+    let Some((kernel, mut lab)) =
+        guest_lab("device-mapper over image files and stripes in a guest")
+    else {
         return;
     };
-    let mut lab = Lab::new();
     let a = lab.loop_dev("guest-a.img", 256);
     let b = lab.loop_dev("guest-b.img", 256);
     let script = r#"
@@ -566,21 +551,8 @@ kill -TERM $SRV; wait $SRV
     let script = format!("{DM_GUEST_HELPERS}{script}");
     let modules = ["virtio_blk", "loop", "dm_mod", "dm_snapshot"];
     let console = devpool_in_guest(&lab, &kernel, &[&a, &b], &modules, &["/sbin/lvm"], &script);
-    let line = |tag: &str| {
-        console
-            .lines()
-            .find_map(|l| l.strip_prefix(tag))
-            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
-            .trim()
-            .to_string()
-    };
-    let first = |tag: &str| {
-        line(tag)
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    };
+    let line = |tag: &str| tagged(&console, tag);
+    let first = |tag: &str| first_word(&line(tag));
     // The image-file pool: dm over one loop window that starts past the label.
     assert!(line("SERVE-img ").contains(r#""path":"dm""#), "{console}");
     let under: Vec<&str> = console
@@ -686,15 +658,9 @@ step devpool --pool g snapshot create $A --name s --size 12M
 /// the store over as the kernel left it (a merge rolls the origin back).
 #[test]
 fn guest_with_device_mapper_serves_snapshots_with_dm_snapshot() {
-    use common::guest::*;
-    let what = "dm-snapshot for devpool snapshots in a guest";
-    if skip_unless_real(what) {
-        return;
-    }
-    let Some(kernel) = guest_or_skip(what) else {
+    let Some((kernel, mut lab)) = guest_lab("dm-snapshot for devpool snapshots in a guest") else {
         return;
     };
-    let mut lab = Lab::new();
     let disk = lab.loop_dev("guest-dmsnap.img", 256);
     let script = format!(
         "{SNAPSHOT_PRELUDE}{}",
@@ -734,21 +700,8 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     );
     let modules = ["virtio_blk", "loop", "dm_mod", "dm_snapshot"];
     let console = devpool_in_guest(&lab, &kernel, &[&disk], &modules, &[], &script);
-    let line = |tag: &str| {
-        console
-            .lines()
-            .find_map(|l| l.strip_prefix(tag))
-            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
-            .trim()
-            .to_string()
-    };
-    let sum = |tag: &str| {
-        line(tag)
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    };
+    let line = |tag: &str| tagged(&console, tag);
+    let sum = |tag: &str| first_word(&line(tag));
     let serves: Vec<&str> = console
         .lines()
         .filter(|l| l.starts_with("SERVE "))
@@ -787,14 +740,9 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
 #[test]
 fn guest_a_thin_volume_lvm2_activated_is_not_served_beside_dm_thin() {
     use common::guest::*;
-    let what = "dm-thin activated by LVM2 in a guest";
-    if skip_unless_real(what) {
-        return;
-    }
-    let Some(kernel) = guest_or_skip(what) else {
+    let Some((kernel, mut lab)) = guest_lab("dm-thin activated by LVM2 in a guest") else {
         return;
     };
-    let mut lab = Lab::new();
     let disk = lab.loop_dev("guest-thin.img", 256);
     let script = r#"
 export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
@@ -817,17 +765,16 @@ echo "SERVED-AFTER $(cat /tmp/ok.out)"
 kill -TERM $SRV; wait $SRV
 "#;
     let script = format!("{DM_GUEST_HELPERS}{script}");
-    let modules = ["virtio_blk", "loop", "crc32c_generic", "dm_mod", "dm_thin_pool"];
+    let modules = [
+        "virtio_blk",
+        "loop",
+        "crc32c_generic",
+        "dm_mod",
+        "dm_thin_pool",
+    ];
     let bins = ["/sbin/lvm", "/sbin/dmsetup", "/usr/sbin/thin_check"];
     let console = devpool_in_guest(&lab, &kernel, &[&disk], &modules, &bins, &script);
-    let line = |tag: &str| {
-        console
-            .lines()
-            .find_map(|l| l.strip_prefix(tag))
-            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
-            .trim()
-            .to_string()
-    };
+    let line = |tag: &str| tagged(&console, tag);
     assert!(line("ACTIVE ").parse::<u32>().unwrap() >= 3, "{console}");
     assert!(!console.contains("SERVED-BESIDE-DM"), "{console}");
     let refused = line("REFUSED ");
@@ -847,15 +794,9 @@ kill -TERM $SRV; wait $SRV
 /// ublk device a killed server leaves behind is deleted by the next one.
 #[test]
 fn guest_with_ublk_serves_snapshots_and_thin_volumes_as_block_devices() {
-    use common::guest::*;
-    let what = "ublk snapshots and thin volumes in a guest";
-    if skip_unless_real(what) {
-        return;
-    }
-    let Some(kernel) = guest_or_skip(what) else {
+    let Some((kernel, mut lab)) = guest_lab("ublk snapshots and thin volumes in a guest") else {
         return;
     };
-    let mut lab = Lab::new();
     let disk = lab.loop_dev("guest-cow.img", 256);
     let script = format!(
         "{SNAPSHOT_PRELUDE}{}",
@@ -907,26 +848,12 @@ echo "THINUSED $(sed -n 's/.*"data_used": *\([0-9]*\).*/\1/p' /tmp/status.json |
     for s in &serves {
         assert!(s.contains(r#""path":"ublk""#), "{s}\n{console}");
     }
-    let sum = |tag: &str| {
-        console
-            .lines()
-            .find_map(|l| l.strip_prefix(tag))
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
-            .to_string()
-    };
+    let sum = |tag: &str| first_word(&tagged(&console, tag));
     assert_ne!(sum("OLD "), sum("NEW "));
     assert_eq!(sum("ORIGIN "), sum("NEW "), "the origin shows the new data");
     assert_eq!(sum("SNAP "), sum("OLD "), "the snapshot keeps the old data");
     assert_eq!(sum("TBACK "), sum("TDATA "), "the thin volume's data");
-    let line = |tag: &str| {
-        console
-            .lines()
-            .find_map(|l| l.strip_prefix(tag))
-            .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
-            .trim()
-            .to_string()
-    };
+    let line = |tag: &str| tagged(&console, tag);
     assert_eq!(line("LEFT "), "ublkc0", "the killed server's device stays");
     assert_eq!(
         line("BESIDE "),
@@ -937,6 +864,31 @@ echo "THINUSED $(sed -n 's/.*"data_used": *\([0-9]*\).*/\1/p' /tmp/status.json |
     // 4 MiB written: at least 64 of the pool's 64 KiB blocks provisioned.
     let used: u64 = sum("THINUSED ").parse().unwrap();
     assert!(used >= 64, "4 MiB provisioned, {used} blocks used");
+}
+
+/// The guest kernel and a lab for a guest test, unless the test must skip
+/// (it says why).
+fn guest_lab(what: &str) -> Option<(devpool_vm::kernel::Kernel, Lab)> {
+    if skip_unless_real(what) {
+        return None;
+    }
+    let kernel = common::guest::guest_or_skip(what)?;
+    Some((kernel, Lab::new()))
+}
+
+/// The rest of the console line that starts with `tag`, trimmed.
+fn tagged(console: &str, tag: &str) -> String {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(tag))
+        .unwrap_or_else(|| panic!("{tag} missing:\n{console}"))
+        .trim()
+        .to_string()
+}
+
+/// The first word of `s` (a checksum before its file name).
+fn first_word(s: &str) -> String {
+    s.split_whitespace().next().unwrap_or("").to_string()
 }
 
 /// Boot a guest with `disks` (each 256 MiB) as /dev/vda, /dev/vdb…, `modules`
