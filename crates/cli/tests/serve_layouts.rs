@@ -110,6 +110,20 @@ impl Layout {
         }
         panic!("byte {logical} outside the LV");
     }
+
+    /// sha256sum of the first `len` bytes of the LV, read from its PVs
+    /// where LVM2 says they are (`scratch` holds the copy).
+    fn sha256(&self, len: usize, scratch: &Path) -> String {
+        let mut data = vec![0u8; len];
+        for (i, chunk) in data.chunks_mut(4096).enumerate() {
+            let (d, off) = self.locate(i as u64 * 4096);
+            let f = std::fs::File::open(&d).unwrap();
+            f.read_exact_at(chunk, off).unwrap();
+        }
+        std::fs::write(scratch, &data).unwrap();
+        let out = Command::new("sha256sum").arg(scratch).output().unwrap();
+        first_word(&String::from_utf8_lossy(&out.stdout))
+    }
 }
 
 fn check_volume(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usize, seed: u64) {
@@ -425,20 +439,7 @@ esac
     let devs = [disk.as_path()];
     let layout = Layout::of(&devs, "devpool-g", &lv);
     assert!(layout.segs.len() >= 2, "expected two segments");
-    let f = std::fs::File::open(&disk).unwrap();
-    let mut data = vec![0u8; 16 << 20];
-    for (i, chunk) in data.chunks_mut(4096).enumerate() {
-        let (_, off) = layout.locate(i as u64 * 4096);
-        f.read_exact_at(chunk, off).unwrap();
-    }
-    let tmp = lab.path("vol.bin");
-    std::fs::write(&tmp, &data).unwrap();
-    let host = Command::new("sha256sum").arg(&tmp).output().unwrap();
-    let host_sum = String::from_utf8_lossy(&host.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let host_sum = layout.sha256(16 << 20, &lab.path("vol.bin"));
     assert_eq!(host_sum, sum("FINALSUM "));
     if path == "dm" {
         let lvm2_name = format!("devpool--g-{}", lv.replace('-', "--"));
@@ -590,20 +591,7 @@ kill -TERM $SRV; wait $SRV
     assert_eq!(line("DM-DEVICES-LEFT "), "0", "{console}");
     let devs = [a.as_path(), b.as_path()];
     let layout = Layout::of(&devs, "devpool-s", "striped");
-    let mut data = vec![0u8; 16 << 20];
-    for (i, chunk) in data.chunks_mut(4096).enumerate() {
-        let (d, off) = layout.locate(i as u64 * 4096);
-        let f = std::fs::File::open(&d).unwrap();
-        f.read_exact_at(chunk, off).unwrap();
-    }
-    let tmp = lab.path("striped.bin");
-    std::fs::write(&tmp, &data).unwrap();
-    let host = Command::new("sha256sum").arg(&tmp).output().unwrap();
-    let host_sum = String::from_utf8_lossy(&host.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let host_sum = layout.sha256(16 << 20, &lab.path("striped.bin"));
     assert_eq!(host_sum, first("STRIPED-DATASUM "), "{console}");
     // LVM2 activated the VG (origin, -real, snapshot, -cow, striped, x's
     // neighbours…): devpool refused to serve the origin beside dm-snapshot.
