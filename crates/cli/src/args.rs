@@ -589,6 +589,31 @@ it with dm-snapshot.\n\nExample:\n  devpool lv snapshot demo/test --name before-
         #[arg(long)]
         segments: bool,
     },
+    /// Activate an LV with device-mapper, as `lvchange -ay` does (hosts
+    /// with dm): a linear or striped LV becomes /dev/dm-N under LVM2's name
+    /// (`vg-lv`, so `lvs` sees it active); an origin with snapshots, or a
+    /// snapshot, activates its whole family as LVM2 stacks it (dm-snapshot).
+    /// An image-file PV gets a loop device under it. Thin volumes are
+    /// refused (devpool serves them itself).
+    #[command(
+        after_help = "Until `lv deactivate`, devpool will not remove, resize or rename the LV, \
+nor serve a snapshot family through its own copy-on-write beside the kernel's.\n\n\
+Example:\n  devpool lv activate vg0/data\n  mkfs.ext4 /dev/mapper/vg0-data   # or the /dev/dm-N printed\n  \
+devpool lv deactivate vg0/data"
+    )]
+    Activate {
+        /// VG/NAME
+        lv: String,
+        /// Make the device read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Deactivate an LV (and its snapshot family): remove its device-mapper
+    /// devices and the loop devices under them, as `lvchange -an` does.
+    Deactivate {
+        /// VG/NAME
+        lv: String,
+    },
 }
 
 /// Which kernel to boot and how.

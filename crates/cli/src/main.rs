@@ -228,6 +228,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             return output::vgs(&g, &scan, name.as_deref());
         }
+        Command::Lv(LvCmd::Activate { lv, read_only }) => {
+            return activation(&g, &eng, &lv, Some(read_only));
+        }
+        Command::Lv(LvCmd::Deactivate { lv }) => {
+            return activation(&g, &eng, &lv, None);
+        }
         Command::Lv(LvCmd::List { vg, segments }) => {
             let scan = match &vg {
                 Some(n) => eng.read_vg(n)?.1,
@@ -414,6 +420,59 @@ fn refuse_while_dm_active(eng: &Engine, op: &Operation) -> Result<()> {
             d.node().display()
         );
     }
+    Ok(())
+}
+
+/// `lv activate` (`Some(read_only)`) or `lv deactivate` (`None`) of `lv`.
+fn activation(g: &Global, eng: &Engine, lv: &str, activate: Option<bool>) -> Result<()> {
+    use devpool_pool::{activate, dmdev};
+    let (vg, name) = split_lv(lv)?;
+    if !dmdev::available() {
+        bail!(
+            "this kernel has no device-mapper (no dm_mod): LVs cannot be activated here; devpool serves them instead (`devpool serve`)"
+        );
+    }
+    // Under the VG's lock, as LVM2 activates: the LV cannot change meanwhile.
+    let _lock = eng.hold_vg_shared(&vg)?;
+    let (v, _) = eng.read_vg(&vg)?;
+    if v.meta.lv(&name).is_none() {
+        bail!("LV {vg}/{name} not found");
+    }
+    let Some(read_only) = activate else {
+        let gone = activate::deactivate_lv(&v.meta, &name)?;
+        if g.json {
+            println!("{}", serde_json::json!({ "lv": lv, "removed": gone }));
+        } else if gone.is_empty() {
+            println!("{lv} was not active");
+        } else {
+            println!("deactivated {lv}: removed {}", gone.join(", "));
+        }
+        return Ok(());
+    };
+    let pvs: Vec<(String, std::path::PathBuf)> = v
+        .meta
+        .pvs
+        .iter()
+        .filter_map(|p| v.device_of(&p.key).map(|d| (p.key.clone(), d.path.clone())))
+        .collect();
+    let (node, a) = activate::activate_lv(&v.meta, &pvs, &name, read_only)?;
+    let names: Vec<&str> = a.devices.iter().map(|d| d.name.as_str()).collect();
+    if g.json {
+        println!(
+            "{}",
+            serde_json::json!({ "lv": lv, "device": node, "devices": names, "made": a.made })
+        );
+    } else if a.made {
+        println!(
+            "activated {lv} as {} ({})",
+            node.display(),
+            names.join(", ")
+        );
+    } else {
+        println!("{lv} is active already as {}", node.display());
+    }
+    // `a` goes without removing anything: the devices stay after this
+    // process, until `lv deactivate`.
     Ok(())
 }
 

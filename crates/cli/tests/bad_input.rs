@@ -355,3 +355,24 @@ fn pv_create_over_a_filesystem_needs_yes_and_otherwise_writes_nothing() {
         "one executed transaction journaled"
     );
 }
+
+/// `lv activate` on a host without device-mapper says so and points at
+/// `devpool serve`; an LV that does not exist is named. (With dm, the
+/// guest tests in serve_layouts.rs activate for real.)
+#[test]
+fn lv_activate_without_device_mapper_says_so() {
+    if Path::new("/sys/module/dm_mod").exists() {
+        eprintln!("SKIP lv_activate_without_device_mapper_says_so: this host has device-mapper");
+        return;
+    }
+    let lab = Lab::new();
+    let (vg, imgs) = setup(&lab, &["a.img"]);
+    let devs: Vec<&Path> = imgs.iter().map(PathBuf::as_path).collect();
+    let e = lab.dp_err(&devs, &["lv", "activate", &format!("{vg}/lv0")]);
+    assert!(
+        e.contains("no device-mapper") && e.contains("devpool serve"),
+        "{e}"
+    );
+    let e = lab.dp_err(&devs, &["lv", "activate", "novg"]);
+    assert!(e.contains("VG/NAME") || e.contains("novg"), "{e}");
+}

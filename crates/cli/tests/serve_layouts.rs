@@ -774,6 +774,93 @@ kill -TERM $SRV; wait $SRV
     assert!(line("SERVED-AFTER ").contains(r#""nbd""#), "{console}");
 }
 
+/// `lv activate` / `lv deactivate` in a guest with device-mapper, as
+/// LVM2's `lvchange -ay/-an`: a striped LV over two disks becomes
+/// `dm-stripe` (LVM2 sees it active, devpool will not remove it meanwhile,
+/// the host finds its data where LVM2 says); a snapshot activates its whole
+/// family, the origin's writes copy out to it, and deactivating the
+/// snapshot removes all four devices.
+#[test]
+fn guest_lv_activate_and_deactivate_as_lvchange_does() {
+    let Some((kernel, mut lab)) = guest_lab("lv activate in a guest") else {
+        return;
+    };
+    let a = lab.loop_dev("guest-act-a.img", 256);
+    let b = lab.loop_dev("guest-act-b.img", 256);
+    let script = r#"
+export DEVPOOL_STATE_DIR=/tmp/state HOME=/tmp DEVPOOL_DEVICES=/dev/vda,/dev/vdb
+mkdir -p /run/lock/lvm /run/lvm
+step() { "$@" > /tmp/step.log 2>&1 || { cat /tmp/step.log; echo "GUEST-STEP-FAILED $*"; }; }
+attr() { lvm_c lvs --noheadings -o lv_attr $1 2>/dev/null | tr -d ' '; }
+node_of() { for d in /sys/block/dm-*; do [ "$(cat $d/dm/name)" = "$1" ] && echo /dev/${d##*/}; done; }
+step devpool vg create vgx /dev/vda /dev/vdb
+step devpool lv create vgx/st --size 16M --stripes 2 --stripe-size 64K
+devpool --json lv activate vgx/st > /tmp/act.json || echo GUEST-STEP-FAILED activate
+echo "ACTIVATED $(cat /tmp/act.json)"
+DEV=$(sed 's/.*"device":"\([^"]*\)".*/\1/' /tmp/act.json)
+echo "ATTR-ACTIVE $(attr vgx/st)"
+dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
+echo "DATASUM $(sha256sum < /tmp/data)"
+dd if=/tmp/data of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write
+devpool lv remove vgx/st --yes > /tmp/rm.log 2>&1 && echo "REMOVED-WHILE-ACTIVE"
+echo "REMOVE-REFUSED $(grep -c 'device-mapper has it active' /tmp/rm.log)"
+step devpool lv deactivate vgx/st
+echo "ATTR-INACTIVE $(attr vgx/st)"
+echo "LEFT-1 $(ls /sys/block | grep -c '^dm-')"
+# A snapshot family.
+step devpool lv create vgx/o --size 8M
+devpool --json lv activate vgx/o > /tmp/o.json || echo GUEST-STEP-FAILED activate-o
+O=$(sed 's/.*"device":"\([^"]*\)".*/\1/' /tmp/o.json)
+dd if=/dev/urandom of=/tmp/old bs=1M count=8 2>/dev/null
+dd if=/tmp/old of=$O bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write-o
+step devpool lv deactivate vgx/o
+step devpool lv snapshot vgx/o --name s --size 12M
+devpool --json lv activate vgx/s > /tmp/s.json || echo GUEST-STEP-FAILED activate-s
+echo "FAMILY $(ls /sys/block | grep -c '^dm-')"
+S=$(sed 's/.*"device":"\([^"]*\)".*/\1/' /tmp/s.json)
+O=$(node_of vgx-o)
+dd if=/dev/urandom of=/tmp/new bs=1M count=8 2>/dev/null
+dd if=/tmp/new of=$O bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write-origin
+dd if=$S of=/tmp/snap bs=1M iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED read-snapshot
+dd if=$O of=/tmp/origin bs=1M iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED read-origin
+echo "OLD $(sha256sum < /tmp/old)"
+echo "NEW $(sha256sum < /tmp/new)"
+echo "SNAP $(sha256sum < /tmp/snap)"
+echo "ORIGIN $(sha256sum < /tmp/origin)"
+step devpool lv deactivate vgx/s
+echo "LEFT-2 $(ls /sys/block | grep -c '^dm-')"
+"#;
+    let script = format!("{}{script}", common::guest::DM_GUEST_HELPERS);
+    let modules = ["virtio_blk", "loop", "dm_mod", "dm_snapshot"];
+    let console = devpool_in_guest(&lab, &kernel, &[&a, &b], &modules, &["/sbin/lvm"], &script);
+    let line = |tag: &str| tagged(&console, tag);
+    let sum = |tag: &str| first_word(&line(tag));
+    assert!(
+        line("ACTIVATED ").contains(r#""devices":["vgx-st"]"#),
+        "{console}"
+    );
+    assert_eq!(line("ATTR-ACTIVE ").chars().nth(4), Some('a'), "{console}");
+    assert!(!console.contains("REMOVED-WHILE-ACTIVE"), "{console}");
+    assert_eq!(line("REMOVE-REFUSED "), "1", "{console}");
+    assert_eq!(
+        line("ATTR-INACTIVE ").chars().nth(4),
+        Some('-'),
+        "{console}"
+    );
+    assert_eq!(line("LEFT-1 "), "0", "{console}");
+    assert_eq!(line("FAMILY "), "4", "{console}");
+    assert_eq!(sum("SNAP "), sum("OLD "), "{console}");
+    assert_eq!(sum("ORIGIN "), sum("NEW "), "{console}");
+    assert_eq!(line("LEFT-2 "), "0", "{console}");
+    let devs = [a.as_path(), b.as_path()];
+    let layout = Layout::of(&devs, "vgx", "st");
+    assert_eq!(
+        layout.sha256(16 << 20, &lab.path("st.bin")),
+        sum("DATASUM "),
+        "{console}"
+    );
+}
+
 /// `serve --block-device` of the volumes only devpool's data plane can
 /// serve: a snapshotted origin and its snapshot (copy-on-write), and a thin
 /// volume. In a guest with ublk each becomes a /dev/ublkbN: a write through

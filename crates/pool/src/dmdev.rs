@@ -55,9 +55,12 @@ impl DmDevice {
     }
 }
 
-/// Whether this host has device-mapper (loading `dm_mod` if it is a module).
+/// Whether this host has device-mapper (loading `dm_mod` if it is a
+/// module). `/dev/mapper/control` is no sign: distributions create the node
+/// statically, driver or not (this machine has it without dm); the module's
+/// sysfs directory is there when dm is loaded or built in.
 pub fn available() -> bool {
-    crate::sysblk::loaded_or_probed("dm_mod", Path::new(CONTROL))
+    crate::sysblk::loaded_or_probed("dm_mod", Path::new("/sys/module/dm_mod"))
 }
 
 /// One ioctl buffer: the header, then `data`.

@@ -13,12 +13,14 @@
 //! - [`safety`] and [`sysblk`]: the checks before setup and the block-device
 //!   topology they walk (sysfs holders/slaves, mountinfo, swaps, fstab)
 //! - [`loopdev`]: loop devices over a volume's extents
+//! - [`activate`]: LVs activated with device-mapper as LVM2 does (linear, striped, snapshot families)
 //! - [`dmdev`]: device-mapper devices over a volume's extents (LVM2's names)
 //! - [`snapshots`]: snapshots of pool volumes (create, list, delete), owned by their origin's lease
 //! - [`thin`]: the thin pool (enable, status), thin leases and thin snapshots
 //! - [`servers`]: which processes serve a volume, stopped before its extents are freed
 //! - [`hostspace`]: a pool image's written bytes and its filesystem's free space
 
+pub mod activate;
 pub mod daemon;
 pub mod dmdev;
 pub mod error;

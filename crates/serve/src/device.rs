@@ -100,20 +100,11 @@ fn probe_direct(f: File, align: &mut u64) -> Option<File> {
     None
 }
 
-/// The VG a volume belongs to (device-mapper names its LVs after it).
-#[derive(Debug, Clone, Default)]
-pub struct VgId {
-    pub name: String,
-    /// Without dashes.
-    pub uuid: String,
-}
-
 /// A volume ready to serve: its map and its devices.
 #[derive(Debug)]
 pub struct Volume {
     pub name: String,
     pub uuid: String,
-    pub vg: VgId,
     pub map: VolumeMap,
     pub devs: Vec<PvDevice>,
     pub read_only: bool,

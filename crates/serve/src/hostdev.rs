@@ -3,7 +3,7 @@
 //! 1. a loop device straight over the PV (the volume is one contiguous range);
 //! 2. device-mapper, as LVM2 activates volumes: `dm-linear`/`dm-stripe` for
 //!    other linear and striped volumes, the dm-snapshot stack for an origin
-//!    with snapshots or a snapshot (see `dmsnap`, only when no other
+//!    with snapshots or a snapshot (see `devpool_pool::activate`, only when no other
 //!    frontend serves it); the kernel serves every request;
 //! 3. ublk: `/dev/ublkbN` served by devpool's block-I/O core (no socket);
 //! 4. the kernel's NBD client, connected to devpool's server over a socketpair;
@@ -113,28 +113,10 @@ fn dm_device(
         );
     }
     if !dmdev::available() {
-        return Err(format!(
-            "this kernel has no device-mapper ({})",
-            dmdev::CONTROL
-        ));
+        return Err("this kernel has no device-mapper (no dm_mod)".into());
     }
-    if vol.cow.is_some() {
-        return crate::dmsnap::activate(vol, loc).map_err(|e| e.to_string());
-    }
-    let lv = dmdev::LvIdentity {
-        vg: &vol.vg.name,
-        vg_uuid: &vol.vg.uuid,
-        lv: &vol.name,
-        lv_uuid: &vol.uuid,
-    };
-    let pvs: Vec<PathBuf> = vol.devs.iter().map(|d| d.path.clone()).collect();
-    let a = dmdev::activate(&lv, &vol.map, &pvs, vol.read_only).map_err(|e| e.to_string())?;
-    let node = a
-        .devices
-        .last()
-        .map(|d| d.node())
-        .ok_or("device-mapper made no device")?;
-    Ok((node, a))
+    devpool_pool::activate::activate_lv(&loc.meta, &loc.pvs, &vol.name, vol.read_only)
+        .map_err(|e| e.to_string())
 }
 
 /// A block device for `vol`, found at `loc`. `existing` is a loop device

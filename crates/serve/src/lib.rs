@@ -19,7 +19,6 @@
 //! - [`vhost`]: the vhost-user-blk server for QEMU (rust-vmm's vhost-user-backend)
 //! - [`ublk`]: a volume as the kernel's ublk device (`/dev/ublkbN`), served by the core
 //! - [`fuse`]: a volume as one file in a FUSE mount
-//! - [`dmsnap`]: an origin and its snapshots activated as LVM2 does (dm-snapshot)
 //! - [`hostdev`]: a host block device for any layout (loop, device-mapper, ublk, kernel NBD, or FUSE + loop)
 //! - [`export`]: serving a leased volume, watched so it ends with its lease
 //! - [`open`]: a leased volume from a pool, ready to serve
@@ -30,7 +29,6 @@ pub mod buffer;
 pub mod copier;
 pub mod deferred;
 pub mod device;
-pub mod dmsnap;
 pub mod export;
 pub mod fuse;
 pub mod hostdev;

@@ -76,7 +76,6 @@ pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> 
     Ok(Volume {
         name,
         uuid,
-        vg: vg_id(meta),
         map,
         devs,
         read_only,
@@ -123,7 +122,6 @@ fn open_thin(
     Ok(Volume {
         name: loc.lv.name.clone(),
         uuid: loc.lv.id.raw_str().to_string(),
-        vg: vg_id(meta),
         map: tdata,
         devs,
         read_only,
@@ -163,13 +161,6 @@ fn refuse_if_dm_active(
         names.join(", "),
         meta.name
     )))
-}
-
-fn vg_id(meta: &VgMetadata) -> crate::device::VgId {
-    crate::device::VgId {
-        name: meta.name.clone(),
-        uuid: meta.id.raw_str().to_string(),
-    }
 }
 
 fn open_devs(loc: &Located, index: &PvIndex, writable: bool) -> Result<Vec<PvDevice>, OpenError> {

@@ -231,7 +231,6 @@ fn two_queues_writing_into_shared_chunks_keep_every_old_chunk_once() {
     let vol = Arc::new(Volume {
         name: "origin".into(),
         uuid: "origin-uuid".into(),
-        vg: Default::default(),
         map: VolumeMap::linear(0, 0, MIB),
         devs,
         read_only: false,

@@ -38,7 +38,6 @@ fn origin(dir: &tempfile::TempDir, writable: bool) -> (std::path::PathBuf, Arc<V
     let vol = Volume {
         name: "origin".into(),
         uuid: "origin-uuid".into(),
-        vg: Default::default(),
         map: VolumeMap::linear(0, 0, MIB),
         devs,
         read_only: false,
