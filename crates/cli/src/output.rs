@@ -132,13 +132,28 @@ pub fn vgs(g: &Global, scan: &Scan, only: Option<&str>) -> Result<()> {
 }
 
 pub fn lvs(g: &Global, scan: &Scan, only: Option<&str>, segments: bool) -> Result<()> {
-    let rows: Vec<report::LvRow> = scan
+    let vgs: Vec<_> = scan
         .assembly
         .vgs
         .iter()
         .filter(|v| only.is_none_or(|n| v.meta.name == n))
-        .flat_map(report::lv_rows)
         .collect();
+    // Active as LVM2 counts it: a device-mapper device with the LV's uuid.
+    let dm: Vec<String> = devpool_pool::dmdev::list()
+        .into_iter()
+        .map(|d| d.uuid)
+        .collect();
+    let mut rows: Vec<report::LvRow> = Vec::new();
+    for v in vgs {
+        for mut r in report::lv_rows(v) {
+            let uuid = v.meta.lv(&r.lv_name).map(|l| l.id.raw_str().to_string());
+            if uuid.is_some_and(|u| dm.contains(&devpool_format::dm::uuid(v.meta.id.raw_str(), &u)))
+            {
+                r.lv_active = "active".into();
+            }
+            rows.push(r);
+        }
+    }
     if g.json {
         return print_json(&json!({ "lvs": rows, "problems": scan.assembly.problems }));
     }
@@ -176,7 +191,7 @@ pub fn lvs(g: &Global, scan: &Scan, only: Option<&str>, segments: bool) -> Resul
         return Ok(());
     }
     table(
-        &["LV", "SIZE", "TYPE", "SEGS", "TAGS"],
+        &["LV", "SIZE", "TYPE", "SEGS", "ACTIVE", "TAGS"],
         rows.iter()
             .map(|r| {
                 let name = if r.hidden {
@@ -194,6 +209,7 @@ pub fn lvs(g: &Global, scan: &Scan, only: Option<&str>, segments: bool) -> Resul
                     human(r.lv_size),
                     ty,
                     r.segments.len().to_string(),
+                    if r.lv_active.is_empty() { "-" } else { "yes" }.into(),
                     r.lv_tags.join(","),
                 ]
             })

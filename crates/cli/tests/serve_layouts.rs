@@ -799,6 +799,7 @@ devpool --json lv activate vgx/st > /tmp/act.json || echo GUEST-STEP-FAILED acti
 echo "ACTIVATED $(cat /tmp/act.json)"
 DEV=$(sed 's/.*"device":"\([^"]*\)".*/\1/' /tmp/act.json)
 echo "ATTR-ACTIVE $(attr vgx/st)"
+echo "DP-ACTIVE $(devpool --json lv list vgx | grep -c '"lv_active": "active"')"
 dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null
 echo "DATASUM $(sha256sum < /tmp/data)"
 dd if=/tmp/data of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write
@@ -806,6 +807,7 @@ devpool lv remove vgx/st --yes > /tmp/rm.log 2>&1 && echo "REMOVED-WHILE-ACTIVE"
 echo "REMOVE-REFUSED $(grep -c 'device-mapper has it active' /tmp/rm.log)"
 step devpool lv deactivate vgx/st
 echo "ATTR-INACTIVE $(attr vgx/st)"
+echo "DP-INACTIVE $(devpool --json lv list vgx | grep -c '"lv_active": "active"')"
 echo "LEFT-1 $(ls /sys/block | grep -c '^dm-')"
 # A snapshot family.
 step devpool lv create vgx/o --size 8M
@@ -847,6 +849,12 @@ echo "LEFT-2 $(ls /sys/block | grep -c '^dm-')"
         Some('-'),
         "{console}"
     );
+    assert_eq!(
+        line("DP-ACTIVE "),
+        "1",
+        "devpool's lv list agrees:\n{console}"
+    );
+    assert_eq!(line("DP-INACTIVE "), "0", "{console}");
     assert_eq!(line("LEFT-1 "), "0", "{console}");
     assert_eq!(line("FAMILY "), "4", "{console}");
     assert_eq!(sum("SNAP "), sum("OLD "), "{console}");

@@ -72,6 +72,9 @@ pub struct LvRow {
     pub hidden: bool,
     /// Why devpool will not modify it (unknown segment type, in use by another LV…).
     pub managed_by_lvm2_only: Option<String>,
+    /// `active` when device-mapper has it active, as LVM2 reports it (the
+    /// caller fills it in: the engine does not look at the kernel).
+    pub lv_active: String,
     pub segments: Vec<SegRow>,
 }
 
@@ -188,6 +191,7 @@ pub fn lv_rows(vg: &LoadedVg) -> Vec<LvRow> {
             lv_tags: sorted(&lv.tags),
             hidden: !m.lv_is_visible_in(&rel, lv),
             managed_by_lvm2_only: m.lv_refusal_in(&rel, lv),
+            lv_active: String::new(),
             segments: lv
                 .segments
                 .iter()
