@@ -69,7 +69,7 @@ struct Ioctl {
 }
 
 impl Ioctl {
-    fn new(name: &str, uuid: &str, flags: u32, data: &[u8], room: usize) -> Result<Ioctl> {
+    fn new(name: &str, uuid: &str, flags: u32, data: &[u8]) -> Result<Ioctl> {
         if name.is_empty() || name.len() >= NAME_LEN || name.contains('/') {
             return Err(PoolError::Invalid(format!(
                 "device-mapper name '{name}' is empty, has a '/' or is longer than {} bytes",
@@ -82,7 +82,7 @@ impl Ioctl {
                 UUID_LEN - 1
             )));
         }
-        let size = HEADER + data.len().max(room);
+        let size = HEADER + data.len();
         let mut io = Ioctl {
             buf: vec![0u64; size.div_ceil(8)],
         };
@@ -186,23 +186,23 @@ fn control() -> Result<File> {
 pub fn create(name: &str, uuid: &str, targets: &[Target], read_only: bool) -> Result<DmDevice> {
     let ctl = control()?;
     let fail = |op: &str, e| PoolError::io(format!("{CONTROL} ({name})"), op, e);
-    let mut io = Ioctl::new(name, uuid, 0, &[], 0)?;
+    let mut io = Ioctl::new(name, uuid, 0, &[])?;
     io.run(&ctl, DEV_CREATE)
         .map_err(|e| fail("DM_DEV_CREATE", e))?;
     let made = io.device(name, uuid);
     let rest = || -> Result<()> {
         let flags = if read_only { READONLY_FLAG } else { 0 };
-        let mut load = Ioctl::new(name, "", flags, &specs(targets)?, 0)?;
+        let mut load = Ioctl::new(name, "", flags, &specs(targets)?)?;
         load.set_target_count(targets.len() as u32);
         load.run(&ctl, TABLE_LOAD)
             .map_err(|e| fail("DM_TABLE_LOAD", e))?;
         // No suspend flag: resume, making the loaded table live.
-        Ioctl::new(name, "", 0, &[], 0)?
+        Ioctl::new(name, "", 0, &[])?
             .run(&ctl, DEV_SUSPEND)
             .map_err(|e| fail("DM_DEV_SUSPEND (resume)", e))
     };
     if let Err(e) = rest() {
-        let _ = Ioctl::new(name, "", 0, &[], 0).map(|mut r| r.run(&ctl, DEV_REMOVE));
+        let _ = Ioctl::new(name, "", 0, &[]).map(|mut r| r.run(&ctl, DEV_REMOVE));
         return Err(e);
     }
     Ok(made)
@@ -211,7 +211,7 @@ pub fn create(name: &str, uuid: &str, targets: &[Target], read_only: bool) -> Re
 /// The device called `name`, if there is one.
 pub fn info(name: &str) -> Result<Option<DmDevice>> {
     let ctl = control()?;
-    let mut io = Ioctl::new(name, "", 0, &[], 0)?;
+    let mut io = Ioctl::new(name, "", 0, &[])?;
     match io.run(&ctl, DEV_STATUS) {
         Ok(()) => {
             let end = io.bytes()[176..176 + UUID_LEN]
@@ -236,7 +236,7 @@ pub fn info(name: &str) -> Result<Option<DmDevice>> {
 pub fn remove(name: &str) -> Result<bool> {
     let ctl = control()?;
     for _ in 0..40 {
-        match Ioctl::new(name, "", 0, &[], 0)?.run(&ctl, DEV_REMOVE) {
+        match Ioctl::new(name, "", 0, &[])?.run(&ctl, DEV_REMOVE) {
             Ok(()) => return Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -251,7 +251,7 @@ pub fn remove(name: &str) -> Result<bool> {
             }
         }
     }
-    Ioctl::new(name, "", DEFERRED_REMOVE, &[], 0)?
+    Ioctl::new(name, "", DEFERRED_REMOVE, &[])?
         .run(&ctl, DEV_REMOVE)
         .map_err(|e| PoolError::io(format!("{CONTROL} ({name})"), "DM_DEV_REMOVE (deferred)", e))?;
     Ok(false)
@@ -587,7 +587,7 @@ mod tests {
 
     #[test]
     fn the_header_carries_version_sizes_flags_name_and_uuid_where_the_kernel_reads_them() {
-        let io = Ioctl::new("vg-lv", "LVM-x", READONLY_FLAG, b"abc", 0).unwrap();
+        let io = Ioctl::new("vg-lv", "LVM-x", READONLY_FLAG, b"abc").unwrap();
         let b = io.bytes();
         assert_eq!(io.u32_at(0), 4);
         assert_eq!(io.u32_at(12) as usize, b.len());
@@ -601,10 +601,10 @@ mod tests {
 
     #[test]
     fn names_the_kernel_would_refuse_are_refused_here() {
-        assert!(Ioctl::new("", "", 0, &[], 0).is_err());
-        assert!(Ioctl::new("a/b", "", 0, &[], 0).is_err());
-        assert!(Ioctl::new(&"n".repeat(128), "", 0, &[], 0).is_err());
-        assert!(Ioctl::new("ok", &"u".repeat(129), 0, &[], 0).is_err());
+        assert!(Ioctl::new("", "", 0, &[]).is_err());
+        assert!(Ioctl::new("a/b", "", 0, &[]).is_err());
+        assert!(Ioctl::new(&"n".repeat(128), "", 0, &[]).is_err());
+        assert!(Ioctl::new("ok", &"u".repeat(129), 0, &[]).is_err());
     }
 
     #[test]
@@ -627,7 +627,7 @@ mod tests {
 
     #[test]
     fn the_kernels_dev_encoding_decodes_to_major_and_minor() {
-        let mut io = Ioctl::new("x", "", 0, &[], 0).unwrap();
+        let mut io = Ioctl::new("x", "", 0, &[]).unwrap();
         // major 254, minor 300: (300 & 0xff) | (254 << 8) | ((300 & !0xff) << 12)
         let dev: u64 = (300 & 0xff) | (254 << 8) | ((300 & !0xff) << 12);
         io.bytes_mut()[40..48].copy_from_slice(&dev.to_ne_bytes());
