@@ -682,6 +682,7 @@ kill -9 $SRV; wait $SRV
 echo "KILLED-LEFT $(ls /sys/block | grep -c '^dm-')"
 devpool --pool g snapshot create $A --name u --size 4M > /tmp/u.log 2>&1 && echo "SNAPSHOT-BESIDE-DM"
 echo "REFUSED $(tr '\n' ' ' < /tmp/u.log)"
+echo "STATUS-DM $(devpool --pool g --json pool status | grep -c 'device-mapper has 4 of this pool')"
 step devpool --pool g lease release $(field session /tmp/lease.json)
 echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
 "#
@@ -719,6 +720,11 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert_eq!(line("KILLED-LEFT "), "4", "{console}");
     assert!(!console.contains("SNAPSHOT-BESIDE-DM"), "{console}");
     assert!(line("REFUSED ").contains("device-mapper has"), "{console}");
+    assert_eq!(
+        line("STATUS-DM "),
+        "1",
+        "pool status names them:\n{console}"
+    );
     assert_eq!(line("RELEASED-LEFT "), "0", "{console}");
 }
 

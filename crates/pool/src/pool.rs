@@ -772,6 +772,22 @@ impl Pools {
                 v.meta.name
             ));
         }
+        // What device-mapper has active of this pool (a server's devices, or
+        // LVM2's): snapshot changes wait for it, releases remove it.
+        let prefix = devpool_format::dm::uuid(v.meta.id.raw_str(), "");
+        let active: Vec<String> = crate::dmdev::list()
+            .into_iter()
+            .filter(|d| d.uuid.starts_with(&prefix))
+            .map(|d| format!("{} ({})", d.name, d.node().display()))
+            .collect();
+        if !active.is_empty() {
+            health.push(format!(
+                "device-mapper has {} of this pool's devices active: {}; snapshots of their volumes cannot change until they go ('vgchange -an {}', or releasing the lease removes them)",
+                active.len(),
+                active.join(", "),
+                v.meta.name
+            ));
+        }
         if let Some(file) = devpool_engine::lvmconf::lvm_devices_file() {
             let pvs = v
                 .devices
