@@ -354,9 +354,9 @@ impl LvIdentity<'_> {
 
 /// What one device of a stack maps.
 #[derive(Debug, Clone)]
-pub enum Table<'a> {
+pub enum Table {
     /// A linear or striped volume on the PVs.
-    Map(&'a devpool_format::map::VolumeMap),
+    Map(devpool_format::map::VolumeMap),
     /// One target of `sectors` whose parameters name devices made before it
     /// in the same stack (by index).
     Over {
@@ -375,10 +375,10 @@ pub enum Param {
 
 /// One device of a stack, made after the ones before it.
 #[derive(Debug, Clone)]
-pub struct Layer<'a> {
+pub struct Layer {
     pub name: String,
     pub uuid: String,
-    pub table: Table<'a>,
+    pub table: Table,
     pub read_only: bool,
 }
 
@@ -454,7 +454,7 @@ pub fn activate(
     let layer = Layer {
         name,
         uuid,
-        table: Table::Map(map),
+        table: Table::Map(map.clone()),
         read_only,
     };
     activate_stack(&[layer], pvs, lv.lv_uuid)
