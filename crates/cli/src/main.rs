@@ -405,14 +405,13 @@ fn refuse_while_dm_active(eng: &Engine, op: &Operation) -> Result<()> {
         return Ok(());
     }
     let (v, _) = eng.read_vg(vg)?;
-    let uuids: Vec<String> = v
+    let uuids = v
         .meta
         .lvs
         .iter()
         .filter(|l| lvs.as_ref().is_none_or(|n| n.contains(&l.name.as_str())))
-        .map(|l| devpool_format::dm::uuid(v.meta.id.raw_str(), l.id.raw_str()))
-        .collect();
-    if let Some(d) = dmdev::active_for(&uuids).first() {
+        .map(|l| l.id.raw_str());
+    if let Some(d) = dmdev::active_for_lvs(&v.meta, uuids).first() {
         bail!(
             "{} refused: device-mapper has it active as {} ({}); stop the devpool server that serves it, or deactivate it ('lvchange -an' / 'vgchange -an {vg}')",
             op.describe(),

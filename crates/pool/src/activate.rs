@@ -200,18 +200,7 @@ pub fn activate_lv(
     read_only: bool,
 ) -> Result<(PathBuf, Activated)> {
     let plan = plan_lv(meta, pvs, name, read_only)?;
-    let a = match plan.layers.as_slice() {
-        [
-            Layer {
-                table: Table::Map(map),
-                ..
-            },
-        ] => {
-            let l = lv(meta, name)?;
-            dmdev::activate(&identity(meta, l), map, &plan.pvs, read_only)?
-        }
-        _ => dmdev::activate_stack(&plan.layers, &plan.pvs, &plan.loop_mark)?,
-    };
+    let a = dmdev::activate_stack(&plan.layers, &plan.pvs, &plan.loop_mark)?;
     let node = a
         .device(&plan.own)
         .map(|d| d.node())
@@ -229,25 +218,23 @@ pub fn deactivate_lv(meta: &VgMetadata, name: &str) -> Result<Vec<String>> {
         .filter_map(|n| meta.lv(n))
         .map(|l| l.id.raw_str().to_string())
         .collect();
-    let dm_uuids: Vec<String> = uuids
-        .iter()
-        .map(|u| devpool_format::dm::uuid(meta.id.raw_str(), u))
-        .collect();
+    let active = dmdev::active_for_lvs(meta, uuids.iter().map(String::as_str));
     // The loop devices under them (image-file PVs), read before they go:
     // a lease's own loop device over the same LV is not one of them.
-    let under: Vec<String> = dmdev::active_for(&dm_uuids)
+    let under: Vec<String> = active
         .iter()
         .flat_map(|d| slaves(d.minor))
         .filter(|s| s.starts_with("loop"))
         .collect();
     let mut gone = Vec::new();
-    for (dev, r) in dmdev::remove_for(&dm_uuids) {
-        if !r? {
+    for d in active {
+        if !dmdev::remove(&d.name)? {
             return Err(PoolError::Refused(format!(
-                "device-mapper device {dev} is open: the kernel removes it at its last close"
+                "device-mapper device {} is open: the kernel removes it at its last close",
+                d.name
             )));
         }
-        gone.push(dev);
+        gone.push(d.name);
     }
     for a in crate::loopdev::list() {
         let name = a

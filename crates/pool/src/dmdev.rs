@@ -301,28 +301,27 @@ fn is_of(uuids: &[String], u: &str) -> bool {
     })
 }
 
-/// The devices of `uuids` (see [`is_of`]), visible ones first (LVM2 stacks
-/// an LV's visible device over its layers).
-pub fn active_for(uuids: &[String]) -> Vec<DmDevice> {
+/// The devices device-mapper has active for LVs of `meta` (by their raw
+/// uuids): each LV's own device and LVM2's layers over it (see [`is_of`]),
+/// visible ones first (LVM2 stacks an LV's visible device over its layers,
+/// so that is the order to remove them in).
+pub fn active_for_lvs<'a>(
+    meta: &devpool_format::metadata::VgMetadata,
+    lv_uuids: impl IntoIterator<Item = &'a str>,
+) -> Vec<DmDevice> {
+    let uuids: Vec<String> = lv_uuids
+        .into_iter()
+        .map(|u| devpool_format::dm::uuid(meta.id.raw_str(), u))
+        .collect();
+    if uuids.is_empty() {
+        return Vec::new();
+    }
     let mut found: Vec<DmDevice> = list()
         .into_iter()
-        .filter(|d| is_of(uuids, &d.uuid))
+        .filter(|d| is_of(&uuids, &d.uuid))
         .collect();
     found.sort_by_key(|d| d.uuid.len());
     found
-}
-
-/// Remove the devices of `uuids`: the devices that map extents about to be
-/// freed. Each is named with whether it went at once (`true`) or stays
-/// until its last user closes it (`false`, as a detached loop device does).
-pub fn remove_for(uuids: &[String]) -> Vec<(String, Result<bool>)> {
-    active_for(uuids)
-        .into_iter()
-        .map(|d| {
-            let r = remove(&d.name);
-            (d.name, r)
-        })
-        .collect()
 }
 
 /// The LV a device maps, named as LVM2 names it.
@@ -425,55 +424,44 @@ fn major_minor(path: &Path) -> Result<String> {
     Ok(format!("{}:{}", libc::major(rdev), libc::minor(rdev)))
 }
 
-/// Activate `map` (a linear or striped volume on the PVs `pvs`, by index)
-/// as the device LVM2 would make for `lv`. A device of that name that is
-/// already active with the LV's uuid and size is used as it is.
-pub fn activate(
-    lv: &LvIdentity,
-    map: &devpool_format::map::VolumeMap,
-    pvs: &[PathBuf],
-    read_only: bool,
-) -> Result<Activated> {
-    let (name, uuid) = (lv.name(), lv.uuid());
-    if let Some(d) = info(&name)? {
-        let size = std::fs::read_to_string(format!("/sys/block/dm-{}/size", d.minor))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok());
-        if d.uuid == uuid && size == Some(map.size() / 512) {
-            return Ok(Activated {
-                devices: vec![d],
-                loops: Vec::new(),
-                made: false,
-            });
-        }
-        return Err(PoolError::Refused(format!(
-            "device-mapper device {name} exists already with uuid '{}' and another size or owner (`dmsetup remove {name}` if it is stale)",
-            d.uuid
-        )));
-    }
-    let layer = Layer {
-        name,
-        uuid,
-        table: Table::Map(map.clone()),
-        read_only,
-    };
-    activate_stack(&[layer], pvs, lv.lv_uuid)
-}
-
 /// Make the devices `layers`, in order, over the PVs `pvs` (by index). An
 /// image-file PV gets a loop device first, marked `loop_mark` (an LV uuid,
-/// so release finds it). Any device of the stack that exists already
-/// refuses it; a failed step removes what the stack made.
+/// so release finds it). A single linear/striped device that is active
+/// already with its uuid and size (LVM2 activated it) is used as it is;
+/// any other device of the stack that exists already refuses it. A failed
+/// step removes what the stack made.
 pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Result<Activated> {
     use devpool_format::dm::{KernelDev, Target};
     for l in layers {
-        if let Some(d) = info(&l.name)? {
-            return Err(PoolError::Refused(format!(
-                "device-mapper device {} ({}) exists already: LVM2 has the volume active, or a devpool server was killed before it could remove it ('vgchange -an' or a release removes it)",
-                d.name,
-                d.node().display()
-            )));
+        let Some(d) = info(&l.name)? else {
+            continue;
+        };
+        if let [
+            Layer {
+                table: Table::Map(map),
+                uuid,
+                ..
+            },
+        ] = layers
+        {
+            let size = std::fs::read_to_string(format!("/sys/block/dm-{}/size", d.minor))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            if d.uuid == *uuid && size == Some(map.size() / 512) {
+                return Ok(Activated {
+                    devices: vec![d],
+                    loops: Vec::new(),
+                    made: false,
+                });
+            }
         }
+        return Err(PoolError::Refused(format!(
+            "device-mapper device {} ({}) exists already, with uuid '{}': LVM2 has the volume active, or a devpool server was killed before it could remove it ('vgchange -an', a release or `dmsetup remove {}` removes it)",
+            d.name,
+            d.node().display(),
+            d.uuid,
+            d.name
+        )));
     }
     // Each PV's span over every mapped layer.
     let mut spans: Vec<Option<(u64, u64)>> = vec![None; pvs.len()];

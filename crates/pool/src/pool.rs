@@ -1132,8 +1132,7 @@ impl Pools {
             .lv(lv)
             .map(|l| l.id.raw_str().to_string())
             .unwrap_or_default();
-        let dm = devpool_format::dm::uuid(meta.id.raw_str(), &uuid);
-        if let Some(d) = crate::dmdev::active_for(&[dm]).first() {
+        if let Some(d) = crate::dmdev::active_for_lvs(meta, [uuid.as_str()]).first() {
             return Err(PoolError::Refused(format!(
                 "resize of {lv} refused: device-mapper has it active as {} ({}), which would go on mapping the old extents; stop the server that serves it first",
                 d.name,
@@ -1452,15 +1451,14 @@ fn detach_loops(v: &LoadedVg, lvs: &[String], strays: bool) -> Vec<PathBuf> {
 /// as a detached loop device does; one the kernel will not remove stops
 /// the release before its commit.
 fn remove_dm_devices(meta: &VgMetadata, lvs: &[String]) -> Result<Vec<PathBuf>> {
-    let uuids: Vec<String> = lvs
+    let uuids = lvs
         .iter()
         .filter_map(|n| meta.lv(n))
-        .map(|l| devpool_format::dm::uuid(meta.id.raw_str(), l.id.raw_str()))
-        .collect();
+        .map(|l| l.id.raw_str());
     let mut gone = Vec::new();
-    for (name, r) in crate::dmdev::remove_for(&uuids) {
-        r?;
-        gone.push(PathBuf::from("/dev/mapper").join(name));
+    for d in crate::dmdev::active_for_lvs(meta, uuids) {
+        crate::dmdev::remove(&d.name)?;
+        gone.push(PathBuf::from("/dev/mapper").join(d.name));
     }
     if !gone.is_empty() {
         detach_volumes(meta, lvs);

@@ -87,12 +87,12 @@ pub(crate) fn refuse_if_served(
             .filter(|l| l.origin == origin)
             .map(|l| l.cow.clone()),
     );
-    let mut dm_uuids = Vec::new();
+    let mut lv_uuids = Vec::new();
     for lv in family {
         let Some(uuid) = uuid_of(meta, &lv) else {
             continue;
         };
-        dm_uuids.push(devpool_format::dm::uuid(meta.id.raw_str(), &uuid));
+        lv_uuids.push(uuid.clone());
         if let Some(pid) = servers::serving(&pools.state_dir, &uuid)
             .into_iter()
             .find(|p| *p != me)
@@ -105,7 +105,7 @@ stop it first (a running server keeps its own copy-on-write state)"
     }
     // The kernel's dm-snapshot stack (LVM2's activation, or one a killed
     // server left) knows only the snapshots it was made with.
-    let active = crate::dmdev::active_for(&dm_uuids);
+    let active = crate::dmdev::active_for_lvs(meta, lv_uuids.iter().map(String::as_str));
     if let Some(d) = active.first() {
         return Err(PoolError::Refused(format!(
             "{what} refused: device-mapper has '{origin}' active ({} and {} more); 'vgchange -an {}' lets it go",

@@ -89,11 +89,6 @@ impl Drop for HostDevice {
     }
 }
 
-/// Whether `marker` exists, after loading `module` if it did not.
-pub(crate) fn loaded_or_probed(module: &str, marker: &Path) -> bool {
-    devpool_pool::sysblk::loaded_or_probed(module, marker)
-}
-
 /// `vol` activated with device-mapper, or why not: its node and what to
 /// remove later. `loc` is where it was found; `alone` says no other
 /// frontend serves it (devpool's own copy-on-write must not run beside the

@@ -144,11 +144,7 @@ fn refuse_if_dm_active(
     lv_uuids: &[String],
     target: &str,
 ) -> Result<(), OpenError> {
-    let uuids: Vec<String> = lv_uuids
-        .iter()
-        .map(|u| devpool_format::dm::uuid(meta.id.raw_str(), u))
-        .collect();
-    let active = devpool_pool::dmdev::active_for(&uuids);
+    let active = devpool_pool::dmdev::active_for_lvs(meta, lv_uuids.iter().map(String::as_str));
     if active.is_empty() {
         return Ok(());
     }

@@ -150,7 +150,7 @@ struct IoDesc {
 
 /// Whether this kernel has the ublk driver (loading the module if it can).
 pub fn available() -> bool {
-    crate::hostdev::loaded_or_probed("ublk_drv", Path::new(CONTROL))
+    devpool_pool::sysblk::loaded_or_probed("ublk_drv", Path::new(CONTROL))
 }
 
 /// `/dev/ublk-control` and a ring for its 128-byte commands.

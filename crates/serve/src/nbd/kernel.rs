@@ -24,7 +24,7 @@ const BLOCK: u64 = 4096;
 
 /// Whether this kernel has an NBD client (loading the module if it can).
 pub fn available() -> bool {
-    crate::hostdev::loaded_or_probed("nbd", Path::new("/sys/module/nbd"))
+    devpool_pool::sysblk::loaded_or_probed("nbd", Path::new("/sys/module/nbd"))
 }
 
 /// A free `/dev/nbdN`: present, not connected (no `pid`), size 0.
