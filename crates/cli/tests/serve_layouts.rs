@@ -742,6 +742,7 @@ fn guest_a_thin_volume_lvm2_activated_is_not_served_beside_dm_thin() {
 export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
 touch /tmp/fstab
 mkdir -p /run/lock/lvm /run/lvm
+field() { sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p" $2 | head -1; }
 devpool pool setup /dev/vda --name g --yes > /tmp/s.log 2>&1 || { cat /tmp/s.log; echo GUEST-STEP-FAILED setup; }
 devpool --pool g pool thin enable --data-size 64M > /tmp/t.log 2>&1 || { cat /tmp/t.log; echo GUEST-STEP-FAILED thin; }
 devpool --pool g --json lease acquire --volumes t:16M --owner-pid $$ > /tmp/lease.json || echo GUEST-STEP-FAILED acquire
@@ -750,6 +751,15 @@ lvm_c vgchange -ay -K devpool-g > /tmp/vgc.log 2>&1 || { cat /tmp/vgc.log; echo 
 echo "ACTIVE $(ls /sys/block | grep -c '^dm-')"
 timeout -s KILL 20 devpool --pool g serve $T --nbd unix:/tmp/t.sock > /tmp/refused.out 2>&1 && echo "SERVED-BESIDE-DM"
 echo "REFUSED $(tr '\n' ' ' < /tmp/refused.out)"
+# dm-thin holds the pool's metadata: no thin volume comes or goes meanwhile.
+devpool --pool g --json lease acquire --volumes u:8M --owner-pid $$ > /tmp/a2.out 2>&1 && echo "ACQUIRED-BESIDE-DM"
+echo "ACQUIRE-REFUSED $(tr '\n' ' ' < /tmp/a2.out)"
+devpool --pool g lease release $(field session /tmp/lease.json) > /tmp/r.out 2>&1 && echo "RELEASED-BESIDE-DM"
+echo "RELEASE-REFUSED $(tr '\n' ' ' < /tmp/r.out)"
+devpool vg trim devpool-g > /tmp/trim.out 2>&1 && echo "TRIMMED-BESIDE-DM"
+echo "TRIM-REFUSED $(tr '\n' ' ' < /tmp/trim.out)"
+echo "STILL-ACTIVE $(ls /sys/block | grep -c '^dm-')"
+echo "THIN-LVS $(lvm_c lvs --noheadings -o lv_name -S segtype=thin devpool-g | wc -l)"
 lvm_c vgchange -an devpool-g > /dev/null 2>&1; dmsetup remove_all
 echo "INACTIVE $(ls /sys/block | grep -c '^dm-')"
 devpool --pool g --json serve $T --nbd unix:/tmp/t.sock > /tmp/ok.out 2>&1 &
@@ -757,6 +767,10 @@ SRV=$!
 n=0; while [ ! -s /tmp/ok.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 echo "SERVED-AFTER $(cat /tmp/ok.out)"
 kill -TERM $SRV; wait $SRV
+devpool --pool g lease release $(field session /tmp/lease.json) > /tmp/r2.out 2>&1 && echo "RELEASED-AFTER"
+# LVM2 checks the pool (thin_check, transaction ids) as it activates it.
+lvm_c vgchange -ay -K devpool-g > /tmp/vgc2.log 2>&1 && echo "REACTIVATED" || cat /tmp/vgc2.log
+lvm_c vgchange -an devpool-g > /dev/null 2>&1
 "#;
     let script = format!("{DM_GUEST_HELPERS}{script}");
     let modules = [
@@ -776,8 +790,33 @@ kill -TERM $SRV; wait $SRV
         refused.contains("dm-thin") && refused.contains("vgchange -an devpool-g"),
         "{refused}"
     );
+    for (tag, what) in [
+        ("ACQUIRE-REFUSED ", "changing its thin volumes"),
+        ("RELEASE-REFUSED ", "removing thin volume"),
+        ("TRIM-REFUSED ", "trimming its free data blocks"),
+    ] {
+        let refused = line(tag);
+        assert!(
+            refused.contains(what)
+                && refused.contains("dm-thin keeps its metadata in memory")
+                && refused.contains("vgchange -an devpool-g"),
+            "{tag}{refused}\n{console}"
+        );
+    }
+    for done in [
+        "ACQUIRED-BESIDE-DM",
+        "RELEASED-BESIDE-DM",
+        "TRIMMED-BESIDE-DM",
+    ] {
+        assert!(!console.contains(done), "{done}:\n{console}");
+    }
+    // The refused release left the lease's devices as they were.
+    assert_eq!(line("STILL-ACTIVE "), line("ACTIVE "), "{console}");
+    assert_eq!(line("THIN-LVS "), "1", "{console}");
     assert_eq!(line("INACTIVE "), "0", "{console}");
     assert!(line("SERVED-AFTER ").contains(r#""nbd""#), "{console}");
+    assert!(console.contains("RELEASED-AFTER"), "{console}");
+    assert!(console.contains("REACTIVATED"), "{console}");
 }
 
 /// `lv activate` / `lv deactivate` in a guest with device-mapper, as

@@ -15,6 +15,7 @@
 //! - [`devicesfile`], [`lvmconf`]: LVM2's devices file and configuration, followed
 //! - [`cowstore`]: a snapshot's COW store, live (load, look up, append, invalidate)
 //! - [`thinstore`]: a thin pool's dm-thin metadata, live (devices, mappings, commits)
+//! - [`dmlist`]: the device-mapper devices the kernel has active for LVs (sysfs)
 //! - [`report`]: PV/VG/LV/segment rows for tables and JSON
 
 pub mod access;
@@ -23,6 +24,7 @@ pub mod commit;
 pub mod cowstore;
 pub mod device;
 pub mod devicesfile;
+pub mod dmlist;
 pub mod engine;
 pub mod error;
 pub mod giveback;

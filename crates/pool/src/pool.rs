@@ -1451,6 +1451,7 @@ fn detach_loops(v: &LoadedVg, lvs: &[String], strays: bool) -> Vec<PathBuf> {
 /// as a detached loop device does; one the kernel will not remove stops
 /// the release before its commit.
 fn remove_dm_devices(meta: &VgMetadata, lvs: &[String]) -> Result<Vec<PathBuf>> {
+    refuse_thin_removals_while_held(meta, lvs)?;
     let uuids = lvs
         .iter()
         .filter_map(|n| meta.lv(n))
@@ -1464,6 +1465,36 @@ fn remove_dm_devices(meta: &VgMetadata, lvs: &[String]) -> Result<Vec<PathBuf>> 
         detach_volumes(meta, lvs);
     }
     Ok(gone)
+}
+
+/// Freeing thin volumes changes the pool's dm-thin metadata, which the
+/// kernel owns while it has the pool active (the engine would refuse the
+/// commit); refuse before any of their devices is removed. Freeing the pool
+/// too (a teardown) is fine: its devices go with the rest.
+fn refuse_thin_removals_while_held(meta: &VgMetadata, lvs: &[String]) -> Result<()> {
+    let Some(pool) = devpool_engine::ops::thin::the_thin_pool(meta) else {
+        return Ok(());
+    };
+    let thin: Vec<String> = devpool_engine::ops::thin::thin_volumes(meta)
+        .into_iter()
+        .filter(|t| lvs.contains(&t.lv))
+        .map(|t| t.lv)
+        .collect();
+    if thin.is_empty() || lvs.contains(&pool.pool) {
+        return Ok(());
+    }
+    if let Some(d) = devpool_engine::dmlist::thin_pool_held(meta) {
+        return Err(PoolError::Refused(format!(
+            "removing thin volume(s) {} refused: device-mapper has thin pool {}/{} active ({} is {}), and dm-thin keeps its metadata in memory; deactivate it first ('vgchange -an {}')",
+            thin.join(", "),
+            meta.name,
+            pool.pool,
+            d.node().display(),
+            d.name,
+            meta.name
+        )));
+    }
+    Ok(())
 }
 
 /// Detach the loop devices of `lvs`.
