@@ -2082,6 +2082,25 @@ fn flushed_by_later_commit(later: &[Step], device: &Path) -> bool {
     })
 }
 
+/// dm-thin keeps an active pool's metadata in memory and changes it only on
+/// messages (LVM2 sends `create_thin`, `delete`…): a change devpool wrote
+/// to the metadata LV meanwhile would be lost, or would corrupt what the
+/// kernel writes back. Refuse `what` then, before anything is written.
+fn refuse_if_kernel_holds_thin_pool(meta: &VgMetadata, what: &str) -> Result<()> {
+    if let Some(d) = crate::dmlist::thin_pool_held(meta) {
+        let pool = ops::thin::the_thin_pool(meta)
+            .map(|p| p.pool)
+            .unwrap_or_default();
+        return Err(EngineError::Refused(format!(
+            "thin pool {vg}/{pool}: {what} refused: device-mapper has the pool active ({} is {}), and dm-thin keeps its metadata in memory; deactivate it first ('vgchange -an {vg}')",
+            d.node().display(),
+            d.name,
+            vg = meta.name,
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2244,23 +2263,4 @@ mod tests {
         assert!(!flushed_by_later_commit(&[], &a));
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// dm-thin keeps an active pool's metadata in memory and changes it only on
-/// messages (LVM2 sends `create_thin`, `delete`…): a change devpool wrote
-/// to the metadata LV meanwhile would be lost, or would corrupt what the
-/// kernel writes back. Refuse `what` then, before anything is written.
-fn refuse_if_kernel_holds_thin_pool(meta: &VgMetadata, what: &str) -> Result<()> {
-    if let Some(d) = crate::dmlist::thin_pool_held(meta) {
-        let pool = ops::thin::the_thin_pool(meta)
-            .map(|p| p.pool)
-            .unwrap_or_default();
-        return Err(EngineError::Refused(format!(
-            "thin pool {vg}/{pool}: {what} refused: device-mapper has the pool active ({} is {}), and dm-thin keeps its metadata in memory; deactivate it first ('vgchange -an {vg}')",
-            d.node().display(),
-            d.name,
-            vg = meta.name,
-        )));
-    }
-    Ok(())
 }
