@@ -454,7 +454,7 @@ fn activation(g: &Global, eng: &Engine, lv: &str, activate: Option<bool>) -> Res
         .iter()
         .filter_map(|p| v.device_of(&p.key).map(|d| (p.key.clone(), d.path.clone())))
         .collect();
-    let (node, a) = activate::activate_lv(&v.meta, &pvs, &name, read_only)?;
+    let (node, a) = activate::activate_lv(&g.state_dir, &v.meta, &pvs, &name, read_only)?;
     let names: Vec<&str> = a.devices.iter().map(|d| d.name.as_str()).collect();
     if g.json {
         println!(

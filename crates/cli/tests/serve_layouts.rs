@@ -1032,18 +1032,7 @@ fn devpool_in_guest(
     script: &str,
 ) -> String {
     use common::guest::*;
-    let stripped = lab.path("devpool");
-    let o = Command::new("strip")
-        .arg("-o")
-        .arg(&stripped)
-        .arg(env!("CARGO_BIN_EXE_devpool"))
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "strip: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let stripped = devpool_for_guest(lab, env!("CARGO_BIN_EXE_devpool"));
     let bin = format!("{}=/usr/bin/devpool", stripped.display());
     let mut all = vec![bin.as_str()];
     all.extend_from_slice(bins);

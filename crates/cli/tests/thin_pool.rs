@@ -634,6 +634,134 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
     assert_no_qemu_left(&lab);
 }
 
+/// `devpool lv activate` of thin volumes in a guest with device-mapper:
+/// the pool's devices come up once, under LVM2's names, shared by the
+/// volume and its thin snapshot; dm-thin reads what devpool's data plane
+/// wrote and writes beside it; a thin volume's deactivation leaves the pool
+/// to the other, the last one takes the pool's devices with it; then the
+/// host's thin_check accepts what dm-thin committed and devpool's data
+/// plane reads the kernel's writes.
+#[test]
+fn guest_lv_activate_gives_thin_volumes_dm_thin_over_their_shared_pool() {
+    use common::guest::{
+        DM_GUEST_HELPERS, assert_no_qemu_left, devpool_for_guest, guest_or_skip, run_lvm_guest,
+    };
+    let t = "guest_lv_activate_gives_thin_volumes_dm_thin_over_their_shared_pool";
+    let Some(kernel) = guest_or_skip(t) else {
+        return;
+    };
+    let Some((lab, image)) = thin_pool_lab(
+        "guest_thin_act",
+        &["qemu-io"],
+        "512M",
+        &["--data-size", "256M"],
+    ) else {
+        return;
+    };
+    let owner = Sleeper::new();
+    let lease = acquire(&lab, &owner, "test:32M");
+    let lv = first_lv(&lease);
+    let (srv, sock) = serve(&lab, &lv, "o.sock");
+    qemu_io_ok(
+        &sock,
+        &["write -P 0xa1 0 4096", "write -P 0x77 4096000 4096"],
+    );
+    stop(srv);
+    lab.dp(
+        &[],
+        &[
+            "--pool",
+            &tp(&lab),
+            "snapshot",
+            "create",
+            &lv,
+            "--name",
+            "tsnap",
+        ],
+    );
+    let vg = format!("devpool-{}", tp(&lab));
+    let mut g = String::from(DM_GUEST_HELPERS);
+    g.push_str(&format!(
+        r#"export DEVPOOL_STATE_DIR=/tmp/state HOME=/tmp DEVPOOL_DEVICES=/dev/vda
+mkdir -p /run/lock/lvm /run/lvm
+dms() {{ ls /sys/block | grep -c '^dm-'; }}
+node() {{ sed 's/.*"device":"\([^"]*\)".*/\1/' $1; }}
+devpool --json lv activate {vg}/{lv} > /tmp/o.json || {{ cat /tmp/o.json; exit 10; }}
+echo "ORIGIN $(cat /tmp/o.json)"
+devpool --json lv activate {vg}/tsnap --read-only > /tmp/s.json || exit 11
+echo "SNAPSHOT $(cat /tmp/s.json)"
+O=$(node /tmp/o.json); S=$(node /tmp/s.json)
+echo "DEVICES $(dms)"
+echo "TABLES $(dmsetup table | awk '{{print $4}}' | sort | tr '
+' ' ')"
+echo "ATTR $(lvm_c lvs --noheadings -o lv_attr {vg}/{lv} | tr -d ' ')"
+chk $O 0 241; chk $S 0 241; chk $O 1000 167; chk $O 500 000
+fill $O 0 356; fill $O 3000 303; chk $S 0 241; chk $O 0 356
+dd if=/dev/zero of=$S bs=4096 count=1 oflag=direct 2>/dev/null && echo "WROTE-READ-ONLY"
+devpool lv deactivate {vg}/{lv} > /dev/null || exit 12
+echo "AFTER-ONE $(dms)"
+chk $S 0 241
+devpool lv deactivate {vg}/tsnap > /dev/null || exit 13
+echo "AFTER-ALL $(dms) $(ls /sys/block | grep -c '^loop')"
+exit $bad
+"#
+    ));
+    let stripped = devpool_for_guest(&lab, env!("CARGO_BIN_EXE_devpool"));
+    let devpool = format!("{}:/usr/bin/devpool", stripped.display());
+    let console = run_lvm_guest(&lab, &kernel, &[], &image, &[&devpool], "dm_thin_pool", &g);
+    let line = |tag: &str| {
+        console
+            .lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("no {tag}:\n{console}"))
+            .to_string()
+    };
+    let tpool = format!("{}-thinpool-tpool", vg.replace('-', "--"));
+    let origin: Value = serde_json::from_str(&line("ORIGIN ")).unwrap();
+    let names: Vec<&str> = origin["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4, "{origin}");
+    assert_eq!(names[2], tpool, "{origin}");
+    assert_eq!(
+        names[3],
+        format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
+    );
+    // The snapshot reuses the pool's three devices: one more device.
+    assert_eq!(line("DEVICES "), "5", "{console}");
+    assert_eq!(
+        line("TABLES ").split_whitespace().collect::<Vec<_>>(),
+        ["linear", "linear", "thin", "thin", "thin-pool"]
+    );
+    assert_eq!(&line("ATTR ")[4..5], "a", "LVM2 sees it active: {console}");
+    assert!(!console.contains("WROTE-READ-ONLY"), "{console}");
+    assert_eq!(
+        line("AFTER-ONE "),
+        "4",
+        "the pool stays for the snapshot: {console}"
+    );
+    assert_eq!(line("AFTER-ALL "), "0 0", "{console}");
+
+    let xml = check_and_dump(&lab, &image);
+    assert_eq!(dumped(&xml).len(), 2, "{xml}");
+    let (srv, sock) = serve(&lab, &lv, "o.sock");
+    assert!(block_holds(&sock, 0, 0xee), "dm's overwrite");
+    assert!(block_holds(&sock, 3000, 0xc3), "dm's new block");
+    assert!(block_holds(&sock, 1000, 0x77));
+    stop(srv);
+    let (srv, sock) = serve(&lab, "tsnap", "s.sock");
+    assert!(
+        block_holds(&sock, 0, 0xa1),
+        "the snapshot kept the old block"
+    );
+    assert!(block_holds(&sock, 3000, 0));
+    stop(srv);
+    assert_no_qemu_left(&lab);
+}
+
 /// `devpool … snapshot merge NAME` with extra arguments and environment.
 fn merge(lab: &Lab, snap: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let pool = tp(lab);

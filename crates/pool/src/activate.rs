@@ -9,17 +9,24 @@
 //!   snapshot first). The kernel works on the COW stores in dm-snapshot's
 //!   persistent format, the one devpool writes and reads.
 //!
-//! Thin volumes are refused: while dm-thin holds a pool, every change of
-//! its metadata (thin leases, thin snapshots) would have to reach the
-//! kernel as pool messages, and devpool writes the metadata itself.
+//! - a thin volume: its pool's devices, shared by every thin volume of the
+//!   pool that is active (`vg-pool_tmeta`, `vg-pool_tdata`, then
+//!   `vg-pool-tpool`: `thin-pool <meta> <data> <chunk> 0 …` over dm-thin's
+//!   metadata as devpool writes it), then `vg-thin` (`thin <tpool> <id>`).
+//!   The pool's devices go with the last thin volume over them. While they
+//!   are active the kernel owns the pool's metadata: devpool refuses to
+//!   change its thin volumes, and serves none of them itself.
 
 use crate::dmdev::{self, Activated, Layer, LvIdentity, Param, Table};
 use crate::error::{PoolError, Result};
 use devpool_engine::cowstore::PvIndex;
 use devpool_engine::ops::snapshot::snapshot_links;
+use devpool_engine::ops::thin::{
+    ThinLink, ThinPoolLink, is_thin_internal, thin_pools, thin_volume,
+};
 use devpool_format::cow::DEFAULT_CHUNK_SECTORS;
 use devpool_format::metadata::{LvMeta, VgMetadata};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn lv<'a>(meta: &'a VgMetadata, name: &str) -> Result<&'a LvMeta> {
     meta.lv(name)
@@ -78,11 +85,12 @@ pub fn plan_lv(
     name: &str,
     read_only: bool,
 ) -> Result<StackPlan> {
-    if devpool_engine::ops::thin::thin_volume(meta, name).is_some()
-        || devpool_engine::ops::thin::is_thin_internal(meta, name)
-    {
+    if let Some(t) = thin_volume(meta, name) {
+        return plan_thin(meta, pvs, &t, read_only);
+    }
+    if is_thin_internal(meta, name) {
         return Err(PoolError::Refused(format!(
-            "{}/{name} is thin: devpool serves thin volumes itself (LVM2 activates them with dm-thin)",
+            "{}/{name} belongs to a thin pool: activate its thin volumes (the pool's devices come with them)",
             meta.name
         )));
     }
@@ -100,6 +108,7 @@ pub fn plan_lv(
             uuid: id.uuid(),
             table: Table::Map(map_of(l)?),
             read_only,
+            shared: false,
         }];
         return finish(meta, pvs, index, layers, id.name(), l);
     };
@@ -113,6 +122,7 @@ pub fn plan_lv(
         uuid: real.1,
         table: Table::Map(origin_map),
         read_only: false,
+        shared: false,
     }];
     let mut own = oid.name();
     for link in snapshot_links(meta)
@@ -128,6 +138,7 @@ pub fn plan_lv(
             uuid: cow.1,
             table: Table::Map(map_of(c)?),
             read_only: false,
+            shared: false,
         });
         let asked = link.cow == name;
         if asked {
@@ -148,6 +159,7 @@ pub fn plan_lv(
                 ],
             },
             read_only: asked && read_only,
+            shared: false,
         });
     }
     layers.push(Layer {
@@ -159,8 +171,139 @@ pub fn plan_lv(
             params: vec![Param::Layer(0)],
         },
         read_only: origin == name && read_only,
+        shared: false,
     });
     finish(meta, pvs, index, layers, own, origin_lv)
+}
+
+/// The stack of thin volume `t`: the pool's devices (shared), then its own.
+fn plan_thin(
+    meta: &VgMetadata,
+    pvs: &[(String, PathBuf)],
+    t: &ThinLink,
+    read_only: bool,
+) -> Result<StackPlan> {
+    let pool = pool_of(meta, t)?;
+    if pool.pending_messages > 0 {
+        return Err(PoolError::Refused(format!(
+            "thin pool {}/{} has {} change(s) LVM2 queued for the kernel (an interrupted LVM2 command): let LVM2 activate it once ('lvchange -ay')",
+            meta.name, pool.pool, pool.pending_messages
+        )));
+    }
+    let (pool_lv, tmeta, tdata) = (
+        lv(meta, &pool.pool)?,
+        lv(meta, &pool.tmeta)?,
+        lv(meta, &pool.tdata)?,
+    );
+    let mut index = PvIndex::default();
+    let mut shared_map = |l: &LvMeta| -> Result<Layer> {
+        let map = index
+            .map_lv(meta, l)
+            .map_err(|e| PoolError::Invalid(e.to_string()))?;
+        let id = identity(meta, l);
+        Ok(Layer {
+            name: id.name(),
+            uuid: id.uuid(),
+            table: Table::Map(map),
+            read_only: false,
+            shared: true,
+        })
+    };
+    let meta_layer = shared_map(tmeta)?;
+    let data_layer = shared_map(tdata)?;
+    let data_sectors = tdata.extent_count() * meta.extent_size.bytes().0 / 512;
+    let tpool = identity(meta, pool_lv).layer("tpool");
+    let mut params = vec![
+        Param::Layer(0),
+        Param::Layer(1),
+        Param::Text(pool.chunk_sectors.to_string()),
+        // Low water mark: no event (devpool does not autoextend).
+        Param::Text("0".into()),
+    ];
+    if pool.zero_new_blocks {
+        params.push(Param::Text("0".into()));
+    } else {
+        params.extend(["1", "skip_block_zeroing"].map(|p| Param::Text(p.into())));
+    }
+    let pool_layer = Layer {
+        name: tpool.0,
+        uuid: tpool.1,
+        table: Table::Over {
+            kind: "thin-pool",
+            sectors: data_sectors,
+            params,
+        },
+        read_only: false,
+        shared: true,
+    };
+    let thin = lv(meta, &t.lv)?;
+    let id = identity(meta, thin);
+    let thin_layer = Layer {
+        name: id.name(),
+        uuid: id.uuid(),
+        table: Table::Over {
+            kind: "thin",
+            sectors: thin.extent_count() * meta.extent_size.bytes().0 / 512,
+            params: vec![Param::Layer(2), Param::Text(t.device_id.to_string())],
+        },
+        read_only,
+        shared: false,
+    };
+    let layers = vec![meta_layer, data_layer, pool_layer, thin_layer];
+    finish(meta, pvs, index, layers, id.name(), pool_lv)
+}
+
+/// dm-thin takes over a pool's metadata: refuse while a devpool process
+/// other than this one serves one of its thin volumes with devpool's own
+/// thin mappings (they would go on beside the kernel's).
+fn refuse_if_pool_served(state_dir: &Path, meta: &VgMetadata, pool: &str) -> Result<()> {
+    let me = std::process::id();
+    for t in devpool_engine::ops::thin::thin_volumes(meta)
+        .into_iter()
+        .filter(|t| t.pool == pool)
+    {
+        let Some(l) = meta.lv(&t.lv) else { continue };
+        if let Some(pid) = crate::servers::serving(state_dir, l.id.raw_str())
+            .into_iter()
+            .find(|p| *p != me)
+        {
+            return Err(PoolError::Refused(format!(
+                "thin pool {}/{pool} cannot go to dm-thin: process {pid} serves its thin volume {} with devpool's own thin mappings; stop that server first",
+                meta.name, t.lv
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn pool_of(meta: &VgMetadata, t: &ThinLink) -> Result<ThinPoolLink> {
+    thin_pools(meta)
+        .into_iter()
+        .find(|p| p.pool == t.pool)
+        .ok_or_else(|| PoolError::Invalid(format!("thin pool {}/{} is missing", meta.name, t.pool)))
+}
+
+/// The thin pool's devices device-mapper has active, in the order they go
+/// (`-tpool`, then its data and metadata), without the pool LV's own
+/// device: LVM2 makes that one when it activates the pool itself, and it
+/// keeps the rest (it is stacked on `-tpool`).
+pub fn pool_devices(meta: &VgMetadata, pool: &ThinPoolLink) -> Vec<dmdev::DmDevice> {
+    let uuid_of = |n: &str| meta.lv(n).map(|l| l.id.raw_str().to_string());
+    let Some(pool_uuid) = uuid_of(&pool.pool) else {
+        return Vec::new();
+    };
+    let own = devpool_format::dm::uuid(meta.id.raw_str(), &pool_uuid);
+    let uuids: Vec<String> = [&pool.pool, &pool.tdata, &pool.tmeta]
+        .into_iter()
+        .filter_map(|n| uuid_of(n))
+        .collect();
+    let mut found: Vec<dmdev::DmDevice> =
+        dmdev::active_for_lvs(meta, uuids.iter().map(String::as_str))
+            .into_iter()
+            .filter(|d| d.uuid != own)
+            .collect();
+    found.sort_by_key(|d| !d.uuid.ends_with("-tpool"));
+    found
 }
 
 /// A plan's PV paths, in the order its tables index them.
@@ -194,12 +337,16 @@ fn finish(
 /// device, and everything made. A plain LV that is active already with its
 /// uuid and size is used as it is.
 pub fn activate_lv(
+    state_dir: &Path,
     meta: &VgMetadata,
     pvs: &[(String, PathBuf)],
     name: &str,
     read_only: bool,
 ) -> Result<(PathBuf, Activated)> {
     let plan = plan_lv(meta, pvs, name, read_only)?;
+    if let Some(t) = thin_volume(meta, name) {
+        refuse_if_pool_served(state_dir, meta, &t.pool)?;
+    }
     let a = dmdev::activate_stack(&plan.layers, &plan.pvs, &plan.loop_mark)?;
     let node = a
         .device(&plan.own)
@@ -208,7 +355,8 @@ pub fn activate_lv(
     Ok((node, a))
 }
 
-/// Deactivate LV `name` (its whole snapshot family, if it has one): remove
+/// Deactivate LV `name` (its whole snapshot family, if it has one; a thin
+/// volume's pool devices when no other thin volume is over them): remove
 /// its device-mapper devices, then the loop devices made under them. The
 /// names of the devices removed.
 pub fn deactivate_lv(meta: &VgMetadata, name: &str) -> Result<Vec<String>> {
@@ -218,45 +366,12 @@ pub fn deactivate_lv(meta: &VgMetadata, name: &str) -> Result<Vec<String>> {
         .filter_map(|n| meta.lv(n))
         .map(|l| l.id.raw_str().to_string())
         .collect();
-    let active = dmdev::active_for_lvs(meta, uuids.iter().map(String::as_str));
-    // The loop devices under them (image-file PVs), read before they go:
-    // a lease's own loop device over the same LV is not one of them.
-    let under: Vec<String> = active
-        .iter()
-        .flat_map(|d| slaves(d.minor))
-        .filter(|s| s.starts_with("loop"))
-        .collect();
-    let mut gone = Vec::new();
-    for d in active {
-        if !dmdev::remove(&d.name)? {
-            return Err(PoolError::Refused(format!(
-                "device-mapper device {} is open: the kernel removes it at its last close",
-                d.name
-            )));
-        }
-        gone.push(d.name);
-    }
-    for a in crate::loopdev::list() {
-        let name = a
-            .device
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
-        if uuids.contains(&a.lv_uuid) && name.is_some_and(|n| under.contains(&n)) {
-            crate::loopdev::give_back(&a);
-        }
-    }
-    Ok(gone)
-}
-
-/// The block devices under `dm-<minor>`.
-fn slaves(minor: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/sys/block/dm-{minor}/slaves"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    let own = dmdev::active_for_lvs(meta, uuids.iter().map(String::as_str));
+    let shared = match thin_volume(meta, name) {
+        Some(t) if !own.is_empty() => pool_devices(meta, &pool_of(meta, &t)?),
+        _ => Vec::new(),
+    };
+    dmdev::remove_stack(&own, &shared)
 }
 
 #[cfg(test)]
@@ -266,7 +381,8 @@ mod tests {
     use devpool_format::units::{Bytes, SizeArg};
 
     /// A VG on an image file with LVs `plain` (8M), `o` (8M) and `o`'s
-    /// snapshot `s` (12M, 8 KiB chunks): its metadata and PVs.
+    /// snapshot `s` (12M, 8 KiB chunks), a thin pool (16M data, 64 KiB
+    /// chunks) with thin volume `t` (32M): its metadata and PVs.
     fn vg() -> (tempfile::TempDir, VgMetadata, Vec<(String, PathBuf)>) {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("pv.img");
@@ -301,6 +417,21 @@ mod tests {
                 name: "s".into(),
                 size: Some(SizeArg::parse("12M").unwrap()),
                 chunk_size: Bytes(8 << 10),
+            },
+            Operation::ThinPoolCreate {
+                vg: "vg".into(),
+                data_size: SizeArg::parse("16M").unwrap(),
+                metadata_size: None,
+                chunk_size: Bytes(64 << 10),
+            },
+            Operation::ThinCreate {
+                vg: "vg".into(),
+                volumes: vec![devpool_engine::NewVolume {
+                    name: "t".into(),
+                    size: SizeArg::parse("32M").unwrap(),
+                    tags: vec![],
+                }],
+                origin: None,
             },
         ];
         for op in &ops {
@@ -376,6 +507,76 @@ mod tests {
         }
         assert_eq!(family(&meta, "s"), ["o", "s"]);
         assert_eq!(family(&meta, "plain"), ["plain"]);
+    }
+
+    fn text(params: &[Param]) -> Vec<String> {
+        params
+            .iter()
+            .map(|x| match x {
+                Param::Layer(i) => format!("#{i}"),
+                Param::Text(t) => t.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_thin_volume_stacks_on_its_pools_shared_devices_as_lvm2_names_them() {
+        let (_d, meta, pvs) = vg();
+        let pool = devpool_engine::ops::thin::the_thin_pool(&meta).unwrap();
+        let t = thin_volume(&meta, "t").unwrap();
+        let p = plan_lv(&meta, &pvs, "t", true).unwrap();
+        let names: Vec<&str> = p.layers.iter().map(|l| l.name.as_str()).collect();
+        let (tmeta, tdata) = (format!("vg-{}", pool.tmeta), format!("vg-{}", pool.tdata));
+        let tpool = format!("vg-{}-tpool", pool.pool);
+        assert_eq!(names, [tmeta.as_str(), &tdata, &tpool, "vg-t"]);
+        assert_eq!(
+            p.layers[2].uuid,
+            format!("{}-tpool", uuid(&meta, &pool.pool))
+        );
+        assert_eq!(p.layers[3].uuid, uuid(&meta, "t"));
+        let shared: Vec<bool> = p.layers.iter().map(|l| l.shared).collect();
+        assert_eq!(shared, [true, true, true, false]);
+        let ro: Vec<bool> = p.layers.iter().map(|l| l.read_only).collect();
+        assert_eq!(ro, [false, false, false, true]);
+        assert!(matches!(&p.layers[1].table, Table::Map(m) if m.size() == 16 << 20));
+        let Table::Over {
+            kind,
+            sectors,
+            params,
+        } = &p.layers[2].table
+        else {
+            panic!("the pool maps its layers");
+        };
+        assert_eq!((*kind, *sectors), ("thin-pool", (16 << 20) / 512));
+        // 64 KiB blocks are 128 sectors; devpool's pools zero new blocks
+        // unless told not to.
+        let zero = if pool.zero_new_blocks {
+            vec!["0"]
+        } else {
+            vec!["1", "skip_block_zeroing"]
+        };
+        let mut want = vec!["#0", "#1", "128", "0"];
+        want.extend(zero);
+        assert_eq!(text(params), want);
+        let Table::Over {
+            kind,
+            sectors,
+            params,
+        } = &p.layers[3].table
+        else {
+            panic!("the thin volume maps the pool");
+        };
+        assert_eq!((*kind, *sectors), ("thin", (32 << 20) / 512));
+        assert_eq!(text(params), ["#2".to_string(), t.device_id.to_string()]);
+        assert_eq!(p.own, "vg-t");
+        assert_eq!(p.loop_mark, meta.lv(&pool.pool).unwrap().id.raw_str());
+        // The pool's own LVs are not activated on their own.
+        for internal in [&pool.pool, &pool.tmeta, &pool.tdata] {
+            let e = plan_lv(&meta, &pvs, internal, false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("belongs to a thin pool"), "{e}");
+        }
     }
 
     #[test]

@@ -297,6 +297,10 @@ pub struct Layer {
     pub uuid: String,
     pub table: Table,
     pub read_only: bool,
+    /// Shared with other stacks (a thin pool's devices under its thin
+    /// volumes): used as it is when it exists with its uuid, and removed
+    /// only when no device is stacked on it any more.
+    pub shared: bool,
 }
 
 /// A volume activated with device-mapper: one device, or a stack (an
@@ -305,11 +309,13 @@ pub struct Layer {
 pub struct Activated {
     /// The devices, in the order they were made.
     pub devices: Vec<DmDevice>,
+    /// Per device: shared with other stacks ([`Layer::shared`]).
+    shared: Vec<bool>,
     /// Loop devices made under them (one per image-file PV, over the span of
     /// the extents the stack maps there: the PV's label stays out of sight).
     loops: Vec<PathBuf>,
-    /// Whether this activation made the devices (else they were active
-    /// already, with the volume's size, and are left as they are).
+    /// Whether this activation made the volume's devices (else they were
+    /// active already, with the volume's size, and are left as they are).
     pub made: bool,
 }
 
@@ -319,19 +325,98 @@ impl Activated {
         self.devices.iter().find(|d| d.name == name)
     }
 
-    /// Remove the devices (if this activation made them), top first, then
-    /// their loop devices.
+    /// Remove the devices (if this activation made them), top first, and
+    /// then the shared ones nothing is stacked on any more (whoever made
+    /// them); then the loop devices devpool attached under what went.
     pub fn deactivate(self) -> Result<()> {
         if self.made {
-            for d in self.devices.iter().rev() {
-                remove(&d.name)?;
-            }
+            let (shared, own): (Vec<_>, Vec<_>) = self
+                .devices
+                .into_iter()
+                .zip(self.shared)
+                .partition(|(_, s)| *s);
+            let own: Vec<DmDevice> = own.into_iter().rev().map(|(d, _)| d).collect();
+            let shared: Vec<DmDevice> = shared.into_iter().rev().map(|(d, _)| d).collect();
+            remove_stack(&own, &shared)?;
         }
         for l in &self.loops {
-            crate::loopdev::detach(l)?;
+            if holders(l) == 0 {
+                crate::loopdev::detach(l)?;
+            }
         }
         Ok(())
     }
+}
+
+/// How many devices are stacked on block device `dev` (sysfs `holders`;
+/// an unreadable one counts as held).
+fn holders(dev: &Path) -> usize {
+    let name = dev.file_name().map(|n| n.to_string_lossy().into_owned());
+    name.and_then(|n| std::fs::read_dir(format!("/sys/block/{n}/holders")).ok())
+        .map_or(1, |h| h.count())
+}
+
+/// The block devices stacked on `dm-<minor>` (sysfs `holders`).
+pub fn holders_of(minor: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/sys/block/dm-{minor}/holders"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The block devices under `dm-<minor>` (sysfs `slaves`).
+pub fn slaves(minor: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/sys/block/dm-{minor}/slaves"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Remove `own` (top first), then those of `shared` (top first) that
+/// nothing is stacked on when their turn comes; then the loop devices
+/// devpool attached under the removed ones (marked: a user's own loop
+/// device stays), once nothing is stacked on them. The names removed.
+pub fn remove_stack(own: &[DmDevice], shared: &[DmDevice]) -> Result<Vec<String>> {
+    let mut gone = Vec::new();
+    let mut under = Vec::new();
+    let unheld = |d: &DmDevice| holders(&d.node()) == 0;
+    for (d, is_shared) in own
+        .iter()
+        .map(|d| (d, false))
+        .chain(shared.iter().map(|d| (d, true)))
+    {
+        if is_shared && !unheld(d) {
+            continue;
+        }
+        under.extend(
+            slaves(d.minor)
+                .into_iter()
+                .filter(|s| s.starts_with("loop")),
+        );
+        // One still open goes at its last close (deferred), as a detached
+        // loop device does.
+        remove(&d.name)?;
+        gone.push(d.name.clone());
+    }
+    for a in crate::loopdev::list() {
+        let name = a
+            .device
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        if !a.lv_uuid.is_empty()
+            && name.is_some_and(|n| under.contains(&n))
+            && holders(&a.device) == 0
+        {
+            crate::loopdev::give_back(&a);
+        }
+    }
+    Ok(gone)
 }
 
 /// `MAJ:MIN` of a block device.
@@ -350,10 +435,17 @@ fn major_minor(path: &Path) -> Result<String> {
 /// step removes what the stack made.
 pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Result<Activated> {
     use devpool_format::dm::{KernelDev, Target};
+    // Devices that exist already: shared ones are used as they are.
+    let mut existing: Vec<Option<DmDevice>> = Vec::with_capacity(layers.len());
     for l in layers {
         let Some(d) = info(&l.name)? else {
+            existing.push(None);
             continue;
         };
+        if l.shared && d.uuid == l.uuid {
+            existing.push(Some(d));
+            continue;
+        }
         if let [
             Layer {
                 table: Table::Map(map),
@@ -368,6 +460,7 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
             if d.uuid == *uuid && size == Some(map.size() / 512) {
                 return Ok(Activated {
                     devices: vec![d],
+                    shared: vec![false],
                     loops: Vec::new(),
                     made: false,
                 });
@@ -383,7 +476,7 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
     }
     // Each PV's span over every mapped layer.
     let mut spans: Vec<Option<(u64, u64)>> = vec![None; pvs.len()];
-    for l in layers {
+    for (l, _) in layers.iter().zip(&existing).filter(|(_, e)| e.is_none()) {
         if let Table::Map(map) = &l.table {
             for (d, off, len) in map.physical_ranges() {
                 if let Some(s) = spans.get_mut(d) {
@@ -395,6 +488,7 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
     }
     let mut done = Activated {
         devices: Vec::new(),
+        shared: Vec::new(),
         loops: Vec::new(),
         made: true,
     };
@@ -421,7 +515,12 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
                 }
             });
         }
-        for l in layers {
+        for (l, found) in layers.iter().zip(existing) {
+            if let Some(d) = found {
+                done.devices.push(d);
+                done.shared.push(true);
+                continue;
+            }
             let targets = match &l.table {
                 Table::Map(map) => {
                     devpool_format::dm::table(map, |d| places.get(d).cloned().flatten())
@@ -457,6 +556,7 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
             };
             done.devices
                 .push(create(&l.name, &l.uuid, &targets, l.read_only)?);
+            done.shared.push(l.shared);
         }
         Ok(())
     })();

@@ -195,13 +195,7 @@ pub fn start(
             .find(|a| a.lv_uuid == uuid && a.size == volume.size())
             .map(|a| a.device);
         let alone = spec.nbd.is_none() && spec.vhost_user_blk.is_none();
-        let h = crate::hostdev::attach(
-            &volume,
-            &loc,
-            alone,
-            existing,
-            &pools.state_dir.join("fuse"),
-        )?;
+        let h = crate::hostdev::attach(&volume, &loc, alone, existing, &pools.state_dir)?;
         info.block_device = Some(h.device.clone());
         info.block_device_path = Some(h.choice.clone());
         host = Some(h);

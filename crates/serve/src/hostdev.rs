@@ -97,6 +97,7 @@ fn dm_device(
     vol: &Volume,
     loc: &Located,
     alone: bool,
+    state_dir: &Path,
 ) -> Result<(PathBuf, devpool_pool::dmdev::Activated), String> {
     use devpool_pool::dmdev;
     if vol.thin.is_some() {
@@ -110,19 +111,20 @@ fn dm_device(
     if !dmdev::available() {
         return Err("this kernel has no device-mapper (no dm_mod)".into());
     }
-    devpool_pool::activate::activate_lv(&loc.meta, &loc.pvs, &vol.name, vol.read_only)
+    devpool_pool::activate::activate_lv(state_dir, &loc.meta, &loc.pvs, &vol.name, vol.read_only)
         .map_err(|e| e.to_string())
 }
 
 /// A block device for `vol`, found at `loc`. `existing` is a loop device
 /// the lease already has over the whole volume (contiguous volumes get one
-/// at acquire); `alone` says no other frontend serves the volume.
+/// at acquire); `alone` says no other frontend serves the volume;
+/// `state_dir` holds the server registry and FUSE mount points.
 pub fn attach(
     vol: &Arc<Volume>,
     loc: &Located,
     alone: bool,
     existing: Option<PathBuf>,
-    fuse_dir: &Path,
+    state_dir: &Path,
 ) -> std::io::Result<HostDevice> {
     let err = |e: devpool_pool::PoolError| std::io::Error::other(e.to_string());
     let device = |device, path, skipped, held| HostDevice {
@@ -139,7 +141,7 @@ pub fn attach(
     }
     // Why the faster paths were not taken, each probed once.
     let mut skipped = Vec::new();
-    match dm_device(vol, loc, alone) {
+    match dm_device(vol, loc, alone, state_dir) {
         Ok((node, a)) => {
             return Ok(device(node, HostPath::Dm, skipped, Held::Dm(a)));
         }
@@ -177,7 +179,9 @@ pub fn attach(
             skipped.join("; ")
         )));
     }
-    let mountpoint = fuse_dir.join(format!("{}.{}", vol.uuid, std::process::id()));
+    let mountpoint = state_dir
+        .join("fuse")
+        .join(format!("{}.{}", vol.uuid, std::process::id()));
     let m = fuse::mount(Arc::clone(vol), &mountpoint)?;
     let d = match loopdev::attach(&m.file, 0, vol.size(), &vol.uuid) {
         Ok(d) => d,

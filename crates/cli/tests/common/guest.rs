@@ -261,6 +261,23 @@ fill() { dd if=/dev/zero bs=4096 count=1 2>/dev/null | tr '\\000' \"\\\\$3\" | \
 dd of=$1 bs=4096 seek=$2 oflag=direct conv=notrunc 2>/dev/null || { echo \"WRITE FAILED $1 $2\"; bad=1; }; }\n\
 bad=0\n";
 
+/// The devpool binary `exe` stripped (a smaller initramfs), in the lab.
+pub fn devpool_for_guest(lab: &super::Lab, exe: &str) -> std::path::PathBuf {
+    let stripped = lab.path("devpool");
+    let o = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(exe)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "strip: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stripped
+}
+
 /// A guest run that must succeed and print no MISMATCH: its console.
 pub fn guest_console(out: &std::process::Output) -> String {
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
