@@ -196,21 +196,22 @@ fn plan_thin(
         lv(meta, &pool.tdata)?,
     );
     let mut index = PvIndex::default();
-    let mut shared_map = |l: &LvMeta| -> Result<Layer> {
+    // LVM2 marks the hidden LVs' uuids with their role (`-tmeta`, `-tdata`).
+    let mut shared_map = |l: &LvMeta, role: &str| -> Result<Layer> {
         let map = index
             .map_lv(meta, l)
             .map_err(|e| PoolError::Invalid(e.to_string()))?;
         let id = identity(meta, l);
         Ok(Layer {
             name: id.name(),
-            uuid: id.uuid(),
+            uuid: format!("{}-{role}", id.uuid()),
             table: Table::Map(map),
             read_only: false,
             shared: true,
         })
     };
-    let meta_layer = shared_map(tmeta)?;
-    let data_layer = shared_map(tdata)?;
+    let meta_layer = shared_map(tmeta, "tmeta")?;
+    let data_layer = shared_map(tdata, "tdata")?;
     let data_sectors = tdata.extent_count() * meta.extent_size.bytes().0 / 512;
     let tpool = identity(meta, pool_lv).layer("tpool");
     let mut params = vec![
@@ -285,8 +286,8 @@ fn pool_of(meta: &VgMetadata, t: &ThinLink) -> Result<ThinPoolLink> {
 
 /// The thin pool's devices device-mapper has active, in the order they go
 /// (`-tpool`, then its data and metadata), without the pool LV's own
-/// device: LVM2 makes that one when it activates the pool itself, and it
-/// keeps the rest (it is stacked on `-tpool`).
+/// device (uuid suffix `-pool`): LVM2 makes that one when it activates the
+/// pool itself, and it keeps the rest (it is stacked on `-tpool`).
 pub fn pool_devices(meta: &VgMetadata, pool: &ThinPoolLink) -> Vec<dmdev::DmDevice> {
     let uuid_of = |n: &str| meta.lv(n).map(|l| l.id.raw_str().to_string());
     let Some(pool_uuid) = uuid_of(&pool.pool) else {
@@ -300,7 +301,7 @@ pub fn pool_devices(meta: &VgMetadata, pool: &ThinPoolLink) -> Vec<dmdev::DmDevi
     let mut found: Vec<dmdev::DmDevice> =
         dmdev::active_for_lvs(meta, uuids.iter().map(String::as_str))
             .into_iter()
-            .filter(|d| d.uuid != own)
+            .filter(|d| d.uuid != own && d.uuid != format!("{own}-pool"))
             .collect();
     found.sort_by_key(|d| !d.uuid.ends_with("-tpool"));
     found
