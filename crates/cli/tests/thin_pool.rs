@@ -638,9 +638,12 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
 /// the pool's devices come up once, under LVM2's names, shared by the
 /// volume and its thin snapshot; dm-thin reads what devpool's data plane
 /// wrote and writes beside it; a thin volume's deactivation leaves the pool
-/// to the other, the last one takes the pool's devices with it; then the
-/// host's thin_check accepts what dm-thin committed and devpool's data
-/// plane reads the kernel's writes.
+/// to the other, the last one takes the pool's devices with it. Meanwhile
+/// the pool's changes go to dm-thin as messages: a thin snapshot of the
+/// active volume (suspended around it) has its data of that moment, a
+/// lease's thin volume comes and goes, and the kernel's transaction follows
+/// the VG's. Then the host's thin_check accepts what dm-thin committed and
+/// devpool's data plane reads the kernel's writes.
 #[test]
 fn guest_lv_activate_gives_thin_volumes_dm_thin_over_their_shared_pool() {
     use common::guest::{
@@ -698,13 +701,34 @@ echo "ATTR $(lvm_c lvs --noheadings -o lv_attr {vg}/{lv} | tr -d ' ')"
 chk $O 0 241; chk $S 0 241; chk $O 1000 167; chk $O 500 000
 fill $O 0 356; fill $O 3000 303; chk $S 0 241; chk $O 0 356
 dd if=/dev/zero of=$S bs=4096 count=1 oflag=direct 2>/dev/null && echo "WROTE-READ-ONLY"
+# While dm-thin holds the pool, the pool's changes go to it as messages:
+# a thin snapshot of the active origin (suspended meanwhile), a lease
+# acquired and released.
+mkdir -p /tmp/state/pools
+echo '{{"name":"{pool}","vg":"{vg}","devices":["/dev/vda"],"created_image":false}}' > /tmp/state/pools/{pool}.json
+trans() {{ echo "$(dmsetup status {vg_dm}-thinpool-tpool | awk '{{print $4}}') $(lvm_c lvs --noheadings -o transaction_id {vg}/thinpool | tr -d ' ')"; }}
+echo "TRANS-BEFORE $(trans)"
+devpool --pool {pool} snapshot create {lv} --name live > /tmp/live.log 2>&1 || {{ cat /tmp/live.log; exit 14; }}
+devpool --json lv activate {vg}/live > /tmp/l.json || exit 15
+L=$(node /tmp/l.json)
+chk $L 0 356; chk $L 3000 303; fill $O 0 021; chk $L 0 356; chk $O 0 021
+devpool --pool {pool} --json lease acquire --volumes n:8M --owner-pid $$ > /tmp/n.json 2> /tmp/n.err || {{ cat /tmp/n.err; exit 16; }}
+N=$(sed -n 's/.*"lv": *"\([^"]*\)".*/\1/p' /tmp/n.json | head -1)
+devpool --json lv activate {vg}/$N > /tmp/nn.json || exit 17
+fill $(node /tmp/nn.json) 7 125
+devpool lv deactivate {vg}/$N > /dev/null || exit 18
+devpool --pool {pool} lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/n.json | head -1) > /tmp/nr.log 2>&1 || {{ cat /tmp/nr.log; exit 19; }}
+echo "TRANS-AFTER $(trans)"
 devpool lv deactivate {vg}/{lv} > /dev/null || exit 12
 echo "AFTER-ONE $(dms)"
 chk $S 0 241
 devpool lv deactivate {vg}/tsnap > /dev/null || exit 13
+devpool lv deactivate {vg}/live > /dev/null || exit 20
 echo "AFTER-ALL $(dms) $(ls /sys/block | grep -c '^loop')"
 exit $bad
-"#
+"#,
+        pool = tp(&lab),
+        vg_dm = vg.replace('-', "--"),
     ));
     let stripped = devpool_for_guest(&lab, env!("CARGO_BIN_EXE_devpool"));
     let devpool = format!("{}:/usr/bin/devpool", stripped.display());
@@ -738,19 +762,29 @@ exit $bad
     );
     assert_eq!(&line("ATTR ")[4..5], "a", "LVM2 sees it active: {console}");
     assert!(!console.contains("WROTE-READ-ONLY"), "{console}");
-    assert_eq!(
-        line("AFTER-ONE "),
-        "4",
-        "the pool stays for the snapshot: {console}"
-    );
+    // A snapshot, a creation and a deletion: three transactions, each in
+    // the kernel as in the VG.
+    let before: Vec<u64> = line("TRANS-BEFORE ")
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert_eq!(before[0], before[1], "{console}");
+    let after = format!("{0} {0}", before[0] + 3);
+    assert_eq!(line("TRANS-AFTER "), after, "{console}");
+    // The pool stays for the snapshots.
+    assert_eq!(line("AFTER-ONE "), "5", "{console}");
     assert_eq!(line("AFTER-ALL "), "0 0", "{console}");
 
     let xml = check_and_dump(&lab, &image);
-    assert_eq!(dumped(&xml).len(), 2, "{xml}");
+    assert_eq!(dumped(&xml).len(), 3, "the released volume is gone: {xml}");
     let (srv, sock) = serve(&lab, &lv, "o.sock");
-    assert!(block_holds(&sock, 0, 0xee), "dm's overwrite");
+    assert!(block_holds(&sock, 0, 0x11), "dm's last overwrite");
     assert!(block_holds(&sock, 3000, 0xc3), "dm's new block");
     assert!(block_holds(&sock, 1000, 0x77));
+    stop(srv);
+    let (srv, sock) = serve(&lab, "live", "l.sock");
+    assert!(block_holds(&sock, 0, 0xee), "the live snapshot's block");
+    assert!(block_holds(&sock, 3000, 0xc3));
     stop(srv);
     let (srv, sock) = serve(&lab, "tsnap", "s.sock");
     assert!(

@@ -781,6 +781,22 @@ impl Engine {
                 chunk_sectors,
                 data_bytes,
             } => crate::thinplan::run_format(pool, meta, *chunk_sectors, *data_bytes, gate),
+            Step::MessageThinPool {
+                vg,
+                pool,
+                device,
+                known_trans,
+                changes,
+                suspend,
+            } => crate::thinplan::run_messages(
+                &self.lock_dir,
+                vg,
+                pool,
+                device,
+                *known_trans,
+                changes,
+                suspend,
+            ),
             Step::UpdateThinPool {
                 vg,
                 pool,
@@ -1577,12 +1593,39 @@ impl Engine {
         changes: ops::thin::ThinChanges,
     ) -> Result<Step> {
         let meta = &loaded.meta;
-        refuse_if_kernel_holds_thin_pool(meta, "changing its thin volumes")?;
         // The data size the VG has after the change (an extend grows it).
         let data_bytes = after
             .lv(&pool.tdata)
             .map(|l| l.extent_count() * after.extent_size.bytes().0)
             .unwrap_or(0);
+        let data_before = meta
+            .lv(&pool.tdata)
+            .map(|l| l.extent_count() * meta.extent_size.bytes().0)
+            .unwrap_or(0);
+        if let Some(device) = crate::dm::thin_pool_device(meta)
+            && data_bytes == data_before
+        {
+            // dm-thin holds the pool: the change goes to it as messages.
+            let suspend = changes
+                .snapshot
+                .iter()
+                .filter_map(|&(_, origin)| {
+                    let lv = ops::thin::thin_volumes(meta)
+                        .into_iter()
+                        .find(|t| t.device_id == origin)?;
+                    Some((origin, crate::dm::lv_device(meta, &lv.lv)?.name))
+                })
+                .collect();
+            return Ok(Step::MessageThinPool {
+                vg: meta.name.clone(),
+                pool: format!("{}/{}", meta.name, pool.pool),
+                device: device.name,
+                known_trans,
+                changes,
+                suspend,
+            });
+        }
+        refuse_if_kernel_holds_thin_pool(meta, "changing its thin volumes")?;
         Ok(Step::UpdateThinPool {
             vg: meta.name.clone(),
             pool: format!("{}/{}", meta.name, pool.pool),
@@ -2087,7 +2130,7 @@ fn flushed_by_later_commit(later: &[Step], device: &Path) -> bool {
 /// to the metadata LV meanwhile would be lost, or would corrupt what the
 /// kernel writes back. Refuse `what` then, before anything is written.
 fn refuse_if_kernel_holds_thin_pool(meta: &VgMetadata, what: &str) -> Result<()> {
-    if let Some(d) = crate::dmlist::thin_pool_held(meta) {
+    if let Some(d) = crate::dm::thin_pool_held(meta) {
         let pool = ops::thin::the_thin_pool(meta)
             .map(|p| p.pool)
             .unwrap_or_default();

@@ -15,7 +15,7 @@
 //! - [`devicesfile`], [`lvmconf`]: LVM2's devices file and configuration, followed
 //! - [`cowstore`]: a snapshot's COW store, live (load, look up, append, invalidate)
 //! - [`thinstore`]: a thin pool's dm-thin metadata, live (devices, mappings, commits)
-//! - [`dmlist`]: the device-mapper devices the kernel has active for LVs (sysfs)
+//! - [`dm`]: device-mapper: the devices the kernel has active for LVs (sysfs), its ioctls and messages
 //! - [`report`]: PV/VG/LV/segment rows for tables and JSON
 
 pub mod access;
@@ -24,7 +24,7 @@ pub mod commit;
 pub mod cowstore;
 pub mod device;
 pub mod devicesfile;
-pub mod dmlist;
+pub mod dm;
 pub mod engine;
 pub mod error;
 pub mod giveback;

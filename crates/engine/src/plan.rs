@@ -59,6 +59,20 @@ pub enum Step {
         known_trans: u64,
         changes: crate::ops::thin::ThinChanges,
     },
+    /// The same change while dm-thin holds the pool (its metadata is the
+    /// kernel's): messages to the pool device `device`, as LVM2 sends them
+    /// (`delete`, `create_thin`, `create_snap` with an active origin
+    /// suspended meanwhile, then `set_transaction_id known_trans → new`);
+    /// dm-thin commits after each.
+    MessageThinPool {
+        vg: String,
+        pool: String,
+        device: String,
+        known_trans: u64,
+        changes: crate::ops::thin::ThinChanges,
+        /// Active origins of new snapshots: (thin device id, dm name).
+        suspend: Vec<(u64, String)>,
+    },
     /// Punch the thin pool's unmapped data blocks out of the image files
     /// under its data LV, under the thin lock (no process can map a block
     /// meanwhile): the thin part of `vg trim`.
@@ -205,23 +219,26 @@ impl Step {
                 meta,
                 changes,
                 ..
+            } => format!(
+                "commit thin pool {pool}'s dm-thin metadata on {}: {}",
+                runs_text(meta),
+                changes_text(changes)
+            ),
+            Step::MessageThinPool {
+                pool,
+                device,
+                changes,
+                suspend,
+                ..
             } => {
-                let mut what = Vec::new();
-                if !changes.create.is_empty() {
-                    what.push(format!("create thin devices {:?}", changes.create));
+                let mut text = format!(
+                    "send thin pool {pool}'s change to dm-thin, which holds it ({device}): {}",
+                    changes_text(changes)
+                );
+                for (_, name) in suspend {
+                    text.push_str(&format!("; {name} is suspended for its snapshot"));
                 }
-                for (id, origin) in &changes.snapshot {
-                    what.push(format!("snapshot thin device {origin} as {id}"));
-                }
-                if !changes.delete.is_empty() {
-                    what.push(format!("delete thin devices {:?}", changes.delete));
-                }
-                what.push(format!("transaction {}", changes.trans_id));
-                format!(
-                    "commit thin pool {pool}'s dm-thin metadata on {}: {}",
-                    runs_text(meta),
-                    what.join(", ")
-                )
+                text
             }
             Step::WipeLabel { device } => format!("wipe the PV label on {}", device.display()),
             Step::ListInDevicesFile {
@@ -377,6 +394,21 @@ pub fn new_transaction_id() -> String {
         .iter()
         .map(|x| format!("{x:02x}"))
         .collect()
+}
+
+fn changes_text(changes: &crate::ops::thin::ThinChanges) -> String {
+    let mut what = Vec::new();
+    if !changes.create.is_empty() {
+        what.push(format!("create thin devices {:?}", changes.create));
+    }
+    for (id, origin) in &changes.snapshot {
+        what.push(format!("snapshot thin device {origin} as {id}"));
+    }
+    if !changes.delete.is_empty() {
+        what.push(format!("delete thin devices {:?}", changes.delete));
+    }
+    what.push(format!("transaction {}", changes.trans_id));
+    what.join(", ")
 }
 
 fn runs_text(runs: &[(PathBuf, u64, u64)]) -> String {

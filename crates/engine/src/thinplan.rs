@@ -166,6 +166,7 @@ pub struct Update<'a> {
 /// change, commit — all under the thin lock.
 pub fn run_update(u: Update, gate: &WriteGate) -> Result<()> {
     let _thin = crate::lock::lock_thin(u.lock_dir, u.vg)?;
+    refuse_if_pool_device(u.vg, u.pool)?;
     let (io, map) = open_runs(u.meta, gate)?;
     let mut store = ThinStore::open(&io, u.pool, map, VolumeMap::linear(0, 0, u.data_bytes))
         .map_err(|e| thin_err(&io, e))?;
@@ -179,6 +180,77 @@ pub fn run_update(u: Update, gate: &WriteGate) -> Result<()> {
     // blocks since the commit freed them.
     punch_blocks(u.data, &store, freed.into_iter());
     Ok(())
+}
+
+/// dm-thin may have taken the pool since the plan was made: its metadata
+/// is then the kernel's, and written here it would be lost or corrupt.
+fn refuse_if_pool_device(vg: &str, pool: &str) -> Result<()> {
+    let lv = pool.rsplit('/').next().unwrap_or(pool);
+    let name = format!("{}-tpool", devpool_format::dm::name(vg, lv));
+    if crate::dm::list().iter().any(|d| d.name == name) {
+        return Err(EngineError::Refused(format!(
+            "thin pool {pool}: device-mapper took it ({name}) while this change was planned; nothing was written, try again"
+        )));
+    }
+    Ok(())
+}
+
+/// Send a change of thin devices to dm-thin, which holds the pool, under
+/// the thin lock: first check that the kernel's transaction is the one
+/// the VG records (else the two are out of step, and only deactivating
+/// the pool lets devpool repair its metadata), then `delete`,
+/// `create_thin` and `create_snap` (an active origin suspended around it,
+/// so its writes in flight land first), and `set_transaction_id` last. A
+/// failed message undoes the creations before it.
+pub fn run_messages(
+    lock_dir: &Path,
+    vg: &str,
+    pool: &str,
+    device: &str,
+    known_trans: u64,
+    changes: &ThinChanges,
+    suspend: &[(u64, String)],
+) -> Result<()> {
+    use crate::dm;
+    let _thin = crate::lock::lock_thin(lock_dir, vg)?;
+    let now = dm::thin_pool_transaction(device)?;
+    if now != known_trans {
+        return Err(EngineError::Refused(format!(
+            "thin pool {pool}: dm-thin ({device}) is at transaction {now}, the VG records {known_trans}; deactivate the pool ('vgchange -an {vg}', or devpool lv deactivate of its thin volumes) and devpool repairs its metadata at the next change"
+        )));
+    }
+    for id in &changes.delete {
+        dm::message(device, &format!("delete {id}"))?;
+    }
+    let mut made = Vec::new();
+    let result = (|| -> Result<()> {
+        for id in &changes.create {
+            dm::message(device, &format!("create_thin {id}"))?;
+            made.push(*id);
+        }
+        for (id, origin) in &changes.snapshot {
+            let held = suspend.iter().find(|(o, _)| o == origin).map(|(_, n)| n);
+            if let Some(name) = held {
+                dm::suspend(name)?;
+            }
+            let sent = dm::message(device, &format!("create_snap {id} {origin}"));
+            if let Some(name) = held {
+                dm::resume(name)?;
+            }
+            sent?;
+            made.push(*id);
+        }
+        dm::message(
+            device,
+            &format!("set_transaction_id {known_trans} {}", changes.trans_id),
+        )
+    })();
+    if result.is_err() {
+        for id in made {
+            let _ = dm::message(device, &format!("delete {id}"));
+        }
+    }
+    result
 }
 
 /// The thin part of `vg trim`: under the thin lock, punch every data block

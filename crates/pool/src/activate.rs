@@ -345,9 +345,18 @@ pub fn activate_lv(
     read_only: bool,
 ) -> Result<(PathBuf, Activated)> {
     let plan = plan_lv(meta, pvs, name, read_only)?;
-    if let Some(t) = thin_volume(meta, name) {
-        refuse_if_pool_served(state_dir, meta, &t.pool)?;
-    }
+    // A thin pool goes to the kernel under devpool's thin lock: no devpool
+    // process writes its metadata meanwhile (they look for the kernel's
+    // pool device under the same lock).
+    let _thin = match thin_volume(meta, name) {
+        Some(t) => {
+            let lock =
+                devpool_engine::lock::lock_thin(&devpool_engine::lock::default_dir(), &meta.name)?;
+            refuse_if_pool_served(state_dir, meta, &t.pool)?;
+            Some(lock)
+        }
+        None => None,
+    };
     let a = dmdev::activate_stack(&plan.layers, &plan.pvs, &plan.loop_mark)?;
     let node = a
         .device(&plan.own)

@@ -1449,7 +1449,8 @@ fn detach_loops(v: &LoadedVg, lvs: &[String], strays: bool) -> Vec<PathBuf> {
 /// Remove the device-mapper devices of `lvs` (after their servers stopped:
 /// a server that was killed leaves its device behind), then the loop
 /// devices under them; their nodes. Thin volumes' pool devices go too once
-/// nothing is stacked on them. One still open goes at its last close, as a
+/// nothing is stacked on them (while something is, the release's commit
+/// sends its deletions to dm-thin). One still open goes at its last close, as a
 /// detached loop device does; one the kernel will not remove stops the
 /// release before its commit.
 fn remove_dm_devices(meta: &VgMetadata, lvs: &[String]) -> Result<Vec<PathBuf>> {
@@ -1466,63 +1467,11 @@ fn remove_dm_devices(meta: &VgMetadata, lvs: &[String]) -> Result<Vec<PathBuf>> 
         .into_iter()
         .filter(|d| !shared.contains(d))
         .collect();
-    if let Some(p) = &thin_pool {
-        refuse_thin_removals_while_held(meta, p, lvs, &own)?;
-    }
     let gone = crate::dmdev::remove_stack(&own, &shared)?;
     Ok(gone
         .into_iter()
         .map(|n| PathBuf::from("/dev/mapper").join(n))
         .collect())
-}
-
-/// Freeing thin volumes changes the pool's dm-thin metadata, which the
-/// kernel owns while it has the pool active (the engine would refuse the
-/// commit). Fine when the pool's devices go with the thin volumes' devices
-/// (nothing else stacked on them) or the pool goes too (a teardown);
-/// else refused before any device is removed.
-fn refuse_thin_removals_while_held(
-    meta: &VgMetadata,
-    pool: &devpool_engine::ops::thin::ThinPoolLink,
-    lvs: &[String],
-    removing: &[DmDevice],
-) -> Result<()> {
-    let thin: Vec<String> = devpool_engine::ops::thin::thin_volumes(meta)
-        .into_iter()
-        .filter(|t| lvs.contains(&t.lv))
-        .map(|t| t.lv)
-        .collect();
-    if thin.is_empty() || lvs.contains(&pool.pool) {
-        return Ok(());
-    }
-    let Some(held) = devpool_engine::dmlist::thin_pool_held(meta) else {
-        return Ok(());
-    };
-    // What is stacked on the pool's devices, other than the pool's own
-    // layers and the devices this release removes.
-    let pool_devs = crate::activate::pool_devices(meta, pool);
-    let staying: Vec<String> = pool_devs
-        .iter()
-        .flat_map(|d| crate::dmdev::holders_of(d.minor))
-        .filter(|h| {
-            !pool_devs
-                .iter()
-                .chain(removing)
-                .any(|d| format!("dm-{}", d.minor) == *h)
-        })
-        .collect();
-    if staying.is_empty() && !pool_devs.is_empty() {
-        return Ok(());
-    }
-    Err(PoolError::Refused(format!(
-        "removing thin volume(s) {} refused: device-mapper has thin pool {}/{} active ({} is {}) for other devices too, and dm-thin keeps its metadata in memory; deactivate it first ('vgchange -an {}')",
-        thin.join(", "),
-        meta.name,
-        pool.pool,
-        held.node().display(),
-        held.name,
-        meta.name
-    )))
 }
 
 /// Detach the loop devices of `lvs`.

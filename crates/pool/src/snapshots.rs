@@ -72,7 +72,8 @@ fn uuid_of(meta: &VgMetadata, lv: &str) -> Option<String> {
 }
 
 /// Refuse while a process other than this one serves `origin` or one of its
-/// snapshots: its copy-on-write state would be stale.
+/// snapshots (its copy-on-write state would be stale), or device-mapper
+/// has them active.
 pub(crate) fn refuse_if_served(
     pools: &Pools,
     meta: &VgMetadata,
@@ -80,6 +81,29 @@ pub(crate) fn refuse_if_served(
     links: &[SnapshotLink],
     what: &str,
 ) -> Result<()> {
+    let lv_uuids = refuse_if_served_by_devpool(pools, meta, origin, links, what)?;
+    // The kernel's dm-snapshot stack (LVM2's activation, or one a killed
+    // server left) knows only the snapshots it was made with.
+    let active = crate::dmdev::active_for_lvs(meta, lv_uuids.iter().map(String::as_str));
+    if let Some(d) = active.first() {
+        return Err(PoolError::Refused(format!(
+            "{what} refused: device-mapper has '{origin}' active ({} and {} more); 'vgchange -an {}' lets it go",
+            d.name,
+            active.len() - 1,
+            meta.name
+        )));
+    }
+    Ok(())
+}
+
+/// The devpool-server half of [`refuse_if_served`]; the family's LV uuids.
+pub(crate) fn refuse_if_served_by_devpool(
+    pools: &Pools,
+    meta: &VgMetadata,
+    origin: &str,
+    links: &[SnapshotLink],
+    what: &str,
+) -> Result<Vec<String>> {
     let me = std::process::id();
     let family = std::iter::once(origin.to_string()).chain(
         links
@@ -103,18 +127,7 @@ stop it first (a running server keeps its own copy-on-write state)"
             )));
         }
     }
-    // The kernel's dm-snapshot stack (LVM2's activation, or one a killed
-    // server left) knows only the snapshots it was made with.
-    let active = crate::dmdev::active_for_lvs(meta, lv_uuids.iter().map(String::as_str));
-    if let Some(d) = active.first() {
-        return Err(PoolError::Refused(format!(
-            "{what} refused: device-mapper has '{origin}' active ({} and {} more); 'vgchange -an {}' lets it go",
-            d.name,
-            active.len() - 1,
-            meta.name
-        )));
-    }
-    Ok(())
+    Ok(lv_uuids)
 }
 
 impl SnapshotStatus {

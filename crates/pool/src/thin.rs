@@ -366,7 +366,15 @@ impl Pools {
                     "'{volume}' is not a thin volume of pool '{name}'"
                 )));
             }
-            crate::snapshots::refuse_if_served(self, &v.meta, volume, &[], "thin snapshot")?;
+            // A volume dm-thin has active is fine: the snapshot goes to
+            // the kernel as a message, the volume suspended meanwhile.
+            crate::snapshots::refuse_if_served_by_devpool(
+                self,
+                &v.meta,
+                volume,
+                &[],
+                "thin snapshot",
+            )?;
             let op = Operation::ThinCreate {
                 vg: rec.vg.clone(),
                 volumes: vec![NewVolume {
