@@ -148,8 +148,10 @@ pub enum ThinCmd {
         after_help = "From then on, leases are thin volumes: each has its virtual size and uses \
 pool space only where it is written; `snapshot create` on a thin volume makes an instant thin \
 snapshot (shared blocks). Thin volumes have no fixed extents, so they get no plain loop device: \
-devpool serves them (`devpool serve VOLUME --block-device`, `--nbd`, `run --export`, VMs), or the \
-kernel's dm-thin where the host has device-mapper (LVM2 activates them).\n\n\
+devpool serves them (`--nbd`, `run --export`, VMs), or the kernel's dm-thin where the host has \
+device-mapper (`devpool serve VOLUME --block-device`, `devpool lv activate`, or LVM2's activation). \
+While dm-thin holds the pool, devpool sends its changes (leases, thin snapshots, releases) to the \
+kernel as LVM2 does, as messages.\n\n\
 When the data fills up, writes to blocks not yet written fail with ENOSPC and `pool status` says \
 so; what was written stays.\n\n\
 Example:\n  devpool pool thin enable default --data-size 50G\n  devpool lease acquire --volumes test:100G"
@@ -373,8 +375,8 @@ devpool serve VOLUME --nbd tcp:127.0.0.1:10809"
         /// Also give the host a block device for the volume, whatever its
         /// layout: a loop device when it is one range, else the fastest path
         /// the kernel offers: device-mapper (/dev/dm-N, named as LVM2 names
-        /// the LV; dm-snapshot for snapshots and their origin when this is
-        /// the only frontend), ublk (/dev/ublkbN), the NBD client
+        /// the LV; dm-snapshot for snapshots and their origin, dm-thin for
+        /// thin volumes, when this is the only frontend), ublk (/dev/ublkbN), the NBD client
         /// (/dev/nbdN), or FUSE + loop. The output names the path taken.
         #[arg(long)]
         block_device: bool,
@@ -592,12 +594,16 @@ it with dm-snapshot.\n\nExample:\n  devpool lv snapshot demo/test --name before-
     /// Activate an LV with device-mapper, as `lvchange -ay` does (hosts
     /// with dm): a linear or striped LV becomes /dev/dm-N under LVM2's name
     /// (`vg-lv`, so `lvs` sees it active); an origin with snapshots, or a
-    /// snapshot, activates its whole family as LVM2 stacks it (dm-snapshot).
-    /// An image-file PV gets a loop device under it. Thin volumes are
-    /// refused (devpool serves them itself).
+    /// snapshot, activates its whole family as LVM2 stacks it (dm-snapshot);
+    /// a thin volume comes up over its pool's devices (dm-thin), shared
+    /// with the pool's other active thin volumes. An image-file PV gets a
+    /// loop device under it.
     #[command(
         after_help = "Until `lv deactivate`, devpool will not remove, resize or rename the LV, \
-nor serve a snapshot family through its own copy-on-write beside the kernel's.\n\n\
+nor serve a snapshot family through its own copy-on-write, or a thin volume through its own thin \
+mappings, beside the kernel's. While dm-thin holds a thin pool, its changes (leases, thin \
+snapshots, releases) reach the kernel as messages, as LVM2 sends them; the last thin volume's \
+deactivation takes the pool's devices with it.\n\n\
 Example:\n  devpool lv activate vg0/data\n  mkfs.ext4 /dev/mapper/vg0-data   # or the /dev/dm-N printed\n  \
 devpool lv deactivate vg0/data"
     )]

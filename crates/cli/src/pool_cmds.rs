@@ -602,6 +602,11 @@ fn print_thin_status(t: &devpool_pool::thin::ThinStatus) {
                 t.thin_volumes,
                 u.transaction_id
             );
+            if let Some(d) = &t.held_by_kernel {
+                println!(
+                    "    dm-thin holds it ({d}): the kernel's figures; changes go to it as messages"
+                );
+            }
         }
         None => println!(
             "  thin pool {}: unreadable: {}",

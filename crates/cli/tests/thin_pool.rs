@@ -641,8 +641,9 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
 /// to the other, the last one takes the pool's devices with it. Meanwhile
 /// the pool's changes go to dm-thin as messages: a thin snapshot of the
 /// active volume (suspended around it) has its data of that moment, a
-/// lease's thin volume comes and goes, and the kernel's transaction follows
-/// the VG's. Then the host's thin_check accepts what dm-thin committed and
+/// lease's thin volume comes and goes (served meanwhile by `serve
+/// --block-device`, which leaves it to dm-thin), and the kernel's
+/// transaction follows the VG's. Then the host's thin_check accepts what dm-thin committed and
 /// devpool's data plane reads the kernel's writes.
 #[test]
 fn guest_lv_activate_gives_thin_volumes_dm_thin_over_their_shared_pool() {
@@ -714,11 +715,18 @@ L=$(node /tmp/l.json)
 chk $L 0 356; chk $L 3000 303; fill $O 0 021; chk $L 0 356; chk $O 0 021
 devpool --pool {pool} --json lease acquire --volumes n:8M --owner-pid $$ > /tmp/n.json 2> /tmp/n.err || {{ cat /tmp/n.err; exit 16; }}
 N=$(sed -n 's/.*"lv": *"\([^"]*\)".*/\1/p' /tmp/n.json | head -1)
-devpool --json lv activate {vg}/$N > /tmp/nn.json || exit 17
-fill $(node /tmp/nn.json) 7 125
-devpool lv deactivate {vg}/$N > /dev/null || exit 18
+# Served as a block device alone: dm-thin serves it, until the server stops.
+devpool --pool {pool} --json serve $N --block-device > /tmp/srv.json 2> /tmp/srv.err &
+SRV=$!
+n=0; while [ ! -s /tmp/srv.json ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+echo "SERVE $(cat /tmp/srv.json) $(cat /tmp/srv.err)"
+fill $(sed -n 's/.*"block_device": *"\([^"]*\)".*/\1/p' /tmp/srv.json) 7 125
+echo "SERVING $(dms)"
+kill -TERM $SRV; wait $SRV; echo "SERVER-EXIT $?"
+echo "SERVED-GONE $(dms)"
 devpool --pool {pool} lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/n.json | head -1) > /tmp/nr.log 2>&1 || {{ cat /tmp/nr.log; exit 19; }}
 echo "TRANS-AFTER $(trans)"
+echo "STATUS $(devpool --pool {pool} --json pool status | tr -d ' \n')"
 devpool lv deactivate {vg}/{lv} > /dev/null || exit 12
 echo "AFTER-ONE $(dms)"
 chk $S 0 241
@@ -771,6 +779,18 @@ exit $bad
     assert_eq!(before[0], before[1], "{console}");
     let after = format!("{0} {0}", before[0] + 3);
     assert_eq!(line("TRANS-AFTER "), after, "{console}");
+    // pool status gives the kernel's figures while dm-thin holds the pool.
+    let status = line("STATUS ");
+    assert!(
+        status.contains(&format!(r#""held_by_kernel":"{tpool}""#))
+            && status.contains(&format!(r#""transaction_id":{}"#, before[0] + 3)),
+        "{status}"
+    );
+    let served = line("SERVE ");
+    assert!(served.contains(r#""path":"dm""#), "{served}");
+    assert_eq!(line("SERVING "), "7", "{console}");
+    assert_eq!(line("SERVER-EXIT "), "0", "{console}");
+    assert_eq!(line("SERVED-GONE "), "6", "{console}");
     // The pool stays for the snapshots.
     assert_eq!(line("AFTER-ONE "), "5", "{console}");
     assert_eq!(line("AFTER-ALL "), "0 0", "{console}");

@@ -14,8 +14,9 @@
 //!   `vg-pool-tpool`: `thin-pool <meta> <data> <chunk> 0 …` over dm-thin's
 //!   metadata as devpool writes it), then `vg-thin` (`thin <tpool> <id>`).
 //!   The pool's devices go with the last thin volume over them. While they
-//!   are active the kernel owns the pool's metadata: devpool refuses to
-//!   change its thin volumes, and serves none of them itself.
+//!   are active the kernel owns the pool's metadata: the engine sends the
+//!   pool's changes to it as messages (`create_thin`, `create_snap`,
+//!   `delete`), and devpool serves none of its thin volumes itself.
 
 use crate::dmdev::{self, Activated, Layer, LvIdentity, Param, Table};
 use crate::error::{PoolError, Result};

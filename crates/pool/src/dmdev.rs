@@ -1,6 +1,8 @@
-//! Device-mapper devices over a volume's extents, through the kernel's
-//! ioctl interface on `/dev/mapper/control` (version 4): create a device,
-//! load its table, resume it; find, and remove, the devices of LVs.
+//! Device-mapper device stacks over a volume's extents, on the engine's
+//! [`devpool_engine::dm`] (the ioctls and the sysfs listing): layers made
+//! in order over loop devices for image-file PVs, shared layers (a thin
+//! pool's) used as they are, and stacks removed top first with the loop
+//! devices under them.
 //!
 //! Devices are named as LVM2 names its activated LVs (`vg-lv`, uuid
 //! `LVM-<vg uuid><lv uuid>`, see [`devpool_format::dm`]): LVM2 then sees

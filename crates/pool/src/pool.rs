@@ -783,7 +783,7 @@ impl Pools {
             .collect();
         if !active.is_empty() {
             health.push(format!(
-                "device-mapper has {} of this pool's devices active: {}; snapshots of their volumes cannot change until they go ('vgchange -an {}', or releasing the lease removes them)",
+                "device-mapper has {} of this pool's devices active: {}; copy-on-write snapshots of their volumes cannot change until they go, and devpool serves none of its thin volumes itself while dm-thin holds the thin pool (its changes go to the kernel as messages) ('vgchange -an {}', or releasing the lease removes them)",
                 active.len(),
                 active.join(", "),
                 v.meta.name

@@ -33,6 +33,9 @@ pub struct ThinStatus {
     pub usage: Option<ThinUsage>,
     pub vg_transaction_id: u64,
     pub error: Option<String>,
+    /// The pool device through which dm-thin holds the pool, when it does:
+    /// `usage` is then the kernel's status (its metadata is the kernel's).
+    pub held_by_kernel: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -103,17 +106,63 @@ pub(crate) fn status(v: &LoadedVg) -> Option<ThinStatus> {
     let link = the_thin_pool(&v.meta)?;
     let es = v.meta.extent_size.bytes().0;
     let size = |n: &str| v.meta.lv(n).map_or(0, |l| l.extent_count() * es);
-    let store = open_store(v, &link);
+    let chunk_bytes = u64::from(link.chunk_sectors) * 512;
+    let thin_count = thin_volumes(&v.meta).len();
+    let held = devpool_engine::dm::thin_pool_device(&v.meta);
+    let usage = match &held {
+        Some(d) => kernel_usage(&d.name, chunk_bytes, thin_count as u64),
+        None => open_store(v, &link).map(|s| s.usage()),
+    };
     Some(ThinStatus {
         pool_lv: link.pool.clone(),
         data_bytes: size(&link.tdata),
         metadata_bytes: size(&link.tmeta),
-        chunk_bytes: u64::from(link.chunk_sectors) * 512,
-        thin_volumes: thin_volumes(&v.meta).len(),
-        usage: store.as_ref().ok().map(ThinStore::usage),
+        chunk_bytes,
+        thin_volumes: thin_count,
+        usage: usage.as_ref().ok().copied(),
         vg_transaction_id: link.transaction_id,
-        error: store.err(),
+        error: usage.err(),
+        held_by_kernel: held.map(|d| d.name),
     })
+}
+
+/// A pool's usage from dm-thin's status line (`<transaction>
+/// <used>/<total metadata blocks> <used>/<total data blocks> …`).
+fn kernel_usage(
+    device: &str,
+    chunk_bytes: u64,
+    devices: u64,
+) -> std::result::Result<ThinUsage, String> {
+    let line = devpool_engine::dm::status(device)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let pair = |s: Option<&&str>| -> Option<(u64, u64)> {
+        let (a, b) = s?.split_once('/')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    };
+    match (
+        f.first().and_then(|t| t.parse().ok()),
+        pair(f.get(1)),
+        pair(f.get(2)),
+    ) {
+        (
+            Some(transaction_id),
+            Some((metadata_used, metadata_blocks)),
+            Some((data_used, data_blocks)),
+        ) => Ok(ThinUsage {
+            chunk_bytes,
+            data_blocks,
+            data_used,
+            metadata_blocks,
+            metadata_used,
+            devices,
+            transaction_id,
+        }),
+        _ => Err(format!("dm-thin ({device}) reports '{line}'")),
+    }
 }
 
 /// Health lines for a thin pool.

@@ -114,6 +114,9 @@ pub struct Volume {
     /// Set for a thin volume: `map` is the pool's data LV, and requests go
     /// through the thin mappings.
     pub thin: Option<crate::thin::Thin>,
+    /// Set when the kernel alone serves the volume (a thin volume through
+    /// dm-thin): its size. devpool maps none of its I/O (`map` is empty).
+    pub in_kernel: Option<u64>,
 }
 
 impl Drop for Volume {
@@ -127,9 +130,10 @@ impl Drop for Volume {
 
 impl Volume {
     pub fn size(&self) -> u64 {
-        match &self.thin {
-            Some(t) => t.virtual_size,
-            None => self.map.size(),
+        match (&self.thin, self.in_kernel) {
+            (Some(t), _) => t.virtual_size,
+            (None, Some(size)) => size,
+            (None, None) => self.map.size(),
         }
     }
     /// Refuse a range outside the volume.
@@ -148,7 +152,7 @@ impl Volume {
     /// directly: never for an origin or a snapshot (that would bypass
     /// copy-on-write), nor for a thin volume (its blocks move).
     pub fn plain_range(&self) -> Option<(usize, u64)> {
-        if self.cow.is_some() || self.thin.is_some() {
+        if self.cow.is_some() || self.thin.is_some() || self.in_kernel.is_some() {
             return None;
         }
         self.map.single_range()

@@ -27,6 +27,21 @@ fn lv<'a>(meta: &'a VgMetadata, name: &str) -> Result<&'a LvMeta, OpenError> {
         .ok_or_else(|| OpenError::Invalid(format!("LV {}/{name} is missing", meta.name)))
 }
 
+/// A thin volume the kernel serves alone (dm-thin): devpool opens none of
+/// its PVs and reads none of the pool's metadata (the kernel may own it).
+pub fn open_in_kernel(loc: &Located, read_only: bool) -> Volume {
+    Volume {
+        name: loc.lv.name.clone(),
+        uuid: loc.lv.id.raw_str().to_string(),
+        map: crate::map::VolumeMap::from_runs(&[]),
+        devs: Vec::new(),
+        read_only,
+        cow: None,
+        thin: None,
+        in_kernel: Some(loc.lv.extent_count() * loc.meta.extent_size.bytes().0),
+    }
+}
+
 /// Open a located volume: the PVs it (and its COW stores) use.
 pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> {
     let meta = &loc.meta;
@@ -81,6 +96,7 @@ pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> 
         read_only,
         cow,
         thin: None,
+        in_kernel: None,
     })
 }
 
@@ -132,6 +148,7 @@ fn open_thin(
             virtual_size,
             &meta.name,
         )),
+        in_kernel: None,
     })
 }
 

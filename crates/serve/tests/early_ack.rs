@@ -48,6 +48,7 @@ fn origin(dir: &tempfile::TempDir, writable: bool) -> (std::path::PathBuf, Arc<V
             Vec::new(),
         )),
         thin: None,
+        in_kernel: None,
     };
     (path, Arc::new(vol))
 }
