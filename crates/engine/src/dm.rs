@@ -379,12 +379,44 @@ pub fn status(name: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// dm-thin's transaction id of the pool device `name` (its status).
-pub fn thin_pool_transaction(name: &str) -> Result<u64> {
+/// A dm-thin pool's status: its transaction, and metadata blocks (4 KiB)
+/// and data blocks used of all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThinPoolStatus {
+    pub transaction_id: u64,
+    pub metadata_used: u64,
+    pub metadata_blocks: u64,
+    pub data_used: u64,
+    pub data_blocks: u64,
+}
+
+impl ThinPoolStatus {
+    /// `<transaction id> <used>/<total metadata> <used>/<total data> …`
+    /// (a failed pool says `Fail`, one out of metadata space more after).
+    pub fn parse(line: &str) -> Option<ThinPoolStatus> {
+        let mut f = line.split_whitespace();
+        let pair = |s: Option<&str>| -> Option<(u64, u64)> {
+            let (a, b) = s?.split_once('/')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        };
+        let transaction_id = f.next()?.parse().ok()?;
+        let (metadata_used, metadata_blocks) = pair(f.next())?;
+        let (data_used, data_blocks) = pair(f.next())?;
+        Some(ThinPoolStatus {
+            transaction_id,
+            metadata_used,
+            metadata_blocks,
+            data_used,
+            data_blocks,
+        })
+    }
+}
+
+/// The status of the dm-thin pool device `name`.
+pub fn thin_pool_status(name: &str) -> Result<ThinPoolStatus> {
     let st = status(name)?;
     st.first()
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|t| t.parse().ok())
+        .and_then(|l| ThinPoolStatus::parse(l))
         .ok_or_else(|| {
             EngineError::Invalid(format!(
                 "{name}: no thin-pool status from the kernel ({st:?}; a failed pool reports 'Fail')"
@@ -500,6 +532,24 @@ mod tests {
         let d = io.device("x", "");
         assert_eq!((d.major, d.minor), (254, 300));
         assert_eq!(d.node(), PathBuf::from("/dev/dm-300"));
+    }
+
+    #[test]
+    fn a_thin_pool_status_line_gives_its_transaction_and_usage() {
+        let line = "7 18/4096 1024/8192 - rw discard_passdown queue_if_no_space - 1024";
+        assert_eq!(
+            ThinPoolStatus::parse(line),
+            Some(ThinPoolStatus {
+                transaction_id: 7,
+                metadata_used: 18,
+                metadata_blocks: 4096,
+                data_used: 1024,
+                data_blocks: 8192,
+            })
+        );
+        assert_eq!(ThinPoolStatus::parse("Fail"), None);
+        assert_eq!(ThinPoolStatus::parse("3 18/4096"), None);
+        assert_eq!(ThinPoolStatus::parse(""), None);
     }
 
     #[test]

@@ -213,7 +213,7 @@ pub fn run_messages(
 ) -> Result<()> {
     use crate::dm;
     let _thin = crate::lock::lock_thin(lock_dir, vg)?;
-    let now = dm::thin_pool_transaction(device)?;
+    let now = dm::thin_pool_status(device)?.transaction_id;
     if now != known_trans {
         return Err(EngineError::Refused(format!(
             "thin pool {pool}: dm-thin ({device}) is at transaction {now}, the VG records {known_trans}; deactivate the pool ('vgchange -an {vg}', or devpool lv deactivate of its thin volumes) and devpool repairs its metadata at the next change"

@@ -126,43 +126,22 @@ pub(crate) fn status(v: &LoadedVg) -> Option<ThinStatus> {
     })
 }
 
-/// A pool's usage from dm-thin's status line (`<transaction>
-/// <used>/<total metadata blocks> <used>/<total data blocks> …`).
+/// A pool's usage from dm-thin's status.
 fn kernel_usage(
     device: &str,
     chunk_bytes: u64,
     devices: u64,
 ) -> std::result::Result<ThinUsage, String> {
-    let line = devpool_engine::dm::status(device)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
-    let f: Vec<&str> = line.split_whitespace().collect();
-    let pair = |s: Option<&&str>| -> Option<(u64, u64)> {
-        let (a, b) = s?.split_once('/')?;
-        Some((a.parse().ok()?, b.parse().ok()?))
-    };
-    match (
-        f.first().and_then(|t| t.parse().ok()),
-        pair(f.get(1)),
-        pair(f.get(2)),
-    ) {
-        (
-            Some(transaction_id),
-            Some((metadata_used, metadata_blocks)),
-            Some((data_used, data_blocks)),
-        ) => Ok(ThinUsage {
-            chunk_bytes,
-            data_blocks,
-            data_used,
-            metadata_blocks,
-            metadata_used,
-            devices,
-            transaction_id,
-        }),
-        _ => Err(format!("dm-thin ({device}) reports '{line}'")),
-    }
+    let st = devpool_engine::dm::thin_pool_status(device).map_err(|e| e.to_string())?;
+    Ok(ThinUsage {
+        chunk_bytes,
+        data_blocks: st.data_blocks,
+        data_used: st.data_used,
+        metadata_blocks: st.metadata_blocks,
+        metadata_used: st.metadata_used,
+        devices,
+        transaction_id: st.transaction_id,
+    })
 }
 
 /// Health lines for a thin pool.
