@@ -643,8 +643,11 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
 /// active volume (suspended around it) has its data of that moment, a
 /// lease's thin volume comes and goes (served meanwhile by `serve
 /// --block-device`, which leaves it to dm-thin), and the kernel's
-/// transaction follows the VG's. Then the host's thin_check accepts what dm-thin committed and
-/// devpool's data plane reads the kernel's writes.
+/// transaction follows the VG's. A crash between the kernel's commit and
+/// the VG's leaves the kernel ahead: the next change is refused, naming
+/// both transactions, and once the pool is let go devpool's next change
+/// repairs the metadata. Then the host's thin_check accepts what dm-thin
+/// committed and devpool's data plane reads the kernel's writes.
 #[test]
 fn guest_lv_activate_gives_thin_volumes_dm_thin_over_their_shared_pool() {
     use common::guest::{
@@ -727,12 +730,22 @@ echo "SERVED-GONE $(dms)"
 devpool --pool {pool} lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/n.json | head -1) > /tmp/nr.log 2>&1 || {{ cat /tmp/nr.log; exit 19; }}
 echo "TRANS-AFTER $(trans)"
 echo "STATUS $(devpool --pool {pool} --json pool status | tr -d ' \n')"
+# A crash between the kernel's commit and the VG's leaves the kernel ahead:
+# the next change is refused until the pool is let go.
+DEVPOOL_FAULT_CRASH_AFTER_WRITES=0 devpool --no-daemon --pool {pool} lease acquire --volumes c:8M --owner-pid $$ > /tmp/c.log 2>&1 && echo "CRASH-NOT-INJECTED"
+echo "AHEAD $(trans)"
+devpool --pool {pool} --json lease acquire --volumes d:8M --owner-pid $$ > /tmp/d.log 2>&1 && echo "ACQUIRED-OUT-OF-STEP"
+echo "OUT-OF-STEP $(tr '\n' ' ' < /tmp/d.log)"
 devpool lv deactivate {vg}/{lv} > /dev/null || exit 12
 echo "AFTER-ONE $(dms)"
 chk $S 0 241
 devpool lv deactivate {vg}/tsnap > /dev/null || exit 13
 devpool lv deactivate {vg}/live > /dev/null || exit 20
 echo "AFTER-ALL $(dms) $(ls /sys/block | grep -c '^loop')"
+# devpool's own next change repairs the metadata (the orphan device goes).
+devpool --pool {pool} --json lease acquire --volumes e:8M --owner-pid $$ > /tmp/e.json 2> /tmp/e.err || {{ cat /tmp/e.err; exit 21; }}
+devpool --pool {pool} lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/e.json | head -1) > /dev/null || exit 22
+echo "REPAIRED $(lvm_c lvs --noheadings -o transaction_id {vg}/thinpool | tr -d ' ')"
 exit $bad
 "#,
         pool = tp(&lab),
@@ -791,6 +804,16 @@ exit $bad
     assert_eq!(line("SERVING "), "7", "{console}");
     assert_eq!(line("SERVER-EXIT "), "0", "{console}");
     assert_eq!(line("SERVED-GONE "), "6", "{console}");
+    let k = before[0] + 3;
+    assert!(!console.contains("CRASH-NOT-INJECTED"), "{console}");
+    assert_eq!(line("AHEAD "), format!("{} {k}", k + 1), "{console}");
+    assert!(!console.contains("ACQUIRED-OUT-OF-STEP"), "{console}");
+    let refused = line("OUT-OF-STEP ");
+    assert!(
+        refused.contains(&format!("is at transaction {}, the VG records {k}", k + 1)),
+        "{refused}"
+    );
+    assert_eq!(line("REPAIRED "), (k + 2).to_string(), "{console}");
     // The pool stays for the snapshots.
     assert_eq!(line("AFTER-ONE "), "5", "{console}");
     assert_eq!(line("AFTER-ALL "), "0 0", "{console}");
