@@ -148,8 +148,9 @@ pub enum ThinCmd {
         after_help = "From then on, leases are thin volumes: each has its virtual size and uses \
 pool space only where it is written; `snapshot create` on a thin volume makes an instant thin \
 snapshot (shared blocks). Thin volumes have no fixed extents, so they get no plain loop device: \
-devpool serves them (`--nbd`, `run --export`, VMs), or the kernel's dm-thin where the host has \
-device-mapper (`devpool serve VOLUME --block-device`, `devpool lv activate`, or LVM2's activation). \
+devpool serves them (`devpool serve VOLUME --block-device`, `--nbd`, `run --export`, VMs). Where \
+the host has device-mapper, the kernel's dm-thin does the thin mapping for all of these (and for \
+`devpool lv activate`, or LVM2's activation), and devpool's servers read and write its devices. \
 While dm-thin holds the pool, devpool sends its changes (leases, thin snapshots, releases) to the \
 kernel as LVM2 does, as messages.\n\n\
 When the data fills up, writes to blocks not yet written fail with ENOSPC and `pool status` says \
@@ -375,8 +376,9 @@ devpool serve VOLUME --nbd tcp:127.0.0.1:10809"
         /// Also give the host a block device for the volume, whatever its
         /// layout: a loop device when it is one range, else the fastest path
         /// the kernel offers: device-mapper (/dev/dm-N, named as LVM2 names
-        /// the LV; dm-snapshot for snapshots and their origin, dm-thin for
-        /// thin volumes, when this is the only frontend), ublk (/dev/ublkbN), the NBD client
+        /// the LV; dm-snapshot for snapshots and their origin when this is
+        /// the only frontend; dm-thin for thin volumes, whose other
+        /// frontends then serve that device too), ublk (/dev/ublkbN), the NBD client
         /// (/dev/nbdN), or FUSE + loop. The output names the path taken.
         #[arg(long)]
         block_device: bool,

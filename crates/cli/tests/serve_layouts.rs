@@ -728,14 +728,16 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert_eq!(line("RELEASED-LEFT "), "0", "{console}");
 }
 
-/// A thin volume whose pool LVM2 has activated (dm-thin holds the pool's
-/// metadata in the kernel) is not served by devpool's own thin mappings
-/// beside it; once LVM2 lets go, it is. Meanwhile devpool's lease changes
-/// go to dm-thin as messages (LVM2 activates the new volume at once, and
-/// the kernel's transaction follows the VG's); `vg trim` is refused; LVM2
-/// activates the pool again at the end (thin_check, transaction ids).
+/// A thin volume LVM2 has activated (dm-thin holds the pool's metadata in
+/// the kernel) is served through LVM2's own dm device (over NBD and as the
+/// block device), which devpool neither makes nor removes. Meanwhile
+/// devpool's lease changes go to dm-thin as messages (LVM2 activates the
+/// new volume at once, and the kernel's transaction follows the VG's);
+/// `vg trim` is refused; once LVM2 lets go, devpool serves the volume with
+/// its own activation; LVM2 activates the pool again at the end
+/// (thin_check, transaction ids).
 #[test]
-fn guest_a_thin_volume_lvm2_activated_is_not_served_beside_dm_thin() {
+fn guest_a_thin_volume_lvm2_activated_is_served_through_lvm2s_dm_thin_device() {
     use common::guest::*;
     let Some((kernel, mut lab)) = guest_lab("dm-thin activated by LVM2 in a guest") else {
         return;
@@ -752,8 +754,14 @@ devpool --pool g --json lease acquire --volumes t:16M --owner-pid $$ > /tmp/leas
 T=$(grep '"lv"' /tmp/lease.json | head -1 | sed 's/.*"lv": *"\([^"]*\)".*/\1/')
 lvm_c vgchange -ay -K devpool-g > /tmp/vgc.log 2>&1 || { cat /tmp/vgc.log; echo GUEST-STEP-FAILED vgchange-ay; }
 echo "ACTIVE $(ls /sys/block | grep -c '^dm-')"
-timeout -s KILL 20 devpool --pool g serve $T --nbd unix:/tmp/t.sock > /tmp/refused.out 2>&1 && echo "SERVED-BESIDE-DM"
-echo "REFUSED $(tr '\n' ' ' < /tmp/refused.out)"
+# Served through LVM2's own dm-thin device: devpool makes and removes nothing.
+devpool --pool g --json serve $T --nbd unix:/tmp/k.sock --block-device > /tmp/k.out 2> /tmp/k.err &
+SRV=$!
+n=0; while [ ! -s /tmp/k.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+echo "SERVED-BY-DM $(tr -d ' \n' < /tmp/k.out) $(cat /tmp/k.err)"
+for d in /sys/block/dm-*; do [ "$(cat $d/dm/name)" = "devpool--g-$(echo $T | sed 's/-/--/g')" ] && echo "LVM2-NODE /dev/${d##*/}"; done
+kill -TERM $SRV; wait $SRV; echo "KERNEL-SERVER-EXIT $?"
+echo "LVM2-KEEPS $(ls /sys/block | grep -c '^dm-')"
 # dm-thin holds the pool's metadata: devpool's changes go to it as
 # messages (as LVM2's do): a new thin volume LVM2 can activate at once,
 # and its release while LVM2 has it active.
@@ -795,12 +803,16 @@ lvm_c vgchange -an devpool-g > /dev/null 2>&1
     let console = devpool_in_guest(&lab, &kernel, &[&disk], &modules, &bins, &script);
     let line = |tag: &str| tagged(&console, tag);
     assert!(line("ACTIVE ").parse::<u32>().unwrap() >= 3, "{console}");
-    assert!(!console.contains("SERVED-BESIDE-DM"), "{console}");
-    let refused = line("REFUSED ");
+    let served = line("SERVED-BY-DM ");
+    let node = line("LVM2-NODE ");
     assert!(
-        refused.contains("dm-thin") && refused.contains("vgchange -an devpool-g"),
-        "{refused}"
+        served.contains(r#""nbd_socket":"/tmp/k.sock""#)
+            && served.contains(&format!(r#""block_device":"{node}""#))
+            && served.contains(r#""path":"dm""#),
+        "{served}\n{console}"
     );
+    assert_eq!(line("KERNEL-SERVER-EXIT "), "0", "{console}");
+    assert_eq!(line("LVM2-KEEPS "), line("ACTIVE "), "{console}");
     // Each message committed in the kernel: its transaction is the VG's.
     assert_eq!(line("TRANS "), "2 2", "{console}");
     assert!(console.contains("LVM2-ACTIVATED-NEW"), "{console}");

@@ -641,8 +641,9 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
 /// to the other, the last one takes the pool's devices with it. Meanwhile
 /// the pool's changes go to dm-thin as messages: a thin snapshot of the
 /// active volume (suspended around it) has its data of that moment, a
-/// lease's thin volume comes and goes (served meanwhile by `serve
-/// --block-device`, which leaves it to dm-thin), and the kernel's
+/// lease's thin volume comes and goes (served meanwhile over NBD and as a
+/// block device, both dm-thin's device: what qemu-io writes over NBD is on
+/// the block device), and the kernel's
 /// transaction follows the VG's. A crash between the kernel's commit and
 /// the VG's leaves the kernel ahead: the next change is refused, naming
 /// both transactions, and once the pool is let go devpool's next change
@@ -718,12 +719,14 @@ L=$(node /tmp/l.json)
 chk $L 0 356; chk $L 3000 303; fill $O 0 021; chk $L 0 356; chk $O 0 021
 devpool --pool {pool} --json lease acquire --volumes n:8M --owner-pid $$ > /tmp/n.json 2> /tmp/n.err || {{ cat /tmp/n.err; exit 16; }}
 N=$(sed -n 's/.*"lv": *"\([^"]*\)".*/\1/p' /tmp/n.json | head -1)
-# Served as a block device alone: dm-thin serves it, until the server stops.
-devpool --pool {pool} --json serve $N --block-device > /tmp/srv.json 2> /tmp/srv.err &
+# Served over NBD and as a block device: both are dm-thin's device, until
+# the server stops.
+devpool --pool {pool} --json serve $N --nbd unix:/tmp/n.sock --block-device > /tmp/srv.json 2> /tmp/srv.err &
 SRV=$!
 n=0; while [ ! -s /tmp/srv.json ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 echo "SERVE $(cat /tmp/srv.json) $(cat /tmp/srv.err)"
-fill $(sed -n 's/.*"block_device": *"\([^"]*\)".*/\1/p' /tmp/srv.json) 7 125
+qemu-io -f raw 'nbd+unix:///?socket=/tmp/n.sock' -c 'write -P 0x55 28672 4096' > /tmp/qio.log 2>&1 || {{ cat /tmp/qio.log; echo "NBD-WRITE-FAILED"; }}
+chk $(sed -n 's/.*"block_device": *"\([^"]*\)".*/\1/p' /tmp/srv.json) 7 125
 echo "SERVING $(dms)"
 kill -TERM $SRV; wait $SRV; echo "SERVER-EXIT $?"
 echo "SERVED-GONE $(dms)"
@@ -753,7 +756,15 @@ exit $bad
     ));
     let stripped = devpool_for_guest(&lab, env!("CARGO_BIN_EXE_devpool"));
     let devpool = format!("{}:/usr/bin/devpool", stripped.display());
-    let console = run_lvm_guest(&lab, &kernel, &[], &image, &[&devpool], "dm_thin_pool", &g);
+    let console = run_lvm_guest(
+        &lab,
+        &kernel,
+        &[],
+        &image,
+        &[&devpool, "/usr/bin/qemu-io"],
+        "dm_thin_pool",
+        &g,
+    );
     let line = |tag: &str| {
         console
             .lines()
@@ -801,6 +812,7 @@ exit $bad
     );
     let served = line("SERVE ");
     assert!(served.contains(r#""path":"dm""#), "{served}");
+    assert!(!console.contains("NBD-WRITE-FAILED"), "{console}");
     assert_eq!(line("SERVING "), "7", "{console}");
     assert_eq!(line("SERVER-EXIT "), "0", "{console}");
     assert_eq!(line("SERVED-GONE "), "6", "{console}");

@@ -257,7 +257,9 @@ fn plan_thin(
 
 /// dm-thin takes over a pool's metadata: refuse while a devpool process
 /// other than this one serves one of its thin volumes with devpool's own
-/// thin mappings (they would go on beside the kernel's).
+/// thin mappings (they would go on beside the kernel's). A server of a
+/// volume dm-thin has active serves the kernel's device (it activated it
+/// before it registered).
 fn refuse_if_pool_served(state_dir: &Path, meta: &VgMetadata, pool: &str) -> Result<()> {
     let me = std::process::id();
     for t in devpool_engine::ops::thin::thin_volumes(meta)
@@ -265,10 +267,12 @@ fn refuse_if_pool_served(state_dir: &Path, meta: &VgMetadata, pool: &str) -> Res
         .filter(|t| t.pool == pool)
     {
         let Some(l) = meta.lv(&t.lv) else { continue };
-        if let Some(pid) = crate::servers::serving(state_dir, l.id.raw_str())
-            .into_iter()
-            .find(|p| *p != me)
+        let servers = crate::servers::serving(state_dir, l.id.raw_str());
+        if servers.iter().all(|p| *p == me) || devpool_engine::dm::lv_device(meta, &t.lv).is_some()
         {
+            continue;
+        }
+        if let Some(pid) = servers.into_iter().find(|p| *p != me) {
             return Err(PoolError::Refused(format!(
                 "thin pool {}/{pool} cannot go to dm-thin: process {pid} serves its thin volume {} with devpool's own thin mappings; stop that server first",
                 meta.name, t.lv

@@ -227,6 +227,23 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
             existing.push(Some(d));
             continue;
         }
+        // A volume's own device over shared ones that all exist (LVM2 has
+        // the thin volume active): used as it is.
+        if existing.len() + 1 == layers.len()
+            && d.uuid == l.uuid
+            && existing.iter().all(Option::is_some)
+            && !existing.is_empty()
+        {
+            let mut devices: Vec<DmDevice> = existing.into_iter().flatten().collect();
+            devices.push(d);
+            let shared = layers.iter().map(|l| l.shared).collect();
+            return Ok(Activated {
+                devices,
+                shared,
+                loops: Vec::new(),
+                made: false,
+            });
+        }
         if let [
             Layer {
                 table: Table::Map(map),

@@ -114,9 +114,35 @@ pub struct Volume {
     /// Set for a thin volume: `map` is the pool's data LV, and requests go
     /// through the thin mappings.
     pub thin: Option<crate::thin::Thin>,
-    /// Set when the kernel alone serves the volume (a thin volume through
-    /// dm-thin): its size. devpool maps none of its I/O (`map` is empty).
-    pub in_kernel: Option<u64>,
+    /// Set for a thin volume dm-thin serves (a host with device-mapper):
+    /// `devs` is its dm device, the stack goes when the volume does (after
+    /// `devs` is closed: fields drop in order).
+    pub kernel: Option<KernelStack>,
+}
+
+/// A thin volume's device-mapper stack (its pool's devices shared),
+/// removed when dropped.
+#[derive(Debug)]
+pub struct KernelStack {
+    pub node: std::path::PathBuf,
+    stack: Option<devpool_pool::dmdev::Activated>,
+}
+
+impl KernelStack {
+    pub fn new(node: std::path::PathBuf, stack: devpool_pool::dmdev::Activated) -> KernelStack {
+        KernelStack {
+            node,
+            stack: Some(stack),
+        }
+    }
+}
+
+impl Drop for KernelStack {
+    fn drop(&mut self) {
+        if let Some(s) = self.stack.take() {
+            let _ = s.deactivate();
+        }
+    }
 }
 
 impl Drop for Volume {
@@ -130,10 +156,9 @@ impl Drop for Volume {
 
 impl Volume {
     pub fn size(&self) -> u64 {
-        match (&self.thin, self.in_kernel) {
-            (Some(t), _) => t.virtual_size,
-            (None, Some(size)) => size,
-            (None, None) => self.map.size(),
+        match &self.thin {
+            Some(t) => t.virtual_size,
+            None => self.map.size(),
         }
     }
     /// Refuse a range outside the volume.
@@ -152,7 +177,7 @@ impl Volume {
     /// directly: never for an origin or a snapshot (that would bypass
     /// copy-on-write), nor for a thin volume (its blocks move).
     pub fn plain_range(&self) -> Option<(usize, u64)> {
-        if self.cow.is_some() || self.thin.is_some() || self.in_kernel.is_some() {
+        if self.cow.is_some() || self.thin.is_some() || self.kernel.is_some() {
             return None;
         }
         self.map.single_range()

@@ -144,19 +144,20 @@ pub fn start(
     }
     let uuid = loc.lv.id.raw_str().to_string();
     let alone = spec.nbd.is_none() && spec.vhost_user_blk.is_none();
-    // A thin volume with only a block device is dm-thin's where the host
-    // has device-mapper: the kernel serves it, devpool maps nothing.
-    let mut in_kernel = None;
+    // A thin volume on a host with device-mapper is dm-thin's: every
+    // frontend reads and writes the kernel's device.
     let mut dm_skipped = None;
-    if spec.block_device && alone && devpool_engine::ops::thin::thin_volume(&loc.meta, lv).is_some()
+    let mut in_kernel = None;
+    if devpool_engine::ops::thin::thin_volume(&loc.meta, lv).is_some()
+        && devpool_pool::dmdev::available()
     {
-        match crate::hostdev::dm_thin(&loc, spec.read_only, &pools.state_dir) {
-            Ok(h) => in_kernel = Some(h),
+        match crate::open::open_thin_in_kernel(&loc, spec.read_only, &pools.state_dir) {
+            Ok(v) => in_kernel = Some(v),
             Err(why) => dm_skipped = Some(format!("dm: {why}")),
         }
     }
-    let volume = Arc::new(match &in_kernel {
-        Some(_) => crate::open::open_in_kernel(&loc, spec.read_only),
+    let volume = Arc::new(match in_kernel {
+        Some(v) => v,
         None => open_volume(&loc, spec.read_only)?,
     });
     // A snapshot registers as its COW store (what release stops).
@@ -205,25 +206,18 @@ pub fn start(
     }
     let mut host = None;
     if spec.block_device {
-        let h = match in_kernel {
-            Some(h) => h,
-            None => {
-                let existing = devpool_pool::loopdev::list()
-                    .into_iter()
-                    .find(|a| a.lv_uuid == uuid && a.size == volume.size())
-                    .map(|a| a.device);
-                let mut h =
-                    crate::hostdev::attach(&volume, &loc, alone, existing, &pools.state_dir)?;
-                // The dm-thin attempt says more than attach's own dm probe.
-                if let Some(why) = dm_skipped.take() {
-                    match h.choice.skipped.iter().position(|s| s.starts_with("dm:")) {
-                        Some(i) => h.choice.skipped[i] = why,
-                        None => h.choice.skipped.insert(0, why),
-                    }
-                }
-                h
+        let existing = devpool_pool::loopdev::list()
+            .into_iter()
+            .find(|a| a.lv_uuid == uuid && a.size == volume.size())
+            .map(|a| a.device);
+        let mut h = crate::hostdev::attach(&volume, &loc, alone, existing, &pools.state_dir)?;
+        // The dm-thin attempt says more than attach's own dm probe.
+        if let Some(why) = dm_skipped.take() {
+            match h.choice.skipped.iter().position(|s| s.starts_with("dm:")) {
+                Some(i) => h.choice.skipped[i] = why,
+                None => h.choice.skipped.insert(0, why),
             }
-        };
+        }
         info.block_device = Some(h.device.clone());
         info.block_device_path = Some(h.choice.clone());
         host = Some(h);

@@ -101,9 +101,7 @@ fn dm_device(
 ) -> Result<(PathBuf, devpool_pool::dmdev::Activated), String> {
     use devpool_pool::dmdev;
     if vol.thin.is_some() {
-        return Err(
-            "the thin volume is served over NBD or vhost-user-blk too, through devpool's own thin mappings (dm-thin only when --block-device is the only frontend)".into(),
-        );
+        return Err("the thin volume goes through devpool's own thin mappings".into());
     }
     if vol.cow.is_some() && !alone {
         return Err(
@@ -117,28 +115,17 @@ fn dm_device(
         .map_err(|e| e.to_string())
 }
 
-/// Thin volume `loc` activated with dm-thin, for the kernel alone to serve
-/// (see [`crate::open::open_in_kernel`]), or why not.
-pub fn dm_thin(loc: &Located, read_only: bool, state_dir: &Path) -> Result<HostDevice, String> {
-    if !devpool_pool::dmdev::available() {
-        return Err("this kernel has no device-mapper (no dm_mod)".into());
-    }
-    let (node, a) = devpool_pool::activate::activate_lv(
-        state_dir,
-        &loc.meta,
-        &loc.pvs,
-        &loc.lv.name,
-        read_only,
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(HostDevice {
+/// The block device of a volume dm-thin serves: its own dm device.
+pub fn kernel_device(node: PathBuf) -> HostDevice {
+    HostDevice {
         device: node,
         choice: Choice {
             path: HostPath::Dm,
             skipped: Vec::new(),
         },
-        held: Held::Dm(a),
-    })
+        // The volume's stack goes with the volume.
+        held: Held::Nothing,
+    }
 }
 
 /// A block device for `vol`, found at `loc`. `existing` is a loop device
@@ -152,11 +139,8 @@ pub fn attach(
     existing: Option<PathBuf>,
     state_dir: &Path,
 ) -> std::io::Result<HostDevice> {
-    if vol.in_kernel.is_some() {
-        return Err(std::io::Error::other(format!(
-            "volume {} is the kernel's to serve: it has no devpool mapping",
-            vol.name
-        )));
+    if let Some(k) = &vol.kernel {
+        return Ok(kernel_device(k.node.clone()));
     }
     let err = |e: devpool_pool::PoolError| std::io::Error::other(e.to_string());
     let device = |device, path, skipped, held| HostDevice {

@@ -27,19 +27,37 @@ fn lv<'a>(meta: &'a VgMetadata, name: &str) -> Result<&'a LvMeta, OpenError> {
         .ok_or_else(|| OpenError::Invalid(format!("LV {}/{name} is missing", meta.name)))
 }
 
-/// A thin volume the kernel serves alone (dm-thin): devpool opens none of
-/// its PVs and reads none of the pool's metadata (the kernel may own it).
-pub fn open_in_kernel(loc: &Located, read_only: bool) -> Volume {
-    Volume {
+/// A thin volume activated with dm-thin (a host with device-mapper; the
+/// pool's devices shared with its other active thin volumes, or LVM2's
+/// when LVM2 has it active): devpool's data plane reads and writes the
+/// kernel's device, and neither opens the pool's PVs nor reads its
+/// metadata (the kernel owns it). `state_dir` holds the server registry.
+pub fn open_thin_in_kernel(
+    loc: &Located,
+    read_only: bool,
+    state_dir: &std::path::Path,
+) -> Result<Volume, OpenError> {
+    let (node, stack) = devpool_pool::activate::activate_lv(
+        state_dir,
+        &loc.meta,
+        &loc.pvs,
+        &loc.lv.name,
+        read_only,
+    )
+    .map_err(|e| OpenError::Invalid(e.to_string()))?;
+    let kernel = crate::device::KernelStack::new(node.clone(), stack);
+    let dev = PvDevice::open(&node, !read_only)?;
+    let size = loc.lv.extent_count() * loc.meta.extent_size.bytes().0;
+    Ok(Volume {
         name: loc.lv.name.clone(),
         uuid: loc.lv.id.raw_str().to_string(),
-        map: crate::map::VolumeMap::from_runs(&[]),
-        devs: Vec::new(),
+        map: crate::map::VolumeMap::linear(0, 0, size),
+        devs: vec![dev],
         read_only,
         cow: None,
         thin: None,
-        in_kernel: Some(loc.lv.extent_count() * loc.meta.extent_size.bytes().0),
-    }
+        kernel: Some(kernel),
+    })
 }
 
 /// Open a located volume: the PVs it (and its COW stores) use.
@@ -96,7 +114,7 @@ pub fn open_volume(loc: &Located, read_only: bool) -> Result<Volume, OpenError> 
         read_only,
         cow,
         thin: None,
-        in_kernel: None,
+        kernel: None,
     })
 }
 
@@ -148,7 +166,7 @@ fn open_thin(
             virtual_size,
             &meta.name,
         )),
-        in_kernel: None,
+        kernel: None,
     })
 }
 

@@ -236,7 +236,7 @@ fn two_queues_writing_into_shared_chunks_keep_every_old_chunk_once() {
         read_only: false,
         cow: Some(cow),
         thin: None,
-        in_kernel: None,
+        kernel: None,
     });
     // One queue answers first writes early (an NBD connection's way), the
     // other does not (vhost-user-blk's); each has its own copier.

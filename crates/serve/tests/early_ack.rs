@@ -48,7 +48,7 @@ fn origin(dir: &tempfile::TempDir, writable: bool) -> (std::path::PathBuf, Arc<V
             Vec::new(),
         )),
         thin: None,
-        in_kernel: None,
+        kernel: None,
     };
     (path, Arc::new(vol))
 }
