@@ -727,6 +727,11 @@ n=0; while [ ! -s /tmp/srv.json ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); d
 echo "SERVE $(cat /tmp/srv.json) $(cat /tmp/srv.err)"
 qemu-io -f raw 'nbd+unix:///?socket=/tmp/n.sock' -c 'write -P 0x55 28672 4096' > /tmp/qio.log 2>&1 || {{ cat /tmp/qio.log; echo "NBD-WRITE-FAILED"; }}
 chk $(sed -n 's/.*"block_device": *"\([^"]*\)".*/\1/p' /tmp/srv.json) 7 125
+# A thin snapshot of the served volume: the kernel's, while it serves.
+devpool --pool {pool} snapshot create $N --name nsnap > /tmp/ns.log 2>&1 || {{ cat /tmp/ns.log; exit 23; }}
+devpool --json lv activate {vg}/nsnap > /tmp/ns.json || exit 24
+chk $(node /tmp/ns.json) 7 125
+devpool lv deactivate {vg}/nsnap > /dev/null || exit 25
 echo "SERVING $(dms)"
 kill -TERM $SRV; wait $SRV; echo "SERVER-EXIT $?"
 echo "SERVED-GONE $(dms)"
@@ -794,20 +799,20 @@ exit $bad
     );
     assert_eq!(&line("ATTR ")[4..5], "a", "LVM2 sees it active: {console}");
     assert!(!console.contains("WROTE-READ-ONLY"), "{console}");
-    // A snapshot, a creation and a deletion: three transactions, each in
-    // the kernel as in the VG.
+    // Two snapshots, a creation and a deletion (of the lease's volume and
+    // its snapshot): four transactions, each in the kernel as in the VG.
     let before: Vec<u64> = line("TRANS-BEFORE ")
         .split_whitespace()
         .map(|t| t.parse().unwrap())
         .collect();
     assert_eq!(before[0], before[1], "{console}");
-    let after = format!("{0} {0}", before[0] + 3);
+    let after = format!("{0} {0}", before[0] + 4);
     assert_eq!(line("TRANS-AFTER "), after, "{console}");
     // pool status gives the kernel's figures while dm-thin holds the pool.
     let status = line("STATUS ");
     assert!(
         status.contains(&format!(r#""held_by_kernel":"{tpool}""#))
-            && status.contains(&format!(r#""transaction_id":{}"#, before[0] + 3)),
+            && status.contains(&format!(r#""transaction_id":{}"#, before[0] + 4)),
         "{status}"
     );
     let served = line("SERVE ");
@@ -816,7 +821,7 @@ exit $bad
     assert_eq!(line("SERVING "), "7", "{console}");
     assert_eq!(line("SERVER-EXIT "), "0", "{console}");
     assert_eq!(line("SERVED-GONE "), "6", "{console}");
-    let k = before[0] + 3;
+    let k = before[0] + 4;
     assert!(!console.contains("CRASH-NOT-INJECTED"), "{console}");
     assert_eq!(line("AHEAD "), format!("{} {k}", k + 1), "{console}");
     assert!(!console.contains("ACQUIRED-OUT-OF-STEP"), "{console}");

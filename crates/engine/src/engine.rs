@@ -1625,7 +1625,12 @@ impl Engine {
                 suspend,
             });
         }
-        refuse_if_kernel_holds_thin_pool(meta, "changing its thin volumes")?;
+        let what = if data_bytes == data_before {
+            "changing its thin volumes"
+        } else {
+            "growing its data space"
+        };
+        refuse_if_kernel_holds_thin_pool(meta, what)?;
         Ok(Step::UpdateThinPool {
             vg: meta.name.clone(),
             pool: format!("{}/{}", meta.name, pool.pool),

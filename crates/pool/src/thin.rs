@@ -394,15 +394,19 @@ impl Pools {
                     "'{volume}' is not a thin volume of pool '{name}'"
                 )));
             }
-            // A volume dm-thin has active is fine: the snapshot goes to
-            // the kernel as a message, the volume suspended meanwhile.
-            crate::snapshots::refuse_if_served_by_devpool(
-                self,
-                &v.meta,
-                volume,
-                &[],
-                "thin snapshot",
-            )?;
+            // A volume dm-thin has active (a server of it serves the
+            // kernel's device) is fine: the snapshot goes to the kernel as
+            // a message, the volume suspended meanwhile. A server of
+            // devpool's own thin mappings keeps them in memory.
+            if devpool_engine::dm::lv_device(&v.meta, volume).is_none() {
+                crate::snapshots::refuse_if_served_by_devpool(
+                    self,
+                    &v.meta,
+                    volume,
+                    &[],
+                    "thin snapshot",
+                )?;
+            }
             let op = Operation::ThinCreate {
                 vg: rec.vg.clone(),
                 volumes: vec![NewVolume {
