@@ -557,18 +557,7 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
     qemu_io_ok(&sock, &s);
     stop(srv);
     // A thin snapshot taken by devpool: shares both chunks.
-    lab.dp(
-        &[],
-        &[
-            "--pool",
-            &tp(&lab),
-            "snapshot",
-            "create",
-            &lv,
-            "--name",
-            "tsnap",
-        ],
-    );
+    thin_snapshot(&lab, &lv, "tsnap");
 
     // The guest: LVM2 activates the pool (running thin_check on devpool's
     // metadata first), dm-thin reads devpool's mappings, then writes: an
@@ -675,18 +664,7 @@ fn guest_lv_activate_gives_thin_volumes_dm_thin_over_their_shared_pool() {
         &["write -P 0xa1 0 4096", "write -P 0x77 4096000 4096"],
     );
     stop(srv);
-    lab.dp(
-        &[],
-        &[
-            "--pool",
-            &tp(&lab),
-            "snapshot",
-            "create",
-            &lv,
-            "--name",
-            "tsnap",
-        ],
-    );
+    thin_snapshot(&lab, &lv, "tsnap");
     let vg = format!("devpool-{}", tp(&lab));
     let mut g = String::from(DM_GUEST_HELPERS);
     g.push_str(&format!(
@@ -856,6 +834,14 @@ exit $bad
     assert_no_qemu_left(&lab);
 }
 
+/// `devpool --pool POOL snapshot create OF --name NAME` (a thin snapshot).
+fn thin_snapshot(lab: &Lab, of: &str, name: &str) {
+    lab.dp(
+        &[],
+        &["--pool", &tp(lab), "snapshot", "create", of, "--name", name],
+    );
+}
+
 /// `devpool … snapshot merge NAME` with extra arguments and environment.
 fn merge(lab: &Lab, snap: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let pool = tp(lab);
@@ -875,20 +861,7 @@ fn a_thin_snapshot_merge_rolls_the_volume_back_in_one_transaction() {
     let lv = first_lv(&lease);
     let chunk = num(&thin_status(&lab)["chunk_bytes"]) as usize;
     let size = 16 * MIB as usize;
-    let snapshot = |of: &str, name: &str| {
-        lab.dp(
-            &[],
-            &[
-                "--pool",
-                &tp(&lab),
-                "snapshot",
-                "create",
-                of,
-                "--name",
-                name,
-            ],
-        );
-    };
+    let snapshot = |of: &str, name: &str| thin_snapshot(&lab, of, name);
     let write = |writes: &[(usize, usize, u8)], model: &mut Vec<u8>| {
         let (srv, sock) = serve(&lab, &lv, "t.sock");
         for &(off, len, p) in writes {

@@ -493,23 +493,13 @@ mod tests {
             assert_eq!(p.layers[1].uuid, format!("{}-cow", uuid(&meta, "s")));
             assert_eq!(p.layers[2].uuid, uuid(&meta, "s"));
             assert_eq!(p.layers[3].uuid, uuid(&meta, "o"));
-            let Table::Over {
-                kind,
-                sectors,
+            let (kind, sectors, params) = over(&p.layers[2].table);
+            assert_eq!((kind, sectors), ("snapshot", (8 << 20) / 512));
+            assert_eq!(
                 params,
-            } = &p.layers[2].table
-            else {
-                panic!("the snapshot maps its layers");
-            };
-            assert_eq!((*kind, *sectors), ("snapshot", (8 << 20) / 512));
-            let text: Vec<String> = params
-                .iter()
-                .map(|x| match x {
-                    Param::Layer(i) => format!("#{i}"),
-                    Param::Text(t) => t.clone(),
-                })
-                .collect();
-            assert_eq!(text, ["#0", "#1", "P", "16"], "8 KiB chunks are 16 sectors");
+                ["#0", "#1", "P", "16"],
+                "8 KiB chunks are 16 sectors"
+            );
             assert!(matches!(
                 &p.layers[3].table,
                 Table::Over { kind: "snapshot-origin", params, .. } if matches!(params[..], [Param::Layer(0)])
@@ -524,14 +514,24 @@ mod tests {
         assert_eq!(family(&meta, "plain"), ["plain"]);
     }
 
-    fn text(params: &[Param]) -> Vec<String> {
-        params
+    /// A stacked layer's target, sectors and parameters (`#i` for layer i).
+    fn over(t: &Table) -> (&'static str, u64, Vec<String>) {
+        let Table::Over {
+            kind,
+            sectors,
+            params,
+        } = t
+        else {
+            panic!("{t:?} maps extents, not layers");
+        };
+        let params = params
             .iter()
             .map(|x| match x {
                 Param::Layer(i) => format!("#{i}"),
                 Param::Text(t) => t.clone(),
             })
-            .collect()
+            .collect();
+        (kind, *sectors, params)
     }
 
     #[test]
@@ -554,15 +554,8 @@ mod tests {
         let ro: Vec<bool> = p.layers.iter().map(|l| l.read_only).collect();
         assert_eq!(ro, [false, false, false, true]);
         assert!(matches!(&p.layers[1].table, Table::Map(m) if m.size() == 16 << 20));
-        let Table::Over {
-            kind,
-            sectors,
-            params,
-        } = &p.layers[2].table
-        else {
-            panic!("the pool maps its layers");
-        };
-        assert_eq!((*kind, *sectors), ("thin-pool", (16 << 20) / 512));
+        let (kind, sectors, params) = over(&p.layers[2].table);
+        assert_eq!((kind, sectors), ("thin-pool", (16 << 20) / 512));
         // 64 KiB blocks are 128 sectors; devpool's pools zero new blocks
         // unless told not to.
         let zero = if pool.zero_new_blocks {
@@ -572,17 +565,10 @@ mod tests {
         };
         let mut want = vec!["#0", "#1", "128", "0"];
         want.extend(zero);
-        assert_eq!(text(params), want);
-        let Table::Over {
-            kind,
-            sectors,
-            params,
-        } = &p.layers[3].table
-        else {
-            panic!("the thin volume maps the pool");
-        };
-        assert_eq!((*kind, *sectors), ("thin", (32 << 20) / 512));
-        assert_eq!(text(params), ["#2".to_string(), t.device_id.to_string()]);
+        assert_eq!(params, want);
+        let (kind, sectors, params) = over(&p.layers[3].table);
+        assert_eq!((kind, sectors), ("thin", (32 << 20) / 512));
+        assert_eq!(params, ["#2".to_string(), t.device_id.to_string()]);
         assert_eq!(p.own, "vg-t");
         assert_eq!(p.loop_mark, meta.lv(&pool.pool).unwrap().id.raw_str());
         // The pool's own LVs are not activated on their own.

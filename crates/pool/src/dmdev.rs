@@ -137,19 +137,8 @@ fn holders(dev: &Path) -> usize {
         .map_or(1, |h| h.count())
 }
 
-/// The block devices stacked on `dm-<minor>` (sysfs `holders`).
-pub fn holders_of(minor: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/sys/block/dm-{minor}/holders"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The block devices under `dm-<minor>` (sysfs `slaves`).
-pub fn slaves(minor: u32) -> Vec<String> {
+fn slaves(minor: u32) -> Vec<String> {
     std::fs::read_dir(format!("/sys/block/dm-{minor}/slaves"))
         .map(|d| {
             d.flatten()
