@@ -1606,6 +1606,8 @@ impl Engine {
             && data_bytes == data_before
         {
             // dm-thin holds the pool: the change goes to it as messages.
+            // Snapshot origins by their dm names: the ones active when the
+            // messages go are suspended around them.
             let suspend = changes
                 .snapshot
                 .iter()
@@ -1613,7 +1615,7 @@ impl Engine {
                     let lv = ops::thin::thin_volumes(meta)
                         .into_iter()
                         .find(|t| t.device_id == origin)?;
-                    Some((origin, crate::dm::lv_device(meta, &lv.lv)?.name))
+                    Some((origin, devpool_format::dm::name(&meta.name, &lv.lv)))
                 })
                 .collect();
             return Ok(Step::MessageThinPool {

@@ -70,7 +70,8 @@ pub enum Step {
         device: String,
         known_trans: u64,
         changes: crate::ops::thin::ThinChanges,
-        /// Active origins of new snapshots: (thin device id, dm name).
+        /// Origins of new snapshots: (thin device id, dm name); the ones
+        /// active when the messages go are suspended around them.
         suspend: Vec<(u64, String)>,
     },
     /// Punch the thin pool's unmapped data blocks out of the image files
@@ -236,7 +237,9 @@ impl Step {
                     changes_text(changes)
                 );
                 for (_, name) in suspend {
-                    text.push_str(&format!("; {name} is suspended for its snapshot"));
+                    text.push_str(&format!(
+                        "; {name}, if active, is suspended for its snapshot"
+                    ));
                 }
                 text
             }

@@ -229,7 +229,10 @@ pub fn run_messages(
             made.push(*id);
         }
         for (id, origin) in &changes.snapshot {
-            let held = suspend.iter().find(|(o, _)| o == origin).map(|(_, n)| n);
+            let held = match suspend.iter().find(|(o, _)| o == origin) {
+                Some((_, name)) if dm::info(name)?.is_some() => Some(name),
+                _ => None,
+            };
             if let Some(name) = held {
                 dm::suspend(name)?;
             }

@@ -11,9 +11,8 @@
 use crate::error::{PoolError, Result};
 use std::path::{Path, PathBuf};
 
-pub use devpool_engine::dm::{
-    CONTROL, DmDevice, active_for_lvs, create, info, list, message, remove, resume, suspend,
-};
+pub use devpool_engine::dm::{DmDevice, active_for_lvs, list, remove};
+use devpool_engine::dm::{create, info};
 
 /// Whether this host has device-mapper (loading `dm_mod` if it is a
 /// module). `/dev/mapper/control` is no sign: distributions create the node
