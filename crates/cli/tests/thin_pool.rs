@@ -713,7 +713,14 @@ devpool lv deactivate {vg}/nsnap > /dev/null || exit 25
 echo "SERVING $(dms)"
 kill -TERM $SRV; wait $SRV; echo "SERVER-EXIT $?"
 echo "SERVED-GONE $(dms)"
+# A server killed with SIGKILL leaves its device; the release removes it.
+devpool --pool {pool} --json serve $N --block-device > /tmp/srv2.json 2>&1 &
+SRV=$!
+n=0; while [ ! -s /tmp/srv2.json ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+kill -KILL $SRV; wait $SRV
+echo "KILLED-LEFT $(dms)"
 devpool --pool {pool} lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/n.json | head -1) > /tmp/nr.log 2>&1 || {{ cat /tmp/nr.log; exit 19; }}
+echo "RELEASE-CLEANED $(dms)"
 echo "TRANS-AFTER $(trans)"
 echo "STATUS $(devpool --pool {pool} --json pool status | tr -d ' \n')"
 # A crash between the kernel's commit and the VG's leaves the kernel ahead:
@@ -799,6 +806,8 @@ exit $bad
     assert_eq!(line("SERVING "), "7", "{console}");
     assert_eq!(line("SERVER-EXIT "), "0", "{console}");
     assert_eq!(line("SERVED-GONE "), "6", "{console}");
+    assert_eq!(line("KILLED-LEFT "), "7", "{console}");
+    assert_eq!(line("RELEASE-CLEANED "), "6", "{console}");
     let k = before[0] + 4;
     assert!(!console.contains("CRASH-NOT-INJECTED"), "{console}");
     assert_eq!(line("AHEAD "), format!("{} {k}", k + 1), "{console}");
