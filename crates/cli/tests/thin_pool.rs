@@ -117,7 +117,7 @@ fn lvm2_thin_view(image: &Path) -> (u64, std::collections::BTreeMap<String, u64>
     let rows = lvm_report(
         &[dev],
         "lvs",
-        "lv_name,segtype,pool_lv,transaction_id,thin_id",
+        "lv_name,segtype,pool_lv,transaction_id,thin_id,lv_when_full",
     );
     let vg = lvm_report(&[dev], "vgs", "vg_name")[0]["vg_name"]
         .as_str()
@@ -129,7 +129,11 @@ fn lvm2_thin_view(image: &Path) -> (u64, std::collections::BTreeMap<String, u64>
     let mut thins = std::collections::BTreeMap::new();
     for r in &rows {
         match r["segtype"].as_str().unwrap() {
-            "thin-pool" => trans = Some(num(&r["transaction_id"])),
+            "thin-pool" => {
+                // devpool's pools fail writes when full, for LVM2 too.
+                assert_eq!(r["lv_when_full"], "error", "{r}");
+                trans = Some(num(&r["transaction_id"]));
+            }
             "thin" => {
                 assert_eq!(r["pool_lv"], "thinpool", "{r}");
                 thins.insert(
@@ -671,6 +675,7 @@ fn guest_lv_activate_gives_thin_volumes_dm_thin_over_their_shared_pool() {
         r#"export DEVPOOL_STATE_DIR=/tmp/state HOME=/tmp DEVPOOL_DEVICES=/dev/vda
 mkdir -p /run/lock/lvm /run/lvm
 dms() {{ ls /sys/block | grep -c '^dm-'; }}
+tpool_table() {{ dmsetup table {vg_dm}-thinpool-tpool | cut -d' ' -f3-; }}
 node() {{ sed 's/.*"device":"\([^"]*\)".*/\1/' $1; }}
 devpool --json lv activate {vg}/{lv} > /tmp/o.json || {{ cat /tmp/o.json; exit 10; }}
 echo "ORIGIN $(cat /tmp/o.json)"
@@ -678,6 +683,7 @@ devpool --json lv activate {vg}/tsnap --read-only > /tmp/s.json || exit 11
 echo "SNAPSHOT $(cat /tmp/s.json)"
 O=$(node /tmp/o.json); S=$(node /tmp/s.json)
 echo "DEVICES $(dms)"
+echo "POOL-TABLE $(tpool_table)"
 echo "TABLES $(dmsetup table | awk '{{print $4}}' | sort | tr '
 ' ' ')"
 echo "ATTR $(lvm_c lvs --noheadings -o lv_attr {vg}/{lv} | tr -d ' ')"
@@ -783,6 +789,17 @@ exit $bad
         ["linear", "linear", "thin", "thin", "thin-pool"]
     );
     assert_eq!(&line("ATTR ")[4..5], "a", "LVM2 sees it active: {console}");
+    // 64 KiB blocks, no low-water event, zeroed blocks, ENOSPC when full.
+    let table: Vec<String> = line("POOL-TABLE ")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(table[0], "thin-pool", "{table:?}");
+    assert_eq!(
+        table[3..],
+        ["128", "0", "1", "error_if_no_space"],
+        "{table:?}"
+    );
     assert!(!console.contains("WROTE-READ-ONLY"), "{console}");
     // Two snapshots, a creation and a deletion (of the lease's volume and
     // its snapshot): four transactions, each in the kernel as in the VG.

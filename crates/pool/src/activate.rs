@@ -222,11 +222,15 @@ fn plan_thin(
         // Low water mark: no event (devpool does not autoextend).
         Param::Text("0".into()),
     ];
-    if pool.zero_new_blocks {
-        params.push(Param::Text("0".into()));
-    } else {
-        params.extend(["1", "skip_block_zeroing"].map(|p| Param::Text(p.into())));
+    let mut features = Vec::new();
+    if !pool.zero_new_blocks {
+        features.push("skip_block_zeroing");
     }
+    if pool.error_when_full {
+        features.push("error_if_no_space");
+    }
+    params.push(Param::Text(features.len().to_string()));
+    params.extend(features.into_iter().map(|f| Param::Text(f.into())));
     let pool_layer = Layer {
         name: tpool.0,
         uuid: tpool.1,
@@ -556,15 +560,10 @@ mod tests {
         assert!(matches!(&p.layers[1].table, Table::Map(m) if m.size() == 16 << 20));
         let (kind, sectors, params) = over(&p.layers[2].table);
         assert_eq!((kind, sectors), ("thin-pool", (16 << 20) / 512));
-        // 64 KiB blocks are 128 sectors; devpool's pools zero new blocks
-        // unless told not to.
-        let zero = if pool.zero_new_blocks {
-            vec!["0"]
-        } else {
-            vec!["1", "skip_block_zeroing"]
-        };
-        let mut want = vec!["#0", "#1", "128", "0"];
-        want.extend(zero);
+        // 64 KiB blocks are 128 sectors; devpool's pools zero new blocks,
+        // and fail writes at once when full.
+        assert!(pool.zero_new_blocks && pool.error_when_full);
+        let want = ["#0", "#1", "128", "0", "1", "error_if_no_space"];
         assert_eq!(params, want);
         let (kind, sectors, params) = over(&p.layers[3].table);
         assert_eq!((kind, sectors), ("thin", (32 << 20) / 512));

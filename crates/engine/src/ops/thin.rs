@@ -31,6 +31,9 @@ pub fn check_chunk_sectors(c: u32) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The pool LV flag LVM2 writes for `lvchange --errorwhenfull y`.
+pub const ERROR_WHEN_FULL: &str = "ERROR_WHEN_FULL";
+
 /// A thin pool as the VG records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThinPoolLink {
@@ -40,6 +43,10 @@ pub struct ThinPoolLink {
     pub transaction_id: u64,
     pub chunk_sectors: u32,
     pub zero_new_blocks: bool,
+    /// LVM2's `ERROR_WHEN_FULL` flag on the pool LV (`lvchange
+    /// --errorwhenfull y`): dm-thin fails writes at once when the data is
+    /// full (`error_if_no_space`) instead of queueing them for a minute.
+    pub error_when_full: bool,
     /// LVM2 queued `create`/`delete` messages for the kernel (an LVM2
     /// command was interrupted before activating the pool).
     pub pending_messages: usize,
@@ -89,6 +96,7 @@ pub fn thin_pools(vg: &VgMetadata) -> Vec<ThinPoolLink> {
                 transaction_id: u64::try_from(int_field(s, "transaction_id")?).ok()?,
                 chunk_sectors: u32::try_from(int_field(s, "chunk_size")?).ok()?,
                 zero_new_blocks: int_field(s, "zero_new_blocks").unwrap_or(0) != 0,
+                error_when_full: l.flags.iter().any(|f| f == ERROR_WHEN_FULL),
                 pending_messages: s
                     .extra
                     .iter()
@@ -176,7 +184,7 @@ pub fn create_thin_pool(vg: &mut VgMetadata, p: NewThinPool) -> Result<ThinPoolL
             }
         }
     }
-    vg.lvs.push(super::visible_lv(
+    let mut pool_lv = super::visible_lv(
         p.name.clone(),
         p.id,
         vec![],
@@ -196,7 +204,11 @@ pub fn create_thin_pool(vg: &mut VgMetadata, p: NewThinPool) -> Result<ThinPoolL
                 Item::Assign("zero_new_blocks".into(), Value::Int(1)),
             ],
         }],
-    ));
+    );
+    // A full pool fails writes at once (ENOSPC), in devpool's data plane
+    // and in dm-thin alike, as `lvchange --errorwhenfull y` asks.
+    pool_lv.flags.push(ERROR_WHEN_FULL.into());
+    vg.lvs.push(pool_lv);
     the_thin_pool(vg).ok_or_else(|| EngineError::Invalid("thin pool vanished".into()))
 }
 
