@@ -773,7 +773,13 @@ impl Engine {
                 );
                 let dev = Device::open(device, true)?;
                 dev.write_at(gate, *offset, &buf)?;
-                dev.sync()
+                // The header must be durable before the VG names the
+                // snapshot: the commit's own flush of this PV does it.
+                if flushed_by_later_commit(&plan.steps[index + 1..], device) {
+                    Ok(())
+                } else {
+                    dev.sync()
+                }
             }
             Step::FormatThinPool {
                 pool,
