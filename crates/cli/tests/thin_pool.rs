@@ -742,7 +742,16 @@ devpool lv deactivate {vg}/tsnap > /dev/null || exit 13
 devpool lv deactivate {vg}/live > /dev/null || exit 20
 echo "AFTER-ALL $(dms) $(ls /sys/block | grep -c '^loop')"
 # devpool's own next change repairs the metadata (the orphan device goes).
-devpool --pool {pool} --json lease acquire --volumes e:8M --owner-pid $$ > /tmp/e.json 2> /tmp/e.err || {{ cat /tmp/e.err; exit 21; }}
+devpool --pool {pool} --json lease acquire --volumes e:8M,f:8M --owner-pid $$ > /tmp/e.json 2> /tmp/e.err || {{ cat /tmp/e.err; exit 21; }}
+# Two servers start at once: one makes the pool's devices, the other
+# finds them (devpool's thin lock orders the two).
+for v in $(sed -n 's/.*"lv": *"\([^"]*\)".*/\1/p' /tmp/e.json); do
+  devpool --pool {pool} --json serve $v --block-device > /tmp/s-$v.json 2>&1 &
+done
+n=0; while [ $(cat /tmp/s-*.json 2>/dev/null | grep -c '"path"') -lt 2 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+echo "TOGETHER $(cat /tmp/s-*.json | grep -c '"path":"dm"') $(dms)"
+kill -TERM $(jobs -p); wait
+echo "TOGETHER-GONE $(dms)"
 devpool --pool {pool} lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/e.json | head -1) > /dev/null || exit 22
 echo "REPAIRED $(lvm_c lvs --noheadings -o transaction_id {vg}/thinpool | tr -d ' ')"
 exit $bad
@@ -835,6 +844,8 @@ exit $bad
         "{refused}"
     );
     assert_eq!(line("REPAIRED "), (k + 2).to_string(), "{console}");
+    assert_eq!(line("TOGETHER "), "2 5", "{console}");
+    assert_eq!(line("TOGETHER-GONE "), "0", "{console}");
     // The pool stays for the snapshots.
     assert_eq!(line("AFTER-ONE "), "5", "{console}");
     assert_eq!(line("AFTER-ALL "), "0 0", "{console}");

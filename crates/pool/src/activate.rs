@@ -366,7 +366,10 @@ pub fn activate_lv(
         }
         None => None,
     };
-    let a = dmdev::activate_stack(&plan.layers, &plan.pvs, &plan.loop_mark)?;
+    let mut a = dmdev::activate_stack(&plan.layers, &plan.pvs, &plan.loop_mark)?;
+    if _thin.is_some() {
+        a.lock_vg = Some(meta.name.clone());
+    }
     let node = a
         .device(&plan.own)
         .map(|d| d.node())
@@ -385,6 +388,15 @@ pub fn deactivate_lv(meta: &VgMetadata, name: &str) -> Result<Vec<String>> {
         .filter_map(|n| meta.lv(n))
         .map(|l| l.id.raw_str().to_string())
         .collect();
+    // A thin pool's shared devices change under its thin lock (see
+    // `activate_lv`).
+    let _thin = match thin_volume(meta, name) {
+        Some(_) => Some(devpool_engine::lock::lock_thin(
+            &devpool_engine::lock::default_dir(),
+            &meta.name,
+        )?),
+        None => None,
+    };
     let own = dmdev::active_for_lvs(meta, uuids.iter().map(String::as_str));
     let shared = match thin_volume(meta, name) {
         Some(t) if !own.is_empty() => pool_devices(meta, &pool_of(meta, &t)?),

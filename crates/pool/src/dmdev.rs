@@ -97,6 +97,9 @@ pub struct Activated {
     /// Whether this activation made the volume's devices (else they were
     /// active already, with the volume's size, and are left as they are).
     pub made: bool,
+    /// The VG whose thin lock shared layers change under (a thin pool's:
+    /// an activation beside this deactivation must not find them half gone).
+    pub lock_vg: Option<String>,
 }
 
 impl Activated {
@@ -109,6 +112,13 @@ impl Activated {
     /// then the shared ones nothing is stacked on any more (whoever made
     /// them); then the loop devices devpool attached under what went.
     pub fn deactivate(self) -> Result<()> {
+        let _lock = match &self.lock_vg {
+            Some(vg) => Some(devpool_engine::lock::lock_thin(
+                &devpool_engine::lock::default_dir(),
+                vg,
+            )?),
+            None => None,
+        };
         if self.made {
             let (shared, own): (Vec<_>, Vec<_>) = self
                 .devices
@@ -230,6 +240,7 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
                 shared,
                 loops: Vec::new(),
                 made: false,
+                lock_vg: None,
             });
         }
         if let [
@@ -249,6 +260,7 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
                     shared: vec![false],
                     loops: Vec::new(),
                     made: false,
+                    lock_vg: None,
                 });
             }
         }
@@ -277,6 +289,7 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
         shared: Vec::new(),
         loops: Vec::new(),
         made: true,
+        lock_vg: None,
     };
     let mut places: Vec<Option<KernelDev>> = vec![None; pvs.len()];
     let result = (|| -> Result<()> {

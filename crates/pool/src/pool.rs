@@ -1459,6 +1459,15 @@ fn remove_dm_devices(meta: &VgMetadata, lvs: &[String]) -> Result<Vec<PathBuf>> 
         .filter_map(|n| meta.lv(n))
         .map(|l| l.id.raw_str());
     let thin_pool = devpool_engine::ops::thin::the_thin_pool(meta);
+    // A thin pool's shared devices change under its thin lock (see
+    // `activate::activate_lv`).
+    let _thin = match &thin_pool {
+        Some(_) if !crate::dmdev::list().is_empty() => Some(devpool_engine::lock::lock_thin(
+            &devpool_engine::lock::default_dir(),
+            &meta.name,
+        )?),
+        _ => None,
+    };
     let shared = match &thin_pool {
         Some(p) => crate::activate::pool_devices(meta, p),
         None => Vec::new(),
