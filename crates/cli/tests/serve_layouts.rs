@@ -731,8 +731,9 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
 /// A thin volume LVM2 has activated (dm-thin holds the pool's metadata in
 /// the kernel) is served through LVM2's own dm device (over NBD and as the
 /// block device), which devpool neither makes nor removes. Meanwhile
-/// devpool's lease changes go to dm-thin as messages (LVM2 activates the
-/// new volume at once, and the kernel's transaction follows the VG's);
+/// devpool's lease changes go to dm-thin as messages (an orphan device id
+/// an interrupted change left in the kernel is replaced; LVM2 activates
+/// the new volume at once, and the kernel's transaction follows the VG's);
 /// `vg trim` is refused; once LVM2 lets go, devpool serves the volume with
 /// its own activation; LVM2 activates the pool again at the end
 /// (thin_check, transaction ids).
@@ -767,6 +768,9 @@ echo "LVM2-KEEPS $(ls /sys/block | grep -c '^dm-')"
 # and its release while LVM2 has it active.
 tpool_trans() { dmsetup status devpool--g-thinpool-tpool | awk '{print $4}'; }
 vg_trans() { lvm_c lvs --noheadings -o transaction_id devpool-g/thinpool | tr -d ' '; }
+# An interrupted change left thin device 2 in the kernel, unknown to the VG:
+# the acquire that takes id 2 deletes it and creates it again.
+dmsetup message devpool--g-thinpool-tpool 0 "create_thin 2" && echo "ORPHAN-MADE"
 devpool --pool g --json lease acquire --volumes u:8M --owner-pid $$ > /tmp/a2.json 2> /tmp/a2.err || { cat /tmp/a2.err; echo GUEST-STEP-FAILED acquire-beside-dm; }
 U=$(field lv /tmp/a2.json)
 echo "TRANS $(tpool_trans) $(vg_trans)"
@@ -813,6 +817,7 @@ lvm_c vgchange -an devpool-g > /dev/null 2>&1
     );
     assert_eq!(line("KERNEL-SERVER-EXIT "), "0", "{console}");
     assert_eq!(line("LVM2-KEEPS "), line("ACTIVE "), "{console}");
+    assert!(console.contains("ORPHAN-MADE"), "{console}");
     // Each message committed in the kernel: its transaction is the VG's.
     assert_eq!(line("TRANS "), "2 2", "{console}");
     assert!(console.contains("LVM2-ACTIVATED-NEW"), "{console}");

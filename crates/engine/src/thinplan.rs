@@ -201,7 +201,9 @@ fn refuse_if_pool_device(vg: &str, pool: &str) -> Result<()> {
 /// the pool lets devpool repair its metadata), then `delete`,
 /// `create_thin` and `create_snap` (an active origin suspended around it,
 /// so its writes in flight land first), and `set_transaction_id` last. A
-/// failed message undoes the creations before it.
+/// device id the kernel has and the VG does not (an interrupted change) is
+/// deleted and created again. A failed message undoes the creations before
+/// it.
 pub fn run_messages(
     lock_dir: &Path,
     vg: &str,
@@ -223,9 +225,21 @@ pub fn run_messages(
         dm::message(device, &format!("delete {id}"))?;
     }
     let mut made = Vec::new();
+    // A device the VG does not know is left from an interrupted change
+    // (created, and the VG's commit never came): it goes, as devpool's
+    // own reconcile deletes such devices, and the creation is sent again.
+    let create = |text: String, id: u64| -> Result<()> {
+        match dm::message(device, &text) {
+            Err(EngineError::Io { err, .. }) if err.raw_os_error() == Some(libc::EEXIST) => {
+                dm::message(device, &format!("delete {id}"))?;
+                dm::message(device, &text)
+            }
+            r => r,
+        }
+    };
     let result = (|| -> Result<()> {
         for id in &changes.create {
-            dm::message(device, &format!("create_thin {id}"))?;
+            create(format!("create_thin {id}"), *id)?;
             made.push(*id);
         }
         for (id, origin) in &changes.snapshot {
@@ -236,7 +250,7 @@ pub fn run_messages(
             if let Some(name) = held {
                 dm::suspend(name)?;
             }
-            let sent = dm::message(device, &format!("create_snap {id} {origin}"));
+            let sent = create(format!("create_snap {id} {origin}"), *id);
             if let Some(name) = held {
                 dm::resume(name)?;
             }
