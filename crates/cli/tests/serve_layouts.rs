@@ -777,6 +777,8 @@ echo "TRANS $(tpool_trans) $(vg_trans)"
 lvm_c lvchange -ay -K devpool-g/$U > /tmp/u.log 2>&1 && echo "LVM2-ACTIVATED-NEW" || cat /tmp/u.log
 dd if=/dev/zero bs=1M count=1 2>/dev/null | tr '\000' '\125' > /tmp/u.data
 dd if=/tmp/u.data of=/dev/mapper/devpool--g-$(echo $U | sed 's/-/--/g') bs=1M oflag=direct 2>/dev/null && echo "WROTE-NEW"
+# The deletion was done already (an interrupted change): nothing to delete.
+dmsetup remove devpool--g-$(echo $U | sed 's/-/--/g') && dmsetup message devpool--g-thinpool-tpool 0 "delete 2" && echo "PRE-DELETED"
 devpool --pool g lease release $(field session /tmp/a2.json) > /tmp/r.out 2>&1 || { cat /tmp/r.out; echo GUEST-STEP-FAILED release-beside-dm; }
 echo "TRANS-AFTER $(tpool_trans) $(vg_trans)"
 devpool vg trim devpool-g > /tmp/trim.out 2>&1 && echo "TRIMMED-BESIDE-DM"
@@ -818,6 +820,7 @@ lvm_c vgchange -an devpool-g > /dev/null 2>&1
     assert_eq!(line("KERNEL-SERVER-EXIT "), "0", "{console}");
     assert_eq!(line("LVM2-KEEPS "), line("ACTIVE "), "{console}");
     assert!(console.contains("ORPHAN-MADE"), "{console}");
+    assert!(console.contains("PRE-DELETED"), "{console}");
     // Each message committed in the kernel: its transaction is the VG's.
     assert_eq!(line("TRANS "), "2 2", "{console}");
     assert!(console.contains("LVM2-ACTIVATED-NEW"), "{console}");

@@ -222,7 +222,11 @@ pub fn run_messages(
         )));
     }
     for id in &changes.delete {
-        dm::message(device, &format!("delete {id}"))?;
+        match dm::message(device, &format!("delete {id}")) {
+            // Not in the kernel's metadata: nothing to delete.
+            Err(EngineError::Io { err, .. }) if err.raw_os_error() == Some(libc::ENODATA) => {}
+            r => r?,
+        }
     }
     let mut made = Vec::new();
     // A device the VG does not know is left from an interrupted change
