@@ -754,6 +754,10 @@ kill -TERM $(jobs -p); wait
 echo "TOGETHER-GONE $(dms)"
 devpool --pool {pool} lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/e.json | head -1) > /dev/null || exit 22
 echo "REPAIRED $(lvm_c lvs --noheadings -o transaction_id {vg}/thinpool | tr -d ' ')"
+# LVM2 deactivates what devpool activated, as its own.
+devpool --json lv activate {vg}/tsnap > /dev/null || exit 26
+lvm_c lvchange -an {vg}/tsnap > /tmp/lvc.log 2>&1 || cat /tmp/lvc.log
+echo "LVM2-DEACTIVATED $(dms) $(ls /sys/block | grep -c '^loop')"
 exit $bad
 "#,
         pool = tp(&lab),
@@ -846,6 +850,7 @@ exit $bad
     assert_eq!(line("REPAIRED "), (k + 2).to_string(), "{console}");
     assert_eq!(line("TOGETHER "), "2 5", "{console}");
     assert_eq!(line("TOGETHER-GONE "), "0", "{console}");
+    assert_eq!(line("LVM2-DEACTIVATED "), "0 0", "{console}");
     // The pool stays for the snapshots.
     assert_eq!(line("AFTER-ONE "), "5", "{console}");
     assert_eq!(line("AFTER-ALL "), "0 0", "{console}");
