@@ -147,10 +147,11 @@ pub enum ThinCmd {
     #[command(
         after_help = "From then on, leases are thin volumes: each has its virtual size and uses \
 pool space only where it is written; `snapshot create` on a thin volume makes an instant thin \
-snapshot (shared blocks). Thin volumes have no fixed extents, so they get no plain loop device: \
-devpool serves them (`devpool serve VOLUME --block-device`, `--nbd`, `run --export`, VMs). Where \
-the host has device-mapper, the kernel's dm-thin does the thin mapping for all of these (and for \
-`devpool lv activate`, or LVM2's activation), and devpool's servers read and write its devices. \
+snapshot (shared blocks). Thin volumes have no fixed extents, so they get no plain loop device. \
+Where the host has device-mapper, each gets a dm-thin device at acquire instead (as LVM2 activates \
+it), and the kernel's dm-thin does the thin mapping for every server of it too (`--nbd`, `run \
+--export`, VMs; `devpool lv activate`). Elsewhere devpool serves them (`devpool serve VOLUME \
+--block-device`, `--nbd`, `run --export`, VMs). \
 While dm-thin holds the pool, devpool sends its changes (leases, thin snapshots, releases) to the \
 kernel as LVM2 does, as messages.\n\n\
 When the data fills up, writes to blocks not yet written fail with ENOSPC and `pool status` says \

@@ -640,8 +640,10 @@ fn guest_dm_thin_activates_devpools_thin_volumes_and_devpool_reads_what_dm_wrote
 /// transaction follows the VG's. A crash between the kernel's commit and
 /// the VG's leaves the kernel ahead: the next change is refused, naming
 /// both transactions, and once the pool is let go devpool's next change
-/// repairs the metadata. Then the host's thin_check accepts what dm-thin
-/// committed and devpool's data plane reads the kernel's writes.
+/// repairs the metadata. A lease's thin volumes get dm-thin devices at
+/// acquire (`devpool run` sets TEST_DEV to one), removed at release. Then
+/// the host's thin_check accepts what dm-thin committed and devpool's data
+/// plane reads the kernel's writes.
 #[test]
 fn guest_lv_activate_gives_thin_volumes_dm_thin_over_their_shared_pool() {
     use common::guest::{
@@ -703,6 +705,7 @@ L=$(node /tmp/l.json)
 chk $L 0 356; chk $L 3000 303; fill $O 0 021; chk $L 0 356; chk $O 0 021
 devpool --pool {pool} --json lease acquire --volumes n:8M --owner-pid $$ > /tmp/n.json 2> /tmp/n.err || {{ cat /tmp/n.err; exit 16; }}
 N=$(sed -n 's/.*"lv": *"\([^"]*\)".*/\1/p' /tmp/n.json | head -1)
+echo "LEASED $(tr -d ' \n' < /tmp/n.json)"
 # Served over NBD and as a block device: both are dm-thin's device, until
 # the server stops.
 devpool --pool {pool} --json serve $N --nbd unix:/tmp/n.sock --block-device > /tmp/srv.json 2> /tmp/srv.err &
@@ -753,11 +756,15 @@ echo "TOGETHER $(cat /tmp/s-*.json | grep -c '"path":"dm"') $(dms)"
 kill -TERM $(jobs -p); wait
 echo "TOGETHER-GONE $(dms)"
 devpool --pool {pool} lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/e.json | head -1) > /dev/null || exit 22
+echo "RELEASED-ALL $(dms)"
 echo "REPAIRED $(lvm_c lvs --noheadings -o transaction_id {vg}/thinpool | tr -d ' ')"
 # LVM2 deactivates what devpool activated, as its own.
 devpool --json lv activate {vg}/tsnap > /dev/null || exit 26
 lvm_c lvchange -an {vg}/tsnap > /tmp/lvc.log 2>&1 || cat /tmp/lvc.log
 echo "LVM2-DEACTIVATED $(dms) $(ls /sys/block | grep -c '^loop')"
+# devpool run: TEST_DEV is the thin volume's dm-thin device, gone after.
+devpool --pool {pool} run --volumes test:8M -- sh -c 'echo "RUN-DEV $TEST_DEV"; dd if=/dev/zero of=$TEST_DEV bs=4096 count=1 oflag=direct 2>/dev/null && echo RUN-WROTE' || echo "RUN-FAILED"
+echo "RUN-LEFT $(dms)"
 exit $bad
 "#,
         pool = tp(&lab),
@@ -835,7 +842,13 @@ exit $bad
     assert!(!console.contains("NBD-WRITE-FAILED"), "{console}");
     assert_eq!(line("SERVING "), "7", "{console}");
     assert_eq!(line("SERVER-EXIT "), "0", "{console}");
-    assert_eq!(line("SERVED-GONE "), "6", "{console}");
+    // The lease's own dm-thin device (made at acquire) stays with the
+    // lease after its server, until the release.
+    assert!(
+        line("LEASED ").contains(r#""device":"/dev/dm-"#),
+        "{console}"
+    );
+    assert_eq!(line("SERVED-GONE "), "7", "{console}");
     assert_eq!(line("KILLED-LEFT "), "7", "{console}");
     assert_eq!(line("RELEASE-CLEANED "), "6", "{console}");
     let k = before[0] + 4;
@@ -849,8 +862,19 @@ exit $bad
     );
     assert_eq!(line("REPAIRED "), (k + 2).to_string(), "{console}");
     assert_eq!(line("TOGETHER "), "2 5", "{console}");
-    assert_eq!(line("TOGETHER-GONE "), "0", "{console}");
+    assert_eq!(
+        line("TOGETHER-GONE "),
+        "5",
+        "the lease's devices stay: {console}"
+    );
+    assert_eq!(line("RELEASED-ALL "), "0", "{console}");
     assert_eq!(line("LVM2-DEACTIVATED "), "0 0", "{console}");
+    assert!(line("RUN-DEV ").starts_with("/dev/dm-"), "{console}");
+    assert!(
+        console.contains("RUN-WROTE") && !console.contains("RUN-FAILED"),
+        "{console}"
+    );
+    assert_eq!(line("RUN-LEFT "), "0", "{console}");
     // The pool stays for the snapshots.
     assert_eq!(line("AFTER-ONE "), "5", "{console}");
     assert_eq!(line("AFTER-ALL "), "0 0", "{console}");

@@ -88,8 +88,9 @@ pub(crate) struct Exposed {
 
 impl Exposed {
     /// The devices of the lease named `names` in `plan`: a loop device per
-    /// volume, none for thin volumes (they are served) or without
-    /// `opts.loops`.
+    /// volume, none for thin volumes (they get dm-thin devices after the
+    /// commit where the host has device-mapper, else they are served) or
+    /// without `opts.loops`.
     /// The loop devices attach on up to `threads` threads.
     pub(crate) fn make(
         plan: &Plan,
@@ -197,7 +198,9 @@ pub struct Pools {
 pub struct LeasedDevice {
     pub role: String,
     pub lv: String,
-    /// The host loop device (absent for leases taken without one, e.g. for a VM).
+    /// The host block device: a loop device, or for a thin volume a dm-thin
+    /// device on a host with device-mapper (absent for leases taken
+    /// without one, e.g. for a VM, and for thin volumes elsewhere).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<PathBuf>,
     pub size_bytes: u64,
@@ -914,6 +917,54 @@ impl Pools {
         Ok(acquired)
     }
 
+    /// On a host with device-mapper, a lease's thin volumes get dm-thin
+    /// devices as other volumes get loop devices (they stay until the
+    /// release, which removes them). One that cannot be activated is
+    /// left to `devpool serve`, and a note says why.
+    fn thin_devices(
+        &self,
+        name: &str,
+        devices: &mut [LeasedDevice],
+        opts: DeviceOptions,
+        notes: &mut Vec<String>,
+    ) {
+        if devices.iter().any(|d| d.device.is_some()) || !crate::dmdev::available() {
+            return;
+        }
+        let v = match self.read_vg(name) {
+            Ok(v) => v,
+            Err(e) => {
+                notes.push(format!(
+                    "no device-mapper devices for the thin volumes: {e}"
+                ));
+                return;
+            }
+        };
+        let pvs: Vec<(String, PathBuf)> = v
+            .meta
+            .pvs
+            .iter()
+            .filter_map(|p| v.device_of(&p.key).map(|d| (p.key.clone(), d.path.clone())))
+            .collect();
+        for d in devices.iter_mut() {
+            if devpool_engine::ops::thin::thin_volume(&v.meta, &d.lv).is_none() {
+                continue;
+            }
+            match crate::activate::activate_lv(&self.state_dir, &v.meta, &pvs, &d.lv, false) {
+                Ok((node, _stack)) => {
+                    if let Some((uid, gid)) = opts.chown {
+                        loopdev::chown_to(&node, uid, gid);
+                    }
+                    d.device = Some(node);
+                }
+                Err(e) => notes.push(format!(
+                    "thin volume {} has no device-mapper device ({e}); devpool serve {} --block-device serves it",
+                    d.lv, d.lv
+                )),
+            }
+        }
+    }
+
     /// Session id, LV names and volumes of a lease about to be committed.
     pub(crate) fn new_lease(&self, specs: &[VolumeSpec], owner: &Owner, keep: bool) -> NewLease {
         let session = lease::new_session_id(unix_now(), random_u32());
@@ -944,16 +995,22 @@ impl Pools {
         exposed: Exposed,
     ) -> Result<Acquired> {
         match exposed.devices {
-            Ok(devices) => Ok(Acquired {
-                pool: name.to_string(),
-                session: lease.session,
-                owner: req.owner.clone(),
-                kept: req.keep,
-                devices,
-                reaped: Vec::new(),
-                notes: Vec::new(),
-                attached: exposed.attached,
-            }),
+            Ok(mut devices) => {
+                let mut notes = Vec::new();
+                if req.devices.loops {
+                    self.thin_devices(name, &mut devices, req.devices, &mut notes);
+                }
+                Ok(Acquired {
+                    pool: name.to_string(),
+                    session: lease.session,
+                    owner: req.owner.clone(),
+                    kept: req.keep,
+                    devices,
+                    reaped: Vec::new(),
+                    notes,
+                    attached: exposed.attached,
+                })
+            }
             Err(err) => {
                 let _ = self.release(name, &lease.session);
                 Err(err)

@@ -249,10 +249,10 @@ pub fn image_pool(lab: &super::Lab, name: &str) -> PathBuf {
 }
 
 /// Guest shell helpers for LVM2 and device-mapper checks: `lvm_c` runs LVM2
-/// without udev; `chk DEV BLK OCT` checks that 4 KiB block BLK of DEV holds
+/// without udev or dmeventd; `chk DEV BLK OCT` checks that 4 KiB block BLK of DEV holds
 /// only byte \OCT (else prints MISMATCH and sets bad=1); `fill DEV BLK OCT`
 /// writes such a block with direct I/O; `bad=0`.
-pub const DM_GUEST_HELPERS: &str = "lvm_c() { lvm \"$@\" --config 'activation{udev_sync=0 udev_rules=0} \
+pub const DM_GUEST_HELPERS: &str = "lvm_c() { lvm \"$@\" --config 'activation{udev_sync=0 udev_rules=0 monitoring=0} \
 devices{obtain_device_list_from_udev=0} backup{backup=0 archive=0}'; }\n\
 chk() { t=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | wc -c); \
 n=$(dd if=$1 bs=4096 skip=$2 count=1 2>/dev/null | tr -d \"\\\\$3\" | wc -c); \
