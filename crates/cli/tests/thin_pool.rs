@@ -677,6 +677,7 @@ fn guest_lv_activate_gives_thin_volumes_dm_thin_over_their_shared_pool() {
         r#"export DEVPOOL_STATE_DIR=/tmp/state HOME=/tmp DEVPOOL_DEVICES=/dev/vda
 mkdir -p /run/lock/lvm /run/lvm
 dms() {{ ls /sys/block | grep -c '^dm-'; }}
+loops() {{ ls -d /sys/block/loop*/loop 2>/dev/null | wc -l; }}
 tpool_table() {{ dmsetup table {vg_dm}-thinpool-tpool | cut -d' ' -f3-; }}
 node() {{ sed 's/.*"device":"\([^"]*\)".*/\1/' $1; }}
 devpool --json lv activate {vg}/{lv} > /tmp/o.json || {{ cat /tmp/o.json; exit 10; }}
@@ -743,7 +744,7 @@ echo "AFTER-ONE $(dms)"
 chk $S 0 241
 devpool lv deactivate {vg}/tsnap > /dev/null || exit 13
 devpool lv deactivate {vg}/live > /dev/null || exit 20
-echo "AFTER-ALL $(dms) $(ls /sys/block | grep -c '^loop')"
+echo "AFTER-ALL $(dms) $(loops)"
 # devpool's own next change repairs the metadata (the orphan device goes).
 devpool --pool {pool} --json lease acquire --volumes e:8M,f:8M --owner-pid $$ > /tmp/e.json 2> /tmp/e.err || {{ cat /tmp/e.err; exit 21; }}
 # Two servers start at once: one makes the pool's devices, the other
@@ -761,10 +762,26 @@ echo "REPAIRED $(lvm_c lvs --noheadings -o transaction_id {vg}/thinpool | tr -d 
 # LVM2 deactivates what devpool activated, as its own.
 devpool --json lv activate {vg}/tsnap > /dev/null || exit 26
 lvm_c lvchange -an {vg}/tsnap > /tmp/lvc.log 2>&1 || cat /tmp/lvc.log
-echo "LVM2-DEACTIVATED $(dms) $(ls /sys/block | grep -c '^loop')"
+echo "LVM2-DEACTIVATED $(dms) $(loops)"
 # devpool run: TEST_DEV is the thin volume's dm-thin device, gone after.
 devpool --pool {pool} run --volumes test:8M -- sh -c 'echo "RUN-DEV $TEST_DEV"; dd if=/dev/zero of=$TEST_DEV bs=4096 count=1 oflag=direct 2>/dev/null && echo RUN-WROTE' || echo "RUN-FAILED"
 echo "RUN-LEFT $(dms)"
+# A full thin pool on an image file, held by dm-thin: writes fail at once
+# (error_if_no_space); pool thin extend reloads the data LV and the pool
+# (a loop device for the new extents), and the same writes then land.
+devpool pool setup /tmp/tp.img --name tp --image-size 160M --yes > /tmp/tp.log 2>&1 || {{ cat /tmp/tp.log; exit 27; }}
+devpool --pool tp pool thin enable --data-size 32M > /tmp/tp.log 2>&1 || {{ cat /tmp/tp.log; exit 28; }}
+devpool --pool tp --json lease acquire --volumes big:64M --owner-pid $$ > /tmp/tp.json 2> /tmp/tp.err || {{ cat /tmp/tp.err; exit 29; }}
+B=$(sed -n 's/.*"device": *"\([^"]*\)".*/\1/p' /tmp/tp.json | head -1)
+fill40() {{ dd if=/dev/zero bs=1M count=40 2>/dev/null | tr '\000' '\125' | dd of=$B bs=1M oflag=direct 2>/dev/null; }}
+fill40 && echo "FULL-WROTE" || echo "FULL-REFUSED"
+echo "TP-BEFORE $(dmsetup status devpool--tp-thinpool-tpool | awk '{{print $6}}') $(loops)"
+devpool --pool tp pool thin extend --data-size +32M > /tmp/ext.log 2>&1 && echo "EXTENDED" || cat /tmp/ext.log
+echo "TP-AFTER $(dmsetup status devpool--tp-thinpool-tpool | awk '{{print $6}}') $(loops)"
+fill40 && echo "AFTER-WROTE"
+chk $B 10239 125
+devpool --pool tp lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/tp.json | head -1) > /dev/null || exit 30
+echo "TP-LEFT $(dms) $(loops)"
 exit $bad
 "#,
         pool = tp(&lab),
@@ -778,7 +795,7 @@ exit $bad
         &[],
         &image,
         &[&devpool, "/usr/bin/qemu-io"],
-        "dm_thin_pool",
+        "dm_thin_pool,loop",
         &g,
     );
     let line = |tag: &str| {
@@ -875,6 +892,22 @@ exit $bad
         "{console}"
     );
     assert_eq!(line("RUN-LEFT "), "0", "{console}");
+    // 32 MiB of 64 KiB blocks, then 64 MiB; one more loop device for the
+    // new extents, none left after the release.
+    assert!(console.contains("FULL-REFUSED"), "{console}");
+    let before = line("TP-BEFORE ");
+    assert!(before.starts_with("512/512 "), "{before}\n{console}");
+    assert!(console.contains("EXTENDED"), "{console}");
+    let after = line("TP-AFTER ");
+    let (used, loops_after) = after.split_once(' ').unwrap();
+    assert!(used.ends_with("/1024"), "{after}\n{console}");
+    assert_eq!(
+        loops_after.parse::<u32>().unwrap(),
+        before.split(' ').nth(1).unwrap().parse::<u32>().unwrap() + 1,
+        "{console}"
+    );
+    assert!(console.contains("AFTER-WROTE"), "{console}");
+    assert_eq!(line("TP-LEFT "), "0 0", "{console}");
     // The pool stays for the snapshots.
     assert_eq!(line("AFTER-ONE "), "5", "{console}");
     assert_eq!(line("AFTER-ALL "), "0 0", "{console}");

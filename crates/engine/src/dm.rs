@@ -39,6 +39,7 @@ const DEV_REMOVE: libc::c_ulong = iowr(4);
 const DEV_SUSPEND: libc::c_ulong = iowr(6);
 const DEV_STATUS: libc::c_ulong = iowr(7);
 const TABLE_LOAD: libc::c_ulong = iowr(9);
+const TABLE_CLEAR: libc::c_ulong = iowr(10);
 const TABLE_STATUS: libc::c_ulong = iowr(12);
 const TARGET_MSG: libc::c_ulong = iowr(14);
 
@@ -268,11 +269,7 @@ pub fn create(name: &str, uuid: &str, targets: &[Target], read_only: bool) -> Re
         .map_err(|e| fail("DM_DEV_CREATE", e))?;
     let made = io.device(name, uuid);
     let rest = || -> Result<()> {
-        let flags = if read_only { READONLY_FLAG } else { 0 };
-        let mut load = Ioctl::new(name, "", flags, &specs(targets)?)?;
-        load.set_target_count(targets.len() as u32);
-        load.run(&ctl, TABLE_LOAD)
-            .map_err(|e| fail("DM_TABLE_LOAD", e))?;
+        load(name, targets, read_only)?;
         // No suspend flag: resume, making the loaded table live.
         Ioctl::new(name, "", 0, &[])?
             .run(&ctl, DEV_SUSPEND)
@@ -283,6 +280,24 @@ pub fn create(name: &str, uuid: &str, targets: &[Target], read_only: bool) -> Re
         return Err(e);
     }
     Ok(made)
+}
+
+/// Load `targets` as `name`'s next table (live at its next resume).
+pub fn load(name: &str, targets: &[Target], read_only: bool) -> Result<()> {
+    let ctl = control()?;
+    let flags = if read_only { READONLY_FLAG } else { 0 };
+    let mut load = Ioctl::new(name, "", flags, &specs(targets)?)?;
+    load.set_target_count(targets.len() as u32);
+    load.run(&ctl, TABLE_LOAD)
+        .map_err(|e| io_err(format!("{CONTROL} ({name})"), "DM_TABLE_LOAD", e))
+}
+
+/// Drop the table loaded for `name`'s next resume (a change given up).
+pub fn clear(name: &str) -> Result<()> {
+    let ctl = control()?;
+    Ioctl::new(name, "", 0, &[])?
+        .run(&ctl, TABLE_CLEAR)
+        .map_err(|e| io_err(format!("{CONTROL} ({name})"), "DM_TABLE_CLEAR", e))
 }
 
 /// The device called `name`, if there is one.

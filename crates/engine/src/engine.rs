@@ -1500,22 +1500,34 @@ impl Engine {
                     "{vg}/{} data: {current} -> {target} extents",
                     pool.pool
                 ));
-                let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
-                let update = self.thin_update_step(
-                    loaded,
-                    &meta,
-                    &pool,
-                    known,
-                    known_trans,
-                    ops::thin::ThinChanges {
-                        trans_id: pool.transaction_id,
-                        ..Default::default()
-                    },
-                )?;
+                // While dm-thin holds the pool, its space map grows when the
+                // pool device resumes over the bigger data LV (the caller
+                // reloads the two, as LVM2 does): only the VG changes here.
+                let held = crate::dm::thin_pool_device(&loaded.meta).is_some();
+                let update = if held {
+                    plan.notes.push(format!(
+                        "dm-thin holds {vg}/{}: its data device and pool device are reloaded after the commit",
+                        pool.pool
+                    ));
+                    None
+                } else {
+                    let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
+                    Some(self.thin_update_step(
+                        loaded,
+                        &meta,
+                        &pool,
+                        known,
+                        known_trans,
+                        ops::thin::ThinChanges {
+                            trans_id: pool.transaction_id,
+                            ..Default::default()
+                        },
+                    )?)
+                };
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
                 // dm-thin's space map grows once the VG holds the space.
-                plan.steps.push(update);
+                plan.steps.extend(update);
             }
             Operation::LvTags {
                 vg,

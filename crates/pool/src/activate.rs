@@ -222,13 +222,7 @@ fn plan_thin(
         // Low water mark: no event (devpool does not autoextend).
         Param::Text("0".into()),
     ];
-    let mut features = Vec::new();
-    if !pool.zero_new_blocks {
-        features.push("skip_block_zeroing");
-    }
-    if pool.error_when_full {
-        features.push("error_if_no_space");
-    }
+    let features = pool_features(&pool);
     params.push(Param::Text(features.len().to_string()));
     params.extend(features.into_iter().map(|f| Param::Text(f.into())));
     let pool_layer = Layer {
@@ -284,6 +278,123 @@ fn refuse_if_pool_served(state_dir: &Path, meta: &VgMetadata, pool: &str) -> Res
         }
     }
     Ok(())
+}
+
+/// The `thin-pool` target's features for `pool`, as LVM2 sets them.
+fn pool_features(pool: &ThinPoolLink) -> Vec<&'static str> {
+    let mut features = Vec::new();
+    if !pool.zero_new_blocks {
+        features.push("skip_block_zeroing");
+    }
+    if pool.error_when_full {
+        features.push("error_if_no_space");
+    }
+    features
+}
+
+/// After the VG grew a thin pool's data LV while dm-thin holds the pool:
+/// load the data LV's new table and the pool's (its new length), then, as
+/// LVM2 does, suspend the pool and its data device and resume them bottom
+/// up; dm-thin grows its data space map as the pool resumes. The data LV's
+/// extents on an image-file PV get a loop device of their own; one the
+/// data LV no longer uses goes. `false`: the kernel does not hold the pool.
+pub fn grow_held_pool(meta: &VgMetadata, pvs: &[(String, PathBuf)]) -> Result<bool> {
+    use devpool_engine::dm;
+    let Some(pool) = devpool_engine::ops::thin::the_thin_pool(meta) else {
+        return Ok(false);
+    };
+    let _thin = devpool_engine::lock::lock_thin(&devpool_engine::lock::default_dir(), &meta.name)?;
+    let Some(tpool) = dm::thin_pool_device(meta) else {
+        return Ok(false);
+    };
+    let (pool_lv, tmeta, tdata) = (
+        lv(meta, &pool.pool)?,
+        lv(meta, &pool.tmeta)?,
+        lv(meta, &pool.tdata)?,
+    );
+    let named = |l: &LvMeta| -> Result<dmdev::DmDevice> {
+        let name = identity(meta, l).name();
+        dm::info(&name)?.ok_or_else(|| {
+            PoolError::Invalid(format!(
+                "thin pool {}/{}: {} holds it but {name} is not active",
+                meta.name, pool.pool, tpool.name
+            ))
+        })
+    };
+    let (meta_dev, data_dev) = (named(tmeta)?, named(tdata)?);
+    let old_loops: Vec<String> = dmdev::slaves(data_dev.minor)
+        .into_iter()
+        .filter(|s| s.starts_with("loop"))
+        .collect();
+    let mut index = PvIndex::default();
+    let map = index
+        .map_lv(meta, tdata)
+        .map_err(|e| PoolError::Invalid(e.to_string()))?;
+    let plan = finish(meta, pvs, index, Vec::new(), String::new(), pool_lv)?;
+    let mut loops = Vec::new();
+    let places = dmdev::place_pvs(&[&map], &plan.pvs, &plan.loop_mark, &mut loops)?;
+    let reload = || -> Result<()> {
+        let data_targets = devpool_format::dm::table(&map, |d| places.get(d).cloned().flatten())
+            .map_err(|e| PoolError::Invalid(format!("{}: {e}", data_dev.name)))?;
+        let sectors = map.size() / 512;
+        let features = pool_features(&pool);
+        let mut params = format!(
+            "{}:{} {}:{} {} 0 {}",
+            meta_dev.major,
+            meta_dev.minor,
+            data_dev.major,
+            data_dev.minor,
+            pool.chunk_sectors,
+            features.len()
+        );
+        for f in features {
+            params.push(' ');
+            params.push_str(f);
+        }
+        let pool_target = devpool_format::dm::Target {
+            start: 0,
+            sectors,
+            kind: "thin-pool",
+            params,
+        };
+        dm::load(&data_dev.name, &data_targets, false)?;
+        if let Err(e) = dm::load(&tpool.name, &[pool_target], false) {
+            let _ = dm::clear(&data_dev.name);
+            return Err(e.into());
+        }
+        dm::suspend(&tpool.name)?;
+        let moved = dm::suspend(&data_dev.name)
+            .and_then(|()| dm::resume(&data_dev.name))
+            .and_then(|()| dm::resume(&tpool.name));
+        if moved.is_err() {
+            // Whatever happened, the pool must not stay suspended.
+            let _ = dm::resume(&data_dev.name);
+            let _ = dm::resume(&tpool.name);
+        }
+        Ok(moved?)
+    };
+    if let Err(e) = reload() {
+        for l in &loops {
+            let _ = crate::loopdev::detach(l);
+        }
+        return Err(e);
+    }
+    // Loop devices only the old table of the data LV used.
+    for a in crate::loopdev::list() {
+        let name = a
+            .device
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let held = name
+            .as_ref()
+            .and_then(|n| std::fs::read_dir(format!("/sys/block/{n}/holders")).ok())
+            .map_or(1, |h| h.count());
+        if a.lv_uuid == plan.loop_mark && name.is_some_and(|n| old_loops.contains(&n)) && held == 0
+        {
+            crate::loopdev::give_back(&a);
+        }
+    }
+    Ok(true)
 }
 
 fn pool_of(meta: &VgMetadata, t: &ThinLink) -> Result<ThinPoolLink> {

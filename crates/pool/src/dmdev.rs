@@ -147,7 +147,7 @@ fn holders(dev: &Path) -> usize {
 }
 
 /// The block devices under `dm-<minor>` (sysfs `slaves`).
-fn slaves(minor: u32) -> Vec<String> {
+pub(crate) fn slaves(minor: u32) -> Vec<String> {
     std::fs::read_dir(format!("/sys/block/dm-{minor}/slaves"))
         .map(|d| {
             d.flatten()
@@ -206,6 +206,50 @@ fn major_minor(path: &Path) -> Result<String> {
     Ok(format!("{}:{}", libc::major(rdev), libc::minor(rdev)))
 }
 
+/// Where the kernel finds each PV of `maps` (by index into `pvs`): a block
+/// device as it is; an image file through a loop device over the span of
+/// the extents `maps` use there (marked `loop_mark`, pushed on `loops`).
+pub(crate) fn place_pvs(
+    maps: &[&devpool_format::map::VolumeMap],
+    pvs: &[PathBuf],
+    loop_mark: &str,
+    loops: &mut Vec<PathBuf>,
+) -> Result<Vec<Option<devpool_format::dm::KernelDev>>> {
+    use devpool_format::dm::KernelDev;
+    let mut spans: Vec<Option<(u64, u64)>> = vec![None; pvs.len()];
+    for map in maps {
+        for (d, off, len) in map.physical_ranges() {
+            if let Some(s) = spans.get_mut(d) {
+                let (a, b) = s.unwrap_or((off, off + len));
+                *s = Some((a.min(off), b.max(off + len)));
+            }
+        }
+    }
+    let mut places = vec![None; pvs.len()];
+    for (i, pv) in pvs.iter().enumerate() {
+        let Some((start, end)) = spans[i] else {
+            continue;
+        };
+        let is_block = std::fs::metadata(pv)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .map_err(|e| PoolError::io(pv, "stat", e))?;
+        places[i] = Some(if is_block {
+            KernelDev {
+                major_minor: major_minor(pv)?,
+                base: 0,
+            }
+        } else {
+            let l = crate::loopdev::attach(pv, start, end - start, loop_mark)?;
+            loops.push(l.clone());
+            KernelDev {
+                major_minor: major_minor(&l)?,
+                base: start,
+            }
+        });
+    }
+    Ok(places)
+}
+
 /// Make the devices `layers`, in order, over the PVs `pvs` (by index). An
 /// image-file PV gets a loop device first, marked `loop_mark` (an LV uuid,
 /// so release finds it). A single linear/striped device that is active
@@ -213,7 +257,7 @@ fn major_minor(path: &Path) -> Result<String> {
 /// any other device of the stack that exists already refuses it. A failed
 /// step removes what the stack made.
 pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Result<Activated> {
-    use devpool_format::dm::{KernelDev, Target};
+    use devpool_format::dm::Target;
     // Devices that exist already: shared ones are used as they are.
     let mut existing: Vec<Option<DmDevice>> = Vec::with_capacity(layers.len());
     for l in layers {
@@ -272,18 +316,15 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
             d.name
         )));
     }
-    // Each PV's span over every mapped layer.
-    let mut spans: Vec<Option<(u64, u64)>> = vec![None; pvs.len()];
-    for (l, _) in layers.iter().zip(&existing).filter(|(_, e)| e.is_none()) {
-        if let Table::Map(map) = &l.table {
-            for (d, off, len) in map.physical_ranges() {
-                if let Some(s) = spans.get_mut(d) {
-                    let (a, b) = s.unwrap_or((off, off + len));
-                    *s = Some((a.min(off), b.max(off + len)));
-                }
-            }
-        }
-    }
+    let maps: Vec<&devpool_format::map::VolumeMap> = layers
+        .iter()
+        .zip(&existing)
+        .filter(|(_, e)| e.is_none())
+        .filter_map(|(l, _)| match &l.table {
+            Table::Map(map) => Some(map),
+            Table::Over { .. } => None,
+        })
+        .collect();
     let mut done = Activated {
         devices: Vec::new(),
         shared: Vec::new(),
@@ -291,29 +332,8 @@ pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Res
         made: true,
         lock_vg: None,
     };
-    let mut places: Vec<Option<KernelDev>> = vec![None; pvs.len()];
     let result = (|| -> Result<()> {
-        for (i, pv) in pvs.iter().enumerate() {
-            let Some((start, end)) = spans[i] else {
-                continue;
-            };
-            let is_block = std::fs::metadata(pv)
-                .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
-                .map_err(|e| PoolError::io(pv, "stat", e))?;
-            places[i] = Some(if is_block {
-                KernelDev {
-                    major_minor: major_minor(pv)?,
-                    base: 0,
-                }
-            } else {
-                let l = crate::loopdev::attach(pv, start, end - start, loop_mark)?;
-                done.loops.push(l.clone());
-                KernelDev {
-                    major_minor: major_minor(&l)?,
-                    base: start,
-                }
-            });
-        }
+        let places = place_pvs(&maps, pvs, loop_mark, &mut done.loops)?;
         for (l, found) in layers.iter().zip(existing) {
             if let Some(d) = found {
                 done.devices.push(d);

@@ -319,8 +319,22 @@ impl Pools {
                     "pool '{name}' has no thin pool (devpool pool thin enable {name})"
                 ))
             })?;
+            // While dm-thin holds the pool, its devices are reloaded after
+            // the commit; a server of devpool's own thin mappings (a volume
+            // without a dm device) keeps the old size in memory.
+            let held = devpool_engine::dm::thin_pool_device(&v.meta).is_some();
             for t in thin_volumes(&v.meta) {
-                crate::snapshots::refuse_if_served(self, &v.meta, &t.lv, &[], "thin pool extend")?;
+                if !held {
+                    crate::snapshots::refuse_if_served(self, &v.meta, &t.lv, &[], "thin pool extend")?;
+                } else if devpool_engine::dm::lv_device(&v.meta, &t.lv).is_none() {
+                    crate::snapshots::refuse_if_served_by_devpool(
+                        self,
+                        &v.meta,
+                        &t.lv,
+                        &[],
+                        "thin pool extend",
+                    )?;
+                }
             }
             let es = v.meta.extent_size.bytes().0;
             let before = v.meta.lv(&link.tdata).map_or(0, |l| l.extent_count() * es);
@@ -335,6 +349,19 @@ impl Pools {
                 .new_metadata()
                 .ok_or_else(|| PoolError::Invalid("thin extend: no metadata".into()))?;
             let after = meta.lv(&link.tdata).map_or(0, |l| l.extent_count() * es);
+            if held {
+                let pvs: Vec<(String, std::path::PathBuf)> = meta
+                    .pvs
+                    .iter()
+                    .filter_map(|p| v.device_of(&p.key).map(|d| (p.key.clone(), d.path.clone())))
+                    .collect();
+                crate::activate::grow_held_pool(meta, &pvs).map_err(|e| {
+                    PoolError::Refused(format!(
+                        "the VG gave thin pool {} its new data space, but dm-thin, which holds it, still has the old size: {e}; the pool takes the new size when it is next activated",
+                        link.pool
+                    ))
+                })?;
+            }
             let blocks = self.thin_usage(name).map(|u| u.data_blocks);
             Ok(ThinExtended {
                 pool: name.to_string(),

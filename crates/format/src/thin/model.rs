@@ -404,7 +404,12 @@ fn bitmaps(
         let start = i * ENTRIES_PER_BITMAP;
         let end = (start + ENTRIES_PER_BITMAP).min(nr);
         let slice = &counts[start as usize..end as usize];
-        let free = slice.iter().filter(|&&c| c == 0).count() as u32;
+        // As the kernel counts: every free entry of the bitmap block, the
+        // ones past the last block too. dm-thin grows a pool within a
+        // bitmap block without touching its index entry, and skips blocks
+        // whose count is 0: counted in range, a full pool stays full.
+        let free = (slice.iter().filter(|&&c| c == 0).count() as u64
+            + (ENTRIES_PER_BITMAP - slice.len() as u64)) as u32;
         let first_free = slice.iter().position(|&c| c == 0).unwrap_or(slice.len()) as u32;
         index.push(IndexEntry {
             blocknr: place(slice)?,
@@ -577,6 +582,24 @@ mod tests {
                 FormatError::new("thin metadata", at as u64, String::from("past the end"))
             })
         }
+    }
+
+    #[test]
+    fn a_bitmaps_free_count_takes_in_the_entries_past_the_last_block_as_the_kernels() {
+        // 512 blocks, all used: the kernel would skip a count of 0, and a
+        // pool it grows within this bitmap block would stay full.
+        let counts = vec![1u8; 512];
+        let index = bitmaps(&counts, 512, &mut |_| Ok(7)).unwrap();
+        assert_eq!(index.len(), 1);
+        assert_eq!(u64::from(index[0].nr_free), ENTRIES_PER_BITMAP - 512);
+        assert_eq!(index[0].none_free_before, 512);
+        // A whole bitmap block and 10 more, 3 of those free.
+        let mut counts = vec![1u8; ENTRIES_PER_BITMAP as usize + 10];
+        counts[ENTRIES_PER_BITMAP as usize + 4..][..3].fill(0);
+        let index = bitmaps(&counts, counts.len() as u64, &mut |_| Ok(7)).unwrap();
+        assert_eq!(index[0].nr_free, 0);
+        assert_eq!(u64::from(index[1].nr_free), 3 + ENTRIES_PER_BITMAP - 10);
+        assert_eq!(index[1].none_free_before, 4);
     }
 
     /// The sample's XML: device 1 maps 0→10, 1→11, 100→20 (time 1);
