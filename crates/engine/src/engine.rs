@@ -1150,8 +1150,14 @@ impl Engine {
                         reason: format!("{} free extents of PV {}", a.len, pv.key),
                     });
                 }
-                if let Some(pool) = ops::thin::the_thin_pool(&meta) {
-                    refuse_if_kernel_holds_thin_pool(&meta, "trimming its free data blocks")?;
+                if let Some(d) = crate::dm::thin_pool_held(&meta) {
+                    // Its free data blocks are the kernel's to know:
+                    // dm-thin passes its thin volumes' discards down.
+                    plan.notes.push(format!(
+                        "the thin pool's free data blocks are left alone: device-mapper holds the pool ({}), and dm-thin passes its volumes' discards down",
+                        d.name
+                    ));
+                } else if let Some(pool) = ops::thin::the_thin_pool(&meta) {
                     let data_bytes = meta.lv(&pool.tdata).map_or(0, |l| l.extent_count() * es);
                     plan.steps.push(Step::TrimThinPool {
                         vg: name.clone(),
