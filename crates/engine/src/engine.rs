@@ -1281,16 +1281,8 @@ impl Engine {
                 } else {
                     let pool = ops::thin::the_thin_pool(&meta)
                         .ok_or_else(|| EngineError::Invalid("thin pool missing".into()))?;
-                    let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
                     let changes = ops::thin::remove_thins(&mut meta, &thin)?;
-                    Some(self.thin_update_step(
-                        loaded,
-                        &meta,
-                        &pool,
-                        known,
-                        known_trans,
-                        changes,
-                    )?)
+                    Some(self.thin_update_step(loaded, &meta, &pool, changes)?)
                 };
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
@@ -1484,10 +1476,8 @@ impl Engine {
                 let (loaded, mut meta) = self.change_of(&mut plan, scan, vg)?;
                 let pool = ops::thin::the_thin_pool(&meta)
                     .ok_or_else(|| EngineError::Refused(format!("{vg} has no thin pool")))?;
-                let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
                 let changes = ops::thin::merge_thin(&mut meta, snapshot)?;
-                let update =
-                    self.thin_update_step(loaded, &meta, &pool, known, known_trans, changes)?;
+                let update = self.thin_update_step(loaded, &meta, &pool, changes)?;
                 let devs = self.vg_devices(loaded);
                 self.finish_commit(&mut plan, meta, &devs)?;
                 // The origin's old device leaves dm-thin's metadata after
@@ -1517,13 +1507,10 @@ impl Engine {
                     ));
                     None
                 } else {
-                    let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
                     Some(self.thin_update_step(
                         loaded,
                         &meta,
                         &pool,
-                        known,
-                        known_trans,
                         ops::thin::ThinChanges {
                             trans_id: pool.transaction_id,
                             ..Default::default()
@@ -1569,7 +1556,6 @@ impl Engine {
         let pool = ops::thin::the_thin_pool(&meta).ok_or_else(|| {
             EngineError::Refused(format!("{vg} has no thin pool (devpool pool thin enable)"))
         })?;
-        let (known, known_trans) = crate::thinplan::vg_view(&meta, &pool);
         let (now, host) = (unix_now(), hostname());
         let mut news = Vec::with_capacity(volumes.len());
         for v in volumes {
@@ -1601,22 +1587,24 @@ impl Engine {
         }
         let changes = ops::thin::create_thins(&mut meta, &pool.pool, news)?;
         // Creations reach dm-thin's metadata before the VG.
-        let step = self.thin_update_step(loaded, &meta, &pool, known, known_trans, changes)?;
+        let step = self.thin_update_step(loaded, &meta, &pool, changes)?;
         plan.steps.push(step);
         let devs = self.vg_devices(loaded);
         self.finish_commit(plan, meta, &devs)
     }
 
+    /// The step that takes `changes` to pool `pool` (as the VG had it
+    /// before the plan) into dm-thin's metadata; `after` is the VG after.
     fn thin_update_step(
         &self,
         loaded: &LoadedVg,
         after: &VgMetadata,
         pool: &ops::thin::ThinPoolLink,
-        known: Vec<u64>,
-        known_trans: u64,
         changes: ops::thin::ThinChanges,
     ) -> Result<Step> {
         let meta = &loaded.meta;
+        // What the metadata must hold before the change: the VG's view.
+        let (known, known_trans) = crate::thinplan::vg_view(meta, pool);
         // The data size the VG has after the change (an extend grows it).
         let data_bytes = after
             .lv(&pool.tdata)
