@@ -270,10 +270,7 @@ pub fn create(name: &str, uuid: &str, targets: &[Target], read_only: bool) -> Re
     let made = io.device(name, uuid);
     let rest = || -> Result<()> {
         load(name, targets, read_only)?;
-        // No suspend flag: resume, making the loaded table live.
-        Ioctl::new(name, "", 0, &[])?
-            .run(&ctl, DEV_SUSPEND)
-            .map_err(|e| fail("DM_DEV_SUSPEND (resume)", e))
+        resume(name)
     };
     if let Err(e) = rest() {
         let _ = Ioctl::new(name, "", 0, &[]).map(|mut r| r.run(&ctl, DEV_REMOVE));
@@ -292,12 +289,17 @@ pub fn load(name: &str, targets: &[Target], read_only: bool) -> Result<()> {
         .map_err(|e| io_err(format!("{CONTROL} ({name})"), "DM_TABLE_LOAD", e))
 }
 
+/// An ioctl on `name` that carries nothing but its flags.
+fn bare(name: &str, flags: u32, cmd: libc::c_ulong, op: &str) -> Result<()> {
+    let ctl = control()?;
+    Ioctl::new(name, "", flags, &[])?
+        .run(&ctl, cmd)
+        .map_err(|e| io_err(format!("{CONTROL} ({name})"), op, e))
+}
+
 /// Drop the table loaded for `name`'s next resume (a change given up).
 pub fn clear(name: &str) -> Result<()> {
-    let ctl = control()?;
-    Ioctl::new(name, "", 0, &[])?
-        .run(&ctl, TABLE_CLEAR)
-        .map_err(|e| io_err(format!("{CONTROL} ({name})"), "DM_TABLE_CLEAR", e))
+    bare(name, 0, TABLE_CLEAR, "DM_TABLE_CLEAR")
 }
 
 /// The device called `name`, if there is one.
@@ -351,18 +353,13 @@ fn io_err(path: impl Into<PathBuf>, op: &str, err: std::io::Error) -> EngineErro
 
 /// Suspend `name` (its I/O drains; new I/O waits until it resumes).
 pub fn suspend(name: &str) -> Result<()> {
-    let ctl = control()?;
-    Ioctl::new(name, "", SUSPEND_FLAG, &[])?
-        .run(&ctl, DEV_SUSPEND)
-        .map_err(|e| io_err(format!("{CONTROL} ({name})"), "DM_DEV_SUSPEND", e))
+    bare(name, SUSPEND_FLAG, DEV_SUSPEND, "DM_DEV_SUSPEND")
 }
 
 /// Resume `name` (after [`suspend`], or a table load).
 pub fn resume(name: &str) -> Result<()> {
-    let ctl = control()?;
-    Ioctl::new(name, "", 0, &[])?
-        .run(&ctl, DEV_SUSPEND)
-        .map_err(|e| io_err(format!("{CONTROL} ({name})"), "DM_DEV_SUSPEND (resume)", e))
+    // No suspend flag: resume, making a loaded table live.
+    bare(name, 0, DEV_SUSPEND, "DM_DEV_SUSPEND (resume)")
 }
 
 /// The status line of each target of `name`'s live table (dm-thin's pool:

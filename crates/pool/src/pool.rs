@@ -84,7 +84,13 @@ pub(crate) struct Exposed {
     devices: Result<Vec<LeasedDevice>>,
     /// Everything attached, also when a later attach failed.
     attached: Vec<loopdev::Attached>,
+    /// For thin volumes on a host with device-mapper: the VG after the
+    /// commit and its PVs, to activate them once the commit is done.
+    thin: Option<Box<ThinToActivate>>,
 }
+
+/// A committed VG and its PVs (key, path).
+type ThinToActivate = (VgMetadata, Vec<(String, PathBuf)>);
 
 impl Exposed {
     /// The devices of the lease named `names` in `plan`: a loop device per
@@ -99,13 +105,34 @@ impl Exposed {
         threads: usize,
     ) -> Exposed {
         let mut attached = Vec::new();
+        let mut thin = None;
         let devices = match plan.new_metadata() {
-            Some(meta) => expose(plan, meta, names, opts, threads, &mut attached),
+            Some(meta) => {
+                let thin_lease = names.first().is_some_and(|(_, lv)| {
+                    devpool_engine::ops::thin::thin_volume(meta, lv).is_some()
+                });
+                if thin_lease && opts.loops && crate::dmdev::available() {
+                    let pvs = meta
+                        .pvs
+                        .iter()
+                        .filter_map(|p| {
+                            plan.pv_path(&p.key)
+                                .map(|d| (p.key.clone(), d.to_path_buf()))
+                        })
+                        .collect();
+                    thin = Some(Box::new((meta.clone(), pvs)));
+                }
+                expose(plan, meta, names, opts, threads, &mut attached)
+            }
             None => Err(PoolError::Invalid(
                 "acquire: the plan has no metadata".into(),
             )),
         };
-        Exposed { devices, attached }
+        Exposed {
+            devices,
+            attached,
+            thin,
+        }
     }
 
     /// Detach what was attached (the commit failed).
@@ -919,38 +946,22 @@ impl Pools {
 
     /// On a host with device-mapper, a lease's thin volumes get dm-thin
     /// devices as other volumes get loop devices (they stay until the
-    /// release, which removes them). One that cannot be activated is
+    /// release, which removes them); `meta` is the VG the lease's commit
+    /// wrote. One that cannot be activated is
     /// left to `devpool serve`, and a note says why.
     fn thin_devices(
         &self,
-        name: &str,
+        meta: &VgMetadata,
+        pvs: &[(String, PathBuf)],
         devices: &mut [LeasedDevice],
         opts: DeviceOptions,
         notes: &mut Vec<String>,
     ) {
-        if devices.iter().any(|d| d.device.is_some()) || !crate::dmdev::available() {
-            return;
-        }
-        let v = match self.read_vg(name) {
-            Ok(v) => v,
-            Err(e) => {
-                notes.push(format!(
-                    "no device-mapper devices for the thin volumes: {e}"
-                ));
-                return;
-            }
-        };
-        let pvs: Vec<(String, PathBuf)> = v
-            .meta
-            .pvs
-            .iter()
-            .filter_map(|p| v.device_of(&p.key).map(|d| (p.key.clone(), d.path.clone())))
-            .collect();
         for d in devices.iter_mut() {
-            if devpool_engine::ops::thin::thin_volume(&v.meta, &d.lv).is_none() {
+            if devpool_engine::ops::thin::thin_volume(meta, &d.lv).is_none() {
                 continue;
             }
-            match crate::activate::activate_lv(&self.state_dir, &v.meta, &pvs, &d.lv, false) {
+            match crate::activate::activate_lv(&self.state_dir, meta, pvs, &d.lv, false) {
                 Ok((node, _stack)) => {
                     if let Some((uid, gid)) = opts.chown {
                         loopdev::chown_to(&node, uid, gid);
@@ -997,8 +1008,9 @@ impl Pools {
         match exposed.devices {
             Ok(mut devices) => {
                 let mut notes = Vec::new();
-                if req.devices.loops {
-                    self.thin_devices(name, &mut devices, req.devices, &mut notes);
+                if let Some(thin) = &exposed.thin {
+                    let (meta, pvs) = &**thin;
+                    self.thin_devices(meta, pvs, &mut devices, req.devices, &mut notes);
                 }
                 Ok(Acquired {
                     pool: name.to_string(),
