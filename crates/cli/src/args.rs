@@ -606,7 +606,9 @@ it with dm-snapshot.\n\nExample:\n  devpool lv snapshot demo/test --name before-
 nor serve a snapshot family through its own copy-on-write, or a thin volume through its own thin \
 mappings, beside the kernel's. While dm-thin holds a thin pool, its changes (leases, thin \
 snapshots, releases) reach the kernel as messages, as LVM2 sends them; the last thin volume's \
-deactivation takes the pool's devices with it.\n\n\
+deactivation takes the pool's devices with it. The other way round, while a `devpool serve` \
+runs a snapshot family's copy-on-write (or a pool's thin mappings) itself, activation is refused, \
+naming that process.\n\n\
 Example:\n  devpool lv activate vg0/data\n  mkfs.ext4 /dev/mapper/vg0-data   # or the /dev/dm-N printed\n  \
 devpool lv deactivate vg0/data"
     )]

@@ -664,6 +664,22 @@ serve s
 dd if=$DEV of=/tmp/snap bs=1M iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED snapshot-read
 stop
 echo "AFTER-SNAPSHOT $(ls /sys/block | grep -c '^dm-')"
+# While devpool's own copy-on-write serves the origin over NBD, the family
+# does not go to dm-snapshot; once that server is gone it does, and then
+# devpool's copy-on-write does not open beside it.
+devpool --pool g serve $A --nbd unix:/tmp/o.sock > /tmp/nbd.log 2>&1 &
+NSRV=$!
+n=0; while [ ! -S /tmp/o.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+DEVPOOL_DEVICES=/dev/vda devpool lv activate devpool-g/s > /tmp/act.log 2>&1 && echo "ACTIVATED-BESIDE-SERVER"
+echo "ACT-REFUSED $(tr '\n' ' ' < /tmp/act.log)"
+echo "ACT-LEFT $(ls /sys/block | grep -c '^dm-')"
+kill -TERM $NSRV; wait $NSRV || echo "GUEST-STEP-FAILED nbd server exit $?"
+step env DEVPOOL_DEVICES=/dev/vda devpool lv activate devpool-g/s
+echo "ACT-FAMILY $(ls /sys/block | grep -c '^dm-')"
+devpool --pool g serve $A --nbd unix:/tmp/o2.sock > /tmp/nbd2.log 2>&1 && echo "SERVED-BESIDE-DM"
+echo "NBD-REFUSED $(tr '\n' ' ' < /tmp/nbd2.log)"
+step env DEVPOOL_DEVICES=/dev/vda devpool lv deactivate devpool-g/s
+echo "DEACT-LEFT $(ls /sys/block | grep -c '^dm-')"
 # devpool's own copy-on-write reads the store dm-snapshot wrote.
 step devpool --pool g snapshot merge s --yes
 serve $A
@@ -706,6 +722,21 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert_eq!(stack.split_whitespace().count(), 4, "{stack}");
     assert_eq!(line("AFTER-ORIGIN "), "0", "{console}");
     assert_eq!(line("AFTER-SNAPSHOT "), "0", "{console}");
+    assert!(!console.contains("ACTIVATED-BESIDE-SERVER"), "{console}");
+    let refusal = line("ACT-REFUSED ");
+    assert!(
+        refusal.contains("cannot go to dm-snapshot")
+            && refusal.contains("with devpool's own copy-on-write"),
+        "{console}"
+    );
+    assert_eq!(line("ACT-LEFT "), "0", "{console}");
+    assert_eq!(line("ACT-FAMILY "), "4", "{console}");
+    assert!(!console.contains("SERVED-BESIDE-DM"), "{console}");
+    assert!(
+        line("NBD-REFUSED ").contains("device-mapper has this volume's dm-snapshot devices active"),
+        "{console}"
+    );
+    assert_eq!(line("DEACT-LEFT "), "0", "{console}");
     assert_eq!(sum("ORIGIN "), sum("NEW "), "{console}");
     assert_eq!(
         sum("SNAP "),

@@ -149,7 +149,11 @@ pub fn lock_devices_file(dir: &Path, name: &str) -> Result<LockGuard> {
 
 /// devpool's own lock on a VG's thin pool metadata: every process that
 /// changes it (the engine, each data-plane server) holds it exclusively
-/// from reading the live copy to committing the next. LVM2 ignores it.
+/// from reading the live copy to committing the next. It also guards what
+/// devpool hands to device-mapper: an activation of a thin volume or a
+/// snapshot family, and a server opening such a volume with devpool's own
+/// mappings until it has registered (each checks for the other under it).
+/// LVM2 ignores it.
 pub fn lock_thin(dir: &Path, vg: &str) -> Result<LockGuard> {
     take(dir, &format!("devpool_thin_{vg}"), true)
 }

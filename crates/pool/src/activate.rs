@@ -280,6 +280,34 @@ fn refuse_if_pool_served(state_dir: &Path, meta: &VgMetadata, pool: &str) -> Res
     Ok(())
 }
 
+/// dm-snapshot takes over a family's COW stores: refuse while a devpool
+/// process other than this one serves a volume of `name`'s snapshot family
+/// with devpool's own copy-on-write (it would go on beside the kernel's).
+/// A family the kernel has active already is the kernel's: its servers
+/// serve its devices (devpool's copy-on-write refuses to open beside them).
+fn refuse_if_family_served(state_dir: &Path, meta: &VgMetadata, name: &str) -> Result<()> {
+    let lvs: Vec<&LvMeta> = family(meta, name)
+        .iter()
+        .filter_map(|n| meta.lv(n))
+        .collect();
+    if !dmdev::active_for_lvs(meta, lvs.iter().map(|l| l.id.raw_str())).is_empty() {
+        return Ok(());
+    }
+    let me = std::process::id();
+    for l in lvs {
+        if let Some(pid) = crate::servers::serving(state_dir, l.id.raw_str())
+            .into_iter()
+            .find(|p| *p != me)
+        {
+            return Err(PoolError::Refused(format!(
+                "{}/{name}'s snapshot family cannot go to dm-snapshot: process {pid} serves {} with devpool's own copy-on-write; stop that server first",
+                meta.name, l.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The `thin-pool` target's features for `pool`, as LVM2 sets them.
 fn pool_features(pool: &ThinPoolLink) -> Vec<&'static str> {
     let mut features = Vec::new();
@@ -465,20 +493,28 @@ pub fn activate_lv(
     read_only: bool,
 ) -> Result<(PathBuf, Activated)> {
     let plan = plan_lv(meta, pvs, name, read_only)?;
-    // A thin pool goes to the kernel under devpool's thin lock: no devpool
-    // process writes its metadata meanwhile (they look for the kernel's
-    // pool device under the same lock).
-    let _thin = match thin_volume(meta, name) {
-        Some(t) => {
-            let lock =
-                devpool_engine::lock::lock_thin(&devpool_engine::lock::default_dir(), &meta.name)?;
-            refuse_if_pool_served(state_dir, meta, &t.pool)?;
-            Some(lock)
-        }
-        None => None,
+    // A thin pool or a snapshot family goes to the kernel under devpool's
+    // thin lock: no devpool process writes the pool's metadata meanwhile
+    // (they look for the kernel's pool device under the same lock), and no
+    // server opens a volume of either with devpool's own mappings (servers
+    // open and register under it).
+    let thin = thin_volume(meta, name);
+    let in_family = family_origin(meta, name).is_some();
+    let _lock = if thin.is_some() || in_family {
+        Some(devpool_engine::lock::lock_thin(
+            &devpool_engine::lock::default_dir(),
+            &meta.name,
+        )?)
+    } else {
+        None
     };
+    match &thin {
+        Some(t) => refuse_if_pool_served(state_dir, meta, &t.pool)?,
+        None if in_family => refuse_if_family_served(state_dir, meta, name)?,
+        None => {}
+    }
     let mut a = dmdev::activate_stack(&plan.layers, &plan.pvs, &plan.loop_mark)?;
-    if _thin.is_some() {
+    if thin.is_some() {
         a.lock_vg = Some(meta.name.clone());
     }
     let node = a
@@ -700,6 +736,78 @@ mod tests {
                 .to_string();
             assert!(e.contains("belongs to a thin pool"), "{e}");
         }
+    }
+
+    /// Another process's server registration for `lv`: a process holding
+    /// its file's lock, as a server holds it while it serves; killed when
+    /// dropped.
+    struct OtherServer(std::process::Child);
+    impl OtherServer {
+        fn of(state: &Path, meta: &VgMetadata, lv: &str) -> OtherServer {
+            let dir = state.join("servers");
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = dir.join(format!(
+                "{}.{}",
+                meta.lv(lv).unwrap().id.raw_str(),
+                4_000_001
+            ));
+            // One process (a shell that becomes `sleep`) holds the lock.
+            let child = std::process::Command::new("sh")
+                .arg("-c")
+                .arg("exec 9>\"$1\" && flock -x 9 && exec sleep 60")
+                .arg("sh")
+                .arg(&file)
+                .spawn()
+                .expect("sh");
+            let t = std::time::Instant::now();
+            while !crate::servers::serving(state, meta.lv(lv).unwrap().id.raw_str())
+                .contains(&4_000_001)
+            {
+                assert!(
+                    t.elapsed().as_secs() < 10,
+                    "flock never took {}",
+                    file.display()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            OtherServer(child)
+        }
+    }
+    impl Drop for OtherServer {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_family_or_pool_another_process_serves_with_devpools_own_mappings_is_not_activated() {
+        let (d, meta, pvs) = vg();
+        let state = d.path().join("state");
+        let refusal = |lv: &str| match activate_lv(&state, &meta, &pvs, lv, false) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{lv} was activated"),
+        };
+        // The origin is served: neither it nor its snapshot goes to the kernel.
+        let origin = OtherServer::of(&state, &meta, "o");
+        for lv in ["s", "o"] {
+            let e = refusal(lv);
+            assert!(
+                e.contains("process 4000001 serves o with devpool's own copy-on-write"),
+                "{e}"
+            );
+        }
+        // A plain volume beside it is not held back by it.
+        assert!(!refusal("plain").contains("4000001"));
+        drop(origin);
+        assert!(!refusal("s").contains("4000001"), "the server is gone");
+        // A thin volume served with devpool's own thin mappings holds its pool.
+        let _thin = OtherServer::of(&state, &meta, "t");
+        let e = refusal("t");
+        assert!(
+            e.contains("process 4000001 serves its thin volume t"),
+            "{e}"
+        );
     }
 
     #[test]

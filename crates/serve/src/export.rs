@@ -156,6 +156,17 @@ pub fn start(
             Err(why) => dm_skipped = Some(format!("dm: {why}")),
         }
     }
+    // devpool's own mappings open and register under the VG's thin lock:
+    // an activation of a thin pool or a snapshot family with device-mapper
+    // looks for their servers under it (`activate::activate_lv`), and
+    // opening refuses what the kernel has active already.
+    let handover = match in_kernel {
+        None => Some(
+            devpool_engine::lock::lock_thin(&devpool_engine::lock::default_dir(), &loc.meta.name)
+                .map_err(PoolError::from)?,
+        ),
+        Some(_) => None,
+    };
     let volume = Arc::new(match in_kernel {
         Some(v) => v,
         None => open_volume(&loc, spec.read_only)?,
@@ -166,6 +177,7 @@ pub fn start(
         Some(cow) => Some(Family::claim(pools, lv, &cow.family)?),
         None => None,
     };
+    drop(handover);
     let mut threads = Vec::new();
     let mut info = ExportInfo {
         pool: pool.to_string(),
