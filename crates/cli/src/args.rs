@@ -377,9 +377,9 @@ devpool serve VOLUME --nbd tcp:127.0.0.1:10809"
         /// Also give the host a block device for the volume, whatever its
         /// layout: a loop device when it is one range, else the fastest path
         /// the kernel offers: device-mapper (/dev/dm-N, named as LVM2 names
-        /// the LV; dm-snapshot for snapshots and their origin when this is
-        /// the only frontend; dm-thin for thin volumes, whose other
-        /// frontends then serve that device too), ublk (/dev/ublkbN), the NBD client
+        /// the LV; dm-snapshot for snapshots and their origin, dm-thin for
+        /// thin volumes, whose other frontends then serve that device
+        /// too), ublk (/dev/ublkbN), the NBD client
         /// (/dev/nbdN), or FUSE + loop. The output names the path taken.
         #[arg(long)]
         block_device: bool,

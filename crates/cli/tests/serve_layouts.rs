@@ -534,24 +534,43 @@ echo "STRIPED-DATASUM $(sha256sum < /tmp/data2)"
 dd if=/tmp/data2 of=$DEV bs=1M oflag=direct conv=fsync 2>/dev/null || echo GUEST-STEP-FAILED write-striped
 kill -TERM $SRV; wait $SRV; echo "STRIPED-SERVER-EXIT $?"
 echo "DM-DEVICES-LEFT $(ls /sys/block | grep -c '^dm-')"
-# 3. A snapshotted volume LVM2 has active (dm-snapshot) is not served by
-# devpool's own copy-on-write beside the kernel's; once LVM2 lets go, it is.
+# 3. A snapshotted volume LVM2 has active (dm-snapshot) is served through
+# LVM2's own devices, which the server neither makes nor removes: what
+# qemu-io writes over NBD is on LVM2's origin. Once LVM2 lets go, the
+# server makes the family's stack itself.
 X=$(grep '"lv"' /tmp/l2.json | head -1 | sed 's/.*"lv": *"\([^"]*\)".*/\1/')
 devpool --pool s snapshot create $X --name before --size 4M > /tmp/snap.log 2>&1 || { cat /tmp/snap.log; echo GUEST-STEP-FAILED snapshot; }
 lvm_c vgchange -ay devpool-s > /tmp/vgc.log 2>&1 || { cat /tmp/vgc.log; echo GUEST-STEP-FAILED vgchange-ay; }
 echo "LVM2-ACTIVE $(ls /sys/block | grep -c '^dm-')"
-timeout -s KILL 20 devpool --pool s serve $X --nbd unix:/tmp/x.sock > /tmp/refused.out 2>&1 && echo "SERVED-BESIDE-DM"
-echo "REFUSED $(tr '\n' ' ' < /tmp/refused.out)"
+devpool --pool s serve $X --nbd unix:/tmp/x.sock > /tmp/beside.out 2>&1 &
+SRV=$!
+n=0; while [ ! -S /tmp/x.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+qemu-io -f raw 'nbd+unix:///?socket=/tmp/x.sock' -c 'write -P 0x3c 0 65536' > /tmp/qio.log 2>&1 || { cat /tmp/qio.log /tmp/beside.out; echo "GUEST-STEP-FAILED qemu-io"; }
+kill -TERM $SRV; wait $SRV; echo "BESIDE-EXIT $?"
+echo "LVM2-KEPT $(ls /sys/block | grep -c '^dm-')"
+XDM=devpool--s-$(echo $X | sed 's/-/--/g')
+for d in /sys/block/dm-*; do [ "$(cat $d/dm/name)" = "$XDM" ] && XNODE=/dev/${d##*/}; done
+dd if=$XNODE of=/tmp/x64 bs=64k count=1 iflag=direct 2>/dev/null
+echo "ON-LVM2-ORIGIN $(wc -c < /tmp/x64) bytes, $(tr -d '\074' < /tmp/x64 | wc -c) not 0x3c"
 lvm_c vgchange -an devpool-s > /tmp/vgc.log 2>&1 || { cat /tmp/vgc.log; echo GUEST-STEP-FAILED vgchange-an; }
-devpool --pool s --json serve $X --nbd unix:/tmp/x.sock > /tmp/x.out 2>&1 &
+devpool --pool s --json serve $X --nbd unix:/tmp/x2.sock > /tmp/x.out 2>&1 &
 SRV=$!
 n=0; while [ ! -s /tmp/x.out ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 echo "SERVED-AFTER $(cat /tmp/x.out)"
+echo "OWN-STACK $(ls /sys/block | grep -c '^dm-')"
 kill -TERM $SRV; wait $SRV
+echo "OWN-STACK-LEFT $(ls /sys/block | grep -c '^dm-')"
 "#;
     let script = format!("{DM_GUEST_HELPERS}{script}");
     let modules = ["virtio_blk", "loop", "dm_mod", "dm_snapshot"];
-    let console = devpool_in_guest(&lab, &kernel, &[&a, &b], &modules, &["/sbin/lvm"], &script);
+    let console = devpool_in_guest(
+        &lab,
+        &kernel,
+        &[&a, &b],
+        &modules,
+        &["/sbin/lvm", "/usr/bin/qemu-io"],
+        &script,
+    );
     let line = |tag: &str| tagged(&console, tag);
     let first = |tag: &str| first_word(&line(tag));
     // The image-file pool: dm over one loop window that starts past the label.
@@ -594,18 +613,22 @@ kill -TERM $SRV; wait $SRV
     let host_sum = layout.sha256(16 << 20, &lab.path("striped.bin"));
     assert_eq!(host_sum, first("STRIPED-DATASUM "), "{console}");
     // LVM2 activated the VG (origin, -real, snapshot, -cow, striped, x's
-    // neighbours…): devpool refused to serve the origin beside dm-snapshot.
-    assert!(
-        line("LVM2-ACTIVE ").parse::<u32>().unwrap() >= 4,
+    // neighbours…): devpool served the origin through LVM2's dm-snapshot
+    // stack, leaving it as it was.
+    let active = line("LVM2-ACTIVE ");
+    assert!(active.parse::<u32>().unwrap() >= 4, "{console}");
+    assert_eq!(line("BESIDE-EXIT "), "0", "{console}");
+    assert_eq!(line("LVM2-KEPT "), active, "{console}");
+    assert_eq!(
+        line("ON-LVM2-ORIGIN "),
+        "65536 bytes, 0 not 0x3c",
         "{console}"
     );
-    assert!(!console.contains("SERVED-BESIDE-DM"), "{console}");
-    let refused = line("REFUSED ");
-    assert!(
-        refused.contains("dm-snapshot") && refused.contains("vgchange -an devpool-s"),
-        "{refused}"
-    );
+    // After LVM2: the server's own stack (-real, -cow, snapshot, origin),
+    // gone with it.
     assert!(line("SERVED-AFTER ").contains(r#""nbd""#), "{console}");
+    assert_eq!(line("OWN-STACK "), "4", "{console}");
+    assert_eq!(line("OWN-STACK-LEFT "), "0", "{console}");
 }
 
 /// The start of the snapshot guest tests: helpers (`step CMD…` reports a
@@ -653,6 +676,24 @@ fn guest_with_device_mapper_serves_snapshots_with_dm_snapshot() {
     let script = format!(
         "{SNAPSHOT_PRELUDE}{}",
         r#"
+# Serve $1 over NBD at socket $2 in the background: sets NSRV.
+nbd_serve() {
+  devpool --pool g serve $1 --nbd unix:$2 > /tmp/nbd.log 2>&1 &
+  NSRV=$!
+  n=0; while [ ! -S $2 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+  [ -S $2 ] || { cat /tmp/nbd.log; echo "GUEST-STEP-FAILED nbd_serve $1"; }
+}
+# The node of dm device $1 (no udev here: no /dev/mapper links).
+node_of() { for d in /sys/block/dm-*; do [ "$(cat $d/dm/name)" = "$1" ] && echo /dev/${d##*/}; done; }
+# No dm-snapshot target yet: an NBD server of the origin does devpool's own
+# copy-on-write, and the family does not go to the kernel beside it.
+nbd_serve $A /tmp/o.sock
+echo "USER-STACK $(ls /sys/block | grep -c '^dm-')"
+insmod /lib/modules/dm_snapshot.ko || echo "GUEST-STEP-FAILED insmod dm_snapshot"
+DEVPOOL_DEVICES=/dev/vda devpool lv activate devpool-g/s > /tmp/act.log 2>&1 && echo "ACTIVATED-BESIDE-SERVER"
+echo "ACT-REFUSED $(tr '\n' ' ' < /tmp/act.log)"
+echo "ACT-LEFT $(ls /sys/block | grep -c '^dm-')"
+kill -TERM $NSRV; wait $NSRV || echo "GUEST-STEP-FAILED nbd server exit $?"
 dd if=/dev/urandom of=/tmp/new bs=1M count=8 2>/dev/null
 serve $A
 echo "STACK $(for d in /sys/block/dm-*/dm/name; do cat $d; done | sort | tr '\n' ' ')"
@@ -664,22 +705,25 @@ serve s
 dd if=$DEV of=/tmp/snap bs=1M iflag=direct 2>/dev/null || echo GUEST-STEP-FAILED snapshot-read
 stop
 echo "AFTER-SNAPSHOT $(ls /sys/block | grep -c '^dm-')"
-# While devpool's own copy-on-write serves the origin over NBD, the family
-# does not go to dm-snapshot; once that server is gone it does, and then
-# devpool's copy-on-write does not open beside it.
-devpool --pool g serve $A --nbd unix:/tmp/o.sock > /tmp/nbd.log 2>&1 &
-NSRV=$!
-n=0; while [ ! -S /tmp/o.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
-DEVPOOL_DEVICES=/dev/vda devpool lv activate devpool-g/s > /tmp/act.log 2>&1 && echo "ACTIVATED-BESIDE-SERVER"
-echo "ACT-REFUSED $(tr '\n' ' ' < /tmp/act.log)"
-echo "ACT-LEFT $(ls /sys/block | grep -c '^dm-')"
-kill -TERM $NSRV; wait $NSRV || echo "GUEST-STEP-FAILED nbd server exit $?"
+# Over NBD the family is the kernel's too. A family `lv activate` made is
+# used as it is: the NBD server makes and removes nothing, and what
+# qemu-io writes lands on the kernel's origin, the snapshot unchanged.
 step env DEVPOOL_DEVICES=/dev/vda devpool lv activate devpool-g/s
 echo "ACT-FAMILY $(ls /sys/block | grep -c '^dm-')"
-devpool --pool g serve $A --nbd unix:/tmp/o2.sock > /tmp/nbd2.log 2>&1 && echo "SERVED-BESIDE-DM"
-echo "NBD-REFUSED $(tr '\n' ' ' < /tmp/nbd2.log)"
+nbd_serve $A /tmp/o2.sock
+qemu-io -f raw 'nbd+unix:///?socket=/tmp/o2.sock' -c 'write -P 0x5a 0 65536' > /tmp/qio.log 2>&1 || { cat /tmp/qio.log; echo "GUEST-STEP-FAILED qemu-io"; }
+kill -TERM $NSRV; wait $NSRV || echo "GUEST-STEP-FAILED nbd server exit $?"
+echo "NBD-KEPT $(ls /sys/block | grep -c '^dm-')"
+dd if=$(node_of devpool--g-$(echo $A | sed 's/-/--/g')) of=/tmp/o64 bs=64k count=1 iflag=direct 2>/dev/null
+echo "NBD-ORIGIN $(wc -c < /tmp/o64) bytes, $(tr -d '\132' < /tmp/o64 | wc -c) not 0x5a"
+echo "NBD-SNAP $(dd if=$(node_of devpool--g-s) bs=1M iflag=direct 2>/dev/null | sha256sum)"
 step env DEVPOOL_DEVICES=/dev/vda devpool lv deactivate devpool-g/s
 echo "DEACT-LEFT $(ls /sys/block | grep -c '^dm-')"
+# An NBD server alone makes the family's stack and takes it down.
+nbd_serve $A /tmp/o3.sock
+echo "NBD-STACK $(ls /sys/block | grep -c '^dm-')"
+kill -TERM $NSRV; wait $NSRV || echo "GUEST-STEP-FAILED nbd server exit $?"
+echo "NBD-LEFT $(ls /sys/block | grep -c '^dm-')"
 # devpool's own copy-on-write reads the store dm-snapshot wrote.
 step devpool --pool g snapshot merge s --yes
 serve $A
@@ -703,10 +747,26 @@ step devpool --pool g lease release $(field session /tmp/lease.json)
 echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
 "#
     );
-    let modules = ["virtio_blk", "loop", "dm_mod", "dm_snapshot"];
-    let console = devpool_in_guest(&lab, &kernel, &[&disk], &modules, &[], &script);
+    let modules = ["virtio_blk", "loop", "dm_mod", "later:dm_snapshot"];
+    let console = devpool_in_guest(
+        &lab,
+        &kernel,
+        &[&disk],
+        &modules,
+        &["/usr/bin/qemu-io"],
+        &script,
+    );
     let line = |tag: &str| tagged(&console, tag);
     let sum = |tag: &str| first_word(&line(tag));
+    assert_eq!(line("USER-STACK "), "0", "{console}");
+    assert!(!console.contains("ACTIVATED-BESIDE-SERVER"), "{console}");
+    let refusal = line("ACT-REFUSED ");
+    assert!(
+        refusal.contains("cannot go to dm-snapshot")
+            && refusal.contains("with devpool's own copy-on-write"),
+        "{console}"
+    );
+    assert_eq!(line("ACT-LEFT "), "0", "{console}");
     let serves: Vec<&str> = console
         .lines()
         .filter(|l| l.starts_with("SERVE "))
@@ -722,21 +782,17 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert_eq!(stack.split_whitespace().count(), 4, "{stack}");
     assert_eq!(line("AFTER-ORIGIN "), "0", "{console}");
     assert_eq!(line("AFTER-SNAPSHOT "), "0", "{console}");
-    assert!(!console.contains("ACTIVATED-BESIDE-SERVER"), "{console}");
-    let refusal = line("ACT-REFUSED ");
-    assert!(
-        refusal.contains("cannot go to dm-snapshot")
-            && refusal.contains("with devpool's own copy-on-write"),
-        "{console}"
-    );
-    assert_eq!(line("ACT-LEFT "), "0", "{console}");
     assert_eq!(line("ACT-FAMILY "), "4", "{console}");
-    assert!(!console.contains("SERVED-BESIDE-DM"), "{console}");
-    assert!(
-        line("NBD-REFUSED ").contains("device-mapper has this volume's dm-snapshot devices active"),
-        "{console}"
+    assert_eq!(line("NBD-KEPT "), "4", "{console}");
+    assert_eq!(
+        line("NBD-ORIGIN "),
+        "65536 bytes, 0 not 0x5a",
+        "qemu-io's write is on the kernel's origin:\n{console}"
     );
+    assert_eq!(sum("NBD-SNAP "), sum("OLD "), "{console}");
     assert_eq!(line("DEACT-LEFT "), "0", "{console}");
+    assert_eq!(line("NBD-STACK "), "4", "{console}");
+    assert_eq!(line("NBD-LEFT "), "0", "{console}");
     assert_eq!(sum("ORIGIN "), sum("NEW "), "{console}");
     assert_eq!(
         sum("SNAP "),

@@ -258,34 +258,37 @@ pub(crate) fn place_pvs(
 /// step removes what the stack made.
 pub fn activate_stack(layers: &[Layer], pvs: &[PathBuf], loop_mark: &str) -> Result<Activated> {
     use devpool_format::dm::Target;
+    let found = layers
+        .iter()
+        .map(|l| info(&l.name).map_err(PoolError::from))
+        .collect::<Result<Vec<_>>>()?;
+    // A stack that exists whole, each device with its layer's uuid (LVM2
+    // has the thin volume or the snapshot family active, or `lv activate`
+    // made it): used as it is, and left to whoever made it.
+    if layers.len() > 1
+        && found
+            .iter()
+            .zip(layers)
+            .all(|(d, l)| d.as_ref().is_some_and(|d| d.uuid == l.uuid))
+    {
+        return Ok(Activated {
+            devices: found.into_iter().flatten().collect(),
+            shared: layers.iter().map(|l| l.shared).collect(),
+            loops: Vec::new(),
+            made: false,
+            lock_vg: None,
+        });
+    }
     // Devices that exist already: shared ones are used as they are.
     let mut existing: Vec<Option<DmDevice>> = Vec::with_capacity(layers.len());
-    for l in layers {
-        let Some(d) = info(&l.name)? else {
+    for (l, d) in layers.iter().zip(found) {
+        let Some(d) = d else {
             existing.push(None);
             continue;
         };
         if l.shared && d.uuid == l.uuid {
             existing.push(Some(d));
             continue;
-        }
-        // A volume's own device over shared ones that all exist (LVM2 has
-        // the thin volume active): used as it is.
-        if existing.len() + 1 == layers.len()
-            && d.uuid == l.uuid
-            && existing.iter().all(Option::is_some)
-            && !existing.is_empty()
-        {
-            let mut devices: Vec<DmDevice> = existing.into_iter().flatten().collect();
-            devices.push(d);
-            let shared = layers.iter().map(|l| l.shared).collect();
-            return Ok(Activated {
-                devices,
-                shared,
-                loops: Vec::new(),
-                made: false,
-                lock_vg: None,
-            });
         }
         if let [
             Layer {

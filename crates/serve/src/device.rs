@@ -114,14 +114,14 @@ pub struct Volume {
     /// Set for a thin volume: `map` is the pool's data LV, and requests go
     /// through the thin mappings.
     pub thin: Option<crate::thin::Thin>,
-    /// Set for a thin volume dm-thin serves (a host with device-mapper):
-    /// `devs` is its dm device, the stack goes when the volume does (after
-    /// `devs` is closed: fields drop in order).
+    /// Set for a volume the kernel serves (dm-thin or dm-snapshot, a host
+    /// with device-mapper): `devs` is its dm device, the stack goes when
+    /// the volume does (after `devs` is closed: fields drop in order).
     pub kernel: Option<KernelStack>,
 }
 
-/// A thin volume's device-mapper stack (its pool's devices shared),
-/// removed when dropped.
+/// The device-mapper stack of a thin volume (its pool's devices shared) or
+/// of a snapshot family, removed when dropped (unless someone else made it).
 #[derive(Debug)]
 pub struct KernelStack {
     pub node: std::path::PathBuf,

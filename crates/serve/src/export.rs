@@ -143,15 +143,16 @@ pub fn start(
         )));
     }
     let uuid = loc.lv.id.raw_str().to_string();
-    let alone = spec.nbd.is_none() && spec.vhost_user_blk.is_none();
-    // A thin volume on a host with device-mapper is dm-thin's: every
-    // frontend reads and writes the kernel's device.
+    // A thin volume or a volume of a snapshot family, on a host with
+    // device-mapper, is dm-thin's or dm-snapshot's: every frontend reads
+    // and writes the kernel's device.
+    let family_lvs = devpool_pool::activate::family(&loc.meta, lv);
     let mut dm_skipped = None;
     let mut in_kernel = None;
-    if devpool_engine::ops::thin::thin_volume(&loc.meta, lv).is_some()
+    if (devpool_engine::ops::thin::thin_volume(&loc.meta, lv).is_some() || family_lvs.len() > 1)
         && devpool_pool::dmdev::available()
     {
-        match crate::open::open_thin_in_kernel(&loc, spec.read_only, &pools.state_dir) {
+        match crate::open::open_in_kernel(&loc, spec.read_only, &pools.state_dir) {
             Ok(v) => in_kernel = Some(v),
             Err(why) => dm_skipped = Some(format!("dm: {why}")),
         }
@@ -173,8 +174,18 @@ pub fn start(
     });
     // A snapshot registers as its COW store (what release stops).
     let registration = servers::register(&pools.state_dir, &volume.uuid)?;
+    // One server per snapshot family, whoever does the copy-on-write: a
+    // server's stack of the family's devices goes with it whole.
     let family = match &volume.cow {
         Some(cow) => Some(Family::claim(pools, lv, &cow.family)?),
+        None if family_lvs.len() > 1 => {
+            let uuids: Vec<String> = family_lvs
+                .iter()
+                .filter_map(|n| loc.meta.lv(n))
+                .map(|l| l.id.raw_str().to_string())
+                .collect();
+            Some(Family::claim(pools, lv, &uuids)?)
+        }
         None => None,
     };
     drop(handover);
@@ -222,7 +233,7 @@ pub fn start(
             .into_iter()
             .find(|a| a.lv_uuid == uuid && a.size == volume.size())
             .map(|a| a.device);
-        let mut h = crate::hostdev::attach(&volume, &loc, alone, existing, &pools.state_dir)?;
+        let mut h = crate::hostdev::attach(&volume, &loc, existing, &pools.state_dir)?;
         // The dm-thin attempt says more than attach's own dm probe.
         if let Some(why) = dm_skipped.take() {
             match h.choice.skipped.iter().position(|s| s.starts_with("dm:")) {

@@ -2,9 +2,10 @@
 //! host offers, in order:
 //! 1. a loop device straight over the PV (the volume is one contiguous range);
 //! 2. device-mapper, as LVM2 activates volumes: `dm-linear`/`dm-stripe` for
-//!    other linear and striped volumes, the dm-snapshot stack for an origin
-//!    with snapshots or a snapshot (see `devpool_pool::activate`, only when no other
-//!    frontend serves it); the kernel serves every request;
+//!    other linear and striped volumes; a thin volume or a volume of a
+//!    snapshot family is the device its server opened (dm-thin or the
+//!    family's dm-snapshot stack, see `open::open_in_kernel`) for every
+//!    frontend; the kernel serves every request;
 //! 3. ublk: `/dev/ublkbN` served by devpool's block-I/O core (no socket);
 //! 4. the kernel's NBD client, connected to devpool's server over a socketpair;
 //! 5. the volume as a file in a FUSE mount, with a loop device on that file.
@@ -90,23 +91,21 @@ impl Drop for HostDevice {
 }
 
 /// `vol` activated with device-mapper, or why not: its node and what to
-/// remove later. `loc` is where it was found; `alone` says no other
-/// frontend serves it (devpool's own copy-on-write must not run beside the
-/// kernel's).
+/// remove later. `loc` is where it was found.
 fn dm_device(
     vol: &Volume,
     loc: &Located,
-    alone: bool,
     state_dir: &Path,
 ) -> Result<(PathBuf, devpool_pool::dmdev::Activated), String> {
     use devpool_pool::dmdev;
+    // Thin volumes and snapshot families were offered to the kernel when
+    // they were opened (`open::open_in_kernel`); the reason it said no
+    // replaces these.
     if vol.thin.is_some() {
         return Err("the thin volume goes through devpool's own thin mappings".into());
     }
-    if vol.cow.is_some() && !alone {
-        return Err(
-            "the volume is served over NBD or vhost-user-blk too, through devpool's own copy-on-write".into(),
-        );
+    if vol.cow.is_some() {
+        return Err("the snapshot family goes through devpool's own copy-on-write".into());
     }
     if !dmdev::available() {
         return Err("this kernel has no device-mapper (no dm_mod)".into());
@@ -115,7 +114,8 @@ fn dm_device(
         .map_err(|e| e.to_string())
 }
 
-/// The block device of a volume dm-thin serves: its own dm device.
+/// The block device of a volume the kernel serves (dm-thin, dm-snapshot):
+/// its own dm device.
 pub fn kernel_device(node: PathBuf) -> HostDevice {
     HostDevice {
         device: node,
@@ -130,12 +130,11 @@ pub fn kernel_device(node: PathBuf) -> HostDevice {
 
 /// A block device for `vol`, found at `loc`. `existing` is a loop device
 /// the lease already has over the whole volume (contiguous volumes get one
-/// at acquire); `alone` says no other frontend serves the volume;
-/// `state_dir` holds the server registry and FUSE mount points.
+/// at acquire); `state_dir` holds the server registry and FUSE mount
+/// points.
 pub fn attach(
     vol: &Arc<Volume>,
     loc: &Located,
-    alone: bool,
     existing: Option<PathBuf>,
     state_dir: &Path,
 ) -> std::io::Result<HostDevice> {
@@ -157,7 +156,7 @@ pub fn attach(
     }
     // Why the faster paths were not taken, each probed once.
     let mut skipped = Vec::new();
-    match dm_device(vol, loc, alone, state_dir) {
+    match dm_device(vol, loc, state_dir) {
         Ok((node, a)) => {
             return Ok(device(node, HostPath::Dm, skipped, Held::Dm(a)));
         }

@@ -27,12 +27,14 @@ fn lv<'a>(meta: &'a VgMetadata, name: &str) -> Result<&'a LvMeta, OpenError> {
         .ok_or_else(|| OpenError::Invalid(format!("LV {}/{name} is missing", meta.name)))
 }
 
-/// A thin volume activated with dm-thin (a host with device-mapper; the
-/// pool's devices shared with its other active thin volumes, or LVM2's
-/// when LVM2 has it active): devpool's data plane reads and writes the
-/// kernel's device, and neither opens the pool's PVs nor reads its
-/// metadata (the kernel owns it). `state_dir` holds the server registry.
-pub fn open_thin_in_kernel(
+/// A thin volume or a volume of a snapshot family, activated with
+/// device-mapper (a host with dm): dm-thin over the pool's devices (shared
+/// with its other active thin volumes, or LVM2's when LVM2 has it active),
+/// or the family's dm-snapshot stack (LVM2's, when LVM2 has it active).
+/// devpool's data plane reads and writes the kernel's device, and neither
+/// opens the PVs nor reads the pool's metadata or the COW stores (the
+/// kernel owns them). `state_dir` holds the server registry.
+pub fn open_in_kernel(
     loc: &Located,
     read_only: bool,
     state_dir: &std::path::Path,
@@ -47,7 +49,12 @@ pub fn open_thin_in_kernel(
     .map_err(|e| OpenError::Invalid(e.to_string()))?;
     let kernel = crate::device::KernelStack::new(node.clone(), stack);
     let dev = PvDevice::open(&node, !read_only)?;
-    let size = loc.lv.extent_count() * loc.meta.extent_size.bytes().0;
+    // A snapshot is as large as its origin, whatever its COW store's size.
+    let sized_by = snapshot_links(&loc.meta)
+        .into_iter()
+        .find(|l| l.cow == loc.lv.name)
+        .map_or(Ok(&loc.lv), |l| lv(&loc.meta, &l.origin))?;
+    let size = sized_by.extent_count() * loc.meta.extent_size.bytes().0;
     Ok(Volume {
         name: loc.lv.name.clone(),
         uuid: loc.lv.id.raw_str().to_string(),

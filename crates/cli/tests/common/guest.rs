@@ -109,7 +109,11 @@ pub fn guest_or_skip(test: &str) -> Option<Kernel> {
 }
 
 /// An initramfs whose /init loads `modules`, runs `script` (sh) and powers off;
-/// `host_bins` are host programs copied in with their libraries.
+/// `host_bins` are host programs copied in with their libraries. A module
+/// named `later:NAME` is packed (as `/lib/modules/NAME.ko`, its dependencies
+/// loaded at init) but not loaded: the guest kernel cannot load it on its
+/// own (no modules.dep), so until the script does `insmod`, the guest is a
+/// host without it.
 pub fn initramfs(kernel: &Kernel, modules: &[&str], host_bins: &[&str], script: &str, out: &Path) {
     let mut i = Initramfs::new();
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
@@ -118,7 +122,25 @@ pub fn initramfs(kernel: &Kernel, modules: &[&str], host_bins: &[&str], script: 
         .find(|p| p.exists())
         .expect("busybox-static");
     i.busybox(busybox).unwrap();
-    let files = kernel.resolve(modules).unwrap();
+    let (later, now): (Vec<&str>, Vec<&str>) =
+        modules.iter().partition(|m| m.starts_with("later:"));
+    let later: Vec<&str> = later.iter().map(|m| &m["later:".len()..]).collect();
+    let with_later = kernel
+        .resolve(&now.iter().chain(&later).copied().collect::<Vec<_>>())
+        .unwrap();
+    let later_files = kernel.resolve(&later).unwrap();
+    let is_later = |f: &PathBuf| {
+        let name = devpool_vm::kernel::module_name(&f.to_string_lossy());
+        later.iter().any(|l| l.replace('-', "_") == name)
+    };
+    assert_eq!(
+        later_files.iter().filter(|f| is_later(f)).count(),
+        later.len(),
+        "a later module is missing: {later:?}"
+    );
+    let (packed_only, files): (Vec<PathBuf>, Vec<PathBuf>) =
+        with_later.into_iter().partition(|f| is_later(f));
+    i.modules(&packed_only).unwrap();
     let guest_mods = i.modules(&files).unwrap();
     // "SRC" lands at its own path, "SRC=DST" at DST.
     for b in host_bins {
