@@ -180,7 +180,11 @@ Example:\n  devpool pool thin enable default --data-size 50G\n  devpool lease ac
     #[command(
         after_help = "The data LV grows into the VG's free space (add a disk first with \
 `devpool vg extend` when there is none), then dm-thin's data space map takes in the new blocks. \
-Thin pools only grow. Refused while a thin volume of the pool is being served.\n\n\
+Thin pools only grow. While dm-thin holds the pool (a host with device-mapper), its data \
+device and pool device are reloaded after the commit, as LVM2's lvextend does, and the kernel \
+takes in the new blocks as the pool resumes; a new disk's extents may be on another PV. Refused \
+while devpool serves a thin volume of the pool through its own thin mappings (a host without \
+dm-thin): that server holds the pool's size.\n\n\
 Example:\n  devpool pool thin extend default --data-size +20G\n  devpool pool thin extend --data-size 100%FREE"
     )]
     Extend {

@@ -780,6 +780,18 @@ devpool --pool tp pool thin extend --data-size +32M > /tmp/ext.log 2>&1 && echo 
 echo "TP-AFTER $(dmsetup status devpool--tp-thinpool-tpool | awk '{{print $6}}') $(loops)"
 fill40 && echo "AFTER-WROTE"
 chk $B 10239 125
+# A second image-file PV: the pool grows past the first one's free space,
+# its data LV spans both PVs (a loop device over each), and dm-thin
+# writes into the second: 40 + 150 MiB used, where the first PV holds 140.
+DEVPOOL_DEVICES=/tmp/tp.img devpool vg extend devpool-tp /tmp/tp2.img --image-size 128M --yes > /tmp/vx.log 2>&1 || {{ cat /tmp/vx.log; exit 31; }}
+devpool --pool tp pool thin extend --data-size 100%FREE > /tmp/ext2.log 2>&1 && echo "EXTENDED-2" || cat /tmp/ext2.log
+echo "TP-SPAN $(dmsetup table devpool--tp-thinpool_tdata | awk '{{print $4}}' | sort -u | wc -l) $(dmsetup status devpool--tp-thinpool-tpool | awk '{{print $6}}') $(loops)"
+devpool --pool tp --json lease acquire --volumes big2:200M --owner-pid $$ > /tmp/tp2.json 2> /tmp/tp2.err || {{ cat /tmp/tp2.err; exit 32; }}
+B2=$(sed -n 's/.*"device": *"\([^"]*\)".*/\1/p' /tmp/tp2.json | head -1)
+dd if=/dev/zero bs=1M count=150 2>/dev/null | tr '\000' '\132' | dd of=$B2 bs=1M oflag=direct 2>/dev/null && echo "SECOND-PV-WROTE"
+echo "TP-USED $(dmsetup status devpool--tp-thinpool-tpool | awk '{{print $6}}')"
+chk $B2 38000 132; chk $B 10239 125
+devpool --pool tp lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/tp2.json | head -1) > /dev/null || exit 33
 devpool --pool tp lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/tp.json | head -1) > /dev/null || exit 30
 echo "TP-LEFT $(dms) $(loops)"
 exit $bad
@@ -907,6 +919,27 @@ exit $bad
         "{console}"
     );
     assert!(console.contains("AFTER-WROTE"), "{console}");
+    // Grown onto a second PV: two devices under the data LV, more blocks
+    // than the first PV holds (140 MiB: 2240), the second PV's loop device
+    // in place of the first extend's, and dm-thin's writes land there.
+    assert!(console.contains("EXTENDED-2"), "{console}");
+    let span: Vec<u64> = line("TP-SPAN ")
+        .split(|c| c == ' ' || c == '/')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(span[0], 2, "{console}");
+    assert!(span[2] > 2240, "{console}");
+    assert_eq!(
+        span[3],
+        loops_after.parse::<u64>().unwrap() + 1,
+        "{console}"
+    );
+    assert!(console.contains("SECOND-PV-WROTE"), "{console}");
+    let used: u64 = line("TP-USED ").split('/').next().unwrap().parse().unwrap();
+    assert!(
+        used > 2240,
+        "used {used} blocks, past the first PV:\n{console}"
+    );
     assert_eq!(line("TP-LEFT "), "0 0", "{console}");
     // The pool stays for the snapshots.
     assert_eq!(line("AFTER-ONE "), "5", "{console}");
