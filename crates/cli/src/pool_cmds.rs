@@ -158,14 +158,16 @@ pub fn setup_text(out: &devpool_pool::pool::SetupOutcome) -> String {
             "pool '{}' set up on {} ({}, VG {})",
             out.pool,
             out.device.display(),
-            gib(out.size_bytes),
+            human_size(out.size_bytes),
             out.vg
         )
     }
 }
 
-pub fn gib(b: u64) -> String {
-    format!("{:.1}G", b as f64 / (1u64 << 30) as f64)
+/// A size for people, in the unit that suits it (`232.00 MiB`, `1.50 GiB`);
+/// `--json` has the bytes.
+pub fn human_size(b: u64) -> String {
+    devpool_format::units::format_bytes(devpool_format::units::Bytes(b))
 }
 
 pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
@@ -221,8 +223,8 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 println!(
                     "{:<16} {:>9} {:>9} {:>7} {:>7}  {}",
                     s.pool,
-                    gib(s.size_bytes),
-                    gib(s.free_bytes),
+                    human_size(s.size_bytes),
+                    human_size(s.free_bytes),
                     s.leases,
                     s.volumes,
                     devs.join(",")
@@ -258,8 +260,16 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             for d in &s.devices {
                 println!("  device   {}", d.display());
             }
-            println!("  size     {} ({} bytes)", gib(s.size_bytes), s.size_bytes);
-            println!("  free     {} ({} bytes)", gib(s.free_bytes), s.free_bytes);
+            println!(
+                "  size     {} ({} bytes)",
+                human_size(s.size_bytes),
+                s.size_bytes
+            );
+            println!(
+                "  free     {} ({} bytes)",
+                human_size(s.free_bytes),
+                s.free_bytes
+            );
             for i in &st.images {
                 println!("  image    {}", i.describe());
             }
@@ -332,7 +342,12 @@ fn print_lease(l: &devpool_pool::lease::Lease) {
         if l.kept { "  kept" } else { "" }
     );
     for v in &l.volumes {
-        println!("    {:<10} {:>8}  {}", v.role, gib(v.size_bytes), v.lv);
+        println!(
+            "    {:<10} {:>8}  {}",
+            v.role,
+            human_size(v.size_bytes),
+            v.lv
+        );
     }
 }
 
@@ -432,7 +447,7 @@ pub fn resize(g: &Global, volume: &str, size: &str) -> Result<()> {
     if g.json {
         return json(&serde_json::json!({"pool": name, "volume": lv, "size_bytes": bytes}));
     }
-    println!("{lv}: now {} ({bytes} bytes)", gib(bytes));
+    println!("{lv}: now {} ({bytes} bytes)", human_size(bytes));
     Ok(())
 }
 
@@ -574,9 +589,9 @@ fn print_thin_enabled(t: &devpool_pool::thin::ThinEnabled) {
         "thin pool {} in pool '{}': data {} ({} bytes), metadata {} ({} bytes), blocks of {}K",
         t.pool_lv,
         t.pool,
-        gib(t.data_bytes),
+        human_size(t.data_bytes),
         t.data_bytes,
-        gib(t.metadata_bytes),
+        human_size(t.metadata_bytes),
         t.metadata_bytes,
         t.chunk_bytes / 1024
     );
@@ -656,8 +671,8 @@ fn thin(g: &Global, p: &Pools, cmd: crate::args::ThinCmd) -> Result<()> {
             println!(
                 "thin pool {} of pool '{name}': data {} -> {} ({} blocks)",
                 t.pool_lv,
-                gib(t.data_bytes_before),
-                gib(t.data_bytes),
+                human_size(t.data_bytes_before),
+                human_size(t.data_bytes),
                 t.data_blocks.map_or("?".into(), |b| b.to_string())
             );
         }

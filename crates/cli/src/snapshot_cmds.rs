@@ -2,7 +2,7 @@
 
 use crate::args::{Global, SnapshotCmd};
 use crate::parse_bytes;
-use crate::pool_cmds::{ask_to_confirm, confirmed, gib, json, pool_name, pools};
+use crate::pool_cmds::{ask_to_confirm, confirmed, human_size, json, pool_name, pools};
 use anyhow::{Result, anyhow, bail};
 use devpool_format::units::SizeArg;
 use devpool_pool::snapshots::SnapshotStatus;
@@ -44,7 +44,7 @@ pub fn describe(s: &SnapshotStatus) -> String {
         s.name,
         s.origin,
         owner,
-        gib(s.size_bytes)
+        human_size(s.size_bytes)
     )
 }
 
@@ -77,7 +77,7 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
                     "thin snapshot {} of {} ({} virtual, blocks shared){}",
                     c.name,
                     c.origin,
-                    crate::pool_cmds::gib(c.virtual_bytes),
+                    crate::pool_cmds::human_size(c.virtual_bytes),
                     c.lease
                         .as_ref()
                         .map_or(String::new(), |l| format!(", owned by lease {l}"))
@@ -98,7 +98,7 @@ pub fn snapshot(g: &Global, cmd: SnapshotCmd) -> Result<()> {
                 "snapshot {} of {}: store {} ({} bytes), chunk {}K{}",
                 c.name,
                 c.origin,
-                gib(c.size_bytes),
+                human_size(c.size_bytes),
                 c.size_bytes,
                 c.chunk_bytes / 1024,
                 c.lease

@@ -3,7 +3,7 @@
 
 use super::{Call, Reply};
 use crate::args::{AccelArg, AttachArg, VmArgs};
-use crate::pool_cmds::{gib, pools, setup_text};
+use crate::pool_cmds::{human_size, pools, setup_text};
 use anyhow::{Result, anyhow, bail};
 use devpool_format::units::{Bytes, SizeArg};
 use devpool_pool::PoolError;
@@ -367,8 +367,8 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
                 format!(
                     "pool {}: {} free of {}, {} lease(s), health: {health}",
                     s.pool,
-                    gib(s.free_bytes),
-                    gib(s.size_bytes),
+                    human_size(s.free_bytes),
+                    human_size(s.size_bytes),
                     st.leases.len()
                 ),
                 &st,
@@ -399,8 +399,8 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
                     format!(
                         "{} ({} free of {})",
                         s.pool,
-                        gib(s.free_bytes),
-                        gib(s.size_bytes)
+                        human_size(s.free_bytes),
+                        human_size(s.size_bytes)
                     )
                 })
                 .collect();
@@ -424,8 +424,8 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
                     format!(
                         "thin pool {}: data {} -> {}",
                         t.pool_lv,
-                        gib(t.data_bytes_before),
-                        gib(t.data_bytes)
+                        human_size(t.data_bytes_before),
+                        human_size(t.data_bytes)
                     ),
                     &t,
                 );
@@ -435,7 +435,7 @@ pub fn call(name: &str, a: serde_json::Map<String, Value>, c: &Call) -> Result<R
                 r => {
                     let bytes = r?;
                     reply(
-                        format!("{}: now {} ({bytes} bytes)", a.lv_name, gib(bytes)),
+                        format!("{}: now {} ({bytes} bytes)", a.lv_name, human_size(bytes)),
                         json!({"pool": pool, "lv_name": a.lv_name, "size_bytes": bytes}),
                     )
                 }
@@ -567,7 +567,7 @@ fn snapshot(a: Snapshot, c: &Call) -> Result<Reply> {
                     "snapshot {} of {}: store {}, chunk {}K",
                     s.name,
                     s.origin,
-                    gib(s.size_bytes),
+                    human_size(s.size_bytes),
                     s.chunk_bytes / 1024
                 ),
                 &s,
