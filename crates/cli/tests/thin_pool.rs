@@ -924,7 +924,7 @@ exit $bad
     // in place of the first extend's, and dm-thin's writes land there.
     assert!(console.contains("EXTENDED-2"), "{console}");
     let span: Vec<u64> = line("TP-SPAN ")
-        .split(|c| c == ' ' || c == '/')
+        .split([' ', '/'])
         .map(|x| x.parse().unwrap())
         .collect();
     assert_eq!(span[0], 2, "{console}");
