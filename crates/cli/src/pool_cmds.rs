@@ -273,6 +273,16 @@ pub fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             for i in &st.images {
                 println!("  image    {}", i.describe());
             }
+            for d in &st.dm_devices {
+                println!(
+                    "  dm       {} ({}): {}",
+                    d.name,
+                    d.device.display(),
+                    d.held_by
+                        .as_deref()
+                        .unwrap_or("held by nothing of devpool's")
+                );
+            }
             println!(
                 "  health   {}",
                 if st.health.is_empty() {

@@ -722,6 +722,9 @@ echo "DEACT-LEFT $(ls /sys/block | grep -c '^dm-')"
 # An NBD server alone makes the family's stack and takes it down.
 nbd_serve $A /tmp/o3.sock
 echo "NBD-STACK $(ls /sys/block | grep -c '^dm-')"
+# pool status: the server holds them, nothing for health to name.
+devpool --pool g --json pool status > /tmp/st.json
+echo "SERVER-HELD $(grep -o '"held_by": *"server [0-9]*"' /tmp/st.json | wc -l) $(grep -c 'device-mapper has' /tmp/st.json)"
 kill -TERM $NSRV; wait $NSRV || echo "GUEST-STEP-FAILED nbd server exit $?"
 echo "NBD-LEFT $(ls /sys/block | grep -c '^dm-')"
 # devpool's own copy-on-write reads the store dm-snapshot wrote.
@@ -792,6 +795,7 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert_eq!(sum("NBD-SNAP "), sum("OLD "), "{console}");
     assert_eq!(line("DEACT-LEFT "), "0", "{console}");
     assert_eq!(line("NBD-STACK "), "4", "{console}");
+    assert_eq!(line("SERVER-HELD "), "4 0", "{console}");
     assert_eq!(line("NBD-LEFT "), "0", "{console}");
     assert_eq!(sum("ORIGIN "), sum("NEW "), "{console}");
     assert_eq!(

@@ -866,6 +866,12 @@ exit $bad
             && status.contains(&format!(r#""transaction_id":{}"#, before[0] + 4)),
         "{status}"
     );
+    // Its dm devices, with what holds them: the thin pool's under the
+    // lease's volume.
+    assert!(
+        status.contains(r#""held_by":"thinpool""#) && status.contains(r#""held_by":"lease"#),
+        "{status}"
+    );
     let served = line("SERVE ");
     assert!(served.contains(r#""path":"dm""#), "{served}");
     assert!(!console.contains("NBD-WRITE-FAILED"), "{console}");

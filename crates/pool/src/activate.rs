@@ -68,6 +68,73 @@ pub fn family(meta: &VgMetadata, name: &str) -> Vec<String> {
     }
 }
 
+/// A device-mapper device of a pool's VG, and what of devpool's holds it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ActiveDevice {
+    pub name: String,
+    pub device: PathBuf,
+    /// The LV it belongs to (its own device or a layer of it: `-real`,
+    /// `-cow`, `-tpool`…).
+    pub lv: Option<String>,
+    /// `lease SESSION` (a thin lease's dm-thin device, made at acquire),
+    /// `thin pool` (under such a device), `server PID` (a server's stack
+    /// for the volume or its snapshot family); none: nothing of devpool's
+    /// (LVM2's activation, `lv activate`, or a killed server's leftovers).
+    pub held_by: Option<String>,
+}
+
+/// The device-mapper devices of `meta`'s VG, each with what holds it
+/// (`state_dir` holds the server registry).
+pub fn active_devices(state_dir: &Path, meta: &VgMetadata) -> Vec<ActiveDevice> {
+    let prefix = devpool_format::dm::uuid(meta.id.raw_str(), "");
+    let lv_of = |uuid: &str| {
+        let id = uuid.get(prefix.len()..prefix.len() + 32)?;
+        meta.lvs.iter().find(|l| l.id.raw_str() == id)
+    };
+    let holder = |l: &LvMeta| -> Option<String> {
+        if thin_volume(meta, &l.name).is_some() {
+            return crate::lease::session_of(l).map(|s| format!("lease {s}"));
+        }
+        family(meta, &l.name)
+            .iter()
+            .filter_map(|n| meta.lv(n))
+            .find_map(|m| {
+                crate::servers::serving(state_dir, m.id.raw_str())
+                    .first()
+                    .copied()
+            })
+            .map(|pid| format!("server {pid}"))
+    };
+    let mut out: Vec<ActiveDevice> = dmdev::list()
+        .into_iter()
+        .filter(|d| d.uuid.starts_with(&prefix))
+        .map(|d| {
+            let lv = lv_of(&d.uuid);
+            ActiveDevice {
+                device: d.node(),
+                lv: lv.map(|l| l.name.clone()),
+                held_by: lv
+                    .filter(|l| !is_thin_internal(meta, &l.name))
+                    .and_then(holder),
+                name: d.name,
+            }
+        })
+        .collect();
+    // A thin pool's devices are held with the held thin volumes over them.
+    let pool_held = out.iter().any(|a| {
+        a.held_by.is_some()
+            && a.lv
+                .as_ref()
+                .is_some_and(|n| thin_volume(meta, n).is_some())
+    });
+    for a in out.iter_mut().filter(|a| {
+        pool_held && a.held_by.is_none() && a.lv.as_ref().is_some_and(|n| is_thin_internal(meta, n))
+    }) {
+        a.held_by = Some("thin pool".into());
+    }
+    out
+}
+
 /// What activating LV `name` makes, before anything is made: its devices
 /// in order, the PVs they map (by the index their tables use), the device
 /// that is `name`'s own, and the uuid marking loop devices under them.

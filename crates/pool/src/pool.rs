@@ -307,6 +307,8 @@ pub struct PoolStatus {
     pub thin_snapshots: Vec<ThinSnapshotStatus>,
     /// The pool's image files: written bytes, their filesystem's free space.
     pub images: Vec<crate::hostspace::ImageSpace>,
+    /// What device-mapper has active of the pool, and what holds each.
+    pub dm_devices: Vec<crate::activate::ActiveDevice>,
     pub health: Vec<String>,
 }
 
@@ -803,19 +805,21 @@ impl Pools {
                 v.meta.name
             ));
         }
-        // What device-mapper has active of this pool (a server's devices, or
-        // LVM2's): snapshot changes wait for it, releases remove it.
-        let prefix = devpool_format::dm::uuid(v.meta.id.raw_str(), "");
-        let active: Vec<String> = crate::dmdev::list()
-            .into_iter()
-            .filter(|d| d.uuid.starts_with(&prefix))
-            .map(|d| format!("{} ({})", d.name, d.node().display()))
+        // What device-mapper has active of this pool: a thin lease's and a
+        // server's devices are how they work; anything else (LVM2's, `lv
+        // activate`, a killed server's) holds snapshot changes back until
+        // it goes, and releases remove it.
+        let dm_devices = crate::activate::active_devices(&self.state_dir, &v.meta);
+        let loose: Vec<String> = dm_devices
+            .iter()
+            .filter(|d| d.held_by.is_none())
+            .map(|d| format!("{} ({})", d.name, d.device.display()))
             .collect();
-        if !active.is_empty() {
+        if !loose.is_empty() {
             health.push(format!(
-                "device-mapper has {} of this pool's devices active: {}; copy-on-write snapshots of their volumes cannot change until they go, and devpool serves none of its thin volumes itself while dm-thin holds the thin pool (its changes go to the kernel as messages) ('vgchange -an {}', or releasing the lease removes them)",
-                active.len(),
-                active.join(", "),
+                "device-mapper has {} of this pool's devices active that no lease or server of devpool's holds (LVM2's activation, `lv activate`, or a killed server's): {}; copy-on-write snapshots of their volumes cannot change until they go, and devpool serves none of its thin volumes itself while dm-thin holds the thin pool (its changes go to the kernel as messages) ('vgchange -an {}', `devpool lv deactivate`, or releasing the lease removes them)",
+                loose.len(),
+                loose.join(", "),
                 v.meta.name
             ));
         }
@@ -848,6 +852,7 @@ impl Pools {
             thin,
             thin_snapshots,
             images,
+            dm_devices,
             health,
         })
     }
