@@ -727,6 +727,23 @@ devpool --pool g --json pool status > /tmp/st.json
 echo "SERVER-HELD $(grep -o '"held_by": *"server [0-9]*"' /tmp/st.json | wc -l) $(grep -c 'device-mapper has' /tmp/st.json)"
 kill -TERM $NSRV; wait $NSRV || echo "GUEST-STEP-FAILED nbd server exit $?"
 echo "NBD-LEFT $(ls /sys/block | grep -c '^dm-')"
+# Servers of the snapshot and of its origin started at once. The
+# snapshot's server makes the family's stack and pauses before it
+# registers; the origin's server, started meanwhile, must not take the
+# family (it waits for the first to register, finds it there and is
+# refused, having made nothing), or the first, refused, would remove the
+# snapshot's device from under the origin's server: origin writes would
+# no longer copy out to the snapshot.
+DEVPOOL_FAULT_PAUSE_BEFORE_REGISTER_MS=2500 devpool --pool g serve s --nbd unix:/tmp/r1.sock > /tmp/r1.log 2>&1 &
+R1=$!
+n=0; while [ $(ls /sys/block | grep -c '^dm-') -lt 4 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+devpool --pool g serve $A --nbd unix:/tmp/r2.sock > /tmp/r2.log 2>&1 &
+R2=$!
+n=0; while [ ! -S /tmp/r1.sock ] && [ ! -S /tmp/r2.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+sleep 5
+echo "RACE $(ls /tmp/r1.sock /tmp/r2.sock 2>/dev/null | wc -l) $(cat /tmp/r1.log /tmp/r2.log | grep -c 'already serves it') $(ls /sys/block | grep -c '^dm-')"
+kill -TERM $R1 $R2 2>/dev/null; wait $R1; wait $R2
+echo "RACE-LEFT $(ls /sys/block | grep -c '^dm-')"
 # devpool's own copy-on-write reads the store dm-snapshot wrote.
 step devpool --pool g snapshot merge s --yes
 serve $A
@@ -796,6 +813,8 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert_eq!(line("DEACT-LEFT "), "0", "{console}");
     assert_eq!(line("NBD-STACK "), "4", "{console}");
     assert_eq!(line("SERVER-HELD "), "4 0", "{console}");
+    assert_eq!(line("RACE "), "1 1 4", "{console}");
+    assert_eq!(line("RACE-LEFT "), "0", "{console}");
     assert_eq!(line("NBD-LEFT "), "0", "{console}");
     assert_eq!(sum("ORIGIN "), sum("NEW "), "{console}");
     assert_eq!(

@@ -559,25 +559,48 @@ pub fn activate_lv(
     name: &str,
     read_only: bool,
 ) -> Result<(PathBuf, Activated)> {
-    let plan = plan_lv(meta, pvs, name, read_only)?;
     // A thin pool or a snapshot family goes to the kernel under devpool's
     // thin lock: no devpool process writes the pool's metadata meanwhile
     // (they look for the kernel's pool device under the same lock), and no
     // server opens a volume of either with devpool's own mappings (servers
     // open and register under it).
+    if thin_volume(meta, name).is_some() || family_origin(meta, name).is_some() {
+        let lock =
+            devpool_engine::lock::lock_thin(&devpool_engine::lock::default_dir(), &meta.name)?;
+        return activate_lv_locked(&lock, state_dir, meta, pvs, name, read_only);
+    }
+    activate(state_dir, meta, pvs, name, read_only)
+}
+
+/// [`activate_lv`] for a caller that holds the VG's thin lock (`_held`):
+/// a server that opens, registers and claims its volume's family under one
+/// hold, so that two servers of a family starting at once cannot both
+/// pass their checks.
+pub fn activate_lv_locked(
+    _held: &devpool_engine::lock::LockGuard,
+    state_dir: &Path,
+    meta: &VgMetadata,
+    pvs: &[(String, PathBuf)],
+    name: &str,
+    read_only: bool,
+) -> Result<(PathBuf, Activated)> {
+    activate(state_dir, meta, pvs, name, read_only)
+}
+
+fn activate(
+    state_dir: &Path,
+    meta: &VgMetadata,
+    pvs: &[(String, PathBuf)],
+    name: &str,
+    read_only: bool,
+) -> Result<(PathBuf, Activated)> {
+    let plan = plan_lv(meta, pvs, name, read_only)?;
     let thin = thin_volume(meta, name);
-    let in_family = family_origin(meta, name).is_some();
-    let _lock = if thin.is_some() || in_family {
-        Some(devpool_engine::lock::lock_thin(
-            &devpool_engine::lock::default_dir(),
-            &meta.name,
-        )?)
-    } else {
-        None
-    };
     match &thin {
         Some(t) => refuse_if_pool_served(state_dir, meta, &t.pool)?,
-        None if in_family => refuse_if_family_served(state_dir, meta, name)?,
+        None if family_origin(meta, name).is_some() => {
+            refuse_if_family_served(state_dir, meta, name)?
+        }
         None => {}
     }
     let mut a = dmdev::activate_stack(&plan.layers, &plan.pvs, &plan.loop_mark)?;

@@ -111,6 +111,13 @@ impl Activated {
     /// Remove the devices (if this activation made them), top first, and
     /// then the shared ones nothing is stacked on any more (whoever made
     /// them); then the loop devices devpool attached under what went.
+    /// [`deactivate`](Self::deactivate) by a caller that holds the VG's
+    /// thin lock already (`_held`; taking it again would wait on itself).
+    pub fn deactivate_locked(mut self, _held: &devpool_engine::lock::LockGuard) -> Result<()> {
+        self.lock_vg = None;
+        self.deactivate()
+    }
+
     pub fn deactivate(self) -> Result<()> {
         let _lock = match &self.lock_vg {
             Some(vg) => Some(devpool_engine::lock::lock_thin(

@@ -143,6 +143,17 @@ pub fn start(
         )));
     }
     let uuid = loc.lv.id.raw_str().to_string();
+    // Declared before the lock: on an early return the lock goes first (a
+    // thin volume's kernel stack takes it again as it is removed).
+    let volume: Arc<Volume>;
+    // The volume opens (a kernel activation included), registers and
+    // claims its snapshot family under the VG's thin lock: an activation
+    // of a thin pool or a family with device-mapper looks for servers of
+    // devpool's own mappings under it (`activate::activate_lv`), and two
+    // servers of a family starting at once cannot both pass.
+    let handover =
+        devpool_engine::lock::lock_thin(&devpool_engine::lock::default_dir(), &loc.meta.name)
+            .map_err(PoolError::from)?;
     // A thin volume or a volume of a snapshot family, on a host with
     // device-mapper, is dm-thin's or dm-snapshot's: every frontend reads
     // and writes the kernel's device.
@@ -152,26 +163,23 @@ pub fn start(
     if (devpool_engine::ops::thin::thin_volume(&loc.meta, lv).is_some() || family_lvs.len() > 1)
         && devpool_pool::dmdev::available()
     {
-        match crate::open::open_in_kernel(&loc, spec.read_only, &pools.state_dir) {
+        match crate::open::open_in_kernel(&loc, spec.read_only, &pools.state_dir, &handover) {
             Ok(v) => in_kernel = Some(v),
             Err(why) => dm_skipped = Some(format!("dm: {why}")),
         }
     }
-    // devpool's own mappings open and register under the VG's thin lock:
-    // an activation of a thin pool or a snapshot family with device-mapper
-    // looks for their servers under it (`activate::activate_lv`), and
-    // opening refuses what the kernel has active already.
-    let handover = match in_kernel {
-        None => Some(
-            devpool_engine::lock::lock_thin(&devpool_engine::lock::default_dir(), &loc.meta.name)
-                .map_err(PoolError::from)?,
-        ),
-        Some(_) => None,
-    };
-    let volume = Arc::new(match in_kernel {
+    volume = Arc::new(match in_kernel {
         Some(v) => v,
         None => open_volume(&loc, spec.read_only)?,
     });
+    // Fault injection for tests: widen the window between opening the
+    // volume and registering (two servers of a family starting at once).
+    if let Some(ms) = std::env::var("DEVPOOL_FAULT_PAUSE_BEFORE_REGISTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     // A snapshot registers as its COW store (what release stops).
     let registration = servers::register(&pools.state_dir, &volume.uuid)?;
     // One server per snapshot family, whoever does the copy-on-write: a

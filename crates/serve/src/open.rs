@@ -33,13 +33,16 @@ fn lv<'a>(meta: &'a VgMetadata, name: &str) -> Result<&'a LvMeta, OpenError> {
 /// or the family's dm-snapshot stack (LVM2's, when LVM2 has it active).
 /// devpool's data plane reads and writes the kernel's device, and neither
 /// opens the PVs nor reads the pool's metadata or the COW stores (the
-/// kernel owns them). `state_dir` holds the server registry.
+/// kernel owns them). `state_dir` holds the server registry; `held` is the
+/// VG's thin lock, which the caller holds until it has registered.
 pub fn open_in_kernel(
     loc: &Located,
     read_only: bool,
     state_dir: &std::path::Path,
+    held: &devpool_engine::lock::LockGuard,
 ) -> Result<Volume, OpenError> {
-    let (node, stack) = devpool_pool::activate::activate_lv(
+    let (node, stack) = devpool_pool::activate::activate_lv_locked(
+        held,
         state_dir,
         &loc.meta,
         &loc.pvs,
@@ -47,8 +50,14 @@ pub fn open_in_kernel(
         read_only,
     )
     .map_err(|e| OpenError::Invalid(e.to_string()))?;
+    let dev = match PvDevice::open(&node, !read_only) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = stack.deactivate_locked(held);
+            return Err(e.into());
+        }
+    };
     let kernel = crate::device::KernelStack::new(node.clone(), stack);
-    let dev = PvDevice::open(&node, !read_only)?;
     // A snapshot is as large as its origin, whatever its COW store's size.
     let sized_by = snapshot_links(&loc.meta)
         .into_iter()
