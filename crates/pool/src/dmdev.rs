@@ -108,9 +108,6 @@ impl Activated {
         self.devices.iter().find(|d| d.name == name)
     }
 
-    /// Remove the devices (if this activation made them), top first, and
-    /// then the shared ones nothing is stacked on any more (whoever made
-    /// them); then the loop devices devpool attached under what went.
     /// [`deactivate`](Self::deactivate) by a caller that holds the VG's
     /// thin lock already (`_held`; taking it again would wait on itself).
     pub fn deactivate_locked(mut self, _held: &devpool_engine::lock::LockGuard) -> Result<()> {
@@ -118,6 +115,9 @@ impl Activated {
         self.deactivate()
     }
 
+    /// Remove the devices (if this activation made them), top first, and
+    /// then the shared ones nothing is stacked on any more (whoever made
+    /// them); then the loop devices devpool attached under what went.
     pub fn deactivate(self) -> Result<()> {
         let _lock = match &self.lock_vg {
             Some(vg) => Some(devpool_engine::lock::lock_thin(

@@ -41,6 +41,12 @@ pub fn open_in_kernel(
     state_dir: &std::path::Path,
     held: &devpool_engine::lock::LockGuard,
 ) -> Result<Volume, OpenError> {
+    // A snapshot is as large as its origin, whatever its COW store's size.
+    let sized_by = snapshot_links(&loc.meta)
+        .into_iter()
+        .find(|l| l.cow == loc.lv.name)
+        .map_or(Ok(&loc.lv), |l| lv(&loc.meta, &l.origin))?;
+    let size = sized_by.extent_count() * loc.meta.extent_size.bytes().0;
     let (node, stack) = devpool_pool::activate::activate_lv_locked(
         held,
         state_dir,
@@ -58,12 +64,6 @@ pub fn open_in_kernel(
         }
     };
     let kernel = crate::device::KernelStack::new(node.clone(), stack);
-    // A snapshot is as large as its origin, whatever its COW store's size.
-    let sized_by = snapshot_links(&loc.meta)
-        .into_iter()
-        .find(|l| l.cow == loc.lv.name)
-        .map_or(Ok(&loc.lv), |l| lv(&loc.meta, &l.origin))?;
-    let size = sized_by.extent_count() * loc.meta.extent_size.bytes().0;
     Ok(Volume {
         name: loc.lv.name.clone(),
         uuid: loc.lv.id.raw_str().to_string(),
