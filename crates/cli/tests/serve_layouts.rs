@@ -838,6 +838,80 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert_eq!(line("RELEASED-LEFT "), "0", "{console}");
 }
 
+/// A host with device-mapper but without dm-thin (the module is packed,
+/// not loaded): a thin lease gets no dm device (a note says so) and its
+/// server does devpool's own thin mappings. Once dm-thin is there, the
+/// pool does not go to the kernel beside that server (`lv activate` is
+/// refused, naming it); after the server, it does, and dm-thin reads what
+/// devpool's mappings wrote.
+#[test]
+fn guest_a_thin_pool_does_not_go_to_dm_thin_beside_devpools_own_thin_mappings() {
+    let Some((kernel, mut lab)) = guest_lab("dm-thin beside devpool's thin mappings in a guest")
+    else {
+        return;
+    };
+    let disk = lab.loop_dev("guest-thinbeside.img", 256);
+    let script = r#"
+export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
+touch /tmp/fstab
+step() { "$@" > /tmp/step.log 2>&1 || { cat /tmp/step.log; echo "GUEST-STEP-FAILED $*"; }; }
+field() { sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p" $2 | head -1; }
+dms() { ls /sys/block | grep -c '^dm-'; }
+step devpool pool setup /dev/vda --name g --yes
+step devpool --pool g pool thin enable --data-size 64M
+devpool --pool g --json lease acquire --volumes t:16M --owner-pid $$ > /tmp/l.json || echo "GUEST-STEP-FAILED acquire"
+T=$(field lv /tmp/l.json)
+echo "NOTE $(grep -c 'has no device-mapper device' /tmp/l.json) $(dms)"
+devpool --pool g serve $T --nbd unix:/tmp/t.sock > /tmp/srv.log 2>&1 &
+SRV=$!
+n=0; while [ ! -S /tmp/t.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+qemu-io -f raw 'nbd+unix:///?socket=/tmp/t.sock' -c 'write -P 0x61 0 65536' > /tmp/qio.log 2>&1 || { cat /tmp/qio.log /tmp/srv.log; echo "GUEST-STEP-FAILED qemu-io"; }
+insmod /lib/modules/dm_thin_pool.ko || echo "GUEST-STEP-FAILED insmod dm_thin_pool"
+DEVPOOL_DEVICES=/dev/vda devpool lv activate devpool-g/$T > /tmp/act.log 2>&1 && echo "ACTIVATED-BESIDE-SERVER"
+echo "REFUSED $(tr '\n' ' ' < /tmp/act.log)"
+echo "REFUSED-LEFT $(dms)"
+kill -TERM $SRV; wait $SRV || echo "GUEST-STEP-FAILED server exit $?"
+DEVPOOL_DEVICES=/dev/vda devpool --json lv activate devpool-g/$T > /tmp/act2.json 2>&1 || { cat /tmp/act2.json; echo "GUEST-STEP-FAILED activate"; }
+D=$(field device /tmp/act2.json)
+dd if=$D of=/tmp/t64 bs=64k count=1 iflag=direct 2>/dev/null
+echo "DM-THIN-READS $(wc -c < /tmp/t64) bytes, $(tr -d '\141' < /tmp/t64 | wc -c) not 0x61"
+step env DEVPOOL_DEVICES=/dev/vda devpool lv deactivate devpool-g/$T
+step devpool --pool g lease release $(field session /tmp/l.json)
+echo "LEFT $(dms)"
+"#;
+    let modules = [
+        "virtio_blk",
+        "loop",
+        "crc32c_generic",
+        "dm_mod",
+        "later:dm_thin_pool",
+    ];
+    let console = devpool_in_guest(
+        &lab,
+        &kernel,
+        &[&disk],
+        &modules,
+        &["/usr/bin/qemu-io"],
+        script,
+    );
+    let line = |tag: &str| tagged(&console, tag);
+    assert_eq!(line("NOTE "), "1 0", "{console}");
+    assert!(!console.contains("ACTIVATED-BESIDE-SERVER"), "{console}");
+    let refused = line("REFUSED ");
+    assert!(
+        refused.contains("cannot go to dm-thin")
+            && refused.contains("with devpool's own thin mappings"),
+        "{console}"
+    );
+    assert_eq!(line("REFUSED-LEFT "), "0", "{console}");
+    assert_eq!(
+        line("DM-THIN-READS "),
+        "65536 bytes, 0 not 0x61",
+        "{console}"
+    );
+    assert_eq!(line("LEFT "), "0", "{console}");
+}
+
 /// A thin volume LVM2 has activated (dm-thin holds the pool's metadata in
 /// the kernel) is served through LVM2's own dm device (over NBD and as the
 /// block device), which devpool neither makes nor removes. Meanwhile
