@@ -624,7 +624,10 @@ devpool lv deactivate vg0/data"
         read_only: bool,
     },
     /// Deactivate an LV (and its snapshot family): remove its device-mapper
-    /// devices and the loop devices under them, as `lvchange -an` does.
+    /// devices and the loop devices under them, as `lvchange -an` does. A
+    /// snapshot family goes whole: while a server, a mount or another
+    /// program has one of its devices open, it is refused (a snapshot's
+    /// device removed under a written origin would stop its copy-out).
     Deactivate {
         /// VG/NAME
         lv: String,

@@ -725,6 +725,10 @@ echo "NBD-STACK $(ls /sys/block | grep -c '^dm-')"
 # pool status: the server holds them, nothing for health to name.
 devpool --pool g --json pool status > /tmp/st.json
 echo "SERVER-HELD $(grep -o '"held_by": *"server [0-9]*"' /tmp/st.json | wc -l) $(grep -c 'device-mapper has' /tmp/st.json)"
+# The family is not taken apart under its server (the snapshot's device
+# would go, the origin's stay open without copying out to it).
+DEVPOOL_DEVICES=/dev/vda devpool lv deactivate devpool-g/s > /tmp/deact.log 2>&1 && echo "DEACTIVATED-UNDER-SERVER"
+echo "IN-USE $(grep -c 'is in use' /tmp/deact.log) $(ls /sys/block | grep -c '^dm-')"
 kill -TERM $NSRV; wait $NSRV || echo "GUEST-STEP-FAILED nbd server exit $?"
 echo "NBD-LEFT $(ls /sys/block | grep -c '^dm-')"
 # Servers of the snapshot and of its origin started at once. The
@@ -813,6 +817,8 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert_eq!(line("DEACT-LEFT "), "0", "{console}");
     assert_eq!(line("NBD-STACK "), "4", "{console}");
     assert_eq!(line("SERVER-HELD "), "4 0", "{console}");
+    assert!(!console.contains("DEACTIVATED-UNDER-SERVER"), "{console}");
+    assert_eq!(line("IN-USE "), "1 4", "{console}");
     assert_eq!(line("RACE "), "1 1 4", "{console}");
     assert_eq!(line("RACE-LEFT "), "0", "{console}");
     assert_eq!(line("NBD-LEFT "), "0", "{console}");

@@ -614,12 +614,37 @@ fn activate(
     Ok((node, a))
 }
 
+/// A snapshot family goes whole or not at all: while one of its volumes'
+/// devices is open (a server's, a mount's), removing the rest would take a
+/// snapshot's device from under an origin still being written, whose
+/// writes would then no longer copy out to it. Refused, as LVM2 refuses to
+/// deactivate an origin in use.
+fn refuse_if_family_open(meta: &VgMetadata, name: &str, lvs: &[String]) -> Result<()> {
+    for l in lvs.iter().filter_map(|n| meta.lv(n)) {
+        let dm_name = identity(meta, l).name();
+        if let Some(d) = devpool_engine::dm::info(&dm_name)?
+            && d.open_count > 0
+        {
+            return Err(PoolError::Refused(format!(
+                "{}/{name}'s snapshot family is in use: {} ({}) is open (a server, a mount or another program has it); the family is deactivated whole, once nothing has any of it open",
+                meta.name,
+                d.name,
+                d.node().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Deactivate LV `name` (its whole snapshot family, if it has one; a thin
 /// volume's pool devices when no other thin volume is over them): remove
 /// its device-mapper devices, then the loop devices made under them. The
 /// names of the devices removed.
 pub fn deactivate_lv(meta: &VgMetadata, name: &str) -> Result<Vec<String>> {
     let lvs = family(meta, name);
+    if lvs.len() > 1 {
+        refuse_if_family_open(meta, name, &lvs)?;
+    }
     let uuids: Vec<String> = lvs
         .iter()
         .filter_map(|n| meta.lv(n))
