@@ -261,7 +261,10 @@ pub enum LeaseCmd {
         #[arg(long)]
         owner_pid: Option<u32>,
     },
-    /// Detach and remove a lease's volumes in one commit.
+    /// Detach and remove a lease's volumes in one commit. Refused while a
+    /// volume is still mounted, used as swap, built on (a VG, a dm device)
+    /// or held exclusively: its extents would go to the next lease under a
+    /// live file system. The error names the mount.
     Release {
         /// The lease's session id (as `lease acquire` printed it and
         /// `lease list` shows it).
@@ -320,6 +323,8 @@ Example:\n  devpool daemon &\n  devpool lease acquire --profile fstests   # thro
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
     /// Remove leases whose owner is dead (PID gone, reused, or rebooted since).
+    /// A dead lease whose volumes are still mounted or held is kept, with
+    /// the reason, until they are let go.
     Cleanup {
         /// Also remove kept leases whose owner is dead.
         #[arg(long)]

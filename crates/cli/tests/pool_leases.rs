@@ -941,3 +941,104 @@ fn pool_trim_gives_back_the_space_of_volumes_lvm2_removed() {
     let (good, out) = vgck(&[&whole.dev], vg);
     assert!(good, "{out}");
 }
+
+/// Extents under a live file system never go to the next lease: while a
+/// lease's volume is mounted, or held exclusively by a program (as a mount
+/// in another mount namespace holds it), its release is refused naming
+/// the mount, an orphan cleanup keeps the lease and says why, and teardown
+/// is refused; unmounted and let go, the cleanup reaps it.
+#[test]
+fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
+    if skip_unless_real("in_use_release") {
+        return;
+    }
+    let mut lab = Lab::new();
+    setup_pool(&mut lab, "inuse", 128);
+    let mut owner = Sleeper::new();
+    let lease = acquire(&lab, "inuse", "test:32M,scratch:16M", &owner.pid(), &[]);
+    let session = lease["session"].as_str().unwrap().to_string();
+    let dev = |role: &str| {
+        lease["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["role"] == role)
+            .and_then(|d| d["device"].as_str())
+            .unwrap()
+            .to_string()
+    };
+    let (test, scratch) = (dev("test"), dev("scratch"));
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", &test])
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    let mnt = lab.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount").arg(&test).arg(&mnt).status().unwrap();
+    assert!(mounted.success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let mut unmount = Some(Unmount(mnt.clone()));
+    // The scratch volume held exclusively by another program.
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys,time; fd=os.open(sys.argv[1], os.O_RDONLY|os.O_EXCL); print('held', flush=True); time.sleep(60)",
+            &scratch,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 4];
+    std::io::Read::read_exact(holder.stdout.as_mut().unwrap(), &mut line).unwrap();
+
+    let o = pool_cmd(&lab, "inuse", &["lease", "release", &session]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "released under a mount: {err}");
+    assert!(
+        err.contains("release refused")
+            && err.contains(&format!("is mounted at {}", mnt.display()))
+            && err.contains(&format!("{scratch} is held exclusively")),
+        "{err}"
+    );
+    assert_eq!(lease_count(&lab, "inuse"), 1, "the lease stays");
+    let bound = |d: &str| {
+        std::fs::read_to_string(format!(
+            "/sys/block/{}/loop/offset",
+            d.trim_start_matches("/dev/")
+        ))
+        .is_ok()
+    };
+    assert!(bound(&test) && bound(&scratch), "its loop devices stay");
+
+    // The owner dies: cleanup keeps the lease, and says why.
+    owner.kill();
+    let report = json_of(pool_cmd(&lab, "inuse", &["--json", "cleanup"]), "cleanup");
+    assert!(report["removed"].as_array().unwrap().is_empty(), "{report}");
+    let kept = report["kept"].to_string();
+    assert!(
+        kept.contains(&session) && kept.contains("still in use") && kept.contains("is mounted at"),
+        "{report}"
+    );
+    assert_eq!(lease_count(&lab, "inuse"), 1);
+    let o = lab.devpool(&[], &["pool", "teardown", "inuse", "--force", "--yes"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success() && err.contains("teardown refused"),
+        "{err}"
+    );
+
+    // Unmounted and let go: the next cleanup reaps it.
+    drop(unmount.take());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let report = json_of(pool_cmd(&lab, "inuse", &["--json", "cleanup"]), "cleanup");
+    assert_eq!(report["removed"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(lease_count(&lab, "inuse"), 0);
+    assert!(!bound(&test) && !bound(&scratch), "its loop devices went");
+}

@@ -1081,6 +1081,19 @@ impl Pools {
         if self.dry_run {
             return Ok(());
         }
+        // Nothing is let go while a mount or a holder still uses a volume.
+        let all_known = r.remove.iter().all(|lv| {
+            meta.lv(lv)
+                .is_some_and(|l| known.iter().any(|a| a.lv_uuid == l.id.raw_str()))
+        });
+        let listed;
+        let attached = if all_known {
+            known
+        } else {
+            listed = loopdev::list();
+            &listed[..]
+        };
+        refuse_if_in_use(meta, &r.remove, attached, "release")?;
         let unknown: Vec<String> = r
             .lvs
             .iter()
@@ -1131,10 +1144,25 @@ impl Pools {
                 ..Default::default()
             };
             let mut lvs = Vec::new();
+            let attached = loopdev::list();
             for l in lease::leases(&v.meta) {
                 match (&l.liveness, l.kept && !include_kept) {
                     (Liveness::Dead(_), false) => {
-                        lvs.extend(l.volumes.iter().map(|v| v.lv.clone()));
+                        let mine: Vec<String> = l.volumes.iter().map(|v| v.lv.clone()).collect();
+                        let mut family = with_snapshots(&v.meta, mine.clone());
+                        family.extend(crate::thin::thin_snapshots_of(&v.meta, &mine));
+                        let users = in_use(&v.meta, &family, &attached);
+                        if !users.is_empty() {
+                            report.kept.push((
+                                l.session.clone(),
+                                format!(
+                                    "owner is gone, but its volumes are still in use ({}); unmount them and run cleanup again",
+                                    users.join("; ")
+                                ),
+                            ));
+                            continue;
+                        }
+                        lvs.extend(mine);
                         report.removed.push(l);
                     }
                     (Liveness::Dead(_), true) => report
@@ -1316,6 +1344,7 @@ impl Pools {
                 });
             }
             let all: Vec<String> = v.meta.lvs.iter().map(|l| l.name.clone()).collect();
+            refuse_if_in_use(&v.meta, &all, &loopdev::list(), "teardown")?;
             detach_volumes(&v.meta, &all);
             self.stop_servers(&v.meta, &all)?;
             remove_dm_devices(&v.meta, &all)?;
@@ -1555,6 +1584,76 @@ fn remove_dm_devices(meta: &VgMetadata, lvs: &[String]) -> Result<Vec<PathBuf>> 
         .into_iter()
         .map(|n| PathBuf::from("/dev/mapper").join(n))
         .collect())
+}
+
+/// What still uses the loop and device-mapper devices of `lvs` outside
+/// devpool: mounts, swap, devices built on them (other than the pool's own
+/// dm devices), a loop device someone holds exclusively (a mount in
+/// another mount namespace). Freeing their extents now would hand a live
+/// file system's blocks to the next lease. `attached`: the loop devices
+/// to look at (devpool's, by their marks).
+fn in_use(meta: &VgMetadata, lvs: &[String], attached: &[loopdev::Attached]) -> Vec<String> {
+    let uuids: Vec<&str> = lvs
+        .iter()
+        .filter_map(|n| meta.lv(n))
+        .map(|l| l.id.raw_str())
+        .collect();
+    if uuids.is_empty() {
+        return Vec::new();
+    }
+    let prefix = devpool_format::dm::uuid(meta.id.raw_str(), "");
+    let ours: Vec<crate::sysblk::DevNum> = crate::dmdev::list()
+        .into_iter()
+        .filter(|d| d.uuid.starts_with(&prefix))
+        .map(|d| (d.major, d.minor))
+        .collect();
+    let (mounts, swaps) = (crate::sysblk::mounts(), crate::sysblk::swaps());
+    let mut found = Vec::new();
+    for a in attached
+        .iter()
+        .filter(|a| uuids.contains(&a.lv_uuid.as_str()))
+    {
+        let Some(d) = crate::sysblk::block_devnum(&a.device) else {
+            continue;
+        };
+        let users = crate::sysblk::users(d, &ours, &mounts, &swaps);
+        if users.is_empty()
+            && crate::sysblk::holders(d).is_empty()
+            && loopdev::held_exclusively(&a.device)
+        {
+            found.push(format!(
+                "{} is held exclusively (mounted in another mount namespace, or claimed by a program)",
+                a.device.display()
+            ));
+        }
+        found.extend(users);
+    }
+    for d in crate::dmdev::active_for_lvs(meta, uuids.iter().copied()) {
+        found.extend(crate::sysblk::users(
+            (d.major, d.minor),
+            &ours,
+            &mounts,
+            &swaps,
+        ));
+    }
+    found
+}
+
+/// Refuse to free `lvs` (for `what`) while [`in_use`] finds users.
+fn refuse_if_in_use(
+    meta: &VgMetadata,
+    lvs: &[String],
+    attached: &[loopdev::Attached],
+    what: &str,
+) -> Result<()> {
+    let users = in_use(meta, lvs, attached);
+    if users.is_empty() {
+        return Ok(());
+    }
+    Err(PoolError::Refused(format!(
+        "{what} refused: its volumes are still in use ({}); their extents would go to the next lease under a live file system. Unmount them (or stop what holds them) first",
+        users.join("; ")
+    )))
 }
 
 /// Detach the loop devices of `lvs`.

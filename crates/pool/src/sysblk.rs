@@ -179,6 +179,35 @@ fn swap_names(text: &[u8]) -> Vec<PathBuf> {
         .collect()
 }
 
+/// What uses block device `d`, or a partition of it, besides the devices
+/// `ours` (stacked on it by devpool, going with it): mounts, active swap,
+/// and devices built on it. Empty: none of these (a descriptor that is
+/// merely open does not show here).
+pub fn users(
+    d: DevNum,
+    ours: &[DevNum],
+    mounts: &[Mount],
+    swaps: &[(PathBuf, DevNum)],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for x in std::iter::once(d).chain(partitions(d)) {
+        for m in mounts.iter().filter(|m| m.dev == x) {
+            out.push(format!("{} is mounted at {}", kname(x), m.mountpoint));
+        }
+        for (name, _) in swaps.iter().filter(|(_, s)| *s == x) {
+            out.push(format!(
+                "{} is in use as swap ({})",
+                kname(x),
+                name.display()
+            ));
+        }
+        for h in holders(x).into_iter().filter(|h| !ours.contains(h)) {
+            out.push(format!("{} is built on {}", kname(h), kname(x)));
+        }
+    }
+    out
+}
+
 /// How a device of the closure relates to the candidate, for messages.
 #[derive(Debug, Clone)]
 pub struct Above {
