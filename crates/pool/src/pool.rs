@@ -1587,11 +1587,13 @@ fn remove_dm_devices(meta: &VgMetadata, lvs: &[String]) -> Result<Vec<PathBuf>> 
 }
 
 /// What still uses the loop and device-mapper devices of `lvs` outside
-/// devpool: mounts, swap, devices built on them (other than the pool's own
-/// dm devices), a loop device someone holds exclusively (a mount in
-/// another mount namespace). Freeing their extents now would hand a live
-/// file system's blocks to the next lease. `attached`: the loop devices
-/// to look at (devpool's, by their marks).
+/// devpool: mounts (in any mount namespace), swap, devices built on them
+/// other than the pool's own dm devices, programs holding them
+/// exclusively. Freeing their extents now would hand a live file system's
+/// blocks to the next lease. `attached`: the loop devices to look at
+/// (devpool's, by their marks). Each device costs one exclusive open (the
+/// kernel refuses it while the device or a partition of it is mounted or
+/// claimed); only a busy one is looked at further, to name its users.
 fn in_use(meta: &VgMetadata, lvs: &[String], attached: &[loopdev::Attached]) -> Vec<String> {
     let uuids: Vec<&str> = lvs
         .iter()
@@ -1599,6 +1601,21 @@ fn in_use(meta: &VgMetadata, lvs: &[String], attached: &[loopdev::Attached]) -> 
         .map(|l| l.id.raw_str())
         .collect();
     if uuids.is_empty() {
+        return Vec::new();
+    }
+    let mut busy: Vec<(PathBuf, crate::sysblk::DevNum)> = attached
+        .iter()
+        .filter(|a| uuids.contains(&a.lv_uuid.as_str()))
+        .map(|a| a.device.clone())
+        .chain(
+            crate::dmdev::active_for_lvs(meta, uuids.iter().copied())
+                .iter()
+                .map(|d| d.node()),
+        )
+        .filter(|dev| loopdev::held_exclusively(dev))
+        .filter_map(|dev| crate::sysblk::block_devnum(&dev).map(|d| (dev, d)))
+        .collect();
+    if busy.is_empty() {
         return Vec::new();
     }
     let prefix = devpool_format::dm::uuid(meta.id.raw_str(), "");
@@ -1609,32 +1626,20 @@ fn in_use(meta: &VgMetadata, lvs: &[String], attached: &[loopdev::Attached]) -> 
         .collect();
     let (mounts, swaps) = (crate::sysblk::mounts(), crate::sysblk::swaps());
     let mut found = Vec::new();
-    for a in attached
-        .iter()
-        .filter(|a| uuids.contains(&a.lv_uuid.as_str()))
-    {
-        let Some(d) = crate::sysblk::block_devnum(&a.device) else {
-            continue;
-        };
+    for (dev, d) in busy.drain(..) {
         let users = crate::sysblk::users(d, &ours, &mounts, &swaps);
-        if users.is_empty()
-            && crate::sysblk::holders(d).is_empty()
-            && loopdev::held_exclusively(&a.device)
-        {
+        let holders = crate::sysblk::holders(d);
+        // Claimed only by the pool's own dm devices, which go with it.
+        if users.is_empty() && !holders.is_empty() && holders.iter().all(|h| ours.contains(h)) {
+            continue;
+        }
+        if users.is_empty() {
             found.push(format!(
                 "{} is held exclusively (mounted in another mount namespace, or claimed by a program)",
-                a.device.display()
+                dev.display()
             ));
         }
         found.extend(users);
-    }
-    for d in crate::dmdev::active_for_lvs(meta, uuids.iter().copied()) {
-        found.extend(crate::sysblk::users(
-            (d.major, d.minor),
-            &ours,
-            &mounts,
-            &swaps,
-        ));
     }
     found
 }
