@@ -468,7 +468,20 @@ fn activation(g: &Global, eng: &Engine, lv: &str, activate: Option<bool>) -> Res
             names.join(", ")
         );
     } else {
-        println!("{lv} is active already as {}", node.display());
+        // Someone else's devices, used as they are: say whose, when they
+        // go with a devpool server.
+        let holder = activate::active_devices(&g.state_dir, &v.meta)
+            .into_iter()
+            .find(|d| d.device == node)
+            .and_then(|d| d.held_by)
+            .filter(|h| h.starts_with("server"));
+        match holder {
+            Some(h) => println!(
+                "{lv} is active already as {} ({h}'s: it goes when that server stops)",
+                node.display()
+            ),
+            None => println!("{lv} is active already as {}", node.display()),
+        }
     }
     // `a` goes without removing anything: the devices stay after this
     // process, until `lv deactivate`.

@@ -729,6 +729,7 @@ echo "SERVER-HELD $(grep -o '"held_by": *"server [0-9]*"' /tmp/st.json | wc -l) 
 # would go, the origin's stay open without copying out to it).
 DEVPOOL_DEVICES=/dev/vda devpool lv deactivate devpool-g/s > /tmp/deact.log 2>&1 && echo "DEACTIVATED-UNDER-SERVER"
 echo "IN-USE $(grep -c 'is in use' /tmp/deact.log) $(ls /sys/block | grep -c '^dm-')"
+echo "ACT-SERVERS $(DEVPOOL_DEVICES=/dev/vda devpool lv activate devpool-g/s 2>&1)"
 kill -TERM $NSRV; wait $NSRV || echo "GUEST-STEP-FAILED nbd server exit $?"
 echo "NBD-LEFT $(ls /sys/block | grep -c '^dm-')"
 # Servers of the snapshot and of its origin started at once. The
@@ -819,6 +820,12 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     assert_eq!(line("SERVER-HELD "), "4 0", "{console}");
     assert!(!console.contains("DEACTIVATED-UNDER-SERVER"), "{console}");
     assert_eq!(line("IN-USE "), "1 4", "{console}");
+    // lv activate uses the server's stack as it is, and says whose it is.
+    assert!(
+        line("ACT-SERVERS ").contains("is active already")
+            && line("ACT-SERVERS ").contains("it goes when that server stops"),
+        "{console}"
+    );
     assert_eq!(line("RACE "), "1 1 4", "{console}");
     assert_eq!(line("RACE-LEFT "), "0", "{console}");
     assert_eq!(line("NBD-LEFT "), "0", "{console}");
