@@ -957,17 +957,7 @@ fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
     let mut owner = Sleeper::new();
     let lease = acquire(&lab, "inuse", "test:32M,scratch:16M", &owner.pid(), &[]);
     let session = lease["session"].as_str().unwrap().to_string();
-    let dev = |role: &str| {
-        lease["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["role"] == role)
-            .and_then(|d| d["device"].as_str())
-            .unwrap()
-            .to_string()
-    };
-    let (test, scratch) = (dev("test"), dev("scratch"));
+    let (test, scratch) = (device_of(&lease, "test"), device_of(&lease, "scratch"));
     let mkfs = Command::new("mkfs.ext4")
         .args(["-q", &test])
         .status()
