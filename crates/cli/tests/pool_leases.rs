@@ -975,17 +975,7 @@ fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
     }
     let mut unmount = Some(Unmount(mnt.clone()));
     // The scratch volume held exclusively by another program.
-    let mut holder = Command::new("python3")
-        .args([
-            "-c",
-            "import os,sys,time; fd=os.open(sys.argv[1], os.O_RDONLY|os.O_EXCL); print('held', flush=True); time.sleep(60)",
-            &scratch,
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = [0u8; 4];
-    std::io::Read::read_exact(holder.stdout.as_mut().unwrap(), &mut line).unwrap();
+    let holder = ExclusiveHolder::hold(&scratch);
 
     let o = pool_cmd(&lab, "inuse", &["lease", "release", &session]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
@@ -1025,8 +1015,7 @@ fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
 
     // Unmounted and let go: the next cleanup reaps it.
     drop(unmount.take());
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     let report = json_of(pool_cmd(&lab, "inuse", &["--json", "cleanup"]), "cleanup");
     assert_eq!(report["removed"].as_array().unwrap().len(), 1, "{report}");
     assert_eq!(lease_count(&lab, "inuse"), 0);

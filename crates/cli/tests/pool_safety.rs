@@ -3,7 +3,6 @@
 
 mod common;
 use common::*;
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -272,25 +271,9 @@ fn pvs_luks_swap_and_exclusive_holders_are_refused() {
     // Held open exclusively by another program.
     let held = lab.loop_dev("held.img", 64);
     let h = held.display().to_string();
-    let mut holder = Command::new("python3")
-        .args([
-            "-c",
-            "import os,sys,time; fd=os.open(sys.argv[1], os.O_RDONLY|os.O_EXCL); print('held', flush=True); time.sleep(60)",
-            &h,
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = [0u8; 4];
-    holder
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut line)
-        .unwrap();
+    let holder = ExclusiveHolder::hold(&h);
     refused(&lab, &held, &["open exclusively"], &[]);
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
 }
 
 #[test]

@@ -105,9 +105,8 @@ pub fn active_devices(state_dir: &Path, meta: &VgMetadata) -> Vec<ActiveDevice> 
             })
             .map(|pid| format!("server {pid}"))
     };
-    let mut out: Vec<ActiveDevice> = dmdev::list()
+    let mut out: Vec<ActiveDevice> = dmdev::of_vg(meta)
         .into_iter()
-        .filter(|d| d.uuid.starts_with(&prefix))
         .map(|d| {
             let lv = lv_of(&d.uuid);
             ActiveDevice {
@@ -475,20 +474,7 @@ pub fn grow_held_pool(meta: &VgMetadata, pvs: &[(String, PathBuf)]) -> Result<bo
         return Err(e);
     }
     // Loop devices only the old table of the data LV used.
-    for a in crate::loopdev::list() {
-        let name = a
-            .device
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
-        let held = name
-            .as_ref()
-            .and_then(|n| std::fs::read_dir(format!("/sys/block/{n}/holders")).ok())
-            .map_or(1, |h| h.count());
-        if a.lv_uuid == plan.loop_mark && name.is_some_and(|n| old_loops.contains(&n)) && held == 0
-        {
-            crate::loopdev::give_back(&a);
-        }
-    }
+    dmdev::give_back_unheld(&old_loops, Some(&plan.loop_mark));
     Ok(true)
 }
 
@@ -559,35 +545,20 @@ pub fn activate_lv(
     name: &str,
     read_only: bool,
 ) -> Result<(PathBuf, Activated)> {
-    // A thin pool or a snapshot family goes to the kernel under devpool's
-    // thin lock: no devpool process writes the pool's metadata meanwhile
-    // (they look for the kernel's pool device under the same lock), and no
-    // server opens a volume of either with devpool's own mappings (servers
-    // open and register under it).
-    if thin_volume(meta, name).is_some() || family_origin(meta, name).is_some() {
-        let lock =
-            devpool_engine::lock::lock_thin(&devpool_engine::lock::default_dir(), &meta.name)?;
-        return activate_lv_locked(&lock, state_dir, meta, pvs, name, read_only);
-    }
-    activate(state_dir, meta, pvs, name, read_only)
+    let lock = devpool_engine::lock::lock_thin(&devpool_engine::lock::default_dir(), &meta.name)?;
+    activate_lv_locked(&lock, state_dir, meta, pvs, name, read_only)
 }
 
-/// [`activate_lv`] for a caller that holds the VG's thin lock (`_held`):
-/// a server that opens, registers and claims its volume's family under one
-/// hold, so that two servers of a family starting at once cannot both
-/// pass their checks.
+/// [`activate_lv`] for a caller that holds the VG's thin lock (`_held`;
+/// a server holds it while it opens, registers and claims its volume's
+/// family, so that two servers of a family starting at once cannot both
+/// pass their checks). A thin pool or a snapshot family goes to the kernel
+/// under it: no devpool process writes the pool's metadata meanwhile (they
+/// look for the kernel's pool device under the same lock), and no server
+/// opens a volume of either with devpool's own mappings (servers open and
+/// register under it).
 pub fn activate_lv_locked(
     _held: &devpool_engine::lock::LockGuard,
-    state_dir: &Path,
-    meta: &VgMetadata,
-    pvs: &[(String, PathBuf)],
-    name: &str,
-    read_only: bool,
-) -> Result<(PathBuf, Activated)> {
-    activate(state_dir, meta, pvs, name, read_only)
-}
-
-fn activate(
     state_dir: &Path,
     meta: &VgMetadata,
     pvs: &[(String, PathBuf)],

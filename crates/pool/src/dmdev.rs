@@ -153,6 +153,25 @@ fn holders(dev: &Path) -> usize {
         .map_or(1, |h| h.count())
 }
 
+/// Give back devpool's loop devices among `names` (kernel names: `loop3`)
+/// that nothing is stacked on any more; with `mark`, only those marked
+/// with that LV uuid (a user's own loop device stays either way).
+pub(crate) fn give_back_unheld(names: &[String], mark: Option<&str>) {
+    for a in crate::loopdev::list() {
+        let name = a
+            .device
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        if !a.lv_uuid.is_empty()
+            && mark.is_none_or(|m| a.lv_uuid == m)
+            && name.is_some_and(|n| names.contains(&n))
+            && holders(&a.device) == 0
+        {
+            crate::loopdev::give_back(&a);
+        }
+    }
+}
+
 /// The block devices under `dm-<minor>` (sysfs `slaves`).
 pub(crate) fn slaves(minor: u32) -> Vec<String> {
     std::fs::read_dir(format!("/sys/block/dm-{minor}/slaves"))
@@ -162,6 +181,16 @@ pub(crate) fn slaves(minor: u32) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Every device-mapper device of `meta`'s VG (LVM2's uuid prefix: its
+/// LVs and their layers, whoever made them).
+pub fn of_vg(meta: &devpool_format::metadata::VgMetadata) -> Vec<DmDevice> {
+    let prefix = devpool_format::dm::uuid(meta.id.raw_str(), "");
+    list()
+        .into_iter()
+        .filter(|d| d.uuid.starts_with(&prefix))
+        .collect()
 }
 
 /// Remove `own` (top first), then those of `shared` (top first) that
@@ -190,18 +219,7 @@ pub fn remove_stack(own: &[DmDevice], shared: &[DmDevice]) -> Result<Vec<String>
         remove(&d.name)?;
         gone.push(d.name.clone());
     }
-    for a in crate::loopdev::list() {
-        let name = a
-            .device
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
-        if !a.lv_uuid.is_empty()
-            && name.is_some_and(|n| under.contains(&n))
-            && holders(&a.device) == 0
-        {
-            crate::loopdev::give_back(&a);
-        }
-    }
+    give_back_unheld(&under, None);
     Ok(gone)
 }
 

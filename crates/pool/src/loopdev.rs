@@ -500,19 +500,6 @@ pub fn give_back(a: &Attached) -> bool {
     done
 }
 
-/// Whether someone holds loop device `dev` exclusively (a mount, in any
-/// mount namespace, or a claim): the kernel refuses an exclusive open.
-pub fn held_exclusively(dev: &Path) -> bool {
-    match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-        .open(dev)
-    {
-        Ok(_) => false,
-        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
-    }
-}
-
 /// What [`detach_unless_used`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Detach {

@@ -1603,7 +1603,7 @@ fn in_use(meta: &VgMetadata, lvs: &[String], attached: &[loopdev::Attached]) -> 
     if uuids.is_empty() {
         return Vec::new();
     }
-    let mut busy: Vec<(PathBuf, crate::sysblk::DevNum)> = attached
+    let busy: Vec<(PathBuf, crate::sysblk::DevNum)> = attached
         .iter()
         .filter(|a| uuids.contains(&a.lv_uuid.as_str()))
         .map(|a| a.device.clone())
@@ -1612,21 +1612,19 @@ fn in_use(meta: &VgMetadata, lvs: &[String], attached: &[loopdev::Attached]) -> 
                 .iter()
                 .map(|d| d.node()),
         )
-        .filter(|dev| loopdev::held_exclusively(dev))
+        .filter(|dev| crate::sysblk::held_exclusively(dev))
         .filter_map(|dev| crate::sysblk::block_devnum(&dev).map(|d| (dev, d)))
         .collect();
     if busy.is_empty() {
         return Vec::new();
     }
-    let prefix = devpool_format::dm::uuid(meta.id.raw_str(), "");
-    let ours: Vec<crate::sysblk::DevNum> = crate::dmdev::list()
-        .into_iter()
-        .filter(|d| d.uuid.starts_with(&prefix))
+    let ours: Vec<crate::sysblk::DevNum> = crate::dmdev::of_vg(meta)
+        .iter()
         .map(|d| (d.major, d.minor))
         .collect();
     let (mounts, swaps) = (crate::sysblk::mounts(), crate::sysblk::swaps());
     let mut found = Vec::new();
-    for (dev, d) in busy.drain(..) {
+    for (dev, d) in busy {
         let users = crate::sysblk::users(d, &ours, &mounts, &swaps);
         let holders = crate::sysblk::holders(d);
         // Claimed only by the pool's own dm devices, which go with it.

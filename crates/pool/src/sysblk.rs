@@ -179,6 +179,21 @@ fn swap_names(text: &[u8]) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Whether someone holds block device `dev` exclusively (a mount, in any
+/// mount namespace, swap, a device built on it, a program's claim): the
+/// kernel refuses an exclusive open while it or a partition of it is.
+pub fn held_exclusively(dev: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(dev)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
+}
+
 /// What uses block device `d`, or a partition of it, besides the devices
 /// `ours` (stacked on it by devpool, going with it): mounts, active swap,
 /// and devices built on it. Empty: none of these (a descriptor that is

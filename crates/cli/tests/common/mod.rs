@@ -540,3 +540,32 @@ pub fn mcp_initialize(id: u64) -> Value {
 pub fn mcp_initialized() -> Value {
     serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"})
 }
+
+/// A program holding block device `dev` open exclusively (`O_EXCL`), as a
+/// mount or a claim holds it; killed (by its PID) when dropped.
+pub struct ExclusiveHolder(std::process::Child);
+
+impl ExclusiveHolder {
+    pub fn hold(dev: &str) -> ExclusiveHolder {
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import os,sys,time; fd=os.open(sys.argv[1], os.O_RDONLY|os.O_EXCL); print('held', flush=True); time.sleep(60)",
+                dev,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = [0u8; 4];
+        std::io::Read::read_exact(child.stdout.as_mut().expect("piped"), &mut line)
+            .expect("the holder opened the device");
+        ExclusiveHolder(child)
+    }
+}
+
+impl Drop for ExclusiveHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
