@@ -95,7 +95,7 @@ pub enum PoolCmd {
     #[command(
         after_help = "Checks first: not mounted (nor a partition or holder), not in fstab, not \
 backing / /boot or swap through any stacking, not an md member, LUKS container or other \
-LVM PV, not open exclusively by anyone; file systems and partition tables need YES.\n\n\
+LVM PV, not open in any other program (exclusively or not); file systems and partition tables need YES.\n\n\
 Example:\n  devpool pool setup /dev/sdb --name fast\n  devpool pool setup /var/tmp/pool.img --name img --image-size 200G"
     )]
     Setup {
@@ -263,8 +263,10 @@ pub enum LeaseCmd {
     },
     /// Detach and remove a lease's volumes in one commit. Refused while a
     /// volume is still mounted, used as swap, built on (a VG, a dm device)
-    /// or held exclusively: its extents would go to the next lease under a
-    /// live file system. The error names the mount.
+    /// or open in a program (a dd, a QEMU; a probe that closes it within a
+    /// few tenths of a second does not count): its extents would go to the
+    /// next lease under a live file system or writer. The error names the
+    /// mount or the process.
     Release {
         /// The lease's session id (as `lease acquire` printed it and
         /// `lease list` shows it).
@@ -323,8 +325,8 @@ Example:\n  devpool daemon &\n  devpool lease acquire --profile fstests   # thro
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
     /// Remove leases whose owner is dead (PID gone, reused, or rebooted since).
-    /// A dead lease whose volumes are still mounted or held is kept, with
-    /// the reason, until they are let go.
+    /// A dead lease whose volumes are still mounted, held or open in a
+    /// program is kept, with the reason, until they are let go.
     Cleanup {
         /// Also remove kept leases whose owner is dead.
         #[arg(long)]

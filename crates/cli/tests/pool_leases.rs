@@ -942,22 +942,30 @@ fn pool_trim_gives_back_the_space_of_volumes_lvm2_removed() {
     assert!(good, "{out}");
 }
 
-/// Extents under a live file system never go to the next lease: while a
-/// lease's volume is mounted, or held exclusively by a program (as a mount
-/// in another mount namespace holds it), its release is refused naming
-/// the mount, an orphan cleanup keeps the lease and says why, and teardown
-/// is refused; unmounted and let go, the cleanup reaps it.
+/// Extents under a live file system or writer never go to the next lease:
+/// while a lease's volume is mounted, held exclusively by a program (as a
+/// mount in another mount namespace holds it) or merely open in one, its
+/// release is refused naming the mount and the processes, an orphan cleanup
+/// keeps the lease and says why, and teardown is refused; unmounted and let
+/// go, the cleanup reaps it.
 #[test]
 fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
     if skip_unless_real("in_use_release") {
         return;
     }
     let mut lab = Lab::new();
-    setup_pool(&mut lab, "inuse", 128);
+    let pool_dev = setup_pool(&mut lab, "inuse", 128);
     let mut owner = Sleeper::new();
-    let lease = acquire(&lab, "inuse", "test:32M,scratch:16M", &owner.pid(), &[]);
+    let lease = acquire(
+        &lab,
+        "inuse",
+        "test:32M,scratch:16M,open:16M",
+        &owner.pid(),
+        &[],
+    );
     let session = lease["session"].as_str().unwrap().to_string();
     let (test, scratch) = (device_of(&lease, "test"), device_of(&lease, "scratch"));
+    let open = device_of(&lease, "open");
     let mkfs = Command::new("mkfs.ext4")
         .args(["-q", &test])
         .status()
@@ -974,8 +982,11 @@ fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
         }
     }
     let mut unmount = Some(Unmount(mnt.clone()));
-    // The scratch volume held exclusively by another program.
-    let holder = ExclusiveHolder::hold(&scratch);
+    // The scratch volume held exclusively by another program, and the
+    // third one merely open in another (as a dd or a QEMU has it): no
+    // exclusive-open probe sees that one.
+    let holder = DeviceHolder::exclusive(&scratch);
+    let opener = DeviceHolder::open(&open);
 
     let o = pool_cmd(&lab, "inuse", &["lease", "release", &session]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
@@ -983,7 +994,10 @@ fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
     assert!(
         err.contains("release refused")
             && err.contains(&format!("is mounted at {}", mnt.display()))
-            && err.contains(&format!("{scratch} is held exclusively")),
+            && err.contains(&format!(
+                "{scratch} is open in process {} (python3)",
+                holder.pid()
+            )),
         "{err}"
     );
     assert_eq!(lease_count(&lab, "inuse"), 1, "the lease stays");
@@ -994,7 +1008,10 @@ fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
         ))
         .is_ok()
     };
-    assert!(bound(&test) && bound(&scratch), "its loop devices stay");
+    assert!(
+        bound(&test) && bound(&scratch) && bound(&open),
+        "its loop devices stay"
+    );
 
     // The owner dies: cleanup keeps the lease, and says why.
     owner.kill();
@@ -1006,18 +1023,79 @@ fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
         "{report}"
     );
     assert_eq!(lease_count(&lab, "inuse"), 1);
+
+    // Unmounted and the exclusive holder gone, the program that merely has
+    // a volume open still keeps the lease: the kernel does not detach a
+    // loop device someone else has open, and the process is named.
+    drop(unmount.take());
+    drop(holder);
+    let open_by = format!("{open} is open in process {} (python3)", opener.pid());
+    let o = pool_cmd(&lab, "inuse", &["lease", "release", &session]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success() && err.contains("release refused") && err.contains(&open_by),
+        "{err}"
+    );
+    let report = json_of(pool_cmd(&lab, "inuse", &["--json", "cleanup"]), "cleanup");
+    assert!(report["removed"].as_array().unwrap().is_empty(), "{report}");
+    let kept = report["kept"].to_string();
+    assert!(kept.contains(&open_by), "{report}");
     let o = lab.devpool(&[], &["pool", "teardown", "inuse", "--force", "--yes"]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(
-        !o.status.success() && err.contains("teardown refused"),
+        !o.status.success() && err.contains("teardown refused") && err.contains(&open_by),
         "{err}"
     );
+    assert_eq!(lease_count(&lab, "inuse"), 1);
+    // Still attached, at the volume's offset (not marked to be cleared at
+    // its last close either: it survives the opener).
+    assert!(bound(&open), "the open volume's loop device stays");
+    let volumes = loops_over(&pool_dev);
+    assert_eq!(
+        volumes.len(),
+        3,
+        "every volume keeps a loop device: {volumes:?}"
+    );
 
-    // Unmounted and let go: the next cleanup reaps it.
-    drop(unmount.take());
-    drop(holder);
+    // Let go: the next cleanup reaps it.
+    drop(opener);
+    assert!(bound(&open), "not cleared at the opener's last close");
     let report = json_of(pool_cmd(&lab, "inuse", &["--json", "cleanup"]), "cleanup");
     assert_eq!(report["removed"].as_array().unwrap().len(), 1, "{report}");
     assert_eq!(lease_count(&lab, "inuse"), 0);
-    assert!(!bound(&test) && !bound(&scratch), "its loop devices went");
+    for d in volumes.iter().chain([&test, &scratch, &open]) {
+        assert!(!bound(d), "{d}: its loop devices went");
+    }
+}
+
+#[test]
+fn a_volume_opened_for_a_moment_does_not_stop_its_release() {
+    if skip_unless_real("in_use_transient") {
+        return;
+    }
+    let mut lab = Lab::new();
+    setup_pool(&mut lab, "blip", 64);
+    let owner = Sleeper::new();
+    let lease = acquire(&lab, "blip", "test:16M", &owner.pid(), &[]);
+    let session = lease["session"].as_str().unwrap().to_string();
+    let test = device_of(&lease, "test");
+    // Open for 200 ms, as udev's blkid opens a device after a change, then
+    // closed by a process that lives on: a release that starts meanwhile
+    // sees it open, looks again, and goes ahead once it is closed.
+    let mut blip = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys,time; fd=os.open(sys.argv[1], os.O_RDONLY); print('open', flush=True); time.sleep(0.2); os.close(fd); time.sleep(60)",
+            &test,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 4];
+    std::io::Read::read_exact(blip.stdout.as_mut().unwrap(), &mut line).unwrap();
+    let o = pool_cmd(&lab, "blip", &["lease", "release", &session]);
+    let _ = blip.kill();
+    let _ = blip.wait();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(lease_count(&lab, "blip"), 0);
 }

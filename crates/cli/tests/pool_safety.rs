@@ -232,7 +232,7 @@ fn fstab_entries_by_path_and_uuid_are_refused() {
 }
 
 #[test]
-fn pvs_luks_swap_and_exclusive_holders_are_refused() {
+fn pvs_luks_swap_and_programs_holding_the_device_are_refused() {
     if skip_unless_real("safety_signatures") {
         return;
     }
@@ -271,8 +271,30 @@ fn pvs_luks_swap_and_exclusive_holders_are_refused() {
     // Held open exclusively by another program.
     let held = lab.loop_dev("held.img", 64);
     let h = held.display().to_string();
-    let holder = ExclusiveHolder::hold(&h);
-    refused(&lab, &held, &["open exclusively"], &[]);
+    let holder = DeviceHolder::exclusive(&h);
+    let pid = holder.pid();
+    refused(
+        &lab,
+        &held,
+        &[
+            "open exclusively",
+            &format!("{h} is open in process {pid} (python3)"),
+        ],
+        &[],
+    );
+    drop(holder);
+
+    // Merely open in another program (a dd, a QEMU using it as a disk): no
+    // exclusive open shows it, the scan of processes does.
+    let holder = DeviceHolder::open(&h);
+    let pid = holder.pid();
+    let err = refused(
+        &lab,
+        &held,
+        &[&format!("{h} is open in process {pid} (python3)")],
+        &[],
+    );
+    assert!(!err.contains("open exclusively"), "{err}");
     drop(holder);
 }
 

@@ -317,7 +317,7 @@ fn paths_that_would_bypass_copy_on_write_are_refused() {
     ];
     let err = b.lab.dp_err(&[], &create);
     assert!(
-        err.contains(&loopdev) && err.contains(&format!("pid {}", holder.id())),
+        err.contains(&loopdev) && err.contains(&format!("open in process {} (sleep)", holder.id())),
         "{err}"
     );
     let mut holder = holder;

@@ -569,49 +569,21 @@ fn in_use_by(dev: &Path) -> Vec<String> {
 }
 
 /// Who uses a block device besides this process: a mount or another
-/// exclusive holder (O_EXCL fails), and every process with it open (their
-/// descriptors in /proc). Empty when detaching it is safe.
+/// exclusive holder (O_EXCL fails), and every process with it open (see
+/// [`crate::sysblk::openers`]). Empty when detaching it is safe.
 pub fn users(dev: &Path) -> Vec<String> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let mut out = Vec::new();
-    let Ok(meta) = std::fs::metadata(dev) else {
-        return out;
+    let Some(d) = crate::sysblk::block_devnum(dev) else {
+        return Vec::new();
     };
-    if !meta.file_type().is_block_device() {
-        return out;
-    }
-    if let Err(e) = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-        .open(dev)
-        && e.raw_os_error() == Some(libc::EBUSY)
-    {
+    let mut out = Vec::new();
+    if crate::sysblk::held_exclusively(dev) {
         out.push("mounted or held exclusively (a file system, device-mapper, md…)".into());
     }
-    let me = std::process::id().to_string();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let pid = p.file_name().to_string_lossy().into_owned();
-        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        let open = fds.flatten().any(|fd| {
-            std::fs::metadata(fd.path())
-                .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == meta.rdev())
-        });
-        if open {
-            let comm = std::fs::read(p.path().join("comm")).unwrap_or_default();
-            out.push(format!(
-                "open by pid {pid} ({})",
-                String::from_utf8_lossy(&comm).trim()
-            ));
-        }
-    }
+    out.extend(
+        crate::sysblk::openers(&[d], &[])
+            .iter()
+            .map(|o| o.to_string()),
+    );
     out
 }
 

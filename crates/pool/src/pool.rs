@@ -1093,21 +1093,11 @@ impl Pools {
             listed = loopdev::list();
             &listed[..]
         };
-        refuse_if_in_use(meta, &r.remove, attached, "release")?;
-        let unknown: Vec<String> = r
-            .lvs
-            .iter()
-            .filter(|lv| {
-                let Some(l) = meta.lv(lv) else {
-                    return false;
-                };
-                let a = known.iter().find(|a| a.lv_uuid == l.id.raw_str());
-                !a.is_some_and(loopdev::give_back)
-            })
-            .cloned()
-            .collect();
-        if !unknown.is_empty() {
-            detach_volumes(meta, &unknown);
+        let servers = || self.server_pids(meta, &r.remove);
+        refuse_if_in_use(meta, &r.remove, attached, &servers, "release")?;
+        let loops = loops_of(meta, &r.lvs, attached);
+        if let Err(users) = detach_unless_used(&loops, &own_dm(meta)) {
+            return Err(refusal("release", &users));
         }
         self.stop_servers(meta, &r.remove)?;
         remove_dm_devices(meta, &r.remove)?;
@@ -1145,18 +1135,26 @@ impl Pools {
             };
             let mut lvs = Vec::new();
             let attached = loopdev::list();
+            let ours = own_dm(&v.meta);
             for l in lease::leases(&v.meta) {
                 match (&l.liveness, l.kept && !include_kept) {
                     (Liveness::Dead(_), false) => {
                         let mine: Vec<String> = l.volumes.iter().map(|v| v.lv.clone()).collect();
                         let mut family = with_snapshots(&v.meta, mine.clone());
                         family.extend(crate::thin::thin_snapshots_of(&v.meta, &mine));
-                        let users = in_use(&v.meta, &family, &attached);
+                        let servers = || self.server_pids(&v.meta, &family);
+                        let mut users = in_use(&v.meta, &family, &attached, &servers);
+                        if users.is_empty() {
+                            match detach_unless_used(&loops_of(&v.meta, &mine, &attached), &ours) {
+                                Ok(done) => report.detached.extend(done),
+                                Err(open) => users = open,
+                            }
+                        }
                         if !users.is_empty() {
                             report.kept.push((
                                 l.session.clone(),
                                 format!(
-                                    "owner is gone, but its volumes are still in use ({}); unmount them and run cleanup again",
+                                    "owner is gone, but its volumes are still in use ({}); unmount them (or stop what has them open) and run cleanup again",
                                     users.join("; ")
                                 ),
                             ));
@@ -1174,7 +1172,7 @@ impl Pools {
                     (Liveness::OtherHost(h), _) => report.kept.push((l.session.clone(), h.clone())),
                 }
             }
-            report.detached = detach_loops(&v, &lvs, true);
+            report.detached.extend(detach_loops(&v, &lvs, true));
             let thin_snaps = crate::thin::thin_snapshots_of(&v.meta, &lvs);
             lvs.extend(thin_snaps);
             self.stop_servers(&v.meta, &lvs)?;
@@ -1344,7 +1342,14 @@ impl Pools {
                 });
             }
             let all: Vec<String> = v.meta.lvs.iter().map(|l| l.name.clone()).collect();
-            refuse_if_in_use(&v.meta, &all, &loopdev::list(), "teardown")?;
+            let servers = || self.server_pids(&v.meta, &all);
+            let attached = loopdev::list();
+            refuse_if_in_use(&v.meta, &all, &attached, &servers, "teardown")?;
+            if let Err(users) =
+                detach_unless_used(&loops_of(&v.meta, &all, &attached), &own_dm(&v.meta))
+            {
+                return Err(refusal("teardown", &users));
+            }
             detach_volumes(&v.meta, &all);
             self.stop_servers(&v.meta, &all)?;
             remove_dm_devices(&v.meta, &all)?;
@@ -1446,16 +1451,19 @@ impl Pools {
     /// until they have flushed and let go, before their extents are freed.
     /// Stop the servers of `lvs` and of their snapshots.
     pub(crate) fn stop_servers(&self, meta: &VgMetadata, lvs: &[String]) -> Result<()> {
-        let snapshots = devpool_engine::ops::snapshot::snapshots_of(meta, lvs);
-        let uuids: Vec<&str> = lvs
-            .iter()
-            .chain(&snapshots)
-            .filter_map(|lv| meta.lv(lv).map(|l| l.id.raw_str()))
-            .collect();
+        let uuids = served_uuids(meta, lvs);
         if !uuids.is_empty() {
             servers::stop(&self.state_dir, &uuids, SERVER_STOP_TIMEOUT)?;
         }
         Ok(())
+    }
+
+    /// The PIDs of the servers [`Self::stop_servers`] would stop.
+    fn server_pids(&self, meta: &VgMetadata, lvs: &[String]) -> Vec<u32> {
+        served_uuids(meta, lvs)
+            .into_iter()
+            .flat_map(|u| servers::serving(&self.state_dir, u))
+            .collect()
     }
 
     /// Where a volume is and who holds it: what a server needs to serve it.
@@ -1586,15 +1594,35 @@ fn remove_dm_devices(meta: &VgMetadata, lvs: &[String]) -> Result<Vec<PathBuf>> 
         .collect())
 }
 
+/// The uuids of `lvs` and of their snapshots: what their servers serve.
+fn served_uuids<'m>(meta: &'m VgMetadata, lvs: &[String]) -> Vec<&'m str> {
+    let snapshots = devpool_engine::ops::snapshot::snapshots_of(meta, lvs);
+    lvs.iter()
+        .chain(&snapshots)
+        .filter_map(|lv| meta.lv(lv).map(|l| l.id.raw_str()))
+        .collect()
+}
+
 /// What still uses the loop and device-mapper devices of `lvs` outside
 /// devpool: mounts (in any mount namespace), swap, devices built on them
-/// other than the pool's own dm devices, programs holding them
-/// exclusively. Freeing their extents now would hand a live file system's
-/// blocks to the next lease. `attached`: the loop devices to look at
-/// (devpool's, by their marks). Each device costs one exclusive open (the
-/// kernel refuses it while the device or a partition of it is mounted or
-/// claimed); only a busy one is looked at further, to name its users.
-fn in_use(meta: &VgMetadata, lvs: &[String], attached: &[loopdev::Attached]) -> Vec<String> {
+/// other than the pool's own dm devices, programs holding them exclusively,
+/// and programs that have one of their dm devices open. Freeing their
+/// extents now would hand a live file system's blocks, or a live writer's
+/// target, to the next lease. `attached`: the loop devices to look at
+/// (devpool's, by their marks). `servers`: the PIDs of devpool's own
+/// servers of these volumes, which the caller stops, so their descriptors
+/// do not count (asked for only when a scan is needed).
+/// Each device costs one exclusive open (the kernel refuses it while the
+/// device or a partition of it is mounted or claimed); `/proc` is scanned
+/// only to name a claim's holder, or when a dm device is open. A program
+/// that merely has a loop device open is found when it is detached
+/// ([`detach_unless_used`]).
+fn in_use(
+    meta: &VgMetadata,
+    lvs: &[String],
+    attached: &[loopdev::Attached],
+    servers: &dyn Fn() -> Vec<u32>,
+) -> Vec<String> {
     let uuids: Vec<&str> = lvs
         .iter()
         .filter_map(|n| meta.lv(n))
@@ -1603,43 +1631,132 @@ fn in_use(meta: &VgMetadata, lvs: &[String], attached: &[loopdev::Attached]) -> 
     if uuids.is_empty() {
         return Vec::new();
     }
-    let busy: Vec<(PathBuf, crate::sysblk::DevNum)> = attached
+    let dm = crate::dmdev::active_for_lvs(meta, uuids.iter().copied());
+    let devices: Vec<(PathBuf, crate::sysblk::DevNum)> = attached
         .iter()
         .filter(|a| uuids.contains(&a.lv_uuid.as_str()))
         .map(|a| a.device.clone())
-        .chain(
-            crate::dmdev::active_for_lvs(meta, uuids.iter().copied())
-                .iter()
-                .map(|d| d.node()),
-        )
-        .filter(|dev| crate::sysblk::held_exclusively(dev))
+        .chain(dm.iter().map(|d| d.node()))
         .filter_map(|dev| crate::sysblk::block_devnum(&dev).map(|d| (dev, d)))
         .collect();
-    if busy.is_empty() {
+    if devices.is_empty() {
         return Vec::new();
     }
-    let ours: Vec<crate::sysblk::DevNum> = crate::dmdev::of_vg(meta)
-        .iter()
-        .map(|d| (d.major, d.minor))
-        .collect();
-    let (mounts, swaps) = (crate::sysblk::mounts(), crate::sysblk::swaps());
+    let ours = own_dm(meta);
+    let (mut mounts, mut swaps) = (None, None);
     let mut found = Vec::new();
-    for (dev, d) in busy {
-        let users = crate::sysblk::users(d, &ours, &mounts, &swaps);
-        let holders = crate::sysblk::holders(d);
+    // Claimed by something that is no mount, swap or device: a program's
+    // exclusive open, or a mount in another mount namespace.
+    let mut claimed = Vec::new();
+    for (dev, d) in &devices {
+        if !crate::sysblk::held_exclusively(dev) {
+            continue;
+        }
+        let mounts = mounts.get_or_insert_with(crate::sysblk::mounts);
+        let swaps = swaps.get_or_insert_with(crate::sysblk::swaps);
+        let users = crate::sysblk::users(*d, &ours, mounts, swaps);
+        let holders = crate::sysblk::holders(*d);
         // Claimed only by the pool's own dm devices, which go with it.
         if users.is_empty() && !holders.is_empty() && holders.iter().all(|h| ours.contains(h)) {
             continue;
         }
         if users.is_empty() {
+            claimed.push((dev, *d));
+        }
+        found.extend(users);
+    }
+    // dm devices open other than by devices stacked on them (the kernel's
+    // count; sysfs has none).
+    let open_dm = dm.iter().filter(|d| {
+        let stacked = crate::sysblk::holders((d.major, d.minor)).len() as i32;
+        devpool_engine::dm::info(&d.name)
+            .ok()
+            .flatten()
+            .is_some_and(|i| i.open_count > stacked)
+    });
+    let scan: Vec<crate::sysblk::DevNum> = claimed
+        .iter()
+        .map(|(_, d)| *d)
+        .chain(open_dm.map(|d| (d.major, d.minor)))
+        .collect();
+    let open = if scan.is_empty() {
+        Vec::new()
+    } else {
+        crate::sysblk::lasting_openers(&scan, &servers())
+    };
+    for (dev, d) in claimed {
+        if !open.iter().any(|o| o.dev == d) {
             found.push(format!(
                 "{} is held exclusively (mounted in another mount namespace, or claimed by a program)",
                 dev.display()
             ));
         }
-        found.extend(users);
     }
+    found.extend(open.iter().map(|o| o.to_string()));
     found
+}
+
+/// How long [`detach_unless_used`] waits, each time, for a device another
+/// process has open to be closed before trying again: about a third of a
+/// second in all.
+const PAUSES_FOR_OPENERS_MS: [u64; 8] = [1, 2, 5, 10, 20, 40, 80, 160];
+
+/// Detach `loops` (devpool's) only while no program has them open, with the
+/// kernel's own test ([`loopdev::detach_unless_used`]: nothing can open one
+/// between the check and the detach). A device opened for a moment (udev's
+/// `blkid` after a change, another tool's probe) is tried again for about
+/// a third of a second ([`PAUSES_FOR_OPENERS_MS`]). One still open after
+/// that is left attached, the ones detached before it are attached again,
+/// and its users are returned.
+/// Devices held only by the pool's own dm devices (`ours`) are let go last,
+/// at their last close, as those go.
+fn detach_unless_used(
+    loops: &[loopdev::Attached],
+    ours: &[crate::sysblk::DevNum],
+) -> std::result::Result<Vec<PathBuf>, Vec<String>> {
+    let under_ours = |a: &loopdev::Attached| {
+        crate::sysblk::block_devnum(&a.device).is_some_and(|d| {
+            let h = crate::sysblk::holders(d);
+            !h.is_empty() && h.iter().all(|x| ours.contains(x))
+        })
+    };
+    let (stacked, plain): (Vec<&loopdev::Attached>, Vec<&loopdev::Attached>) =
+        loops.iter().partition(|a| under_ours(a));
+    let mut detached: Vec<&loopdev::Attached> = Vec::new();
+    let refuse = |detached: &[&loopdev::Attached], users: Vec<String>| {
+        for d in detached {
+            let _ = loopdev::attach(&d.backing, d.offset, d.size, &d.lv_uuid);
+        }
+        Err(users)
+    };
+    for a in plain {
+        // Most such openers are gone within a millisecond (another thread
+        // or process listing loop devices reads each one's status).
+        let mut pauses = PAUSES_FOR_OPENERS_MS.iter();
+        loop {
+            match loopdev::detach_unless_used(a) {
+                Ok(loopdev::Detach::Done) => detached.push(a),
+                Ok(loopdev::Detach::Gone) => {}
+                Ok(loopdev::Detach::InUse(users)) => match pauses.next() {
+                    Some(ms) => {
+                        std::thread::sleep(std::time::Duration::from_millis(*ms));
+                        continue;
+                    }
+                    None => return refuse(&detached, users),
+                },
+                Err(e) => return refuse(&detached, vec![e.to_string()]),
+            }
+            break;
+        }
+    }
+    let mut done: Vec<PathBuf> = detached.iter().map(|a| a.device.clone()).collect();
+    done.extend(
+        stacked
+            .into_iter()
+            .filter(|a| loopdev::give_back(a))
+            .map(|a| a.device.clone()),
+    );
+    Ok(done)
 }
 
 /// Refuse to free `lvs` (for `what`) while [`in_use`] finds users.
@@ -1647,16 +1764,48 @@ fn refuse_if_in_use(
     meta: &VgMetadata,
     lvs: &[String],
     attached: &[loopdev::Attached],
+    servers: &dyn Fn() -> Vec<u32>,
     what: &str,
 ) -> Result<()> {
-    let users = in_use(meta, lvs, attached);
+    let users = in_use(meta, lvs, attached, servers);
     if users.is_empty() {
         return Ok(());
     }
-    Err(PoolError::Refused(format!(
-        "{what} refused: its volumes are still in use ({}); their extents would go to the next lease under a live file system. Unmount them (or stop what holds them) first",
+    Err(refusal(what, &users))
+}
+
+/// `what` (release, teardown) refused for `users` of the volumes.
+fn refusal(what: &str, users: &[String]) -> PoolError {
+    PoolError::Refused(format!(
+        "{what} refused: its volumes are still in use ({}); their extents would go to the next lease while a file system or a program still uses them. Unmount them (or stop what has them open) first",
         users.join("; ")
-    )))
+    ))
+}
+
+/// The loop devices of `lvs` among `attached`.
+fn loops_of(
+    meta: &VgMetadata,
+    lvs: &[String],
+    attached: &[loopdev::Attached],
+) -> Vec<loopdev::Attached> {
+    let uuids: Vec<&str> = lvs
+        .iter()
+        .filter_map(|n| meta.lv(n))
+        .map(|l| l.id.raw_str())
+        .collect();
+    attached
+        .iter()
+        .filter(|a| uuids.contains(&a.lv_uuid.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// The device numbers of the VG's own dm devices.
+fn own_dm(meta: &VgMetadata) -> Vec<crate::sysblk::DevNum> {
+    crate::dmdev::of_vg(meta)
+        .iter()
+        .map(|d| (d.major, d.minor))
+        .collect()
 }
 
 /// Detach the loop devices of `lvs`.

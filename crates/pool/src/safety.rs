@@ -93,6 +93,16 @@ fn check_block(path: &Path, dev: DevNum, fstab: &Path, f: &mut Findings) {
             path.display()
         ));
     }
+    // A program may have it (or a partition of it) open without a claim: a
+    // dd, a QEMU using it as a disk. Setup would write under it.
+    let devs: Vec<DevNum> = stack
+        .iter()
+        .map(|a| a.dev)
+        .filter(|d| *d == dev || sysblk::partitions(dev).contains(d))
+        .collect();
+    for o in sysblk::lasting_openers(&devs, &[]) {
+        f.refusals.push(o.to_string());
+    }
 }
 
 fn check_image(path: &Path, meta: &std::fs::Metadata, fstab: &Path, f: &mut Findings) {

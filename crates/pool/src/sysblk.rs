@@ -194,6 +194,110 @@ pub fn held_exclusively(dev: &Path) -> bool {
     }
 }
 
+/// A process with a block device open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opener {
+    pub pid: u32,
+    /// Its command name (`/proc/PID/comm`).
+    pub comm: String,
+    pub dev: DevNum,
+}
+
+impl std::fmt::Display for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "/dev/{} is open in process {} ({})",
+            kname(self.dev),
+            self.pid,
+            self.comm
+        )
+    }
+}
+
+/// The processes other than this one and `except` that have one of `devs`
+/// open, as `fuser` finds them: every descriptor in `/proc/PID/fd`. Only
+/// descriptors whose path is under `/dev/` are looked at (a `stat` of any
+/// other could hang on a stuck FUSE server); a device node made elsewhere is
+/// not seen. This catches what an exclusive-open probe cannot: a `dd`, a
+/// QEMU or a shell with the device merely open.
+pub fn openers(devs: &[DevNum], except: &[u32]) -> Vec<Opener> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    if devs.is_empty() {
+        return out;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me || except.contains(&pid) {
+            continue;
+        }
+        // A process that ends (or is not ours to read) meanwhile is skipped.
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let mut seen = BTreeSet::new();
+        for fd in fds.flatten() {
+            let path = fd.path();
+            let under_dev = std::fs::read_link(&path).is_ok_and(|t| t.starts_with("/dev/"));
+            if !under_dev {
+                continue;
+            }
+            if let Some(d) = block_devnum(&path).filter(|d| devs.contains(d)) {
+                seen.insert(d);
+            }
+        }
+        if seen.is_empty() {
+            continue;
+        }
+        let comm = std::fs::read_to_string(p.path().join("comm"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        out.extend(seen.into_iter().map(|dev| Opener {
+            pid,
+            comm: comm.clone(),
+            dev,
+        }));
+    }
+    out
+}
+
+/// [`openers`] that stay: a device opened for a moment (udev's `blkid`
+/// after a change, a probe by another tool) is not a user. While anything
+/// is found, looks again every 75 ms, five times, and returns what every
+/// look found.
+pub fn lasting_openers(devs: &[DevNum], except: &[u32]) -> Vec<Opener> {
+    lasting(
+        || openers(devs, except),
+        5,
+        std::time::Duration::from_millis(75),
+    )
+}
+
+/// What every one of `1 + again` calls of `look` (`pause` apart) returned;
+/// stops looking once nothing is left.
+fn lasting<T: PartialEq>(
+    mut look: impl FnMut() -> Vec<T>,
+    again: usize,
+    pause: std::time::Duration,
+) -> Vec<T> {
+    let mut found = look();
+    for _ in 0..again {
+        if found.is_empty() {
+            break;
+        }
+        std::thread::sleep(pause);
+        let now = look();
+        found.retain(|o| now.contains(o));
+    }
+    found
+}
+
 /// What uses block device `d`, or a partition of it, besides the devices
 /// `ours` (stacked on it by devpool, going with it): mounts, active swap,
 /// and devices built on it. Empty: none of these (a descriptor that is
@@ -332,6 +436,40 @@ mod tests {
         assert_eq!(names.len(), 2);
         assert_eq!(names[0].as_os_str().as_bytes(), b"/swap\xfe file");
         assert_eq!(names[1], PathBuf::from("/dev/vdb2"));
+    }
+
+    #[test]
+    fn only_what_every_look_finds_lasts() {
+        let zero = std::time::Duration::ZERO;
+        // A probe seen once, then gone; a user seen every time.
+        let mut looks = vec![vec![1, 2], vec![1], vec![1, 3], vec![1]].into_iter();
+        assert_eq!(
+            lasting(|| looks.next().unwrap_or_default(), 3, zero),
+            vec![1]
+        );
+        // Nothing left: no more looks.
+        let mut n = 0;
+        let none: Vec<u32> = lasting(
+            || {
+                n += 1;
+                if n == 1 { vec![7] } else { vec![] }
+            },
+            5,
+            zero,
+        );
+        assert!(none.is_empty());
+        assert_eq!(n, 2, "stopped looking once nothing was left");
+        // Nothing found at first: one look only.
+        let mut m = 0;
+        let _: Vec<u32> = lasting(
+            || {
+                m += 1;
+                vec![]
+            },
+            5,
+            zero,
+        );
+        assert_eq!(m, 1);
     }
 
     #[test]

@@ -541,16 +541,27 @@ pub fn mcp_initialized() -> Value {
     serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"})
 }
 
-/// A program holding block device `dev` open exclusively (`O_EXCL`), as a
-/// mount or a claim holds it; killed (by its PID) when dropped.
-pub struct ExclusiveHolder(std::process::Child);
+/// A program holding block device `dev` open: exclusively (`O_EXCL`, as a
+/// mount or a claim holds it) or merely open (as a `dd` or a QEMU has it);
+/// killed (by its PID) when dropped.
+pub struct DeviceHolder(std::process::Child);
 
-impl ExclusiveHolder {
-    pub fn hold(dev: &str) -> ExclusiveHolder {
+impl DeviceHolder {
+    pub fn exclusive(dev: &str) -> DeviceHolder {
+        DeviceHolder::spawn(dev, "os.O_RDONLY|os.O_EXCL")
+    }
+
+    pub fn open(dev: &str) -> DeviceHolder {
+        DeviceHolder::spawn(dev, "os.O_RDWR")
+    }
+
+    fn spawn(dev: &str, flags: &str) -> DeviceHolder {
         let mut child = std::process::Command::new("python3")
             .args([
                 "-c",
-                "import os,sys,time; fd=os.open(sys.argv[1], os.O_RDONLY|os.O_EXCL); print('held', flush=True); time.sleep(60)",
+                &format!(
+                    "import os,sys,time; fd=os.open(sys.argv[1], {flags}); print('held', flush=True); time.sleep(60)"
+                ),
                 dev,
             ])
             .stdout(std::process::Stdio::piped())
@@ -559,11 +570,15 @@ impl ExclusiveHolder {
         let mut line = [0u8; 4];
         std::io::Read::read_exact(child.stdout.as_mut().expect("piped"), &mut line)
             .expect("the holder opened the device");
-        ExclusiveHolder(child)
+        DeviceHolder(child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
     }
 }
 
-impl Drop for ExclusiveHolder {
+impl Drop for DeviceHolder {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
