@@ -729,6 +729,15 @@ SRV=$!
 n=0; while [ ! -s /tmp/srv2.json ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 kill -KILL $SRV; wait $SRV
 echo "KILLED-LEFT $(dms)"
+# A program with the lease's dm-thin device open stops its release (named).
+D=$(tr -d ' \n' < /tmp/n.json | sed 's/.*"device":"\([^"]*\)".*/\1/')
+echo "HOLDING $D"
+sleep 600 < $D &
+HOLD=$!
+n=0; while [ "$(readlink /proc/$HOLD/fd/0)" != "$D" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+devpool --pool {pool} lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/n.json | head -1) > /tmp/held.log 2>&1 && echo "RELEASED-WHILE-OPEN"
+echo "HELD $HOLD $(tr '\n' ' ' < /tmp/held.log)"
+kill $HOLD; wait $HOLD 2>/dev/null
 devpool --pool {pool} lease release $(sed -n 's/.*"session": *"\([^"]*\)".*/\1/p' /tmp/n.json | head -1) > /tmp/nr.log 2>&1 || {{ cat /tmp/nr.log; exit 19; }}
 echo "RELEASE-CLEANED $(dms)"
 echo "TRANS-AFTER $(trans)"
@@ -885,6 +894,14 @@ exit $bad
     );
     assert_eq!(line("SERVED-GONE "), "7", "{console}");
     assert_eq!(line("KILLED-LEFT "), "7", "{console}");
+    assert!(!console.contains("RELEASED-WHILE-OPEN"), "{console}");
+    let held = line("HELD ");
+    let (pid, refusal) = held.split_once(' ').unwrap_or_default();
+    assert!(
+        refusal.contains("release refused")
+            && refusal.contains(&format!("is open in process {pid} (sleep)")),
+        "{console}"
+    );
     assert_eq!(line("RELEASE-CLEANED "), "6", "{console}");
     let k = before[0] + 4;
     assert!(!console.contains("CRASH-NOT-INJECTED"), "{console}");
