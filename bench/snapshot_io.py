@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Snapshots: create latency, and I/O on a snapshotted origin vs a plain volume.
 
-One pool image file, two leased volumes of the same size filled with data:
-`plain` and `origin`. Measured in one run, through the same devpool NBD server
+One pool image file, three leased volumes of the same size: `plain` and
+`origin`, filled with data, and `scratch` (for the disk-ceiling run below). Measured in one run, through the same devpool NBD server
 code:
   - create latency: `devpool snapshot create` vs `devpool lv create` of an LV
     of the same size (one metadata commit each; the difference is the
@@ -17,6 +17,16 @@ code:
     times (the origin with a fresh snapshot; the order within a pair
     alternates), so each ratio is the median of pairs run back to back:
     this machine's disk speed drifts by half between runs
+  - the disk's own ceiling for first writes, next to each first-write pair:
+    fio directly on the image file (no devpool, no NBD, no syncs, no
+    exception records) doing only the disk I/O a 4 KiB-chunk first write
+    cannot do without (dm-snapshot's format): a random 4k read of the old
+    chunk and a random 4k write of the new data, 65,536 of each at iodepth
+    256 over the plain volume's range, while a second job writes the
+    chunks' copies as 1 MiB sequential writes to a scratch volume (a COW
+    store at its cheapest). Its first writes per second bound what any
+    copy-on-write origin can reach on this disk; reported per round with
+    the plain volume's and the origin's
   - 4k randrw 70/30 on a fresh snapshot (first writes mixed with reads):
     IOPS and read latency, plain vs origin (reads must not wait behind
     copy-outs)
@@ -76,6 +86,30 @@ class Server:
         self.p.wait()
 
 
+def image_offset(loop_dev):
+    """Where a leased volume's loop device starts in the pool image."""
+    name = os.path.basename(loop_dev)
+    with open(f"/sys/block/{name}/loop/offset") as f:
+        return int(f.read())
+
+
+def disk_ceiling(image, pairs_at, store_at, size):
+    """First writes per second the disk itself allows: fio on the image file
+    doing a random 4k read and a random 4k write per first write, 65,536 of
+    each over `pairs_at`, while the copies go to `store_at` as 1 MiB
+    sequential writes. The pairs' reads per second of their run."""
+    common = ["--ioengine=io_uring", "--direct=1", f"--filename={image}",
+              "--output-format=json"]
+    out = sh(["fio"] + common + [
+        "--name=pairs", "--rw=randrw", "--rwmixread=50", "--bs=4k", "--iodepth=256",
+        f"--offset={pairs_at}", f"--size={size}", f"--io_size={2 * size}",
+        "--name=store", "--rw=write", "--bs=1M", "--iodepth=2", f"--offset={store_at}",
+        f"--size={size}"])
+    jobs = {j["jobname"]: j for j in json.loads(out[out.index("{"):])["jobs"]}
+    p = jobs["pairs"]
+    return round(p["read"]["total_ios"] * 1000 / max(p["job_runtime"], 1))
+
+
 def ratios(pairs):
     """origin / plain for each (plain, origin) pair."""
     return [round(o / max(p, 1), 2) for p, o in pairs]
@@ -115,10 +149,14 @@ def main():
         sh([DEVPOOL, "pool", "setup", image, "--name", "bench", "--image-size",
             f"{image_mib}M", "--yes"], env)
         lease = json.loads(sh([DEVPOOL, "--pool", "bench", "--json", "lease", "acquire",
-                               "--volumes", f"plain:{a.size_mib}M,origin:{a.size_mib}M",
+                               "--volumes",
+                               f"plain:{a.size_mib}M,origin:{a.size_mib}M,scratch:{a.size_mib}M",
                                "--owner-pid", str(owner.pid)], env))
         lvs = {d["role"]: d["lv"] for d in lease["devices"]}
+        offsets = {d["role"]: image_offset(d["device"]) for d in lease["devices"]}
         for d in lease["devices"]:
+            if d["role"] == "scratch":
+                continue
             sh(["fio", "--name=fill", "--ioengine=io_uring", "--direct=1",
                 f"--filename={d['device']}", f"--size={size}", "--rw=write", "--bs=1M",
                 "--iodepth=8"])
@@ -189,6 +227,9 @@ def main():
             servers.remove(s)
             return r["iops"]
 
+        def ceiling(_role=None):
+            return disk_ceiling(image, offsets["plain"], offsets["scratch"], size)
+
         # Pairs back to back, in alternating order (plain first, then the
         # origin first) so that a drift within a pair favours neither.
         def pair(measure, i):
@@ -198,8 +239,21 @@ def main():
             o = measure("origin")
             return measure("plain"), o
 
+        # The ceiling right beside each first-write pair (after it, then
+        # before it).
+        ceilings = []
+
+        def first_write_pair(i):
+            if i % 2 == 1:
+                ceilings.append(ceiling())
+            p = pair(first_writes, i)
+            if i % 2 == 0:
+                ceilings.append(ceiling())
+            return p
+
         pairs = [(results["plain"]["randwrite_4k_first"]["iops"],
                   results["origin"]["randwrite_4k_first"]["iops"])]
+        ceilings.append(ceiling())
         read_pairs = [(results["plain"]["randread_4k"]["iops"],
                        results["origin"]["randread_4k"]["iops"])]
         for i in range(1, a.rounds):
@@ -208,7 +262,7 @@ def main():
                 "--name", "snap", "--size", f"{a.size_mib + 16}M"], env)
             # Reads first: they leave the fresh snapshot untouched.
             read_pairs.append(pair(reads, i))
-            pairs.append(pair(first_writes, i))
+            pairs.append(first_write_pair(i))
         pair_ratios = ratios(pairs)
         read_ratios = ratios(read_pairs)
 
@@ -254,6 +308,16 @@ def main():
             },
             "randread_pairs": pairs_report(read_pairs, "with the snapshot"),
             "first_randwrite_pairs": pairs_report(pairs, "the origin on a fresh snapshot"),
+            "first_randwrite_disk_ceiling": {
+                "first_writes_per_s": ceilings,
+                "ceiling_vs_plain": [round(c / max(p, 1), 2) for (p, _), c in zip(pairs, ceilings)],
+                "origin_vs_ceiling": [round(o / max(c, 1), 2) for (_, o), c in zip(pairs, ceilings)],
+                "ceiling_vs_plain_median": median([c / max(p, 1) for (p, _), c in zip(pairs, ceilings)]),
+                "origin_vs_ceiling_median": median([o / max(c, 1) for (_, o), c in zip(pairs, ceilings)]),
+                "note": "fio on the image file doing only the disk I/O 4 KiB-chunk first writes "
+                        "need (see the docstring), measured beside each pair: an upper bound "
+                        "for the origin",
+            },
             "targets": {"randread": 0.9, "first_randwrite": 0.7},
             "many_snapshots": {
                 "count": a.many,
