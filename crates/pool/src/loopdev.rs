@@ -511,13 +511,36 @@ pub enum Detach {
     Gone,
 }
 
+/// How long [`detach_unless_used`] waits, each time, for a device another
+/// process has open to be closed before trying again: about a third of a
+/// second in all. Most such openers are gone within a millisecond (another
+/// thread or process listing loop devices reads each one's status); udev's
+/// `blkid` after a change takes a few.
+const PAUSES_FOR_OPENERS_MS: [u64; 8] = [1, 2, 5, 10, 20, 40, 80, 160];
+
 /// Detach a device [`list`] reported unless anyone else uses it. The test
 /// is the kernel's own, so nothing can open the device between the check
 /// and the detach: held here exclusively (which fails when it is mounted or
 /// claimed), LOOP_CLR_FD runs the device down at once when this is its
 /// only opener, and otherwise only marks it to be cleared at the last
-/// close, which is undone here. Only a refusal scans /proc to name the users.
+/// close, which is undone here. A device opened for a moment is tried
+/// again for about a third of a second ([`PAUSES_FOR_OPENERS_MS`]). Only a
+/// refusal scans /proc to name the users.
 pub fn detach_unless_used(a: &Attached) -> Result<Detach> {
+    let mut pauses = PAUSES_FOR_OPENERS_MS.iter();
+    loop {
+        match try_detach_unless_used(a)? {
+            Detach::InUse(_) => match pauses.next() {
+                Some(ms) => std::thread::sleep(std::time::Duration::from_millis(*ms)),
+                None => return Ok(Detach::InUse(in_use_by(&a.device))),
+            },
+            other => return Ok(other),
+        }
+    }
+}
+
+/// One try of [`detach_unless_used`] (users not named yet).
+fn try_detach_unless_used(a: &Attached) -> Result<Detach> {
     let f = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
@@ -525,7 +548,7 @@ pub fn detach_unless_used(a: &Attached) -> Result<Detach> {
     {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            return Ok(Detach::InUse(in_use_by(&a.device)));
+            return Ok(Detach::InUse(Vec::new()));
         }
         Err(_) => return Ok(Detach::Gone),
     };
@@ -555,7 +578,7 @@ pub fn detach_unless_used(a: &Attached) -> Result<Detach> {
         return Err(ioctl_err(&a.device, "LOOP_SET_STATUS64 (keep attached)"));
     }
     drop(f);
-    Ok(Detach::InUse(in_use_by(&a.device)))
+    Ok(Detach::InUse(Vec::new()))
 }
 
 /// [`users`], or a generic answer when they are gone already.

@@ -1696,18 +1696,12 @@ fn in_use(
     found
 }
 
-/// How long [`detach_unless_used`] waits, each time, for a device another
-/// process has open to be closed before trying again: about a third of a
-/// second in all.
-const PAUSES_FOR_OPENERS_MS: [u64; 8] = [1, 2, 5, 10, 20, 40, 80, 160];
-
 /// Detach `loops` (devpool's) only while no program has them open, with the
 /// kernel's own test ([`loopdev::detach_unless_used`]: nothing can open one
 /// between the check and the detach). A device opened for a moment (udev's
 /// `blkid` after a change, another tool's probe) is tried again for about
-/// a third of a second ([`PAUSES_FOR_OPENERS_MS`]). One still open after
-/// that is left attached, the ones detached before it are attached again,
-/// and its users are returned.
+/// a third of a second. One still open after that is left attached, the
+/// ones detached before it are attached again, and its users are returned.
 /// Devices held only by the pool's own dm devices (`ours`) are let go last,
 /// at their last close, as those go.
 fn detach_unless_used(
@@ -1730,23 +1724,11 @@ fn detach_unless_used(
         Err(users)
     };
     for a in plain {
-        // Most such openers are gone within a millisecond (another thread
-        // or process listing loop devices reads each one's status).
-        let mut pauses = PAUSES_FOR_OPENERS_MS.iter();
-        loop {
-            match loopdev::detach_unless_used(a) {
-                Ok(loopdev::Detach::Done) => detached.push(a),
-                Ok(loopdev::Detach::Gone) => {}
-                Ok(loopdev::Detach::InUse(users)) => match pauses.next() {
-                    Some(ms) => {
-                        std::thread::sleep(std::time::Duration::from_millis(*ms));
-                        continue;
-                    }
-                    None => return refuse(&detached, users),
-                },
-                Err(e) => return refuse(&detached, vec![e.to_string()]),
-            }
-            break;
+        match loopdev::detach_unless_used(a) {
+            Ok(loopdev::Detach::Done) => detached.push(a),
+            Ok(loopdev::Detach::Gone) => {}
+            Ok(loopdev::Detach::InUse(users)) => return refuse(&detached, users),
+            Err(e) => return refuse(&detached, vec![e.to_string()]),
         }
     }
     let mut done: Vec<PathBuf> = detached.iter().map(|a| a.device.clone()).collect();
