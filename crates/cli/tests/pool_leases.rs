@@ -170,8 +170,24 @@ fn lease_lifecycle_places_data_where_lvm2_says_and_cleans_up_dead_owners() {
     assert_eq!(report["removed"].as_array().unwrap().len(), 0);
     assert_eq!(lease_count(&lab, &pool), 1);
 
-    // Dead owner: cleanup detaches and removes it, and says why.
+    // Dead owner: a dry run shows the plan and touches nothing, its loop
+    // devices included; cleanup detaches and removes it, and says why.
     owner.kill();
+    let attached = loops_over(&dev);
+    assert!(!attached.is_empty());
+    let o = pool_cmd(&lab, &pool, &["--dry-run", "cleanup"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        plan.contains("lv remove") && plan.contains("nothing was changed"),
+        "{plan}"
+    );
+    assert_eq!(
+        loops_over(&dev),
+        attached,
+        "a dry run detached loop devices"
+    );
+    assert_eq!(lease_count(&lab, &pool), 1);
     let report = json_of(pool_cmd(&lab, &pool, &["--json", "cleanup"]), "cleanup");
     let removed = report["removed"].as_array().unwrap();
     assert_eq!(removed.len(), 1);

@@ -1144,7 +1144,8 @@ impl Pools {
                         family.extend(crate::thin::thin_snapshots_of(&v.meta, &mine));
                         let servers = || self.server_pids(&v.meta, &family);
                         let mut users = in_use(&v.meta, &family, &attached, &servers);
-                        if users.is_empty() {
+                        // A dry run stops at the plan: the devices stay.
+                        if users.is_empty() && !self.dry_run {
                             match detach_unless_used(&loops_of(&v.meta, &mine, &attached), &ours) {
                                 Ok(done) => report.detached.extend(done),
                                 Err(open) => users = open,
@@ -1172,11 +1173,15 @@ impl Pools {
                     (Liveness::OtherHost(h), _) => report.kept.push((l.session.clone(), h.clone())),
                 }
             }
-            report.detached.extend(detach_loops(&v, &lvs, true));
             let thin_snaps = crate::thin::thin_snapshots_of(&v.meta, &lvs);
-            lvs.extend(thin_snaps);
-            self.stop_servers(&v.meta, &lvs)?;
-            report.detached.extend(remove_dm_devices(&v.meta, &lvs)?);
+            if !self.dry_run {
+                report.detached.extend(detach_loops(&v, &lvs, true));
+                lvs.extend(thin_snaps);
+                self.stop_servers(&v.meta, &lvs)?;
+                report.detached.extend(remove_dm_devices(&v.meta, &lvs)?);
+            } else {
+                lvs.extend(thin_snaps);
+            }
             drop(lock);
             if lvs.is_empty() {
                 return Ok(report);
