@@ -382,6 +382,70 @@ fn orphans_are_found_through_pid_reuse_and_reboots_but_kept_and_live_leases_stay
     );
 }
 
+/// A test run that leaves a program behind with its TEST_DEV open (a
+/// background `dd`, a forgotten QEMU): `run` still returns the command's
+/// status, says why the release was refused (naming the program) and that
+/// cleanup reaps the lease, keeps it meanwhile, and cleanup reaps it once
+/// the program is gone.
+#[test]
+fn run_keeps_the_lease_while_a_program_it_left_behind_has_a_volume_open() {
+    if skip_unless_real("run_left_behind") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let dev = setup_pool(&mut lab, "left", 64);
+    let pidfile = lab.path("left.pid");
+    // The command opens TEST_DEV, leaves a sleep with it open (its output
+    // elsewhere, so that run's pipes close) and exits 3.
+    let script = format!(
+        "exec 3<$TEST_DEV; sleep 60 >/dev/null 2>&1 & echo $! > {}; exit 3",
+        pidfile.display()
+    );
+    let o = pool_cmd(
+        &lab,
+        "left",
+        &["run", "--volumes", "test:16M", "--", "sh", "-c", &script],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: signalling the sleep this test's command started, by PID.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let left = Kill(pid);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("release refused")
+            && err.contains(&format!("is open in process {pid} (sleep)"))
+            && err.contains("'devpool cleanup' will reap it"),
+        "{err}"
+    );
+    assert_eq!(lease_count(&lab, "left"), 1, "the lease stays");
+    assert_eq!(loops_over(&dev).len(), 1, "its loop device stays");
+    let report = json_of(pool_cmd(&lab, "left", &["--json", "cleanup"]), "cleanup");
+    assert!(
+        report["kept"]
+            .to_string()
+            .contains(&format!("is open in process {pid}")),
+        "{report}"
+    );
+    drop(left);
+    // Reaped (the sleep may take a moment to go).
+    let t0 = std::time::Instant::now();
+    while lease_count(&lab, "left") > 0 && t0.elapsed().as_secs() < 10 {
+        pool_cmd(&lab, "left", &["cleanup"]);
+    }
+    assert_eq!(lease_count(&lab, "left"), 0);
+    assert!(loops_over(&dev).is_empty());
+}
+
 #[test]
 fn run_exports_fstests_variables_returns_the_status_and_releases_on_sigterm() {
     if skip_unless_real("run") {
