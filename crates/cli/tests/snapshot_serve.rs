@@ -339,7 +339,30 @@ fn paths_that_would_bypass_copy_on_write_are_refused() {
     let err = b.lab.dp_err(&[], &create);
     assert!(err.contains(&format!("process {}", srv.pid())), "{err}");
     stop(srv);
-    b.lab.dp(&[], &create);
+    // Opened for a moment (as udev's blkid opens a device after a change)
+    // by a process that lives on: the create waits it out.
+    let mut blip = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys,time; fd=os.open(sys.argv[1], os.O_RDONLY); print('open', flush=True); time.sleep(0.2); os.close(fd); time.sleep(60)",
+            &loopdev,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 4];
+    std::io::Read::read_exact(blip.stdout.as_mut().unwrap(), &mut line).unwrap();
+    let created = devpool_command(&b.lab.state_dir())
+        .args(create)
+        .output()
+        .unwrap();
+    let _ = blip.kill();
+    let _ = blip.wait();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
 
     // Origin served: the snapshot may not be served by another process,
     // nor merged, nor deleted.
