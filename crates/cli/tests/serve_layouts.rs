@@ -674,7 +674,7 @@ fn guest_with_device_mapper_serves_snapshots_with_dm_snapshot() {
     };
     let disk = lab.loop_dev("guest-dmsnap.img", 256);
     let script = format!(
-        "{SNAPSHOT_PRELUDE}{}",
+        "{SNAPSHOT_PRELUDE}{ACTIVATE_BESIDE_SERVER}{}",
         r#"
 # Serve $1 over NBD at socket $2 in the background: sets NSRV.
 nbd_serve() {
@@ -690,9 +690,7 @@ node_of() { for d in /sys/block/dm-*; do [ "$(cat $d/dm/name)" = "$1" ] && echo 
 nbd_serve $A /tmp/o.sock
 echo "USER-STACK $(ls /sys/block | grep -c '^dm-')"
 insmod /lib/modules/dm_snapshot.ko || echo "GUEST-STEP-FAILED insmod dm_snapshot"
-DEVPOOL_DEVICES=/dev/vda devpool lv activate devpool-g/s > /tmp/act.log 2>&1 && echo "ACTIVATED-BESIDE-SERVER"
-echo "ACT-REFUSED $(tr '\n' ' ' < /tmp/act.log)"
-echo "ACT-LEFT $(ls /sys/block | grep -c '^dm-')"
+activate_beside_server devpool-g/s
 kill -TERM $NSRV; wait $NSRV || echo "GUEST-STEP-FAILED nbd server exit $?"
 dd if=/dev/urandom of=/tmp/new bs=1M count=8 2>/dev/null
 serve $A
@@ -784,14 +782,13 @@ echo "RELEASED-LEFT $(ls /sys/block | grep -c '^dm-')"
     let line = |tag: &str| tagged(&console, tag);
     let sum = |tag: &str| first_word(&line(tag));
     assert_eq!(line("USER-STACK "), "0", "{console}");
-    assert!(!console.contains("ACTIVATED-BESIDE-SERVER"), "{console}");
-    let refusal = line("ACT-REFUSED ");
-    assert!(
-        refusal.contains("cannot go to dm-snapshot")
-            && refusal.contains("with devpool's own copy-on-write"),
-        "{console}"
+    assert_refused_beside_server(
+        &console,
+        &[
+            "cannot go to dm-snapshot",
+            "with devpool's own copy-on-write",
+        ],
     );
-    assert_eq!(line("ACT-LEFT "), "0", "{console}");
     let serves: Vec<&str> = console
         .lines()
         .filter(|l| l.starts_with("SERVE "))
@@ -864,7 +861,8 @@ fn guest_a_thin_pool_does_not_go_to_dm_thin_beside_devpools_own_thin_mappings() 
         return;
     };
     let disk = lab.loop_dev("guest-thinbeside.img", 256);
-    let script = r#"
+    let script = ACTIVATE_BESIDE_SERVER.to_string()
+        + r#"
 export DEVPOOL_STATE_DIR=/tmp/state DEVPOOL_FSTAB=/tmp/fstab HOME=/tmp
 touch /tmp/fstab
 step() { "$@" > /tmp/step.log 2>&1 || { cat /tmp/step.log; echo "GUEST-STEP-FAILED $*"; }; }
@@ -880,9 +878,7 @@ SRV=$!
 n=0; while [ ! -S /tmp/t.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 qemu-io -f raw 'nbd+unix:///?socket=/tmp/t.sock' -c 'write -P 0x61 0 65536' > /tmp/qio.log 2>&1 || { cat /tmp/qio.log /tmp/srv.log; echo "GUEST-STEP-FAILED qemu-io"; }
 insmod /lib/modules/dm_thin_pool.ko || echo "GUEST-STEP-FAILED insmod dm_thin_pool"
-DEVPOOL_DEVICES=/dev/vda devpool lv activate devpool-g/$T > /tmp/act.log 2>&1 && echo "ACTIVATED-BESIDE-SERVER"
-echo "REFUSED $(tr '\n' ' ' < /tmp/act.log)"
-echo "REFUSED-LEFT $(dms)"
+activate_beside_server devpool-g/$T
 kill -TERM $SRV; wait $SRV || echo "GUEST-STEP-FAILED server exit $?"
 DEVPOOL_DEVICES=/dev/vda devpool --json lv activate devpool-g/$T > /tmp/act2.json 2>&1 || { cat /tmp/act2.json; echo "GUEST-STEP-FAILED activate"; }
 D=$(field device /tmp/act2.json)
@@ -905,18 +901,14 @@ echo "LEFT $(dms)"
         &[&disk],
         &modules,
         &["/usr/bin/qemu-io"],
-        script,
+        &script,
     );
     let line = |tag: &str| tagged(&console, tag);
     assert_eq!(line("NOTE "), "1 0", "{console}");
-    assert!(!console.contains("ACTIVATED-BESIDE-SERVER"), "{console}");
-    let refused = line("REFUSED ");
-    assert!(
-        refused.contains("cannot go to dm-thin")
-            && refused.contains("with devpool's own thin mappings"),
-        "{console}"
+    assert_refused_beside_server(
+        &console,
+        &["cannot go to dm-thin", "with devpool's own thin mappings"],
     );
-    assert_eq!(line("REFUSED-LEFT "), "0", "{console}");
     assert_eq!(
         line("DM-THIN-READS "),
         "65536 bytes, 0 not 0x61",
@@ -1227,6 +1219,29 @@ fn guest_lab(what: &str) -> Option<(devpool_vm::kernel::Kernel, Lab)> {
 }
 
 /// The rest of the console line that starts with `tag`, trimmed.
+/// Guest shell: `activate_beside_server VG/LV` runs `lv activate` while a
+/// devpool server does for the volume what the kernel would (its own
+/// copy-on-write or thin mappings). Prints BESIDE-REFUSED (the error) and
+/// BESIDE-LEFT (dm devices left); see [`assert_refused_beside_server`].
+const ACTIVATE_BESIDE_SERVER: &str = r#"
+activate_beside_server() {
+  DEVPOOL_DEVICES=/dev/vda devpool lv activate "$1" > /tmp/act.log 2>&1 && echo "ACTIVATED-BESIDE-SERVER"
+  echo "BESIDE-REFUSED $(tr '\n' ' ' < /tmp/act.log)"
+  echo "BESIDE-LEFT $(ls /sys/block | grep -c '^dm-')"
+}
+"#;
+
+/// The activation of [`ACTIVATE_BESIDE_SERVER`] was refused, saying each of
+/// `says`, and left no dm device.
+fn assert_refused_beside_server(console: &str, says: &[&str]) {
+    assert!(!console.contains("ACTIVATED-BESIDE-SERVER"), "{console}");
+    let refusal = tagged(console, "BESIDE-REFUSED ");
+    for s in says {
+        assert!(refusal.contains(s), "no '{s}' in the refusal: {console}");
+    }
+    assert_eq!(tagged(console, "BESIDE-LEFT "), "0", "{console}");
+}
+
 fn tagged(console: &str, tag: &str) -> String {
     console
         .lines()

@@ -1174,13 +1174,12 @@ impl Pools {
                 }
             }
             let thin_snaps = crate::thin::thin_snapshots_of(&v.meta, &lvs);
+            lvs.extend(thin_snaps);
+            // A dry run stops at the plan: devices and servers stay.
             if !self.dry_run {
                 report.detached.extend(detach_loops(&v, &lvs, true));
-                lvs.extend(thin_snaps);
                 self.stop_servers(&v.meta, &lvs)?;
                 report.detached.extend(remove_dm_devices(&v.meta, &lvs)?);
-            } else {
-                lvs.extend(thin_snaps);
             }
             drop(lock);
             if lvs.is_empty() {
@@ -1355,7 +1354,6 @@ impl Pools {
             {
                 return Err(refusal("teardown", &users));
             }
-            detach_volumes(&v.meta, &all);
             self.stop_servers(&v.meta, &all)?;
             remove_dm_devices(&v.meta, &all)?;
             e.apply(
@@ -1637,10 +1635,9 @@ fn in_use(
         return Vec::new();
     }
     let dm = crate::dmdev::active_for_lvs(meta, uuids.iter().copied());
-    let devices: Vec<(PathBuf, crate::sysblk::DevNum)> = attached
-        .iter()
-        .filter(|a| uuids.contains(&a.lv_uuid.as_str()))
-        .map(|a| a.device.clone())
+    let devices: Vec<(PathBuf, crate::sysblk::DevNum)> = loops_of(meta, lvs, attached)
+        .into_iter()
+        .map(|a| a.device)
         .chain(dm.iter().map(|d| d.node()))
         .filter_map(|dev| crate::sysblk::block_devnum(&dev).map(|d| (dev, d)))
         .collect();
@@ -1660,9 +1657,8 @@ fn in_use(
         let mounts = mounts.get_or_insert_with(crate::sysblk::mounts);
         let swaps = swaps.get_or_insert_with(crate::sysblk::swaps);
         let users = crate::sysblk::users(*d, &ours, mounts, swaps);
-        let holders = crate::sysblk::holders(*d);
         // Claimed only by the pool's own dm devices, which go with it.
-        if users.is_empty() && !holders.is_empty() && holders.iter().all(|h| ours.contains(h)) {
+        if users.is_empty() && held_only_by(*d, &ours) {
             continue;
         }
         if users.is_empty() {
@@ -1713,14 +1709,10 @@ fn detach_unless_used(
     loops: &[loopdev::Attached],
     ours: &[crate::sysblk::DevNum],
 ) -> std::result::Result<Vec<PathBuf>, Vec<String>> {
-    let under_ours = |a: &loopdev::Attached| {
-        crate::sysblk::block_devnum(&a.device).is_some_and(|d| {
-            let h = crate::sysblk::holders(d);
-            !h.is_empty() && h.iter().all(|x| ours.contains(x))
-        })
-    };
     let (stacked, plain): (Vec<&loopdev::Attached>, Vec<&loopdev::Attached>) =
-        loops.iter().partition(|a| under_ours(a));
+        loops.iter().partition(|a| {
+            crate::sysblk::block_devnum(&a.device).is_some_and(|d| held_only_by(d, ours))
+        });
     let mut detached: Vec<&loopdev::Attached> = Vec::new();
     let refuse = |detached: &[&loopdev::Attached], users: Vec<String>| {
         for d in detached {
@@ -1787,17 +1779,18 @@ fn loops_of(
         .collect()
 }
 
+/// Whether devices are stacked on `d` and all of them are among `ours`.
+fn held_only_by(d: crate::sysblk::DevNum, ours: &[crate::sysblk::DevNum]) -> bool {
+    let holders = crate::sysblk::holders(d);
+    !holders.is_empty() && holders.iter().all(|h| ours.contains(h))
+}
+
 /// The device numbers of the VG's own dm devices.
 fn own_dm(meta: &VgMetadata) -> Vec<crate::sysblk::DevNum> {
     crate::dmdev::of_vg(meta)
         .iter()
         .map(|d| (d.major, d.minor))
         .collect()
-}
-
-/// Detach the loop devices of `lvs`.
-fn detach_volumes(meta: &VgMetadata, lvs: &[String]) -> Vec<PathBuf> {
-    detach_marked(meta, lvs, None)
 }
 
 fn detach_marked(meta: &VgMetadata, lvs: &[String], strays_on: Option<&[&Path]>) -> Vec<PathBuf> {
