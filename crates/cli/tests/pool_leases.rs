@@ -1137,9 +1137,34 @@ fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
         "every volume keeps a loop device: {volumes:?}"
     );
 
-    // Let go: the next cleanup reaps it.
+    // A program that opened it through a device node made outside /dev is
+    // named too, with that node.
     drop(opener);
     assert!(bound(&open), "not cleared at the opener's last close");
+    let node = lab.dir.path().join("open-node");
+    let made = Command::new("python3")
+        .args([
+            "-c",
+            "import os,stat,sys; os.mknod(sys.argv[2], stat.S_IFBLK|0o600, os.stat(sys.argv[1]).st_rdev)",
+            &open,
+            node.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let elsewhere = DeviceHolder::open(node.to_str().unwrap());
+    let o = pool_cmd(&lab, "inuse", &["lease", "release", &session]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let open_by = format!(
+        "{open} is open in process {} (python3) through {}",
+        elsewhere.pid(),
+        node.display()
+    );
+    assert!(!o.status.success() && err.contains(&open_by), "{err}");
+
+    // Let go: the next cleanup reaps it.
+    drop(elsewhere);
+    std::fs::remove_file(&node).unwrap();
     let report = json_of(pool_cmd(&lab, "inuse", &["--json", "cleanup"]), "cleanup");
     assert_eq!(report["removed"].as_array().unwrap().len(), 1, "{report}");
     assert_eq!(lease_count(&lab, "inuse"), 0);

@@ -292,6 +292,99 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
     let _ = owner.wait();
 }
 
+/// The scan for a device's openers (`sysblk::openers`, behind the names
+/// in "release refused: … is open in process N") looks at every open file
+/// of every process, also outside /dev (a device node made with mknod
+/// elsewhere), and must not ask a file system that cannot answer: a
+/// program with a file open on a FUSE mount whose server is stopped. Here
+/// that server is devpool's own (`serve --block-device` of a striped
+/// volume: FUSE + loop), stopped with SIGSTOP past its attribute timeout
+/// (1 s), when a plain `stat` would ask it.
+#[test]
+fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
+    if skip_unless_real("fuse_stall") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let a = lab.loop_dev("a.img", 64);
+    let b = lab.loop_dev("b.img", 64);
+    let disk = lab.loop_dev("disk.img", 16);
+    let (sa, sb) = (a.display().to_string(), b.display().to_string());
+    lab.dp(&[], &["pool", "setup", &sa, "--name", "stall", "--yes"]);
+    lab.dp(&[&a, &b], &["vg", "extend", "devpool-stall", &sb]);
+    let mut owner = Command::new("sleep").arg("600").spawn().unwrap();
+    let mut args = vec![
+        "lv",
+        "create",
+        "devpool-stall/striped",
+        "--size",
+        "8M",
+        "--stripes",
+        "2",
+    ];
+    let tags = owner_tags(owner.id(), "20261122000000-abcdef", "test");
+    for t in &tags {
+        args.extend(["--tag", t.as_str()]);
+    }
+    lab.dp(&[&a, &b], &args);
+    let srv = Server::start(&lab, "stall", &["striped", "--block-device", "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&srv.line).expect("serve --json line");
+    assert_eq!(info["block_device_path"]["path"], "fuse-loop", "{info}");
+    let dev = info["block_device"].as_str().unwrap().to_string();
+    let name = Path::new(&dev)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let fuse_file = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let on_fuse = DeviceHolder::open(&fuse_file);
+    // The disk, open through a node outside /dev.
+    let node = lab.path("disk-node");
+    let made = Command::new("python3")
+        .args([
+            "-c",
+            "import os,stat,sys; os.mknod(sys.argv[2], stat.S_IFBLK|0o600, os.stat(sys.argv[1]).st_rdev)",
+            disk.to_str().unwrap(),
+            node.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let user = DeviceHolder::open(node.to_str().unwrap());
+    let disk_num = devpool_pool::sysblk::block_devnum(&disk).unwrap();
+
+    // SAFETY: signalling the server this test started.
+    unsafe { libc::kill(srv.pid(), libc::SIGSTOP) };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(devpool_pool::sysblk::openers(&[disk_num], &[]));
+    });
+    let found = rx.recv_timeout(std::time::Duration::from_secs(10));
+    // SAFETY: as above. A stuck scan goes on once its server does.
+    unsafe { libc::kill(srv.pid(), libc::SIGCONT) };
+    let found = found.expect("the scan for openers hung on the stopped FUSE server");
+    let named: Vec<String> = found.iter().map(ToString::to_string).collect();
+    let expected = format!(
+        "{} is open in process {} (python3) through {}",
+        disk.display(),
+        user.pid(),
+        node.display()
+    );
+    assert!(named.contains(&expected), "{named:?}");
+    drop(on_fuse);
+    drop(user);
+    // SAFETY: as above.
+    unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
+    let (st, err) = srv.wait_exit(std::time::Duration::from_secs(10));
+    assert!(st.success(), "{err}");
+    let _ = owner.kill();
+    let _ = owner.wait();
+}
+
 /// In a guest whose kernel has an NBD client (and no ublk), `serve
 /// --block-device` of a two-segment volume picks the kernel's NBD client
 /// (connected to devpool's server); data written to /dev/nbdN lands where

@@ -21,6 +21,28 @@ pub fn block_devnum(path: &Path) -> Option<DevNum> {
         .then(|| devnum_of_rdev(m.rdev()))
 }
 
+/// The device `path` (an open descriptor's `/proc/PID/fd/N`) is, if a
+/// block device, from the attributes the kernel holds for it:
+/// `AT_STATX_DONT_SYNC` keeps FUSE and network file systems from being
+/// asked, so a stuck server cannot hang the caller.
+fn cached_block_devnum(path: &Path) -> Option<DevNum> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: all-zero is a valid statx buffer.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a buffer of the right type.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_DONT_SYNC,
+            libc::STATX_TYPE,
+            &mut st,
+        )
+    };
+    (r == 0 && u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFBLK)
+        .then_some((st.stx_rdev_major, st.stx_rdev_minor))
+}
+
 fn sys_dir(d: DevNum) -> PathBuf {
     PathBuf::from(format!("/sys/dev/block/{}:{}", d.0, d.1))
 }
@@ -201,6 +223,9 @@ pub struct Opener {
     /// Its command name (`/proc/PID/comm`).
     pub comm: String,
     pub dev: DevNum,
+    /// The device node it opened, when that is not under `/dev/` (one made
+    /// with `mknod` elsewhere).
+    pub via: Option<PathBuf>,
 }
 
 impl std::fmt::Display for Opener {
@@ -211,16 +236,21 @@ impl std::fmt::Display for Opener {
             kname(self.dev),
             self.pid,
             self.comm
-        )
+        )?;
+        if let Some(node) = &self.via {
+            write!(f, " through {}", node.display())?;
+        }
+        Ok(())
     }
 }
 
 /// The processes other than this one and `except` that have one of `devs`
-/// open, as `fuser` finds them: every descriptor in `/proc/PID/fd`. Only
-/// descriptors whose path is under `/dev/` are looked at (a `stat` of any
-/// other could hang on a stuck FUSE server); a device node made elsewhere is
-/// not seen. This catches what an exclusive-open probe cannot: a `dd`, a
-/// QEMU or a shell with the device merely open.
+/// open, as `fuser` finds them: every descriptor in `/proc/PID/fd` that
+/// names a file. Descriptors outside `/dev/` (a device node made with
+/// `mknod` elsewhere) are looked at from the attributes the kernel has
+/// cached ([`cached_block_devnum`]): asking the file system could hang on a
+/// stuck FUSE server. This catches what an exclusive-open probe cannot: a
+/// `dd`, a QEMU or a shell with the device merely open.
 pub fn openers(devs: &[DevNum], except: &[u32]) -> Vec<Opener> {
     let me = std::process::id();
     let mut out = Vec::new();
@@ -244,12 +274,17 @@ pub fn openers(devs: &[DevNum], except: &[u32]) -> Vec<Opener> {
         let mut seen = BTreeSet::new();
         for fd in fds.flatten() {
             let path = fd.path();
-            let under_dev = std::fs::read_link(&path).is_ok_and(|t| t.starts_with("/dev/"));
-            if !under_dev {
+            // Sockets, pipes and anonymous inodes read as `socket:[…]`.
+            let Some(target) = std::fs::read_link(&path).ok().filter(|t| t.is_absolute()) else {
                 continue;
-            }
-            if let Some(d) = block_devnum(&path).filter(|d| devs.contains(d)) {
-                seen.insert(d);
+            };
+            let (dev, via) = if target.starts_with("/dev/") {
+                (block_devnum(&path), None)
+            } else {
+                (cached_block_devnum(&path), Some(target))
+            };
+            if let Some(d) = dev.filter(|d| devs.contains(d)) {
+                seen.insert((d, via));
             }
         }
         if seen.is_empty() {
@@ -258,10 +293,11 @@ pub fn openers(devs: &[DevNum], except: &[u32]) -> Vec<Opener> {
         let comm = std::fs::read_to_string(p.path().join("comm"))
             .map(|c| c.trim().to_string())
             .unwrap_or_else(|_| "?".into());
-        out.extend(seen.into_iter().map(|dev| Opener {
+        out.extend(seen.into_iter().map(|(dev, via)| Opener {
             pid,
             comm: comm.clone(),
             dev,
+            via,
         }));
     }
     out
