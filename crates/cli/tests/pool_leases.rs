@@ -1142,16 +1142,7 @@ fn volumes_still_mounted_or_held_are_not_released_reaped_or_torn_down() {
     drop(opener);
     assert!(bound(&open), "not cleared at the opener's last close");
     let node = lab.dir.path().join("open-node");
-    let made = Command::new("python3")
-        .args([
-            "-c",
-            "import os,stat,sys; os.mknod(sys.argv[2], stat.S_IFBLK|0o600, os.stat(sys.argv[1]).st_rdev)",
-            &open,
-            node.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(made.success());
+    node_outside_dev(Path::new(&open), &node);
     let elsewhere = DeviceHolder::open(node.to_str().unwrap());
     let o = pool_cmd(&lab, "inuse", &["lease", "release", &session]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();

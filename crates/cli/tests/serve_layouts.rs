@@ -343,16 +343,7 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
     let on_fuse = DeviceHolder::open(&fuse_file);
     // The disk, open through a node outside /dev.
     let node = lab.path("disk-node");
-    let made = Command::new("python3")
-        .args([
-            "-c",
-            "import os,stat,sys; os.mknod(sys.argv[2], stat.S_IFBLK|0o600, os.stat(sys.argv[1]).st_rdev)",
-            disk.to_str().unwrap(),
-            node.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(made.success());
+    node_outside_dev(&disk, &node);
     let user = DeviceHolder::open(node.to_str().unwrap());
     let disk_num = devpool_pool::sysblk::block_devnum(&disk).unwrap();
 

@@ -546,6 +546,21 @@ pub fn mcp_initialized() -> Value {
 /// killed (by its PID) when dropped.
 pub struct DeviceHolder(std::process::Child);
 
+/// A block device node at `node` (outside /dev) for the device `dev`, as
+/// `mknod` makes one.
+pub fn node_outside_dev(dev: &Path, node: &Path) {
+    let made = Command::new("python3")
+        .args([
+            "-c",
+            "import os,stat,sys; os.mknod(sys.argv[2], stat.S_IFBLK|0o600, os.stat(sys.argv[1]).st_rdev)",
+        ])
+        .arg(dev)
+        .arg(node)
+        .status()
+        .expect("python3");
+    assert!(made.success(), "mknod {}", node.display());
+}
+
 impl DeviceHolder {
     pub fn exclusive(dev: &str) -> DeviceHolder {
         DeviceHolder::spawn(dev, "os.O_RDONLY|os.O_EXCL")
