@@ -299,7 +299,10 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
 /// program with a file open on a FUSE mount whose server is stopped. Here
 /// that server is devpool's own (`serve --block-device` of a striped
 /// volume: FUSE + loop), stopped with SIGSTOP past its attribute timeout
-/// (1 s), when a plain `stat` would ask it.
+/// (1 s), when a plain `stat` would ask it. A lease release in another
+/// pool, refused because a program has its volume open, answers too: the
+/// listing of the host's loop devices waits only briefly for the one over
+/// the stopped server's file.
 #[test]
 fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
     if skip_unless_real("fuse_stall") {
@@ -327,6 +330,25 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
         args.extend(["--tag", t.as_str()]);
     }
     lab.dp(&[&a, &b], &args);
+    // Another pool, on an image file, with a leased volume a program has open.
+    lab.image_pool("busy.img", "busy", "64M", &[]);
+    let pid = owner.id().to_string();
+    let lease = lab.dp_json(
+        &[],
+        &[
+            "--pool",
+            "busy",
+            "lease",
+            "acquire",
+            "--volumes",
+            "v:8M",
+            "--owner-pid",
+            &pid,
+        ],
+    );
+    let session = lease["session"].as_str().unwrap().to_string();
+    let volume = lease["devices"][0]["device"].as_str().unwrap().to_string();
+    let volume_user = DeviceHolder::open(&volume);
     let srv = Server::start(&lab, "stall", &["striped", "--block-device", "--json"]);
     let info: serde_json::Value = serde_json::from_str(&srv.line).expect("serve --json line");
     assert_eq!(info["block_device_path"]["path"], "fuse-loop", "{info}");
@@ -355,8 +377,38 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
         let _ = tx.send(devpool_pool::sysblk::openers(&[disk_num], &[]));
     });
     let found = rx.recv_timeout(std::time::Duration::from_secs(10));
-    // SAFETY: as above. A stuck scan goes on once its server does.
+    // The release in the other pool lists the host's loop devices, the one
+    // over the stopped server's file too, and names its volume's user.
+    let mut release = devpool_command(&lab.state_dir())
+        .args(["--pool", "busy", "lease", "release", &session])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let released_in_time = loop {
+        if release.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(20) {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // SAFETY: as above. What is stuck goes on once its server does.
     unsafe { libc::kill(srv.pid(), libc::SIGCONT) };
+    let out = release.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        released_in_time,
+        "the release hung on the stopped FUSE server: {err}"
+    );
+    let named = format!(
+        "{volume} is open in process {} (python3)",
+        volume_user.pid()
+    );
+    assert!(!out.status.success() && err.contains(&named), "{err}");
+    drop(volume_user);
+    lab.dp(&[], &["--pool", "busy", "lease", "release", &session]);
     let found = found.expect("the scan for openers hung on the stopped FUSE server");
     let named: Vec<String> = found.iter().map(ToString::to_string).collect();
     let expected = format!(

@@ -400,9 +400,41 @@ pub fn usable() -> bool {
 /// Why a lease has no loop devices, for a user who may not attach them.
 pub const NOT_USABLE: &str = "this user may not attach loop devices (not root, no write access to /dev/loop-control): serve the volumes instead (`devpool serve LV --nbd unix:PATH`, or `devpool run --export nbd`)";
 
-/// Every loop device devpool attached (found by its mark).
+/// How long [`list`] waits for the status of a loop device whose backing
+/// file is on FUSE or a network file system (see [`status_bounded`]).
+const SERVED_STATUS_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// [`status`] of a loop device, waiting at most [`SERVED_STATUS_WAIT`] when
+/// its backing file is on a file system that asks a server: the kernel
+/// answers `LOOP_GET_STATUS64` only after asking the file system for the
+/// file's attributes, and a stopped FUSE server would hold the caller (and
+/// every release, cleanup and teardown) for as long as it is stopped. The
+/// helper thread left waiting then ends with the server's answer, or with
+/// the process.
+fn status_bounded(
+    dev: &Path,
+    backing: &Path,
+    mounts: &[crate::sysblk::Mount],
+) -> Option<LoopInfo64> {
+    if !crate::sysblk::mount_of(mounts, backing).is_some_and(crate::sysblk::Mount::asks_a_server) {
+        return status(dev);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dev = dev.to_path_buf();
+    std::thread::Builder::new()
+        .name("loop-status".into())
+        .spawn(move || {
+            let _ = tx.send(status(&dev));
+        })
+        .ok()?;
+    rx.recv_timeout(SERVED_STATUS_WAIT).ok().flatten()
+}
+
+/// Every loop device devpool attached (found by its mark). One whose
+/// backing file's server does not answer in time is left out.
 pub fn list() -> Vec<Attached> {
     let mut out = Vec::new();
+    let mut mounts = None;
     for name in bound_candidates() {
         // Bound devices have a loop/ directory with a backing_file.
         let Some(backing) =
@@ -411,7 +443,10 @@ pub fn list() -> Vec<Attached> {
             continue;
         };
         let dev = PathBuf::from(format!("/dev/{name}"));
-        let Some(info) = status(&dev) else { continue };
+        let mounts = mounts.get_or_insert_with(crate::sysblk::mounts);
+        let Some(info) = status_bounded(&dev, &backing, mounts) else {
+            continue;
+        };
         let end = info
             .lo_file_name
             .iter()

@@ -123,6 +123,36 @@ pub struct Mount {
     pub dev: DevNum,
     pub mountpoint: String,
     pub source: String,
+    /// The file system type (`ext4`, `fuse.sshfs`, `nfs4`).
+    pub fstype: String,
+}
+
+impl Mount {
+    /// A file system whose attributes come from a server (FUSE, network
+    /// file systems): asking it may wait for as long as that server does.
+    pub fn asks_a_server(&self) -> bool {
+        const NETWORK: &[&str] = &[
+            "nfs",
+            "nfs4",
+            "cifs",
+            "smb3",
+            "9p",
+            "ceph",
+            "glusterfs",
+            "afs",
+            "virtiofs",
+            "lustre",
+        ];
+        self.fstype.starts_with("fuse") || NETWORK.contains(&self.fstype.as_str())
+    }
+}
+
+/// The mount `path` (absolute) is on: the longest mount point it is under.
+pub fn mount_of<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
+    mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.mountpoint))
+        .max_by_key(|m| m.mountpoint.len())
 }
 
 pub fn mounts() -> Vec<Mount> {
@@ -142,6 +172,7 @@ fn parse_mountinfo(text: &[u8]) -> Vec<Mount> {
                 dev: (a.parse().ok()?, b.parse().ok()?),
                 mountpoint: unescape(f.get(4)?),
                 source: unescape(f.get(sep + 2).copied().unwrap_or(b"")),
+                fstype: unescape(f.get(sep + 1).copied().unwrap_or(b"")),
             })
         })
         .collect()
@@ -446,6 +477,26 @@ pub fn loaded_or_probed(module: &str, marker: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_mount_point_above_a_path_says_whether_a_server_answers_for_it() {
+        let info = b"22 1 254:0 / / rw - ext4 /dev/vda rw\n\
+            40 22 0:50 / /mnt/remote rw - fuse.sshfs host:/ rw\n\
+            41 40 254:0 /local /mnt/remote/local rw - ext4 /dev/vda rw\n\
+            42 22 0:51 / /srv/nfs rw - nfs4 host:/export rw\n";
+        let m = parse_mountinfo(info);
+        let on =
+            |p: &str| mount_of(&m, Path::new(p)).map(|m| (m.fstype.as_str(), m.asks_a_server()));
+        assert_eq!(on("/var/pool.img"), Some(("ext4", false)));
+        assert_eq!(on("/mnt/remote/img"), Some(("fuse.sshfs", true)));
+        assert_eq!(on("/mnt/remote/local/img"), Some(("ext4", false)));
+        assert_eq!(
+            on("/mnt/remoteX/img"),
+            Some(("ext4", false)),
+            "by components"
+        );
+        assert_eq!(on("/srv/nfs/a (deleted)"), Some(("nfs4", true)));
+    }
 
     #[test]
     fn unescapes_octal() {
