@@ -443,7 +443,7 @@ pub fn list() -> Vec<Attached> {
             continue;
         };
         let dev = PathBuf::from(format!("/dev/{name}"));
-        let mounts = mounts.get_or_insert_with(crate::sysblk::mounts);
+        let mounts = mounts.get_or_insert_with(crate::sysblk::mounts_cached);
         let Some(info) = status_bounded(&dev, &backing, mounts) else {
             continue;
         };

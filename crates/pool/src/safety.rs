@@ -95,10 +95,11 @@ fn check_block(path: &Path, dev: DevNum, fstab: &Path, f: &mut Findings) {
     }
     // A program may have it (or a partition of it) open without a claim: a
     // dd, a QEMU using it as a disk. Setup would write under it.
+    let parts = sysblk::partitions(dev);
     let devs: Vec<DevNum> = stack
         .iter()
         .map(|a| a.dev)
-        .filter(|d| *d == dev || sysblk::partitions(dev).contains(d))
+        .filter(|d| *d == dev || parts.contains(d))
         .collect();
     for o in sysblk::lasting_openers(&devs, &[]) {
         f.refusals.push(o.to_string());
