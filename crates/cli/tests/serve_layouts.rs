@@ -302,7 +302,10 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
 /// (1 s), when a plain `stat` would ask it. A lease release in another
 /// pool, refused because a program has its volume open, answers too: the
 /// listing of the host's loop devices waits only briefly for the one over
-/// the stopped server's file.
+/// the stopped server's file. So do a `vg list` and a `pool setup`, which
+/// read every block device: the one over the stopped server's file is left
+/// unread, and named. Last, the server is killed outright, and the cleanup
+/// of its lease removes the FUSE mount it left.
 #[test]
 fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
     if skip_unless_real("fuse_stall") {
@@ -312,6 +315,7 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
     let a = lab.loop_dev("a.img", 64);
     let b = lab.loop_dev("b.img", 64);
     let disk = lab.loop_dev("disk.img", 16);
+    let fresh = lab.loop_dev("fresh.img", 64);
     let (sa, sb) = (a.display().to_string(), b.display().to_string());
     lab.dp(&[], &["pool", "setup", &sa, "--name", "stall", "--yes"]);
     lab.dp(&[&a, &b], &["vg", "extend", "devpool-stall", &sb]);
@@ -379,21 +383,18 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
     let found = rx.recv_timeout(std::time::Duration::from_secs(10));
     // The release in the other pool lists the host's loop devices, the one
     // over the stopped server's file too, and names its volume's user.
-    let mut release = devpool_command(&lab.state_dir())
-        .args(["--pool", "busy", "lease", "release", &session])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    let released_in_time = loop {
-        if release.try_wait().unwrap().is_some() {
-            break true;
-        }
-        if t.elapsed() > std::time::Duration::from_secs(20) {
-            break false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let mut release = spawn_piped(&lab, &["--pool", "busy", "lease", "release", &session]);
+    let released_in_time = exits_within(&mut release, 20);
+    // Commands that scan every block device (no --devices) leave the one
+    // over the stopped server's file unread, and say so.
+    let mut vg_list = spawn_piped(&lab, &["--json", "vg", "list"]);
+    let listed_in_time = exits_within(&mut vg_list, 20);
+    let fresh_arg = fresh.display().to_string();
+    let mut setup = spawn_piped(
+        &lab,
+        &["pool", "setup", &fresh_arg, "--name", "fresh", "--yes"],
+    );
+    let set_up_in_time = exits_within(&mut setup, 20);
     // SAFETY: as above. What is stuck goes on once its server does.
     unsafe { libc::kill(srv.pid(), libc::SIGCONT) };
     let out = release.wait_with_output().unwrap();
@@ -401,6 +402,40 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
     assert!(
         released_in_time,
         "the release hung on the stopped FUSE server: {err}"
+    );
+    let listed = vg_list.wait_with_output().unwrap();
+    assert!(listed_in_time, "vg list hung on the stopped FUSE server");
+    let vgs: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("vg list --json");
+    let names: Vec<&str> = vgs["vgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["vg_name"].as_str())
+        .collect();
+    assert!(names.contains(&"devpool-stall"), "{vgs}");
+    let skipped = format!(
+        "{dev}: not read: it reads through a loop device whose backing file {fuse_file} is on a fuse"
+    );
+    assert!(
+        vgs["unreadable"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u.as_str().is_some_and(|u| u.starts_with(&skipped))),
+        "{vgs}"
+    );
+    let set_up = setup.wait_with_output().unwrap();
+    assert!(
+        set_up_in_time && set_up.status.success(),
+        "pool setup beside the stopped FUSE server: {}",
+        String::from_utf8_lossy(&set_up.stderr)
+    );
+    let said = String::from_utf8_lossy(&set_up.stdout);
+    assert!(
+        said.contains(&format!(
+            "note: not searched for an existing pool 'fresh': {skipped}"
+        )),
+        "{said}"
     );
     let named = format!(
         "{volume} is open in process {} (python3)",
@@ -420,12 +455,27 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
     assert!(named.contains(&expected), "{named:?}");
     drop(on_fuse);
     drop(user);
+    // A server killed outright leaves its FUSE mount, cut off; the cleanup
+    // of its lease (its owner gone too) unmounts and removes it.
+    let fuse_dir = lab.state_dir().join("fuse");
+    let fuse_mounted = || {
+        devpool_pool::sysblk::mounts()
+            .iter()
+            .any(|m| Path::new(&m.mountpoint).starts_with(&fuse_dir))
+    };
     // SAFETY: as above.
-    unsafe { libc::kill(srv.pid(), libc::SIGTERM) };
-    let (st, err) = srv.wait_exit(std::time::Duration::from_secs(10));
-    assert!(st.success(), "{err}");
+    unsafe { libc::kill(srv.pid(), libc::SIGKILL) };
+    let _ = srv.wait_exit(std::time::Duration::from_secs(10));
+    assert!(fuse_mounted(), "a killed server's FUSE mount stays");
     let _ = owner.kill();
     let _ = owner.wait();
+    lab.dp(&[], &["--pool", "stall", "cleanup"]);
+    assert!(
+        !fuse_mounted(),
+        "cleanup left the killed server's FUSE mount"
+    );
+    let left: Vec<_> = std::fs::read_dir(&fuse_dir).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// In a guest whose kernel has an NBD client (and no ublk), `serve
@@ -1427,4 +1477,27 @@ fn devpool_in_guest(
     assert!(!console.contains("GUEST-STEP-FAILED"), "{console}");
     assert!(!console.contains("DEVPOOL-INSMOD-FAILED"), "{console}");
     console
+}
+
+/// `devpool ARGS` in the lab, started with stdout and stderr piped.
+fn spawn_piped(lab: &Lab, args: &[&str]) -> std::process::Child {
+    devpool_command(&lab.state_dir())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Whether `child` exits within `secs` seconds (its output, short, waits
+/// in the pipes).
+fn exits_within(child: &mut std::process::Child, secs: u64) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(secs) {
+        if child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
 }

@@ -4,6 +4,7 @@
 use crate::commit::{self, AreaTarget};
 use crate::device::{Device, WriteGate};
 use crate::error::{EngineError, Result};
+use crate::hostfs;
 use crate::journal;
 use crate::lock::{self, LockGuard};
 use crate::ops::{self, Layout, NewLv};
@@ -475,6 +476,12 @@ impl Engine {
         let mut unreadable = Vec::new();
         let explicit = matches!(self.devices, DeviceSource::List(_));
         for path in self.device_paths() {
+            // A read that waits on a stopped FUSE or network server could
+            // not be interrupted: such a device is left unread, with why.
+            if let Some(why) = hostfs::unanswered_server(&path, hostfs::SERVER_WAIT) {
+                unreadable.push(format!("{}: not read: {why}", path.display()));
+                continue;
+            }
             match scan::scan_path(&path, &mut cache) {
                 Ok(Some(pv)) => {
                     if let Some(dup) = pvs

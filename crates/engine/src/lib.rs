@@ -15,6 +15,7 @@
 //! - [`devicesfile`], [`lvmconf`]: LVM2's devices file and configuration, followed
 //! - [`cowstore`]: a snapshot's COW store, live (load, look up, append, invalidate)
 //! - [`thinstore`]: a thin pool's dm-thin metadata, live (devices, mappings, commits)
+//! - [`hostfs`]: files on the host's mounts; reads that would wait on a FUSE or network server that does not answer
 //! - [`dm`]: device-mapper: the devices the kernel has active for LVs (sysfs), its ioctls and messages
 //! - [`report`]: PV/VG/LV/segment rows for tables and JSON
 
@@ -28,6 +29,7 @@ pub mod dm;
 pub mod engine;
 pub mod error;
 pub mod giveback;
+pub mod hostfs;
 pub mod journal;
 pub mod lock;
 pub mod lvmconf;

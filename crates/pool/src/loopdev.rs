@@ -408,9 +408,8 @@ const SERVED_STATUS_WAIT: std::time::Duration = std::time::Duration::from_millis
 /// its backing file is on a file system that asks a server: the kernel
 /// answers `LOOP_GET_STATUS64` only after asking the file system for the
 /// file's attributes, and a stopped FUSE server would hold the caller (and
-/// every release, cleanup and teardown) for as long as it is stopped. The
-/// helper thread left waiting then ends with the server's answer, or with
-/// the process.
+/// every release, cleanup and teardown) for as long as it is stopped (see
+/// [`devpool_engine::hostfs::within`] for the helper left waiting).
 fn status_bounded(
     dev: &Path,
     backing: &Path,
@@ -419,15 +418,8 @@ fn status_bounded(
     if !crate::sysblk::mount_of(mounts, backing).is_some_and(crate::sysblk::Mount::asks_a_server) {
         return status(dev);
     }
-    let (tx, rx) = std::sync::mpsc::channel();
-    let dev = dev.to_path_buf();
-    std::thread::Builder::new()
-        .name("loop-status".into())
-        .spawn(move || {
-            let _ = tx.send(status(&dev));
-        })
-        .ok()?;
-    rx.recv_timeout(SERVED_STATUS_WAIT).ok().flatten()
+    let owned = dev.to_path_buf();
+    devpool_engine::hostfs::within(dev, SERVED_STATUS_WAIT, move || status(&owned)).flatten()
 }
 
 /// Every loop device devpool attached (found by its mark). One whose

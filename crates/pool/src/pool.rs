@@ -522,6 +522,13 @@ impl Pools {
         let vg = Self::vg_name(name)?;
         let sys = self.system_engine();
         let scan = sys.scan();
+        // A device left unread could hold this pool's VG already.
+        let unread: Vec<String> = scan
+            .unreadable
+            .iter()
+            .filter(|u| u.contains(": not read: "))
+            .map(|u| format!("not searched for an existing pool '{name}': {u}"))
+            .collect();
         if let Ok(existing) = scan.vg(&vg) {
             let on_device = existing
                 .devices
@@ -647,6 +654,7 @@ impl Pools {
                 let mut notes = plan.notes;
                 let grows = image_size.filter(|_| new_image).map(|b| b.0);
                 notes.extend(grows.and_then(|n| crate::hostspace::overcommit_note(device, n)));
+                notes.extend(unread);
                 notes
             }
             Err(e @ EngineError::DryRun(_)) => return Err(e.into()),

@@ -107,6 +107,9 @@ pub fn stop(state_dir: &Path, lv_uuids: &[&str], timeout: Duration) -> Result<Ve
             continue;
         }
         if !held(&path) {
+            // A server killed before it could clean up: its FUSE mount
+            // (`serve --block-device`) is left, cut off from its server.
+            unmount_left_fuse(state_dir, &path);
             let _ = std::fs::remove_file(&path);
             continue;
         }
@@ -128,6 +131,29 @@ pub fn stop(state_dir: &Path, lv_uuids: &[&str], timeout: Duration) -> Result<Ve
         stopped.push(pid);
     }
     Ok(stopped)
+}
+
+/// The FUSE mount point the server registered as `reg_name` (`<LV
+/// uuid>.<pid>`) makes for `serve --block-device`: named as its
+/// registration is, so whether its server lives is known by the same lock.
+pub fn fuse_mountpoint(state_dir: &Path, reg_name: &str) -> PathBuf {
+    state_dir.join("fuse").join(reg_name)
+}
+
+/// Unmount (lazily: whatever still holds a file in it keeps it) and remove
+/// the FUSE mount point a dead server of registration `reg` left.
+fn unmount_left_fuse(state_dir: &Path, reg: &Path) {
+    let Some(name) = reg.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    // No existence test: a stat of a mount whose server died fails
+    // (ENOTCONN). Without a mount, umount2 and rmdir fail harmlessly.
+    let at = fuse_mountpoint(state_dir, name);
+    if let Ok(c) = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a NUL-terminated path; EINVAL when nothing is mounted there.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    let _ = std::fs::remove_dir(&at);
 }
 
 #[cfg(test)]

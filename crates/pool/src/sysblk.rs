@@ -7,7 +7,10 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-pub type DevNum = (u32, u32);
+pub use devpool_engine::hostfs::{
+    DevNum, Mount, backing_file, mount_of, mounts, mounts_cached, read_devnum, unescape,
+};
+use devpool_engine::hostfs::{path_of, unescape_bytes};
 
 pub fn devnum_of_rdev(rdev: u64) -> DevNum {
     (libc::major(rdev), libc::minor(rdev))
@@ -45,12 +48,6 @@ fn cached_block_devnum(path: &Path) -> Option<DevNum> {
 
 fn sys_dir(d: DevNum) -> PathBuf {
     PathBuf::from(format!("/sys/dev/block/{}:{}", d.0, d.1))
-}
-
-fn read_devnum(dir: &Path) -> Option<DevNum> {
-    let s = std::fs::read_to_string(dir.join("dev")).ok()?;
-    let (a, b) = s.trim().split_once(':')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 /// The kernel's name for a device (`loop3`, `loop3p1`, `dm-0`).
@@ -101,145 +98,6 @@ pub fn loops() -> Vec<(DevNum, PathBuf)> {
             Some((read_devnum(&e.path())?, back))
         })
         .collect()
-}
-
-/// A loop device's backing file as sysfs names it (`/sys/block/loopN/loop/
-/// backing_file`): the path exactly, whatever bytes it holds.
-pub fn backing_file(attr: &Path) -> Option<PathBuf> {
-    let mut b = std::fs::read(attr).ok()?;
-    if b.last() == Some(&b'\n') {
-        b.pop();
-    }
-    Some(path_of(b))
-}
-
-fn path_of(bytes: Vec<u8>) -> PathBuf {
-    use std::os::unix::ffi::OsStringExt;
-    PathBuf::from(std::ffi::OsString::from_vec(bytes))
-}
-
-#[derive(Debug, Clone)]
-pub struct Mount {
-    pub dev: DevNum,
-    pub mountpoint: String,
-    pub source: String,
-    /// The file system type (`ext4`, `fuse.sshfs`, `nfs4`).
-    pub fstype: String,
-}
-
-impl Mount {
-    /// A file system whose attributes come from a server (FUSE, network
-    /// file systems): asking it may wait for as long as that server does.
-    pub fn asks_a_server(&self) -> bool {
-        const NETWORK: &[&str] = &[
-            "nfs",
-            "nfs4",
-            "cifs",
-            "smb3",
-            "9p",
-            "ceph",
-            "glusterfs",
-            "afs",
-            "virtiofs",
-            "lustre",
-        ];
-        self.fstype.starts_with("fuse") || NETWORK.contains(&self.fstype.as_str())
-    }
-}
-
-/// The mount `path` (absolute) is on: the longest mount point it is under.
-pub fn mount_of<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
-    mounts
-        .iter()
-        .filter(|m| path.starts_with(&m.mountpoint))
-        .max_by_key(|m| m.mountpoint.len())
-}
-
-/// [`mounts`], kept between calls while the mount table stays the same:
-/// `/proc/self/mountinfo` reports a change with `POLLPRI`, so a call costs
-/// one `poll` instead of a read and parse (about 70 µs here, on every loop
-/// device listing) when nothing was mounted or unmounted since.
-pub fn mounts_cached() -> Vec<Mount> {
-    use std::io::{Read, Seek};
-    use std::os::fd::AsRawFd;
-    static KEPT: std::sync::Mutex<Option<(std::fs::File, Vec<Mount>)>> =
-        std::sync::Mutex::new(None);
-    let mut kept = KEPT
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some((f, m)) = kept.as_mut() {
-        let mut p = libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLPRI,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; no wait.
-        if unsafe { libc::poll(&mut p, 1, 0) } == 0 {
-            return m.clone();
-        }
-        let mut text = Vec::new();
-        if f.rewind().is_ok() && f.read_to_end(&mut text).is_ok() {
-            *m = parse_mountinfo(&text);
-            return m.clone();
-        }
-    }
-    let mut text = Vec::new();
-    let Ok(mut f) = std::fs::File::open("/proc/self/mountinfo") else {
-        return mounts();
-    };
-    if f.read_to_end(&mut text).is_err() {
-        return mounts();
-    }
-    let m = parse_mountinfo(&text);
-    *kept = Some((f, m.clone()));
-    m
-}
-
-pub fn mounts() -> Vec<Mount> {
-    // Bytes, not a String: one mount point that is not UTF-8 must not hide
-    // every mount.
-    parse_mountinfo(&std::fs::read("/proc/self/mountinfo").unwrap_or_default())
-}
-
-fn parse_mountinfo(text: &[u8]) -> Vec<Mount> {
-    text.split(|&b| b == b'\n')
-        .filter_map(|l| {
-            let f: Vec<&[u8]> = l.split(|&b| b == b' ').collect();
-            let dev = std::str::from_utf8(f.get(2)?).ok()?;
-            let (a, b) = dev.split_once(':')?;
-            let sep = f.iter().position(|x| *x == b"-")?;
-            Some(Mount {
-                dev: (a.parse().ok()?, b.parse().ok()?),
-                mountpoint: unescape(f.get(4)?),
-                source: unescape(f.get(sep + 2).copied().unwrap_or(b"")),
-                fstype: unescape(f.get(sep + 1).copied().unwrap_or(b"")),
-            })
-        })
-        .collect()
-}
-
-/// mountinfo and fstab escape blanks as `\040` and friends; as text (what
-/// is not UTF-8 shown as U+FFFD).
-pub fn unescape(s: impl AsRef<[u8]>) -> String {
-    String::from_utf8_lossy(&unescape_bytes(s.as_ref())).into_owned()
-}
-
-fn unescape_bytes(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 /// Active swap areas: (name, the device it is, or the device its file is on).
@@ -519,63 +377,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_longest_mount_point_above_a_path_says_whether_a_server_answers_for_it() {
-        let info = b"22 1 254:0 / / rw - ext4 /dev/vda rw\n\
-            40 22 0:50 / /mnt/remote rw - fuse.sshfs host:/ rw\n\
-            41 40 254:0 /local /mnt/remote/local rw - ext4 /dev/vda rw\n\
-            42 22 0:51 / /srv/nfs rw - nfs4 host:/export rw\n";
-        let m = parse_mountinfo(info);
-        let on =
-            |p: &str| mount_of(&m, Path::new(p)).map(|m| (m.fstype.as_str(), m.asks_a_server()));
-        assert_eq!(on("/var/pool.img"), Some(("ext4", false)));
-        assert_eq!(on("/mnt/remote/img"), Some(("fuse.sshfs", true)));
-        assert_eq!(on("/mnt/remote/local/img"), Some(("ext4", false)));
-        assert_eq!(
-            on("/mnt/remoteX/img"),
-            Some(("ext4", false)),
-            "by components"
-        );
-        assert_eq!(on("/srv/nfs/a (deleted)"), Some(("nfs4", true)));
-    }
-
-    #[test]
-    fn kept_mounts_follow_a_mount_and_an_unmount() {
-        let dir = tempfile::tempdir().unwrap();
-        let at = dir.path().to_str().unwrap().to_string();
-        let listed = || mounts_cached().iter().any(|m| m.mountpoint == at);
-        assert!(!listed());
-        let mount = |args: &[&str]| {
-            std::process::Command::new(args[0])
-                .args(&args[1..])
-                .status()
-        };
-        if !mount(&["mount", "-t", "tmpfs", "none", &at]).is_ok_and(|s| s.success()) {
-            eprintln!("SKIP kept_mounts_follow_a_mount_and_an_unmount: cannot mount (not root?)");
-            return;
-        }
-        let seen = listed();
-        let _ = mount(&["umount", &at]);
-        assert!(seen, "a new mount is seen");
-        assert!(!listed(), "an unmount is seen");
-    }
-
-    #[test]
-    fn unescapes_octal() {
-        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape("plain\\"), "plain\\");
-    }
-
-    #[test]
-    fn a_mount_point_or_swap_file_that_is_not_utf8_hides_nothing() {
-        let info = b"22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
-            30 22 7:3 / /mnt/\xff\\040x rw - ext4 /dev/loop3 rw\n\
-            31 22 7:4 / /srv rw - xfs /dev/loop4 rw\n";
-        let m = parse_mountinfo(info);
-        assert_eq!(m.len(), 3);
-        assert_eq!((m[1].dev, m[1].source.as_str()), ((7, 3), "/dev/loop3"));
-        assert_eq!(m[1].mountpoint, "/mnt/\u{fffd} x");
-        assert_eq!((m[2].dev, m[2].mountpoint.as_str()), ((7, 4), "/srv"));
-
+    fn a_swap_file_that_is_not_utf8_hides_nothing() {
         let swaps = b"Filename\tType\tSize\tUsed\tPriority\n\
             /swap\xfe\\040file                          file\t1024\t0\t-2\n\
             /dev/vdb2                               partition\t1024\t0\t-3\n";
@@ -618,10 +420,5 @@ mod tests {
             zero,
         );
         assert_eq!(m, 1);
-    }
-
-    #[test]
-    fn root_file_system_is_in_mountinfo() {
-        assert!(mounts().iter().any(|m| m.mountpoint == "/"));
     }
 }

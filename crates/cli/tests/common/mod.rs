@@ -164,6 +164,16 @@ impl Drop for Lab {
                     .iter()
                     .any(|(d, img)| dev != d && (backing == d || backing == img))
         });
+        // A FUSE mount a failed test's killed server left in the lab (its
+        // directory cannot be removed under it): lazily unmounted.
+        for m in devpool_pool::sysblk::mounts() {
+            if Path::new(&m.mountpoint).starts_with(&dir)
+                && let Ok(c) = std::ffi::CString::new(m.mountpoint)
+            {
+                // SAFETY: a NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
     }
 }
 
