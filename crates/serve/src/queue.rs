@@ -268,6 +268,13 @@ impl Queue {
         }
     }
 
+    /// Hand queued requests to the kernel now, without waiting.
+    pub fn hand_over(&mut self) {
+        if self.unsubmitted > 0 && self.ring.submit().is_ok() {
+            self.unsubmitted = 0;
+        }
+    }
+
     /// Add a frontend's own SQE (its user data must be below 2^63).
     ///
     /// # Safety

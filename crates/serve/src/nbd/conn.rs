@@ -93,6 +93,11 @@ impl Connection {
         loop {
             self.parse_requests();
             self.ensure_recv();
+            // New requests go to the disk before the replies are copied out
+            // to the client: the disk works while the client reads them.
+            if !self.replies.is_empty() {
+                self.q.hand_over();
+            }
             self.send_replies();
             if self.closing {
                 if self.recv_pending && !self.read_shut {
