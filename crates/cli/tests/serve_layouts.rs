@@ -304,7 +304,8 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
 /// listing of the host's loop devices waits only briefly for the one over
 /// the stopped server's file. So do a `vg list` and a `pool setup`, which
 /// read every block device: the one over the stopped server's file is left
-/// unread, and named. Last, the server is killed outright, and the cleanup
+/// unread, and named; and a `pool setup` of an image file, whose checks
+/// compare it with every loop device's backing file. Last, the server is killed outright, and the cleanup
 /// of its lease removes the FUSE mount it left.
 #[test]
 fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
@@ -395,6 +396,16 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
         &["pool", "setup", &fresh_arg, "--name", "fresh", "--yes"],
     );
     let set_up_in_time = exits_within(&mut setup, 20);
+    // On an image file, setup's checks compare it with every loop device's
+    // backing file, the one on the stopped server too.
+    let image = lab.path("fresh-image.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let image = image.display().to_string();
+    let mut image_setup = spawn_piped(&lab, &["pool", "setup", &image, "--name", "image", "--yes"]);
+    let image_set_up_in_time = exits_within(&mut image_setup, 20);
     // SAFETY: as above. What is stuck goes on once its server does.
     unsafe { libc::kill(srv.pid(), libc::SIGCONT) };
     let out = release.wait_with_output().unwrap();
@@ -429,6 +440,12 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
         set_up_in_time && set_up.status.success(),
         "pool setup beside the stopped FUSE server: {}",
         String::from_utf8_lossy(&set_up.stderr)
+    );
+    let image_set_up = image_setup.wait_with_output().unwrap();
+    assert!(
+        image_set_up_in_time && image_set_up.status.success(),
+        "pool setup of an image file beside the stopped FUSE server: {}",
+        String::from_utf8_lossy(&image_set_up.stderr)
     );
     let said = String::from_utf8_lossy(&set_up.stdout);
     assert!(

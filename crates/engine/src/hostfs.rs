@@ -70,6 +70,18 @@ impl Mount {
         });
         fuse || NETWORK.contains(&self.fstype.as_str())
     }
+
+    /// "`file` is on a fuse file system (/mnt/x) whose server did not
+    /// answer within 500 ms".
+    pub fn silent_about(&self, file: &Path, wait: Duration) -> String {
+        format!(
+            "{} is on a {} file system ({}) whose server did not answer within {} ms",
+            file.display(),
+            self.fstype,
+            self.mountpoint,
+            wait.as_millis()
+        )
+    }
 }
 
 /// The mount `path` (absolute) is on: the longest mount point it is under.
@@ -254,15 +266,7 @@ pub fn unanswered_server(path: &Path, wait: Duration) -> Option<String> {
     if !with_kept_mounts(|m| m.iter().any(Mount::asks_a_server)) {
         return None;
     }
-    let silent = |file: &Path, m: &Mount| {
-        format!(
-            "{} is on a {} file system ({}) whose server did not answer within {} ms",
-            file.display(),
-            m.fstype,
-            m.mountpoint,
-            wait.as_millis()
-        )
-    };
+    let silent = |file: &Path, m: &Mount| m.silent_about(file, wait);
     if let Some(m) = served_mount(path)
         && !answers(path, wait)
     {

@@ -2,7 +2,7 @@
 //! what was found and where. Refusals stop setup; signatures of file systems
 //! and partition tables need confirmation.
 
-use crate::sysblk::{self, Above, DevNum};
+use crate::sysblk::{self, Above, DevNum, mount_of};
 use crate::{PoolError, Result};
 use devpool_format::signature;
 use std::collections::BTreeMap;
@@ -108,8 +108,23 @@ fn check_block(path: &Path, dev: DevNum, fstab: &Path, f: &mut Findings) {
 
 fn check_image(path: &Path, meta: &std::fs::Metadata, fstab: &Path, f: &mut Findings) {
     let same = |p: &Path| devpool_engine::engine::same_file(p, path);
+    let mounts = sysblk::mounts_cached();
     for (l, back) in sysblk::loops() {
-        if same(&back) {
+        let backs = match mount_of(&mounts, &back).filter(|m| m.asks_a_server()) {
+            None => same(&back),
+            Some(m) => match backs_image_on_served_mount(&back, meta, m) {
+                Ok(b) => b,
+                Err(why) => {
+                    f.refusals.push(format!(
+                        "cannot tell whether {} backs loop device /dev/{}: {why}",
+                        path.display(),
+                        sysblk::kname(l)
+                    ));
+                    continue;
+                }
+            },
+        };
+        if backs {
             f.refusals.push(format!(
                 "{} backs loop device /dev/{}",
                 path.display(),
@@ -124,6 +139,30 @@ fn check_image(path: &Path, meta: &std::fs::Metadata, fstab: &Path, f: &mut Find
         }
     }
     check_fstab(fstab, &[], Some((path, meta)), f);
+}
+
+/// Whether `back`, a loop device's backing file on mount `m` (FUSE or a
+/// network file system), is the image `meta` describes. On another file
+/// system (the mount's device number is not the image's) it is not, and its
+/// server is not asked: a stopped one would hold setup. Otherwise its
+/// attributes are read on a helper thread, waited for a bounded time.
+fn backs_image_on_served_mount(
+    back: &Path,
+    meta: &std::fs::Metadata,
+    m: &sysblk::Mount,
+) -> std::result::Result<bool, String> {
+    if m.dev != sysblk::devnum_of_rdev(meta.dev()) {
+        return Ok(false);
+    }
+    let owned = back.to_path_buf();
+    let wait = devpool_engine::hostfs::SERVER_WAIT;
+    match devpool_engine::hostfs::within(back, wait, move || {
+        std::fs::metadata(&owned).map(|b| (b.dev(), b.ino()))
+    }) {
+        Some(Ok(id)) => Ok(id == (meta.dev(), meta.ino())),
+        Some(Err(_)) => Ok(false),
+        None => Err(format!("its backing file {}", m.silent_about(back, wait))),
+    }
 }
 
 /// blkid's view of one device: UUID, LABEL, PARTUUID, PARTLABEL, TYPE.
