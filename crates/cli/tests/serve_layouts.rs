@@ -304,8 +304,10 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
 /// listing of the host's loop devices waits only briefly for the one over
 /// the stopped server's file. So do a `vg list` and a `pool setup`, which
 /// read every block device: the one over the stopped server's file is left
-/// unread, and named; and a `pool setup` of an image file, whose checks
-/// compare it with every loop device's backing file. Last, the server is killed outright, and the cleanup
+/// unread, and named; a `pool setup` of an image file, whose checks
+/// compare it with every loop device's backing file and every fstab line
+/// (one names the stopped server's file); and a disk's setup with that
+/// fstab line, refused because what the line names cannot be told. Last, the server is killed outright, and the cleanup
 /// of its lease removes the FUSE mount it left.
 #[test]
 fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
@@ -404,7 +406,24 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
         .set_len(64 << 20)
         .unwrap();
     let image = image.display().to_string();
-    let mut image_setup = spawn_piped(&lab, &["pool", "setup", &image, "--name", "image", "--yes"]);
+    // An fstab line names a file on the stopped server's mount: not the
+    // image (another file system), but what it names cannot be told for a
+    // disk's setup, which is refused rather than left waiting.
+    let fstab = lab.path("fstab");
+    std::fs::write(&fstab, format!("{fuse_file} /mnt/x auto loop 0 0\n")).unwrap();
+    let fstab_env = [("DEVPOOL_FSTAB", fstab.to_str().unwrap())];
+    let fresh2_arg = lab.loop_dev("fresh2.img", 64).display().to_string();
+    let mut refused_setup = spawn_piped_env(
+        &lab,
+        &["pool", "setup", &fresh2_arg, "--name", "fresh2", "--yes"],
+        &fstab_env,
+    );
+    let refused_in_time = exits_within(&mut refused_setup, 20);
+    let mut image_setup = spawn_piped_env(
+        &lab,
+        &["pool", "setup", &image, "--name", "image", "--yes"],
+        &fstab_env,
+    );
     let image_set_up_in_time = exits_within(&mut image_setup, 20);
     // SAFETY: as above. What is stuck goes on once its server does.
     unsafe { libc::kill(srv.pid(), libc::SIGCONT) };
@@ -446,6 +465,19 @@ fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
         image_set_up_in_time && image_set_up.status.success(),
         "pool setup of an image file beside the stopped FUSE server: {}",
         String::from_utf8_lossy(&image_set_up.stderr)
+    );
+    let refused = refused_setup.wait_with_output().unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        refused_in_time && !refused.status.success(),
+        "pool setup with an fstab line on the stopped FUSE server: {why}"
+    );
+    assert!(
+        why.contains(&format!(
+            "cannot tell what {} line 1 ({fuse_file} on /mnt/x) names: {fuse_file} is on a fuse file system",
+            fstab.display()
+        )),
+        "{why}"
     );
     let said = String::from_utf8_lossy(&set_up.stdout);
     assert!(
@@ -1498,8 +1530,14 @@ fn devpool_in_guest(
 
 /// `devpool ARGS` in the lab, started with stdout and stderr piped.
 fn spawn_piped(lab: &Lab, args: &[&str]) -> std::process::Child {
+    spawn_piped_env(lab, args, &[])
+}
+
+/// [`spawn_piped`] with more environment.
+fn spawn_piped_env(lab: &Lab, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
     devpool_command(&lab.state_dir())
         .args(args)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -107,22 +107,25 @@ fn check_block(path: &Path, dev: DevNum, fstab: &Path, f: &mut Findings) {
 }
 
 fn check_image(path: &Path, meta: &std::fs::Metadata, fstab: &Path, f: &mut Findings) {
-    let same = |p: &Path| devpool_engine::engine::same_file(p, path);
     let mounts = sysblk::mounts_cached();
+    let image_dev = sysblk::devnum_of_rdev(meta.dev());
     for (l, back) in sysblk::loops() {
-        let backs = match mount_of(&mounts, &back).filter(|m| m.asks_a_server()) {
-            None => same(&back),
-            Some(m) => match backs_image_on_served_mount(&back, meta, m) {
-                Ok(b) => b,
-                Err(why) => {
-                    f.refusals.push(format!(
-                        "cannot tell whether {} backs loop device /dev/{}: {why}",
-                        path.display(),
-                        sysblk::kname(l)
-                    ));
-                    continue;
-                }
-            },
+        // A backing file on another FUSE or network file system (its
+        // mount's device number is not the image's) is not the image, and
+        // its server need not be asked.
+        if mount_of(&mounts, &back).is_some_and(|m| m.asks_a_server() && m.dev != image_dev) {
+            continue;
+        }
+        let backs = match metadata_bounded(&back, &mounts) {
+            Ok(b) => b.is_some_and(|b| (b.dev(), b.ino()) == (meta.dev(), meta.ino())),
+            Err(why) => {
+                f.refusals.push(format!(
+                    "cannot tell whether {} backs loop device /dev/{}: its backing file {why}",
+                    path.display(),
+                    sysblk::kname(l)
+                ));
+                continue;
+            }
         };
         if backs {
             f.refusals.push(format!(
@@ -133,36 +136,12 @@ fn check_image(path: &Path, meta: &std::fs::Metadata, fstab: &Path, f: &mut Find
         }
     }
     for (name, _) in sysblk::swaps() {
-        if same(&name) {
+        if devpool_engine::engine::same_file(&name, path) {
             f.refusals
                 .push(format!("{} is in use as swap", path.display()));
         }
     }
     check_fstab(fstab, &[], Some((path, meta)), f);
-}
-
-/// Whether `back`, a loop device's backing file on mount `m` (FUSE or a
-/// network file system), is the image `meta` describes. On another file
-/// system (the mount's device number is not the image's) it is not, and its
-/// server is not asked: a stopped one would hold setup. Otherwise its
-/// attributes are read on a helper thread, waited for a bounded time.
-fn backs_image_on_served_mount(
-    back: &Path,
-    meta: &std::fs::Metadata,
-    m: &sysblk::Mount,
-) -> std::result::Result<bool, String> {
-    if m.dev != sysblk::devnum_of_rdev(meta.dev()) {
-        return Ok(false);
-    }
-    let owned = back.to_path_buf();
-    let wait = devpool_engine::hostfs::SERVER_WAIT;
-    match devpool_engine::hostfs::within(back, wait, move || {
-        std::fs::metadata(&owned).map(|b| (b.dev(), b.ino()))
-    }) {
-        Some(Ok(id)) => Ok(id == (meta.dev(), meta.ino())),
-        Some(Err(_)) => Ok(false),
-        None => Err(format!("its backing file {}", m.silent_about(back, wait))),
-    }
 }
 
 /// blkid's view of one device: UUID, LABEL, PARTUUID, PARTLABEL, TYPE.
@@ -199,6 +178,7 @@ fn check_fstab(
         return;
     };
     let text = String::from_utf8_lossy(&bytes);
+    let mounts = sysblk::mounts_cached();
     let mut ids: Option<Vec<(&Above, BTreeMap<String, String>)>> = None;
     for (lineno, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -232,12 +212,32 @@ fn check_fstab(
             }
             continue;
         }
-        let p = Path::new(&spec);
-        if let Some(d) = sysblk::block_devnum(p) {
+        // For an image: a path on another FUSE or network file system is
+        // not it, and that server need not be asked.
+        if let Some((_, meta)) = image
+            && std::path::absolute(&spec).is_ok_and(|abs| {
+                mount_of(&mounts, &abs).is_some_and(|m| {
+                    m.asks_a_server() && m.dev != sysblk::devnum_of_rdev(meta.dev())
+                })
+            })
+        {
+            continue;
+        }
+        let m = match metadata_bounded(Path::new(&spec), &mounts) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(why) => {
+                f.refusals
+                    .push(format!("cannot tell what {at} names: {why}"));
+                continue;
+            }
+        };
+        if m.file_type().is_block_device() {
+            let d = sysblk::devnum_of_rdev(m.rdev());
             if let Some(a) = stack.iter().find(|a| a.dev == d) {
                 f.refusals.push(format!("{} is listed in {at}", a.how));
             }
-        } else if let (Some((img, meta)), Ok(m)) = (image, std::fs::metadata(p))
+        } else if let Some((img, meta)) = image
             && m.dev() == meta.dev()
             && m.ino() == meta.ino()
         {
@@ -245,6 +245,28 @@ fn check_fstab(
                 .push(format!("{} is listed in {at}", img.display()));
         }
     }
+}
+
+/// The attributes of `p` (`None`: it does not exist or cannot be read),
+/// without waiting on a stopped server: on FUSE or a network file system
+/// they are read on a helper thread, waited for a bounded time (`Err`:
+/// unanswered, saying so).
+fn metadata_bounded(
+    p: &Path,
+    mounts: &[sysblk::Mount],
+) -> std::result::Result<Option<std::fs::Metadata>, String> {
+    let served = std::path::absolute(p).ok().and_then(|abs| {
+        mount_of(mounts, &abs)
+            .filter(|m| m.asks_a_server())
+            .cloned()
+    });
+    let Some(m) = served else {
+        return Ok(std::fs::metadata(p).ok());
+    };
+    let owned = p.to_path_buf();
+    let wait = devpool_engine::hostfs::SERVER_WAIT;
+    devpool_engine::hostfs::within(p, wait, move || std::fs::metadata(&owned).ok())
+        .ok_or_else(|| m.silent_about(p, wait))
 }
 
 /// Bytes read for signatures: the largest offset checked is btrfs's at 64 KiB.
