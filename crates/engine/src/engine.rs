@@ -44,6 +44,10 @@ pub struct Engine {
     pub dry_run: bool,
 }
 
+/// What follows a device's path in [`Scan::unreadable`] when the scan left
+/// it unread because its server did not answer (see [`hostfs`]).
+pub const NOT_READ: &str = ": not read: ";
+
 /// A scan of all devices.
 #[derive(Debug)]
 pub struct Scan {
@@ -479,7 +483,7 @@ impl Engine {
             // A read that waits on a stopped FUSE or network server could
             // not be interrupted: such a device is left unread, with why.
             if let Some(why) = hostfs::unanswered_server(&path, hostfs::SERVER_WAIT) {
-                unreadable.push(format!("{}: not read: {why}", path.display()));
+                unreadable.push(format!("{}{NOT_READ}{why}", path.display()));
                 continue;
             }
             match scan::scan_path(&path, &mut cache) {

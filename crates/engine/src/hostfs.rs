@@ -249,10 +249,23 @@ fn answers(path: &Path, wait: Duration) -> bool {
     .is_some()
 }
 
-/// The mount `path` is on, when that file system asks a server.
-fn served_mount(path: &Path) -> Option<Mount> {
+/// Why `path` cannot be looked at now: it is on FUSE or a network file
+/// system whose server did not answer within `wait` (see [`answers`]).
+/// `None`: it is on no such file system, or its server answered.
+pub fn unanswered(path: &Path, wait: Duration) -> Option<String> {
     let abs = std::path::absolute(path).ok()?;
-    with_kept_mounts(|m| mount_of(m, &abs).filter(|m| m.asks_a_server()).cloned())
+    let m = with_kept_mounts(|m| mount_of(m, &abs).filter(|m| m.asks_a_server()).cloned())?;
+    (!answers(path, wait)).then(|| m.silent_about(path, wait))
+}
+
+/// `std::fs::metadata(path)` (`None`: it does not exist or cannot be
+/// read), without waiting on a stopped server: `Err` says which server
+/// did not answer within `wait`.
+pub fn metadata_bounded(path: &Path, wait: Duration) -> Result<Option<std::fs::Metadata>, String> {
+    match unanswered(path, wait) {
+        Some(why) => Err(why),
+        None => Ok(std::fs::metadata(path).ok()),
+    }
 }
 
 /// Why reading `path` (a block device or an image file) could wait on a
@@ -266,28 +279,18 @@ pub fn unanswered_server(path: &Path, wait: Duration) -> Option<String> {
     if !with_kept_mounts(|m| m.iter().any(Mount::asks_a_server)) {
         return None;
     }
-    let silent = |file: &Path, m: &Mount| m.silent_about(file, wait);
-    if let Some(m) = served_mount(path)
-        && !answers(path, wait)
-    {
-        return Some(silent(path, &m));
-    }
-    let meta = std::fs::metadata(path).ok()?;
+    let meta = match metadata_bounded(path, wait) {
+        Err(why) => return Some(why),
+        Ok(meta) => meta?,
+    };
     if !meta.file_type().is_block_device() {
         return None;
     }
     let dev = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
-    for back in loop_files_under(dev) {
-        if let Some(m) = served_mount(&back)
-            && !answers(&back, wait)
-        {
-            return Some(format!(
-                "it reads through a loop device whose backing file {}",
-                silent(&back, &m)
-            ));
-        }
-    }
-    None
+    loop_files_under(dev).iter().find_map(|back| {
+        unanswered(back, wait)
+            .map(|why| format!("it reads through a loop device whose backing file {why}"))
+    })
 }
 
 /// The backing files of the loop devices block device `d` reads through:

@@ -526,7 +526,7 @@ impl Pools {
         let unread: Vec<String> = scan
             .unreadable
             .iter()
-            .filter(|u| u.contains(": not read: "))
+            .filter(|u| u.contains(devpool_engine::engine::NOT_READ))
             .map(|u| format!("not searched for an existing pool '{name}': {u}"))
             .collect();
         if let Ok(existing) = scan.vg(&vg) {

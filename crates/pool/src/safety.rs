@@ -4,6 +4,7 @@
 
 use crate::sysblk::{self, Above, DevNum, mount_of};
 use crate::{PoolError, Result};
+use devpool_engine::hostfs::{SERVER_WAIT, metadata_bounded};
 use devpool_format::signature;
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -116,7 +117,7 @@ fn check_image(path: &Path, meta: &std::fs::Metadata, fstab: &Path, f: &mut Find
         if mount_of(&mounts, &back).is_some_and(|m| m.asks_a_server() && m.dev != image_dev) {
             continue;
         }
-        let backs = match metadata_bounded(&back, &mounts) {
+        let backs = match metadata_bounded(&back, SERVER_WAIT) {
             Ok(b) => b.is_some_and(|b| (b.dev(), b.ino()) == (meta.dev(), meta.ino())),
             Err(why) => {
                 f.refusals.push(format!(
@@ -223,7 +224,7 @@ fn check_fstab(
         {
             continue;
         }
-        let m = match metadata_bounded(Path::new(&spec), &mounts) {
+        let m = match metadata_bounded(Path::new(&spec), SERVER_WAIT) {
             Ok(Some(m)) => m,
             Ok(None) => continue,
             Err(why) => {
@@ -245,28 +246,6 @@ fn check_fstab(
                 .push(format!("{} is listed in {at}", img.display()));
         }
     }
-}
-
-/// The attributes of `p` (`None`: it does not exist or cannot be read),
-/// without waiting on a stopped server: on FUSE or a network file system
-/// they are read on a helper thread, waited for a bounded time (`Err`:
-/// unanswered, saying so).
-fn metadata_bounded(
-    p: &Path,
-    mounts: &[sysblk::Mount],
-) -> std::result::Result<Option<std::fs::Metadata>, String> {
-    let served = std::path::absolute(p).ok().and_then(|abs| {
-        mount_of(mounts, &abs)
-            .filter(|m| m.asks_a_server())
-            .cloned()
-    });
-    let Some(m) = served else {
-        return Ok(std::fs::metadata(p).ok());
-    };
-    let owned = p.to_path_buf();
-    let wait = devpool_engine::hostfs::SERVER_WAIT;
-    devpool_engine::hostfs::within(p, wait, move || std::fs::metadata(&owned).ok())
-        .ok_or_else(|| m.silent_about(p, wait))
 }
 
 /// Bytes read for signatures: the largest offset checked is btrfs's at 64 KiB.

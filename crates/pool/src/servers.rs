@@ -29,6 +29,11 @@ fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join("servers")
 }
 
+/// Where servers mount their FUSE file systems.
+fn fuse_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("fuse")
+}
+
 /// Register this process as serving the LV with uuid `lv_uuid`.
 pub fn register(state_dir: &Path, lv_uuid: &str) -> Result<Registration> {
     let d = dir(state_dir);
@@ -41,7 +46,7 @@ pub fn register(state_dir: &Path, lv_uuid: &str) -> Result<Registration> {
         }
     };
     std::fs::create_dir_all(&d).map_err(io("create", &d))?;
-    let path = d.join(format!("{lv_uuid}.{}", std::process::id()));
+    let path = d.join(entry_name(lv_uuid, std::process::id()));
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -133,11 +138,16 @@ pub fn stop(state_dir: &Path, lv_uuids: &[&str], timeout: Duration) -> Result<Ve
     Ok(stopped)
 }
 
-/// The FUSE mount point the server registered as `reg_name` (`<LV
-/// uuid>.<pid>`) makes for `serve --block-device`: named as its
-/// registration is, so whether its server lives is known by the same lock.
-pub fn fuse_mountpoint(state_dir: &Path, reg_name: &str) -> PathBuf {
-    state_dir.join("fuse").join(reg_name)
+/// A registration's file name, and its server's FUSE mount point's.
+fn entry_name(lv_uuid: &str, pid: u32) -> String {
+    format!("{lv_uuid}.{pid}")
+}
+
+/// The FUSE mount point this process makes for `serve --block-device` of
+/// the LV with uuid `lv_uuid`: named as its registration is, so whether its
+/// server lives is known by the same lock.
+pub fn fuse_mountpoint(state_dir: &Path, lv_uuid: &str) -> PathBuf {
+    fuse_dir(state_dir).join(entry_name(lv_uuid, std::process::id()))
 }
 
 /// Unmount (lazily: whatever still holds a file in it keeps it) and remove
@@ -148,7 +158,7 @@ fn unmount_left_fuse(state_dir: &Path, reg: &Path) {
     };
     // No existence test: a stat of a mount whose server died fails
     // (ENOTCONN). Without a mount, umount2 and rmdir fail harmlessly.
-    let at = fuse_mountpoint(state_dir, name);
+    let at = fuse_dir(state_dir).join(name);
     if let Ok(c) = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()) {
         // SAFETY: a NUL-terminated path; EINVAL when nothing is mounted there.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };

@@ -194,10 +194,7 @@ pub fn attach(
             skipped.join("; ")
         )));
     }
-    let mountpoint = devpool_pool::servers::fuse_mountpoint(
-        state_dir,
-        &format!("{}.{}", vol.uuid, std::process::id()),
-    );
+    let mountpoint = devpool_pool::servers::fuse_mountpoint(state_dir, &vol.uuid);
     let m = fuse::mount(Arc::clone(vol), &mountpoint)?;
     let d = match loopdev::attach(&m.file, 0, vol.size(), &vol.uuid) {
         Ok(d) => d,
