@@ -82,8 +82,12 @@ const WOKEN: u64 = 1 << 61;
 /// The tag of a write this queue answered early: `EARLY | its entry number`
 /// (frontend tags are small).
 const EARLY: u64 = 1 << 63;
-/// How long [`Queue::wait`] spins for a completion while I/O is in flight.
+/// How long [`Queue::wait`] spins for a completion while I/O is in flight:
+/// [`SPIN_PER_REQUEST`] for each request in flight, at least [`SPIN`] and at
+/// most [`SPIN_MAX`] (see [`spin_while_in_flight`]).
 const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+const SPIN_PER_REQUEST: std::time::Duration = std::time::Duration::from_micros(20);
+const SPIN_MAX: std::time::Duration = std::time::Duration::from_micros(600);
 /// How long it spins for a frontend's next request with nothing in flight,
 /// when the frontend asked for it ([`Queue::spin_for_requests`]).
 const SPIN_FOR_REQUESTS: std::time::Duration = std::time::Duration::from_micros(200);
@@ -96,6 +100,20 @@ static SPINNING: AtomicUsize = AtomicUsize::new(0);
 fn spin_limit() -> usize {
     static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *LIMIT.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)))
+}
+
+/// How long to spin for a completion with `in_flight` requests out. A deep
+/// queue is worth a spin as long as the device takes to answer (a few hundred
+/// microseconds here): the device answers in batches, and a thread asleep
+/// when one lands is woken through a halted vCPU, which on a virtual machine
+/// costs tens of microseconds while the device sits idle (measured: 4 KiB
+/// reads at depth 32 over NBD, 54.6k IOPS with 50 us, 62.4k with this, in
+/// six interleaved pairs). The spin grows only with the requests it serves:
+/// a shallow queue spins no longer than [`SPIN`], and nothing in flight
+/// means no spin at all unless the frontend asked for one.
+fn spin_while_in_flight(in_flight: usize) -> std::time::Duration {
+    let n = u32::try_from(in_flight).unwrap_or(u32::MAX);
+    SPIN_PER_REQUEST.saturating_mul(n).clamp(SPIN, SPIN_MAX)
 }
 
 /// The right to spin, held while a queue spins.
@@ -612,7 +630,7 @@ impl Queue {
         self.start_copy();
         let mut want = if self.ready.is_empty() { min } else { 0 };
         let spin = if !self.slots.is_empty() {
-            Some(SPIN)
+            Some(spin_while_in_flight(self.slots.len()))
         } else {
             self.spin_for_requests.then_some(SPIN_FOR_REQUESTS)
         };
@@ -976,5 +994,14 @@ mod tests {
         drop((b, c));
         assert_eq!(SPINNING.load(Ordering::Acquire), 0);
         assert!(spin_limit() >= 1);
+    }
+
+    #[test]
+    fn the_spin_grows_with_the_requests_in_flight_within_its_bounds() {
+        use std::time::Duration;
+        assert_eq!(spin_while_in_flight(1), SPIN, "one request: the short spin");
+        assert_eq!(spin_while_in_flight(8), Duration::from_micros(160));
+        assert_eq!(spin_while_in_flight(32), SPIN_MAX);
+        assert_eq!(spin_while_in_flight(usize::MAX), SPIN_MAX);
     }
 }
