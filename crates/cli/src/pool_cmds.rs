@@ -394,8 +394,7 @@ pub fn lease(g: &Global, cmd: LeaseCmd) -> Result<()> {
             let specs = want(&w)?;
             // SAFETY: getppid cannot fail.
             let pid = owner_pid.unwrap_or_else(|| unsafe { libc::getppid() } as u32);
-            let owner =
-                Owner::of_pid(pid).ok_or_else(|| anyhow!("--owner-pid {pid}: no such process"))?;
+            let owner = Owner::of_pid(pid).map_err(|why| anyhow!("--owner-pid {pid}: {why}"))?;
             let a = Leases::new(g)?.acquire(&name, &w, &specs, &owner, keep)?;
             print_acquired(g, &a)
         }
@@ -513,7 +512,7 @@ pub fn run(
     let name = pool_name(g);
     let specs = want(w)?;
     let owner =
-        Owner::of_pid(std::process::id()).ok_or_else(|| anyhow!("cannot read /proc/self/stat"))?;
+        Owner::of_pid(std::process::id()).map_err(|why| anyhow!("this process as owner: {why}"))?;
     // Signals are forwarded to the command; the release happens after it ends.
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: installing a handler that only touches atomics and calls kill.

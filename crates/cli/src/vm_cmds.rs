@@ -431,7 +431,7 @@ pub fn boot(
     let p = pools(g)?;
     let pool = pool_name(g);
     let owner =
-        Owner::of_pid(std::process::id()).ok_or_else(|| anyhow!("cannot read /proc/self/stat"))?;
+        Owner::of_pid(std::process::id()).map_err(|why| anyhow!("this process as owner: {why}"))?;
     let lease = if specs.is_empty() {
         None
     } else {

@@ -58,6 +58,20 @@ impl Sleeper {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+    /// Kill it without collecting it: it stays a zombie (in /proc, with its
+    /// start time) until dropped.
+    fn kill_leaving_a_zombie(&mut self) {
+        let _ = self.0.kill();
+        let stat = format!("/proc/{}/stat", self.0.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&stat).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        }) {
+            assert!(std::time::Instant::now() < deadline, "no zombie: {stat}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 }
 impl Drop for Sleeper {
     fn drop(&mut self) {
@@ -260,6 +274,30 @@ fn orphans_are_found_through_pid_reuse_and_reboots_but_kept_and_live_leases_stay
     let mut dead_owner = Sleeper::new();
     let kept = acquire(&lab, &pool, "test:8M", &dead_owner.pid(), &["--keep"]);
     dead_owner.kill();
+    // An owner that exited while its parent never collected it: still listed
+    // in /proc with its PID and start time, but gone.
+    let mut zombie_owner = Sleeper::new();
+    let zombied = acquire(&lab, &pool, "test:8M", &zombie_owner.pid(), &[]);
+    zombie_owner.kill_leaving_a_zombie();
+    let refused = pool_cmd(
+        &lab,
+        &pool,
+        &[
+            "lease",
+            "acquire",
+            "--volumes",
+            "test:8M",
+            "--owner-pid",
+            &zombie_owner.pid(),
+        ],
+    );
+    assert!(!refused.status.success(), "a zombie was taken as an owner");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains(&format!("--owner-pid {}: PID", zombie_owner.pid()))
+            && why.contains("has exited"),
+        "{why}"
+    );
     let lv_of = |v: &Value| format!("{vg}/{}", v["devices"][0]["lv"].as_str().unwrap());
     let start = devpool_pool::owner::start_ticks(owner.0.id()).unwrap();
 
@@ -302,7 +340,13 @@ fn orphans_are_found_through_pid_reuse_and_reboots_but_kept_and_live_leases_stay
             )
         })
         .collect();
-    assert_eq!(removed.len(), 2, "{removed:?}");
+    assert_eq!(removed.len(), 3, "{removed:?}");
+    assert!(
+        removed
+            .iter()
+            .any(|(s, r)| *s == zombied["session"] && r.contains("has exited")),
+        "{removed:?}"
+    );
     assert!(
         removed
             .iter()

@@ -261,7 +261,7 @@ fn handle(service: &LeaseService, req: Request, peer: Option<u32>) -> Result<ser
                 PoolError::Invalid("no owner_pid, and the peer's PID is unknown".into())
             })?;
             let owner = Owner::of_pid(pid)
-                .ok_or_else(|| PoolError::Invalid(format!("owner_pid {pid}: no such process")))?;
+                .map_err(|why| PoolError::Invalid(format!("owner_pid {pid}: {why}")))?;
             let devices = DeviceOptions {
                 loops: loop_devices,
                 chown,

@@ -42,6 +42,29 @@ pub fn boot_id() -> String {
 
 /// Start time of `pid` in clock ticks since boot, if the process exists.
 pub fn start_ticks(pid: u32) -> Option<u64> {
+    process_stat(pid).map(|s| s.start_ticks)
+}
+
+/// What /proc/PID/stat says of a process that devpool needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    /// Field 3: `R`, `S`, `D`, … `Z` for a zombie, `X` for one being removed.
+    state: u8,
+    /// Field 22: start time in clock ticks since boot.
+    start_ticks: u64,
+}
+
+impl ProcStat {
+    /// A process that has exited but is still listed: a zombie whose parent
+    /// has not collected it yet. It holds no descriptors and runs no code,
+    /// and it can stay so indefinitely (a parent that never waits, a
+    /// container whose first process does not reap orphans).
+    fn has_exited(&self) -> bool {
+        matches!(self.state, b'Z' | b'X')
+    }
+}
+
+fn process_stat(pid: u32) -> Option<ProcStat> {
     // One read (a stat line is far shorter than the buffer); read_to_string
     // would stat the file and read it in growing pieces.
     let mut buf = [0u8; 4096];
@@ -50,16 +73,23 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
         &mut buf,
     )
     .ok()?;
-    ticks_in_stat(&buf[..n])
+    parse_stat(&buf[..n])
 }
 
-/// The start time in a /proc/PID/stat line. The command name (field 2) may
-/// hold spaces, ')' and bytes that are not UTF-8: the fields resume after the
-/// last ')'. Field 3 is the first one after it; field 22 is starttime.
-fn ticks_in_stat(stat: &[u8]) -> Option<u64> {
+/// The state and start time in a /proc/PID/stat line. The command name
+/// (field 2) may hold spaces, ')' and bytes that are not UTF-8: the fields
+/// resume after the last ')'. Field 3 is the first one after it; field 22 is
+/// starttime.
+fn parse_stat(stat: &[u8]) -> Option<ProcStat> {
     let close = stat.iter().rposition(|&b| b == b')')?;
     let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    let state = match fields.next()?.as_bytes() {
+        [c] => *c,
+        _ => return None,
+    };
+    let start_ticks = fields.nth(18)?.parse().ok()?;
+    Some(ProcStat { state, start_ticks })
 }
 
 /// LVM2 tags allow `[A-Za-z0-9_+.\-/=!:#&]`; anything else (in a host
@@ -77,11 +107,16 @@ pub(crate) fn tag_safe(s: &str) -> String {
 }
 
 impl Owner {
-    /// The owner record for a live process on this host.
-    pub fn of_pid(pid: u32) -> Option<Owner> {
-        Some(Owner {
+    /// The owner record for a live process on this host, or why `pid` cannot
+    /// own a lease ("no such process", or that it has exited).
+    pub fn of_pid(pid: u32) -> Result<Owner, String> {
+        let stat = process_stat(pid).ok_or_else(|| "no such process".to_string())?;
+        if stat.has_exited() {
+            return Err(exited(pid));
+        }
+        Ok(Owner {
             pid,
-            start_ticks: start_ticks(pid)?,
+            start_ticks: stat.start_ticks,
             boot_id: boot_id(),
             host: devpool_engine::engine::hostname(),
         })
@@ -104,15 +139,20 @@ impl Owner {
                 self.boot_id
             ));
         }
-        match start_ticks(self.pid) {
+        match process_stat(self.pid) {
             None => Liveness::Dead(format!("PID {} no longer exists", self.pid)),
-            Some(t) if t != self.start_ticks => Liveness::Dead(format!(
-                "PID {} now belongs to another process (started at tick {t}, owner started at {})",
-                self.pid, self.start_ticks
+            Some(s) if s.start_ticks != self.start_ticks => Liveness::Dead(format!(
+                "PID {} now belongs to another process (started at tick {}, owner started at {})",
+                self.pid, s.start_ticks, self.start_ticks
             )),
+            Some(s) if s.has_exited() => Liveness::Dead(exited(self.pid)),
             Some(_) => Liveness::Alive,
         }
     }
+}
+
+fn exited(pid: u32) -> String {
+    format!("PID {pid} has exited (a zombie its parent has not collected yet)")
 }
 
 #[cfg(test)]
@@ -165,8 +205,50 @@ mod tests {
         let mut line = b"4242 (a) (b \xff c) ".to_vec();
         line.extend_from_slice(fields.join(" ").as_bytes());
         line.extend_from_slice(b" 23 24\n");
-        assert_eq!(ticks_in_stat(&line), Some(22));
-        assert_eq!(ticks_in_stat(b"4242 (no closing paren"), None);
-        assert_eq!(ticks_in_stat(b"4242 (x) 3 4"), None);
+        assert_eq!(
+            parse_stat(&line),
+            Some(ProcStat {
+                state: b'3',
+                start_ticks: 22
+            })
+        );
+        assert_eq!(parse_stat(b"4242 (no closing paren"), None);
+        assert_eq!(parse_stat(b"4242 (x) 3 4"), None);
+        assert_eq!(parse_stat(b"4242 (x) SS 4"), None, "a state is one letter");
+    }
+
+    #[test]
+    fn an_owner_that_exited_is_dead_while_still_a_zombie() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let owner = Owner::of_pid(pid).unwrap();
+        assert_eq!(owner.liveness(), Liveness::Alive);
+        // Killed and not waited for: a zombie, still in /proc with its start time.
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while process_stat(pid).is_some_and(|s| !s.has_exited()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PID {pid} never became a zombie"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            start_ticks(pid),
+            Some(owner.start_ticks),
+            "a zombie keeps its start time"
+        );
+        assert!(
+            matches!(owner.liveness(), Liveness::Dead(r) if r.contains("has exited")),
+            "{:?}",
+            owner.liveness()
+        );
+        assert!(Owner::of_pid(pid).is_err_and(|why| why.contains("has exited")));
+        child.wait().unwrap();
+        assert!(matches!(owner.liveness(), Liveness::Dead(r) if r.contains("no longer exists")));
+        assert_eq!(Owner::of_pid(pid).unwrap_err(), "no such process");
     }
 }

@@ -16,7 +16,7 @@
 mod tools;
 
 use crate::args::Global;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use devpool_pool::owner::Owner;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
@@ -299,7 +299,8 @@ pub fn serve(g: &Global) -> Result<i32> {
         .build()?;
     let server = Server {
         g: g.clone(),
-        owner: Owner::of_pid(std::process::id()).context("reading /proc/self/stat")?,
+        owner: Owner::of_pid(std::process::id())
+            .map_err(|why| anyhow::anyhow!("this process as owner: {why}"))?,
         owned: Arc::new(Mutex::new(Vec::new())),
         idle: IdleConnections::default(),
         running: Arc::new(Mutex::new(Vec::new())),
