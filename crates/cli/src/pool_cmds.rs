@@ -511,8 +511,7 @@ pub fn run(
     let p = pools(g)?;
     let name = pool_name(g);
     let specs = want(w)?;
-    let owner =
-        Owner::of_pid(std::process::id()).map_err(|why| anyhow!("this process as owner: {why}"))?;
+    let owner = Owner::of_this_process().map_err(anyhow::Error::msg)?;
     // Signals are forwarded to the command; the release happens after it ends.
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: installing a handler that only touches atomics and calls kill.

@@ -430,8 +430,7 @@ pub fn boot(
 
     let p = pools(g)?;
     let pool = pool_name(g);
-    let owner =
-        Owner::of_pid(std::process::id()).map_err(|why| anyhow!("this process as owner: {why}"))?;
+    let owner = Owner::of_this_process().map_err(anyhow::Error::msg)?;
     let lease = if specs.is_empty() {
         None
     } else {

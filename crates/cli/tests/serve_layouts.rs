@@ -220,17 +220,27 @@ fn check_block_device(lab: &Lab, devs: &[&Path], pool: &str, lv: &str, size: usi
     }
 }
 
+/// A pool NAME over two loop devices of `mib` MiB each (a.img, b.img), for
+/// striped and multi-segment volumes; the two devices.
+fn two_pv_pool(lab: &mut Lab, name: &str, mib: u64) -> (PathBuf, PathBuf) {
+    let a = lab.loop_dev("a.img", mib);
+    let b = lab.loop_dev("b.img", mib);
+    let (sa, sb) = (a.display().to_string(), b.display().to_string());
+    lab.dp(&[], &["pool", "setup", &sa, "--name", name, "--yes"]);
+    lab.dp(
+        &[&a, &b],
+        &["vg", "extend", &format!("devpool-{name}"), &sb],
+    );
+    (a, b)
+}
+
 #[test]
 fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
     if need_tools("striped and multi-segment volumes", &["nbdcopy"]) {
         return;
     }
     let mut lab = Lab::new();
-    let a = lab.loop_dev("a.img", 128);
-    let b = lab.loop_dev("b.img", 128);
-    let (sa, sb) = (a.display().to_string(), b.display().to_string());
-    lab.dp(&[], &["pool", "setup", &sa, "--name", "lay", "--yes"]);
-    lab.dp(&[&a, &b], &["vg", "extend", "devpool-lay", &sb]);
+    let (a, b) = two_pv_pool(&mut lab, "lay", 128);
     let mut owner = Command::new("sleep").arg("600").spawn().unwrap();
     let tags = owner_tags(owner.id(), "20261121000000-abcdef", "test");
     let create = |name: &str, extra: &[&str]| {
@@ -307,21 +317,18 @@ fn striped_and_multi_segment_volumes_land_where_lvm2_says() {
 /// unread, and named; a `pool setup` of an image file, whose checks
 /// compare it with every loop device's backing file and every fstab line
 /// (one names the stopped server's file); and a disk's setup with that
-/// fstab line, refused because what the line names cannot be told. Last, the server is killed outright, and the cleanup
-/// of its lease removes the FUSE mount it left.
+/// fstab line, refused because what the line names cannot be told. Last,
+/// the server is killed outright, and the cleanup of its lease removes the
+/// FUSE mount it left.
 #[test]
 fn a_stopped_fuse_server_does_not_hang_the_scan_for_a_devices_openers() {
     if skip_unless_real("fuse_stall") {
         return;
     }
     let mut lab = Lab::new();
-    let a = lab.loop_dev("a.img", 64);
-    let b = lab.loop_dev("b.img", 64);
+    let (a, b) = two_pv_pool(&mut lab, "stall", 64);
     let disk = lab.loop_dev("disk.img", 16);
     let fresh = lab.loop_dev("fresh.img", 64);
-    let (sa, sb) = (a.display().to_string(), b.display().to_string());
-    lab.dp(&[], &["pool", "setup", &sa, "--name", "stall", "--yes"]);
-    lab.dp(&[&a, &b], &["vg", "extend", "devpool-stall", &sb]);
     let mut owner = Command::new("sleep").arg("600").spawn().unwrap();
     let mut args = vec![
         "lv",

@@ -122,6 +122,12 @@ impl Owner {
         })
     }
 
+    /// The owner record for this process (a lease held for as long as the
+    /// command runs: `devpool run`, `vm boot`, the MCP server).
+    pub fn of_this_process() -> Result<Owner, String> {
+        Owner::of_pid(std::process::id()).map_err(|why| format!("this process as owner: {why}"))
+    }
+
     pub fn liveness(&self) -> Liveness {
         self.liveness_on(&devpool_engine::engine::hostname(), &boot_id())
     }

@@ -299,8 +299,7 @@ pub fn serve(g: &Global) -> Result<i32> {
         .build()?;
     let server = Server {
         g: g.clone(),
-        owner: Owner::of_pid(std::process::id())
-            .map_err(|why| anyhow::anyhow!("this process as owner: {why}"))?,
+        owner: Owner::of_this_process().map_err(anyhow::Error::msg)?,
         owned: Arc::new(Mutex::new(Vec::new())),
         idle: IdleConnections::default(),
         running: Arc::new(Mutex::new(Vec::new())),
