@@ -498,3 +498,171 @@ fn a_busy_connection_spins_briefly_and_an_idle_one_costs_no_cpu() {
     drop(srv);
     b.assert_neighbours_intact();
 }
+
+impl RawClient {
+    /// One request's bytes: header, then the payload of a write.
+    fn request(typ: u16, flags: u16, handle: u64, offset: u64, len: u32, data: &[u8]) -> Vec<u8> {
+        use devpool_serve::nbd::proto::REQUEST_MAGIC;
+        let mut r = Vec::with_capacity(28 + data.len());
+        r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        r.extend_from_slice(&flags.to_be_bytes());
+        r.extend_from_slice(&typ.to_be_bytes());
+        r.extend_from_slice(&handle.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r.extend_from_slice(data);
+        r
+    }
+
+    /// Read `count` simple replies; `reads` gives the data length of each
+    /// read's handle. Every reply must succeed; the read data by handle.
+    fn replies(
+        &mut self,
+        count: usize,
+        reads: &std::collections::HashMap<u64, usize>,
+    ) -> std::collections::HashMap<u64, Vec<u8>> {
+        use devpool_serve::nbd::proto::SIMPLE_REPLY_MAGIC;
+        use std::io::Read;
+        let mut data = std::collections::HashMap::new();
+        for _ in 0..count {
+            let mut head = [0u8; 16];
+            self.0.read_exact(&mut head).unwrap();
+            assert_eq!(head[..4], SIMPLE_REPLY_MAGIC.to_be_bytes(), "reply magic");
+            let handle = u64::from_be_bytes(head[8..16].try_into().unwrap());
+            assert_eq!(&head[4..8], &[0, 0, 0, 0], "request {handle} failed");
+            if let Some(&len) = reads.get(&handle) {
+                let mut d = vec![0u8; len];
+                self.0.read_exact(&mut d).unwrap();
+                data.insert(handle, d);
+            }
+        }
+        data
+    }
+}
+
+/// The first 16 MiB of the export, read in 256 KiB requests.
+fn read_all(client: &mut RawClient) -> Vec<u8> {
+    use devpool_serve::nbd::proto::CMD_READ;
+    use std::io::Write;
+    let mut all = Vec::with_capacity(16 << 20);
+    for chunk in 0..(16u64 << 20) / (256 << 10) {
+        let mut reads = std::collections::HashMap::new();
+        reads.insert(chunk, 256usize << 10);
+        let req = RawClient::request(CMD_READ, 0, chunk, chunk * (256 << 10), 256 << 10, &[]);
+        client.0.write_all(&req).unwrap();
+        all.extend_from_slice(&client.replies(1, &reads)[&chunk]);
+    }
+    all
+}
+
+/// The connection receives a run of same-sized writes straight into
+/// aligned buffers, guessing that more of them follow (`nbd::spec`).
+/// Every way the guess can be wrong must leave the stream intact: a read,
+/// a flush and a longer write inside a run, a header and a payload cut
+/// across two sends, a FUA write. A model of the volume checks every byte
+/// read back, over a fresh connection too.
+#[test]
+fn writes_guessed_in_a_run_and_every_miss_keep_the_stream_intact() {
+    use devpool_serve::nbd::proto::{CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE};
+    use std::collections::HashMap;
+    use std::io::Write;
+    if need_tools("guessed writes", &[]) {
+        return;
+    }
+    let b = Bench::new("guess", 16);
+    let sock = b.lab.path("guess.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let srv = Server::start(&b.lab, "guess", &[&b.lv(1), "--nbd", &nbd]);
+    let mut client = RawClient::connect(&sock);
+    let mut model = read_all(&mut client);
+    let mut handle = 0u64;
+    let next = |len: usize, seed: u64| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u64 * 131 + seed * 7) as u8)
+            .collect()
+    };
+    let write = |model: &mut Vec<u8>, handle: &mut u64, offset: u64, data: &[u8], flags| {
+        *handle += 1;
+        model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        RawClient::request(CMD_WRITE, flags, *handle, offset, data.len() as u32, data)
+    };
+    for round in 0..40u64 {
+        // A run of 4 KiB writes, sent as one stream (the guess's case). The
+        // server may run a stream's requests in any order, so none of them
+        // overlaps another of its round.
+        let mut stream = Vec::new();
+        for i in 0..12u64 {
+            let at = ((round * 12 + i) * 7919 % 2048) * 4096;
+            stream.extend(write(
+                &mut model,
+                &mut handle,
+                at,
+                &next(4096, round * 100 + i),
+                0,
+            ));
+        }
+        // Misses inside the run: a read, an 8 KiB write, a flush, then 4 KiB
+        // writes again, one of them FUA.
+        let mut reads = HashMap::new();
+        handle += 1;
+        // What the previous round wrote last (answered already).
+        let read_at = (12 << 20) + round.saturating_sub(1) * 3 * 4096;
+        stream.extend(RawClient::request(CMD_READ, 0, handle, read_at, 4096, &[]));
+        reads.insert(handle, 4096usize);
+        let expect_read = (
+            handle,
+            model[read_at as usize..read_at as usize + 4096].to_vec(),
+        );
+        let at = (round % 1000) * 8192 + (8 << 20);
+        stream.extend(write(&mut model, &mut handle, at, &next(8192, round), 0));
+        handle += 1;
+        stream.extend(RawClient::request(CMD_FLUSH, 0, handle, 0, 0, &[]));
+        for i in 0..3u64 {
+            let flags = if i == 1 { CMD_FLAG_FUA } else { 0 };
+            let at = (12 << 20) + (round * 3 + i) * 4096;
+            stream.extend(write(
+                &mut model,
+                &mut handle,
+                at,
+                &next(4096, round + i),
+                flags,
+            ));
+        }
+        client.0.write_all(&stream).unwrap();
+        let got = client.replies(12 + 1 + 1 + 1 + 3, &reads);
+        assert_eq!(
+            got[&expect_read.0], expect_read.1,
+            "round {round}: read inside a run"
+        );
+        // A header cut across two sends, then a payload cut across two.
+        let at = (14 << 20) + round * 4096;
+        let one = write(&mut model, &mut handle, at, &next(4096, round * 3), 0);
+        client.0.write_all(&one[..10]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        client.0.write_all(&one[10..]).unwrap();
+        let two = write(
+            &mut model,
+            &mut handle,
+            at + (1 << 20),
+            &next(4096, round * 5),
+            0,
+        );
+        client.0.write_all(&two[..28 + 100]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        client.0.write_all(&two[28 + 100..]).unwrap();
+        client.replies(2, &HashMap::new());
+    }
+    // Everything reads back as the model says, over a new connection.
+    drop(client);
+    let mut check = RawClient::connect(&sock);
+    let volume = read_all(&mut check);
+    for at in (0..model.len()).step_by(4096) {
+        assert!(
+            volume[at..at + 4096] == model[at..at + 4096],
+            "volume bytes at {at} differ from what was written"
+        );
+    }
+    drop(check);
+    drop(srv);
+    b.assert_neighbours_intact();
+}

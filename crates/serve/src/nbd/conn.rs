@@ -5,6 +5,7 @@
 //! one `sendmsg`.
 
 use super::proto::{self, REQUEST_LEN, RequestHeader};
+use super::spec::{Guess, Part, WriteRun};
 use crate::buffer::{AlignedBuf, BufPool};
 use crate::device::Volume;
 use crate::queue::{Event, Op, Queue, Request};
@@ -53,6 +54,9 @@ pub struct Connection {
     rstart: usize,
     rend: usize,
     payload: Option<PayloadIn>,
+    /// The receive in flight guessed a run of writes (see `spec`).
+    guess: Option<Guess>,
+    run: WriteRun,
     recv_pending: bool,
     read_shut: bool,
     closing: bool,
@@ -76,6 +80,8 @@ pub fn serve(fd: RawFd, vol: Arc<Volume>, stop_fd: RawFd) -> io::Result<()> {
         rstart: 0,
         rend: 0,
         payload: None,
+        guess: None,
+        run: WriteRun::default(),
         recv_pending: false,
         read_shut: false,
         closing: false,
@@ -150,18 +156,22 @@ impl Connection {
 
     fn received(&mut self, result: i32) {
         self.recv_pending = false;
-        if result == 0 {
-            self.closing = true;
-            return;
-        }
-        if result < 0 {
-            if -result != libc::EINTR && -result != libc::EAGAIN {
+        let guess = self.guess.take();
+        if result <= 0 {
+            if let Some(g) = guess {
+                // Nothing arrived: every buffer goes back.
+                g.split(0, &mut self.bufs);
+            }
+            // EOF, or an error other than an interrupted receive.
+            if result == 0 || (-result != libc::EINTR && -result != libc::EAGAIN) {
                 self.closing = true;
             }
             return;
         }
         let n = result as usize;
-        if let Some(p) = &mut self.payload {
+        if let Some(g) = guess {
+            self.received_guess(g, n);
+        } else if let Some(p) = &mut self.payload {
             p.filled += n;
             if p.filled == p.buf.len()
                 && let Some(p) = self.payload.take()
@@ -170,6 +180,38 @@ impl Connection {
             }
         } else {
             self.rend += n;
+        }
+    }
+
+    /// Start the writes a guessed receive held whole; keep the rest (a
+    /// payload still to come, stream bytes) as an ordinary receive would.
+    fn received_guess(&mut self, g: Guess, n: usize) {
+        for part in g.split(n, &mut self.bufs) {
+            match part {
+                Part::Write(h, buf) => {
+                    self.run.note(Some(buf.len()));
+                    self.start(h, Op::Write { fua: fua(&h) }, Some(buf), false);
+                }
+                Part::Partial { head, buf, filled } => {
+                    self.run.note(Some(buf.len()));
+                    self.payload = Some(PayloadIn {
+                        hdr: head,
+                        buf,
+                        filled,
+                    });
+                }
+                Part::Stream(bytes) => {
+                    // The guess was made with the stream buffer empty, and
+                    // it received no more than the buffer holds.
+                    let end = self.rend + bytes.len();
+                    if let Some(to) = self.rbuf.get_mut(self.rend..end) {
+                        to.copy_from_slice(&bytes);
+                        self.rend = end;
+                    } else {
+                        self.closing = true;
+                    }
+                }
+            }
         }
     }
 
@@ -182,6 +224,20 @@ impl Connection {
             // SAFETY: filled < len, inside the buffer.
             (unsafe { p.buf.as_mut_ptr().add(p.filled) }, left)
         } else {
+            if self.rstart == self.rend {
+                self.rstart = 0;
+                self.rend = 0;
+                if let Some(mut g) = Guess::new(&self.run, RBUF, &mut self.bufs) {
+                    let e = opcode::RecvMsg::new(types::Fd(self.fd), g.msg()).build();
+                    // SAFETY: the guess's msghdr, iovecs and slots stay at
+                    // their heap addresses in `self.guess` until the receive
+                    // completes (run() waits for it before returning).
+                    unsafe { self.q.push_foreign(e, RECV) };
+                    self.guess = Some(g);
+                    self.recv_pending = true;
+                    return;
+                }
+            }
             if self.rstart > 0 {
                 self.rbuf.copy_within(self.rstart..self.rend, 0);
                 self.rend -= self.rstart;
@@ -210,6 +266,8 @@ impl Connection {
                 return;
             };
             self.rstart += REQUEST_LEN;
+            self.run
+                .note((h.typ == proto::CMD_WRITE).then_some(h.len as usize));
             match h.typ {
                 proto::CMD_WRITE => {
                     if h.len > proto::MAX_PAYLOAD {
