@@ -438,19 +438,14 @@ impl RawClient {
     /// `count` 4 KiB reads spread over the first `span` bytes, `depth` in
     /// flight at a time.
     fn reads(&mut self, count: u64, depth: u64, span: u64) {
-        use devpool_serve::nbd::proto::{CMD_READ, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC};
+        use devpool_serve::nbd::proto::{CMD_READ, SIMPLE_REPLY_MAGIC};
         use std::io::{Read, Write};
         let mut sent = 0u64;
         let mut done = 0u64;
         while done < count {
             while sent < count && sent - done < depth {
-                let mut req = Vec::with_capacity(28);
-                req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-                req.extend_from_slice(&0u16.to_be_bytes());
-                req.extend_from_slice(&CMD_READ.to_be_bytes());
-                req.extend_from_slice(&sent.to_be_bytes());
-                req.extend_from_slice(&((sent * 7919 * 4096) % span).to_be_bytes());
-                req.extend_from_slice(&4096u32.to_be_bytes());
+                let at = (sent * 7919 * 4096) % span;
+                let req = Self::request(CMD_READ, 0, sent, at, 4096, &[]);
                 self.0.write_all(&req).unwrap();
                 sent += 1;
             }

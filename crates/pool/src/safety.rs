@@ -107,14 +107,20 @@ fn check_block(path: &Path, dev: DevNum, fstab: &Path, f: &mut Findings) {
     }
 }
 
+/// Whether `path` is on a FUSE or network file system other than the one
+/// an image file is on (device number `image_dev`): then it is not the
+/// image, and its server need not be asked (it may not answer).
+fn on_another_server(mounts: &[sysblk::Mount], path: &Path, image_dev: DevNum) -> bool {
+    std::path::absolute(path).is_ok_and(|abs| {
+        mount_of(mounts, &abs).is_some_and(|m| m.asks_a_server() && m.dev != image_dev)
+    })
+}
+
 fn check_image(path: &Path, meta: &std::fs::Metadata, fstab: &Path, f: &mut Findings) {
     let mounts = sysblk::mounts_cached();
     let image_dev = sysblk::devnum_of_rdev(meta.dev());
     for (l, back) in sysblk::loops() {
-        // A backing file on another FUSE or network file system (its
-        // mount's device number is not the image's) is not the image, and
-        // its server need not be asked.
-        if mount_of(&mounts, &back).is_some_and(|m| m.asks_a_server() && m.dev != image_dev) {
+        if on_another_server(&mounts, &back, image_dev) {
             continue;
         }
         let backs = match metadata_bounded(&back, SERVER_WAIT) {
@@ -213,14 +219,12 @@ fn check_fstab(
             }
             continue;
         }
-        // For an image: a path on another FUSE or network file system is
-        // not it, and that server need not be asked.
         if let Some((_, meta)) = image
-            && std::path::absolute(&spec).is_ok_and(|abs| {
-                mount_of(&mounts, &abs).is_some_and(|m| {
-                    m.asks_a_server() && m.dev != sysblk::devnum_of_rdev(meta.dev())
-                })
-            })
+            && on_another_server(
+                &mounts,
+                Path::new(&spec),
+                sysblk::devnum_of_rdev(meta.dev()),
+            )
         {
             continue;
         }

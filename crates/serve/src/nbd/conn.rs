@@ -159,8 +159,7 @@ impl Connection {
         let guess = self.guess.take();
         if result <= 0 {
             if let Some(g) = guess {
-                // Nothing arrived: every buffer goes back.
-                g.split(0, &mut self.bufs);
+                g.give_back(&mut self.bufs);
             }
             // EOF, or an error other than an interrupted receive.
             if result == 0 || (-result != libc::EINTR && -result != libc::EAGAIN) {
@@ -186,7 +185,14 @@ impl Connection {
     /// Start the writes a guessed receive held whole; keep the rest (a
     /// payload still to come, stream bytes) as an ordinary receive would.
     fn received_guess(&mut self, g: Guess, n: usize) {
-        for part in g.split(n, &mut self.bufs) {
+        // The guess was made with the stream buffer empty (rend 0), for no
+        // more than the buffer holds.
+        let Some(split) = g.split(n, &mut self.bufs, &mut self.rbuf[self.rend..]) else {
+            self.closing = true;
+            return;
+        };
+        self.rend += split.stream;
+        for part in split.parts {
             match part {
                 Part::Write(h, buf) => {
                     self.run.note(Some(buf.len()));
@@ -199,17 +205,6 @@ impl Connection {
                         buf,
                         filled,
                     });
-                }
-                Part::Stream(bytes) => {
-                    // The guess was made with the stream buffer empty, and
-                    // it received no more than the buffer holds.
-                    let end = self.rend + bytes.len();
-                    if let Some(to) = self.rbuf.get_mut(self.rend..end) {
-                        to.copy_from_slice(&bytes);
-                        self.rend = end;
-                    } else {
-                        self.closing = true;
-                    }
                 }
             }
         }

@@ -71,9 +71,15 @@ pub enum Part {
         buf: AlignedBuf,
         filled: usize,
     },
-    /// Bytes that are not a guessed write, from here to the end of what was
-    /// received: the ordinary parser takes them.
-    Stream(Vec<u8>),
+}
+
+/// What [`Guess::split`] found.
+pub struct Split {
+    pub parts: Vec<Part>,
+    /// How many bytes after the parts are not a guessed write (up to the
+    /// end of what was received), copied to the start of the caller's
+    /// stream buffer for the ordinary parser.
+    pub stream: usize,
 }
 
 impl Guess {
@@ -121,14 +127,25 @@ impl Guess {
         &mut *self.msg
     }
 
-    /// Split the `n` bytes received into what they are; unused buffers go
-    /// back to `pool`.
-    pub fn split(self, n: usize, pool: &mut BufPool) -> Vec<Part> {
+    /// Nothing was received: the buffers go back to `pool`.
+    pub fn give_back(self, pool: &mut BufPool) {
+        for b in self.bufs {
+            pool.put(b);
+        }
+    }
+
+    /// Split the `n` bytes received into what they are: the guessed writes,
+    /// then what is not one, copied to the start of `stream` (the empty
+    /// stream buffer, at least as large as the guess's `room`). Unused
+    /// buffers go back to `pool`. `None`: `stream` is too small for it.
+    pub fn split(self, n: usize, pool: &mut BufPool, stream: &mut [u8]) -> Option<Split> {
         let Guess {
             len, heads, bufs, ..
         } = self;
         let mut parts = Vec::new();
-        let mut stream: Option<Vec<u8>> = None;
+        // Bytes copied to `stream`, once a slot was not a guessed write.
+        let mut streamed: Option<usize> = None;
+        let mut fits = true;
         let mut left = n;
         for (head, mut buf) in heads.iter().zip(bufs) {
             let head_bytes = left.min(REQUEST_LEN);
@@ -139,7 +156,7 @@ impl Guess {
                 pool.put(buf);
                 continue;
             }
-            if stream.is_none() {
+            if streamed.is_none() {
                 let parsed = (head_bytes == REQUEST_LEN)
                     .then(|| RequestHeader::parse(head))
                     .flatten()
@@ -156,16 +173,23 @@ impl Guess {
                     }
                     continue;
                 }
-                stream = Some(Vec::with_capacity(n));
+                streamed = Some(0);
             }
-            if let Some(s) = &mut stream {
-                s.extend_from_slice(&head[..head_bytes]);
-                s.extend_from_slice(&buf.as_mut_slice()[..payload_bytes]);
+            if let Some(at) = &mut streamed {
+                for bytes in [&head[..head_bytes], &buf.as_mut_slice()[..payload_bytes]] {
+                    match stream.get_mut(*at..*at + bytes.len()) {
+                        Some(to) => to.copy_from_slice(bytes),
+                        None => fits = false,
+                    }
+                    *at += bytes.len();
+                }
             }
             pool.put(buf);
         }
-        parts.extend(stream.map(Part::Stream));
-        parts
+        fits.then_some(Split {
+            parts,
+            stream: streamed.unwrap_or(0),
+        })
     }
 }
 
@@ -191,8 +215,9 @@ mod tests {
         r
     }
 
-    /// Scatter `stream` through a guess as the kernel would, and split it.
-    fn receive(run: &WriteRun, stream: &[u8], pool: &mut BufPool) -> Vec<Part> {
+    /// Scatter `stream` through a guess as the kernel would, and split it:
+    /// the parts, and the bytes handed back as stream.
+    fn receive(run: &WriteRun, stream: &[u8], pool: &mut BufPool) -> (Vec<Part>, Vec<u8>) {
         let g = Guess::new(run, 256 << 10, pool).expect("a guess");
         let mut at = 0;
         for v in g.iov.iter() {
@@ -202,7 +227,10 @@ mod tests {
             at += n;
         }
         assert_eq!(at, stream.len(), "the test stream fits the guess");
-        g.split(stream.len(), pool)
+        let mut back = vec![0u8; 256 << 10];
+        let split = g.split(stream.len(), pool, &mut back).expect("fits");
+        back.truncate(split.stream);
+        (split.parts, back)
     }
 
     fn run_of(len: usize) -> WriteRun {
@@ -240,9 +268,9 @@ mod tests {
         let mut stream = [write(1, 4096), write(2, 4096), request(CMD_READ, 3, 4096)].concat();
         let after_miss = [write(4, 4096), request(CMD_WRITE, 5, 4096)[..10].to_vec()].concat();
         stream.extend_from_slice(&after_miss);
-        let parts = receive(&run, &stream, &mut pool);
-        assert_eq!(parts.len(), 3);
-        for (i, p) in parts[..2].iter().enumerate() {
+        let (parts, rest) = receive(&run, &stream, &mut pool);
+        assert_eq!(parts.len(), 2);
+        for (i, p) in parts.iter().enumerate() {
             let Part::Write(h, buf) = p else {
                 panic!("part {i} is not a whole write");
             };
@@ -253,11 +281,9 @@ mod tests {
             let got = unsafe { std::slice::from_raw_parts(buf.as_ptr(), 4096) };
             assert_eq!(got, &want[REQUEST_LEN..]);
         }
-        let Part::Stream(rest) = &parts[2] else {
-            panic!("the read and what follows are not stream bytes");
-        };
+        // The read and what follows are stream bytes.
         let want = [request(CMD_READ, 3, 4096), after_miss].concat();
-        assert_eq!(rest, &want);
+        assert_eq!(rest, want);
     }
 
     #[test]
@@ -265,8 +291,9 @@ mod tests {
         let mut pool = BufPool::default();
         let run = run_of(8192);
         let stream = [write(1, 8192), write(2, 8192)[..REQUEST_LEN + 100].to_vec()].concat();
-        let parts = receive(&run, &stream, &mut pool);
+        let (parts, rest) = receive(&run, &stream, &mut pool);
         assert_eq!(parts.len(), 2);
+        assert!(rest.is_empty());
         assert!(matches!(&parts[0], Part::Write(h, _) if h.handle == 1));
         match &parts[1] {
             Part::Partial { head, buf, filled } => {
@@ -276,8 +303,9 @@ mod tests {
         }
         // A cut header is stream: the parser waits for the rest of it.
         let stream = [write(1, 8192), write(2, 8192)[..REQUEST_LEN - 1].to_vec()].concat();
-        let parts = receive(&run, &stream, &mut pool);
-        assert!(matches!(&parts[1], Part::Stream(s) if s.len() == REQUEST_LEN - 1));
+        let (parts, rest) = receive(&run, &stream, &mut pool);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(rest, write(2, 8192)[..REQUEST_LEN - 1]);
     }
 
     #[test]
@@ -285,7 +313,22 @@ mod tests {
         let mut pool = BufPool::default();
         let run = run_of(4096);
         let stream: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
-        let parts = receive(&run, &stream, &mut pool);
-        assert!(matches!(&parts[..], [Part::Stream(s)] if *s == stream));
+        let (parts, rest) = receive(&run, &stream, &mut pool);
+        assert!(parts.is_empty());
+        assert_eq!(rest, stream);
+    }
+
+    #[test]
+    fn stream_bytes_that_do_not_fit_the_callers_buffer_are_refused() {
+        let mut pool = BufPool::default();
+        let g = Guess::new(&run_of(4096), 256 << 10, &mut pool).expect("a guess");
+        let garbage = [0xabu8; 100];
+        // SAFETY: the first iovec is the first header slot (28 bytes) and
+        // the second its 4 KiB payload buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(garbage.as_ptr(), g.iov[0].iov_base.cast(), 28);
+            std::ptr::copy_nonoverlapping(garbage.as_ptr(), g.iov[1].iov_base.cast(), 72);
+        }
+        assert!(g.split(100, &mut pool, &mut [0u8; 50]).is_none());
     }
 }
