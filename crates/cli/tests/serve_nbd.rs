@@ -12,17 +12,26 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+/// Serve `b`'s second volume over NBD on a Unix socket in its lab (pool
+/// `pool`, more `serve` arguments in `extra`): the server and the socket.
+fn serve_over_nbd(b: &Bench, pool: &str, extra: &[&str]) -> (Server, std::path::PathBuf) {
+    let sock = b.lab.path("b.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let lv = b.lv(1);
+    let mut args = vec![lv.as_str(), "--nbd", &nbd];
+    args.extend_from_slice(extra);
+    (Server::start(&b.lab, pool, &args), sock)
+}
+
 #[test]
 fn nbdinfo_sees_the_volume_size_flags_and_block_sizes_on_a_private_socket() {
     if need_tools("nbdinfo", &["nbdinfo"]) {
         return;
     }
     let b = Bench::new("nbdinfo", 16);
-    let sock = b.lab.path("b.sock");
+    let (srv, sock) = serve_over_nbd(&b, "nbdinfo", &[]);
     let s = sock.display().to_string();
-    let nbd = format!("unix:{s}");
     let lv = b.lv(1);
-    let srv = Server::start(&b.lab, "nbdinfo", &[&lv, "--nbd", &nbd]);
     assert!(srv.line.contains(&lv), "{}", srv.line);
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode");
@@ -56,7 +65,14 @@ fn nbdinfo_sees_the_volume_size_flags_and_block_sizes_on_a_private_socket() {
     // A second server on the same socket path is refused, not hijacked.
     let mut c = devpool_command(&b.lab.state_dir());
     let o = c
-        .args(["--pool", "nbdinfo", "serve", &lv, "--nbd", &nbd])
+        .args([
+            "--pool",
+            "nbdinfo",
+            "serve",
+            &lv,
+            "--nbd",
+            &format!("unix:{s}"),
+        ])
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -71,9 +87,7 @@ fn nbdcopy_and_qemu_img_round_trip_a_known_image() {
         return;
     }
     let b = Bench::new("copy", 32);
-    let sock = b.lab.path("b.sock");
-    let nbd = format!("unix:{}", sock.display());
-    let _srv = Server::start(&b.lab, "copy", &[&b.lv(1), "--nbd", &nbd]);
+    let (_srv, sock) = serve_over_nbd(&b, "copy", &[]);
     let known = b.lab.path("known.img");
     std::fs::write(&known, pattern(32 << 20, 7)).unwrap();
     let k = known.display().to_string();
@@ -122,9 +136,7 @@ fn qemu_io_reads_and_writes_odd_offsets_discards_and_zeroes() {
         return;
     }
     let b = Bench::new("qio", 16);
-    let sock = b.lab.path("b.sock");
-    let nbd = format!("unix:{}", sock.display());
-    let _srv = Server::start(&b.lab, "qio", &[&b.lv(1), "--nbd", &nbd]);
+    let (_srv, sock) = serve_over_nbd(&b, "qio", &[]);
     let end = (16u64 << 20).to_string();
     let last = ((16u64 << 20) - 3).to_string();
     let script = [
@@ -205,9 +217,7 @@ fn fio_verifies_random_sequential_and_mixed_patterns_over_several_connections() 
         return;
     }
     let b = Bench::new("fio", 32);
-    let sock = b.lab.path("b.sock");
-    let nbd = format!("unix:{}", sock.display());
-    let _srv = Server::start(&b.lab, "fio", &[&b.lv(1), "--nbd", &nbd]);
+    let (_srv, sock) = serve_over_nbd(&b, "fio", &[]);
     fio_verify(
         &sock,
         "rand4k",
@@ -366,9 +376,7 @@ fn a_read_only_export_refuses_writes_and_still_reads() {
         return;
     }
     let b = Bench::new("ro", 8);
-    let sock = b.lab.path("ro.sock");
-    let nbd = format!("unix:{}", sock.display());
-    let _srv = Server::start(&b.lab, "ro", &[&b.lv(1), "--nbd", &nbd, "--read-only"]);
+    let (_srv, sock) = serve_over_nbd(&b, "ro", &["--read-only"]);
     let info = run_ok(Command::new("nbdinfo").arg(uri(&sock)));
     assert!(info.contains("is_read_only: true"), "{info}");
     let read = run_ok(Command::new("qemu-io").args([
@@ -471,9 +479,7 @@ fn a_busy_connection_spins_briefly_and_an_idle_one_costs_no_cpu() {
         return;
     }
     let b = Bench::new("idlecpu", 16);
-    let sock = b.lab.path("idle.sock");
-    let nbd = format!("unix:{}", sock.display());
-    let srv = Server::start(&b.lab, "idlecpu", &[&b.lv(1), "--nbd", &nbd]);
+    let (srv, sock) = serve_over_nbd(&b, "idlecpu", &[]);
     let mut client = RawClient::connect(&sock);
     // Busy: the connection's thread spins between requests and completions.
     client.reads(4000, 8, 16 << 20);
@@ -565,9 +571,7 @@ fn writes_guessed_in_a_run_and_every_miss_keep_the_stream_intact() {
         return;
     }
     let b = Bench::new("guess", 16);
-    let sock = b.lab.path("guess.sock");
-    let nbd = format!("unix:{}", sock.display());
-    let srv = Server::start(&b.lab, "guess", &[&b.lv(1), "--nbd", &nbd]);
+    let (srv, sock) = serve_over_nbd(&b, "guess", &[]);
     let mut client = RawClient::connect(&sock);
     let mut model = read_all(&mut client);
     let mut handle = 0u64;

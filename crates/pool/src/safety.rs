@@ -186,6 +186,7 @@ fn check_fstab(
     };
     let text = String::from_utf8_lossy(&bytes);
     let mounts = sysblk::mounts_cached();
+    let image_dev = image.map(|(_, meta)| sysblk::devnum_of_rdev(meta.dev()));
     let mut ids: Option<Vec<(&Above, BTreeMap<String, String>)>> = None;
     for (lineno, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -219,12 +220,8 @@ fn check_fstab(
             }
             continue;
         }
-        if let Some((_, meta)) = image
-            && on_another_server(
-                &mounts,
-                Path::new(&spec),
-                sysblk::devnum_of_rdev(meta.dev()),
-            )
+        if let Some(image_dev) = image_dev
+            && on_another_server(&mounts, Path::new(&spec), image_dev)
         {
             continue;
         }

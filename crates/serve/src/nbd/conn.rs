@@ -5,7 +5,7 @@
 //! one `sendmsg`.
 
 use super::proto::{self, REQUEST_LEN, RequestHeader};
-use super::spec::{Guess, Part, WriteRun};
+use super::spec::{Guess, WriteRun};
 use crate::buffer::{AlignedBuf, BufPool};
 use crate::device::Volume;
 use crate::queue::{Event, Op, Queue, Request};
@@ -193,19 +193,16 @@ impl Connection {
         };
         self.rend += split.stream;
         for part in split.parts {
-            match part {
-                Part::Write(h, buf) => {
-                    self.run.note(Some(buf.len()));
-                    self.start(h, Op::Write { fua: fua(&h) }, Some(buf), false);
-                }
-                Part::Partial { head, buf, filled } => {
-                    self.run.note(Some(buf.len()));
-                    self.payload = Some(PayloadIn {
-                        hdr: head,
-                        buf,
-                        filled,
-                    });
-                }
+            self.run.note(Some(part.buf.len()));
+            if part.whole() {
+                let h = part.head;
+                self.start(h, Op::Write { fua: fua(&h) }, Some(part.buf), false);
+            } else {
+                self.payload = Some(PayloadIn {
+                    hdr: part.head,
+                    buf: part.buf,
+                    filled: part.filled,
+                });
             }
         }
     }
