@@ -11,6 +11,9 @@ same bytes are then read and written by fio:
               exports from the offset to the end of the file, the jobs stay in
               the first GiB)
   - nbdkit:   fio's nbd engine -> `nbdkit --filter=offset file …`
+  - nbdkit_memory: fio's nbd engine -> `nbdkit memory` (filled first): no
+              disk at all, so what this NBD client and an NBD server cost on
+              this machine's CPUs alone
 Jobs: 4k randread and randwrite at iodepth 32, 1M sequential read and write
 (iodepth 8), each time-based. All servers run for the whole benchmark; each
 job runs on the four targets back to back, `--rounds` times, because this
@@ -19,7 +22,16 @@ minutes apart from the raw file, says more about the drift than about the
 target. Reports each target's median IOPS / MiB/s over the rounds, ratios to
 qemu-nbd, nbdkit and raw as medians of the per-round ratios, CPU per I/O of
 the server process (utime+stime from /proc), and the server's CPU use while
-idle.
+idle. CPU per I/O counts the I/O of fio's ramp-up too (fio reports only the
+measured part; the ramp's share is estimated at the measured rate).
+
+The whole machine's busy CPU time per I/O (client, server, kernel,
+interrupts; from /proc/stat) shows what the raw-file target asks of this
+machine's CPUs: every I/O through an NBD server costs at least the
+client's CPU (fio's nbd engine, measured against `nbdkit memory`) plus the
+kernel's path for the raw file's I/O (its busy time per I/O minus fio's
+own user time). `cpu_floor` reports that sum, the share of all CPUs it
+fills at 0.9x the raw file's IOPS, and devpool's measured share.
 
 Prints one JSON object. Usage (root): cargo build --release && bench/nbd_io.py
 """
@@ -36,6 +48,18 @@ JOBS = [
 ]
 
 
+RAMP_S = 1
+
+
+def machine_busy_ticks():
+    """Busy CPU time of the whole machine: everything but idle, iowait and
+    steal (first line of /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest is in user).
+    return sum(v[:8]) - v[3] - v[4] - v[7]
+
+
 def cpu_ticks(pid):
     total = 0
     # All threads of the process (the server's workers are threads).
@@ -47,7 +71,7 @@ def cpu_ticks(pid):
 
 def fio(target, job, args, runtime, size):
     base = ["fio", "--name", job, "--size", str(size), "--time_based",
-            f"--runtime={runtime}", "--ramp_time=1", "--output-format=json",
+            f"--runtime={runtime}", f"--ramp_time={RAMP_S}", "--output-format=json",
             "--group_reporting"]
     if target[0] == "file":
         base += ["--ioengine=io_uring", "--direct=1", f"--filename={target[1]}",
@@ -61,6 +85,8 @@ def fio(target, job, args, runtime, size):
         "iops": round(j[rw]["iops"]),
         "mib_s": round(j[rw]["bw_bytes"] / 2**20, 1),
         "ios": j[rw]["total_ios"],
+        # The I/O CPU time was spent on: the measured part and the ramp.
+        "ios_with_ramp": j[rw]["total_ios"] + round(j[rw]["iops"] * RAMP_S),
         "clat_p50_us": round(j[rw]["clat_ns"]["percentile"]["50.000000"] / 1000, 1),
         "fio_cpu_usr_sys": [round(j["usr_cpu"], 1), round(j["sys_cpu"], 1)],
     }
@@ -78,12 +104,15 @@ def measure_rounds(targets, runtime, size, rounds, image):
     IOPS."""
     runs = {name: {job: [] for job, _ in JOBS} for name in targets}
     cpu = {name: {job: 0.0 for job, _ in JOBS} for name in targets}
+    busy = {name: {job: 0.0 for job, _ in JOBS} for name in targets}
     for _ in range(rounds):
         for job, args in JOBS:
             for name, (target, pid) in targets.items():
                 cached = image if name == "nbdkit" else None
                 before = cpu_ticks(pid) if pid else 0
+                machine_before = machine_busy_ticks()
                 runs[name][job].append(fio(target, job, args, runtime, size))
+                busy[name][job] += (machine_busy_ticks() - machine_before) / HZ
                 if pid:
                     cpu[name][job] += (cpu_ticks(pid) - before) / HZ
                 if cached:
@@ -100,8 +129,9 @@ def measure_rounds(targets, runtime, size, rounds, image):
             rs = runs[name][job]
             r = dict(sorted(rs, key=lambda x: x["iops"])[len(rs) // 2])
             r["rounds_iops"] = [x["iops"] for x in rs]
+            ios = sum(x["ios_with_ramp"] for x in rs)
+            r["machine_cpu_us_per_io"] = round(busy[name][job] * 1e6 / max(ios, 1), 2)
             if pid:
-                ios = sum(x["ios"] for x in rs)
                 r["server_cpu_s"] = round(cpu[name][job], 2)
                 r["server_cpu_us_per_io"] = round(cpu[name][job] * 1e6 / max(ios, 1), 2)
             res[name][job] = r
@@ -110,6 +140,37 @@ def measure_rounds(targets, runtime, size, rounds, image):
             time.sleep(2)
             res[name]["idle_cpu_percent"] = round((cpu_ticks(pid) - before) / HZ / 2 * 100, 1)
     return res
+
+
+def cpu_floor(results, job, cpus):
+    """What any NBD server doing this job's disk I/O must leave to the rest
+    of the machine (see the docstring): the client's CPU per I/O (fio's
+    user+system time against `nbdkit memory`, where no disk slows it) plus
+    the raw file's kernel path (the machine's busy time per raw I/O minus
+    fio's own user time). The server's own socket and request work comes on
+    top, so 0.9x raw needs at least `cpu_share_at_raw_target` of every CPU
+    even from a server that costs nothing."""
+    raw, mem = results["raw"][job], results["nbdkit_memory"][job]
+
+    def fio_us(r, usr_and_sys):
+        pct = sum(r["fio_cpu_usr_sys"]) if usr_and_sys else r["fio_cpu_usr_sys"][0]
+        return pct / 100 * 1e6 / max(r["iops"], 1)
+
+    client_us = fio_us(mem, True)
+    kernel_us = raw["machine_cpu_us_per_io"] - fio_us(raw, False)
+    floor_us = client_us + kernel_us
+    target = 0.9 * raw["iops"]
+    dev = results["devpool"][job]
+    return {
+        "nbd_client_us_per_io": round(client_us, 2),
+        "raw_kernel_path_us_per_io": round(kernel_us, 2),
+        "floor_us_per_io": round(floor_us, 2),
+        "raw_target_iops": round(target),
+        "cpu_share_at_raw_target": round(target * floor_us / 1e6 / cpus, 2),
+        "devpool_iops": dev["iops"],
+        "devpool_machine_us_per_io": dev["machine_cpu_us_per_io"],
+        "devpool_cpu_share": round(dev["iops"] * dev["machine_cpu_us_per_io"] / 1e6 / cpus, 2),
+    }
 
 
 def main():
@@ -151,6 +212,7 @@ def main():
         sock = os.path.join(work, "devpool.sock")
         qsock = os.path.join(work, "qemu.sock")
         ksock = os.path.join(work, "nbdkit.sock")
+        msock = os.path.join(work, "memory.sock")
         targets = {
             "raw": (("file", image, offset), None),
             "devpool": serve([DEVPOOL, "--pool", "bench", "serve", dev["lv"], "--nbd",
@@ -161,7 +223,11 @@ def main():
             "nbdkit": serve([
                 "nbdkit", "-f", "-U", ksock, "--filter=offset", "file", f"file={image}",
                 f"offset={offset}", f"range={size}"], ksock),
+            "nbdkit_memory": serve(["nbdkit", "-f", "-U", msock, "memory", str(size)], msock),
         }
+        # Real data in memory too (a sparse page reads faster than a held one).
+        sh(["fio", "--name=fill", "--ioengine=nbd", f"--uri={targets['nbdkit_memory'][0][1]}",
+            f"--size={size}", "--rw=write", "--bs=1M", "--iodepth=8"])
         results = measure_rounds(targets, a.runtime, size, a.rounds, image)
 
         def ratio(job, peer):
@@ -175,6 +241,8 @@ def main():
                 "devpool_vs_nbdkit": ratio(job, "nbdkit"),
                 "devpool_vs_raw": ratio(job, "raw"),
             }
+        cpus = os.cpu_count() or 1
+        floors = {job: cpu_floor(results, job, cpus) for job, _ in JOBS[:2]}
         print(json.dumps({
             "benchmark": "nbd_io",
             "volume_mib": a.size_mib,
@@ -183,6 +251,7 @@ def main():
             "cpus": os.cpu_count(),
             "results": results,
             "ratios": ratios,
+            "cpu_floor": floors,
             "targets": {"randread_vs_qemu_nbd": 1.5, "randwrite_vs_qemu_nbd": 2.0,
                         "vs_raw": 0.9},
         }, indent=2))
