@@ -16,7 +16,7 @@ same bytes are then read and written by fio:
               this machine's CPUs alone
 Jobs: 4k randread and randwrite at iodepth 32, 1M sequential read and write
 (iodepth 8), each time-based. All servers run for the whole benchmark; each
-job runs on the four targets back to back, `--rounds` times, because this
+job runs on the five targets back to back, `--rounds` times, because this
 machine's disk speed drifts by half within minutes: a target measured once,
 minutes apart from the raw file, says more about the drift than about the
 target. Reports each target's median IOPS / MiB/s over the rounds, ratios to
