@@ -503,14 +503,15 @@ fn a_busy_connection_spins_briefly_and_an_idle_one_costs_no_cpu() {
 impl RawClient {
     /// One request's bytes: header, then the payload of a write.
     fn request(typ: u16, flags: u16, handle: u64, offset: u64, len: u32, data: &[u8]) -> Vec<u8> {
-        use devpool_serve::nbd::proto::REQUEST_MAGIC;
-        let mut r = Vec::with_capacity(28 + data.len());
-        r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        r.extend_from_slice(&flags.to_be_bytes());
-        r.extend_from_slice(&typ.to_be_bytes());
-        r.extend_from_slice(&handle.to_be_bytes());
-        r.extend_from_slice(&offset.to_be_bytes());
-        r.extend_from_slice(&len.to_be_bytes());
+        use devpool_serve::nbd::proto::RequestHeader;
+        let head = RequestHeader {
+            flags,
+            typ,
+            handle,
+            offset,
+            len,
+        };
+        let mut r = head.encode().to_vec();
         r.extend_from_slice(data);
         r
     }

@@ -274,6 +274,19 @@ impl RequestHeader {
             len: be32(24..28),
         })
     }
+
+    /// The header's wire bytes (what a client sends; [`RequestHeader::parse`]
+    /// reads them back).
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        let mut b = [0u8; REQUEST_LEN];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.typ.to_be_bytes());
+        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+        b
+    }
 }
 
 pub fn simple_reply(errno: u32, handle: u64) -> [u8; 16] {
@@ -445,5 +458,14 @@ mod tests {
         b[24..28].copy_from_slice(&4096u32.to_be_bytes());
         let h = RequestHeader::parse(&b).unwrap();
         assert_eq!((h.typ, h.len), (CMD_WRITE, 4096));
+        assert_eq!(h.encode(), b, "encode is parse's inverse");
+        let all = RequestHeader {
+            flags: 0x0102,
+            typ: 0x0304,
+            handle: 0x0506_0708_090a_0b0c,
+            offset: 0x0d0e_0f10_1112_1314,
+            len: 0x1516_1718,
+        };
+        assert_eq!(RequestHeader::parse(&all.encode()), Some(all));
     }
 }

@@ -194,19 +194,12 @@ impl Guess {
 
 #[cfg(test)]
 mod tests {
-    use super::super::proto::{CMD_READ, REQUEST_MAGIC};
+    use super::super::proto::CMD_READ;
     use super::*;
 
     /// A request header's bytes.
     fn header(h: &RequestHeader) -> Vec<u8> {
-        let mut r = Vec::new();
-        r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        r.extend_from_slice(&h.flags.to_be_bytes());
-        r.extend_from_slice(&h.typ.to_be_bytes());
-        r.extend_from_slice(&h.handle.to_be_bytes());
-        r.extend_from_slice(&h.offset.to_be_bytes());
-        r.extend_from_slice(&h.len.to_be_bytes());
-        r
+        h.encode().to_vec()
     }
 
     fn request(typ: u16, handle: u64, len: u32) -> Vec<u8> {
